@@ -1,0 +1,63 @@
+"""emflow: Expectation-Maximization for latent-variable models on data larger than memory.
+
+Data sit chunked in Zarr; a Dask cluster runs the E-step on each partition and returns
+small additive statistics, tree-reduced into the M-step. See README.md.
+"""
+
+from importlib.metadata import PackageNotFoundError, version as _version
+
+try:
+    __version__ = _version("emflow")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0+unknown"
+
+from .errors import (  # noqa: E402
+    ClusterError,
+    ConfigError,
+    DataError,
+    DataNotFoundError,
+    DegenerateComponentWarning,
+    EmflowConvergenceWarning,
+    EmflowError,
+    FeatureMismatchError,
+    FitFailedError,
+    ModelFormatError,
+    NonFiniteDataError,
+    NotFittedError,
+)
+from .mixture import GaussianMixture  # noqa: E402
+from .store import read_model_attrs  # noqa: E402
+
+_FAMILIES = {"gaussian_mixture": GaussianMixture}
+
+
+def load(path):
+    """Load any saved emflow model, picking the class from the stored family."""
+    meta = read_model_attrs(path)
+    try:
+        cls = _FAMILIES[meta["family"]]
+    except KeyError:
+        raise ModelFormatError(
+            f"The model at {str(path)!r} is of family {meta['family']!r}, which this emflow "
+            f"({__version__}) does not know. Upgrade emflow."
+        ) from None
+    return cls.load(path)
+
+
+__all__ = [
+    "GaussianMixture",
+    "load",
+    "EmflowError",
+    "ConfigError",
+    "DataError",
+    "DataNotFoundError",
+    "NonFiniteDataError",
+    "FeatureMismatchError",
+    "NotFittedError",
+    "ModelFormatError",
+    "FitFailedError",
+    "ClusterError",
+    "DegenerateComponentWarning",
+    "EmflowConvergenceWarning",
+    "__version__",
+]

@@ -1,0 +1,382 @@
+"""Data access: open row datasets (Zarr, NumPy, Dask), validate them, choose partitions.
+
+A partition is a run of whole Zarr chunks (or rows of an in-memory array). Each partition
+is described by a small picklable *loader*; calling the loader on a worker reads that
+partition (``X`` of shape (rows, n_features) and optional weights of shape (rows,)) and
+checks it, so data never travel through the client.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from .errors import ConfigError, DataError, DataNotFoundError, NonFiniteDataError
+
+__all__ = ["RowData", "open_rows", "open_zarr_array", "is_zarr_path", "DEFAULT_PARTITION_BYTES"]
+
+DEFAULT_PARTITION_BYTES = 64 * 2**20
+ROWS_ARRAY_NAMES = ("X", "data", "values")
+
+
+def is_zarr_path(obj: Any) -> bool:
+    return isinstance(obj, (str, os.PathLike))
+
+
+def _url(path: Any) -> str:
+    s = os.fspath(path)
+    return s if "://" in s else os.path.abspath(s)
+
+
+def open_zarr_array(path: Any, *, role: str = "data"):
+    """Open a Zarr array read-only; a group resolves to its rows array.
+
+    A group written by emflow names its rows array in ``attrs["rows"]``; otherwise the
+    first of ``X``, ``data``, ``values`` that exists is used.
+    """
+    import zarr
+
+    url = _url(path)
+    if "://" not in url and not os.path.exists(url):
+        raise DataNotFoundError(
+            f"No Zarr {role} at {url!r}. Check the path, or create a dataset first "
+            "(`emflow generate` writes a synthetic one)."
+        )
+    try:
+        node = zarr.open(url, mode="r")
+    except Exception as exc:  # zarr raises several types for "not a zarr store"
+        raise DataNotFoundError(
+            f"{url!r} exists but is not a readable Zarr array or group ({exc}). "
+            "Point at the directory that holds zarr.json."
+        ) from exc
+    if isinstance(node, zarr.Group):
+        name = node.attrs.get("rows")
+        candidates = [name] if name else [n for n in ROWS_ARRAY_NAMES if n in node]
+        if not candidates:
+            raise DataError(
+                f"The Zarr group at {url!r} holds no rows array (looked for "
+                f"{', '.join(ROWS_ARRAY_NAMES)}; found {sorted(node.array_keys())}). "
+                "Pass the path of the array itself, e.g. 'dataset.zarr/NAME'."
+            )
+        return node[candidates[0]], url + "/" + candidates[0]
+    return node, url
+
+
+def _check_dtype(dtype: np.dtype, where: str) -> None:
+    if dtype.kind not in "fiu":
+        raise DataError(
+            f"{where} has dtype {dtype}, which is not a real number type. Convert it to "
+            "float32 or float64 first (e.g. `emflow ingest` with --dtype float64)."
+        )
+
+
+def _check_finite(X: np.ndarray, w: np.ndarray | None, where: str, row0: int) -> None:
+    if X.dtype.kind == "f":
+        bad = ~np.isfinite(X)
+        if bad.any():
+            count = int(bad.sum())
+            r, c = np.argwhere(bad)[0]
+            raise NonFiniteDataError(
+                f"{where} holds {count} NaN or infinite value(s); the first is at row "
+                f"{row0 + int(r)}, column {int(c)}. Remove or impute those rows before fitting."
+            )
+    if w is not None:
+        badw = ~np.isfinite(w) | (w < 0)
+        if badw.any():
+            r = int(np.flatnonzero(badw)[0])
+            raise DataError(
+                f"sample_weight for {where} holds {int(badw.sum())} negative, NaN or infinite "
+                f"value(s); the first is at row {row0 + r}. Weights must be finite and >= 0."
+            )
+
+
+@dataclass(frozen=True)
+class ZarrLoader:
+    """Reads rows [start, stop) of a Zarr array (and its weights) on whichever process calls it."""
+
+    url: str
+    start: int
+    stop: int
+    index: int
+    weights_url: str | None = None
+
+    def __call__(self) -> tuple[np.ndarray, np.ndarray | None]:
+        import zarr
+
+        X = zarr.open_array(self.url, mode="r")[self.start : self.stop]
+        w = None
+        if self.weights_url is not None:
+            w = np.asarray(zarr.open_array(self.weights_url, mode="r")[self.start : self.stop], dtype=np.float64)
+        _check_finite(X, w, f"partition {self.index} (rows {self.start}-{self.stop}) of {self.url}", self.start)
+        return X, w
+
+
+@dataclass(frozen=True)
+class ArrayLoader:
+    """A partition already in memory (NumPy input)."""
+
+    X: np.ndarray = field(repr=False)
+    w: np.ndarray | None = field(repr=False)
+    start: int
+    index: int
+
+    def __call__(self):
+        stop = self.start + len(self.X)
+        _check_finite(self.X, self.w, f"partition {self.index} (rows {self.start}-{stop}) of the array", self.start)
+        return self.X, self.w
+
+
+@dataclass(frozen=True)
+class DaskLoader:
+    """One row block of a Dask array, computed with the synchronous scheduler where it runs."""
+
+    block: Any = field(repr=False)
+    wblock: Any = field(repr=False)
+    start: int
+    index: int
+
+    def __call__(self):
+        import dask
+
+        X, w = dask.compute(self.block, self.wblock, scheduler="sync")
+        X = np.asarray(X)
+        w = None if w is None else np.asarray(w, dtype=np.float64)
+        stop = self.start + len(X)
+        _check_finite(X, w, f"partition {self.index} (rows {self.start}-{stop}) of the dask array", self.start)
+        return X, w
+
+
+@dataclass
+class RowData:
+    """A row dataset split into partitions.
+
+    Attributes
+    ----------
+    n_rows, n_features : int
+    dtype : numpy dtype of the stored values
+    loaders : list of callables returning ``(X, w)`` for one partition
+    bounds : list of (start, stop)
+    source : str
+        A description for reports and model attributes.
+    in_memory : bool
+        True when the client already holds the values (NumPy input).
+    url : str or None
+        The Zarr array's location, when the data are in Zarr.
+    chunk_rows : int
+        Rows per storage chunk (outputs are written with the same chunking).
+    """
+
+    n_rows: int
+    n_features: int
+    dtype: np.dtype
+    loaders: list[Callable]
+    bounds: list[tuple[int, int]]
+    source: str
+    in_memory: bool
+    url: str | None
+    chunk_rows: int
+    weighted: bool
+
+    @property
+    def nbytes(self) -> int:
+        return self.n_rows * self.n_features * np.dtype(self.dtype).itemsize
+
+    @property
+    def n_partitions(self) -> int:
+        return len(self.loaders)
+
+
+def _bounds(n_rows: int, chunk_rows: int, row_bytes: int, target_bytes: int, min_partitions: int):
+    n_chunks = max(1, -(-n_rows // chunk_rows))
+    per = max(1, target_bytes // max(1, chunk_rows * row_bytes))
+    per = min(per, max(1, n_chunks // max(1, min_partitions)))
+    step = per * chunk_rows
+    return [(a, min(n_rows, a + step)) for a in range(0, n_rows, step)]
+
+
+def _as_weights(sample_weight, n_rows: int, base_url: str | None):
+    """Returns (numpy or dask weights or None, zarr url or None)."""
+    if sample_weight is None:
+        return None, None
+    if is_zarr_path(sample_weight):
+        s = os.fspath(sample_weight)
+        if base_url is not None and "/" not in s and "://" not in s and not os.path.exists(s):
+            # a bare name: an array beside the data in the same group
+            s = base_url.rsplit("/", 1)[0] + "/" + s
+        arr, url = open_zarr_array(s, role="weights")
+        if arr.ndim != 1 or arr.shape[0] != n_rows:
+            raise DataError(
+                f"sample_weight at {url!r} has shape {arr.shape}; expected ({n_rows},), one weight per row."
+            )
+        _check_dtype(np.dtype(arr.dtype), f"sample_weight at {url!r}")
+        return None, url
+    try:
+        import dask.array as da
+
+        if isinstance(sample_weight, da.Array):
+            if sample_weight.ndim != 1 or sample_weight.shape[0] != n_rows:
+                raise DataError(f"sample_weight has shape {sample_weight.shape}; expected ({n_rows},).")
+            return sample_weight, None
+    except ImportError:  # pragma: no cover
+        pass
+    w = np.asarray(sample_weight)
+    if w.ndim != 1 or w.shape[0] != n_rows:
+        raise DataError(f"sample_weight has shape {w.shape}; expected ({n_rows},), one weight per row.")
+    _check_dtype(w.dtype, "sample_weight")
+    return w.astype(np.float64), None
+
+
+def open_rows(
+    data: Any,
+    sample_weight: Any = None,
+    *,
+    partition_bytes: int = DEFAULT_PARTITION_BYTES,
+    min_partitions: int = 1,
+    min_rows: int = 1,
+) -> RowData:
+    """Open a row dataset and split it into partitions.
+
+    Parameters
+    ----------
+    data : str, PathLike, zarr.Array, dask.array.Array or array-like of shape (n_samples, n_features)
+        A path or URL of a Zarr array (or of a group holding one), an opened Zarr array,
+        a Dask array, or an in-memory array.
+    sample_weight : array-like of shape (n_samples,), Zarr path, or None
+        Row weights. A bare name (``"weights"``) means the array of that name beside the
+        data in the same Zarr group.
+    partition_bytes : int
+        Target size of a partition; partitions are whole storage chunks.
+    min_partitions : int
+        Split finer than ``partition_bytes`` when needed to give every worker thread work.
+    min_rows : int
+        Fewer rows than this is an error (a mixture needs at least ``n_components`` rows).
+    """
+    import zarr
+
+    url = None
+    if is_zarr_path(data) or isinstance(data, zarr.Array):
+        if isinstance(data, zarr.Array):
+            arr = data
+            store_root = getattr(arr.store, "root", None)
+            if store_root is None:
+                raise ConfigError(
+                    "This Zarr array lives in a store workers cannot open by path (for example "
+                    "an in-memory store). Save it to a directory or URL and pass that path."
+                )
+            url = os.path.join(str(store_root), arr.path) if arr.path else str(store_root)
+        else:
+            arr, url = open_zarr_array(data)
+        shape, dtype = tuple(arr.shape), np.dtype(arr.dtype)
+        chunk_rows = int(arr.chunks[0]) if arr.ndim >= 1 else 1
+        source = url
+    else:
+        try:
+            import dask.array as da
+        except ImportError:  # pragma: no cover
+            da = None
+        if da is not None and isinstance(data, da.Array):
+            arr = data
+        else:
+            arr = np.asarray(data)
+            if arr.dtype == object:
+                raise DataError(
+                    "The data are an object array (mixed or non-numeric values). Pass a numeric "
+                    "array of shape (n_samples, n_features)."
+                )
+        shape, dtype = tuple(arr.shape), np.dtype(arr.dtype)
+        chunk_rows = None
+        source = "dask array" if not isinstance(arr, np.ndarray) else "in-memory array"
+
+    where = f"The data ({source})"
+    if len(shape) != 2:
+        hint = " Reshape 1-D data with X.reshape(-1, 1)." if len(shape) == 1 else ""
+        raise DataError(f"{where} have shape {shape}; expected 2-D (n_samples, n_features).{hint}")
+    _check_dtype(dtype, where)
+    n_rows, n_features = shape
+    if n_rows == 0 or n_features == 0:
+        raise DataError(f"{where} are empty (shape {shape}); there is nothing to fit.")
+    if n_rows < min_rows:
+        raise DataError(
+            f"{where} have {n_rows} row(s) but at least {min_rows} are needed "
+            "(one per mixture component). Use fewer components or more data."
+        )
+
+    w_arr, w_url = _as_weights(sample_weight, n_rows, url)
+    row_bytes = n_features * dtype.itemsize
+    loaders: list[Callable] = []
+    if url is not None:
+        bounds = _bounds(n_rows, chunk_rows, row_bytes, partition_bytes, min_partitions)
+        if w_arr is not None:  # in-memory weights beside Zarr data: ship their slices
+            loaders = [
+                _ZarrWithWeights(ZarrLoader(url, a, b, i), w_arr[a:b]) for i, (a, b) in enumerate(bounds)
+            ]
+        else:
+            loaders = [ZarrLoader(url, a, b, i, w_url) for i, (a, b) in enumerate(bounds)]
+        return RowData(n_rows, n_features, dtype, loaders, bounds, source, False, url, chunk_rows, w_arr is not None or w_url is not None)
+
+    if w_url is not None:
+        import dask.array as da
+
+        w_arr = da.from_zarr(w_url)
+    if isinstance(arr, np.ndarray):
+        rows = max(1, partition_bytes // max(1, row_bytes))
+        rows = min(rows, max(1, -(-n_rows // max(1, min_partitions))))
+        bounds = [(a, min(n_rows, a + rows)) for a in range(0, n_rows, rows)]
+        wn = None if w_arr is None else np.asarray(w_arr, dtype=np.float64)
+        loaders = [
+            ArrayLoader(arr[a:b], None if wn is None else wn[a:b], a, i) for i, (a, b) in enumerate(bounds)
+        ]
+        return RowData(n_rows, n_features, dtype, loaders, bounds, source, True, None, rows, wn is not None)
+
+    # dask array: one partition per row block
+    arr = arr.rechunk({1: -1}) if len(arr.chunks[1]) > 1 else arr
+    starts = np.concatenate([[0], np.cumsum(arr.chunks[0])])
+    bounds = [(int(starts[i]), int(starts[i + 1])) for i in range(len(arr.chunks[0]))]
+    blocks = arr.to_delayed().ravel()
+    if w_arr is not None:
+        import dask.array as da
+
+        w_d = da.asarray(w_arr).rechunk((arr.chunks[0],)).to_delayed().ravel()
+    else:
+        w_d = [None] * len(blocks)
+    loaders = [DaskLoader(blocks[i], w_d[i], a, i) for i, (a, b) in enumerate(bounds)]
+    return RowData(n_rows, n_features, dtype, loaders, bounds, source, False, None, int(arr.chunks[0][0]), w_arr is not None)
+
+
+@dataclass(frozen=True)
+class _ZarrWithWeights:
+    inner: ZarrLoader
+    w: np.ndarray = field(repr=False)
+
+    @property
+    def index(self):
+        return self.inner.index
+
+    def __call__(self):
+        X, _ = self.inner()
+        _check_finite(X, self.w, f"partition {self.inner.index} of {self.inner.url}", self.inner.start)
+        return X, self.w
+
+
+def digest(X: np.ndarray, w: np.ndarray | None) -> tuple[int, float, str]:
+    """(rows, weight sum, content digest) of one partition: the scan that fingerprints data."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(np.ascontiguousarray(X).view(np.uint8).ravel())
+    if w is not None:
+        h.update(np.ascontiguousarray(w).view(np.uint8).ravel())
+        if w.size and float(w.sum()) < 0:
+            raise DataError("sample_weight sums to a negative value")
+    wsum = float(X.shape[0]) if w is None else float(np.sum(w))
+    return X.shape[0], wsum, h.hexdigest()
+
+
+def combine_fingerprint(shape, dtype, digests: list[str]) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr((tuple(shape), str(np.dtype(dtype)))).encode())
+    for d in digests:
+        h.update(d.encode())
+    return h.hexdigest()

@@ -1,0 +1,81 @@
+"""Exceptions raised by emflow.
+
+Every error the library raises on purpose derives from :class:`EmflowError`, so a caller
+can catch the package's errors in one place. Each subclass also derives from the builtin
+exception a Python user would expect (``ValueError``, ``FileNotFoundError``...), and every
+message says what to do about it.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+__all__ = [
+    "EmflowError",
+    "ConfigError",
+    "DataError",
+    "DataNotFoundError",
+    "NonFiniteDataError",
+    "FeatureMismatchError",
+    "NotFittedError",
+    "ModelFormatError",
+    "FitFailedError",
+    "ClusterError",
+    "DegenerateComponentWarning",
+    "EmflowConvergenceWarning",
+]
+
+
+class EmflowError(Exception):
+    """Base class of every error raised by emflow."""
+
+    def __reduce__(self):  # keep subclasses picklable across Dask workers
+        return (self.__class__, self.args)
+
+
+class ConfigError(EmflowError, ValueError):
+    """An estimator or command was given an invalid parameter."""
+
+
+class DataError(EmflowError, ValueError):
+    """The data cannot be used as given (wrong rank, dtype, size...)."""
+
+
+class DataNotFoundError(EmflowError, FileNotFoundError):
+    """A dataset or model path does not exist."""
+
+
+class NonFiniteDataError(DataError):
+    """The data hold NaN or infinite values."""
+
+
+class FeatureMismatchError(DataError):
+    """A model is applied to data with a different number of features."""
+
+
+class NotFittedError(EmflowError, AttributeError):
+    """A method that needs a fitted model was called before ``fit``."""
+
+
+class ModelFormatError(EmflowError, ValueError):
+    """A stored model cannot be read (another family, corrupt, or a newer format)."""
+
+
+class FitFailedError(EmflowError, RuntimeError):
+    """EM cannot continue (for example a covariance that no regularisation repairs)."""
+
+
+class ClusterError(EmflowError, RuntimeError):
+    """The Dask cluster could not be reached or was lost."""
+
+
+class DegenerateComponentWarning(UserWarning):
+    """A mixture component lost its points or its covariance had to be repaired."""
+
+
+class EmflowConvergenceWarning(UserWarning):
+    """EM stopped at ``max_iter`` before the change in log-likelihood fell below ``tol``."""
+
+
+def warn(message: str, category: type[Warning] = UserWarning) -> None:
+    warnings.warn(message, category, stacklevel=3)

@@ -1,0 +1,636 @@
+"""``GaussianMixture``: scikit-learn's estimator, fitted out of core on a Dask cluster."""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from . import __version__
+from . import store as _store
+from .cluster import engine_for
+from .data import is_zarr_path
+from .em import EMResult, IterationEvent, run_em
+from .engine import Engine, Loaded, sample_rows
+from .errors import (
+    ConfigError,
+    DegenerateComponentWarning,
+    EmflowConvergenceWarning,
+    FeatureMismatchError,
+    NotFittedError,
+)
+from .models import gmm as G
+from .models import kmeans as KM
+
+__all__ = ["GaussianMixture", "GMMFamily"]
+
+FAMILY = "gaussian_mixture"
+INIT_PARAMS = ("kmeans", "k-means++", "random_from_data", "random")
+KMEANS_MAX_ITER = 100
+KMEANS_TOL = 1e-4
+SAMPLE_ROWS = 20_000
+
+
+@dataclass(frozen=True)
+class GMMFamily:
+    """The EM family object for Gaussian mixtures (picklable; shipped to workers)."""
+
+    covariance_type: str
+    reg_covar: float
+
+    def e_step(self, X, w, params: G.GMMParams) -> G.GMMStats:
+        return G.e_step(X, w, params)
+
+    def m_step(self, stats: G.GMMStats, params: G.GMMParams):
+        return G.m_step(stats, G.shift_of(params), self.covariance_type, self.reg_covar)
+
+    def objective(self, stats: G.GMMStats) -> float:
+        return float(stats.loglik) / float(stats.weight_sum)
+
+
+def _random_resp_stats(X, w, seed: int, K: int, shift, covariance_type: str, start: int):
+    """Statistics of uniform random responsibilities that depend on the row, not the chunking."""
+    n = X.shape[0]
+    block = 4096
+    resp = np.empty((n, K))
+    b0, b1 = start // block, (start + n - 1) // block
+    for b in range(b0, b1 + 1):
+        u = np.random.default_rng([seed, b]).random((block, K))
+        lo, hi = max(start, b * block), min(start + n, (b + 1) * block)
+        resp[lo - start : hi - start] = u[lo - b * block : hi - b * block]
+    resp /= resp.sum(axis=1, keepdims=True)
+    return G.soft_stats(X, w, resp, shift, covariance_type)
+
+
+def _loglik_stats(X, w, params):
+    lse, _ = G.posterior(X, params)
+    s = lse.sum() if w is None else lse @ np.asarray(w, dtype=np.float64)
+    return np.array([s, float(len(X)) if w is None else float(np.sum(w)), float(len(X))])
+
+
+def _predict_part(X, w, params, kind: str, out_url: str | None, start: int):
+    lse, resp = G.posterior(X, params)
+    result = {"labels": lambda: resp.argmax(axis=1), "proba": lambda: resp, "score": lambda: lse}[kind]()
+    if out_url is None:
+        return result
+    import zarr
+
+    zarr.open_array(out_url, mode="r+")[start : start + len(X)] = result
+    return None
+
+
+class GaussianMixture:
+    """Gaussian mixture model fitted by EM over partitions of a (possibly huge) dataset.
+
+    Parameters follow :class:`sklearn.mixture.GaussianMixture`.
+
+    Parameters
+    ----------
+    n_components : int, default 1
+    covariance_type : {"full", "tied", "diag", "spherical"}, default "full"
+    tol : float, default 1e-3
+        Convergence threshold on the change of the mean log-likelihood.
+    reg_covar : float, default 1e-6
+        Added to the diagonal of the covariances.
+    max_iter : int, default 100
+    n_init : int, default 1
+        Number of initialisations; the one with the best lower bound is kept.
+    init_params : {"kmeans", "k-means++", "random_from_data", "random"}, default "kmeans"
+        ``"kmeans"`` seeds k-means++ on a uniform sample of rows drawn across all chunks,
+        then refines with distributed k-means over the whole dataset.
+    weights_init : array-like of shape (n_components,), optional
+    means_init : array-like of shape (n_components, n_features), optional
+    precisions_init : array-like, optional
+        Shape (K, d, d) full, (d, d) tied, (K, d) diag, (K,) spherical.
+    random_state : int, numpy Generator or None
+    verbose : int, default 0
+        1 prints a line per iteration.
+    scheduler : None, "threads", "local", address string or distributed.Client
+        Where to run (see :mod:`emflow.cluster`). ``None`` uses the active Dask client if
+        there is one, otherwise threads in this process.
+    persist : "auto", True or False, default "auto"
+        Keep the data in worker memory between iterations (True), stream them from storage
+        every iteration (False), or decide from the data size and cluster memory ("auto").
+    split_every : int, default 8
+        Fan-in of the tree reduction of statistics.
+
+    Attributes
+    ----------
+    weights_ : ndarray of shape (n_components,)
+    means_ : ndarray of shape (n_components, n_features)
+    covariances_ : ndarray
+    precisions_ : ndarray
+    precisions_cholesky_ : ndarray
+    converged_ : bool
+    n_iter_ : int
+    lower_bound_ : float
+        Mean log-likelihood of the best fit's last E-step.
+    history_ : list of float
+        Mean log-likelihood per iteration of the best fit.
+    n_features_in_ : int
+    fit_info_ : dict
+        Dataset fingerprint and source, rows, time per iteration, where it ran, reports
+        of degenerate components.
+    """
+
+    def __init__(
+        self,
+        n_components: int = 1,
+        *,
+        covariance_type: str = "full",
+        tol: float = 1e-3,
+        reg_covar: float = 1e-6,
+        max_iter: int = 100,
+        n_init: int = 1,
+        init_params: str = "kmeans",
+        weights_init=None,
+        means_init=None,
+        precisions_init=None,
+        random_state=None,
+        verbose: int = 0,
+        scheduler=None,
+        persist="auto",
+        split_every: int = 8,
+    ):
+        self.n_components = n_components
+        self.covariance_type = covariance_type
+        self.tol = tol
+        self.reg_covar = reg_covar
+        self.max_iter = max_iter
+        self.n_init = n_init
+        self.init_params = init_params
+        self.weights_init = weights_init
+        self.means_init = means_init
+        self.precisions_init = precisions_init
+        self.random_state = random_state
+        self.verbose = verbose
+        self.scheduler = scheduler
+        self.persist = persist
+        self.split_every = split_every
+
+    # -- scikit-learn plumbing -------------------------------------------------------
+    @classmethod
+    def _param_names(cls) -> list[str]:
+        sig = inspect.signature(cls.__init__)
+        return [p for p in sig.parameters if p != "self"]
+
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self._param_names()}
+
+    def set_params(self, **params) -> "GaussianMixture":
+        for k, v in params.items():
+            if k not in self._param_names():
+                raise ConfigError(f"Unknown parameter {k!r} for GaussianMixture; valid: {self._param_names()}.")
+            setattr(self, k, v)
+        return self
+
+    def __repr__(self) -> str:
+        defaults = {p.name: p.default for p in inspect.signature(type(self).__init__).parameters.values()}
+        shown = []
+        for k in self._param_names():
+            v = getattr(self, k)
+            if isinstance(v, np.ndarray) or (v is not defaults.get(k) and v != defaults.get(k)):
+                shown.append(f"{k}={'array' if isinstance(v, np.ndarray) else repr(v)}")
+        return f"GaussianMixture({', '.join(shown)})"
+
+    # -- validation ------------------------------------------------------------------
+    def _validate_params(self) -> None:
+        def bad(msg):
+            raise ConfigError(msg)
+
+        if not isinstance(self.n_components, (int, np.integer)) or self.n_components < 1:
+            bad(f"n_components must be a positive integer, got {self.n_components!r}.")
+        if self.covariance_type not in G.COVARIANCE_TYPES:
+            bad(f"covariance_type must be one of {G.COVARIANCE_TYPES}, got {self.covariance_type!r}.")
+        if not (isinstance(self.tol, (int, float)) and self.tol >= 0):
+            bad(f"tol must be a number >= 0, got {self.tol!r}.")
+        if not (isinstance(self.reg_covar, (int, float)) and self.reg_covar >= 0):
+            bad(f"reg_covar must be a number >= 0, got {self.reg_covar!r}.")
+        if not isinstance(self.max_iter, (int, np.integer)) or self.max_iter < 0:
+            bad(f"max_iter must be an integer >= 0, got {self.max_iter!r}.")
+        if not isinstance(self.n_init, (int, np.integer)) or self.n_init < 1:
+            bad(f"n_init must be an integer >= 1, got {self.n_init!r}.")
+        if self.init_params not in INIT_PARAMS:
+            bad(f"init_params must be one of {INIT_PARAMS}, got {self.init_params!r}.")
+        if not isinstance(self.split_every, (int, np.integer)) or self.split_every < 2:
+            bad(f"split_every must be an integer >= 2, got {self.split_every!r}.")
+
+    def _check_inits(self, d: int) -> None:
+        K, ct = self.n_components, self.covariance_type
+        if self.weights_init is not None:
+            w = np.asarray(self.weights_init, dtype=np.float64)
+            if w.shape != (K,):
+                raise ConfigError(f"weights_init has shape {w.shape}; expected ({K},).")
+            if np.any(w < 0) or np.any(w > 1) or not np.isclose(w.sum(), 1.0, rtol=0, atol=1e-6):
+                raise ConfigError(
+                    f"weights_init must be in [0, 1] and sum to 1 (sum is {w.sum():.6g}). "
+                    "Normalise it: w / w.sum()."
+                )
+        if self.means_init is not None:
+            m = np.asarray(self.means_init, dtype=np.float64)
+            if m.shape != (K, d):
+                raise ConfigError(f"means_init has shape {m.shape}; expected ({K}, {d}) for data with {d} features.")
+        if self.precisions_init is not None:
+            p = np.asarray(self.precisions_init, dtype=np.float64)
+            shape = {"full": (K, d, d), "tied": (d, d), "diag": (K, d), "spherical": (K,)}[ct]
+            if p.shape != shape:
+                raise ConfigError(f"precisions_init has shape {p.shape}; expected {shape} for covariance_type={ct!r}.")
+            if ct in ("full", "tied"):
+                mats = p[None] if ct == "tied" else p
+                for k, mtx in enumerate(mats):
+                    if not np.allclose(mtx, mtx.T) or np.any(np.linalg.eigvalsh(mtx) <= 0):
+                        raise ConfigError(f"precisions_init[{k}] is not symmetric positive definite.")
+            elif np.any(p <= 0):
+                raise ConfigError("precisions_init must be positive.")
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "means_"):
+            raise NotFittedError(
+                "This GaussianMixture is not fitted yet. Call fit(data) first, or load a saved "
+                "model with emflow.load(path)."
+            )
+
+    @property
+    def _params(self) -> G.GMMParams:
+        return G.GMMParams(self.weights_, self.means_, self.covariances_, self.precisions_cholesky_, self.covariance_type)
+
+    @property
+    def precisions_(self) -> np.ndarray:
+        self._check_fitted()
+        pc = self.precisions_cholesky_
+        if self.covariance_type == "full":
+            return np.einsum("kij,kzj->kiz", pc, pc)
+        if self.covariance_type == "tied":
+            return pc @ pc.T
+        return pc**2
+
+    # -- initialisation --------------------------------------------------------------
+    def _rng(self) -> np.random.Generator:
+        rs = self.random_state
+        if isinstance(rs, np.random.Generator):
+            return rs
+        if isinstance(rs, np.random.RandomState):
+            return np.random.default_rng(rs.randint(2**31 - 1))
+        return np.random.default_rng(rs)
+
+    def _initial_params(self, engine: Engine, loaded: Loaded, rng: np.random.Generator) -> G.GMMParams:
+        K, ct, reg = self.n_components, self.covariance_type, self.reg_covar
+        d = loaded.data.n_features
+        given = [self.weights_init, self.means_init, self.precisions_init]
+        if all(x is not None for x in given):
+            base = None
+        elif self.init_params == "kmeans":
+            Xs, ws = sample_rows(engine, loaded, max(SAMPLE_ROWS, 50 * K), rng)
+            centers = Xs[KM.kmeans_plusplus(Xs, K, rng, ws)]
+            var = np.average((Xs - Xs.mean(0)) ** 2, axis=0, weights=ws).mean() if len(Xs) > 1 else 0.0
+            for _ in range(KMEANS_MAX_ITER):
+                shift = centers.mean(axis=0)
+                st = engine.map_reduce(KM.e_step, loaded, centers, shift)
+                new, _empty = KM.m_step(st, centers, shift)
+                moved = float(np.sum((new - centers) ** 2))
+                centers = new
+                if moved <= KMEANS_TOL * var:
+                    break
+            shift = centers.mean(axis=0)
+            st = engine.map_reduce(G.hard_stats, loaded, centers, shift, ct)
+            base, _ = G.m_step(st, shift, ct, reg)
+        elif self.init_params == "random":
+            shift = np.zeros(d)
+            seed = int(rng.integers(2**62))
+            starts = [a for a, _ in loaded.data.bounds]
+            st = engine.map_reduce(_random_resp_stats, loaded, seed, K, shift, ct, per_partition=starts)
+            # centre the moments on the data mean for precision, then redo about that shift
+            shift = st.s1.sum(axis=0) / max(st.n.sum(), 1e-300)
+            st = engine.map_reduce(_random_resp_stats, loaded, seed, K, shift, ct, per_partition=starts)
+            base, _ = G.m_step(st, shift, ct, reg)
+        else:  # "k-means++" and "random_from_data": K rows become the means
+            if self.init_params == "k-means++":
+                Xs, ws = sample_rows(engine, loaded, max(SAMPLE_ROWS, 50 * K), rng)
+                means = Xs[KM.kmeans_plusplus(Xs, K, rng, ws)]
+            else:
+                means, _ = sample_rows(engine, loaded, K, rng)
+                means = means[rng.permutation(K)]
+            cov = {
+                "full": np.broadcast_to(np.eye(d) * reg, (K, d, d)).copy(),
+                "tied": np.eye(d) * reg,
+                "diag": np.full((K, d), reg),
+                "spherical": np.full(K, reg),
+            }[ct]
+            if reg <= 0:
+                raise ConfigError(
+                    f"init_params={self.init_params!r} starts every component with covariance reg_covar, "
+                    "so reg_covar must be > 0. Use init_params='kmeans' or set reg_covar."
+                )
+            base = G.GMMParams(np.full(K, 1.0 / K), means, cov, G.precisions_cholesky_from_covariances(cov, ct), ct)
+        weights = np.asarray(self.weights_init, dtype=np.float64) if self.weights_init is not None else base.weights
+        means = np.asarray(self.means_init, dtype=np.float64) if self.means_init is not None else base.means
+        if self.precisions_init is not None:
+            pc = G.precisions_cholesky_from_precisions(self.precisions_init, ct)
+            cov = G.covariances_from_precisions_cholesky(pc, ct)
+        else:
+            pc, cov = base.precisions_cholesky, base.covariances
+        return G.GMMParams(weights.copy(), means.copy(), cov, pc, ct)
+
+    # -- fitting ---------------------------------------------------------------------
+    def fit(self, data, y=None, sample_weight=None, *, callbacks: Iterable[Callable[[IterationEvent], None]] = (),
+            initial_params: G.GMMParams | None = None, history: list[float] | None = None) -> "GaussianMixture":
+        """Fit the mixture by EM.
+
+        Parameters
+        ----------
+        data : str, PathLike, zarr.Array, dask.array.Array or array-like of shape (n_samples, n_features)
+            Zarr path or URL (an array, or a group holding one), opened Zarr array, Dask
+            array or in-memory array.
+        y : ignored
+        sample_weight : array-like of shape (n_samples,), Zarr path, array name, or None
+            Non-negative weight per row (a weight of 2 counts a row twice). A bare name
+            such as ``"weights"`` reads the array of that name beside the data.
+        callbacks : iterable of callables
+            Each is called with an :class:`~emflow.em.IterationEvent` after every
+            iteration (monitoring, checkpoints).
+        initial_params, history
+            Resume from a checkpoint: start EM from these parameters with the iterations
+            already recorded in ``history`` (``n_init`` must be 1).
+
+        Returns
+        -------
+        self
+        """
+        self._validate_params()
+        callbacks = list(callbacks)
+        if self.verbose:
+            callbacks.append(_print_iteration)
+        with engine_for(self.scheduler, split_every=self.split_every) as engine:
+            loaded = engine.open(data, sample_weight, min_rows=self.n_components, persist=self.persist)
+            try:
+                return self._fit_loaded(engine, loaded, callbacks, initial_params, history)
+            finally:
+                loaded.release()
+
+    def _fit_loaded(self, engine, loaded, callbacks, initial_params=None, history=None):
+        d = loaded.data.n_features
+        self._check_inits(d)
+        family = GMMFamily(self.covariance_type, float(self.reg_covar))
+        rng = self._rng()
+        best: EMResult | None = None
+        warned: set = set()
+
+        def watch(event: IterationEvent):
+            for k in event.report.get("empty_components", []):
+                if ("empty", k) not in warned:
+                    warned.add(("empty", k))
+                    warnings.warn(
+                        f"Component {k} lost all its points at iteration {event.iteration}; it keeps a "
+                        "weight of ~0. Use fewer components or another random_state.",
+                        DegenerateComponentWarning, stacklevel=2,
+                    )
+            for k, jitter in event.report.get("repaired_covariances", {}).items():
+                if ("cov", k) not in warned:
+                    warned.add(("cov", k))
+                    warnings.warn(
+                        f"Covariance of component {k} was not positive definite at iteration "
+                        f"{event.iteration}; added {jitter:.3g} to its diagonal. Consider increasing "
+                        "reg_covar or scaling the data.", DegenerateComponentWarning, stacklevel=2,
+                    )
+
+        if initial_params is not None and self.n_init != 1:
+            raise ConfigError("Resuming from initial_params needs n_init=1.")
+        for init in range(self.n_init):
+            params = initial_params if initial_params is not None else self._initial_params(engine, loaded, rng)
+            if self.max_iter == 0:
+                result = EMResult(params, [], False, 0, -math.inf)
+            else:
+                result = run_em(
+                    engine, loaded, family, params, tol=self.tol, max_iter=self.max_iter,
+                    callbacks=[watch, *callbacks], init=init, history=history,
+                )
+            if best is None or result.lower_bound > best.lower_bound:
+                best = result
+        assert best is not None
+        if not best.converged and self.max_iter > 0:
+            warnings.warn(
+                f"Best of {self.n_init} initialisation(s) did not converge in {self.max_iter} iterations "
+                f"(last change above tol={self.tol}). Try increasing max_iter or tol, or check the data.",
+                EmflowConvergenceWarning, stacklevel=3,
+            )
+        p = best.params
+        self.weights_, self.means_ = p.weights, p.means
+        self.covariances_, self.precisions_cholesky_ = p.covariances, p.precisions_cholesky
+        self.converged_, self.n_iter_ = bool(best.converged), int(best.n_iter)
+        self.lower_bound_ = float(best.lower_bound)
+        self.history_ = [float(v) for v in best.history]
+        self.n_features_in_ = d
+        degenerate = sorted({k for r in best.reports for k in r.get("empty_components", [])})
+        self.fit_info_ = {
+            "fingerprint": loaded.fingerprint,
+            "source": loaded.data.source,
+            "n_samples": loaded.data.n_rows,
+            "n_features": d,
+            "dtype": str(loaded.data.dtype),
+            "weight_sum": loaded.weight_sum,
+            "weighted": bool(loaded.data.weighted),
+            "partitions": loaded.data.n_partitions,
+            "resident": bool(loaded.resident),
+            "engine": engine.describe(),
+            "seconds_per_iteration": [float(s) for s in best.seconds],
+            "empty_components": degenerate,
+        }
+        return self
+
+    def fit_predict(self, data, y=None, sample_weight=None, **kwargs):
+        """Fit, then return the component label of each row (in-memory result)."""
+        return self.fit(data, sample_weight=sample_weight, **kwargs).predict(data)
+
+    # -- applying a fitted model -----------------------------------------------------
+    def _check_features(self, d: int) -> None:
+        if d != self.n_features_in_:
+            raise FeatureMismatchError(
+                f"The model was fitted on {self.n_features_in_} feature(s) but the data have {d}. "
+                "Apply it to data with the same columns, in the same order."
+            )
+
+    def _apply(self, data, kind: str, out=None):
+        self._check_fitted()
+        import dask.array as da
+        import zarr
+
+        if not (is_zarr_path(data) or isinstance(data, (zarr.Array, da.Array))):
+            X = np.asarray(data)
+            if X.ndim != 2:
+                from .errors import DataError
+
+                raise DataError(f"The data have shape {X.shape}; expected 2-D (n_samples, n_features).")
+            self._check_features(X.shape[1])
+            if X.dtype.kind not in "fiu":
+                from .errors import DataError
+
+                raise DataError(f"The data have dtype {X.dtype}; convert to float64 first.")
+            from .data import _check_finite
+
+            _check_finite(X, None, "The data", 0)
+            if out is None:
+                return _predict_part(X, None, self._params, kind, None, 0)
+        with engine_for(self.scheduler, split_every=self.split_every) as engine:
+            loaded = engine.open(data, persist=False)
+            try:
+                self._check_features(loaded.data.n_features)
+                starts = [a for a, _ in loaded.data.bounds]
+                if out is None:
+                    parts = engine.map(_predict_part, loaded, self._params, kind, None, per_partition=starts)
+                    return np.concatenate(parts)
+                return self._write_output(engine, loaded, kind, out, starts)
+            finally:
+                loaded.release()
+
+    def _write_output(self, engine, loaded, kind, out, starts):
+        import math as _m
+
+        import zarr
+
+        n = loaded.data.n_rows
+        K = self.n_components
+        shape, dtype = {"labels": ((n,), "int64"), "proba": ((n, K), "float64"), "score": ((n,), "float64")}[kind]
+        bounds = loaded.data.bounds
+        chunk = _m.gcd(*[b for ab in bounds for b in ab]) or n
+        with _store.atomic_dir(out) as tmp:
+            arr = zarr.create_array(tmp, shape=shape, dtype=dtype, chunks=(chunk,) + shape[1:])
+            arr.attrs["emflow"] = {
+                "kind": kind, "model_family": FAMILY, "source": loaded.data.source,
+                "fingerprint": loaded.fingerprint, "version": __version__,
+            }
+            engine.map(_predict_part, loaded, self._params, kind, os.path.abspath(tmp), per_partition=starts)
+        return zarr.open_array(os.fspath(out), mode="r")
+
+    def predict(self, data, *, out=None):
+        """Component label of each row: ndarray of shape (n_samples,), or a Zarr array written to ``out``."""
+        return self._apply(data, "labels", out)
+
+    def predict_proba(self, data, *, out=None):
+        """Responsibilities: ndarray of shape (n_samples, n_components), or a Zarr array written to ``out``."""
+        return self._apply(data, "proba", out)
+
+    def score_samples(self, data, *, out=None):
+        """Log-likelihood of each row: ndarray of shape (n_samples,), or a Zarr array written to ``out``."""
+        return self._apply(data, "score", out)
+
+    def _loglik_total(self, data, sample_weight=None) -> tuple[float, float, float]:
+        self._check_fitted()
+        with engine_for(self.scheduler, split_every=self.split_every) as engine:
+            loaded = engine.open(data, sample_weight, persist=False)
+            try:
+                self._check_features(loaded.data.n_features)
+                tot = engine.map_reduce(_loglik_stats, loaded, self._params)
+            finally:
+                loaded.release()
+        return float(tot[0]), float(tot[1]), float(tot[2])
+
+    def score(self, data, y=None, sample_weight=None) -> float:
+        """Mean (weighted) log-likelihood per row."""
+        s, wsum, _ = self._loglik_total(data, sample_weight)
+        return s / wsum
+
+    def _n_parameters(self) -> int:
+        return G.n_parameters(self.n_components, self.means_.shape[1], self.covariance_type)
+
+    def bic(self, data) -> float:
+        """Bayesian information criterion on ``data`` (lower is better)."""
+        s, _, n = self._loglik_total(data)
+        return -2 * s + self._n_parameters() * np.log(n)
+
+    def aic(self, data) -> float:
+        """Akaike information criterion on ``data`` (lower is better)."""
+        s, _, _ = self._loglik_total(data)
+        return -2 * s + 2 * self._n_parameters()
+
+    def sample(self, n_samples: int = 1):
+        """Draw samples: ``(X, y)`` with X of shape (n_samples, n_features) and labels y."""
+        self._check_fitted()
+        if n_samples < 1:
+            raise ConfigError(f"n_samples must be >= 1, got {n_samples}.")
+        rng = self._rng()
+        counts = rng.multinomial(n_samples, self.weights_ / self.weights_.sum())
+        d = self.means_.shape[1]
+        ct = self.covariance_type
+        Xs, ys = [], []
+        for k, (mean, c) in enumerate(zip(self.means_, counts)):
+            if c == 0:
+                continue
+            if ct == "full":
+                cov = self.covariances_[k]
+            elif ct == "tied":
+                cov = self.covariances_
+            elif ct == "diag":
+                cov = np.diag(self.covariances_[k])
+            else:
+                cov = np.eye(d) * self.covariances_[k]
+            Xs.append(rng.multivariate_normal(mean, cov, size=c, method="cholesky"))
+            ys.append(np.full(c, k))
+        return np.vstack(Xs), np.concatenate(ys)
+
+    # -- persistence -----------------------------------------------------------------
+    def _config(self) -> dict[str, Any]:
+        cfg = {}
+        for k, v in self.get_params().items():
+            if k == "scheduler" and not (v is None or isinstance(v, str)):
+                v = None  # a live Client is not configuration
+            if isinstance(v, np.ndarray) or k.endswith("_init") and v is not None:
+                v = np.asarray(v, dtype=np.float64).tolist()
+            if isinstance(v, np.random.Generator | np.random.RandomState):
+                v = None
+            cfg[k] = v
+        return cfg
+
+    def save(self, path) -> str:
+        """Save the fitted model as a Zarr group at ``path`` (atomically); returns the path."""
+        self._check_fitted()
+        arrays = {
+            "weights": self.weights_, "means": self.means_, "covariances": self.covariances_,
+            "precisions_cholesky": self.precisions_cholesky_,
+        }
+        meta = {
+            "version": __version__,
+            "class": "GaussianMixture",
+            "config": self._config(),
+            "fitted": {
+                "converged": self.converged_, "n_iter": self.n_iter_, "lower_bound": self.lower_bound_,
+                "n_features_in": self.n_features_in_,
+            },
+            "history": self.history_,
+            "dataset": getattr(self, "fit_info_", {}),
+        }
+        return _store.save_model(path, FAMILY, arrays, meta)
+
+    @classmethod
+    def load(cls, path) -> "GaussianMixture":
+        """Load a model saved by :meth:`save`; arrays come back bit-identical."""
+        arrays, meta = _store.load_model(path, FAMILY)
+        cfg = dict(meta["config"])
+        for k in ("weights_init", "means_init", "precisions_init"):
+            if cfg.get(k) is not None:
+                cfg[k] = np.asarray(cfg[k])
+        model = cls(**{k: v for k, v in cfg.items() if k in cls._param_names()})
+        model.weights_ = arrays["weights"]
+        model.means_ = arrays["means"]
+        model.covariances_ = arrays["covariances"]
+        model.precisions_cholesky_ = arrays["precisions_cholesky"]
+        fitted = meta["fitted"]
+        model.converged_ = bool(fitted["converged"])
+        model.n_iter_ = int(fitted["n_iter"])
+        model.lower_bound_ = float(fitted["lower_bound"])
+        model.n_features_in_ = int(fitted["n_features_in"])
+        model.history_ = [float(v) for v in meta["history"]]
+        model.fit_info_ = dict(meta.get("dataset", {}))
+        return model
+
+
+def _print_iteration(event: IterationEvent) -> None:
+    print(
+        f"init {event.init} iter {event.iteration:4d}  log-likelihood {event.log_likelihood:.10g}  "
+        f"change {event.change:.3g}  {event.seconds:.3f}s",
+        flush=True,
+    )

@@ -1,0 +1,468 @@
+"""Gaussian mixture math: pure functions over NumPy arrays.
+
+Nothing here knows about Dask, Zarr or Prefect. One EM iteration is::
+
+    stats  = e_step(X_p, w_p, params)     # per partition, a GMMStats
+    total  = add(stats_1, ..., stats_P)   # field-wise sums (emflow.stats.add)
+    params = m_step(total, shift(params), covariance_type, reg_covar)
+
+Statistics are raw moments about a *shift* ``g`` that every partition knows (the
+weighted mean of the current means), accumulated in float64, so combining partitions is
+a plain ``+`` and the M-step recovers centred moments without the cancellation that
+moments about the origin suffer (``E[x x^T] - m m^T`` on data far from zero).
+
+Shapes: ``n`` rows, ``d`` features, ``K`` components, ``T = d (d + 1) / 2``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+from scipy import linalg
+from scipy.special import logsumexp
+
+from ..errors import FitFailedError
+
+__all__ = [
+    "COVARIANCE_TYPES",
+    "GMMParams",
+    "GMMStats",
+    "e_step",
+    "m_step",
+    "shift_of",
+    "hard_stats",
+    "soft_stats",
+    "log_prob",
+    "posterior",
+    "precisions_cholesky_from_covariances",
+    "precisions_cholesky_from_precisions",
+    "covariances_from_precisions_cholesky",
+    "n_parameters",
+    "empty_stats",
+]
+
+COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
+
+# Rows per block inside a partition: bounds the temporaries (n_block x K x d) to ~32 MB.
+_BLOCK_FLOATS = 1 << 22
+
+
+class GMMParams(NamedTuple):
+    """Parameters of a Gaussian mixture.
+
+    Attributes
+    ----------
+    weights : ndarray of shape (K,)
+    means : ndarray of shape (K, d)
+    covariances : ndarray
+        (K, d, d) full, (d, d) tied, (K, d) diag, (K,) spherical.
+    precisions_cholesky : ndarray
+        Same shapes; upper-triangular ``U`` with precision ``U @ U.T`` (scikit-learn's form).
+    covariance_type : str
+    """
+
+    weights: np.ndarray
+    means: np.ndarray
+    covariances: np.ndarray
+    precisions_cholesky: np.ndarray
+    covariance_type: str
+
+
+class GMMStats(NamedTuple):
+    """Additive sufficient statistics of one or many partitions (all float64).
+
+    Attributes
+    ----------
+    n : ndarray of shape (K,)
+        ``sum_i w_i r_ik``.
+    s1 : ndarray of shape (K, d)
+        ``sum_i w_i r_ik (x_i - g)``.
+    s2 : ndarray
+        full: (K, T) packed upper triangle of ``sum_i w_i r_ik (x_i - g)(x_i - g)^T``;
+        tied: (d, d) ``sum_i w_i (x_i - g)(x_i - g)^T``;
+        diag and spherical: (K, d) ``sum_i w_i r_ik (x_i - g)**2``.
+    loglik : ndarray of shape ()
+        ``sum_i w_i log p(x_i)``.
+    weight_sum : ndarray of shape ()
+        ``sum_i w_i`` (the row count when unweighted).
+    n_rows : ndarray of shape ()
+        Number of rows seen.
+    """
+
+    n: np.ndarray
+    s1: np.ndarray
+    s2: np.ndarray
+    loglik: np.ndarray
+    weight_sum: np.ndarray
+    n_rows: np.ndarray
+
+
+def _s2_shape(covariance_type: str, K: int, d: int) -> tuple[int, ...]:
+    return {
+        "full": (K, d * (d + 1) // 2),
+        "tied": (d, d),
+        "diag": (K, d),
+        "spherical": (K, d),
+    }[covariance_type]
+
+
+def empty_stats(covariance_type: str, K: int, d: int) -> GMMStats:
+    """Statistics of zero rows (the identity of ``+``)."""
+    z = np.zeros
+    return GMMStats(
+        z(K), z((K, d)), z(_s2_shape(covariance_type, K, d)), z(()), z(()), z(())
+    )
+
+
+def shift_of(params: GMMParams) -> np.ndarray:
+    """The fixed shift ``g`` of shape (d,) statistics are taken about (weighted mean of means)."""
+    w = np.asarray(params.weights, dtype=np.float64)
+    return (w / w.sum()) @ np.asarray(params.means, dtype=np.float64)
+
+
+def _blocks(n: int, width: int):
+    step = max(256, _BLOCK_FLOATS // max(width, 1))
+    for start in range(0, n, step):
+        yield start, min(n, start + step)
+
+
+def _log_det_cholesky(prec_chol: np.ndarray, covariance_type: str, d: int) -> np.ndarray:
+    if covariance_type == "full":
+        K = prec_chol.shape[0]
+        return np.sum(np.log(prec_chol.reshape(K, -1)[:, :: d + 1]), axis=1)
+    if covariance_type == "tied":
+        return np.sum(np.log(np.diag(prec_chol)))
+    if covariance_type == "diag":
+        return np.sum(np.log(prec_chol), axis=1)
+    return d * np.log(prec_chol)
+
+
+def _log_gaussian_prob_centered(Xc: np.ndarray, mc: np.ndarray, params: GMMParams) -> np.ndarray:
+    """log N(x | mu_k, Sigma_k) for centred rows ``Xc = X - g`` and means ``mc = mu - g``.
+
+    Returns an array of shape (n, K).
+    """
+    n, d = Xc.shape
+    K = mc.shape[0]
+    ct = params.covariance_type
+    pc = np.asarray(params.precisions_cholesky, dtype=np.float64)
+    if ct == "full":
+        # One GEMM for all components: Xc @ [U_1 ... U_K] of shape (n, K*d).
+        U_all = pc.transpose(1, 0, 2).reshape(d, K * d)
+        b = np.einsum("kd,kde->ke", mc, pc).reshape(K * d)
+        Y = Xc @ U_all
+        Y -= b
+        np.square(Y, out=Y)
+        maha = Y.reshape(n, K, d).sum(axis=2)
+    elif ct == "tied":
+        Y = Xc @ pc
+        b = mc @ pc
+        maha = np.empty((n, K))
+        for k in range(K):
+            diff = Y - b[k]
+            maha[:, k] = np.einsum("ij,ij->i", diff, diff)
+    elif ct == "diag":
+        prec = pc**2
+        maha = (
+            np.sum(mc**2 * prec, axis=1)
+            - 2.0 * Xc @ (mc * prec).T
+            + (Xc**2) @ prec.T
+        )
+    else:  # spherical
+        prec = pc**2
+        maha = (
+            np.sum(mc**2, axis=1) * prec
+            - 2.0 * (Xc @ mc.T) * prec
+            + np.outer(np.einsum("ij,ij->i", Xc, Xc), prec)
+        )
+    log_det = _log_det_cholesky(pc, ct, d)
+    return -0.5 * (d * np.log(2 * np.pi) + maha) + log_det
+
+
+def _weighted_log_prob(Xc, mc, params):
+    with np.errstate(divide="ignore"):
+        log_w = np.log(np.asarray(params.weights, dtype=np.float64))
+    return _log_gaussian_prob_centered(Xc, mc, params) + log_w
+
+
+def _accumulate(Xc, wr, w, covariance_type, out_s2, iu=None):
+    """Add one block's second moments into ``out_s2`` (in place)."""
+    if covariance_type == "full":
+        Z = Xc[:, iu[0]] * Xc[:, iu[1]]
+        out_s2 += wr.T @ Z
+    elif covariance_type == "tied":
+        Xw = Xc if w is None else Xc * w[:, None]
+        out_s2 += Xw.T @ Xc
+    else:
+        out_s2 += wr.T @ (Xc * Xc)
+
+
+def _iter_centered(X, shift, width):
+    n = X.shape[0]
+    for a, b in _blocks(n, width):
+        Xc = np.asarray(X[a:b], dtype=np.float64) - shift
+        yield a, b, Xc
+
+
+def e_step(X: np.ndarray, w: np.ndarray | None, params: GMMParams) -> GMMStats:
+    """E-step over one partition: responsibilities, log-likelihood and statistics in one pass.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n, d), float32 or float64
+    w : ndarray of shape (n,) or None
+        Non-negative row weights; ``None`` means all ones.
+    params : GMMParams
+
+    Returns
+    -------
+    GMMStats
+        Statistics about ``shift_of(params)``.
+    """
+    g = shift_of(params)
+    mc = np.asarray(params.means, dtype=np.float64) - g
+    K, d = mc.shape
+    ct = params.covariance_type
+    s = empty_stats(ct, K, d)
+    n_, s1, s2 = s.n, s.s1, s.s2
+    loglik = 0.0
+    iu = np.triu_indices(d) if ct == "full" else None
+    width = K * d + (len(iu[0]) if iu is not None else 0) + K
+    for a, b, Xc in _iter_centered(X, g, width):
+        wlp = _weighted_log_prob(Xc, mc, params)
+        lse = logsumexp(wlp, axis=1)
+        resp = np.exp(wlp - lse[:, None])
+        wb = None if w is None else np.asarray(w[a:b], dtype=np.float64)
+        if wb is None:
+            wr = resp
+            loglik += lse.sum()
+        else:
+            wr = resp * wb[:, None]
+            loglik += lse @ wb
+        n_ += wr.sum(axis=0)
+        s1 += wr.T @ Xc
+        _accumulate(Xc, wr, wb, ct, s2, iu)
+    wsum = float(X.shape[0]) if w is None else float(np.sum(w, dtype=np.float64))
+    return GMMStats(n_, s1, s2, np.asarray(loglik), np.asarray(wsum), np.asarray(float(X.shape[0])))
+
+
+def hard_stats(
+    X: np.ndarray,
+    w: np.ndarray | None,
+    centers: np.ndarray,
+    shift: np.ndarray,
+    covariance_type: str,
+) -> GMMStats:
+    """Statistics with one-hot responsibilities: each row belongs to its nearest centre.
+
+    Used to turn k-means centres into initial mixture parameters (scikit-learn's
+    ``init_params="kmeans"``). ``loglik`` is zero.
+    """
+    centers = np.asarray(centers, dtype=np.float64)
+    K, d = centers.shape
+    cc = centers - shift
+    s = empty_stats(covariance_type, K, d)
+    iu = np.triu_indices(d) if covariance_type == "full" else None
+    width = 2 * K + d * d
+    for a, b, Xc in _iter_centered(X, shift, width):
+        dist = -2.0 * Xc @ cc.T + np.einsum("kd,kd->k", cc, cc)
+        labels = np.argmin(dist, axis=1)
+        wb = None if w is None else np.asarray(w[a:b], dtype=np.float64)
+        resp = np.zeros((b - a, K))
+        resp[np.arange(b - a), labels] = 1.0 if wb is None else wb
+        s.n[...] += resp.sum(axis=0)
+        s.s1[...] += resp.T @ Xc
+        _accumulate(Xc, resp, wb, covariance_type, s.s2, iu)
+    wsum = float(X.shape[0]) if w is None else float(np.sum(w, dtype=np.float64))
+    return s._replace(weight_sum=np.asarray(wsum), n_rows=np.asarray(float(X.shape[0])))
+
+
+def soft_stats(
+    X: np.ndarray,
+    w: np.ndarray | None,
+    resp: np.ndarray,
+    shift: np.ndarray,
+    covariance_type: str,
+) -> GMMStats:
+    """Statistics for given responsibilities ``resp`` of shape (n, K) (``loglik`` is zero)."""
+    n, d = X.shape
+    K = resp.shape[1]
+    s = empty_stats(covariance_type, K, d)
+    iu = np.triu_indices(d) if covariance_type == "full" else None
+    for a, b, Xc in _iter_centered(X, shift, K + d * d):
+        wb = None if w is None else np.asarray(w[a:b], dtype=np.float64)
+        wr = resp[a:b] if wb is None else resp[a:b] * wb[:, None]
+        s.n[...] += wr.sum(axis=0)
+        s.s1[...] += wr.T @ Xc
+        _accumulate(Xc, wr, wb, covariance_type, s.s2, iu)
+    wsum = float(n) if w is None else float(np.sum(w, dtype=np.float64))
+    return s._replace(weight_sum=np.asarray(wsum), n_rows=np.asarray(float(n)))
+
+
+def _unpack_sym(packed: np.ndarray, d: int) -> np.ndarray:
+    K = packed.shape[0]
+    out = np.zeros((K, d, d))
+    iu = np.triu_indices(d)
+    out[:, iu[0], iu[1]] = packed
+    out[:, iu[1], iu[0]] = packed
+    return out
+
+
+def m_step(
+    stats: GMMStats,
+    shift: np.ndarray,
+    covariance_type: str,
+    reg_covar: float,
+) -> tuple[GMMParams, dict]:
+    """M-step: new parameters from summed statistics.
+
+    Matches scikit-learn's ``_estimate_gaussian_parameters`` (including its ``10 * eps``
+    added to each component's count) computed from moments about ``shift``.
+
+    Returns
+    -------
+    params : GMMParams
+    report : dict
+        ``empty_components``: indices whose weight fell to (numerically) zero;
+        ``repaired_covariances``: {index: jitter added} for covariances that were not
+        positive definite after ``reg_covar`` and needed more regularisation.
+    """
+    N = np.asarray(stats.n, dtype=np.float64)
+    K, d = stats.s1.shape
+    nk = N + 10 * np.finfo(np.float64).eps
+    delta = stats.s1 / nk[:, None]
+    means = shift + delta
+    if covariance_type == "full":
+        S2 = _unpack_sym(stats.s2, d)
+        outer = delta[:, :, None] * stats.s1[:, None, :]
+        cov = (S2 - outer - outer.transpose(0, 2, 1) + N[:, None, None] * delta[:, :, None] * delta[:, None, :])
+        cov /= nk[:, None, None]
+        cov = 0.5 * (cov + cov.transpose(0, 2, 1))
+        cov[:, np.arange(d), np.arange(d)] += reg_covar
+    elif covariance_type == "tied":
+        cov = stats.s2 - np.einsum("k,ki,kj->ij", nk, delta, delta)
+        cov /= nk.sum()
+        cov = 0.5 * (cov + cov.T)
+        cov[np.arange(d), np.arange(d)] += reg_covar
+    else:
+        var = (stats.s2 - 2.0 * delta * stats.s1 + N[:, None] * delta**2) / nk[:, None]
+        var = np.maximum(var, 0.0)  # rounding can leave -1e-17 for a collapsed component
+        if covariance_type == "diag":
+            cov = var + reg_covar
+        else:
+            cov = var.mean(axis=1) + reg_covar
+    weights = nk / nk.sum()
+    total = float(np.sum(stats.weight_sum))
+    empty = [int(k) for k in np.flatnonzero(N <= 1e-10 * max(total, 1e-300))]
+    prec_chol, cov, repaired = _precisions_cholesky_repairing(cov, covariance_type, reg_covar)
+    report = {"empty_components": empty, "repaired_covariances": repaired}
+    return GMMParams(weights, means, cov, prec_chol, covariance_type), report
+
+
+_ILL_DEFINED = (
+    "Fitting the mixture model failed because some components have ill-defined "
+    "empirical covariance (for instance caused by singleton or collapsed samples). "
+    "Try to decrease the number of components, increase reg_covar, or scale the input data."
+)
+
+
+def _chol_upper_precision(cov: np.ndarray) -> np.ndarray:
+    L = linalg.cholesky(cov, lower=True)
+    d = cov.shape[0]
+    return linalg.solve_triangular(L, np.eye(d), lower=True).T
+
+
+def _precisions_cholesky_repairing(cov, covariance_type, reg_covar):
+    """Precision Cholesky factors; a non-PD covariance gets growing jitter, and is reported."""
+    repaired: dict[int, float] = {}
+    if covariance_type in ("full", "tied"):
+        mats = cov[None] if covariance_type == "tied" else cov
+        out = np.empty_like(mats)
+        for k, c in enumerate(mats):
+            try:
+                out[k] = _chol_upper_precision(c)
+                continue
+            except (linalg.LinAlgError, ValueError):
+                pass
+            d = c.shape[0]
+            scale = max(float(np.trace(np.abs(c))) / d, np.finfo(float).tiny)
+            jitter = max(reg_covar, 1e-12 * scale)
+            for _ in range(12):
+                try:
+                    fixed = c + jitter * np.eye(d)
+                    out[k] = _chol_upper_precision(fixed)
+                    mats[k] = fixed
+                    repaired[k] = jitter
+                    break
+                except (linalg.LinAlgError, ValueError):
+                    jitter *= 10.0
+            else:
+                raise FitFailedError(_ILL_DEFINED)
+        return (out[0] if covariance_type == "tied" else out), cov, repaired
+    bad = ~(cov > 0) | ~np.isfinite(cov)
+    if np.any(bad):
+        raise FitFailedError(_ILL_DEFINED)
+    return 1.0 / np.sqrt(cov), cov, repaired
+
+
+def precisions_cholesky_from_covariances(cov: np.ndarray, covariance_type: str) -> np.ndarray:
+    """Upper-triangular precision factors from covariances (raises FitFailedError if not PD)."""
+    pc, _, repaired = _precisions_cholesky_repairing(np.array(cov, dtype=np.float64), covariance_type, 0.0)
+    if repaired:
+        raise FitFailedError(_ILL_DEFINED)
+    return pc
+
+
+def precisions_cholesky_from_precisions(prec: np.ndarray, covariance_type: str) -> np.ndarray:
+    """scikit-learn's factor ``U`` (upper, ``prec = U U^T``) computed from precisions."""
+    prec = np.asarray(prec, dtype=np.float64)
+    if covariance_type in ("full", "tied"):
+        mats = prec[None] if covariance_type == "tied" else prec
+        out = np.empty_like(mats)
+        for k, p in enumerate(mats):
+            out[k] = np.flipud(np.fliplr(linalg.cholesky(np.flipud(np.fliplr(p)), lower=True)))
+        return out[0] if covariance_type == "tied" else out
+    return np.sqrt(prec)
+
+
+def covariances_from_precisions_cholesky(pc: np.ndarray, covariance_type: str) -> np.ndarray:
+    """Covariances from precision factors (``(U U^T)^{-1}``)."""
+    pc = np.asarray(pc, dtype=np.float64)
+    if covariance_type in ("full", "tied"):
+        mats = pc[None] if covariance_type == "tied" else pc
+        out = np.empty_like(mats)
+        for k, U in enumerate(mats):
+            Uinv = linalg.solve_triangular(U, np.eye(U.shape[0]), lower=False)
+            out[k] = Uinv.T @ Uinv
+        return out[0] if covariance_type == "tied" else out
+    return 1.0 / pc**2
+
+
+def log_prob(X: np.ndarray, params: GMMParams) -> np.ndarray:
+    """Weighted log-densities ``log pi_k + log N(x | mu_k, Sigma_k)`` of shape (n, K)."""
+    g = shift_of(params)
+    mc = np.asarray(params.means, dtype=np.float64) - g
+    K, d = mc.shape
+    out = np.empty((X.shape[0], K))
+    for a, b, Xc in _iter_centered(X, g, K * d + K):
+        out[a:b] = _weighted_log_prob(Xc, mc, params)
+    return out
+
+
+def posterior(X: np.ndarray, params: GMMParams) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row log-likelihood (n,) and responsibilities (n, K)."""
+    wlp = log_prob(X, params)
+    lse = logsumexp(wlp, axis=1)
+    return lse, np.exp(wlp - lse[:, None])
+
+
+def n_parameters(K: int, d: int, covariance_type: str) -> int:
+    """Number of free parameters (for BIC / AIC), as scikit-learn counts them."""
+    cov = {
+        "full": K * d * (d + 1) / 2.0,
+        "diag": K * d,
+        "tied": d * (d + 1) / 2.0,
+        "spherical": K,
+    }[covariance_type]
+    return int(cov + K * d + K - 1)
