@@ -362,16 +362,18 @@ class _ZarrWithWeights:
         return X, self.w
 
 
-def digest(X: np.ndarray, w: np.ndarray | None) -> tuple[int, float, str]:
-    """(rows, weight sum, content digest) of one partition: the scan that fingerprints data."""
+def digest(X: np.ndarray, *rest: np.ndarray | None) -> tuple[int, str]:
+    """(rows, content digest) of one partition's arrays: the scan that fingerprints data."""
     h = hashlib.blake2b(digest_size=16)
-    h.update(np.ascontiguousarray(X).view(np.uint8).ravel())
-    if w is not None:
-        h.update(np.ascontiguousarray(w).view(np.uint8).ravel())
-        if w.size and float(w.sum()) < 0:
-            raise DataError("sample_weight sums to a negative value")
-    wsum = float(X.shape[0]) if w is None else float(np.sum(w))
-    return X.shape[0], wsum, h.hexdigest()
+    for a in (X, *rest):
+        if a is not None:
+            h.update(np.ascontiguousarray(a).view(np.uint8).ravel())
+    return X.shape[0], h.hexdigest()
+
+
+def weight_total(X: np.ndarray, w: np.ndarray | None = None) -> float:
+    """Total weight of a row partition (its row count when unweighted)."""
+    return float(X.shape[0]) if w is None else float(np.sum(w, dtype=np.float64))
 
 
 def combine_fingerprint(shape, dtype, digests: list[str]) -> str:

@@ -51,9 +51,10 @@ def _apply_indexed(fn: Callable, handle, args: tuple, extra):
     return fn(X, w, *args, extra)
 
 
-def _scan(handle):
-    X, w = _partition_data(handle)
-    return _data.digest(X, w)
+def _scan(handle, weighted: bool):
+    parts = _partition_data(handle)
+    n, dig = _data.digest(*parts)
+    return n, (_data.weight_total(*parts) if weighted else float(n)), dig
 
 
 def tree_reduce(items: list, combine: Callable, split_every: int, submit: Callable) -> tuple[Any, int]:
@@ -200,7 +201,7 @@ class Engine:
                 handles = [ld() for ld in rows.loaders]  # validates; arrays are views
             else:
                 handles = list(rows.loaders)
-            scans = list(self._threads().map(_scan, handles))
+            scans = list(self._threads().map(lambda h: _scan(h, rows.weighted), handles))
         else:
             try:
                 if rows.in_memory:
@@ -209,7 +210,9 @@ class Engine:
                     handles = self.client.map(_partition_data, rows.loaders, pure=False)
                 else:
                     handles = list(rows.loaders)
-                scans = self.client.gather(self.client.map(_scan, handles, pure=False))
+                scans = self.client.gather(
+                    [self.client.submit(_scan, h, rows.weighted, pure=False) for h in handles]
+                )
             except OSError as exc:
                 raise ClusterError(f"Lost the Dask scheduler while loading data: {exc}") from exc
             if resident:

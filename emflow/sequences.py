@@ -1,0 +1,214 @@
+"""Ragged sequences: many sequences of different lengths, for HMMs and state-space models.
+
+Layout in Zarr (a group)::
+
+    values   (total_steps, n_features)   float or int, chunked along steps
+    offsets  (n_sequences + 1,)          int64, offsets[0] == 0, strictly increasing,
+                                         offsets[-1] == total_steps
+
+Sequence ``s`` is ``values[offsets[s]:offsets[s + 1]]``. A partition is a run of whole
+sequences (a sequence is never split). In memory, hmmlearn's ``(X, lengths)`` convention
+is accepted as well.
+
+A partition loader returns ``(values, local_offsets)`` with ``local_offsets[0] == 0``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from .data import DEFAULT_PARTITION_BYTES, _check_dtype, _check_finite, _url, is_zarr_path
+from .errors import DataError, DataNotFoundError
+
+__all__ = ["SequenceData", "open_sequences", "check_offsets", "write_sequences"]
+
+
+def check_offsets(offsets: np.ndarray, total_steps: int, where: str = "offsets") -> np.ndarray:
+    """Validate sequence offsets; returns them as int64."""
+    off = np.asarray(offsets)
+    if off.ndim != 1 or off.size < 2:
+        raise DataError(f"{where} must be 1-D with n_sequences + 1 >= 2 entries; got shape {off.shape}.")
+    if off.dtype.kind not in "iu":
+        raise DataError(f"{where} must be integers, got dtype {off.dtype}.")
+    off = off.astype(np.int64)
+    if off[0] != 0:
+        raise DataError(f"{where}[0] must be 0, got {off[0]}.")
+    steps = np.diff(off)
+    if np.any(steps <= 0):
+        s = int(np.flatnonzero(steps <= 0)[0])
+        raise DataError(
+            f"{where} must be strictly increasing; sequence {s} has length {int(steps[s])}. "
+            "Drop empty sequences before writing the dataset."
+        )
+    if off[-1] != total_steps:
+        raise DataError(
+            f"{where}[-1] is {int(off[-1])} but the values hold {total_steps} steps; the offsets do "
+            "not match the values."
+        )
+    return off
+
+
+@dataclass(frozen=True)
+class ZarrSeqLoader:
+    url: str
+    seq_start: int
+    seq_stop: int
+    step_start: int
+    step_stop: int
+    index: int
+
+    def __call__(self):
+        import zarr
+
+        g = zarr.open_group(self.url, mode="r")
+        values = g["values"][self.step_start : self.step_stop]
+        off = np.asarray(g["offsets"][self.seq_start : self.seq_stop + 1], dtype=np.int64) - self.step_start
+        _check_finite(values, None, f"partition {self.index} (sequences {self.seq_start}-{self.seq_stop}) of {self.url}", self.step_start)
+        return values, off
+
+
+@dataclass(frozen=True)
+class ArraySeqLoader:
+    values: np.ndarray = field(repr=False)
+    offsets: np.ndarray = field(repr=False)
+    index: int
+
+    def __call__(self):
+        _check_finite(self.values, None, f"partition {self.index} of the sequences", 0)
+        return self.values, self.offsets
+
+
+@dataclass
+class SequenceData:
+    """Sequences split into partitions of whole sequences (engine-compatible like RowData)."""
+
+    n_rows: int  # total steps
+    n_features: int
+    dtype: np.dtype
+    offsets: np.ndarray
+    loaders: list[Callable]
+    bounds: list[tuple[int, int]]  # step ranges of the partitions
+    seq_bounds: list[tuple[int, int]]  # sequence ranges of the partitions
+    source: str
+    in_memory: bool
+    url: str | None
+    chunk_rows: int
+    weighted: bool = False
+
+    @property
+    def n_sequences(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def nbytes(self) -> int:
+        return self.n_rows * self.n_features * np.dtype(self.dtype).itemsize
+
+    @property
+    def n_partitions(self) -> int:
+        return len(self.loaders)
+
+
+def _seq_partitions(offsets: np.ndarray, row_bytes: int, target_bytes: int, min_partitions: int):
+    total = int(offsets[-1])
+    n_seq = len(offsets) - 1
+    target_steps = max(1, target_bytes // max(1, row_bytes))
+    target_steps = min(target_steps, max(1, -(-total // max(1, min_partitions))))
+    cuts = [0]
+    # cut at the first sequence boundary at or after each multiple of target_steps
+    for goal in range(target_steps, total, target_steps):
+        s = int(np.searchsorted(offsets, goal, side="left"))
+        if s > cuts[-1] and s < n_seq:
+            cuts.append(s)
+    cuts.append(n_seq)
+    return [(cuts[i], cuts[i + 1]) for i in range(len(cuts) - 1)]
+
+
+def open_sequences(
+    data: Any,
+    lengths: Any = None,
+    *,
+    partition_bytes: int = DEFAULT_PARTITION_BYTES,
+    min_partitions: int = 1,
+) -> SequenceData:
+    """Open ragged sequences.
+
+    Parameters
+    ----------
+    data : str, PathLike or array-like of shape (total_steps, n_features)
+        A Zarr group with ``values`` and ``offsets``, or the concatenated values in memory.
+    lengths : array-like of shape (n_sequences,), optional
+        In-memory only (hmmlearn's convention); ``None`` means one sequence.
+    """
+    if is_zarr_path(data):
+        import zarr
+
+        url = _url(data)
+        if "://" not in url and not os.path.exists(url):
+            raise DataNotFoundError(f"No sequence dataset at {url!r}. Check the path.")
+        try:
+            g = zarr.open_group(url, mode="r")
+        except Exception as exc:
+            raise DataError(f"{url!r} is not a Zarr group of sequences ({exc}).") from exc
+        if "values" not in g or "offsets" not in g:
+            raise DataError(
+                f"The Zarr group at {url!r} needs arrays 'values' and 'offsets' (found "
+                f"{sorted(g.array_keys())}). Write sequences with emflow.sequences.write_sequences."
+            )
+        values = g["values"]
+        if values.ndim != 2:
+            raise DataError(f"'values' at {url!r} has shape {values.shape}; expected (total_steps, n_features).")
+        _check_dtype(np.dtype(values.dtype), f"'values' at {url!r}")
+        offsets = check_offsets(g["offsets"][...], values.shape[0], f"'offsets' at {url!r}")
+        row_bytes = values.shape[1] * np.dtype(values.dtype).itemsize
+        parts = _seq_partitions(offsets, row_bytes, partition_bytes, min_partitions)
+        loaders = [
+            ZarrSeqLoader(url, a, b, int(offsets[a]), int(offsets[b]), i) for i, (a, b) in enumerate(parts)
+        ]
+        bounds = [(int(offsets[a]), int(offsets[b])) for a, b in parts]
+        return SequenceData(
+            values.shape[0], values.shape[1], np.dtype(values.dtype), offsets, loaders, bounds, parts,
+            url, False, url, int(values.chunks[0]),
+        )
+    X = np.asarray(data)
+    if X.ndim != 2:
+        raise DataError(f"Sequence values have shape {X.shape}; expected 2-D (total_steps, n_features).")
+    _check_dtype(X.dtype, "Sequence values")
+    if X.shape[0] == 0:
+        raise DataError("The sequences are empty; there is nothing to fit.")
+    if lengths is None:
+        lengths = [X.shape[0]]
+    lengths = np.asarray(lengths)
+    if lengths.ndim != 1 or lengths.dtype.kind not in "iu":
+        raise DataError("lengths must be a 1-D array of integers.")
+    offsets = check_offsets(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64), X.shape[0], "lengths")
+    parts = _seq_partitions(offsets, X.shape[1] * X.itemsize, partition_bytes, min_partitions)
+    loaders = [
+        ArraySeqLoader(X[offsets[a] : offsets[b]], offsets[a : b + 1] - offsets[a], i)
+        for i, (a, b) in enumerate(parts)
+    ]
+    bounds = [(int(offsets[a]), int(offsets[b])) for a, b in parts]
+    return SequenceData(X.shape[0], X.shape[1], X.dtype, offsets, loaders, bounds, parts, "in-memory sequences", True, None, X.shape[0])
+
+
+def write_sequences(path, values: np.ndarray, offsets: np.ndarray, *, chunk_steps: int = 65536, attrs: dict | None = None) -> str:
+    """Write in-memory sequences to a Zarr group atomically (values + offsets); returns the path."""
+    import zarr
+
+    from .store import atomic_dir
+
+    values = np.asarray(values)
+    if values.ndim == 1:
+        values = values[:, None]
+    offsets = check_offsets(offsets, values.shape[0])
+    with atomic_dir(path) as tmp:
+        g = zarr.open_group(tmp, mode="w")
+        g.create_array("values", data=values, chunks=(min(chunk_steps, len(values)), values.shape[1]))
+        g.create_array("offsets", data=offsets, chunks=(max(1, min(1 << 20, len(offsets))),))
+        g.attrs.update({"kind": "sequences", "n_sequences": len(offsets) - 1,
+                        "total_steps": int(values.shape[0]), "n_features": int(values.shape[1]),
+                        "dtype": str(values.dtype), **(attrs or {})})
+    return os.path.abspath(os.fspath(path))
