@@ -192,6 +192,11 @@ class RowData:
 
 def _bounds(n_rows: int, chunk_rows: int, row_bytes: int, target_bytes: int, min_partitions: int):
     n_chunks = max(1, -(-n_rows // chunk_rows))
+    if n_chunks < min_partitions and n_rows >= 2 * min_partitions:
+        # Too few chunks to keep every worker busy: split inside chunks (each chunk is then
+        # decompressed by more than one task, which is cheap next to an E-step).
+        step = -(-n_rows // min_partitions)
+        return [(a, min(n_rows, a + step)) for a in range(0, n_rows, step)]
     per = max(1, target_bytes // max(1, chunk_rows * row_bytes))
     per = min(per, max(1, n_chunks // max(1, min_partitions)))
     step = per * chunk_rows
