@@ -74,15 +74,20 @@ def _check_dtype(dtype: np.dtype, where: str) -> None:
         )
 
 
-def _check_finite(X: np.ndarray, w: np.ndarray | None, where: str, row0: int) -> None:
+def _check_finite(X: np.ndarray, w: np.ndarray | None, where: str, row0: int, chunk_rows: int | None = None) -> None:
     if X.dtype.kind == "f":
         bad = ~np.isfinite(X)
         if bad.any():
             count = int(bad.sum())
             r, c = np.argwhere(bad)[0]
+            row = row0 + int(r)
+            chunk = ""
+            if chunk_rows:
+                ci = row // chunk_rows
+                chunk = f" (Zarr chunk {ci}, rows {ci * chunk_rows}-{(ci + 1) * chunk_rows})"
             raise NonFiniteDataError(
                 f"{where} holds {count} NaN or infinite value(s); the first is at row "
-                f"{row0 + int(r)}, column {int(c)}. Remove or impute those rows before fitting."
+                f"{row}, column {int(c)}{chunk}. Remove or impute those rows before fitting."
             )
     if w is not None:
         badw = ~np.isfinite(w) | (w < 0)
@@ -103,6 +108,7 @@ class ZarrLoader:
     stop: int
     index: int
     weights_url: str | None = None
+    chunk_rows: int | None = None
 
     def __call__(self) -> tuple[np.ndarray, np.ndarray | None]:
         import zarr
@@ -111,7 +117,8 @@ class ZarrLoader:
         w = None
         if self.weights_url is not None:
             w = np.asarray(zarr.open_array(self.weights_url, mode="r")[self.start : self.stop], dtype=np.float64)
-        _check_finite(X, w, f"partition {self.index} (rows {self.start}-{self.stop}) of {self.url}", self.start)
+        _check_finite(X, w, f"partition {self.index} (rows {self.start}-{self.stop}) of {self.url}", self.start,
+                      self.chunk_rows)
         return X, w
 
 
@@ -317,10 +324,11 @@ def open_rows(
         bounds = _bounds(n_rows, chunk_rows, row_bytes, partition_bytes, min_partitions)
         if w_arr is not None:  # in-memory weights beside Zarr data: ship their slices
             loaders = [
-                _ZarrWithWeights(ZarrLoader(url, a, b, i), w_arr[a:b]) for i, (a, b) in enumerate(bounds)
+                _ZarrWithWeights(ZarrLoader(url, a, b, i, None, chunk_rows), w_arr[a:b])
+                for i, (a, b) in enumerate(bounds)
             ]
         else:
-            loaders = [ZarrLoader(url, a, b, i, w_url) for i, (a, b) in enumerate(bounds)]
+            loaders = [ZarrLoader(url, a, b, i, w_url, chunk_rows) for i, (a, b) in enumerate(bounds)]
         return RowData(n_rows, n_features, dtype, loaders, bounds, source, False, url, chunk_rows, w_arr is not None or w_url is not None)
 
     if w_url is not None:
