@@ -205,8 +205,12 @@ class Engine:
         else:
             try:
                 if rows.in_memory:
+                    # the client holds the values: ship them once (not inside task specs,
+                    # which the scheduler would keep a copy of)
                     handles = self.client.scatter([ld() for ld in rows.loaders], hash=False)
                 elif resident:
+                    # a task per partition: if a worker dies, the scheduler recomputes its
+                    # partitions from the loaders on another worker
                     handles = self.client.map(_partition_data, rows.loaders, pure=False)
                 else:
                     handles = list(rows.loaders)

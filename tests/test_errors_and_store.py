@@ -207,3 +207,16 @@ def test_cli_errors_leave_nothing(tmp_path):
     r = runner.invoke(app, ["fit", bad, "-k", "2", "-o", str(tmp_path / "m.zarr"), "-s", "tcp://127.0.0.1:1"])
     assert r.exit_code == 2 and "127.0.0.1:1" in r.output
     assert sorted(os.listdir(tmp_path)) == ["bad.zarr"]
+
+
+def test_missing_or_corrupt_chunk_is_named(tmp_path):
+    X = np.random.default_rng(2).normal(size=(400, 2))
+    path = write_gmm(tmp_path / "holes.zarr", 400, 2, 2, seed=1, chunk_rows=100)
+    os.remove(tmp_path / "holes.zarr" / "X" / "c" / "2" / "0")
+    with pytest.raises(E.DataError, match=r"Chunk \(2, 0\) \(rows 200-300\).*missing"):
+        emflow.GaussianMixture(2, scheduler="threads").fit(path)
+    path = _zarr_rows(tmp_path / "bad.zarr", X, (100, 2))
+    with open(tmp_path / "bad.zarr" / "X" / "c" / "1" / "0", "wb") as f:
+        f.write(b"not a chunk")
+    with pytest.raises(E.DataError, match=r"Chunk \(1, 0\) \(rows 100-200\).*corrupt"):
+        emflow.GaussianMixture(2, scheduler="threads").fit(path)
