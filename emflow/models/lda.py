@@ -126,12 +126,13 @@ def init_components(n_components: int, n_terms: int, random_state) -> np.ndarray
     return rs.gamma(100.0, 0.01, (n_components, n_terms))
 
 
-def doc_topic_init(n_docs: int, n_components: int, doc_start: int, seed: int | None) -> np.ndarray:
+def doc_topic_init(n_docs: int, n_components: int, doc_start: int, seed) -> np.ndarray:
     """Initial ``gamma`` for documents ``doc_start .. doc_start + n_docs``, of shape (n_docs, K).
 
     ``seed is None`` gives ones (scikit-learn's ``transform``); otherwise Gamma(100, 0.01)
-    draws (scikit-learn's training E-step) that depend only on the seed and the global
-    document index, never on the partitioning.
+    draws (scikit-learn's training E-step) that depend only on the seed (an int or a tuple
+    of ints, e.g. ``(seed, iteration)``) and the global document index, never on the
+    partitioning.
     """
     if seed is None:
         return np.ones((n_docs, n_components))
@@ -140,7 +141,7 @@ def doc_topic_init(n_docs: int, n_components: int, doc_start: int, seed: int | N
         return out
     b0, b1 = doc_start // INIT_BLOCK, (doc_start + n_docs - 1) // INIT_BLOCK
     for b in range(b0, b1 + 1):
-        g = np.random.default_rng([seed, b]).gamma(100.0, 0.01, (INIT_BLOCK, n_components))
+        g = np.random.default_rng([*np.atleast_1d(seed).tolist(), b]).gamma(100.0, 0.01, (INIT_BLOCK, n_components))
         lo, hi = max(doc_start, b * INIT_BLOCK), min(doc_start + n_docs, (b + 1) * INIT_BLOCK)
         out[lo - doc_start : hi - doc_start] = g[lo - b * INIT_BLOCK : hi - b * INIT_BLOCK]
     return out
@@ -228,7 +229,7 @@ def e_step(entries, indptr, params: LDAParams, alpha: float, max_doc_update_iter
         ``doc_topic_prior``.
     max_doc_update_iter : int
     mean_change_tol : float
-    seed : int or None
+    seed : int, tuple of ints or None
         Seed of the random ``gamma`` initialisation (None: ones).
     doc_start : int
         Global index of the partition's first document.
