@@ -84,20 +84,19 @@ def psi(x) -> np.ndarray:
     x = np.array(x, dtype=np.float64, copy=True)
     out = np.zeros_like(x)
     small = x <= 1e-6
-    tiny = x[small]
-    for _ in range(6):  # x > 1e-6 reaches 6 after at most 6 steps
-        m = x < 6
-        m &= ~small
-        if not m.any():
-            break
-        out[m] -= 1.0 / x[m]
-        x[m] += 1.0
-    r = 1.0 / x
-    out += np.log(x) - 0.5 * r
-    r = r * r
-    out -= r * ((1.0 / 12.0) - r * ((1.0 / 120.0) - r * (1.0 / 252.0)))
-    if small.any():
-        out[small] = -EULER - 1.0 / tiny
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for _ in range(6):  # x > 1e-6 reaches 6 after at most 6 steps
+            m = (x < 6) & ~small
+            if not m.any():
+                break
+            out -= np.where(m, 1.0 / x, 0.0)
+            x += m
+        r = 1.0 / x
+        out += np.log(x) - 0.5 * r
+        r = r * r
+        out -= r * ((1.0 / 12.0) - r * ((1.0 / 120.0) - r * (1.0 / 252.0)))
+        if small.any():
+            out[small] = -EULER - 1.0 / x[small]
     return out
 
 
@@ -178,8 +177,7 @@ def _fit_block(ids, cnts, indptr, gamma, exp_elog_beta, alpha, max_iter, tol):
         a_doc = np.repeat(np.arange(na), np.diff(a_ptr))
         E = exp_elog_theta[active]
         norm_phi = np.einsum("ek,ek->e", E[a_doc], a_W) + EPS
-        R = sp.csr_matrix((a_cnts / norm_phi, np.arange(a_W.shape[0]), a_ptr), shape=(na, a_W.shape[0]))
-        new = E * np.asarray(R @ a_W)
+        new = E * _segment_sum((a_cnts / norm_phi)[:, None] * a_W, a_ptr)
         new += alpha
         last = gamma[active]
         gamma[active] = new
@@ -191,6 +189,15 @@ def _fit_block(ids, cnts, indptr, gamma, exp_elog_beta, alpha, max_iter, tol):
             a_W, a_cnts = a_W[emask], a_cnts[emask]
             a_ptr = np.concatenate([[0], np.cumsum(lens[active])])
     return gamma, exp_elog_theta, W
+
+
+def _segment_sum(rows: np.ndarray, ptr: np.ndarray) -> np.ndarray:
+    """Sums of ``rows[ptr[i]:ptr[i + 1]]`` for each i (zeros for empty segments), in row order."""
+    out = np.zeros((len(ptr) - 1, rows.shape[1]))
+    nonempty = np.flatnonzero(np.diff(ptr) > 0)
+    if nonempty.size:
+        out[nonempty] = np.add.reduceat(rows, ptr[nonempty], axis=0)
+    return out
 
 
 def _doc_bound(gamma: np.ndarray, elog_theta: np.ndarray, alpha: float) -> float:
