@@ -129,8 +129,8 @@ def _take_steps(values, offsets, rows):
     return np.asarray(values[rows], dtype=np.float64)
 
 
-def _symbol_range(values, offsets, start):
-    sym = H.check_symbols(values, None, "The sequences", start)
+def _symbol_range(values, offsets, n_symbols, start):
+    sym = H.check_symbols(values, n_symbols, "The sequences", start)
     return int(sym.min()), int(sym.max())
 
 
@@ -761,26 +761,28 @@ class CategoricalHMM(_BaseHMM):
         return CategoricalHMMFamily(self.emissionprob_prior, H.TransitionPriors(self.startprob_prior, self.transmat_prior),
                                     self.params)
 
-    def _symbols_seen(self, engine, loaded) -> int:
+    def _symbols_seen(self, engine, loaded, n_symbols=None) -> int:
         if loaded.data.n_features != 1:
             raise DataError(f"Categorical sequences must have one column (n_steps, 1); got {loaded.data.n_features}.")
         starts = [a for a, _ in loaded.data.bounds]
-        ranges = engine.map(_symbol_range, loaded, per_partition=starts)
+        ranges = engine.map(_symbol_range, loaded, n_symbols, per_partition=starts)
         return max(r[1] for r in ranges) + 1
 
     def _prepare_data(self, engine, loaded):
-        seen = self._symbols_seen(engine, loaded)
         M = self.n_features
+        if M is None and "e" not in self.init_params and hasattr(self, "emissionprob_"):
+            M = int(np.shape(self.emissionprob_)[1])
+        seen = self._symbols_seen(engine, loaded, M)
         if M is None:
-            M = seen if "e" in self.init_params or not hasattr(self, "emissionprob_") else np.shape(self.emissionprob_)[1]
+            M = seen
         if seen > M:
             raise DataError(f"The sequences hold symbol {seen - 1} but the model emits symbols 0..{M - 1}. "
                             f"Set n_features to at least {seen}.")
         self._n_symbols = int(M)
 
     def _check_data(self, engine, loaded):
-        seen = self._symbols_seen(engine, loaded)
         M = self.emissionprob_.shape[1]
+        seen = self._symbols_seen(engine, loaded, M)
         if seen > M:
             raise DataError(f"The sequences hold symbol {seen - 1} but the model emits symbols 0..{M - 1}. "
                             "Refit with n_features large enough.")
