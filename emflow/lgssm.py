@@ -29,7 +29,6 @@ from .data import DEFAULT_PARTITION_BYTES, is_zarr_path
 from .em import EMResult, IterationEvent, run_em
 from .errors import (
     ConfigError,
-    DataError,
     DegenerateComponentWarning,
     EmflowConvergenceWarning,
     FeatureMismatchError,
