@@ -27,6 +27,7 @@ from .errors import (  # noqa: E402
 )
 from .hmm import CategoricalHMM, GaussianHMM  # noqa: E402
 from .lda import LatentDirichletAllocation  # noqa: E402
+from .lgssm import LinearGaussianSSM  # noqa: E402
 from .mixture import GaussianMixture  # noqa: E402
 from .store import read_model_attrs  # noqa: E402
 
@@ -35,6 +36,7 @@ _FAMILIES = {
     "gaussian_hmm": GaussianHMM,
     "categorical_hmm": CategoricalHMM,
     "latent_dirichlet_allocation": LatentDirichletAllocation,
+    "linear_gaussian_ssm": LinearGaussianSSM,
 }
 
 
@@ -56,6 +58,7 @@ __all__ = [
     "GaussianHMM",
     "CategoricalHMM",
     "LatentDirichletAllocation",
+    "LinearGaussianSSM",
     "load",
     "EmflowError",
     "ConfigError",

@@ -33,6 +33,7 @@ __all__ = [
     "hard_stats",
     "soft_stats",
     "log_prob",
+    "log_gaussian_density",
     "posterior",
     "precisions_cholesky_from_covariances",
     "precisions_cholesky_from_precisions",
@@ -466,6 +467,19 @@ def log_prob(X: np.ndarray, params: GMMParams) -> np.ndarray:
     out = np.empty((X.shape[0], K))
     for a, b, A in _blocks_of(X, g, ct, K * d + 2 * d):
         out[a:b] = _weighted_log_prob(A, coef, ct, K, d)
+    return out
+
+
+def log_gaussian_density(Xc: np.ndarray, mc: np.ndarray, params: GMMParams) -> np.ndarray:
+    """``log N(x | mu_k, Sigma_k)`` (no mixture weights) of shape (n, K), for rows and means
+    already centred on a common shift (``Xc = X - g``, ``mc = means - g``)."""
+    K, d = np.shape(mc)
+    zero = np.zeros(d)
+    p = params._replace(means=np.asarray(mc, dtype=np.float64), weights=np.ones(K))
+    coef = _coef(p, zero)
+    out = np.empty((Xc.shape[0], K))
+    for a, b, A in _blocks_of(Xc, zero, p.covariance_type, K * d + 2 * d):
+        out[a:b] = _weighted_log_prob(A, coef, p.covariance_type, K, d)
     return out
 
 

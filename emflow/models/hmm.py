@@ -377,7 +377,7 @@ def gaussian_log_prob(X: np.ndarray, params: GaussianHMMParams, shift: np.ndarra
     """Log emission densities ``log N(x_t | mu_k, Sigma_k)``: ndarray of shape (n, K)."""
     g = shift_of(params) if shift is None else shift
     Xc = np.asarray(X, dtype=np.float64) - g
-    return G._log_gaussian_prob_centered(Xc, np.asarray(params.means, dtype=np.float64) - g, _gmm_view(params))
+    return G.log_gaussian_density(Xc, np.asarray(params.means, dtype=np.float64) - g, _gmm_view(params))
 
 
 def check_symbols(X: np.ndarray, n_symbols: int | None, where: str = "The sequences", row0: int = 0) -> np.ndarray:
@@ -440,7 +440,7 @@ def e_step_gaussian(values: np.ndarray, offsets: np.ndarray, params: GaussianHMM
     g = shift_of(params)
     Xc = np.asarray(values, dtype=np.float64)[layout.perm] - g
     mc = np.asarray(params.means, dtype=np.float64) - g
-    log_b = G._log_gaussian_prob_centered(Xc, mc, _gmm_view(params))
+    log_b = G.log_gaussian_density(Xc, mc, _gmm_view(params))
     fb = forward_backward(log_b, layout, params.startprob, params.transmat)
     gam = fb.gamma
     post = gam.sum(axis=0)
