@@ -203,6 +203,11 @@ class CorpusData:
     def n_partitions(self) -> int:
         return len(self.loaders)
 
+    @property
+    def element_starts(self) -> list[int]:
+        """Global entry index where each partition's entries start (for fingerprinting)."""
+        return [int(self.indptr[a]) for a, _ in self.bounds]
+
 
 def _doc_partitions(indptr: np.ndarray, chunk_docs: int, target_bytes: int, min_partitions: int):
     """Runs of whole document chunks of about ``target_bytes`` of entries each."""

@@ -419,13 +419,55 @@ class _ZarrWithWeights:
         return X, self.w
 
 
-def digest(X: np.ndarray, *rest: np.ndarray | None) -> tuple[int, str]:
-    """(rows, content digest) of one partition's arrays: the scan that fingerprints data."""
-    h = hashlib.blake2b(digest_size=16)
-    for a in (X, *rest):
-        if a is not None:
-            h.update(np.ascontiguousarray(a).view(np.uint8).ravel())
-    return X.shape[0], h.hexdigest()
+_MASK = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser, vectorised (uint64 arithmetic wraps modulo 2**64)."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def positional_hash(a: np.ndarray, row0: int, seeds=(0x9E3779B97F4A7C15, 0xD1B54A32D192ED03)) -> tuple[int, int]:
+    """An additive content hash of rows ``row0, row0 + 1, ...`` of a larger array.
+
+    Each 32-bit word of the raw bytes is multiplied by a pseudo-random odd number drawn from
+    its global position, and the products are summed modulo 2**64 (twice, with two seeds).
+    The hash of an array is the sum of the hashes of any split of it into row ranges, so a
+    dataset's fingerprint does not depend on how it is chunked or partitioned.
+    """
+    a = np.ascontiguousarray(a)
+    n = a.shape[0] if a.ndim else 1
+    raw = a.reshape(n, -1).view(np.uint8).reshape(n, -1) if n else np.zeros((0, 4), np.uint8)
+    width = raw.shape[1]
+    if width % 4:
+        raw = np.pad(raw, ((0, 0), (0, 4 - width % 4)))
+    words = raw.view(np.uint32)
+    per_row = words.shape[1]
+    out = [0, 0]
+    step = max(1, (1 << 20) // max(per_row, 1))
+    with np.errstate(over="ignore"):
+        for b0 in range(0, n, step):
+            blk = words[b0 : b0 + step].astype(np.uint64)
+            pos = (np.uint64(row0 + b0) + np.arange(len(blk), dtype=np.uint64))[:, None] * np.uint64(per_row)
+            pos = pos + np.arange(per_row, dtype=np.uint64)[None, :]
+            for i, seed in enumerate(seeds):
+                mult = _mix64(pos ^ np.uint64(seed)) | np.uint64(1)
+                out[i] = (out[i] + int(np.sum(blk * mult, dtype=np.uint64))) & 0xFFFFFFFFFFFFFFFF
+    return out[0], out[1]
+
+
+def digest(row0: int, X: np.ndarray, *rest: np.ndarray | None) -> tuple[int, int, int]:
+    """(rows, hash1, hash2) of a partition's first array (and any further arrays that are
+    row-aligned with it, such as weights), positioned at global row ``row0``."""
+    h1 = h2 = 0
+    for k, arr in enumerate((X, *rest)):
+        if arr is None:
+            continue
+        a, b = positional_hash(arr, row0, seeds=(0x9E3779B97F4A7C15 + k, 0xD1B54A32D192ED03 + k))
+        h1, h2 = (h1 + a) & 0xFFFFFFFFFFFFFFFF, (h2 + b) & 0xFFFFFFFFFFFFFFFF
+    return X.shape[0], h1, h2
 
 
 def weight_total(X: np.ndarray, w: np.ndarray | None = None) -> float:
@@ -433,9 +475,13 @@ def weight_total(X: np.ndarray, w: np.ndarray | None = None) -> float:
     return float(X.shape[0]) if w is None else float(np.sum(w, dtype=np.float64))
 
 
-def combine_fingerprint(shape, dtype, digests: list[str]) -> str:
+def combine_fingerprint(shape, dtype, partials: list[tuple[int, int]], structure: np.ndarray | None = None) -> str:
+    """One fingerprint from the partitions' additive hashes (and a global structure array
+    such as sequence offsets or a corpus's indptr)."""
+    h1 = sum(p[0] for p in partials) & 0xFFFFFFFFFFFFFFFF
+    h2 = sum(p[1] for p in partials) & 0xFFFFFFFFFFFFFFFF
     h = hashlib.blake2b(digest_size=16)
-    h.update(repr((tuple(shape), str(np.dtype(dtype)))).encode())
-    for d in digests:
-        h.update(d.encode())
+    h.update(repr((tuple(shape), str(np.dtype(dtype)), h1, h2)).encode())
+    if structure is not None:
+        h.update(np.ascontiguousarray(structure).view(np.uint8).ravel())
     return h.hexdigest()

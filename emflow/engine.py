@@ -51,10 +51,22 @@ def _apply_indexed(fn: Callable, handle, args: tuple, extra):
     return fn(X, w, *args, extra)
 
 
-def _scan(handle, weighted: bool):
+def _scan(handle, weighted: bool, row0: int):
+    """Validate (by loading) a partition and hash it: (rows, weight sum, hash1, hash2).
+
+    Only the first array (rows, sequence values, corpus entries) and, for rows, the
+    weights are hashed here; structure arrays (offsets, indptr) are hashed once globally.
+    """
     parts = _partition_data(handle)
-    n, dig = _data.digest(*parts)
-    return n, (_data.weight_total(*parts) if weighted else float(n)), dig
+    hashed = parts[:2] if weighted else parts[:1]
+    n, h1, h2 = _data.digest(row0, *hashed)
+    return n, (_data.weight_total(*parts) if weighted else float(n)), h1, h2
+
+
+def _element_starts(rows) -> list[int]:
+    """Global index of each partition's first element of its first array."""
+    starts = getattr(rows, "element_starts", None)
+    return list(starts) if starts is not None else [a for a, _ in rows.bounds]
 
 
 def tree_reduce(items: list, combine: Callable, split_every: int, submit: Callable) -> tuple[Any, int]:
@@ -227,7 +239,8 @@ class Engine:
                 handles = [ld() for ld in rows.loaders]  # validates; arrays are views
             else:
                 handles = list(rows.loaders)
-            scans = list(self._threads().map(lambda h: _scan(h, rows.weighted), handles))
+            scans = list(self._threads().map(lambda hs: _scan(hs[0], rows.weighted, hs[1]),
+                                             zip(handles, _element_starts(rows))))
         else:
             try:
                 if rows.in_memory:
@@ -240,9 +253,10 @@ class Engine:
                     handles = self.client.map(_partition_data, rows.loaders, pure=False)
                 else:
                     handles = list(rows.loaders)
-                scans = self.client.gather(
-                    [self.client.submit(_scan, h, rows.weighted, pure=False) for h in handles]
-                )
+                scans = self.client.gather([
+                    self.client.submit(_scan, h, rows.weighted, r0, pure=False)
+                    for h, r0 in zip(handles, _element_starts(rows))
+                ])
             except Exception as exc:
                 self._raise_if_lost(exc, "while loading data")
                 raise
@@ -253,8 +267,11 @@ class Engine:
                     for f in futures:
                         f.release()
 
+        structure = getattr(rows, "offsets", None)
+        if structure is None:
+            structure = getattr(rows, "indptr", None)
         fingerprint = _data.combine_fingerprint(
-            (rows.n_rows, rows.n_features), rows.dtype, [s[2] for s in scans]
+            (rows.n_rows, rows.n_features), rows.dtype, [(s[2], s[3]) for s in scans], structure
         )
         weight_sum = float(sum(s[1] for s in scans))
         if not weight_sum > 0:

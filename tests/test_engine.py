@@ -156,3 +156,18 @@ def test_resident_is_chosen_by_size(zdata):
         assert not engine.load(rows, persist="auto").resident
     finally:
         E.RESIDENT_FRACTION = old
+
+
+def test_fingerprint_ignores_chunking_but_not_content(zdata, tmp_path):
+    engine = Engine(None)
+    fp = {name: engine.open(zdata[name], "weights").fingerprint for name in ("big", "small")}
+    assert fp["big"] == fp["small"]
+    assert engine.open(zdata["X"], zdata["w"]).fingerprint == fp["big"]
+    assert engine.open(zdata["X"], zdata["w"], partition_bytes=10_000).fingerprint == fp["big"]
+    assert engine.open(zdata["X"]).fingerprint != fp["big"]  # weights are part of the data
+    X = zdata["X"].copy()
+    X[4321, 1] = np.nextafter(X[4321, 1], np.inf)  # one ulp in one value
+    assert engine.open(X, zdata["w"]).fingerprint != fp["big"]
+    Y = zdata["X"].copy()
+    Y[[10, 11]] = Y[[11, 10]]  # the same rows in another order
+    assert engine.open(Y, zdata["w"]).fingerprint != fp["big"]
