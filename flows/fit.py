@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import warnings
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -26,6 +27,7 @@ import emflow.data
 from emflow import GaussianMixture
 from emflow.checkpoint import (
     Checkpoint,
+    CheckpointWarning,
     CheckpointWriter,
     checkpoint_path,
     config_hash,
@@ -56,6 +58,19 @@ def restart_seed(random_state: int | None, init: int) -> int | None:
     return int(np.random.SeedSequence([random_state, init]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
+def _load_logged(ckpt_path: str, fingerprint: str, chash: str, cfg: dict) -> Checkpoint | None:
+    """load_resumable, with its warnings also sent to the run log (visible in the dashboard)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CheckpointWarning)
+        ck = load_resumable(ckpt_path, fingerprint=fingerprint, config_hash=chash, tol=cfg["tol"],
+                            max_iter=cfg["max_iter"])
+    for w in caught:
+        if issubclass(w.category, CheckpointWarning):
+            get_run_logger().warning("%s", w.message)
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return ck
+
+
 @task(name="validate", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_if_transient,
       cache_policy=NO_CACHE)
 def validate(data: str, sample_weight: str | None, cfg: dict[str, Any], scheduler: str | None) -> dict:
@@ -79,8 +94,7 @@ def initialise(data: str, sample_weight: str | None, cfg: dict[str, Any], schedu
     """
     logger = get_run_logger()
     if resume:
-        ck = load_resumable(ckpt_path, fingerprint=fingerprint, config_hash=chash, tol=cfg["tol"],
-                            max_iter=cfg["max_iter"])
+        ck = _load_logged(ckpt_path, fingerprint, chash, cfg)
         if ck is not None:
             logger.info("resuming from checkpoint %s at iteration %d%s", ckpt_path, ck.iteration,
                         " (already finished)" if ck.converged or ck.iteration >= cfg["max_iter"] else "")
@@ -103,8 +117,7 @@ def em_iterations(data: str, sample_weight: str | None, cfg: dict[str, Any], sch
     A retry (or a rerun of the flow) continues from the last checkpoint written.
     """
     logger = get_run_logger()
-    ck = load_resumable(ckpt_path, fingerprint=info["fingerprint"], config_hash=chash, tol=cfg["tol"],
-                        max_iter=cfg["max_iter"])
+    ck = _load_logged(ckpt_path, info["fingerprint"], chash, cfg)
     if ck is None:
         raise emflow.FitFailedError(
             f"The checkpoint {ckpt_path!r} written by the initialise task is missing or unusable. "
