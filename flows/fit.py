@@ -9,8 +9,8 @@ next to ``out`` (``OUT.checkpoint.npz``) and ends with the same model as an unin
 run. The EM task is retried (resuming from its checkpoint) when a cluster is lost.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: Prefect builds the run form's schema from the
+# evaluated annotations, also when a deployment loads this file by path.
 import math
 import statistics
 import warnings

@@ -4,8 +4,8 @@ Each output is written by the workers, one partition at a time, into a Zarr arra
 the input's chunking (under a temporary name, moved into place when complete).
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: Prefect builds the run form's schema from the
+# evaluated annotations, also when a deployment loads this file by path.
 import os
 from typing import Annotated, Literal
 

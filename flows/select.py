@@ -6,8 +6,8 @@ every candidate still running. The flow reports the passes and bytes read agains
 the candidates one after another, saves the best model, and publishes the comparison.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: Prefect builds the run form's schema from the
+# evaluated annotations, also when a deployment loads this file by path.
 from typing import Annotated, Literal
 
 from prefect import flow, get_run_logger, task

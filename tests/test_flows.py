@@ -22,6 +22,8 @@ import emflow  # noqa: E402
 from emflow.checkpoint import CheckpointWarning, CheckpointWriter, checkpoint_path, read_checkpoint  # noqa: E402
 from emflow.synthetic import write_gmm  # noqa: E402
 
+pytestmark = pytest.mark.filterwarnings("ignore::emflow.EmflowConvergenceWarning")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -278,3 +280,90 @@ def test_fit_flow_rejects_bad_parameters_before_running(prefect_server, gmm_data
     assert state.is_failed()
     with pytest.raises(emflow.DataNotFoundError):
         state.result()
+
+
+# --- model selection and scoring ----------------------------------------------------------
+
+def test_select_flow_picks_true_k_and_reports_io(prefect_server, gmm_data, tmp_path):
+    from flows.select import select_flow
+
+    out = str(tmp_path / "best.zarr")
+    state = select_flow(gmm_data, out, n_components=[1, 2, 3, 4], covariance_types=["full", "spherical"],
+                        persist=False, return_state=True)
+    assert state.is_completed()
+    res = state.result()
+    assert (res["best"]["n_components"], res["best"]["covariance_type"]) == (3, "full")
+    best = emflow.load(out)
+    assert best.n_components == 3 and best.covariance_type == "full"
+    assert res["io"]["bytes_shared"] < res["io"]["bytes_sequential"] / 3
+    arts = _artifacts(state.state_details.flow_run_id)
+    assert arts["model-selection"][-1].type == "table"
+    import json
+
+    rows = arts["model-selection"][-1].data
+    rows = json.loads(rows) if isinstance(rows, str) else rows
+    assert len(rows) == 8 and [r["chosen"] for r in rows].count(True) == 1
+    assert min(rows, key=lambda r: r["bic"])["chosen"]
+    md = arts["selection-summary"][-1].data
+    assert f"{res['io']['passes_shared']}" in md and "less read" in md
+
+
+def test_score_flow_writes_zarr_outputs(prefect_server, gmm_data, tmp_path, dask_client):
+    import zarr
+
+    from flows.score import score_flow
+
+    gm = emflow.GaussianMixture(3, random_state=0, scheduler="threads").fit(gmm_data)
+    model = gm.save(tmp_path / "m.zarr")
+    written = score_flow(model, gmm_data, str(tmp_path / "scores"),
+                         outputs=["labels", "proba", "log_likelihood"], scheduler=dask_client.scheduler.address)
+    X = zarr.open_array(gmm_data + "/X", mode="r")[:]
+    labels = zarr.open_array(written["labels"], mode="r")
+    assert labels.chunks == (500,)
+    np.testing.assert_array_equal(labels[:], gm.predict(X))
+    np.testing.assert_allclose(zarr.open_array(written["proba"], mode="r")[:], gm.predict_proba(X), rtol=1e-10,
+                               atol=1e-12)
+    np.testing.assert_allclose(zarr.open_array(written["log_likelihood"], mode="r")[:], gm.score_samples(X),
+                               rtol=1e-10)
+
+
+# --- deployments --------------------------------------------------------------------------
+
+def test_served_deployment_runs_on_schedule_trigger(prefect_server, gmm_data, tmp_path):
+    """Serve the fit flow as a deployment (with a cron) in a separate process, trigger a run as
+    the schedule would, and see it complete through the Prefect API."""
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL
+
+    out = str(tmp_path / "served.zarr")
+    script = textwrap.dedent(f"""
+        from flows.fit import fit_flow
+        fit_flow.serve(name="nightly-test", cron="0 3 * * *",
+                       parameters={{"data": {gmm_data!r}, "out": {out!r}, "n_components": 3}})
+    """)
+    env = {**os.environ, "PYTHONPATH": ROOT, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        from prefect.client.orchestration import get_client
+
+        deadline = time.monotonic() + 60
+        dep = None
+        while dep is None and time.monotonic() < deadline:
+            with get_client(sync_client=True) as client:
+                try:
+                    dep = client.read_deployment_by_name("emflow-fit/nightly-test")
+                except Exception:
+                    time.sleep(0.5)
+        assert dep is not None, "the served deployment never registered"
+        assert dep.schedules and dep.schedules[0].schedule.cron == "0 3 * * *"
+        run = run_deployment("emflow-fit/nightly-test", timeout=90)
+        assert run.state.is_completed(), run.state
+        assert os.path.exists(out) and emflow.load(out).n_components == 3
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
