@@ -25,10 +25,19 @@ from .errors import (  # noqa: E402
     NonFiniteDataError,
     NotFittedError,
 )
+from .hmm import CategoricalHMM, GaussianHMM  # noqa: E402
+from .lda import LatentDirichletAllocation  # noqa: E402
+from .lgssm import LinearGaussianSSM  # noqa: E402
 from .mixture import GaussianMixture  # noqa: E402
 from .store import read_model_attrs  # noqa: E402
 
-_FAMILIES = {"gaussian_mixture": GaussianMixture}
+_FAMILIES = {
+    "gaussian_mixture": GaussianMixture,
+    "gaussian_hmm": GaussianHMM,
+    "categorical_hmm": CategoricalHMM,
+    "latent_dirichlet_allocation": LatentDirichletAllocation,
+    "linear_gaussian_ssm": LinearGaussianSSM,
+}
 
 
 def load(path):
@@ -46,6 +55,10 @@ def load(path):
 
 __all__ = [
     "GaussianMixture",
+    "GaussianHMM",
+    "CategoricalHMM",
+    "LatentDirichletAllocation",
+    "LinearGaussianSSM",
     "load",
     "EmflowError",
     "ConfigError",

@@ -74,15 +74,20 @@ def _check_dtype(dtype: np.dtype, where: str) -> None:
         )
 
 
-def _check_finite(X: np.ndarray, w: np.ndarray | None, where: str, row0: int) -> None:
+def _check_finite(X: np.ndarray, w: np.ndarray | None, where: str, row0: int, chunk_rows: int | None = None) -> None:
     if X.dtype.kind == "f":
         bad = ~np.isfinite(X)
         if bad.any():
             count = int(bad.sum())
             r, c = np.argwhere(bad)[0]
+            row = row0 + int(r)
+            chunk = ""
+            if chunk_rows:
+                ci = row // chunk_rows
+                chunk = f" (Zarr chunk {ci}, rows {ci * chunk_rows}-{(ci + 1) * chunk_rows})"
             raise NonFiniteDataError(
                 f"{where} holds {count} NaN or infinite value(s); the first is at row "
-                f"{row0 + int(r)}, column {int(c)}. Remove or impute those rows before fitting."
+                f"{row}, column {int(c)}{chunk}. Remove or impute those rows before fitting."
             )
     if w is not None:
         badw = ~np.isfinite(w) | (w < 0)
@@ -94,6 +99,52 @@ def _check_finite(X: np.ndarray, w: np.ndarray | None, where: str, row0: int) ->
             )
 
 
+def _chunk_key(arr, coords: tuple[int, ...]) -> str:
+    key = arr.metadata.encode_chunk_key(coords)
+    return f"{arr.path}/{key}" if arr.path else key
+
+
+def read_zarr_rows(url: str, start: int, stop: int, role: str = "data") -> np.ndarray:
+    """Rows [start, stop) of a Zarr array, refusing missing or unreadable chunks.
+
+    Zarr reads a missing chunk as the fill value, which would silently become data. Zarr
+    also skips writing chunks that hold only the fill value, so a missing chunk is an error
+    only in arrays whose writer stored every chunk and said so with the attribute
+    ``all_chunks_written`` (emflow's generators and ingest do). A chunk that fails to
+    decode is always an error, and it is named.
+    """
+    import zarr
+    from zarr.core.sync import sync
+
+    arr = zarr.open_array(url, mode="r")
+    if stop <= start:
+        return arr[start:stop]
+    c = int(arr.chunks[0])
+    first, last = start // c, (stop - 1) // c
+    trailing = (0,) * (arr.ndim - 1)
+    for ci in range(first, last + 1) if arr.attrs.get("all_chunks_written") else ():
+        coords = (ci, *trailing)
+        if not sync(arr.store.exists(_chunk_key(arr, coords))):
+            raise DataError(
+                f"Chunk {coords} (rows {ci * c}-{min(arr.shape[0], (ci + 1) * c)}) of the {role} at {url!r} "
+                "is missing from storage, so those rows would read as the fill value. Restore the "
+                "chunk or re-create the dataset."
+            )
+    try:
+        return arr[start:stop]
+    except Exception as exc:
+        for ci in range(first, last + 1):
+            try:
+                arr[ci * c : (ci + 1) * c]
+            except Exception as exc_c:
+                raise DataError(
+                    f"Chunk {(ci, *trailing)} (rows {ci * c}-{min(arr.shape[0], (ci + 1) * c)}) of the {role} "
+                    f"at {url!r} cannot be read ({type(exc_c).__name__}: {exc_c}). The file is corrupt: "
+                    "restore it or re-create the dataset."
+                ) from exc_c
+        raise DataError(f"Rows {start}-{stop} of the {role} at {url!r} cannot be read: {exc}") from exc
+
+
 @dataclass(frozen=True)
 class ZarrLoader:
     """Reads rows [start, stop) of a Zarr array (and its weights) on whichever process calls it."""
@@ -103,15 +154,15 @@ class ZarrLoader:
     stop: int
     index: int
     weights_url: str | None = None
+    chunk_rows: int | None = None
 
     def __call__(self) -> tuple[np.ndarray, np.ndarray | None]:
-        import zarr
-
-        X = zarr.open_array(self.url, mode="r")[self.start : self.stop]
+        X = read_zarr_rows(self.url, self.start, self.stop)
         w = None
         if self.weights_url is not None:
-            w = np.asarray(zarr.open_array(self.weights_url, mode="r")[self.start : self.stop], dtype=np.float64)
-        _check_finite(X, w, f"partition {self.index} (rows {self.start}-{self.stop}) of {self.url}", self.start)
+            w = np.asarray(read_zarr_rows(self.weights_url, self.start, self.stop, "weights"), dtype=np.float64)
+        _check_finite(X, w, f"partition {self.index} (rows {self.start}-{self.stop}) of {self.url}", self.start,
+                      self.chunk_rows)
         return X, w
 
 
@@ -317,10 +368,11 @@ def open_rows(
         bounds = _bounds(n_rows, chunk_rows, row_bytes, partition_bytes, min_partitions)
         if w_arr is not None:  # in-memory weights beside Zarr data: ship their slices
             loaders = [
-                _ZarrWithWeights(ZarrLoader(url, a, b, i), w_arr[a:b]) for i, (a, b) in enumerate(bounds)
+                _ZarrWithWeights(ZarrLoader(url, a, b, i, None, chunk_rows), w_arr[a:b])
+                for i, (a, b) in enumerate(bounds)
             ]
         else:
-            loaders = [ZarrLoader(url, a, b, i, w_url) for i, (a, b) in enumerate(bounds)]
+            loaders = [ZarrLoader(url, a, b, i, w_url, chunk_rows) for i, (a, b) in enumerate(bounds)]
         return RowData(n_rows, n_features, dtype, loaders, bounds, source, False, url, chunk_rows, w_arr is not None or w_url is not None)
 
     if w_url is not None:

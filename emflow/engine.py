@@ -107,6 +107,14 @@ class Loaded:
         self.handles = []
 
 
+def _lost_scheduler(exc: BaseException) -> bool:
+    from concurrent.futures import CancelledError
+
+    from distributed.comm.core import CommClosedError
+
+    return isinstance(exc, (CommClosedError, TimeoutError, CancelledError))
+
+
 class Engine:
     """Execution of partition-wise map and tree reduction.
 
@@ -124,6 +132,12 @@ class Engine:
         if split_every < 2:
             raise ConfigError(f"split_every must be at least 2, got {split_every}.")
         self.client = client
+        self.address = None
+        if client is not None:
+            try:
+                self.address = client.scheduler.address
+            except AttributeError:
+                self.address = None
         self.split_every = int(split_every)
         self.n_threads = n_threads or os.cpu_count() or 1
         self._pool: ThreadPoolExecutor | None = None
@@ -161,6 +175,18 @@ class Engine:
             return f"in-process, {self.n_threads} thread(s)"
         info = self.client.scheduler_info(n_workers=-1)
         return f"Dask cluster at {info.get('address', '?')}, {len(info['workers'])} worker(s), {self.total_threads} thread(s)"
+
+    def _raise_if_lost(self, exc: BaseException, when: str) -> None:
+        """Turn a lost connection to the scheduler into a ClusterError that names it."""
+        if self.client is None:
+            return
+        closed = getattr(self.client, "status", "running") not in ("running", "connecting")
+        if closed or _lost_scheduler(exc):
+            raise ClusterError(
+                f"Lost the Dask scheduler at {self.address} {when} ({type(exc).__name__}: {exc}). "
+                "Checkpoints already written are intact: check the cluster and run the same "
+                "command again to resume."
+            ) from exc
 
     def _threads(self) -> ThreadPoolExecutor:
         if self._pool is None:
@@ -205,16 +231,21 @@ class Engine:
         else:
             try:
                 if rows.in_memory:
+                    # the client holds the values: ship them once (not inside task specs,
+                    # which the scheduler would keep a copy of)
                     handles = self.client.scatter([ld() for ld in rows.loaders], hash=False)
                 elif resident:
+                    # a task per partition: if a worker dies, the scheduler recomputes its
+                    # partitions from the loaders on another worker
                     handles = self.client.map(_partition_data, rows.loaders, pure=False)
                 else:
                     handles = list(rows.loaders)
                 scans = self.client.gather(
                     [self.client.submit(_scan, h, rows.weighted, pure=False) for h in handles]
                 )
-            except OSError as exc:
-                raise ClusterError(f"Lost the Dask scheduler while loading data: {exc}") from exc
+            except Exception as exc:
+                self._raise_if_lost(exc, "while loading data")
+                raise
             if resident:
                 futures = handles
 
@@ -234,7 +265,11 @@ class Engine:
     def _broadcast(self, args: tuple):
         if self.client is None or not args:
             return args
-        [fut] = self.client.scatter([args], broadcast=True, hash=False)
+        try:
+            [fut] = self.client.scatter([args], broadcast=True, hash=False)
+        except Exception as exc:
+            self._raise_if_lost(exc, "while sending parameters")
+            raise
         return fut
 
     def _submit(self, fn: Callable, loaded: Loaded, args: tuple, per_partition: Sequence | None):
@@ -264,11 +299,9 @@ class Engine:
                     parts, add, self.split_every, lambda f, *a: self.client.submit(f, *a, pure=False)
                 )
                 total = root.result()
-        except OSError as exc:
-            raise ClusterError(
-                f"Lost the Dask scheduler during a pass over the data: {exc}. "
-                "Check the cluster and run the same command again."
-            ) from exc
+        except Exception as exc:
+            self._raise_if_lost(exc, "during a pass over the data")
+            raise
         self.last_reduction = {
             "partitions": len(loaded.handles), "depth": depth, "split_every": self.split_every,
             "seconds": time.perf_counter() - t0,
@@ -280,8 +313,9 @@ class Engine:
         try:
             parts = self._submit(fn, loaded, args, per_partition)
             return parts if self.client is None else self.client.gather(parts)
-        except OSError as exc:
-            raise ClusterError(f"Lost the Dask scheduler during a pass over the data: {exc}") from exc
+        except Exception as exc:
+            self._raise_if_lost(exc, "during a pass over the data")
+            raise
 
 
 def take_rows(X, w, rows: np.ndarray):

@@ -496,7 +496,8 @@ class GaussianMixture:
         K = self.n_components
         shape, dtype = {"labels": ((n,), "int64"), "proba": ((n, K), "float64"), "score": ((n,), "float64")}[kind]
         bounds = loaded.data.bounds
-        chunk = _m.gcd(*[b for ab in bounds for b in ab]) or n
+        # output chunks = the partitions' common step, so no two tasks write one chunk
+        chunk = _m.gcd(*[a for a, _ in bounds if a > 0]) or n
         with _store.atomic_dir(out) as tmp:
             arr = zarr.create_array(tmp, shape=shape, dtype=dtype, chunks=(chunk,) + shape[1:])
             arr.attrs["emflow"] = {

@@ -22,7 +22,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .data import DEFAULT_PARTITION_BYTES, _check_dtype, _check_finite, _url, is_zarr_path
-from .errors import DataError, DataNotFoundError
+from .errors import DataError, DataNotFoundError, NonFiniteDataError
 
 __all__ = ["SequenceData", "open_sequences", "check_offsets", "write_sequences"]
 
@@ -60,6 +60,7 @@ class ZarrSeqLoader:
     step_start: int
     step_stop: int
     index: int
+    allow_nan: bool = False
 
     def __call__(self):
         import zarr
@@ -67,7 +68,7 @@ class ZarrSeqLoader:
         g = zarr.open_group(self.url, mode="r")
         values = g["values"][self.step_start : self.step_stop]
         off = np.asarray(g["offsets"][self.seq_start : self.seq_stop + 1], dtype=np.int64) - self.step_start
-        _check_finite(values, None, f"partition {self.index} (sequences {self.seq_start}-{self.seq_stop}) of {self.url}", self.step_start)
+        _check_values(values, f"partition {self.index} (sequences {self.seq_start}-{self.seq_stop}) of {self.url}", self.step_start, self.allow_nan)
         return values, off
 
 
@@ -76,10 +77,26 @@ class ArraySeqLoader:
     values: np.ndarray = field(repr=False)
     offsets: np.ndarray = field(repr=False)
     index: int
+    allow_nan: bool = False
 
     def __call__(self):
-        _check_finite(self.values, None, f"partition {self.index} of the sequences", 0)
+        _check_values(self.values, f"partition {self.index} of the sequences", 0, self.allow_nan)
         return self.values, self.offsets
+
+
+def _check_values(values: np.ndarray, where: str, row0: int, allow_nan: bool) -> None:
+    """Finiteness check; with ``allow_nan`` NaN means "missing" and only infinities are errors."""
+    if not allow_nan:
+        _check_finite(values, None, where, row0)
+    elif values.dtype.kind == "f":
+        bad = np.isinf(values)
+        if bad.any():
+            r, c = np.argwhere(bad)[0]
+            raise NonFiniteDataError(
+                f"{where} holds {int(bad.sum())} infinite value(s); the first is at step "
+                f"{row0 + int(r)}, column {int(c)}. NaN marks a missing value here, infinity is not "
+                "allowed: replace it with NaN or a finite value."
+            )
 
 
 @dataclass
@@ -133,6 +150,7 @@ def open_sequences(
     *,
     partition_bytes: int = DEFAULT_PARTITION_BYTES,
     min_partitions: int = 1,
+    allow_nan: bool = False,
 ) -> SequenceData:
     """Open ragged sequences.
 
@@ -142,6 +160,9 @@ def open_sequences(
         A Zarr group with ``values`` and ``offsets``, or the concatenated values in memory.
     lengths : array-like of shape (n_sequences,), optional
         In-memory only (hmmlearn's convention); ``None`` means one sequence.
+    allow_nan : bool, default False
+        Accept NaN values (they mean "missing" to models that handle missing observations,
+        such as state-space models); infinities are still errors.
     """
     if is_zarr_path(data):
         import zarr
@@ -166,7 +187,7 @@ def open_sequences(
         row_bytes = values.shape[1] * np.dtype(values.dtype).itemsize
         parts = _seq_partitions(offsets, row_bytes, partition_bytes, min_partitions)
         loaders = [
-            ZarrSeqLoader(url, a, b, int(offsets[a]), int(offsets[b]), i) for i, (a, b) in enumerate(parts)
+            ZarrSeqLoader(url, a, b, int(offsets[a]), int(offsets[b]), i, allow_nan) for i, (a, b) in enumerate(parts)
         ]
         bounds = [(int(offsets[a]), int(offsets[b])) for a, b in parts]
         return SequenceData(
@@ -187,7 +208,7 @@ def open_sequences(
     offsets = check_offsets(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64), X.shape[0], "lengths")
     parts = _seq_partitions(offsets, X.shape[1] * X.itemsize, partition_bytes, min_partitions)
     loaders = [
-        ArraySeqLoader(X[offsets[a] : offsets[b]], offsets[a : b + 1] - offsets[a], i)
+        ArraySeqLoader(X[offsets[a] : offsets[b]], offsets[a : b + 1] - offsets[a], i, allow_nan)
         for i, (a, b) in enumerate(parts)
     ]
     bounds = [(int(offsets[a]), int(offsets[b])) for a, b in parts]

@@ -11,7 +11,7 @@ weighted mean of the current means), accumulated in float64, so combining partit
 a plain ``+`` and the M-step recovers centred moments without the cancellation that
 moments about the origin suffer (``E[x x^T] - m m^T`` on data far from zero).
 
-Shapes: ``n`` rows, ``d`` features, ``K`` components, ``T = d (d + 1) / 2``.
+Shapes: ``n`` rows, ``d`` features, ``K`` components.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from typing import NamedTuple
 
 import numpy as np
 from scipy import linalg
-from scipy.special import logsumexp
 
 from ..errors import FitFailedError
 
@@ -34,6 +33,7 @@ __all__ = [
     "hard_stats",
     "soft_stats",
     "log_prob",
+    "log_gaussian_density",
     "posterior",
     "precisions_cholesky_from_covariances",
     "precisions_cholesky_from_precisions",
@@ -44,8 +44,8 @@ __all__ = [
 
 COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
 
-# Rows per block inside a partition: bounds the temporaries (n_block x K x d) to ~32 MB.
-_BLOCK_FLOATS = 1 << 22
+# Rows per block inside a partition: bounds the temporaries (n_block x K x (d + 1)) to ~16 MB.
+_BLOCK_FLOATS = 1 << 21
 
 
 class GMMParams(NamedTuple):
@@ -79,7 +79,7 @@ class GMMStats(NamedTuple):
     s1 : ndarray of shape (K, d)
         ``sum_i w_i r_ik (x_i - g)``.
     s2 : ndarray
-        full: (K, T) packed upper triangle of ``sum_i w_i r_ik (x_i - g)(x_i - g)^T``;
+        full: (K, d, d) ``sum_i w_i r_ik (x_i - g)(x_i - g)^T``;
         tied: (d, d) ``sum_i w_i (x_i - g)(x_i - g)^T``;
         diag and spherical: (K, d) ``sum_i w_i r_ik (x_i - g)**2``.
     loglik : ndarray of shape ()
@@ -100,7 +100,7 @@ class GMMStats(NamedTuple):
 
 def _s2_shape(covariance_type: str, K: int, d: int) -> tuple[int, ...]:
     return {
-        "full": (K, d * (d + 1) // 2),
+        "full": (K, d, d),
         "tied": (d, d),
         "diag": (K, d),
         "spherical": (K, d),
@@ -138,71 +138,116 @@ def _log_det_cholesky(prec_chol: np.ndarray, covariance_type: str, d: int) -> np
     return d * np.log(prec_chol)
 
 
-def _log_gaussian_prob_centered(Xc: np.ndarray, mc: np.ndarray, params: GMMParams) -> np.ndarray:
-    """log N(x | mu_k, Sigma_k) for centred rows ``Xc = X - g`` and means ``mc = mu - g``.
+# Every block of rows is turned into one augmented design matrix A (float64), centred on
+# the shift g:  A = [x - g, 1]  (full, tied)  or  [x - g, 1, (x - g)**2]  (diag, spherical).
+# Both the Mahalanobis distances and all the statistics are then single GEMMs against A.
 
-    Returns an array of shape (n, K).
-    """
-    n, d = Xc.shape
-    K = mc.shape[0]
+
+def _design(Xb: np.ndarray, shift: np.ndarray, covariance_type: str) -> np.ndarray:
+    B, d = Xb.shape
+    quad = covariance_type in ("diag", "spherical")
+    A = np.empty((B, 2 * d + 1 if quad else d + 1))
+    np.subtract(Xb, shift, out=A[:, :d])
+    A[:, d] = 1.0
+    if quad:
+        np.square(A[:, :d], out=A[:, d + 1 :])
+    return A
+
+
+class _Coef(NamedTuple):
+    """Per-parameter constants for the log-densities (computed once per partition)."""
+
+    const: np.ndarray  # (K,): log pi_k + log det U_k - d/2 log(2 pi)
+    M: np.ndarray  # full: (d+1, K*d) [U_all; -b]; tied: (d, d) U; diag/spherical: (2d+1, K)
+    b: np.ndarray | None  # tied: (K, d) means @ U
+    bb: np.ndarray | None  # tied: (K,) |b_k|^2
+
+
+def _coef(params: GMMParams, shift: np.ndarray) -> _Coef:
+    mc = np.asarray(params.means, dtype=np.float64) - shift
+    K, d = mc.shape
     ct = params.covariance_type
     pc = np.asarray(params.precisions_cholesky, dtype=np.float64)
-    if ct == "full":
-        # One GEMM for all components: Xc @ [U_1 ... U_K] of shape (n, K*d).
-        U_all = pc.transpose(1, 0, 2).reshape(d, K * d)
-        b = np.einsum("kd,kde->ke", mc, pc).reshape(K * d)
-        Y = Xc @ U_all
-        Y -= b
-        np.square(Y, out=Y)
-        maha = Y.reshape(n, K, d).sum(axis=2)
-    elif ct == "tied":
-        Y = Xc @ pc
-        b = mc @ pc
-        maha = np.empty((n, K))
-        for k in range(K):
-            diff = Y - b[k]
-            maha[:, k] = np.einsum("ij,ij->i", diff, diff)
-    elif ct == "diag":
-        prec = pc**2
-        maha = (
-            np.sum(mc**2 * prec, axis=1)
-            - 2.0 * Xc @ (mc * prec).T
-            + (Xc**2) @ prec.T
-        )
-    else:  # spherical
-        prec = pc**2
-        maha = (
-            np.sum(mc**2, axis=1) * prec
-            - 2.0 * (Xc @ mc.T) * prec
-            + np.outer(np.einsum("ij,ij->i", Xc, Xc), prec)
-        )
-    log_det = _log_det_cholesky(pc, ct, d)
-    return -0.5 * (d * np.log(2 * np.pi) + maha) + log_det
-
-
-def _weighted_log_prob(Xc, mc, params):
     with np.errstate(divide="ignore"):
         log_w = np.log(np.asarray(params.weights, dtype=np.float64))
-    return _log_gaussian_prob_centered(Xc, mc, params) + log_w
-
-
-def _accumulate(Xc, wr, w, covariance_type, out_s2, iu=None):
-    """Add one block's second moments into ``out_s2`` (in place)."""
-    if covariance_type == "full":
-        Z = Xc[:, iu[0]] * Xc[:, iu[1]]
-        out_s2 += wr.T @ Z
-    elif covariance_type == "tied":
-        Xw = Xc if w is None else Xc * w[:, None]
-        out_s2 += Xw.T @ Xc
+    const = log_w + _log_det_cholesky(pc, ct, d) - 0.5 * d * np.log(2 * np.pi)
+    b = bb = None
+    if ct == "full":
+        M = np.empty((d + 1, K * d))
+        M[:d] = pc.transpose(1, 0, 2).reshape(d, K * d)
+        M[d] = -np.einsum("kd,kde->ke", mc, pc).reshape(K * d)
+    elif ct == "tied":
+        M = pc
+        b = mc @ pc
+        bb = np.einsum("kd,kd->k", b, b)
     else:
-        out_s2 += wr.T @ (Xc * Xc)
+        prec = pc**2
+        prec_kd = prec if ct == "diag" else np.repeat(prec[:, None], d, axis=1)
+        M = np.empty((2 * d + 1, K))
+        M[:d] = -2.0 * (mc * prec_kd).T
+        M[d] = np.sum(mc**2 * prec_kd, axis=1)
+        M[d + 1 :] = prec_kd.T
+    return _Coef(np.asarray(const, dtype=np.float64) * np.ones(K), M, b, bb)
 
 
-def _iter_centered(X, shift, width):
+def _weighted_log_prob(A: np.ndarray, coef: _Coef, covariance_type: str, K: int, d: int) -> np.ndarray:
+    """``log pi_k + log N(x | mu_k, Sigma_k)`` of shape (B, K) from a design block."""
+    if covariance_type == "full":
+        Y = A @ coef.M
+        np.square(Y, out=Y)
+        maha = Y.reshape(len(A), K, d).sum(axis=2)
+    elif covariance_type == "tied":
+        Y = A[:, :d] @ coef.M
+        maha = np.einsum("ij,ij->i", Y, Y)[:, None] - 2.0 * (Y @ coef.b.T) + coef.bb
+    else:
+        maha = A @ coef.M
+    maha *= -0.5
+    maha += coef.const
+    return maha
+
+
+def _normalise(wlp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row-wise log-sum-exp (B,) and responsibilities (B, K), overwriting ``wlp``."""
+    mx = wlp.max(axis=1)
+    mx[~np.isfinite(mx)] = 0.0
+    wlp -= mx[:, None]
+    np.exp(wlp, out=wlp)
+    tot = wlp.sum(axis=1)
+    wlp /= tot[:, None]
+    return np.log(tot) + mx, wlp
+
+
+def _accumulate(A: np.ndarray, wr: np.ndarray, w: np.ndarray | None, ct: str, s: GMMStats) -> None:
+    """Add one block's counts, first and second moments into ``s`` (in place)."""
+    B, K = wr.shape
+    d = s.s1.shape[1]
+    if ct == "full":
+        # all K second-moment matrices, first moments and counts in one GEMM
+        W = (wr[:, :, None] * A[:, None, :]).reshape(B, K * (d + 1))
+        M = (W.T @ A).reshape(K, d + 1, d + 1)
+        s.n[...] += M[:, d, d]
+        s.s1[...] += M[:, :d, d]
+        s.s2[...] += M[:, :d, :d]
+        return
+    M = wr.T @ A
+    s.s1[...] += M[:, :d]
+    s.n[...] += M[:, d]
+    if ct == "tied":
+        Xc = A[:, :d]
+        s.s2[...] += (Xc if w is None else Xc * w[:, None]).T @ Xc
+    else:
+        s.s2[...] += M[:, d + 1 :]
+
+
+def _blocks_of(X, shift, ct, width):
     n = X.shape[0]
     for a, b in _blocks(n, width):
-        Xc = np.asarray(X[a:b], dtype=np.float64) - shift
-        yield a, b, Xc
+        yield a, b, _design(np.asarray(X[a:b]), shift, ct)
+
+
+def _finish(s: GMMStats, X, w, loglik: float) -> GMMStats:
+    wsum = float(X.shape[0]) if w is None else float(np.sum(w, dtype=np.float64))
+    return s._replace(loglik=np.asarray(loglik), weight_sum=np.asarray(wsum), n_rows=np.asarray(float(X.shape[0])))
 
 
 def e_step(X: np.ndarray, w: np.ndarray | None, params: GMMParams) -> GMMStats:
@@ -221,30 +266,22 @@ def e_step(X: np.ndarray, w: np.ndarray | None, params: GMMParams) -> GMMStats:
         Statistics about ``shift_of(params)``.
     """
     g = shift_of(params)
-    mc = np.asarray(params.means, dtype=np.float64) - g
-    K, d = mc.shape
+    K, d = np.shape(params.means)
     ct = params.covariance_type
+    coef = _coef(params, g)
     s = empty_stats(ct, K, d)
-    n_, s1, s2 = s.n, s.s1, s.s2
     loglik = 0.0
-    iu = np.triu_indices(d) if ct == "full" else None
-    width = K * d + (len(iu[0]) if iu is not None else 0) + K
-    for a, b, Xc in _iter_centered(X, g, width):
-        wlp = _weighted_log_prob(Xc, mc, params)
-        lse = logsumexp(wlp, axis=1)
-        resp = np.exp(wlp - lse[:, None])
-        wb = None if w is None else np.asarray(w[a:b], dtype=np.float64)
-        if wb is None:
-            wr = resp
+    for a, b, A in _blocks_of(X, g, ct, K * (d + 1) + 2 * d):
+        lse, resp = _normalise(_weighted_log_prob(A, coef, ct, K, d))
+        if w is None:
+            wb, wr = None, resp
             loglik += lse.sum()
         else:
+            wb = np.asarray(w[a:b], dtype=np.float64)
             wr = resp * wb[:, None]
             loglik += lse @ wb
-        n_ += wr.sum(axis=0)
-        s1 += wr.T @ Xc
-        _accumulate(Xc, wr, wb, ct, s2, iu)
-    wsum = float(X.shape[0]) if w is None else float(np.sum(w, dtype=np.float64))
-    return GMMStats(n_, s1, s2, np.asarray(loglik), np.asarray(wsum), np.asarray(float(X.shape[0])))
+        _accumulate(A, wr, wb, ct, s)
+    return _finish(s, X, w, loglik)
 
 
 def hard_stats(
@@ -263,19 +300,14 @@ def hard_stats(
     K, d = centers.shape
     cc = centers - shift
     s = empty_stats(covariance_type, K, d)
-    iu = np.triu_indices(d) if covariance_type == "full" else None
-    width = 2 * K + d * d
-    for a, b, Xc in _iter_centered(X, shift, width):
-        dist = -2.0 * Xc @ cc.T + np.einsum("kd,kd->k", cc, cc)
+    for a, b, A in _blocks_of(X, shift, covariance_type, K * (d + 1) + 2 * d):
+        dist = -2.0 * A[:, :d] @ cc.T + np.einsum("kd,kd->k", cc, cc)
         labels = np.argmin(dist, axis=1)
         wb = None if w is None else np.asarray(w[a:b], dtype=np.float64)
         resp = np.zeros((b - a, K))
         resp[np.arange(b - a), labels] = 1.0 if wb is None else wb
-        s.n[...] += resp.sum(axis=0)
-        s.s1[...] += resp.T @ Xc
-        _accumulate(Xc, resp, wb, covariance_type, s.s2, iu)
-    wsum = float(X.shape[0]) if w is None else float(np.sum(w, dtype=np.float64))
-    return s._replace(weight_sum=np.asarray(wsum), n_rows=np.asarray(float(X.shape[0])))
+        _accumulate(A, resp, wb, covariance_type, s)
+    return _finish(s, X, w, 0.0)
 
 
 def soft_stats(
@@ -286,27 +318,14 @@ def soft_stats(
     covariance_type: str,
 ) -> GMMStats:
     """Statistics for given responsibilities ``resp`` of shape (n, K) (``loglik`` is zero)."""
-    n, d = X.shape
+    d = X.shape[1]
     K = resp.shape[1]
     s = empty_stats(covariance_type, K, d)
-    iu = np.triu_indices(d) if covariance_type == "full" else None
-    for a, b, Xc in _iter_centered(X, shift, K + d * d):
+    for a, b, A in _blocks_of(X, shift, covariance_type, K * (d + 1) + 2 * d):
         wb = None if w is None else np.asarray(w[a:b], dtype=np.float64)
         wr = resp[a:b] if wb is None else resp[a:b] * wb[:, None]
-        s.n[...] += wr.sum(axis=0)
-        s.s1[...] += wr.T @ Xc
-        _accumulate(Xc, wr, wb, covariance_type, s.s2, iu)
-    wsum = float(n) if w is None else float(np.sum(w, dtype=np.float64))
-    return s._replace(weight_sum=np.asarray(wsum), n_rows=np.asarray(float(n)))
-
-
-def _unpack_sym(packed: np.ndarray, d: int) -> np.ndarray:
-    K = packed.shape[0]
-    out = np.zeros((K, d, d))
-    iu = np.triu_indices(d)
-    out[:, iu[0], iu[1]] = packed
-    out[:, iu[1], iu[0]] = packed
-    return out
+        _accumulate(A, wr, wb, covariance_type, s)
+    return _finish(s, X, w, 0.0)
 
 
 def m_step(
@@ -334,7 +353,7 @@ def m_step(
     delta = stats.s1 / nk[:, None]
     means = shift + delta
     if covariance_type == "full":
-        S2 = _unpack_sym(stats.s2, d)
+        S2 = stats.s2
         outer = delta[:, :, None] * stats.s1[:, None, :]
         cov = (S2 - outer - outer.transpose(0, 2, 1) + N[:, None, None] * delta[:, :, None] * delta[:, None, :])
         cov /= nk[:, None, None]
@@ -442,19 +461,31 @@ def covariances_from_precisions_cholesky(pc: np.ndarray, covariance_type: str) -
 def log_prob(X: np.ndarray, params: GMMParams) -> np.ndarray:
     """Weighted log-densities ``log pi_k + log N(x | mu_k, Sigma_k)`` of shape (n, K)."""
     g = shift_of(params)
-    mc = np.asarray(params.means, dtype=np.float64) - g
-    K, d = mc.shape
+    K, d = np.shape(params.means)
+    ct = params.covariance_type
+    coef = _coef(params, g)
     out = np.empty((X.shape[0], K))
-    for a, b, Xc in _iter_centered(X, g, K * d + K):
-        out[a:b] = _weighted_log_prob(Xc, mc, params)
+    for a, b, A in _blocks_of(X, g, ct, K * d + 2 * d):
+        out[a:b] = _weighted_log_prob(A, coef, ct, K, d)
+    return out
+
+
+def log_gaussian_density(Xc: np.ndarray, mc: np.ndarray, params: GMMParams) -> np.ndarray:
+    """``log N(x | mu_k, Sigma_k)`` (no mixture weights) of shape (n, K), for rows and means
+    already centred on a common shift (``Xc = X - g``, ``mc = means - g``)."""
+    K, d = np.shape(mc)
+    zero = np.zeros(d)
+    p = params._replace(means=np.asarray(mc, dtype=np.float64), weights=np.ones(K))
+    coef = _coef(p, zero)
+    out = np.empty((Xc.shape[0], K))
+    for a, b, A in _blocks_of(Xc, zero, p.covariance_type, K * d + 2 * d):
+        out[a:b] = _weighted_log_prob(A, coef, p.covariance_type, K, d)
     return out
 
 
 def posterior(X: np.ndarray, params: GMMParams) -> tuple[np.ndarray, np.ndarray]:
     """Per-row log-likelihood (n,) and responsibilities (n, K)."""
-    wlp = log_prob(X, params)
-    lse = logsumexp(wlp, axis=1)
-    return lse, np.exp(wlp - lse[:, None])
+    return _normalise(log_prob(X, params))
 
 
 def n_parameters(K: int, d: int, covariance_type: str) -> int:

@@ -97,10 +97,13 @@ def write_gmm(path, n_samples: int, n_components: int, n_features: int, covarian
     comp = BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.bitshuffle)
     with atomic_dir(path) as tmp:
         g = zarr.open_group(tmp, mode="w")
-        X = g.create_array("X", shape=(n_samples, n_features), dtype=dtype,
-                           chunks=(chunk_rows, n_features), compressors=comp)
-        y = g.create_array("labels", shape=(n_samples,), dtype="int32", chunks=(chunk_rows,), compressors=comp)
-        W = (g.create_array("weights", shape=(n_samples,), dtype="float64", chunks=(chunk_rows,), compressors=comp)
+        every = {"write_empty_chunks": True}  # every chunk is stored, so a missing one is detectable
+        X = g.create_array("X", shape=(n_samples, n_features), dtype=dtype, chunks=(chunk_rows, n_features),
+                           compressors=comp, config=every, attributes={"all_chunks_written": True})
+        y = g.create_array("labels", shape=(n_samples,), dtype="int32", chunks=(chunk_rows,), compressors=comp,
+                           config=every, attributes={"all_chunks_written": True})
+        W = (g.create_array("weights", shape=(n_samples,), dtype="float64", chunks=(chunk_rows,),
+                            compressors=comp, config=every, attributes={"all_chunks_written": True})
              if weights else None)
         for i, a in enumerate(range(0, n_samples, chunk_rows)):
             b = min(n_samples, a + chunk_rows)

@@ -1,0 +1,493 @@
+"""``LatentDirichletAllocation``: scikit-learn's batch variational LDA, distributed over documents.
+
+Each iteration is one pass over the corpus: on every partition the documents' variational
+parameters are fitted and the partition returns the (K, V) statistics and the terms of
+the bound; the statistics are tree-reduced (pairwise ``+``, never a list of them) and the
+M-step sets ``components_ = topic_word_prior + expected topic-word counts``.
+
+The bound of the topics *entering* an iteration comes from that iteration's own E-step,
+so monitoring costs no extra pass: ``history_[i]`` is the bound per word (``-log`` of
+the perplexity) of the topics entering iteration ``i + 1``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from . import __version__
+from . import store as _store
+from .cluster import engine_for
+from .corpus import CorpusData, open_corpus
+from .data import DEFAULT_PARTITION_BYTES
+from .em import IterationEvent
+from .engine import Engine, Loaded
+from .errors import ConfigError, DataError, EmflowConvergenceWarning, FeatureMismatchError, NotFittedError
+from .models import lda as M
+
+__all__ = ["LatentDirichletAllocation", "LDAConfig"]
+
+FAMILY = "latent_dirichlet_allocation"
+DOC_INITS = ("random", "ones")
+
+
+@dataclass(frozen=True)
+class LDAConfig:
+    """What the workers need besides the topics (picklable)."""
+
+    doc_topic_prior: float
+    max_doc_update_iter: int
+    mean_change_tol: float
+
+
+def _estep_part(entries, indptr, params: M.LDAParams, cfg: LDAConfig, seed, doc_start: int) -> M.LDAStats:
+    return M.e_step(entries, indptr, params, cfg.doc_topic_prior, cfg.max_doc_update_iter,
+                    cfg.mean_change_tol, seed, doc_start)
+
+
+def _transform_part(entries, indptr, params: M.LDAParams, cfg: LDAConfig, normalize: bool,
+                    out_url: str | None, doc_start: int):
+    gamma = M.transform(entries, indptr, params, cfg.doc_topic_prior, cfg.max_doc_update_iter,
+                        cfg.mean_change_tol, normalize)
+    if out_url is None:
+        return gamma
+    import zarr
+
+    zarr.open_array(out_url, mode="r+")[doc_start : doc_start + len(gamma)] = gamma
+    return None
+
+
+class LatentDirichletAllocation:
+    """Latent Dirichlet allocation fitted by batch variational EM over a partitioned corpus.
+
+    Parameters and fitted attributes follow
+    :class:`sklearn.decomposition.LatentDirichletAllocation` with ``learning_method="batch"``.
+
+    Parameters
+    ----------
+    n_components : int, default 10
+        Number of topics K.
+    doc_topic_prior : float or None, default None
+        ``alpha``; None means ``1 / n_components``.
+    topic_word_prior : float or None, default None
+        ``eta``; None means ``1 / n_components``.
+    max_iter : int, default 10
+        Passes over the corpus (EM iterations).
+    evaluate_every : int, default -1
+        Check convergence every this many iterations (<= 0: never; run ``max_iter``).
+        The perplexity is known at every iteration at no cost; this only sets when the
+        ``perp_tol`` test is made.
+    perp_tol : float, default 0.1
+        Stop when the perplexity changed by less than this between two checks.
+    mean_change_tol : float, default 1e-3
+        Per-document stopping tolerance of the E-step.
+    max_doc_update_iter : int, default 100
+        Most E-step iterations per document.
+    doc_topic_init : {"random", "ones"}, default "random"
+        Initial document-topic parameters of each training E-step: Gamma(100, 0.01) draws
+        as scikit-learn's training E-step makes (here keyed by document, so the same for
+        any partitioning), or ones as scikit-learn's ``transform`` uses.
+    random_state : int, numpy RandomState or None
+        An int gives the same initial ``components_`` as scikit-learn with that int.
+    verbose : int, default 0
+    scheduler : None, "threads", "local", address string or distributed.Client
+        Where to run (see :mod:`emflow.cluster`).
+    persist : "auto", True or False, default "auto"
+        Keep the corpus in worker memory between iterations.
+    split_every : int, default 8
+        Fan-in of the tree reduction of statistics.
+
+    Attributes
+    ----------
+    components_ : ndarray of shape (n_components, n_features)
+        Topic-word variational parameters ``lambda``.
+    exp_dirichlet_component_ : ndarray of shape (n_components, n_features)
+    doc_topic_prior_, topic_word_prior_ : float
+    n_iter_ : int
+    converged_ : bool
+        Stopped by ``perp_tol`` before ``max_iter``.
+    history_ : list of float
+        Bound per word of the topics entering each iteration (perplexity = exp(-value)).
+    lower_bound_ : float
+        Last entry of ``history_``.
+    n_features_in_ : int
+    vocabulary_ : list of str or None
+        The corpus's terms when it stores them.
+    fit_info_ : dict
+    """
+
+    def __init__(
+        self,
+        n_components: int = 10,
+        *,
+        doc_topic_prior: float | None = None,
+        topic_word_prior: float | None = None,
+        max_iter: int = 10,
+        evaluate_every: int = -1,
+        perp_tol: float = 0.1,
+        mean_change_tol: float = 1e-3,
+        max_doc_update_iter: int = 100,
+        doc_topic_init: str = "random",
+        random_state=None,
+        verbose: int = 0,
+        scheduler=None,
+        persist="auto",
+        split_every: int = 8,
+    ):
+        self.n_components = n_components
+        self.doc_topic_prior = doc_topic_prior
+        self.topic_word_prior = topic_word_prior
+        self.max_iter = max_iter
+        self.evaluate_every = evaluate_every
+        self.perp_tol = perp_tol
+        self.mean_change_tol = mean_change_tol
+        self.max_doc_update_iter = max_doc_update_iter
+        self.doc_topic_init = doc_topic_init
+        self.random_state = random_state
+        self.verbose = verbose
+        self.scheduler = scheduler
+        self.persist = persist
+        self.split_every = split_every
+
+    # -- scikit-learn plumbing -------------------------------------------------------
+    @classmethod
+    def _param_names(cls) -> list[str]:
+        return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self._param_names()}
+
+    def set_params(self, **params) -> "LatentDirichletAllocation":
+        for k, v in params.items():
+            if k not in self._param_names():
+                raise ConfigError(f"Unknown parameter {k!r} for LatentDirichletAllocation; valid: {self._param_names()}.")
+            setattr(self, k, v)
+        return self
+
+    def __repr__(self) -> str:
+        defaults = {p.name: p.default for p in inspect.signature(type(self).__init__).parameters.values()}
+        shown = [f"{k}={getattr(self, k)!r}" for k in self._param_names() if getattr(self, k) is not defaults[k]
+                 and getattr(self, k) != defaults[k]]
+        return f"LatentDirichletAllocation({', '.join(shown)})"
+
+    def _validate_params(self) -> None:
+        def is_int(v):
+            return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+        def bad(msg):
+            raise ConfigError(msg)
+
+        if not is_int(self.n_components) or self.n_components < 1:
+            bad(f"n_components must be a positive integer, got {self.n_components!r}.")
+        for name in ("doc_topic_prior", "topic_word_prior"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                bad(f"{name} must be a positive number or None (1 / n_components), got {v!r}.")
+        if not is_int(self.max_iter) or self.max_iter < 0:
+            bad(f"max_iter must be an integer >= 0, got {self.max_iter!r}.")
+        if not is_int(self.evaluate_every):
+            bad(f"evaluate_every must be an integer, got {self.evaluate_every!r}.")
+        for name in ("perp_tol", "mean_change_tol"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and v >= 0):
+                bad(f"{name} must be a number >= 0, got {v!r}.")
+        if not is_int(self.max_doc_update_iter) or self.max_doc_update_iter < 0:
+            bad(f"max_doc_update_iter must be an integer >= 0, got {self.max_doc_update_iter!r}.")
+        if self.doc_topic_init not in DOC_INITS:
+            bad(f"doc_topic_init must be one of {DOC_INITS}, got {self.doc_topic_init!r}.")
+        if not is_int(self.split_every) or self.split_every < 2:
+            bad(f"split_every must be an integer >= 2, got {self.split_every!r}.")
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "components_"):
+            raise NotFittedError(
+                "This LatentDirichletAllocation is not fitted yet. Call fit(corpus) first, or load a "
+                "saved model with emflow.load(path)."
+            )
+
+    @property
+    def _config_obj(self) -> LDAConfig:
+        return LDAConfig(float(self.doc_topic_prior_), int(self.max_doc_update_iter), float(self.mean_change_tol))
+
+    @property
+    def exp_dirichlet_component_(self) -> np.ndarray:
+        self._check_fitted()
+        return M.make_params(self.components_).exp_elog_beta
+
+    # -- data ------------------------------------------------------------------------
+    def _open(self, engine: Engine, data, persist) -> Loaded:
+        corpus = data if isinstance(data, CorpusData) else open_corpus(
+            data, partition_bytes=DEFAULT_PARTITION_BYTES, min_partitions=2 * engine.total_threads,
+        )
+        return engine.load(corpus, persist=persist)
+
+    def _check_features(self, n_terms: int) -> None:
+        if n_terms != self.n_features_in_:
+            raise FeatureMismatchError(
+                f"The model was fitted on {self.n_features_in_} terms but the corpus has {n_terms}. "
+                "Apply it to a corpus built with the same vocabulary (same terms, same order)."
+            )
+
+    # -- fitting ---------------------------------------------------------------------
+    def fit(self, data, y=None, *, callbacks: Iterable[Callable[[IterationEvent], None]] = (),
+            initial_params: np.ndarray | None = None, history: list[float] | None = None) -> "LatentDirichletAllocation":
+        """Fit the topics by batch variational EM.
+
+        Parameters
+        ----------
+        data : str, PathLike, CorpusData, scipy sparse matrix or array-like of shape (n_docs, n_terms)
+            A Zarr corpus (see :mod:`emflow.corpus`), an opened corpus (to choose the
+            partitioning: ``open_corpus(..., partition_bytes=...)``) or counts in memory.
+        y : ignored
+        callbacks : iterable of callables
+            Called with an :class:`~emflow.em.IterationEvent` after every iteration
+            (``log_likelihood`` is the bound per word).
+        initial_params : ndarray of shape (n_components, n_terms), optional
+            Starting ``components_`` (resume from a checkpoint, or a given start).
+        history : list of float, optional
+            Bound per word of iterations already done (resume).
+
+        Returns
+        -------
+        self
+        """
+        self._validate_params()
+        callbacks = list(callbacks)
+        if self.verbose:
+            callbacks.append(_print_iteration)
+        with engine_for(self.scheduler, split_every=self.split_every) as engine:
+            loaded = self._open(engine, data, self.persist)
+            try:
+                return self._fit_loaded(engine, loaded, callbacks, initial_params, history)
+            finally:
+                loaded.release()
+
+    def _fit_loaded(self, engine: Engine, loaded: Loaded, callbacks, initial_params, history):
+        corpus: CorpusData = loaded.data
+        K, V = int(self.n_components), corpus.n_terms
+        alpha = 1.0 / K if self.doc_topic_prior is None else float(self.doc_topic_prior)
+        eta = 1.0 / K if self.topic_word_prior is None else float(self.topic_word_prior)
+        rs = self.random_state if isinstance(self.random_state, np.random.RandomState) else np.random.RandomState(self.random_state)
+        lam = M.init_components(K, V, rs)
+        seed = int(rs.randint(2**31 - 1))
+        if initial_params is not None:
+            lam = np.array(initial_params, dtype=np.float64)
+            if lam.shape != (K, V):
+                raise ConfigError(f"initial_params has shape {lam.shape}; expected ({K}, {V}).")
+            if not np.all(np.isfinite(lam)) or np.any(lam <= 0):
+                raise ConfigError("initial_params must be finite and > 0 (they are Dirichlet parameters).")
+        self.doc_topic_prior_, self.topic_word_prior_ = alpha, eta
+        cfg = LDAConfig(alpha, int(self.max_doc_update_iter), float(self.mean_change_tol))
+        starts = [a for a, _ in corpus.bounds]
+        params = M.make_params(lam)
+        history = [float(v) for v in (history or [])]
+        seconds: list[float] = []
+        converged = False
+        last_perp = None
+        for it in range(len(history) + 1, int(self.max_iter) + 1):
+            t0 = time.perf_counter()
+            it_seed = None if self.doc_topic_init == "ones" else (seed, it)
+            stats = engine.map_reduce(_estep_part, loaded, params, cfg, it_seed, per_partition=starts)
+            if it == len(history) + 1 and not float(stats.n_words) > 0:
+                raise DataError(f"The corpus ({corpus.source}) holds no words (all counts are zero); there is nothing to fit.")
+            per_word = M.bound(stats, params, eta) / float(stats.n_words)
+            params, report = M.m_step(stats, params, eta)
+            change = per_word - history[-1] if history else math.inf
+            history.append(per_word)
+            perp = math.exp(-per_word)
+            if self.evaluate_every > 0 and it % self.evaluate_every == 0:
+                if last_perp is not None and abs(last_perp - perp) < self.perp_tol:
+                    converged = True
+                last_perp = perp
+            dt = time.perf_counter() - t0
+            seconds.append(dt)
+            report = {**report, "perplexity": perp}
+            event = IterationEvent(it, per_word, change, dt, converged, params, report)
+            for cb in callbacks:
+                cb(event)
+            if converged:
+                break
+        if self.evaluate_every > 0 and not converged and self.max_iter > 0:
+            warnings.warn(
+                f"LDA did not reach perp_tol={self.perp_tol} in {self.max_iter} iterations. Increase max_iter "
+                "or perp_tol.", EmflowConvergenceWarning, stacklevel=3,
+            )
+        self.components_ = params.components
+        self.n_iter_ = len(history)
+        self.converged_ = converged
+        self.history_ = history
+        self.lower_bound_ = history[-1] if history else -math.inf
+        self.n_features_in_ = V
+        self.vocabulary_ = corpus.vocabulary
+        self.fit_info_ = {
+            "fingerprint": loaded.fingerprint,
+            "source": corpus.source,
+            "n_docs": corpus.n_docs,
+            "n_features": V,
+            "nnz": corpus.nnz,
+            "dtype": str(corpus.dtype),
+            "partitions": corpus.n_partitions,
+            "resident": bool(loaded.resident),
+            "engine": engine.describe(),
+            "seconds_per_iteration": seconds,
+            "reduction": dict(engine.last_reduction),
+        }
+        return self
+
+    def fit_transform(self, data, y=None, *, normalize: bool = True, **kwargs):
+        """Fit, then return the document-topic distribution of ``data``."""
+        return self.fit(data, **kwargs).transform(data, normalize=normalize)
+
+    # -- applying a fitted model -----------------------------------------------------
+    def transform(self, data, *, normalize: bool = True, out=None):
+        """Document-topic distribution of each document.
+
+        Parameters
+        ----------
+        data : corpus (see :meth:`fit`)
+        normalize : bool, default True
+            Rows sum to one (otherwise the variational ``gamma``).
+        out : str or PathLike, optional
+            Write the result to a Zarr array at ``out`` (chunked like the corpus's documents,
+            one partition's documents at a time on the workers) and return it opened.
+
+        Returns
+        -------
+        ndarray of shape (n_docs, n_components), or the Zarr array written to ``out``.
+        """
+        self._check_fitted()
+        params = M.make_params(self.components_)
+        with engine_for(self.scheduler, split_every=self.split_every) as engine:
+            loaded = self._open(engine, data, False)
+            try:
+                corpus: CorpusData = loaded.data
+                self._check_features(corpus.n_terms)
+                starts = [a for a, _ in corpus.bounds]
+                if out is None:
+                    parts = engine.map(_transform_part, loaded, params, self._config_obj, normalize, None,
+                                       per_partition=starts)
+                    return np.concatenate(parts)
+                import zarr
+
+                shape = (corpus.n_docs, int(self.n_components))
+                with _store.atomic_dir(out) as tmp:
+                    arr = zarr.create_array(tmp, shape=shape, dtype="float64", chunks=(corpus.chunk_rows, shape[1]))
+                    arr.attrs["emflow"] = {
+                        "kind": "doc_topic", "normalized": bool(normalize), "model_family": FAMILY,
+                        "source": corpus.source, "fingerprint": loaded.fingerprint, "version": __version__,
+                    }
+                    engine.map(_transform_part, loaded, params, self._config_obj, normalize, os.path.abspath(tmp),
+                               per_partition=starts)
+                return zarr.open_array(os.fspath(out), mode="r")
+            finally:
+                loaded.release()
+
+    def _bound_stats(self, data) -> tuple[float, float]:
+        """(bound, total words) of ``data`` under the fitted topics (ones initialisation)."""
+        self._check_fitted()
+        params = M.make_params(self.components_)
+        with engine_for(self.scheduler, split_every=self.split_every) as engine:
+            loaded = self._open(engine, data, False)
+            try:
+                self._check_features(loaded.data.n_terms)
+                starts = [a for a, _ in loaded.data.bounds]
+                stats = engine.map_reduce(_estep_part, loaded, params, self._config_obj, None, per_partition=starts)
+            finally:
+                loaded.release()
+        return M.bound(stats, params, float(self.topic_word_prior_)), float(stats.n_words)
+
+    def score(self, data, y=None) -> float:
+        """Approximate log-likelihood (the variational bound) of ``data``, as scikit-learn's ``score``."""
+        return self._bound_stats(data)[0]
+
+    def perplexity(self, data) -> float:
+        """``exp(-bound / total words)`` of ``data``, as scikit-learn's ``perplexity``."""
+        b, n = self._bound_stats(data)
+        if not n > 0:
+            raise DataError("The corpus holds no words, so its perplexity is undefined.")
+        return float(np.exp(-b / n))
+
+    def top_words(self, n: int = 10, vocabulary=None) -> list[list[str]]:
+        """The ``n`` heaviest terms of each topic, heaviest first.
+
+        Parameters
+        ----------
+        n : int
+        vocabulary : sequence of str of length n_features, optional
+            Defaults to the fitted corpus's vocabulary.
+
+        Returns
+        -------
+        list of n_components lists of str
+        """
+        self._check_fitted()
+        vocab = vocabulary if vocabulary is not None else getattr(self, "vocabulary_", None)
+        if vocab is None:
+            raise ConfigError("No vocabulary: the corpus stored none, so pass vocabulary=[term, ...].")
+        vocab = list(vocab)
+        if len(vocab) != self.n_features_in_:
+            raise FeatureMismatchError(f"The vocabulary has {len(vocab)} terms; the model has {self.n_features_in_}.")
+        if not isinstance(n, (int, np.integer)) or n < 1:
+            raise ConfigError(f"n must be a positive integer, got {n!r}.")
+        order = np.argsort(-self.components_, axis=1, kind="stable")[:, :n]
+        return [[vocab[j] for j in row] for row in order]
+
+    # -- persistence -----------------------------------------------------------------
+    def _config(self) -> dict[str, Any]:
+        cfg = self.get_params()
+        if not (cfg["scheduler"] is None or isinstance(cfg["scheduler"], str)):
+            cfg["scheduler"] = None
+        if not (cfg["random_state"] is None or isinstance(cfg["random_state"], (int, np.integer))):
+            cfg["random_state"] = None
+        return cfg
+
+    def save(self, path) -> str:
+        """Save the fitted model as a Zarr group at ``path`` (atomically); returns the path."""
+        self._check_fitted()
+        meta = {
+            "version": __version__,
+            "class": "LatentDirichletAllocation",
+            "config": self._config(),
+            "fitted": {
+                "converged": self.converged_, "n_iter": self.n_iter_, "lower_bound": self.lower_bound_,
+                "n_features_in": self.n_features_in_, "doc_topic_prior_": self.doc_topic_prior_,
+                "topic_word_prior_": self.topic_word_prior_,
+            },
+            "history": self.history_,
+            "vocabulary": getattr(self, "vocabulary_", None),
+            "dataset": getattr(self, "fit_info_", {}),
+        }
+        return _store.save_model(path, FAMILY, {"components": self.components_}, meta)
+
+    @classmethod
+    def load(cls, path) -> "LatentDirichletAllocation":
+        """Load a model saved by :meth:`save`; ``components_`` comes back bit-identical."""
+        arrays, meta = _store.load_model(path, FAMILY)
+        model = cls(**{k: v for k, v in meta["config"].items() if k in cls._param_names()})
+        model.components_ = arrays["components"]
+        f = meta["fitted"]
+        model.converged_ = bool(f["converged"])
+        model.n_iter_ = int(f["n_iter"])
+        model.lower_bound_ = float(f["lower_bound"])
+        model.n_features_in_ = int(f["n_features_in"])
+        model.doc_topic_prior_ = float(f["doc_topic_prior_"])
+        model.topic_word_prior_ = float(f["topic_word_prior_"])
+        model.history_ = [float(v) for v in meta["history"]]
+        model.vocabulary_ = meta.get("vocabulary")
+        model.fit_info_ = dict(meta.get("dataset", {}))
+        return model
+
+
+def _print_iteration(event: IterationEvent) -> None:
+    print(
+        f"iter {event.iteration:4d}  bound/word {event.log_likelihood:.10g}  perplexity "
+        f"{event.report.get('perplexity', float('nan')):.6g}  {event.seconds:.3f}s",
+        flush=True,
+    )

@@ -1,0 +1,158 @@
+"""The engine: partition and worker invariance, the reduction tree, additive statistics."""
+
+from __future__ import annotations
+
+import os
+
+import dask.array as da
+import numpy as np
+import pytest
+import zarr
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import emflow
+from emflow.engine import Engine, tree_reduce
+from emflow.models import gmm as G
+from emflow.stats import add
+from emflow.synthetic import write_gmm
+
+
+@pytest.fixture(scope="module")
+def zdata(tmp_path_factory):
+    """The same 6,000 x 3 values stored with two chunkings, plus weights beside them."""
+    root = tmp_path_factory.mktemp("data")
+    big = write_gmm(root / "big.zarr", 6000, 3, 3, "full", seed=11, chunk_rows=1500, weights=True)
+    X = zarr.open_group(big)["X"][...]
+    w = zarr.open_group(big)["weights"][...]
+    small = root / "small.zarr"
+    g = zarr.open_group(small, mode="w")
+    g.create_array("X", data=X, chunks=(250, 3))
+    g.create_array("weights", data=w, chunks=(250,))
+    g.attrs["rows"] = "X"
+    return {"big": big, "small": str(small), "X": X, "w": w}
+
+
+def _init(X, K=3, ct="full"):
+    from sklearn.mixture import GaussianMixture as Sk
+
+    sk = Sk(K, covariance_type=ct, max_iter=1, random_state=0).fit(X)
+    return dict(weights_init=sk.weights_, means_init=sk.means_, precisions_init=sk.precisions_)
+
+
+def _fit(data, scheduler, ct="full", **kw):
+    X = zarr.open_group(data)["X"][...] if isinstance(data, str) else data
+    return emflow.GaussianMixture(3, covariance_type=ct, max_iter=15, tol=0.0, scheduler=scheduler,
+                                  **_init(X, ct=ct), **kw)
+
+
+@pytest.mark.filterwarnings("ignore::emflow.EmflowConvergenceWarning")
+def test_same_answer_for_chunkings_workers_and_backends(zdata, dask_client, make_cluster):
+    ref = _fit(zdata["big"], "threads").fit(zdata["big"], sample_weight="weights")
+    runs = {
+        "small chunks, threads": _fit(zdata["small"], "threads").fit(zdata["small"], sample_weight="weights"),
+        "big chunks, 2 workers": _fit(zdata["big"], dask_client).fit(zdata["big"], sample_weight="weights"),
+        "small chunks, 2 workers, streamed": _fit(zdata["small"], dask_client, persist=False).fit(
+            zdata["small"], sample_weight="weights"),
+        "numpy, 2 workers": _fit(zdata["X"], dask_client).fit(zdata["X"], sample_weight=zdata["w"]),
+        "dask array": _fit(zdata["X"], "threads").fit(
+            da.from_array(zdata["X"], chunks=(700, 3)), sample_weight=zdata["w"]),
+    }
+    one = make_cluster(1)
+    runs["small chunks, 1 worker"] = _fit(zdata["small"], one).fit(zdata["small"], sample_weight="weights")
+    for name, em in runs.items():
+        np.testing.assert_allclose(em.history_, ref.history_, rtol=1e-10, err_msg=name)
+        np.testing.assert_allclose(em.means_, ref.means_, rtol=1e-10, err_msg=name)
+        np.testing.assert_allclose(em.covariances_, ref.covariances_, rtol=1e-10, err_msg=name)
+    assert runs["small chunks, 2 workers, streamed"].fit_info_["resident"] is False
+    assert ref.fit_info_["fingerprint"] == runs["big chunks, 2 workers"].fit_info_["fingerprint"]
+
+
+def test_tree_reduce_shape():
+    calls = []
+
+    def submit(f, *a):
+        calls.append(len(a))
+        return f(*a)
+
+    root, depth = tree_reduce(list(range(1, 21)), lambda *a: sum(a), 3, submit)
+    assert root == 210
+    assert depth == 3  # 20 -> 7 -> 3 -> 1
+    assert max(calls) == 3 and len(calls) == 7 + 3 + 1 - 1  # the lone 20th item is carried up once
+    root, depth = tree_reduce([5], lambda *a: sum(a), 2, submit)
+    assert (root, depth) == (5, 0)
+
+
+def test_dask_reduction_is_a_tree(zdata, dask_client):
+    engine = Engine(dask_client, split_every=2)
+    rows = emflow.data.open_rows(zdata["small"], partition_bytes=1)  # one chunk per partition: 24
+    loaded = engine.load(rows)
+    params = G.GMMParams(np.full(3, 1 / 3), np.eye(3), np.stack([np.eye(3)] * 3), np.stack([np.eye(3)] * 3), "full")
+    total = engine.map_reduce(G.e_step, loaded, params)
+    assert engine.last_reduction["partitions"] == 24
+    assert engine.last_reduction["depth"] == 5  # ceil(log2(24))
+    direct = G.e_step(zdata["X"], None, params)
+    for a, b in zip(total, direct):
+        np.testing.assert_allclose(a, b, rtol=1e-12)
+    loaded.release()
+    # the same partitions reduced in the same fixed tree in-process: identical bits
+    threads = Engine(None, split_every=2)
+    local = threads.map_reduce(G.e_step, threads.load(rows), params)
+    assert threads.last_reduction["depth"] == 5
+    for a, b in zip(total, local):
+        np.testing.assert_array_equal(a, b)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    n=st.integers(2, 120),
+    d=st.integers(1, 4),
+    K=st.integers(1, 4),
+    ct=st.sampled_from(G.COVARIANCE_TYPES),
+    cuts=st.lists(st.floats(0, 1), max_size=5),
+    weighted=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_statistics_of_a_chunk_equal_the_sum_over_any_split(n, d, K, ct, cuts, weighted, seed):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, d)) * rng.uniform(0.1, 10) + rng.normal(0, 50)
+    w = rng.uniform(0, 3, n) if weighted else None
+    cov = {"full": np.stack([np.eye(d)] * K), "tied": np.eye(d), "diag": np.ones((K, d)), "spherical": np.ones(K)}[ct]
+    params = G.GMMParams(rng.dirichlet(np.ones(K)), X[rng.choice(n, K)], cov,
+                         G.precisions_cholesky_from_covariances(cov, ct), ct)
+    whole = G.e_step(X, w, params)
+    bounds = sorted({0, n, *(int(c * n) for c in cuts)})
+    parts = [G.e_step(X[a:b], None if w is None else w[a:b], params) for a, b in zip(bounds, bounds[1:]) if b > a]
+    total = add(*parts)
+    for name, a, b in zip(G.GMMStats._fields, total, whole):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9 * (1 + np.abs(b).max()), err_msg=name)
+
+
+def test_predict_writes_zarr_chunk_by_chunk(zdata, tmp_path, dask_client):
+    em = emflow.GaussianMixture(3, random_state=0, scheduler=dask_client).fit(zdata["small"])
+    labels = em.predict(zdata["small"], out=tmp_path / "labels.zarr")
+    proba = em.predict_proba(zdata["small"], out=tmp_path / "proba.zarr")
+    score = em.score_samples(zdata["small"], out=tmp_path / "score.zarr")
+    assert isinstance(labels, zarr.Array) and labels.shape == (6000,)
+    assert labels.chunks[0] < 6000  # written in pieces, not as one array
+    np.testing.assert_array_equal(labels[...], em.predict(zdata["X"]))
+    np.testing.assert_allclose(proba[...], em.predict_proba(zdata["X"]), rtol=1e-12)
+    np.testing.assert_allclose(score[...], em.score_samples(zdata["X"]), rtol=1e-12)
+    assert labels.attrs["emflow"]["kind"] == "labels"
+    # no temporary directories left behind
+    assert sorted(os.listdir(tmp_path)) == ["labels.zarr", "proba.zarr", "score.zarr"]
+
+
+def test_resident_is_chosen_by_size(zdata):
+    engine = Engine(None)
+    rows = emflow.data.open_rows(zdata["big"])
+    assert engine.load(rows, persist="auto").resident
+    assert not engine.load(rows, persist=False).resident
+    import emflow.engine as E
+
+    old = E.RESIDENT_FRACTION
+    try:
+        E.RESIDENT_FRACTION = 1e-12
+        assert not engine.load(rows, persist="auto").resident
+    finally:
+        E.RESIDENT_FRACTION = old

@@ -1,0 +1,109 @@
+"""Faults survived: a worker killed mid-iteration, a scheduler lost."""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+import emflow
+from emflow.cluster import engine_for
+from emflow.em import run_em
+from emflow.mixture import GMMFamily
+from emflow.models import gmm as G
+from emflow.synthetic import write_gmm
+
+
+@dataclass(frozen=True)
+class KillWorkerOnce:
+    """A GMM family whose E-step SIGKILLs its own worker process once, at the n-th call."""
+
+    inner: GMMFamily
+    counter: str
+    at_call: int
+
+    def e_step(self, X, w, params):
+        with open(self.counter, "a") as f:
+            f.write(".")
+        if os.path.getsize(self.counter) == self.at_call:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self.inner.e_step(X, w, params)
+
+    def m_step(self, stats, params):
+        return self.inner.m_step(stats, params)
+
+    def objective(self, stats):
+        return self.inner.objective(stats)
+
+
+def _params(K, d):
+    eye = np.stack([np.eye(d)] * K)
+    return G.GMMParams(np.full(K, 1 / K), np.linspace(-3, 3, K)[:, None] * np.ones(d), eye, eye, "full")
+
+
+@pytest.mark.parametrize("persist", [True, False])
+def test_worker_killed_mid_iteration_gives_the_same_result(tmp_path, make_cluster, persist):
+    data = write_gmm(tmp_path / "d.zarr", 8000, 3, 2, seed=4, chunk_rows=500)
+    family = GMMFamily("full", 1e-6)
+    client = make_cluster(2)
+    with engine_for(client) as engine:
+        loaded = engine.open(data, persist=persist)
+        ref = run_em(engine, loaded, family, _params(3, 2), tol=0.0, max_iter=6)
+        n_parts = len(loaded.handles)
+        killer = KillWorkerOnce(family, str(tmp_path / "calls"), at_call=2 * n_parts + 3)
+        hit = run_em(engine, loaded, killer, _params(3, 2), tol=0.0, max_iter=6)
+        loaded.release()
+    assert os.path.getsize(tmp_path / "calls") > 2 * n_parts + 3  # the kill happened, work went on
+    np.testing.assert_allclose(hit.history, ref.history, rtol=1e-10)
+    np.testing.assert_allclose(hit.params.means, ref.params.means, rtol=1e-10)
+    np.testing.assert_allclose(hit.params.covariances, ref.params.covariances, rtol=1e-10)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_scheduler_lost_is_a_clear_error(tmp_path):
+    """A scheduler process killed mid-fit: a ClusterError naming its address."""
+    import subprocess
+    import sys
+    import time
+
+    from distributed import Client
+
+    data = write_gmm(tmp_path / "d.zarr", 4000, 2, 2, seed=5, chunk_rows=500)
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    procs = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+                               "--port", address.rsplit(":", 1)[1], "--dashboard-address", ":0"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        procs.append(subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address,
+                                       "--nthreads", "1", "--no-nanny", "--dashboard-address", ":0"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        client = Client(address, timeout=60)
+        client.wait_for_workers(1, timeout=60)
+
+        def kill_scheduler(event):
+            if event.iteration == 2:
+                procs[0].kill()
+                procs[0].wait()
+                time.sleep(0.5)
+
+        with pytest.raises(emflow.ClusterError, match=address.replace(".", r"\.")):
+            emflow.GaussianMixture(2, scheduler=client, max_iter=50, tol=0.0, random_state=0).fit(
+                data, callbacks=[kill_scheduler])
+        client.close(timeout=5)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    # nothing listens there now: the error names the address and says what to do
+    with pytest.raises(emflow.ClusterError, match=r"Could not reach the Dask scheduler at .*127\.0\.0\.1"):
+        emflow.GaussianMixture(2, scheduler=address, random_state=0).fit(data)
