@@ -1,0 +1,347 @@
+"""Checkpoints of an EM fit: each iteration's parameters, written atomically, read back safely.
+
+A checkpoint is one ``.npz`` file next to the model output (``MODEL.checkpoint.npz``). It
+holds the parameters after the latest M-step, the log-likelihood history, the seconds per
+iteration, and a JSON header with the dataset fingerprint, a hash of the configuration that
+determines the EM trajectory, and a digest of every array. It is written to a temporary
+name in the same directory and moved into place with :func:`os.replace`, so a crash leaves
+the previous checkpoint or the new one, never half of one.
+
+Resuming passes ``initial_params=ckpt.params, history=ckpt.history`` to
+``GaussianMixture.fit``; because iteration ``i + 1`` depends only on the parameters after
+iteration ``i`` (and the history for the convergence test), the resumed fit reaches the
+same result as one that was never interrupted.
+
+A checkpoint that is unreadable, truncated, altered, written for other data or another
+configuration is ignored with a :class:`CheckpointWarning` (and the fit starts afresh);
+it never makes a fit fail. Nothing here imports Prefect: the flows and the CLI share it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import uuid
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+
+from .em import IterationEvent
+from .models.gmm import GMMParams
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "Checkpoint",
+    "CheckpointWarning",
+    "CheckpointWriter",
+    "checkpoint_path",
+    "config_hash",
+    "data_fingerprint",
+    "gmm_trajectory_config",
+    "restore_fitted",
+    "read_checkpoint",
+    "load_resumable",
+    "write_checkpoint",
+]
+
+CHECKPOINT_FORMAT = 1
+_PARAM_FIELDS = ("weights", "means", "covariances", "precisions_cholesky")
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint was found but cannot be used; the fit starts from the beginning."""
+
+
+def checkpoint_path(model_path: str | os.PathLike, init: int = 0) -> str:
+    """Where the checkpoint of a fit writing ``model_path`` lives (restart ``init`` > 0 gets its own)."""
+    base = os.path.abspath(os.fspath(model_path)).rstrip("/")
+    return f"{base}.checkpoint.npz" if init == 0 else f"{base}.init{init}.checkpoint.npz"
+
+
+def config_hash(config: Mapping[str, Any]) -> str:
+    """A stable digest of the settings that determine the EM trajectory.
+
+    Pass only what changes the sequence of parameters (components, covariance type,
+    reg_covar, initialisation and its seed, sample weights...). ``tol`` and ``max_iter``
+    only decide where the sequence stops, so a fit may resume under new values of them.
+    """
+
+    def norm(v):
+        if isinstance(v, Mapping):
+            return {str(k): norm(x) for k, x in sorted(v.items(), key=lambda kv: str(kv[0]))}
+        if isinstance(v, (list, tuple)):
+            return [norm(x) for x in v]
+        if isinstance(v, np.ndarray):
+            return {"ndarray": v.astype(np.float64).tolist(), "shape": list(v.shape)}
+        if isinstance(v, np.generic):
+            return v.item()
+        if isinstance(v, float):
+            return repr(v)  # exact, and keeps inf/nan
+        return v
+
+    text = json.dumps(norm(dict(config)), sort_keys=True, default=repr)
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def _digest(arrays: Mapping[str, np.ndarray]) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(name.encode())
+        h.update(str(a.dtype).encode())
+        h.update(repr(a.shape).encode())
+        h.update(a.view(np.uint8).ravel())
+    return h.hexdigest()
+
+
+@dataclass
+class Checkpoint:
+    """The state of a fit after ``iteration`` EM iterations.
+
+    Attributes
+    ----------
+    params : GMMParams
+        Parameters after the M-step of the last iteration done.
+    history : list of float
+        Mean log-likelihood of each iteration done (``len(history) == iteration``).
+    seconds : list of float
+        Wall time of each iteration done.
+    converged : bool
+        The last iteration met the tolerance the fit was run with.
+    fingerprint : str
+        Content fingerprint of the dataset (``fit_info_["fingerprint"]``).
+    config_hash : str
+        :func:`config_hash` of the trajectory-defining settings.
+    init : int
+        Restart index.
+    extra : dict
+        Free JSON-able facts (tol used, engine...).
+    """
+
+    params: GMMParams
+    history: list[float]
+    seconds: list[float]
+    converged: bool
+    fingerprint: str
+    config_hash: str
+    init: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def iteration(self) -> int:
+        return len(self.history)
+
+
+def write_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> str:
+    """Write ``ckpt`` to ``path`` atomically (temporary file, fsync, ``os.replace``)."""
+    path = os.path.abspath(os.fspath(path))
+    p = ckpt.params
+    arrays = {name: np.asarray(getattr(p, name), dtype=np.float64) for name in _PARAM_FIELDS}
+    arrays["history"] = np.asarray(ckpt.history, dtype=np.float64)
+    arrays["seconds"] = np.asarray(ckpt.seconds, dtype=np.float64)
+    header = {
+        "format": CHECKPOINT_FORMAT,
+        "family": "gaussian_mixture",
+        "covariance_type": p.covariance_type,
+        "iteration": ckpt.iteration,
+        "converged": bool(ckpt.converged),
+        "fingerprint": ckpt.fingerprint,
+        "config_hash": ckpt.config_hash,
+        "init": int(ckpt.init),
+        "extra": ckpt.extra,
+        "digest": _digest(arrays),
+    }
+    buf = io.BytesIO()
+    np.savez(buf, header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8), **arrays)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:12]}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(buf.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+class _Unusable(Exception):
+    pass
+
+
+def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Read a checkpoint; raises ``ValueError`` (with the reason) when it is not intact."""
+    try:
+        with np.load(os.fspath(path), allow_pickle=False) as z:
+            header = json.loads(bytes(z["header"]).decode())
+            arrays = {name: np.array(z[name]) for name in (*_PARAM_FIELDS, "history", "seconds")}
+    except (OSError, ValueError, KeyError, EOFError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"unreadable or truncated ({type(exc).__name__}: {exc})") from exc
+    except Exception as exc:  # zipfile.BadZipFile and friends
+        raise ValueError(f"unreadable or truncated ({type(exc).__name__}: {exc})") from exc
+    if header.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"format {header.get('format')!r}, this emflow reads {CHECKPOINT_FORMAT}")
+    if _digest(arrays) != header.get("digest"):
+        raise ValueError("its arrays do not match their recorded digest (the file was altered or damaged)")
+    history = [float(v) for v in arrays["history"]]
+    if len(history) != header.get("iteration") or not all(math.isfinite(v) for v in history):
+        raise ValueError("its iteration history is inconsistent")
+    params = GMMParams(arrays["weights"], arrays["means"], arrays["covariances"],
+                       arrays["precisions_cholesky"], str(header["covariance_type"]))
+    return Checkpoint(params, history, [float(s) for s in arrays["seconds"]], bool(header["converged"]),
+                      str(header["fingerprint"]), str(header["config_hash"]), int(header.get("init", 0)),
+                      dict(header.get("extra") or {}))
+
+
+def load_resumable(path: str | os.PathLike, *, fingerprint: str, config_hash: str,
+                   tol: float, max_iter: int) -> Checkpoint | None:
+    """The checkpoint at ``path`` if a fit with these settings can continue from it, else None.
+
+    ``None`` without a warning when there is no file. Otherwise every reason to refuse it
+    (unreadable, altered, other data, other configuration, or a history that a fit with
+    this ``tol`` / ``max_iter`` would not have produced) gives a :class:`CheckpointWarning`
+    and ``None``. The returned checkpoint's ``converged`` is re-evaluated for ``tol``.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        return None
+
+    def refuse(reason: str) -> None:
+        warnings.warn(f"Ignoring the checkpoint {path!r}: {reason}. The fit starts from the beginning "
+                      "and will overwrite it.", CheckpointWarning, stacklevel=3)
+        return None
+
+    try:
+        ckpt = read_checkpoint(path)
+    except ValueError as exc:
+        return refuse(str(exc))
+    if ckpt.fingerprint != fingerprint:
+        return refuse(f"it was written for other data (fingerprint {ckpt.fingerprint}, the data now "
+                      f"have {fingerprint})")
+    if ckpt.config_hash != config_hash:
+        return refuse("it was written with other settings (components, covariance type, reg_covar, "
+                      "initialisation or seed differ)")
+    h = ckpt.history
+    if len(h) > max_iter:
+        return refuse(f"it has {len(h)} iterations, more than max_iter={max_iter}")
+    # an uninterrupted fit with this tol would have stopped at the first small change
+    changes = [abs(h[i] - h[i - 1]) for i in range(1, len(h))]
+    if any(c < tol for c in changes[:-1]):
+        return refuse(f"a fit with tol={tol} would have stopped before its last iteration")
+    ckpt.converged = bool(changes and changes[-1] < tol)
+    return ckpt
+
+
+class CheckpointWriter:
+    """An EM callback that checkpoints every ``every`` iterations (and the converged one).
+
+    Parameters
+    ----------
+    path : str
+        Checkpoint file (see :func:`checkpoint_path`).
+    fingerprint, config_hash : str
+        Written into each checkpoint, checked by :func:`load_resumable`.
+    history, seconds : list of float, optional
+        Iterations already done before this fit started (when resuming).
+    every : int, default 1
+    extra : dict, optional
+
+    The writer keeps the full history, so :attr:`last` is the newest checkpoint written.
+    """
+
+    def __init__(self, path, *, fingerprint: str, config_hash: str, history=(), seconds=(),
+                 every: int = 1, init: int = 0, extra: dict | None = None):
+        self.path = os.fspath(path)
+        self.fingerprint = fingerprint
+        self.config_hash = config_hash
+        self.history = list(history)
+        self.seconds = list(seconds)
+        self.every = max(1, int(every))
+        self.init = init
+        self.extra = dict(extra or {})
+        self.last: Checkpoint | None = None
+
+    def __call__(self, event: IterationEvent) -> None:
+        self.history.append(float(event.log_likelihood))
+        self.seconds.append(float(event.seconds))
+        if event.converged or event.iteration % self.every == 0:
+            self.last = Checkpoint(event.params, list(self.history), list(self.seconds), bool(event.converged),
+                                   self.fingerprint, self.config_hash, self.init, self.extra)
+            write_checkpoint(self.path, self.last)
+
+
+def gmm_trajectory_config(model, sample_weight: Any = None) -> dict:
+    """The settings of a ``GaussianMixture`` that decide its EM trajectory (for :func:`config_hash`).
+
+    ``tol`` and ``max_iter`` are left out on purpose (see :func:`config_hash`); so are the
+    scheduler and persistence, which must not change the result.
+    """
+    rs = model.random_state
+    if isinstance(rs, (np.random.Generator, np.random.RandomState)):
+        rs = "generator"  # not reproducible from settings; the checkpoint still resumes exactly
+    inits = {k: (None if getattr(model, k) is None else np.asarray(getattr(model, k), dtype=np.float64))
+             for k in ("weights_init", "means_init", "precisions_init")}
+    if sample_weight is not None and not isinstance(sample_weight, (str, os.PathLike)):
+        sw = np.asarray(sample_weight, dtype=np.float64)
+        sample_weight = hashlib.blake2b(np.ascontiguousarray(sw).view(np.uint8).ravel(), digest_size=16).hexdigest()
+    return {
+        "family": "gaussian_mixture", "n_components": int(model.n_components),
+        "covariance_type": model.covariance_type, "reg_covar": float(model.reg_covar),
+        "init_params": model.init_params, "random_state": rs, "sample_weight":
+        None if sample_weight is None else os.fspath(sample_weight), **inits,
+    }
+
+
+def data_fingerprint(data, sample_weight: Any = None, *, scheduler: Any = None, min_rows: int = 1) -> dict:
+    """Open, validate and fingerprint a row dataset in one streaming pass.
+
+    Every chunk is read once and checked (finite values, valid weights); the content
+    fingerprint is the one ``GaussianMixture.fit`` records in ``fit_info_["fingerprint"]``
+    when run on the same scheduler. Returns a dict with ``fingerprint``, ``source``,
+    ``n_samples``, ``n_features``, ``dtype``, ``nbytes``, ``partitions``, ``weight_sum``.
+    """
+    from .cluster import engine_for
+
+    with engine_for(scheduler) as engine:
+        loaded = engine.open(data, sample_weight, min_rows=min_rows, persist=False)
+        try:
+            rows = loaded.data
+            return {
+                "fingerprint": loaded.fingerprint, "source": rows.source, "n_samples": int(rows.n_rows),
+                "n_features": int(rows.n_features), "dtype": str(rows.dtype), "nbytes": int(rows.nbytes),
+                "partitions": int(rows.n_partitions), "weight_sum": float(loaded.weight_sum),
+                "engine": engine.describe(),
+            }
+        finally:
+            loaded.release()
+
+
+def restore_fitted(model, ckpt: Checkpoint, fit_info: Mapping[str, Any] | None = None):
+    """Give ``model`` (a ``GaussianMixture``) the fitted state recorded in a finished checkpoint.
+
+    Used when a fit was killed after its last iteration but before the model was saved:
+    nothing is recomputed, and the attributes are those the uninterrupted fit had.
+    """
+    p = ckpt.params
+    model.weights_, model.means_ = p.weights, p.means
+    model.covariances_, model.precisions_cholesky_ = p.covariances, p.precisions_cholesky
+    model.converged_, model.n_iter_ = bool(ckpt.converged), len(ckpt.history)
+    model.lower_bound_ = float(ckpt.history[-1]) if ckpt.history else -math.inf
+    model.history_ = list(ckpt.history)
+    model.n_features_in_ = int(p.means.shape[1])
+    info = dict(fit_info or {})
+    info.setdefault("fingerprint", ckpt.fingerprint)
+    info["seconds_per_iteration"] = list(ckpt.seconds)
+    info["resumed_from_checkpoint"] = True
+    model.fit_info_ = info
+    return model

@@ -1,0 +1,91 @@
+"""Model selection with shared passes: same models as separate fits, fewer passes."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+import emflow
+from emflow.selection import FamilyGroup, select_gaussian_mixture
+from emflow.mixture import GMMFamily
+from emflow.stats import add
+from emflow.synthetic import write_gmm
+
+
+@pytest.fixture(scope="module")
+def sep_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sel")
+    return write_gmm(d / "d.zarr", 2400, 3, 2, "full", seed=11, chunk_rows=400, separation=6.0)
+
+
+def _rel(a, b):
+    return float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / max(np.max(np.abs(b)), 1e-300))
+
+
+def test_family_group_stats_equal_each_family(rng):
+    X = rng.normal(size=(300, 3))
+    fams = (GMMFamily("full", 1e-6), GMMFamily("diag", 1e-6))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", emflow.EmflowConvergenceWarning)
+        gms = [emflow.GaussianMixture(k, covariance_type=f.covariance_type, max_iter=1, random_state=0,
+                                      scheduler="threads").fit(X) for k, f in zip((2, 3), fams)]
+    params = tuple(g._params for g in gms)
+    group = FamilyGroup(fams)
+    joint = group.e_step(X, None, params)
+    halves = add(group.e_step(X[:120], None, params), group.e_step(X[120:], None, params))
+    for f, p, s, h in zip(fams, params, joint, halves):
+        ref = f.e_step(X, None, p)
+        for a, b, c in zip(s, ref, h):
+            assert np.array_equal(a, b)
+            np.testing.assert_allclose(c, b, rtol=1e-12, atol=1e-9)
+
+
+def test_selection_equals_separate_fits_and_reads_less(sep_data):
+    Ks, cts = [1, 2, 3, 4], ["full", "diag"]
+    res = select_gaussian_mixture(sep_data, Ks, cts, n_init=2, random_state=0, scheduler="threads",
+                                  persist=False)
+    assert [(r["n_components"], r["covariance_type"]) for r in res.table] == [(k, c) for k in Ks for c in cts]
+    best = res.table[res.best]
+    assert (best["n_components"], best["covariance_type"]) == (3, "full")  # the truth
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for row, model in zip(res.table, res.models):
+            ref = emflow.GaussianMixture(row["n_components"], covariance_type=row["covariance_type"], n_init=2,
+                                         random_state=0, scheduler="threads", persist=False).fit(sep_data)
+            for name in ("weights_", "means_", "covariances_", "precisions_cholesky_"):
+                assert _rel(getattr(model, name), getattr(ref, name)) <= 1e-10, (row, name)
+            assert model.n_iter_ == ref.n_iter_ and _rel(model.history_, ref.history_) <= 1e-10
+            assert abs(row["bic"] - ref.bic(sep_data)) <= 1e-10 * abs(row["bic"])
+            assert abs(row["aic"] - ref.aic(sep_data)) <= 1e-10 * abs(row["aic"])
+    io = res.io
+    assert io["units"] == 16
+    # sequential: per candidate a scan, per restart sample + k-means + hard pass + EM, then bic
+    assert io["passes_sequential"] > 3 * io["passes_shared"]
+    assert io["bytes_shared"] == io["passes_shared"] * 2400 * 2 * 8
+    assert io["saved_fraction"] == pytest.approx(1 - io["passes_shared"] / io["passes_sequential"])
+
+
+def test_selection_counts_the_passes_it_makes(sep_data, monkeypatch):
+    """passes_shared is the number of map / map_reduce calls actually made (plus the opening scan)."""
+    from emflow.engine import Engine
+
+    calls = {"n": 0}
+    for name in ("map", "map_reduce"):
+        real = getattr(Engine, name)
+
+        def counted(self, *a, _real=real, **k):
+            calls["n"] += 1
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(Engine, name, counted)
+    res = select_gaussian_mixture(sep_data, [2, 3], ["spherical"], scheduler="threads", persist=False)
+    assert res.io["passes_shared"] == calls["n"] + 1
+
+
+def test_selection_on_dask_matches_threads(sep_data, dask_client):
+    a = select_gaussian_mixture(sep_data, [2, 3], ["tied"], scheduler=dask_client, persist=False)
+    b = select_gaussian_mixture(sep_data, [2, 3], ["tied"], scheduler="threads", persist=False)
+    for ma, mb in zip(a.models, b.models):
+        assert _rel(ma.means_, mb.means_) <= 1e-10 and ma.n_iter_ == mb.n_iter_
