@@ -253,8 +253,14 @@ def demo(
         data = out / "data.zarr"
         console.rule("1. generate")
         with console.status(f"writing {samples:,} x {features} rows"):
-            write_gmm(data, samples, components, features, "full", seed=7)
+            # overlapping components, so EM has real work to do after its k-means start
+            write_gmm(data, samples, components, features, "full", seed=7, separation=2.5)
         console.print(f"dataset: {data}")
+        import shutil
+
+        # a demo starts afresh: no model or checkpoint from an earlier demo run
+        shutil.rmtree(out / "model.zarr", ignore_errors=True)
+        (out / "model.zarr.checkpoint.npz").unlink(missing_ok=True)
         console.rule("2. fit (Prefect flow on a local Dask cluster)")
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
         from flows.fit import fit_flow

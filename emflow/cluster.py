@@ -27,10 +27,18 @@ def local_cluster(n_workers: int | None = None, threads_per_worker: int = 1, **k
     """A ``LocalCluster`` of single-threaded worker processes (one per core by default)."""
     from distributed import LocalCluster
 
+    import logging
+
     n_workers = n_workers or os.cpu_count() or 1
     kwargs.setdefault("dashboard_address", ":0")
     kwargs.setdefault("processes", True)
-    return LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker, **kwargs)
+    level = kwargs.setdefault("silence_logs", logging.WARNING)
+    cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker, **kwargs)
+    # the scheduler lives in this process; keep its INFO chatter out of the caller's logs
+    # (Prefect's root handler would otherwise print every client connection)
+    for name in [n for n in logging.root.manager.loggerDict if n.startswith("distributed")]:
+        logging.getLogger(name).setLevel(max(level, logging.getLogger(name).getEffectiveLevel()))
+    return cluster
 
 
 @contextlib.contextmanager
