@@ -11,7 +11,7 @@ The script
    the partitions from Zarr on the workers, and only the sufficient statistics travel;
 4. samples every worker's resident set size (a thread per worker, psutil, every 20 ms,
    started and read with ``client.run``) and also reads the kernel's high-water mark
-   (``getrusage``), checks that no worker was restarted, paused or spilled to disk;
+   (``VmHWM``), checks that no worker was restarted, paused or spilled to disk;
 5. fits the same data in memory in this process (same initial parameters) and reports the
    largest relative difference of the fitted parameters.
 
@@ -20,7 +20,7 @@ Partitions are ``--partition-mib`` MiB: the data are handed to emflow as
 block by block on the worker that processes it (emflow's own default for a Zarr path is
 64 MiB partitions, which needs workers of ~400 MiB or more).
 
-Run the small default (about 1 GiB of data, two workers of 200 MiB)::
+Run the small default (1.5 GiB of data, two workers of 256 MiB)::
 
     python -m datasets.larger_than_memory --workdir /tmp/ltm
 
@@ -84,9 +84,23 @@ def _start_sampler(dask_worker, interval: float = 0.02) -> dict:
     return {"pid": os.getpid(), "rss": proc.memory_info().rss}
 
 
-def _stop_sampler(dask_worker) -> dict:
-    import resource
+def _vm_hwm() -> int:
+    """The kernel's high-water mark of this process's resident memory (Linux VmHWM), or 0.
 
+    (``getrusage().ru_maxrss`` is no use here: it survives ``exec`` and so reports the
+    parent's peak in a freshly spawned worker.)
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _stop_sampler(dask_worker) -> dict:
     state = dask_worker._emflow_rss
     state["stop"].set()
     state["thread"].join()
@@ -94,7 +108,7 @@ def _stop_sampler(dask_worker) -> dict:
     return {
         "pid": os.getpid(),
         "peak_rss": int(state["peak"]),
-        "max_rss_kernel": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024,
+        "max_rss_kernel": _vm_hwm(),
         "samples": int(state["samples"]),
         "paused": bool(state["paused"]),
         "spilled_keys": int(metrics.get(("disk-write", "count"), 0)) + int(state["max_on_disk"]),
@@ -136,7 +150,7 @@ def _du(path: str) -> int:
     return total
 
 
-def run(workdir, *, size="1GiB", n_workers: int = 2, memory_limit="200MiB", partition_mib: float = 8,
+def run(workdir, *, size="1.5GiB", n_workers: int = 2, memory_limit="256MiB", partition_mib: float = 8,
         n_features: int = 16, n_components: int = 3, covariance_type: str = "diag", max_iter: int = 3,
         seed: int = 0, compare: bool = True, keep: bool = True, log=print) -> dict:
     """Write the data (unless already there), fit them streaming on a memory-limited cluster, report.
@@ -275,9 +289,9 @@ def _kill_pids(pids) -> None:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description="Fit a Gaussian mixture to data several times the Dask workers' memory.")
     p.add_argument("--workdir", required=True, help="Where the dataset is written (kept for reuse unless --no-keep).")
-    p.add_argument("--size", default="1GiB", help="Data size, e.g. 1GiB, 8GiB (default 1GiB).")
+    p.add_argument("--size", default="1.5GiB", help="Data size, e.g. 1GiB, 8GiB (default 1.5GiB).")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--memory-limit", default="200MiB", help="Per worker (default 200MiB).")
+    p.add_argument("--memory-limit", default="256MiB", help="Per worker (default 256MiB).")
     p.add_argument("--partition-mib", type=float, default=8)
     p.add_argument("--features", type=int, default=16)
     p.add_argument("--components", type=int, default=3)

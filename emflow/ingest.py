@@ -603,6 +603,14 @@ def ingest(
     overwrite : bool, default False
         Replace an existing ``out`` (atomically, once the new dataset is complete).
 
+    Notes
+    -----
+    Memory: one chunk being filled, one being written, and (CSV) at most a few thousand
+    parsed rows; ``.npy`` files are memory-mapped and HDF5 datasets read by slices. Parquet
+    is read by ``iter_batches``, which decodes a whole row group at a time, so a file written
+    with very large row groups needs that much memory. A CSV sequence ingest also keeps the
+    offsets and the set of sequence ids seen (a few dozen bytes per sequence).
+
     Returns
     -------
     str

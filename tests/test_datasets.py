@@ -3,6 +3,7 @@ and (slow) a fit of data several times larger than the Dask workers' memory."""
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 
@@ -105,15 +106,17 @@ def test_synthetic_recipe_recovers_its_truth(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_larger_than_memory_streaming_fit(tmp_path):
     from datasets.larger_than_memory import run
 
-    rep = run(tmp_path, size="1GiB", n_workers=2, memory_limit="200MiB", partition_mib=8, max_iter=2,
+    rep = run(tmp_path, size="1.5GiB", n_workers=2, memory_limit="256MiB", partition_mib=8, max_iter=2,
               keep=False, log=lambda *a: None)
-    print(rep)
-    assert rep["data_over_total_worker_memory"] >= 2.5
+    print(json.dumps(rep, indent=1, default=float))
+    assert rep["data_over_total_worker_memory"] >= 2.9
     assert rep["streaming"]["resident"] is False and rep["streaming"]["n_iter"] == 2
     assert not rep["restarted"] and not rep["paused"] and not rep["spilled"]
-    assert rep["peak_over_limit"] < 0.8  # under Dask's pause threshold, far from its kill threshold
+    # the kernel's high-water mark stays under Dask's spill (70 %) and pause (80 %) thresholds
+    assert rep["peak_over_limit"] < 0.7
     assert all(w["rss_samples"] > 10 for w in rep["workers"])
     assert max(rep["agreement"].values()) < 1e-8
