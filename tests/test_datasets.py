@@ -4,7 +4,6 @@ and (slow) a fit of data several times larger than the Dask workers' memory."""
 from __future__ import annotations
 
 import json
-import os
 import warnings
 
 import numpy as np

@@ -257,7 +257,8 @@ def test_sequences_from_csv(tmp_path, rng):
     assert seq.n_sequences == 5
     np.testing.assert_array_equal(g["values"][...], V)
     vals, off = seq.loaders[0]()
-    np.testing.assert_array_equal(vals, V) and np.testing.assert_array_equal(off, seq.offsets)
+    np.testing.assert_array_equal(vals, V)
+    np.testing.assert_array_equal(off, seq.offsets)
     # an id that comes back after another sequence is an error that says what to do
     with open(src, "a") as f:
         f.write("1.0,b,2.0\n")
