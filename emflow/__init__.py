@@ -26,6 +26,7 @@ from .errors import (  # noqa: E402
     NotFittedError,
 )
 from .hmm import CategoricalHMM, GaussianHMM  # noqa: E402
+from .ingest import ingest  # noqa: E402
 from .lda import LatentDirichletAllocation  # noqa: E402
 from .lgssm import LinearGaussianSSM  # noqa: E402
 from .mixture import GaussianMixture  # noqa: E402
@@ -60,6 +61,7 @@ __all__ = [
     "LatentDirichletAllocation",
     "LinearGaussianSSM",
     "load",
+    "ingest",
     "EmflowError",
     "ConfigError",
     "DataError",

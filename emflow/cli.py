@@ -319,6 +319,11 @@ def _print_truth(gm, data) -> None:
     out_console.print(t)
 
 
+from .cli_ingest import ingest_command  # noqa: E402
+
+app.command("ingest")(ingest_command)
+
+
 @app.callback()
 def _main(version: bool = typer.Option(False, "--version", help="Print the version and exit.")):
     if version:
