@@ -673,7 +673,9 @@ def ingest(
 
         with atomic_dir(out_path) as tmp:
             g = zarr.open_group(tmp, mode="w")
-            arr = g.create_array(name, shape=(0, d), dtype=np_dtype, chunks=(chunk_rows, d), compressors=comp)
+            # every chunk is stored (even all-zero ones), so a chunk lost later is detected
+            arr = g.create_array(name, shape=(0, d), dtype=np_dtype, chunks=(chunk_rows, d), compressors=comp,
+                                 config={"write_empty_chunks": True}, attributes={"all_chunks_written": True})
             writer = _ChunkWriter(arr, chunk_rows, np_dtype, hasher, stats)
             for X, ids in src.blocks:
                 if seq is not None:

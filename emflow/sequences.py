@@ -65,8 +65,10 @@ class ZarrSeqLoader:
     def __call__(self):
         import zarr
 
+        from .data import read_zarr_rows
+
         g = zarr.open_group(self.url, mode="r")
-        values = g["values"][self.step_start : self.step_stop]
+        values = read_zarr_rows(self.url + "/values", self.step_start, self.step_stop, "sequence values")
         off = np.asarray(g["offsets"][self.seq_start : self.seq_stop + 1], dtype=np.int64) - self.step_start
         _check_values(values, f"partition {self.index} (sequences {self.seq_start}-{self.seq_stop}) of {self.url}", self.step_start, self.allow_nan)
         return values, off
