@@ -124,6 +124,7 @@ def fit(
     init: Init = typer.Option(Init.kmeans, "--init"),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for initialisation."),
     persist: Persist = typer.Option(Persist.auto, help="Keep data in worker memory, stream it each iteration, or decide."),
+    partition_mib: Optional[float] = typer.Option(None, "--partition-mib", help="Target partition size in MiB (default 64); smaller bounds worker memory when streaming."),
     scheduler: Optional[str] = SchedulerOpt,
     workers: Optional[int] = WorkersOpt,
 ):
@@ -134,6 +135,7 @@ def fit(
         gm = GaussianMixture(
             components, covariance_type=covariance.value, tol=tol, reg_covar=reg_covar, max_iter=max_iter,
             n_init=n_init, init_params=init.value, random_state=seed, persist=_PERSIST[persist.value],
+            partition_bytes=None if partition_mib is None else max(1, int(partition_mib * 2**20)),
         )
         gm._validate_params()
         from .data import open_rows

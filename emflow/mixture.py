@@ -118,6 +118,9 @@ class GaussianMixture:
         every iteration (False), or decide from the data size and cluster memory ("auto").
     split_every : int, default 8
         Fan-in of the tree reduction of statistics.
+    partition_bytes : int or None
+        Target bytes per partition (whole Zarr chunks); default 64 MiB. Smaller partitions
+        bound worker memory more tightly when streaming data larger than memory.
 
     Attributes
     ----------
@@ -156,6 +159,7 @@ class GaussianMixture:
         scheduler=None,
         persist="auto",
         split_every: int = 8,
+        partition_bytes: int | None = None,
     ):
         self.n_components = n_components
         self.covariance_type = covariance_type
@@ -172,6 +176,7 @@ class GaussianMixture:
         self.scheduler = scheduler
         self.persist = persist
         self.split_every = split_every
+        self.partition_bytes = partition_bytes
 
     # -- scikit-learn plumbing -------------------------------------------------------
     @classmethod
@@ -219,6 +224,9 @@ class GaussianMixture:
             bad(f"init_params must be one of {INIT_PARAMS}, got {self.init_params!r}.")
         if not isinstance(self.split_every, (int, np.integer)) or self.split_every < 2:
             bad(f"split_every must be an integer >= 2, got {self.split_every!r}.")
+        if self.partition_bytes is not None and (
+                not isinstance(self.partition_bytes, (int, np.integer)) or self.partition_bytes < 1):
+            bad(f"partition_bytes must be a positive integer or None, got {self.partition_bytes!r}.")
 
     def _check_inits(self, d: int) -> None:
         K, ct = self.n_components, self.covariance_type
@@ -247,6 +255,9 @@ class GaussianMixture:
                         raise ConfigError(f"precisions_init[{k}] is not symmetric positive definite.")
             elif np.any(p <= 0):
                 raise ConfigError("precisions_init must be positive.")
+
+    def _partitioning(self) -> dict:
+        return {} if self.partition_bytes is None else {"partition_bytes": int(self.partition_bytes)}
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "means_"):
@@ -366,7 +377,8 @@ class GaussianMixture:
         if self.verbose:
             callbacks.append(_print_iteration)
         with engine_for(self.scheduler, split_every=self.split_every) as engine:
-            loaded = engine.open(data, sample_weight, min_rows=self.n_components, persist=self.persist)
+            loaded = engine.open(data, sample_weight, min_rows=self.n_components, persist=self.persist,
+                                 **self._partitioning())
             try:
                 return self._fit_loaded(engine, loaded, callbacks, initial_params, history)
             finally:
@@ -476,7 +488,7 @@ class GaussianMixture:
             if out is None:
                 return _predict_part(X, None, self._params, kind, None, 0)
         with engine_for(self.scheduler, split_every=self.split_every) as engine:
-            loaded = engine.open(data, persist=False)
+            loaded = engine.open(data, persist=False, **self._partitioning())
             try:
                 self._check_features(loaded.data.n_features)
                 starts = [a for a, _ in loaded.data.bounds]
@@ -522,7 +534,7 @@ class GaussianMixture:
     def _loglik_total(self, data, sample_weight=None) -> tuple[float, float, float]:
         self._check_fitted()
         with engine_for(self.scheduler, split_every=self.split_every) as engine:
-            loaded = engine.open(data, sample_weight, persist=False)
+            loaded = engine.open(data, sample_weight, persist=False, **self._partitioning())
             try:
                 self._check_features(loaded.data.n_features)
                 tot = engine.map_reduce(_loglik_stats, loaded, self._params)

@@ -44,6 +44,7 @@ BAD_PARAMS = [
     (dict(init_params="magic"), "init_params"),
     (dict(split_every=1), "split_every"),
     (dict(persist="sometimes"), "persist"),
+    (dict(partition_bytes=0), "partition_bytes"),
     (dict(n_components=2, weights_init=[0.3, 0.3]), "weights_init"),
     (dict(n_components=2, means_init=np.zeros((3, 2))), "means_init"),
     (dict(n_components=2, precisions_init=-np.ones(2), covariance_type="spherical"), "precisions_init"),
