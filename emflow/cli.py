@@ -263,20 +263,86 @@ def demo(
         # a demo starts afresh: no model or checkpoint from an earlier demo run
         shutil.rmtree(out / "model.zarr", ignore_errors=True)
         (out / "model.zarr.checkpoint.npz").unlink(missing_ok=True)
-        console.rule("2. fit (Prefect flow on a local Dask cluster)")
+        console.rule("2. Prefect server")
+        api, pid = _ensure_prefect_server(out)
+        console.rule("3. fit (Prefect flow on a local Dask cluster)")
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
         from flows.fit import fit_flow
 
-        model_path = fit_flow(
+        state = fit_flow(
             data=str(data), out=str(out / "model.zarr"), n_components=components,
-            covariance_type="full", scheduler="local", random_state=0,
+            covariance_type="full", scheduler="local", random_state=0, return_state=True,
         )
-        console.rule("3. result")
+        model_path = state.result()
+        run_url = f"{api.removesuffix('/api')}/runs/flow-run/{state.state_details.flow_run_id}"
+        console.rule("4. result")
         from . import load
 
         gm = load(model_path)
         _print_model(gm, title=f"model at {model_path}")
         _print_truth(gm, data)
+        out_console.print(f"Flow run in the Prefect dashboard: {run_url}")
+        if pid is not None:
+            out_console.print(f"The Prefect server started for this demo keeps running (pid {pid}); "
+                              f"stop it with: kill {pid}")
+
+
+def _healthy(api: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{api.rstrip('/')}/health", timeout=2) as r:
+            return r.status == 200
+    except Exception:
+        return False
+
+
+def _free_port(preferred: int = 4200) -> int:
+    import socket
+
+    for port in (preferred, 0):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+                return sock.getsockname()[1]
+            except OSError:
+                continue
+    raise OSError("no free port on 127.0.0.1")
+
+
+def _ensure_prefect_server(folder: Path) -> tuple[str, int | None]:
+    """The Prefect API to use: $PREFECT_API_URL or one on 127.0.0.1:4200 if it answers, else a
+    ``prefect server start`` on loopback (SQLite, offline) started here. Returns (api, pid)."""
+    import subprocess
+
+    for api in (os.environ.get("PREFECT_API_URL"), "http://127.0.0.1:4200/api"):
+        if api and _healthy(api):
+            os.environ["PREFECT_API_URL"] = api
+            console.print(f"using the Prefect server at {api}")
+            return api, None
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    prefect = Path(sys.executable).with_name("prefect")
+    log = open(folder / "prefect-server.log", "ab")
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.Popen(
+        [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+    )
+    with console.status(f"starting a Prefect server on 127.0.0.1:{port} (pid {proc.pid})"):
+        deadline = time.time() + 180
+        while not _healthy(api):
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise EmflowError(
+                    f"The Prefect server did not start (see {folder / 'prefect-server.log'}). "
+                    "Start one with `prefect server start` and set PREFECT_API_URL."
+                )
+            time.sleep(0.5)
+    os.environ["PREFECT_API_URL"] = api
+    console.print(f"started a Prefect server at {api.removesuffix('/api')} (pid {proc.pid})")
+    return api, proc.pid
 
 
 def _print_model(gm, title: str) -> None:
