@@ -264,6 +264,7 @@ def test_deployments_yaml_and_registry_agree_and_validate():
     """Every deployment in deploy/prefect.yaml has its twin in deploy/deployments.py, its
     entrypoint loads, and its parameters pass the flow's own validation."""
     import importlib
+    import inspect
     import os
 
     import yaml
@@ -279,7 +280,9 @@ def test_deployments_yaml_and_registry_agree_and_validate():
         path, fn = d["entrypoint"].split(":")
         flow = getattr(importlib.import_module(path[:-3].replace("/", ".")), fn)
         assert by_name[d["name"]].flow is flow
-        assert by_name[d["name"]].parameters == d["parameters"], d["name"]
+        defaults = {k: v.default for k, v in inspect.signature(flow.fn).parameters.items()
+                    if v.default is not inspect.Parameter.empty}
+        assert {**defaults, **by_name[d["name"]].parameters} == {**defaults, **d["parameters"]}, d["name"]
         flow.validate_parameters(d["parameters"])
         assert d["schedules"][0]["cron"] == by_name[d["name"]].cron
 
