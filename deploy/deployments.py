@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from flows.fit import fit_flow
+from flows.fit_hmm import hmm_fit_flow
+from flows.fit_lda import lda_fit_flow
+from flows.fit_lgssm import lgssm_fit_flow
 from flows.score import score_flow
 from flows.select import select_flow
 
@@ -46,6 +49,18 @@ DEPLOYMENTS: tuple[Deployment, ...] = (
                {"model": f"{DATA}/models/gmm.zarr", "data": f"{DATA}/incoming.zarr",
                 "out_dir": f"{DATA}/scores", "outputs": ["labels", "log_likelihood"]},
                description="Label the newest data with the current model."),
+    Deployment("nightly-hmm-fit", hmm_fit_flow, "30 2 * * *",
+               {"data": f"{DATA}/sequences.zarr", "out": f"{DATA}/models/hmm.zarr", "emission": "gaussian",
+                "n_components": 4, "covariance_type": "diag", "heldout": f"{DATA}/sequences-heldout.zarr"},
+               description="Refit the Gaussian HMM on the sequences every night; resumes from its checkpoint."),
+    Deployment("nightly-lgssm-fit", lgssm_fit_flow, "0 3 * * *",
+               {"data": f"{DATA}/tracks.zarr", "out": f"{DATA}/models/lgssm.zarr", "state_dim": 4,
+                "observation_covariance_type": "diag"},
+               description="Re-estimate the state-space model (Kalman EM) every night; resumes from its checkpoint."),
+    Deployment("weekly-lda-fit", lda_fit_flow, "0 5 * * 6",
+               {"data": f"{DATA}/corpus.zarr", "out": f"{DATA}/models/lda.zarr", "n_components": 20,
+                "max_iter": 30, "evaluate_every": 5, "perp_tol": 0.1, "heldout": f"{DATA}/corpus-heldout.zarr"},
+               description="Refit the topic model every week; top words per topic as a table artifact."),
 )
 
 

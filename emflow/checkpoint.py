@@ -7,8 +7,11 @@ determines the EM trajectory, and a digest of every array. It is written to a te
 name in the same directory and moved into place with :func:`os.replace`, so a crash leaves
 the previous checkpoint or the new one, never half of one.
 
-Resuming passes ``initial_params=ckpt.params, history=ckpt.history`` to
-``GaussianMixture.fit``; because iteration ``i + 1`` depends only on the parameters after
+Every family whose estimator's ``fit`` takes ``initial_params`` and ``history`` can be
+checkpointed: Gaussian mixtures, Gaussian and categorical HMMs, linear-Gaussian
+state-space models and LDA (the parameter NamedTuples listed in ``_PARAM_KINDS``).
+Resuming passes ``initial_params=ckpt.params, history=ckpt.history`` to the estimator's
+``fit`` (for LDA ``ckpt.params.components``); because iteration ``i + 1`` depends only on the parameters after
 iteration ``i`` (and the history for the convergence test), the resumed fit reaches the
 same result as one that was never interrupted.
 
@@ -33,6 +36,10 @@ import numpy as np
 
 from .em import IterationEvent
 from .models.gmm import GMMParams
+from .models.hmm import CategoricalHMMParams, GaussianHMMParams
+from .models.lda import LDAParams
+from .models.lda import make_params as _lda_params
+from .models.lgssm import LGSSMParams
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -42,6 +49,7 @@ __all__ = [
     "checkpoint_path",
     "config_hash",
     "data_fingerprint",
+    "dataset_fingerprint",
     "gmm_trajectory_config",
     "restore_fitted",
     "read_checkpoint",
@@ -51,6 +59,34 @@ __all__ = [
 
 CHECKPOINT_FORMAT = 1
 _PARAM_FIELDS = ("weights", "means", "covariances", "precisions_cholesky")
+
+
+def _rebuild(cls, arrays_fields):
+    return lambda arrays, attrs: cls(**{f: arrays[f] for f in arrays_fields}, **attrs)
+
+
+# parameter type -> (family name in the header, array fields stored, string fields kept in
+# the header, how to rebuild the NamedTuple from them). LDA stores only lambda: the
+# Dirichlet expectations are recomputed from it exactly as the M-step computes them.
+_PARAM_KINDS: dict[type, tuple[str, tuple[str, ...], tuple[str, ...], Any]] = {
+    GMMParams: ("gaussian_mixture", _PARAM_FIELDS, ("covariance_type",), _rebuild(GMMParams, _PARAM_FIELDS)),
+    GaussianHMMParams: ("gaussian_hmm", ("startprob", "transmat", "means", "covars"), ("covariance_type",),
+                        _rebuild(GaussianHMMParams, ("startprob", "transmat", "means", "covars"))),
+    CategoricalHMMParams: ("categorical_hmm", ("startprob", "transmat", "emissionprob"), (),
+                           _rebuild(CategoricalHMMParams, ("startprob", "transmat", "emissionprob"))),
+    LGSSMParams: ("linear_gaussian_ssm", LGSSMParams._fields, (), _rebuild(LGSSMParams, LGSSMParams._fields)),
+    LDAParams: ("latent_dirichlet_allocation", ("components",), (),
+                lambda arrays, attrs: _lda_params(arrays["components"])),
+}
+_BY_FAMILY = {v[0]: v for v in _PARAM_KINDS.values()}
+
+
+def _kind_of(params) -> tuple:
+    try:
+        return _PARAM_KINDS[type(params)]
+    except KeyError:
+        raise TypeError(f"cannot checkpoint parameters of type {type(params).__name__}; known: "
+                        f"{sorted(t.__name__ for t in _PARAM_KINDS)}") from None
 
 
 class CheckpointWarning(UserWarning):
@@ -105,7 +141,7 @@ class Checkpoint:
 
     Attributes
     ----------
-    params : GMMParams
+    params : GMMParams, GaussianHMMParams, CategoricalHMMParams, LGSSMParams or LDAParams
         Parameters after the M-step of the last iteration done.
     history : list of float
         Mean log-likelihood of each iteration done (``len(history) == iteration``).
@@ -123,7 +159,7 @@ class Checkpoint:
         Free JSON-able facts (tol used, engine...).
     """
 
-    params: GMMParams
+    params: Any
     history: list[float]
     seconds: list[float]
     converged: bool
@@ -141,13 +177,14 @@ def write_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> str:
     """Write ``ckpt`` to ``path`` atomically (temporary file, fsync, ``os.replace``)."""
     path = os.path.abspath(os.fspath(path))
     p = ckpt.params
-    arrays = {name: np.asarray(getattr(p, name), dtype=np.float64) for name in _PARAM_FIELDS}
+    family, fields, attrs, _ = _kind_of(p)
+    arrays = {name: np.asarray(getattr(p, name), dtype=np.float64) for name in fields}
     arrays["history"] = np.asarray(ckpt.history, dtype=np.float64)
     arrays["seconds"] = np.asarray(ckpt.seconds, dtype=np.float64)
     header = {
         "format": CHECKPOINT_FORMAT,
-        "family": "gaussian_mixture",
-        "covariance_type": p.covariance_type,
+        "family": family,
+        **{a: str(getattr(p, a)) for a in attrs},
         "iteration": ckpt.iteration,
         "converged": bool(ckpt.converged),
         "fingerprint": ckpt.fingerprint,
@@ -184,7 +221,10 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     try:
         with np.load(os.fspath(path), allow_pickle=False) as z:
             header = json.loads(bytes(z["header"]).decode())
-            arrays = {name: np.array(z[name]) for name in (*_PARAM_FIELDS, "history", "seconds")}
+            kind = _BY_FAMILY.get(header.get("family", "gaussian_mixture"))
+            if kind is None:
+                raise ValueError(f"unknown model family {header.get('family')!r}")
+            arrays = {name: np.array(z[name]) for name in (*kind[1], "history", "seconds")}
     except (OSError, ValueError, KeyError, EOFError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"unreadable or truncated ({type(exc).__name__}: {exc})") from exc
     except Exception as exc:  # zipfile.BadZipFile and friends
@@ -196,21 +236,25 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     history = [float(v) for v in arrays["history"]]
     if len(history) != header.get("iteration") or not all(math.isfinite(v) for v in history):
         raise ValueError("its iteration history is inconsistent")
-    params = GMMParams(arrays["weights"], arrays["means"], arrays["covariances"],
-                       arrays["precisions_cholesky"], str(header["covariance_type"]))
+    params = kind[3](arrays, {a: str(header[a]) for a in kind[2]})
     return Checkpoint(params, history, [float(s) for s in arrays["seconds"]], bool(header["converged"]),
                       str(header["fingerprint"]), str(header["config_hash"]), int(header.get("init", 0)),
                       dict(header.get("extra") or {}))
 
 
 def load_resumable(path: str | os.PathLike, *, fingerprint: str, config_hash: str,
-                   tol: float, max_iter: int) -> Checkpoint | None:
+                   tol: float, max_iter: int, stop_rule=None) -> Checkpoint | None:
     """The checkpoint at ``path`` if a fit with these settings can continue from it, else None.
 
     ``None`` without a warning when there is no file. Otherwise every reason to refuse it
     (unreadable, altered, other data, other configuration, or a history that a fit with
     this ``tol`` / ``max_iter`` would not have produced) gives a :class:`CheckpointWarning`
     and ``None``. The returned checkpoint's ``converged`` is re-evaluated for ``tol``.
+
+    ``stop_rule(history) -> bool``, when given, replaces the test "the last change is below
+    ``tol``": it says whether an uninterrupted fit would stop after the iterations in
+    ``history`` (LDA, for one, stops on perplexity checked every ``evaluate_every``
+    iterations). ``tol`` is then only reported.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -234,11 +278,14 @@ def load_resumable(path: str | os.PathLike, *, fingerprint: str, config_hash: st
     h = ckpt.history
     if len(h) > max_iter:
         return refuse(f"it has {len(h)} iterations, more than max_iter={max_iter}")
-    # an uninterrupted fit with this tol would have stopped at the first small change
-    changes = [abs(h[i] - h[i - 1]) for i in range(1, len(h))]
-    if any(c < tol for c in changes[:-1]):
+    if stop_rule is None:
+        def stop_rule(prefix):
+            return len(prefix) > 1 and abs(prefix[-1] - prefix[-2]) < tol
+    # an uninterrupted fit with these settings would have stopped at the first iteration
+    # meeting the rule
+    if any(stop_rule(h[:i]) for i in range(1, len(h))):
         return refuse(f"a fit with tol={tol} would have stopped before its last iteration")
-    ckpt.converged = bool(changes and changes[-1] < tol)
+    ckpt.converged = bool(h and stop_rule(h))
     return ckpt
 
 
@@ -255,12 +302,16 @@ class CheckpointWriter:
         Iterations already done before this fit started (when resuming).
     every : int, default 1
     extra : dict, optional
+    record : sequence of str, optional
+        Keys of the M-step report to keep per iteration in ``extra["records"][key]``
+        (for instance the HMM's total ``log_prob``, which ``monitor_`` shows), so a
+        resumed fit can report every iteration, not only those it ran.
 
     The writer keeps the full history, so :attr:`last` is the newest checkpoint written.
     """
 
     def __init__(self, path, *, fingerprint: str, config_hash: str, history=(), seconds=(),
-                 every: int = 1, init: int = 0, extra: dict | None = None):
+                 every: int = 1, init: int = 0, extra: dict | None = None, record=()):
         self.path = os.fspath(path)
         self.fingerprint = fingerprint
         self.config_hash = config_hash
@@ -269,14 +320,21 @@ class CheckpointWriter:
         self.every = max(1, int(every))
         self.init = init
         self.extra = dict(extra or {})
+        self.record = tuple(record)
+        if self.record:
+            old = dict(self.extra.get("records") or {})
+            self.extra["records"] = {k: [float(v) for v in old.get(k, [])] for k in self.record}
         self.last: Checkpoint | None = None
 
     def __call__(self, event: IterationEvent) -> None:
         self.history.append(float(event.log_likelihood))
         self.seconds.append(float(event.seconds))
+        for k in self.record:
+            self.extra["records"][k].append(float(event.report.get(k, math.nan)))
         if event.converged or event.iteration % self.every == 0:
+            extra = json.loads(json.dumps(self.extra))  # a snapshot (records keep growing)
             self.last = Checkpoint(event.params, list(self.history), list(self.seconds), bool(event.converged),
-                                   self.fingerprint, self.config_hash, self.init, self.extra)
+                                   self.fingerprint, self.config_hash, self.init, extra)
             write_checkpoint(self.path, self.last)
 
 
@@ -322,6 +380,33 @@ def data_fingerprint(data, sample_weight: Any = None, *, scheduler: Any = None, 
                 "partitions": int(rows.n_partitions), "weight_sum": float(loaded.weight_sum),
                 "engine": engine.describe(),
             }
+        finally:
+            loaded.release()
+
+
+def dataset_fingerprint(dataset, *, scheduler: Any = None) -> dict:
+    """Validate and fingerprint an opened dataset (rows, sequences or a corpus) in one pass.
+
+    ``dataset`` is what :func:`emflow.sequences.open_sequences` or
+    :func:`emflow.corpus.open_corpus` returns. The fingerprint does not depend on the
+    partitioning, so it equals ``fit_info_["fingerprint"]`` of an estimator fitted on the
+    same data. Returns a dict with ``fingerprint``, ``source``, ``n_rows`` (steps, or
+    documents), ``n_features`` (features, or terms), ``dtype``, ``partitions``, ``engine``,
+    and ``n_sequences`` / ``nnz`` where they apply.
+    """
+    from .cluster import engine_for
+
+    with engine_for(scheduler) as engine:
+        loaded = engine.load(dataset, persist=False)
+        try:
+            d = loaded.data
+            info = {"fingerprint": loaded.fingerprint, "source": d.source, "n_rows": int(d.n_rows),
+                    "n_features": int(d.n_features), "dtype": str(d.dtype), "partitions": int(d.n_partitions),
+                    "engine": engine.describe()}
+            for name in ("n_sequences", "n_docs", "nnz"):
+                if hasattr(d, name):
+                    info[name] = int(getattr(d, name))
+            return info
         finally:
             loaded.release()
 

@@ -291,6 +291,9 @@ class LatentDirichletAllocation:
         seconds: list[float] = []
         converged = False
         last_perp = None
+        if self.evaluate_every > 0 and len(history) >= self.evaluate_every:
+            # resuming: the perplexity of the last evaluated iteration, as an uninterrupted fit has it
+            last_perp = math.exp(-history[(len(history) // self.evaluate_every) * self.evaluate_every - 1])
         for it in range(len(history) + 1, int(self.max_iter) + 1):
             t0 = time.perf_counter()
             it_seed = None if self.doc_topic_init == "ones" else (seed, it)

@@ -1,4 +1,10 @@
-"""What the flows share: where the compute is, dashboard artifacts, the convergence plot."""
+"""What the flows share: where the compute is, dashboard artifacts, the convergence plot.
+
+The monitoring here knows nothing of any model family: an EM fit of any family reports
+an objective per iteration (a mean log-likelihood, or LDA's bound per word), and
+:class:`IterationMonitor`, :func:`convergence_png`, :func:`summary_markdown` and
+:func:`publish_dashboard_link` turn that into log lines and dashboard artifacts.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +13,13 @@ import contextlib
 import io
 import math
 import os
+import statistics
 import time
-from typing import Any, Iterator
+import warnings
+from typing import Any, Callable, Iterator, Sequence
 
 from prefect import get_run_logger
-from prefect.artifacts import create_table_artifact, update_progress_artifact
+from prefect.artifacts import create_link_artifact, create_table_artifact, update_progress_artifact
 
 from emflow.errors import ClusterError, EmflowError
 
@@ -82,8 +90,37 @@ def retry_if_transient(task, task_run, state) -> bool:
     return True
 
 
+def publish_dashboard_link(dashboard: str | None) -> None:
+    """The ``dask-dashboard`` link artifact (and a log line), when a Dask cluster runs the fit."""
+    if dashboard:
+        create_link_artifact(dashboard, link_text="Dask dashboard", key="dask-dashboard",
+                             description="Dask dashboard of the cluster running this fit")
+        get_run_logger().info("Dask dashboard: %s", dashboard)
+
+
+def load_checkpoint_logged(ckpt_path: str, fingerprint: str, chash: str, *, tol: float, max_iter: int,
+                           stop_rule=None):
+    """:func:`emflow.checkpoint.load_resumable`, with its warnings also sent to the run log
+    (visible in the dashboard)."""
+    from emflow.checkpoint import CheckpointWarning, load_resumable
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CheckpointWarning)
+        ck = load_resumable(ckpt_path, fingerprint=fingerprint, config_hash=chash, tol=tol, max_iter=max_iter,
+                            stop_rule=stop_rule)
+    for w in caught:
+        if issubclass(w.category, CheckpointWarning):
+            get_run_logger().warning("%s", w.message)
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return ck
+
+
 class IterationMonitor:
-    """EM callback: a log line per iteration, the progress artifact, the log-likelihood table.
+    """EM callback: a log line per iteration, the progress artifact, the objective table.
+
+    Works for any family: ``label`` names the objective in the log line ("mean
+    log-likelihood", "bound per word"), ``column`` is its key in the table, and
+    ``extra_columns(value) -> dict`` adds columns derived from it (LDA's perplexity).
 
     The table artifact is republished (a new version under the same key) at most every
     ``table_every_s`` seconds and at the end, so a long fit shows it growing without
@@ -91,23 +128,35 @@ class IterationMonitor:
     """
 
     def __init__(self, *, max_iter: int, progress_id=None, table_key: str = "fit-log-likelihood",
-                 history=(), seconds=(), init: int = 0, n_init: int = 1, table_every_s: float = 5.0):
+                 history=(), seconds=(), init: int = 0, n_init: int = 1, table_every_s: float = 5.0,
+                 label: str = "mean log-likelihood", column: str = "log_likelihood",
+                 extra_columns: Callable[[float], dict] | None = None, description: str | None = None):
         self.logger = get_run_logger()
         self.max_iter, self.progress_id, self.table_key = max_iter, progress_id, table_key
         self.init, self.n_init, self.table_every_s = init, n_init, table_every_s
+        self.label, self.column, self.extra_columns = label, column, extra_columns
+        self.description = description or f"{label[0].upper()}{label[1:]} per EM iteration and its change."
         self.rows: list[dict[str, Any]] = []
         prev = -math.inf
         seconds = list(seconds)
         for i, ll in enumerate(history):
-            self.rows.append(_row(i + 1, ll, ll - prev, seconds[i] if i < len(seconds) else math.nan, init))
+            self.rows.append(self._row(i + 1, ll, ll - prev, seconds[i] if i < len(seconds) else math.nan))
             prev = ll
         self._last_table = time.monotonic()
 
+    def _row(self, iteration, value, change, seconds) -> dict[str, Any]:
+        row = _row(iteration, value, change, seconds, self.init)
+        if self.column != "log_likelihood":
+            row = {(self.column if k == "log_likelihood" else k): v for k, v in row.items()}
+        if self.extra_columns is not None:
+            row.update(self.extra_columns(float(value)))
+        return row
+
     def __call__(self, event) -> None:
-        self.rows.append(_row(event.iteration, event.log_likelihood, event.change, event.seconds, self.init))
+        self.rows.append(self._row(event.iteration, event.log_likelihood, event.change, event.seconds))
         restart = f"restart {self.init + 1}/{self.n_init} " if self.n_init > 1 else ""
         self.logger.info(
-            "%siteration %d: mean log-likelihood %.10g, change %.3g, %.3f s%s", restart, event.iteration,
+            "%siteration %d: %s %.10g, change %.3g, %.3f s%s", restart, event.iteration, self.label,
             event.log_likelihood, event.change, event.seconds, " (converged)" if event.converged else "",
         )
         done = 1.0 if event.converged else event.iteration / self.max_iter
@@ -121,8 +170,7 @@ class IterationMonitor:
 
     def publish_table(self) -> None:
         if self.rows:
-            create_table_artifact(self.rows, key=self.table_key,
-                                  description="Mean log-likelihood per EM iteration and its change.")
+            create_table_artifact(self.rows, key=self.table_key, description=self.description)
             self._last_table = time.monotonic()
 
 
@@ -134,9 +182,9 @@ def _row(iteration, ll, change, seconds, init) -> dict[str, Any]:
             "change": num(change), "seconds": num(seconds)}
 
 
-def convergence_png(history: list[float], title: str = "") -> bytes | None:
-    """A PNG of the mean log-likelihood per iteration (and |change| on a log scale), or None
-    when matplotlib is not installed."""
+def convergence_png(history: list[float], title: str = "", ylabel: str = "mean log-likelihood") -> bytes | None:
+    """A PNG of the objective per iteration (and |change| on a log scale), or None when
+    matplotlib is not installed."""
     try:
         import matplotlib
 
@@ -151,7 +199,7 @@ def convergence_png(history: list[float], title: str = "") -> bytes | None:
     it = np.arange(1, len(h) + 1)
     ax1.plot(it, h, marker="o", ms=3)
     ax1.set_xlabel("iteration")
-    ax1.set_ylabel("mean log-likelihood")
+    ax1.set_ylabel(ylabel)
     if len(h) > 1:
         ch = np.abs(np.diff(h))
         ch[ch == 0] = np.nan
@@ -168,3 +216,36 @@ def convergence_png(history: list[float], title: str = "") -> bytes | None:
 
 def png_data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def convergence_verdict(converged: bool, n_iter: int, history: Sequence[float], tol_text: str,
+                        remedy: str = "raise max_iter or tol") -> str:
+    """The summary's first line: converged or not, in how many iterations, the last change."""
+    last_change = history[-1] - history[-2] if len(history) > 1 else math.inf
+    if converged:
+        return f"**Converged** in {n_iter} iterations (last change {last_change:.3g}; {tol_text})"
+    return (f"**Did not converge** in {n_iter} iterations (last change {last_change:.3g}; {tol_text}); "
+            f"{remedy}")
+
+
+def seconds_row(seconds: Sequence[float]) -> list[tuple[str, str]]:
+    secs = [s for s in seconds if s == s]
+    if not secs:
+        return []
+    return [("time per iteration", f"mean {statistics.fmean(secs):.3f} s, median {statistics.median(secs):.3f} s, "
+                                   f"total {sum(secs):.2f} s")]
+
+
+def summary_markdown(title: str, verdict: str, facts: Sequence[tuple[str, str]], history: Sequence[float], *,
+                     sections: Sequence[tuple[str, Sequence[str]]] = (), ylabel: str = "mean log-likelihood") -> str:
+    """A fit summary for any family: title, verdict, a two-column table of facts, extra
+    sections (heading, markdown lines), and the convergence plot embedded as a data URI."""
+    lines = [f"# {title}", "", verdict, "", "| | |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in facts]
+    for heading, body in sections:
+        lines += ["", f"## {heading}", "", *body]
+    png = convergence_png(list(history), "convergence", ylabel)
+    lines += ["", "## Convergence", ""]
+    lines.append(f"![convergence plot]({png_data_uri(png)})" if png else
+                 "(install matplotlib to see the convergence plot; the table artifact has the values)")
+    return "\n".join(lines)

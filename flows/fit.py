@@ -12,13 +12,11 @@ run. The EM task is retried (resuming from its checkpoint) when a cluster is los
 # No `from __future__ import annotations`: Prefect builds the run form's schema from the
 # evaluated annotations, also when a deployment loads this file by path.
 import math
-import statistics
-import warnings
 from typing import Annotated, Any, Literal
 
 import numpy as np
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_progress_artifact
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import Field
 
@@ -27,19 +25,26 @@ import emflow.data
 from emflow import GaussianMixture
 from emflow.checkpoint import (
     Checkpoint,
-    CheckpointWarning,
     CheckpointWriter,
     checkpoint_path,
     config_hash,
     data_fingerprint,
     gmm_trajectory_config,
-    load_resumable,
     restore_fitted,
     write_checkpoint,
 )
 from emflow.models.gmm import GMMParams, n_parameters
 
-from ._common import IterationMonitor, compute, convergence_png, png_data_uri, retry_if_transient
+from ._common import (
+    IterationMonitor,
+    compute,
+    convergence_verdict,
+    load_checkpoint_logged,
+    publish_dashboard_link,
+    retry_if_transient,
+    seconds_row,
+    summary_markdown as _summary,
+)
 
 __all__ = ["fit_flow", "validate", "initialise", "em_iterations", "save", "evaluate"]
 
@@ -60,15 +65,7 @@ def restart_seed(random_state: int | None, init: int) -> int | None:
 
 def _load_logged(ckpt_path: str, fingerprint: str, chash: str, cfg: dict) -> Checkpoint | None:
     """load_resumable, with its warnings also sent to the run log (visible in the dashboard)."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", CheckpointWarning)
-        ck = load_resumable(ckpt_path, fingerprint=fingerprint, config_hash=chash, tol=cfg["tol"],
-                            max_iter=cfg["max_iter"])
-    for w in caught:
-        if issubclass(w.category, CheckpointWarning):
-            get_run_logger().warning("%s", w.message)
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return ck
+    return load_checkpoint_logged(ckpt_path, fingerprint, chash, tol=cfg["tol"], max_iter=cfg["max_iter"])
 
 
 @task(name="validate", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_if_transient,
@@ -177,41 +174,27 @@ def evaluate(model_path: str, data: str, heldout: str | None, scheduler: str | N
 def summary_markdown(gm: GaussianMixture, metrics: dict, info: dict, model_path: str, tol: float,
                      restarts: list[float] | None = None) -> str:
     """The end-of-run markdown: verdict, metrics, data, timing, components and the convergence plot."""
-    hist = gm.history_
-    secs = [s for s in gm.fit_info_.get("seconds_per_iteration", []) if s == s]
-    last_change = hist[-1] - hist[-2] if len(hist) > 1 else math.inf
-    verdict = (f"**Converged** in {gm.n_iter_} iterations (last change {last_change:.3g} < tol {tol:g})"
-               if gm.converged_ else
-               f"**Did not converge** in {gm.n_iter_} iterations (last change {last_change:.3g}, tol {tol:g}); "
-               "raise max_iter or tol")
-    lines = [
-        f"# Gaussian mixture: {gm.n_components} components, {gm.covariance_type} covariance", "",
-        verdict, "",
-        "| | |", "|---|---|",
-        f"| model | `{model_path}` |",
-        f"| data | `{info['source']}`: {info['n_samples']} rows x {info['n_features']} features ({info['dtype']}) |",
-        f"| data fingerprint | `{info['fingerprint']}` |",
-        f"| final mean log-likelihood | {gm.lower_bound_:.10g} |",
-        f"| BIC | {metrics['bic']:.8g} |",
-        f"| AIC | {metrics['aic']:.8g} |",
+    facts = [
+        ("model", f"`{model_path}`"),
+        ("data", f"`{info['source']}`: {info['n_samples']} rows x {info['n_features']} features ({info['dtype']})"),
+        ("data fingerprint", f"`{info['fingerprint']}`"),
+        ("final mean log-likelihood", f"{gm.lower_bound_:.10g}"),
+        ("BIC", f"{metrics['bic']:.8g}"),
+        ("AIC", f"{metrics['aic']:.8g}"),
     ]
     if "heldout_mean_log_likelihood" in metrics:
-        lines.append(f"| held-out mean log-likelihood | {metrics['heldout_mean_log_likelihood']:.8g} |")
-    if secs:
-        lines.append(f"| time per iteration | mean {statistics.fmean(secs):.3f} s, median "
-                     f"{statistics.median(secs):.3f} s, total {sum(secs):.2f} s |")
+        facts.append(("held-out mean log-likelihood", f"{metrics['heldout_mean_log_likelihood']:.8g}"))
+    facts += seconds_row(gm.fit_info_.get("seconds_per_iteration", []))
     if restarts and len(restarts) > 1:
-        lines.append(f"| restarts (final mean log-likelihood) | {', '.join(f'{v:.8g}' for v in restarts)} |")
-    lines.append(f"| compute | {gm.fit_info_.get('engine', info.get('engine', '?'))} |")
-    lines += ["", "## Components", "", "| component | weight | mean |", "|---|---|---|"]
+        facts.append(("restarts (final mean log-likelihood)", ", ".join(f"{v:.8g}" for v in restarts)))
+    facts.append(("compute", str(gm.fit_info_.get("engine", info.get("engine", "?")))))
+    comps = ["| component | weight | mean |", "|---|---|---|"]
     for k in np.argsort(-gm.weights_):
         mean = ", ".join(f"{v:.4g}" for v in gm.means_[k][:8]) + (", ..." if gm.means_.shape[1] > 8 else "")
-        lines.append(f"| {int(k)} | {gm.weights_[k]:.4f} | [{mean}] |")
-    png = convergence_png(hist, "convergence")
-    lines += ["", "## Convergence", ""]
-    lines.append(f"![convergence plot]({png_data_uri(png)})" if png else
-                 "(install matplotlib to see the convergence plot; the table artifact has the values)")
-    return "\n".join(lines)
+        comps.append(f"| {int(k)} | {gm.weights_[k]:.4f} | [{mean}] |")
+    return _summary(f"Gaussian mixture: {gm.n_components} components, {gm.covariance_type} covariance",
+                    convergence_verdict(gm.converged_, gm.n_iter_, gm.history_, f"tol {tol:g}"), facts,
+                    gm.history_, sections=[("Components", comps)])
 
 
 @flow(name="emflow-fit", log_prints=True)
@@ -244,10 +227,7 @@ def fit_flow(
     cfg = dict(n_components=n_components, covariance_type=covariance_type, tol=tol, reg_covar=reg_covar,
                max_iter=max_iter, init_params=init_params, random_state=random_state)
     with compute(scheduler) as (sched, dashboard):
-        if dashboard:
-            create_link_artifact(dashboard, link_text="Dask dashboard", key="dask-dashboard",
-                                 description="Dask dashboard of the cluster running this fit")
-            logger.info("Dask dashboard: %s", dashboard)
+        publish_dashboard_link(dashboard)
         info = validate(data, sample_weight, cfg, sched)
         progress_id = create_progress_artifact(0.0, key="fit-progress", description="EM iterations done")
         fitted: list[GaussianMixture] = []

@@ -66,6 +66,16 @@ def make_cluster():
         _kill_pids(pids)
 
 
+@pytest.fixture(scope="session")
+def prefect_server():
+    """A temporary Prefect server (SQLite, in PREFECT_HOME above) for the whole session,
+    shared by every flow test module."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)

@@ -28,14 +28,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="session")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-@pytest.fixture(scope="session")
 def gmm_data(tmp_path_factory):
     """Three well separated 2-D components, 3000 rows in 6 chunks."""
     d = tmp_path_factory.mktemp("flowdata")

@@ -1,0 +1,273 @@
+"""The checkpointed fit of any EM family other than the mixture, as coarse Prefect tasks.
+
+``validate -> initialise -> em-iterations -> save-model -> evaluate``, the stages of
+flows/fit.py, written once for every family; what differs between families (which
+estimator, how its iteration budget and tolerance are named, what its summary shows) is
+an adapter object (:class:`FamilyAdapter`; the adapters live beside their flows in
+flows/fit_hmm.py, flows/fit_lgssm.py and flows/fit_lda.py). The monitoring is
+flows/_common.py's, so every family gets the same log lines and artifacts:
+
+- ``dask-dashboard`` (link, when a Dask cluster runs the fit),
+- ``<prefix>-fit-progress`` (progress, in EM iterations),
+- ``<prefix>-fit-<objective>`` (table: the objective per iteration, its change, seconds),
+- ``<prefix>-fit-summary`` (markdown: verdict, data, metrics, timing, family details and
+  the convergence plot),
+
+plus whatever the adapter publishes (LDA: ``lda-top-words``).
+
+Checkpoints: after every iteration the parameters are written next to ``out``
+(``OUT.checkpoint.npz``, atomically); a rerun of the flow with the same arguments, or a
+retry of the EM task, continues from there and ends with the same model as an
+uninterrupted fit, because each estimator's ``fit`` takes ``initial_params`` and
+``history``.
+"""
+
+# No `from __future__ import annotations`: Prefect builds the run form's schema from the
+# evaluated annotations (the flows import from here).
+from typing import Any, Callable
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact
+from prefect.cache_policies import NO_CACHE
+
+import emflow
+from emflow.checkpoint import (
+    Checkpoint,
+    CheckpointWriter,
+    checkpoint_path,
+    config_hash,
+    dataset_fingerprint,
+    write_checkpoint,
+)
+
+from ._common import (
+    IterationMonitor,
+    compute,
+    convergence_verdict,
+    load_checkpoint_logged,
+    publish_dashboard_link,
+    retry_if_transient,
+    seconds_row,
+    summary_markdown,
+)
+
+__all__ = ["FamilyAdapter", "run_family_fit", "validate", "initialise", "em_iterations", "save", "evaluate"]
+
+
+class FamilyAdapter:
+    """What the generic fit needs to know about one family. Subclass and fill in.
+
+    ``cfg`` is always the estimator's constructor keywords minus ``scheduler`` and
+    ``persist``; ``info`` is :func:`emflow.checkpoint.dataset_fingerprint`'s dict.
+    """
+
+    prefix: str = ""                      # artifact keys: <prefix>-fit-...
+    max_iter_key: str = "max_iter"        # the estimator's name for the iteration budget
+    label: str = "mean log-likelihood per step"
+    column: str = "log_likelihood"
+    record: tuple[str, ...] = ()          # report keys the checkpoint keeps per iteration
+    units: str = "steps"
+
+    def extra_columns(self, value: float) -> dict:
+        return {}
+
+    def open(self, data: str):
+        """The opened dataset (for validation and the fingerprint)."""
+        raise NotImplementedError
+
+    def estimator(self, cfg: dict, scheduler, persist: Any = "auto"):
+        raise NotImplementedError
+
+    def tol(self, cfg: dict, info: dict) -> float:
+        """The tolerance as the EM loop applies it to the history (mean per unit)."""
+        return float(cfg["tol"])
+
+    def stop_rule(self, cfg: dict, info: dict) -> Callable[[list], bool] | None:
+        """None: the loop stops when the change in the history is below :meth:`tol`."""
+        return None
+
+    def tol_text(self, cfg: dict) -> str:
+        return f"tol {cfg['tol']:g}"
+
+    def trajectory(self, cfg: dict) -> dict:
+        """The settings that decide the EM trajectory (``tol`` and the budget only decide where it stops)."""
+        return {k: v for k, v in cfg.items() if k not in ("tol", self.max_iter_key, "verbose")}
+
+    def start_params(self, est):
+        """The parameters of an estimator fitted with no iteration (its initialisation)."""
+        raise NotImplementedError
+
+    def fit(self, est, data: str, callbacks: list, params, history: list[float]):
+        return est.fit(data, callbacks=callbacks, initial_params=params, history=history)
+
+    def after_fit(self, est, ck: Checkpoint, records: dict) -> None:
+        """Fix up what a resumed fit reports only for the iterations it ran."""
+
+    def restore(self, est, ck: Checkpoint, info: dict) -> None:
+        """Give ``est`` the fitted state of a finished checkpoint without recomputing."""
+        raise NotImplementedError
+
+    def evaluate(self, model, data: str, heldout: str | None) -> dict:
+        return {}
+
+    def title(self, est) -> str:
+        raise NotImplementedError
+
+    def facts(self, est, metrics: dict) -> list[tuple[str, str]]:
+        return []
+
+    def sections(self, est) -> list[tuple[str, list[str]]]:
+        return []
+
+    def publish(self, est) -> None:
+        """Family-specific artifacts, after the model is saved."""
+
+
+def _set_fitted(est, ck: Checkpoint, info: dict) -> None:
+    """The fitted attributes every estimator shares, from a finished checkpoint."""
+    import math
+
+    est.converged_, est.n_iter_ = bool(ck.converged), len(ck.history)
+    est.lower_bound_ = float(ck.history[-1]) if ck.history else -math.inf
+    est.history_ = list(ck.history)
+    fit_info = {k: info[k] for k in ("fingerprint", "source", "n_features", "dtype", "partitions") if k in info}
+    fit_info.update(seconds_per_iteration=list(ck.seconds), resumed_from_checkpoint=True,
+                    resumed_from_iteration=len(ck.history), engine=info.get("engine"))
+    est.fit_info_ = fit_info
+
+
+@task(name="validate", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_if_transient,
+      cache_policy=NO_CACHE)
+def validate(adapter: FamilyAdapter, data: str, scheduler: str | None) -> dict:
+    """Open and check the dataset (structure, every value) and fingerprint it: one pass."""
+    info = dataset_fingerprint(adapter.open(data), scheduler=scheduler)
+    extra = "".join(f", {info[k]} {k[2:]}" for k in ("n_sequences", "n_docs", "nnz") if k in info)
+    get_run_logger().info(
+        "data %s: %d %s x %d features (%s)%s, %d partitions, fingerprint %s; compute: %s", info["source"],
+        info["n_rows"], adapter.units, info["n_features"], info["dtype"], extra, info["partitions"],
+        info["fingerprint"], info["engine"],
+    )
+    return info
+
+
+@task(name="initialise", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_if_transient,
+      cache_policy=NO_CACHE)
+def initialise(adapter: FamilyAdapter, data: str, cfg: dict, scheduler: str | None, ckpt_path: str,
+               info: dict, chash: str, resume: bool = True) -> dict:
+    """The estimator's own initialisation (a fit with no iteration), written as an
+    iteration-0 checkpoint; with ``resume`` and a usable checkpoint there, nothing is computed."""
+    logger = get_run_logger()
+    if resume:
+        ck = load_checkpoint_logged(ckpt_path, info["fingerprint"], chash, tol=adapter.tol(cfg, info),
+                                    max_iter=cfg[adapter.max_iter_key], stop_rule=adapter.stop_rule(cfg, info))
+        if ck is not None:
+            logger.info("resuming from checkpoint %s at iteration %d%s", ckpt_path, ck.iteration,
+                        " (already finished)" if ck.converged or ck.iteration >= cfg[adapter.max_iter_key] else "")
+            return {"resumed": True, "iteration": ck.iteration}
+    est = adapter.estimator({**cfg, adapter.max_iter_key: 0}, scheduler, persist=False).fit(data)
+    extra = {"records": {k: [] for k in adapter.record}} if adapter.record else {}
+    write_checkpoint(ckpt_path, Checkpoint(adapter.start_params(est), [], [], False, info["fingerprint"], chash,
+                                           0, extra))
+    logger.info("initialised %s", adapter.title(est))
+    return {"resumed": False, "iteration": 0}
+
+
+@task(name="em-iterations", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_if_transient,
+      cache_policy=NO_CACHE)
+def em_iterations(adapter: FamilyAdapter, data: str, cfg: dict, scheduler: str | None, persist: Any,
+                  ckpt_path: str, info: dict, chash: str, progress_id=None):
+    """EM from the latest checkpoint to the end, checkpointing every iteration.
+
+    A retry (or a rerun of the flow) continues from the last checkpoint written.
+    """
+    logger = get_run_logger()
+    max_iter = cfg[adapter.max_iter_key]
+    ck = load_checkpoint_logged(ckpt_path, info["fingerprint"], chash, tol=adapter.tol(cfg, info),
+                                max_iter=max_iter, stop_rule=adapter.stop_rule(cfg, info))
+    if ck is None:
+        raise emflow.FitFailedError(
+            f"The checkpoint {ckpt_path!r} written by the initialise task is missing or unusable. "
+            "Run the flow again; it will initialise afresh."
+        )
+    est = adapter.estimator(cfg, scheduler, persist)
+    monitor = IterationMonitor(max_iter=max_iter, progress_id=progress_id, table_key=f"{adapter.prefix}-fit-"
+                               f"{adapter.column.replace('_', '-')}", history=ck.history, seconds=ck.seconds,
+                               label=adapter.label, column=adapter.column, extra_columns=adapter.extra_columns)
+    if ck.converged or ck.iteration >= max_iter:
+        logger.info("checkpoint at iteration %d is final; restoring the fitted model without recomputing",
+                    ck.iteration)
+        adapter.restore(est, ck, info)
+    else:
+        writer = CheckpointWriter(ckpt_path, fingerprint=info["fingerprint"], config_hash=chash, history=ck.history,
+                                  seconds=ck.seconds, extra=ck.extra, record=adapter.record)
+        adapter.fit(est, data, [writer, monitor], ck.params, ck.history)
+        if est.fit_info_.get("fingerprint") != info["fingerprint"]:
+            logger.warning("the data changed while the flow ran (fingerprint %s, validated %s)",
+                           est.fit_info_.get("fingerprint"), info["fingerprint"])
+        est.fit_info_["seconds_per_iteration"] = list(writer.seconds)
+        est.fit_info_["resumed_from_iteration"] = ck.iteration
+        adapter.after_fit(est, ck, writer.extra.get("records", {}))
+    monitor.progress(1.0)
+    monitor.publish_table()
+    return est
+
+
+@task(name="save-model", retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE)
+def save(model, out: str) -> str:
+    """Write the model as a Zarr group (atomically: a crash leaves the old model or the new one)."""
+    path = model.save(out)
+    get_run_logger().info("saved model to %s", path)
+    return path
+
+
+@task(name="evaluate", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_if_transient,
+      cache_policy=NO_CACHE)
+def evaluate(adapter: FamilyAdapter, model_path: str, data: str, heldout: str | None,
+             scheduler: str | None) -> dict:
+    """The family's criteria on the saved model (training data and, if given, held-out data)."""
+    model = emflow.load(model_path)
+    model.scheduler = scheduler
+    metrics = adapter.evaluate(model, data, heldout)
+    if metrics:
+        get_run_logger().info("evaluation: %s", ", ".join(f"{k} {v:.8g}" for k, v in metrics.items()))
+    return metrics
+
+
+def _summary(adapter: FamilyAdapter, est, metrics: dict, info: dict, path: str, cfg: dict) -> str:
+    extra = "".join(f", {info[k]} {k[2:]}" for k in ("n_sequences", "n_docs", "nnz") if k in info)
+    facts = [
+        ("model", f"`{path}`"),
+        ("data", f"`{info['source']}`: {info['n_rows']} {adapter.units} x {info['n_features']} features "
+                 f"({info['dtype']}){extra}"),
+        ("data fingerprint", f"`{info['fingerprint']}`"),
+        (f"final {adapter.label}", f"{est.lower_bound_:.10g}"),
+        *adapter.facts(est, metrics),
+        *seconds_row(est.fit_info_.get("seconds_per_iteration", [])),
+    ]
+    if est.fit_info_.get("resumed_from_iteration"):
+        facts.append(("resumed from checkpoint at iteration", str(est.fit_info_["resumed_from_iteration"])))
+    facts.append(("compute", str(est.fit_info_.get("engine") or info.get("engine", "?"))))
+    verdict = convergence_verdict(est.converged_, est.n_iter_, est.history_, adapter.tol_text(cfg),
+                                  f"raise {adapter.max_iter_key} or the tolerance")
+    return summary_markdown(adapter.title(est), verdict, facts, est.history_, sections=adapter.sections(est),
+                            ylabel=adapter.label)
+
+
+def run_family_fit(adapter: FamilyAdapter, cfg: dict, data: str, out: str, *, heldout: str | None,
+                   scheduler: str | None, persist: Any, resume: bool) -> str:
+    """The body of every family's fit flow (call it inside a ``@flow``); returns the model path."""
+    with compute(scheduler) as (sched, dashboard):
+        publish_dashboard_link(dashboard)
+        info = validate(adapter, data, sched)
+        progress_id = create_progress_artifact(0.0, key=f"{adapter.prefix}-fit-progress",
+                                               description="EM iterations done")
+        chash = config_hash({"adapter": type(adapter).__name__, **adapter.trajectory(cfg)})
+        ck = checkpoint_path(out)
+        initialise(adapter, data, cfg, sched, ck, info, chash, resume)
+        est = em_iterations(adapter, data, cfg, sched, persist, ck, info, chash, progress_id)
+        path = save(est, out)
+        metrics = evaluate(adapter, path, data, heldout, sched)
+    create_markdown_artifact(_summary(adapter, est, metrics, info, path, cfg), key=f"{adapter.prefix}-fit-summary",
+                             description="Fitted model, convergence and criteria")
+    adapter.publish(est)
+    return path
