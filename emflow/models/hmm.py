@@ -37,6 +37,7 @@ import numpy as np
 from scipy import linalg
 
 from ..errors import DataError, FitFailedError
+from ..stats import require_finite
 from . import gmm as G
 
 __all__ = [
@@ -543,6 +544,7 @@ def m_step_gaussian(stats: GaussianHMMStats, params: GaussianHMMParams, priors: 
         covariance. ``log_prob``: total log-likelihood of the E-step.
         ``zero_transition_rows``.
     """
+    require_finite(stats, "Gaussian HMM")
     ct = params.covariance_type
     g = shift_of(params)
     sp, tm, report = m_step_transitions(stats, params.startprob, params.transmat, trans_priors, learn)
