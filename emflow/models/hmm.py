@@ -389,7 +389,7 @@ def check_symbols(X: np.ndarray, n_symbols: int | None, where: str = "The sequen
             raise DataError(f"{where} have shape {X.shape}; categorical observations must be (n_steps, 1).")
         X = X[:, 0]
     if X.dtype.kind not in "iu":
-        if X.dtype.kind == "f" and np.all(np.isfinite(X)) and np.all(X == np.round(X)):
+        if X.dtype.kind == "f" and np.all(np.abs(X) < 2.0**53) and np.all(X == np.round(X)):
             X = X.astype(np.int64)
         else:
             raise DataError(f"{where} have dtype {X.dtype}; categorical symbols must be integers 0..n_features-1.")
