@@ -35,6 +35,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from .em import IterationEvent
+from .errors import StorageError
 from .models.gmm import GMMParams
 from .models.hmm import CategoricalHMMParams, GaussianHMMParams
 from .models.lda import LDAParams
@@ -203,11 +204,16 @@ def write_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> str:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(exc, OSError) and not isinstance(exc, StorageError):
+            raise StorageError(
+                f"Could not write the checkpoint {path!r}: {exc.strerror or exc}. The previous checkpoint "
+                "there (if any) is intact. Free some space, or write the model to a writable location."
+            ) from exc
         raise
     return path
 

@@ -21,6 +21,7 @@ __all__ = [
     "ModelFormatError",
     "FitFailedError",
     "ClusterError",
+    "StorageError",
     "DegenerateComponentWarning",
     "EmflowConvergenceWarning",
 ]
@@ -67,6 +68,13 @@ class FitFailedError(EmflowError, RuntimeError):
 
 class ClusterError(EmflowError, RuntimeError):
     """The Dask cluster could not be reached or was lost."""
+
+
+class StorageError(EmflowError, OSError):
+    """Writing a model, checkpoint or output failed (disk full, read-only location...).
+
+    Whatever was at the destination before is left as it was.
+    """
 
 
 class DegenerateComponentWarning(UserWarning):

@@ -36,6 +36,7 @@ from . import store as _store
 from .cluster import engine_for
 from .data import DEFAULT_PARTITION_BYTES, is_zarr_path
 from .em import EMResult, IterationEvent, run_em
+from .stats import require_finite
 from .errors import (
     ConfigError,
     DataError,
@@ -631,6 +632,7 @@ class GaussianHMM(_BaseHMM):
         if "c" in self.init_params:
             g0 = means.mean(axis=0)
             n, s1, s2 = engine.map_reduce(_moments, loaded, g0)
+            require_finite((n, s1, s2), "Gaussian HMM initial covariance")
             n = float(n)
             cv = (s2 - np.outer(s1, s1) / n) / (n - 1) + self.min_covar * np.eye(d)
             cv = 0.5 * (cv + cv.T)

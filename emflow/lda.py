@@ -304,7 +304,7 @@ class LatentDirichletAllocation:
             params, report = M.m_step(stats, params, eta)
             change = per_word - history[-1] if history else math.inf
             history.append(per_word)
-            perp = math.exp(-per_word)
+            perp = math.exp(-per_word) if -per_word < 709.0 else math.inf  # exp overflows past ~709
             if self.evaluate_every > 0 and it % self.evaluate_every == 0:
                 if last_perp is not None and abs(last_perp - perp) < self.perp_tol:
                     converged = True

@@ -185,6 +185,8 @@ def open_sequences(
         if values.ndim != 2:
             raise DataError(f"'values' at {url!r} has shape {values.shape}; expected (total_steps, n_features).")
         _check_dtype(np.dtype(values.dtype), f"'values' at {url!r}")
+        if values.shape[1] == 0:
+            raise DataError(f"'values' at {url!r} has shape {values.shape}: no features, nothing to fit.")
         offsets = check_offsets(g["offsets"][...], values.shape[0], f"'offsets' at {url!r}")
         row_bytes = values.shape[1] * np.dtype(values.dtype).itemsize
         parts = _seq_partitions(offsets, row_bytes, partition_bytes, min_partitions)
@@ -200,8 +202,8 @@ def open_sequences(
     if X.ndim != 2:
         raise DataError(f"Sequence values have shape {X.shape}; expected 2-D (total_steps, n_features).")
     _check_dtype(X.dtype, "Sequence values")
-    if X.shape[0] == 0:
-        raise DataError("The sequences are empty; there is nothing to fit.")
+    if X.shape[0] == 0 or X.shape[1] == 0:
+        raise DataError(f"The sequences are empty (values of shape {X.shape}); there is nothing to fit.")
     if lengths is None:
         lengths = [X.shape[0]]
     lengths = np.asarray(lengths)

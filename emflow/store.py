@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import DataNotFoundError, ModelFormatError
+from .errors import DataNotFoundError, ModelFormatError, StorageError
 
 __all__ = ["FORMAT_VERSION", "save_model", "load_model", "read_model_attrs", "atomic_dir"]
 
@@ -64,6 +64,7 @@ class atomic_dir:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return False
+        old = None
         try:
             if os.path.isdir(self.path) and not os.path.islink(self.path):
                 old = self.tmp.replace(".tmp-", ".old-")
@@ -73,6 +74,8 @@ class atomic_dir:
             else:
                 os.replace(self.tmp, self.path)
         except BaseException:
+            if old is not None and os.path.isdir(old) and not os.path.exists(self.path):
+                os.replace(old, self.path)  # put the previous version back
             shutil.rmtree(self.tmp, ignore_errors=True)
             raise
         return False
@@ -80,6 +83,20 @@ class atomic_dir:
 
 def save_model(path, family: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> str:
     """Write a model group atomically; returns the absolute path."""
+    import zarr
+
+    try:
+        return _save_model(path, family, arrays, meta)
+    except OSError as exc:
+        if isinstance(exc, StorageError):
+            raise
+        raise StorageError(
+            f"Could not write the model to {os.fspath(path)!r}: {exc.strerror or exc}. Nothing was changed "
+            "there (a model already at that path is intact). Free some space, or save to a writable location."
+        ) from exc
+
+
+def _save_model(path, family, arrays, meta) -> str:
     import zarr
 
     with atomic_dir(path) as tmp:

@@ -22,6 +22,7 @@ import numpy as np
 from scipy import linalg
 
 from ..errors import FitFailedError
+from ..stats import require_finite
 
 __all__ = [
     "COVARIANCE_TYPES",
@@ -347,6 +348,7 @@ def m_step(
         ``repaired_covariances``: {index: jitter added} for covariances that were not
         positive definite after ``reg_covar`` and needed more regularisation.
     """
+    require_finite(stats, "Gaussian mixture")
     N = np.asarray(stats.n, dtype=np.float64)
     K, d = stats.s1.shape
     nk = N + 10 * np.finfo(np.float64).eps

@@ -37,6 +37,7 @@ import numpy as np
 from scipy import linalg
 
 from ..errors import DataError, FitFailedError
+from ..stats import require_finite
 from . import gmm as G
 
 __all__ = [
@@ -388,7 +389,7 @@ def check_symbols(X: np.ndarray, n_symbols: int | None, where: str = "The sequen
             raise DataError(f"{where} have shape {X.shape}; categorical observations must be (n_steps, 1).")
         X = X[:, 0]
     if X.dtype.kind not in "iu":
-        if X.dtype.kind == "f" and np.all(np.isfinite(X)) and np.all(X == np.round(X)):
+        if X.dtype.kind == "f" and np.all(np.abs(X) < 2.0**53) and np.all(X == np.round(X)):
             X = X.astype(np.int64)
         else:
             raise DataError(f"{where} have dtype {X.dtype}; categorical symbols must be integers 0..n_features-1.")
@@ -543,6 +544,7 @@ def m_step_gaussian(stats: GaussianHMMStats, params: GaussianHMMParams, priors: 
         covariance. ``log_prob``: total log-likelihood of the E-step.
         ``zero_transition_rows``.
     """
+    require_finite(stats, "Gaussian HMM")
     ct = params.covariance_type
     g = shift_of(params)
     sp, tm, report = m_step_transitions(stats, params.startprob, params.transmat, trans_priors, learn)

@@ -36,6 +36,7 @@ import numpy as np
 from scipy import linalg
 
 from ..errors import ConfigError, FitFailedError
+from ..stats import require_finite
 
 __all__ = [
     "EM_VARS",
@@ -627,6 +628,7 @@ def m_step(stats: LGSSMStats, params: LGSSMParams, em_vars: frozenset, *,
     Diagonal covariances are the diagonals of the full updates. Returns ``(params, report)``;
     the report lists covariances that had to be repaired (not positive definite).
     """
+    require_finite(stats, "state-space model")
     A, C, Q, R, mu0, V0 = params
     report: dict = {}
     n_seq = float(stats.n_seq)
