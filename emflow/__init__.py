@@ -24,6 +24,7 @@ from .errors import (  # noqa: E402
     ModelFormatError,
     NonFiniteDataError,
     NotFittedError,
+    StorageError,
 )
 from .hmm import CategoricalHMM, GaussianHMM  # noqa: E402
 from .ingest import ingest  # noqa: E402
@@ -72,6 +73,7 @@ __all__ = [
     "ModelFormatError",
     "FitFailedError",
     "ClusterError",
+    "StorageError",
     "DegenerateComponentWarning",
     "EmflowConvergenceWarning",
     "__version__",

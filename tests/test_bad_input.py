@@ -350,12 +350,7 @@ def test_cli_predict_and_info_bad_input(fitted_models, tmp_path):
 
 # --- the fit flow ----------------------------------------------------------------------------
 
-@pytest.fixture(scope="session")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+# the session-wide ``prefect_server`` fixture is in conftest.py
 
 
 FLOW_CASES = {  # case -> (rows or None for a missing path, flow kwargs, exception type, message)
