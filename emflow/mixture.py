@@ -34,6 +34,9 @@ INIT_PARAMS = ("kmeans", "k-means++", "random_from_data", "random")
 KMEANS_MAX_ITER = 100
 KMEANS_TOL = 1e-4
 SAMPLE_ROWS = 20_000
+# Prediction on stored data returns an in-memory array only up to this size; beyond it,
+# the caller must name a Zarr output (out=...).
+MAX_IN_MEMORY_RESULT = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -493,6 +496,13 @@ class GaussianMixture:
                 self._check_features(loaded.data.n_features)
                 starts = [a for a, _ in loaded.data.bounds]
                 if out is None:
+                    width = self.n_components if kind == "proba" else 1
+                    nbytes = loaded.data.n_rows * width * 8
+                    if nbytes > MAX_IN_MEMORY_RESULT:
+                        raise ConfigError(
+                            f"The result would take {nbytes / 2**30:.1f} GiB in memory. Pass out='result.zarr' "
+                            "to write it to Zarr chunk by chunk instead."
+                        )
                     parts = engine.map(_predict_part, loaded, self._params, kind, None, per_partition=starts)
                     return np.concatenate(parts)
                 return self._write_output(engine, loaded, kind, out, starts)

@@ -143,6 +143,15 @@ def test_predict_writes_zarr_chunk_by_chunk(zdata, tmp_path, dask_client):
     assert labels.attrs["emflow"]["kind"] == "labels"
     # no temporary directories left behind
     assert sorted(os.listdir(tmp_path)) == ["labels.zarr", "proba.zarr", "score.zarr"]
+    # a result too big for memory must go to Zarr
+    import emflow.mixture as M
+
+    old, M.MAX_IN_MEMORY_RESULT = M.MAX_IN_MEMORY_RESULT, 1000
+    try:
+        with pytest.raises(emflow.ConfigError, match="Pass out="):
+            em.predict_proba(zdata["small"])
+    finally:
+        M.MAX_IN_MEMORY_RESULT = old
 
 
 def test_resident_is_chosen_by_size(zdata):
