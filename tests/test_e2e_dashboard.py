@@ -89,7 +89,7 @@ def _healthy(api: str) -> bool:
 
 
 @pytest.fixture
-def prefect_server(tmp_path):
+def loopback_server(tmp_path):
     """``prefect server start`` on a free loopback port with its own PREFECT_HOME (SQLite)."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
@@ -223,9 +223,9 @@ def _keep(path: Path) -> Path:
     return Path(shutil.copy2(path, OUTPUT / path.name))
 
 
-def test_flow_run_page_shows_run_and_artifacts(prefect_server, tmp_path):
-    timings = {"server_start_s": prefect_server["startup_s"]}
-    api, url = prefect_server["api"], prefect_server["url"]
+def test_flow_run_page_shows_run_and_artifacts(loopback_server, tmp_path):
+    timings = {"server_start_s": loopback_server["startup_s"]}
+    api, url = loopback_server["api"], loopback_server["url"]
 
     # 1. the fit flow, in its own process, against the server
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
