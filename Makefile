@@ -10,7 +10,7 @@ STAMP   = $(VENV)/.installed-stamp
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: demo test test-slow bench install clean
+.PHONY: demo test test-slow bench install clean e2e
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,13 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow
+
+# the dashboard end-to-end test: headless Debian chromium against a loopback Prefect server
+e2e: $(STAMP)
+	@command -v chromium >/dev/null 2>&1 || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y chromium; }
+	$(BIN)/python -m pytest tests/test_e2e_dashboard.py -m slow -rs
 
 clean:
 	rm -rf demo-output .pytest_cache .hypothesis

@@ -324,7 +324,8 @@ def _ensure_prefect_server(folder: Path) -> tuple[str, int | None]:
     api = f"http://127.0.0.1:{port}/api"
     prefect = Path(sys.executable).with_name("prefect")
     log = open(folder / "prefect-server.log", "ab")
-    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    # the dashboard must call this server's API, whatever port it got
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_API_URL": api}
     env.pop("PREFECT_API_URL", None)
     proc = subprocess.Popen(
         [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port)],

@@ -143,6 +143,7 @@ class IterationMonitor:
             self.rows.append(self._row(i + 1, ll, ll - prev, seconds[i] if i < len(seconds) else math.nan))
             prev = ll
         self._last_table = time.monotonic()
+        self._published = 0  # rows in the last published version
 
     def _row(self, iteration, value, change, seconds) -> dict[str, Any]:
         row = _row(iteration, value, change, seconds, self.init)
@@ -169,9 +170,11 @@ class IterationMonitor:
             update_progress_artifact(self.progress_id, round(100.0 * min(1.0, fraction), 2))
 
     def publish_table(self) -> None:
-        if self.rows:
+        """Publish the table as a new version of its artifact, unless nothing changed since."""
+        if self.rows and len(self.rows) != self._published:
             create_table_artifact(self.rows, key=self.table_key, description=self.description)
             self._last_table = time.monotonic()
+            self._published = len(self.rows)
 
 
 def _row(iteration, ll, change, seconds, init) -> dict[str, Any]:

@@ -87,7 +87,8 @@ def test_scheduler_lost_is_a_clear_error(tmp_path):
         procs.append(subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address,
                                        "--nthreads", "1", "--no-nanny", "--dashboard-address", ":0"],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        client = Client(address, timeout=60)
+        # the client's timeout is also how long it tries to reconnect to a lost scheduler
+        client = Client(address, timeout=10)
         client.wait_for_workers(1, timeout=60)
 
         def kill_scheduler(event):
