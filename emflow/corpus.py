@@ -27,7 +27,6 @@ besides the vocabulary.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from collections import Counter

@@ -231,7 +231,7 @@ class Engine:
 
     def load(self, rows: "_data.RowData", *, persist: Persist = "auto") -> Loaded:
         resident = self._decide_resident(rows, persist)
-        release = None
+        release: Callable[[], None] | None = None
         if self.client is None:
             if resident and not rows.in_memory:
                 handles = list(self._threads().map(_partition_data, rows.loaders))

@@ -22,7 +22,6 @@ Conventions to know:
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 import warnings
@@ -33,6 +32,7 @@ import numpy as np
 
 from . import __version__
 from . import store as _store
+from .base import ParamsMixin
 from .cluster import engine_for
 from .data import DEFAULT_PARTITION_BYTES, is_zarr_path
 from .em import EMResult, IterationEvent, run_em
@@ -177,33 +177,9 @@ def _write_owned(out_url: str, res: np.ndarray, start: int):
 
 
 # -- the estimators ------------------------------------------------------------------
-class _BaseHMM:
+class _BaseHMM(ParamsMixin):
     _family_name = ""
     _emission_letters = ""
-
-    # scikit-learn plumbing
-    @classmethod
-    def _param_names(cls) -> list[str]:
-        return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-
-    def get_params(self, deep: bool = True) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self._param_names()}
-
-    def set_params(self, **params):
-        for k, v in params.items():
-            if k not in self._param_names():
-                raise ConfigError(f"Unknown parameter {k!r} for {type(self).__name__}; valid: {self._param_names()}.")
-            setattr(self, k, v)
-        return self
-
-    def __repr__(self) -> str:
-        defaults = {p.name: p.default for p in inspect.signature(type(self).__init__).parameters.values()}
-        shown = []
-        for k in self._param_names():
-            v = getattr(self, k)
-            if isinstance(v, np.ndarray) or (v is not defaults.get(k) and v != defaults.get(k)):
-                shown.append(f"{k}={'array' if isinstance(v, np.ndarray) else repr(v)}")
-        return f"{type(self).__name__}({', '.join(shown)})"
 
     def _rng(self, random_state=None) -> np.random.Generator:
         rs = self.random_state if random_state is None else random_state

@@ -12,7 +12,6 @@ the perplexity) of the topics entering iteration ``i + 1``.
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 import time
@@ -24,6 +23,7 @@ import numpy as np
 
 from . import __version__
 from . import store as _store
+from .base import ParamsMixin
 from .cluster import engine_for
 from .corpus import CorpusData, open_corpus
 from .data import DEFAULT_PARTITION_BYTES
@@ -64,7 +64,7 @@ def _transform_part(entries, indptr, params: M.LDAParams, cfg: LDAConfig, normal
     return None
 
 
-class LatentDirichletAllocation:
+class LatentDirichletAllocation(ParamsMixin):
     """Latent Dirichlet allocation fitted by batch variational EM over a partitioned corpus.
 
     Parameters and fitted attributes follow
@@ -155,27 +155,6 @@ class LatentDirichletAllocation:
         self.scheduler = scheduler
         self.persist = persist
         self.split_every = split_every
-
-    # -- scikit-learn plumbing -------------------------------------------------------
-    @classmethod
-    def _param_names(cls) -> list[str]:
-        return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-
-    def get_params(self, deep: bool = True) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self._param_names()}
-
-    def set_params(self, **params) -> "LatentDirichletAllocation":
-        for k, v in params.items():
-            if k not in self._param_names():
-                raise ConfigError(f"Unknown parameter {k!r} for LatentDirichletAllocation; valid: {self._param_names()}.")
-            setattr(self, k, v)
-        return self
-
-    def __repr__(self) -> str:
-        defaults = {p.name: p.default for p in inspect.signature(type(self).__init__).parameters.values()}
-        shown = [f"{k}={getattr(self, k)!r}" for k in self._param_names() if getattr(self, k) is not defaults[k]
-                 and getattr(self, k) != defaults[k]]
-        return f"LatentDirichletAllocation({', '.join(shown)})"
 
     def _validate_params(self) -> None:
         def is_int(v):

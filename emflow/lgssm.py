@@ -14,7 +14,6 @@ emflow's common estimator surface.
 
 from __future__ import annotations
 
-import inspect
 import math
 import warnings
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import numpy as np
 
 from . import __version__
 from . import store as _store
+from .base import ParamsMixin
 from .cluster import engine_for
 from .data import DEFAULT_PARTITION_BYTES, is_zarr_path
 from .em import EMResult, IterationEvent, run_em
@@ -84,7 +84,7 @@ class Forecast(NamedTuple):
     observation_covariances: np.ndarray
 
 
-class LinearGaussianSSM:
+class LinearGaussianSSM(ParamsMixin):
     """Linear-Gaussian state-space model (Kalman filter and smoother) fitted by EM.
 
     ``z_1 ~ N(mu0, V0)``, ``z_t = A z_{t-1} + w_t`` with ``w_t ~ N(0, Q)``, and
@@ -199,31 +199,6 @@ class LinearGaussianSSM:
         self.split_every = split_every
         self.partition_bytes = partition_bytes
 
-    # -- scikit-learn plumbing -------------------------------------------------------
-    @classmethod
-    def _param_names(cls) -> list[str]:
-        return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-
-    def get_params(self, deep: bool = True) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self._param_names()}
-
-    def set_params(self, **params) -> "LinearGaussianSSM":
-        for k, v in params.items():
-            if k not in self._param_names():
-                raise ConfigError(f"Unknown parameter {k!r} for LinearGaussianSSM; valid: {self._param_names()}.")
-            setattr(self, k, v)
-        return self
-
-    def __repr__(self) -> str:
-        defaults = {p.name: p.default for p in inspect.signature(type(self).__init__).parameters.values()}
-        shown = []
-        for k in self._param_names():
-            v = getattr(self, k)
-            if isinstance(v, (np.ndarray, list)) or v is not defaults.get(k) and v != defaults.get(k):
-                shown.append(f"{k}={'array' if isinstance(v, np.ndarray) else repr(v)}")
-        return f"LinearGaussianSSM({', '.join(shown)})"
-
-    # -- validation ------------------------------------------------------------------
     def _validate(self) -> frozenset:
         def bad(msg):
             raise ConfigError(msg)

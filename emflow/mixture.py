@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 import warnings
@@ -13,6 +12,7 @@ import numpy as np
 
 from . import __version__
 from . import store as _store
+from .base import ParamsMixin
 from .cluster import engine_for
 from .data import is_zarr_path
 from .em import EMResult, IterationEvent, run_em
@@ -87,7 +87,7 @@ def _predict_part(X, w, params, kind: str, out_url: str | None, start: int):
     return None
 
 
-class GaussianMixture:
+class GaussianMixture(ParamsMixin):
     """Gaussian mixture model fitted by EM over partitions of a (possibly huge) dataset.
 
     Parameters follow :class:`sklearn.mixture.GaussianMixture`.
@@ -180,31 +180,6 @@ class GaussianMixture:
         self.persist = persist
         self.split_every = split_every
         self.partition_bytes = partition_bytes
-
-    # -- scikit-learn plumbing -------------------------------------------------------
-    @classmethod
-    def _param_names(cls) -> list[str]:
-        sig = inspect.signature(cls.__init__)
-        return [p for p in sig.parameters if p != "self"]
-
-    def get_params(self, deep: bool = True) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self._param_names()}
-
-    def set_params(self, **params) -> "GaussianMixture":
-        for k, v in params.items():
-            if k not in self._param_names():
-                raise ConfigError(f"Unknown parameter {k!r} for GaussianMixture; valid: {self._param_names()}.")
-            setattr(self, k, v)
-        return self
-
-    def __repr__(self) -> str:
-        defaults = {p.name: p.default for p in inspect.signature(type(self).__init__).parameters.values()}
-        shown = []
-        for k in self._param_names():
-            v = getattr(self, k)
-            if isinstance(v, np.ndarray) or (v is not defaults.get(k) and v != defaults.get(k)):
-                shown.append(f"{k}={'array' if isinstance(v, np.ndarray) else repr(v)}")
-        return f"GaussianMixture({', '.join(shown)})"
 
     # -- validation ------------------------------------------------------------------
     def _validate_params(self) -> None:

@@ -83,8 +83,6 @@ class atomic_dir:
 
 def save_model(path, family: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> str:
     """Write a model group atomically; returns the absolute path."""
-    import zarr
-
     try:
         return _save_model(path, family, arrays, meta)
     except OSError as exc:

@@ -223,7 +223,6 @@ def fit_flow(
     (progress), ``fit-log-likelihood`` (table, per iteration), ``fit-summary`` (markdown
     with the convergence plot).
     """
-    logger = get_run_logger()
     cfg = dict(n_components=n_components, covariance_type=covariance_type, tol=tol, reg_covar=reg_covar,
                max_iter=max_iter, init_params=init_params, random_state=random_state)
     with compute(scheduler) as (sched, dashboard):
