@@ -42,9 +42,10 @@ class GMMFamily:
 
     covariance_type: str
     reg_covar: float
+    compute_dtype: str = "float64"
 
     def e_step(self, X, w, params: G.GMMParams) -> G.GMMStats:
-        return G.e_step(X, w, params)
+        return G.e_step(X, w, params, self.compute_dtype)
 
     def m_step(self, stats: G.GMMStats, params: G.GMMParams):
         return G.m_step(stats, G.shift_of(params), self.covariance_type, self.reg_covar)
@@ -118,6 +119,11 @@ class GaussianMixture:
         every iteration (False), or decide from the data size and cluster memory ("auto").
     split_every : int, default 8
         Fan-in of the tree reduction of statistics.
+    compute_dtype : {"float64", "float32"}, default "float64"
+        Precision of the E-step arithmetic inside each block of rows. ``"float32"`` is about
+        twice as fast; statistics and log-likelihood are still summed in float64 across
+        blocks, partitions and workers (the log-likelihood then agrees with the float64 run
+        to ~1e-7 relative on well-scaled data).
 
     Attributes
     ----------
@@ -156,6 +162,7 @@ class GaussianMixture:
         scheduler=None,
         persist="auto",
         split_every: int = 8,
+        compute_dtype: str = "float64",
     ):
         self.n_components = n_components
         self.covariance_type = covariance_type
@@ -172,6 +179,7 @@ class GaussianMixture:
         self.scheduler = scheduler
         self.persist = persist
         self.split_every = split_every
+        self.compute_dtype = compute_dtype
 
     # -- scikit-learn plumbing -------------------------------------------------------
     @classmethod
@@ -219,6 +227,8 @@ class GaussianMixture:
             bad(f"init_params must be one of {INIT_PARAMS}, got {self.init_params!r}.")
         if not isinstance(self.split_every, (int, np.integer)) or self.split_every < 2:
             bad(f"split_every must be an integer >= 2, got {self.split_every!r}.")
+        if self.compute_dtype not in ("float64", "float32"):
+            bad(f"compute_dtype must be 'float64' or 'float32', got {self.compute_dtype!r}.")
 
     def _check_inits(self, d: int) -> None:
         K, ct = self.n_components, self.covariance_type
@@ -375,7 +385,7 @@ class GaussianMixture:
     def _fit_loaded(self, engine, loaded, callbacks, initial_params=None, history=None):
         d = loaded.data.n_features
         self._check_inits(d)
-        family = GMMFamily(self.covariance_type, float(self.reg_covar))
+        family = GMMFamily(self.covariance_type, float(self.reg_covar), self.compute_dtype)
         rng = self._rng()
         best: EMResult | None = None
         warned: set = set()
