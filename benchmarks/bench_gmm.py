@@ -79,11 +79,10 @@ def grid(name: str) -> list[dict]:
     elif name == "target":
         add("size", 1_000_000, 16, 16, "full")
     elif name == "quick":
-        for n in (10_000, 100_000, 300_000):
+        for n in (10_000, 100_000):
             add("size", n, 16, 16, "full")
         for ct in cts[1:]:
-            for n in (10_000, 300_000):
-                add("size", n, 16, 16, ct)
+            add("size", 100_000, 16, 16, ct)
         for d, K in ((2, 2), (64, 4)):
             add("shape", 100_000, d, K, "full")
     elif name == "full":
@@ -716,8 +715,18 @@ def _targets(by, meta):
              if s in PEERS and r["status"] == "ok" and "ll_rel_diff" in r]
     if agree:
         worst = max(agree, key=lambda a: a[2])
-        out.append(f"- Final log-likelihoods agree: largest relative difference to emflow {worst[2]:.1e} "
+        out.append(f"- Final log-likelihoods: largest relative difference to emflow {worst[2]:.1e} "
                    f"({worst[1]}, {worst[0][0]} n={worst[0][1]:,}).")
+        sk = [a for a in agree if a[1] == "sklearn"]
+        if sk:
+            out.append(f"  scikit-learn vs emflow: at most {max(a[2] for a in sk):.1e} (same algorithm).")
+        bad = [a for a in agree if a[1] == "spark" and a[2] > 1e-6]
+        if bad:
+            out.append("  Spark MLlib differs where it does not compute exact EM: it takes responsibilities from "
+                       "`weight * pdf(x) + EPSILON` in probability space (not log space), so every row whose "
+                       "density is below ~1e-16 (common at d=16) gets uniform responsibilities 1/K, which "
+                       "drags all components. Its final model therefore scores lower than the exact-EM one "
+                       "that emflow and scikit-learn agree on; with d=3 (the tiny grid) all three agree to 1e-14.")
     return out
 
 
