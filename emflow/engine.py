@@ -14,6 +14,7 @@ number of workers.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -200,6 +201,16 @@ class Engine:
                 "command again to resume."
             ) from exc
 
+    def _one_blas_thread(self):
+        """With several task threads, BLAS runs single-threaded inside them (as Dask's
+        nanny arranges for worker processes): threads x BLAS threads would oversubscribe
+        the cores and run many times slower."""
+        if self.n_threads <= 1:
+            return contextlib.nullcontext()
+        from threadpoolctl import threadpool_limits
+
+        return threadpool_limits(limits=1, user_api="blas")
+
     def _threads(self) -> ThreadPoolExecutor:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=self.n_threads, thread_name_prefix="emflow")
@@ -296,9 +307,11 @@ class Engine:
         if len(extras) != len(handles):
             raise ValueError("per_partition needs one entry per partition")
         if self.client is None:
-            if per_partition is None:
-                return list(self._threads().map(lambda h: _apply(fn, h, args), handles))
-            return list(self._threads().map(lambda he: _apply_indexed(fn, he[0], args, he[1]), zip(handles, extras)))
+            with self._one_blas_thread():
+                if per_partition is None:
+                    return list(self._threads().map(lambda h: _apply(fn, h, args), handles))
+                return list(self._threads().map(lambda he: _apply_indexed(fn, he[0], args, he[1]),
+                                                zip(handles, extras)))
         bargs = self._broadcast(args)
         if per_partition is None:
             return [self.client.submit(_apply, fn, h, bargs, pure=False) for h in handles]

@@ -45,9 +45,10 @@ class GMMFamily:
 
     covariance_type: str
     reg_covar: float
+    compute_dtype: str = "float64"
 
     def e_step(self, X, w, params: G.GMMParams) -> G.GMMStats:
-        return G.e_step(X, w, params)
+        return G.e_step(X, w, params, self.compute_dtype)
 
     def m_step(self, stats: G.GMMStats, params: G.GMMParams):
         return G.m_step(stats, G.shift_of(params), self.covariance_type, self.reg_covar)
@@ -124,6 +125,11 @@ class GaussianMixture(ParamsMixin):
     partition_bytes : int or None
         Target bytes per partition (whole Zarr chunks); default 64 MiB. Smaller partitions
         bound worker memory more tightly when streaming data larger than memory.
+    compute_dtype : {"float64", "float32"}, default "float64"
+        Precision of the E-step arithmetic inside each block of rows. ``"float32"`` is about
+        twice as fast; statistics and log-likelihood are still summed in float64 across
+        blocks, partitions and workers (the log-likelihood then agrees with the float64 run
+        to ~1e-7 relative on well-scaled data).
 
     Attributes
     ----------
@@ -163,6 +169,7 @@ class GaussianMixture(ParamsMixin):
         persist="auto",
         split_every: int = 8,
         partition_bytes: int | None = None,
+        compute_dtype: str = "float64",
     ):
         self.n_components = n_components
         self.covariance_type = covariance_type
@@ -180,6 +187,7 @@ class GaussianMixture(ParamsMixin):
         self.persist = persist
         self.split_every = split_every
         self.partition_bytes = partition_bytes
+        self.compute_dtype = compute_dtype
 
     # -- validation ------------------------------------------------------------------
     def _validate_params(self) -> None:
@@ -205,6 +213,8 @@ class GaussianMixture(ParamsMixin):
         if self.partition_bytes is not None and (
                 not isinstance(self.partition_bytes, (int, np.integer)) or self.partition_bytes < 1):
             bad(f"partition_bytes must be a positive integer or None, got {self.partition_bytes!r}.")
+        if self.compute_dtype not in ("float64", "float32"):
+            bad(f"compute_dtype must be 'float64' or 'float32', got {self.compute_dtype!r}.")
 
     def _check_inits(self, d: int) -> None:
         K, ct = self.n_components, self.covariance_type
@@ -365,7 +375,7 @@ class GaussianMixture(ParamsMixin):
     def _fit_loaded(self, engine, loaded, callbacks, initial_params=None, history=None):
         d = loaded.data.n_features
         self._check_inits(d)
-        family = GMMFamily(self.covariance_type, float(self.reg_covar))
+        family = GMMFamily(self.covariance_type, float(self.reg_covar), self.compute_dtype)
         rng = self._rng()
         best: EMResult | None = None
         warned: set = set()
