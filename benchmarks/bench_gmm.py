@@ -98,6 +98,8 @@ def grid(name: str) -> list[dict]:
 
 
 def case_id(c: dict) -> str:
+    if "ct" not in c:  # the fixed-cost run on a tiny dataset
+        return "tiny"
     return f"{c['ct']}-n{c['n']}-d{c['d']}-K{c['K']}"
 
 
@@ -764,16 +766,18 @@ def plot(rows, path):
     if not cts:
         return
     fig, axes = plt.subplots(1, len(cts), figsize=(4.2 * len(cts), 3.8), squeeze=False)
+    color = {s: f"C{i}" for i, s in enumerate(SYSTEMS)}  # one colour per system in every panel
+    handles = {}
     for ax, ct in zip(axes[0], cts):
         for s in SYSTEMS:
             pts = sorted((r["n"], r["rows_per_s"]) for r in size if r["ct"] == ct and r["system"] == s)
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=s)
+                (handles[s],) = ax.plot(*zip(*pts), marker="o", label=s, color=color[s])
         sub = [r for r in size if r["ct"] == ct]
         ax.set(xscale="log", yscale="log", xlabel="rows", title=f"{ct} (d={sub[0]['d']}, K={sub[0]['K']})")
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].set_ylabel("rows per second per iteration")
-    axes[0][-1].legend(fontsize=8)
+    axes[0][-1].legend(handles.values(), handles.keys(), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
