@@ -129,8 +129,9 @@ def test_same_answer_for_partitionings_and_dask(lda_corpus, dask_client):
     b = LatentDirichletAllocation(**kw, scheduler="threads").fit(fine)
     c = LatentDirichletAllocation(**kw, scheduler=dask_client).fit(fine)
     assert rel(b.history_, a.history_) < 1e-10 and rel(b.components_, a.components_) < 1e-10
-    assert c.history_ == b.history_
-    np.testing.assert_array_equal(c.components_, b.components_)
+    # Dask and threads run the same partitions and the same reduction tree; NumPy's SIMD
+    # reductions may still round a sum differently by the alignment of a fresh array.
+    assert rel(c.history_, b.history_) < 1e-14 and rel(c.components_, b.components_) < 1e-14
     ta = a.transform(coarse)
     tc = c.transform(fine)
     assert rel(tc, ta) < 1e-10

@@ -163,41 +163,44 @@ def _fit_block(ids, cnts, indptr, gamma, exp_elog_beta, alpha, max_iter, tol):
 
     ``gamma`` (n, K) is the initial value and is overwritten. Returns
     ``(gamma, exp_elog_theta, W)`` with ``W = exp_elog_beta[:, ids].T`` of shape (nnz, K).
+
+    Every step is a pass over the block's (non-zeros x K) cells: a gather and a row-wise dot
+    for ``norm_phi``, then one sparse-times-dense product that scales each document's rows
+    of ``W`` by ``cnts / norm_phi`` and sums them. A document stops changing once it has
+    converged; the arrays are compacted only when half the documents they hold have
+    converged, so copying stays proportional to the work.
     """
     n, K = gamma.shape
     exp_elog_theta = np.exp(dirichlet_expectation_2d(gamma))
     W = np.ascontiguousarray(exp_elog_beta[:, ids].T)
     lens = np.diff(indptr)
-    active = np.arange(n)
+    held = np.arange(n)  # documents in the compacted arrays
+    live = np.ones(n, dtype=bool)  # which of those are still iterating
     a_W, a_cnts, a_ptr = W, cnts, indptr
+    a_doc = np.repeat(np.arange(n), lens)
     for _ in range(max_iter):
-        if active.size == 0:
+        if not live.any():
             break
-        na = active.size
-        a_doc = np.repeat(np.arange(na), np.diff(a_ptr))
-        E = exp_elog_theta[active]
-        norm_phi = np.einsum("ek,ek->e", E[a_doc], a_W) + EPS
-        new = E * _segment_sum((a_cnts / norm_phi)[:, None] * a_W, a_ptr)
+        E = exp_elog_theta[held]
+        norm_phi = np.einsum("ek,ek->e", np.take(E, a_doc, axis=0), a_W)
+        norm_phi += EPS
+        S = sp.csr_matrix((a_cnts / norm_phi, np.arange(len(a_cnts)), a_ptr), shape=(held.size, len(a_cnts)))
+        new = (E * (S @ a_W))[live]
         new += alpha
-        last = gamma[active]
-        gamma[active] = new
-        exp_elog_theta[active] = np.exp(psi(new) - psi(new.sum(axis=1))[:, None])
-        keep = np.abs(last - new).mean(axis=1) >= tol
-        if not keep.all():
-            active = active[keep]
-            emask = np.repeat(keep, np.diff(a_ptr))
+        idx = held[live]
+        last = gamma[idx]
+        gamma[idx] = new
+        exp_elog_theta[idx] = np.exp(psi(new) - psi(new.sum(axis=1))[:, None])
+        done = np.abs(last - new).mean(axis=1) < tol
+        live[np.flatnonzero(live)[done]] = False
+        if 0 < 2 * np.count_nonzero(live) <= held.size:
+            emask = np.repeat(live, np.diff(a_ptr))
+            held = held[live]
             a_W, a_cnts = a_W[emask], a_cnts[emask]
-            a_ptr = np.concatenate([[0], np.cumsum(lens[active])])
+            a_ptr = np.concatenate([[0], np.cumsum(lens[held])])
+            a_doc = np.repeat(np.arange(held.size), lens[held])
+            live = np.ones(held.size, dtype=bool)
     return gamma, exp_elog_theta, W
-
-
-def _segment_sum(rows: np.ndarray, ptr: np.ndarray) -> np.ndarray:
-    """Sums of ``rows[ptr[i]:ptr[i + 1]]`` for each i (zeros for empty segments), in row order."""
-    out = np.zeros((len(ptr) - 1, rows.shape[1]))
-    nonempty = np.flatnonzero(np.diff(ptr) > 0)
-    if nonempty.size:
-        out[nonempty] = np.add.reduceat(rows, ptr[nonempty], axis=0)
-    return out
 
 
 def _doc_bound(gamma: np.ndarray, elog_theta: np.ndarray, alpha: float) -> float:
