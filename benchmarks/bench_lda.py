@@ -59,6 +59,7 @@ def main(argv=None) -> str:
     t = time.perf_counter()
     m.fit(corpus)
     wall = time.perf_counter() - t
+
     def perplexity_of(components):
         """One evaluator for every system: emflow's perplexity (E-step from ones) of these topics."""
         import copy

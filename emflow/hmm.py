@@ -54,6 +54,8 @@ __all__ = ["GaussianHMM", "CategoricalHMM", "ConvergenceMonitor", "GaussianHMMFa
 SAMPLE_STEPS = 20_000
 KMEANS_MAX_ITER = 100
 KMEANS_TOL = 1e-4
+# An inferred emission matrix larger than this means the symbols are not codes 0..M-1.
+MAX_EMISSION_BYTES = 2**30
 
 
 # -- family objects (shipped to workers) ----------------------------------------------
@@ -753,6 +755,12 @@ class CategoricalHMM(_BaseHMM):
         seen = self._symbols_seen(engine, loaded, M)
         if M is None:
             M = seen
+            size = 8.0 * self.n_components * M
+            if size > MAX_EMISSION_BYTES:
+                raise DataError(
+                    f"The sequences hold symbol {seen - 1}, so the emission matrix would be {self.n_components} x "
+                    f"{seen} ({size / 2**30:.1f} GiB). Symbols must be codes 0..n_features-1: recode them "
+                    "(e.g. with np.unique(X, return_inverse=True)), or pass n_features to allow this size.")
         if seen > M:
             raise DataError(f"The sequences hold symbol {seen - 1} but the model emits symbols 0..{M - 1}. "
                             f"Set n_features to at least {seen}.")

@@ -366,6 +366,13 @@ def test_categorical_out_of_range(tmp_path):
         m.fit(path)
 
 
+def test_categorical_symbol_ids_that_are_not_codes():
+    # one huge id would make the inferred emission matrix 3 x 2e9: refused before allocating
+    X = np.array([[0], [1], [2_000_000_000], [1]])
+    with pytest.raises(DataError, match=r"emission matrix would be 3 x 2000000001 \(44.7 GiB\).*recode"):
+        CategoricalHMM(3, scheduler="threads").fit(X)
+
+
 def test_missing_start_parameters_are_config_errors():
     m = GaussianHMM(2, init_params="mc", scheduler="threads")
     with pytest.raises(ConfigError, match="startprob_ is not set"):
