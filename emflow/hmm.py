@@ -477,13 +477,8 @@ class _BaseHMM(ParamsMixin):
                for k, v in meta["config"].items() if k in cls._param_names()}
         model = cls(**cfg)
         model._restore(arrays, meta["fitted"])
-        fitted = meta["fitted"]
-        model.converged_ = bool(fitted["converged"])
-        model.n_iter_ = int(fitted["n_iter"])
-        model.lower_bound_ = float(fitted["lower_bound"])
-        model.history_ = [float(v) for v in meta["history"]]
+        _store.restore_fit_record(model, meta)
         model.monitor_ = ConvergenceMonitor(model.tol, model.n_iter, meta.get("monitor_history", []), model.converged_)
-        model.fit_info_ = dict(meta.get("dataset", {}))
         return model
 
 

@@ -454,16 +454,10 @@ class LatentDirichletAllocation(ParamsMixin):
         arrays, meta = _store.load_model(path, FAMILY)
         model = cls(**{k: v for k, v in meta["config"].items() if k in cls._param_names()})
         model.components_ = arrays["components"]
-        f = meta["fitted"]
-        model.converged_ = bool(f["converged"])
-        model.n_iter_ = int(f["n_iter"])
-        model.lower_bound_ = float(f["lower_bound"])
-        model.n_features_in_ = int(f["n_features_in"])
-        model.doc_topic_prior_ = float(f["doc_topic_prior_"])
-        model.topic_word_prior_ = float(f["topic_word_prior_"])
-        model.history_ = [float(v) for v in meta["history"]]
+        _store.restore_fit_record(model, meta)
+        model.doc_topic_prior_ = float(meta["fitted"]["doc_topic_prior_"])
+        model.topic_word_prior_ = float(meta["fitted"]["topic_word_prior_"])
         model.vocabulary_ = meta.get("vocabulary")
-        model.fit_info_ = dict(meta.get("dataset", {}))
         return model
 
 

@@ -507,13 +507,7 @@ class LinearGaussianSSM(ParamsMixin):
                 cfg[k] = np.asarray(cfg[k], dtype=np.float64)
         model = cls(**{k: v for k, v in cfg.items() if k in cls._param_names()})
         model._set_params(M.LGSSMParams(*(arrays[n] for n in _INIT_NAMES)))
-        fitted = meta["fitted"]
-        model.converged_ = bool(fitted["converged"])
-        model.n_iter_ = int(fitted["n_iter"])
-        model.lower_bound_ = float(fitted["lower_bound"])
-        model.n_features_in_ = int(fitted["n_features_in"])
-        model.history_ = [float(v) for v in meta["history"]]
-        model.fit_info_ = dict(meta.get("dataset", {}))
+        _store.restore_fit_record(model, meta)
         return model
 
 

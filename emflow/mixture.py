@@ -626,13 +626,7 @@ class GaussianMixture(ParamsMixin):
         model.means_ = arrays["means"]
         model.covariances_ = arrays["covariances"]
         model.precisions_cholesky_ = arrays["precisions_cholesky"]
-        fitted = meta["fitted"]
-        model.converged_ = bool(fitted["converged"])
-        model.n_iter_ = int(fitted["n_iter"])
-        model.lower_bound_ = float(fitted["lower_bound"])
-        model.n_features_in_ = int(fitted["n_features_in"])
-        model.history_ = [float(v) for v in meta["history"]]
-        model.fit_info_ = dict(meta.get("dataset", {}))
+        _store.restore_fit_record(model, meta)
         return model
 
 

@@ -152,5 +152,19 @@ def load_model(path, family: str | None = None) -> tuple[dict[str, np.ndarray], 
     return arrays, meta
 
 
+def restore_fit_record(model, meta: dict[str, Any]) -> None:
+    """Set the fitted attributes every family saves (``converged_``, ``n_iter_``,
+    ``lower_bound_``, ``n_features_in_`` where saved, ``history_``, ``fit_info_``) from the
+    attributes :func:`load_model` returned."""
+    fitted = meta["fitted"]
+    model.converged_ = bool(fitted["converged"])
+    model.n_iter_ = int(fitted["n_iter"])
+    model.lower_bound_ = float(fitted["lower_bound"])
+    if "n_features_in" in fitted:
+        model.n_features_in_ = int(fitted["n_features_in"])
+    model.history_ = [float(v) for v in meta["history"]]
+    model.fit_info_ = dict(meta.get("dataset", {}))
+
+
 def to_json(obj: Any) -> str:
     return json.dumps(_json_safe(obj))
