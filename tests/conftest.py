@@ -15,6 +15,9 @@ os.environ.setdefault("PREFECT_HOME", _PREFECT_HOME)
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("PREFECT_LOGGING_TO_API_BATCH_INTERVAL", "0.3")
+# Command-line output is checked by its text: a wide terminal, so that rich does not wrap
+# lines at 80 columns (where they wrap would depend on the length of the temporary path).
+os.environ["COLUMNS"] = "250"
 
 
 def _kill_pids(pids):
