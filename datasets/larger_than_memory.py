@@ -13,10 +13,11 @@ The script
    started and read with ``client.run``) and also reads the kernel's high-water mark
    (``VmHWM``), checks that no worker was restarted, paused or spilled to disk;
 5. fits the same data in memory in this process (same initial parameters) and reports the
-   largest relative difference of the fitted parameters.
+   largest relative difference of the fitted parameters (skipped when three copies of the
+   data would not fit in this machine's available memory).
 
 Partitions are ``--partition-mib`` MiB (``GaussianMixture(partition_bytes=...)``; emflow's
-default for a Zarr path is 64 MiB partitions, which needs workers of ~700 MiB or more).
+default for a Zarr path is 64 MiB partitions, with which workers peaked at 264 MiB).
 
 Run the small default (1.5 GiB of data, two workers of 256 MiB)::
 
@@ -25,7 +26,7 @@ Run the small default (1.5 GiB of data, two workers of 256 MiB)::
 and by hand at a larger size, e.g. 8 GiB against two 1 GiB workers::
 
     python -m datasets.larger_than_memory --workdir /scratch/ltm --size 8GiB --memory-limit 1GiB \\
-        --partition-mib 64 --max-iter 5
+        --partition-mib 64 --max-iter 3
 
 Figures measured are recorded in datasets/README.md.
 """
