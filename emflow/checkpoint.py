@@ -67,8 +67,9 @@ def _rebuild(cls, arrays_fields):
 
 
 # parameter type -> (family name in the header, array fields stored, string fields kept in
-# the header, how to rebuild the NamedTuple from them). LDA stores only lambda: the
-# Dirichlet expectations are recomputed from it exactly as the M-step computes them.
+# the header, how to rebuild the NamedTuple from them). LDA stores only lambda (the
+# Dirichlet expectations are recomputed from it exactly as the M-step computes them) and
+# the document-topic prior when it is estimated.
 _PARAM_KINDS: dict[type, tuple[str, tuple[str, ...], tuple[str, ...], Any]] = {
     GMMParams: ("gaussian_mixture", _PARAM_FIELDS, ("covariance_type",), _rebuild(GMMParams, _PARAM_FIELDS)),
     GaussianHMMParams: ("gaussian_hmm", ("startprob", "transmat", "means", "covars"), ("covariance_type",),
@@ -76,9 +77,11 @@ _PARAM_KINDS: dict[type, tuple[str, tuple[str, ...], tuple[str, ...], Any]] = {
     CategoricalHMMParams: ("categorical_hmm", ("startprob", "transmat", "emissionprob"), (),
                            _rebuild(CategoricalHMMParams, ("startprob", "transmat", "emissionprob"))),
     LGSSMParams: ("linear_gaussian_ssm", LGSSMParams._fields, (), _rebuild(LGSSMParams, LGSSMParams._fields)),
-    LDAParams: ("latent_dirichlet_allocation", ("components",), (),
-                lambda arrays, attrs: _lda_params(arrays["components"])),
+    LDAParams: ("latent_dirichlet_allocation", ("components", "doc_topic_prior"), (),
+                lambda arrays, attrs: _lda_params(arrays["components"], arrays.get("doc_topic_prior"))),
 }
+# array fields that a checkpoint holds only when they are not None
+_OPTIONAL_FIELDS = {"doc_topic_prior"}
 _BY_FAMILY = {v[0]: v for v in _PARAM_KINDS.values()}
 
 
@@ -179,7 +182,8 @@ def write_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> str:
     path = os.path.abspath(os.fspath(path))
     p = ckpt.params
     family, fields, attrs, _ = _kind_of(p)
-    arrays = {name: np.asarray(getattr(p, name), dtype=np.float64) for name in fields}
+    arrays = {name: np.asarray(getattr(p, name), dtype=np.float64) for name in fields
+              if not (name in _OPTIONAL_FIELDS and getattr(p, name) is None)}
     arrays["history"] = np.asarray(ckpt.history, dtype=np.float64)
     arrays["seconds"] = np.asarray(ckpt.seconds, dtype=np.float64)
     header = {
@@ -230,7 +234,8 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
             kind = _BY_FAMILY.get(header.get("family", "gaussian_mixture"))
             if kind is None:
                 raise ValueError(f"unknown model family {header.get('family')!r}")
-            arrays = {name: np.array(z[name]) for name in (*kind[1], "history", "seconds")}
+            arrays = {name: np.array(z[name]) for name in (*kind[1], "history", "seconds")
+                      if not (name in _OPTIONAL_FIELDS and name not in z.files)}
     except (OSError, ValueError, KeyError, EOFError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"unreadable or truncated ({type(exc).__name__}: {exc})") from exc
     except Exception as exc:  # zipfile.BadZipFile and friends

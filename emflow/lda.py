@@ -42,9 +42,13 @@ DOC_INITS = ("random", "ones")
 class LDAConfig:
     """What the workers need besides the topics (picklable)."""
 
-    doc_topic_prior: float
+    doc_topic_prior: float | np.ndarray  # an array of shape (K,) once estimated
     max_doc_update_iter: int
     mean_change_tol: float
+
+
+def _prior(alpha) -> float | np.ndarray:
+    return np.asarray(alpha, dtype=np.float64) if np.ndim(alpha) else float(alpha)
 
 
 def _estep_part(entries, indptr, params: M.LDAParams, cfg: LDAConfig, seed, doc_start: int) -> M.LDAStats:
@@ -94,6 +98,12 @@ class LatentDirichletAllocation(ParamsMixin):
         Initial document-topic parameters of each training E-step: Gamma(100, 0.01) draws
         as scikit-learn's training E-step makes (here keyed by document, so the same for
         any partitioning), or ones as scikit-learn's ``transform`` uses.
+    learn_doc_topic_prior : bool, default False
+        Also estimate the document-topic prior in each M-step, as an asymmetric Dirichlet
+        (one ``alpha_k`` per topic, Newton's method on the bound, as gensim's
+        ``alpha="auto"`` aims at), starting from ``doc_topic_prior``. The statistic it needs
+        (``sum_d E[log theta_d]``) comes from the same pass. ``doc_topic_prior_`` is then an
+        array. scikit-learn has no such option; with False the prior stays fixed as there.
     random_state : int, numpy RandomState or None
         An int gives the same initial ``components_`` as scikit-learn with that int.
     verbose : int, default 0
@@ -109,7 +119,8 @@ class LatentDirichletAllocation(ParamsMixin):
     components_ : ndarray of shape (n_components, n_features)
         Topic-word variational parameters ``lambda``.
     exp_dirichlet_component_ : ndarray of shape (n_components, n_features)
-    doc_topic_prior_, topic_word_prior_ : float
+    doc_topic_prior_ : float, or ndarray of shape (n_components,) with ``learn_doc_topic_prior``
+    topic_word_prior_ : float
     n_iter_ : int
     converged_ : bool
         Stopped by ``perp_tol`` before ``max_iter``.
@@ -135,6 +146,7 @@ class LatentDirichletAllocation(ParamsMixin):
         mean_change_tol: float = 1e-3,
         max_doc_update_iter: int = 100,
         doc_topic_init: str = "random",
+        learn_doc_topic_prior: bool = False,
         random_state=None,
         verbose: int = 0,
         scheduler=None,
@@ -150,6 +162,7 @@ class LatentDirichletAllocation(ParamsMixin):
         self.mean_change_tol = mean_change_tol
         self.max_doc_update_iter = max_doc_update_iter
         self.doc_topic_init = doc_topic_init
+        self.learn_doc_topic_prior = learn_doc_topic_prior
         self.random_state = random_state
         self.verbose = verbose
         self.scheduler = scheduler
@@ -179,6 +192,8 @@ class LatentDirichletAllocation(ParamsMixin):
                 bad(f"{name} must be a number >= 0, got {v!r}.")
         if not is_int(self.max_doc_update_iter) or self.max_doc_update_iter < 0:
             bad(f"max_doc_update_iter must be an integer >= 0, got {self.max_doc_update_iter!r}.")
+        if not isinstance(self.learn_doc_topic_prior, (bool, np.bool_)):
+            bad(f"learn_doc_topic_prior must be True or False, got {self.learn_doc_topic_prior!r}.")
         if self.doc_topic_init not in DOC_INITS:
             bad(f"doc_topic_init must be one of {DOC_INITS}, got {self.doc_topic_init!r}.")
         if not is_int(self.split_every) or self.split_every < 2:
@@ -193,7 +208,7 @@ class LatentDirichletAllocation(ParamsMixin):
 
     @property
     def _config_obj(self) -> LDAConfig:
-        return LDAConfig(float(self.doc_topic_prior_), int(self.max_doc_update_iter), float(self.mean_change_tol))
+        return LDAConfig(_prior(self.doc_topic_prior_), int(self.max_doc_update_iter), float(self.mean_change_tol))
 
     @property
     def exp_dirichlet_component_(self) -> np.ndarray:
@@ -228,8 +243,10 @@ class LatentDirichletAllocation(ParamsMixin):
         callbacks : iterable of callables
             Called with an :class:`~emflow.em.IterationEvent` after every iteration
             (``log_likelihood`` is the bound per word).
-        initial_params : ndarray of shape (n_components, n_terms), optional
-            Starting ``components_`` (resume from a checkpoint, or a given start).
+
+        initial_params : ndarray of shape (n_components, n_terms) or LDAParams, optional
+            Starting ``components_`` (a given start), or a checkpoint's parameters
+            (``components`` and, with ``learn_doc_topic_prior``, the prior reached).
         history : list of float, optional
             Bound per word of iterations already done (resume).
 
@@ -256,16 +273,21 @@ class LatentDirichletAllocation(ParamsMixin):
         rs = self.random_state if isinstance(self.random_state, np.random.RandomState) else np.random.RandomState(self.random_state)
         lam = M.init_components(K, V, rs)
         seed = int(rs.randint(2**31 - 1))
+        learned = None
+        if isinstance(initial_params, M.LDAParams):  # a checkpoint's parameters
+            initial_params, learned = initial_params.components, initial_params.doc_topic_prior
         if initial_params is not None:
             lam = np.array(initial_params, dtype=np.float64)
             if lam.shape != (K, V):
                 raise ConfigError(f"initial_params has shape {lam.shape}; expected ({K}, {V}).")
             if not np.all(np.isfinite(lam)) or np.any(lam <= 0):
                 raise ConfigError("initial_params must be finite and > 0 (they are Dirichlet parameters).")
-        self.doc_topic_prior_, self.topic_word_prior_ = alpha, eta
-        cfg = LDAConfig(alpha, int(self.max_doc_update_iter), float(self.mean_change_tol))
+        if learned is not None and not self.learn_doc_topic_prior:
+            raise ConfigError("initial_params holds an estimated doc_topic_prior but learn_doc_topic_prior is False.")
+        self.topic_word_prior_ = eta
+        max_doc_iter, mean_tol = int(self.max_doc_update_iter), float(self.mean_change_tol)
         starts = [a for a, _ in corpus.bounds]
-        params = M.make_params(lam)
+        params = M.make_params(lam, learned)
         history = [float(v) for v in (history or [])]
         seconds: list[float] = []
         converged = False
@@ -276,11 +298,13 @@ class LatentDirichletAllocation(ParamsMixin):
         for it in range(len(history) + 1, int(self.max_iter) + 1):
             t0 = time.perf_counter()
             it_seed = None if self.doc_topic_init == "ones" else (seed, it)
+            prior = alpha if params.doc_topic_prior is None else params.doc_topic_prior
+            cfg = LDAConfig(prior, max_doc_iter, mean_tol)
             stats = engine.map_reduce(_estep_part, loaded, params, cfg, it_seed, per_partition=starts)
             if it == len(history) + 1 and not float(stats.n_words) > 0:
                 raise DataError(f"The corpus ({corpus.source}) holds no words (all counts are zero); there is nothing to fit.")
             per_word = M.bound(stats, params, eta) / float(stats.n_words)
-            params, report = M.m_step(stats, params, eta)
+            params, report = M.m_step(stats, params, eta, prior if self.learn_doc_topic_prior else None)
             change = per_word - history[-1] if history else math.inf
             history.append(per_word)
             perp = math.exp(-per_word) if -per_word < 709.0 else math.inf  # exp overflows past ~709
@@ -302,6 +326,7 @@ class LatentDirichletAllocation(ParamsMixin):
                 "or perp_tol.", EmflowConvergenceWarning, stacklevel=3,
             )
         self.components_ = params.components
+        self.doc_topic_prior_ = alpha if params.doc_topic_prior is None else params.doc_topic_prior
         self.n_iter_ = len(history)
         self.converged_ = converged
         self.history_ = history
@@ -439,14 +464,18 @@ class LatentDirichletAllocation(ParamsMixin):
             "config": self._config(),
             "fitted": {
                 "converged": self.converged_, "n_iter": self.n_iter_, "lower_bound": self.lower_bound_,
-                "n_features_in": self.n_features_in_, "doc_topic_prior_": self.doc_topic_prior_,
+                "n_features_in": self.n_features_in_,
+                "doc_topic_prior_": "array" if np.ndim(self.doc_topic_prior_) else self.doc_topic_prior_,
                 "topic_word_prior_": self.topic_word_prior_,
             },
             "history": self.history_,
             "vocabulary": getattr(self, "vocabulary_", None),
             "dataset": getattr(self, "fit_info_", {}),
         }
-        return _store.save_model(path, FAMILY, {"components": self.components_}, meta)
+        arrays = {"components": self.components_}
+        if np.ndim(self.doc_topic_prior_):
+            arrays["doc_topic_prior"] = np.asarray(self.doc_topic_prior_)
+        return _store.save_model(path, FAMILY, arrays, meta)
 
     @classmethod
     def load(cls, path) -> "LatentDirichletAllocation":
@@ -455,7 +484,8 @@ class LatentDirichletAllocation(ParamsMixin):
         model = cls(**{k: v for k, v in meta["config"].items() if k in cls._param_names()})
         model.components_ = arrays["components"]
         _store.restore_fit_record(model, meta)
-        model.doc_topic_prior_ = float(meta["fitted"]["doc_topic_prior_"])
+        model.doc_topic_prior_ = (arrays["doc_topic_prior"] if "doc_topic_prior" in arrays
+                                  else float(meta["fitted"]["doc_topic_prior_"]))
         model.topic_word_prior_ = float(meta["fitted"]["topic_word_prior_"])
         model.vocabulary_ = meta.get("vocabulary")
         return model

@@ -80,15 +80,17 @@ class LDAAdapter(FamilyAdapter):
         return "evaluate_every <= 0: runs max_iter iterations"
 
     def start_params(self, est):
-        return make_params(est.components_)
+        # an estimated prior is an array; the configured one (a float) is not part of the parameters
+        return make_params(est.components_, est.doc_topic_prior_ if np.ndim(est.doc_topic_prior_) else None)
 
     def fit(self, est, data, callbacks, params, history):
-        return est.fit(data, callbacks=callbacks, initial_params=params.components, history=history)
+        return est.fit(data, callbacks=callbacks, initial_params=params, history=history)
 
     def restore(self, est, ck, info):
         K = int(est.n_components)
         est.components_ = ck.params.components
-        est.doc_topic_prior_ = 1.0 / K if est.doc_topic_prior is None else float(est.doc_topic_prior)
+        est.doc_topic_prior_ = (ck.params.doc_topic_prior if ck.params.doc_topic_prior is not None
+                                else 1.0 / K if est.doc_topic_prior is None else float(est.doc_topic_prior))
         est.topic_word_prior_ = 1.0 / K if est.topic_word_prior is None else float(est.topic_word_prior)
         est.n_features_in_ = int(info["n_features"])
         est.vocabulary_ = open_corpus(info["source"]).vocabulary
@@ -103,7 +105,7 @@ class LDAAdapter(FamilyAdapter):
 
     def facts(self, est, metrics):
         out = [("final perplexity (training)", f"{math.exp(-est.lower_bound_):.8g}"),
-               ("priors (doc-topic, topic-word)", f"{est.doc_topic_prior_:.4g}, {est.topic_word_prior_:.4g}")]
+               ("priors (doc-topic, topic-word)", f"{_prior_text(est.doc_topic_prior_)}, {est.topic_word_prior_:.4g}")]
         if "heldout_perplexity" in metrics:
             out.append(("held-out perplexity", f"{metrics['heldout_perplexity']:.8g}"))
         return out
@@ -116,6 +118,12 @@ class LDAAdapter(FamilyAdapter):
     def publish(self, est):
         create_table_artifact(top_words_rows(est, self.n_top_words), key="lda-top-words",
                               description=f"The {self.n_top_words} heaviest terms of each topic, heaviest first")
+
+
+def _prior_text(alpha) -> str:
+    if np.ndim(alpha):
+        return "estimated, " + " ".join(f"{a:.3g}" for a in np.asarray(alpha))
+    return f"{alpha:.4g}"
 
 
 @flow(name="emflow-fit-lda", log_prints=True)
@@ -132,6 +140,8 @@ def lda_fit_flow(
     mean_change_tol: Annotated[float, Field(ge=0, description="E-step: per-document stopping tolerance")] = 1e-3,
     max_doc_update_iter: Annotated[int, Field(ge=1, description="E-step: iterations per document")] = 100,
     doc_topic_init: Literal["random", "ones"] = "random",
+    learn_doc_topic_prior: Annotated[bool, Field(
+        description="also estimate an asymmetric doc-topic prior (one alpha per topic) in every M-step")] = False,
     random_state: int | None = 0,
     n_top_words: Annotated[int, Field(ge=1, description="words per topic in the top-words table")] = 10,
     heldout: Annotated[str | None, Field(description="held-out corpus (Zarr, same vocabulary) for its perplexity")]
@@ -145,6 +155,7 @@ def lda_fit_flow(
     """Fit an LDA topic model to a Zarr corpus and save it; returns the model path."""
     cfg = dict(n_components=n_components, doc_topic_prior=doc_topic_prior, topic_word_prior=topic_word_prior,
                max_iter=max_iter, evaluate_every=evaluate_every, perp_tol=perp_tol, mean_change_tol=mean_change_tol,
-               max_doc_update_iter=max_doc_update_iter, doc_topic_init=doc_topic_init, random_state=random_state)
+               max_doc_update_iter=max_doc_update_iter, doc_topic_init=doc_topic_init,
+               learn_doc_topic_prior=learn_doc_topic_prior, random_state=random_state)
     return run_family_fit(LDAAdapter(n_top_words), cfg, data, out, heldout=heldout, scheduler=scheduler,
                           persist=persist, resume=resume)

@@ -94,13 +94,14 @@ def test_checkpoint_round_trip_every_family(tmp_path):
     rng = np.random.default_rng(0)
     for i, p in enumerate([make_hmm_params(3, 2, "gaussian", covariance_type="full"),
                            make_hmm_params(3, 5, "categorical"), make_lgssm_params(2, 3),
-                           make_params(rng.gamma(100, 0.01, (3, 7)))]):
+                           make_params(rng.gamma(100, 0.01, (3, 7))),
+                           make_params(rng.gamma(100, 0.01, (3, 7)), rng.uniform(0.05, 0.5, 3))]):
         path = tmp_path / f"c{i}.npz"
         write_checkpoint(path, Checkpoint(p, [-2.0, -1.5], [0.1, 0.2], False, "f", "h", extra={"records": {"x": [1.5]}}))
         back = read_checkpoint(path)
         assert type(back.params) is type(p)
         for a, b in zip(back.params, p):
-            if isinstance(b, str):
+            if isinstance(b, str) or b is None:
                 assert a == b
             else:
                 np.testing.assert_array_equal(a, b)  # bit-identical; LDA's expectations recomputed alike
@@ -225,7 +226,8 @@ def test_lda_flow_resume_keeps_the_perplexity_stopping_rule(prefect_server, fami
     import flows._family as F
     from flows.fit_lda import lda_fit_flow
 
-    base = dict(n_components=3, max_iter=12, random_state=2, evaluate_every=2)
+    # with the doc-topic prior estimated, so the resumed fit must also restore the prior reached
+    base = dict(n_components=3, max_iter=12, random_state=2, evaluate_every=2, learn_doc_topic_prior=True)
     probe = emflow.LatentDirichletAllocation(**base, perp_tol=0.0, scheduler="threads")
     _quiet(probe.fit, family_data["lda"])
     p = [math.exp(-h) for h in probe.history_]
@@ -254,6 +256,7 @@ def test_lda_flow_resume_keeps_the_perplexity_stopping_rule(prefect_server, fami
     assert model.converged_ and model.n_iter_ == 6
     assert model.history_ == ref.history_
     assert _rel(model.components_, ref.components_) <= 1e-12
+    assert np.ndim(ref.doc_topic_prior_) == 1 and _rel(model.doc_topic_prior_, ref.doc_topic_prior_) <= 1e-12
     _check_monitoring(state.state_details.flow_run_id, "lda", model, column="bound_per_word", label="bound per word",
                       resumed_from=4)
 

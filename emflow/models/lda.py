@@ -23,11 +23,11 @@ from typing import NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
-from scipy.special import gammaln, logsumexp
+from scipy.special import digamma, gammaln, logsumexp, polygamma
 
 __all__ = [
     "LDAParams", "LDAStats", "psi", "dirichlet_expectation_2d", "make_params", "init_components",
-    "doc_topic_init", "e_step", "m_step", "topic_bound", "bound", "transform",
+    "doc_topic_init", "e_step", "m_step", "topic_bound", "bound", "transform", "update_doc_topic_prior",
 ]
 
 EPS = np.finfo(np.float64).eps
@@ -44,11 +44,15 @@ class LDAParams(NamedTuple):
     components : ndarray of shape (K, V), ``lambda``
     elog_beta : ndarray of shape (K, V), ``E[log beta]`` under ``Dir(lambda)``
     exp_elog_beta : ndarray of shape (K, V), ``exp(E[log beta])``
+    doc_topic_prior : ndarray of shape (K,) or None
+        The document-topic prior ``alpha`` when it is estimated (an asymmetric Dirichlet);
+        None when it is the fixed, symmetric prior of the configuration.
     """
 
     components: np.ndarray
     elog_beta: np.ndarray
     exp_elog_beta: np.ndarray
+    doc_topic_prior: np.ndarray | None = None
 
 
 class LDAStats(NamedTuple):
@@ -65,6 +69,8 @@ class LDAStats(NamedTuple):
     n_words : ndarray of shape ()
         Total count of the documents.
     n_docs : ndarray of shape ()
+    elog_theta_sum : ndarray of shape (K,)
+        ``sum_d E[log theta_d]``: the statistic of the document-topic prior's update.
     """
 
     sstats: np.ndarray
@@ -72,6 +78,7 @@ class LDAStats(NamedTuple):
     doc_bound: np.ndarray
     n_words: np.ndarray
     n_docs: np.ndarray
+    elog_theta_sum: np.ndarray
 
 
 def psi(x) -> np.ndarray:
@@ -106,10 +113,11 @@ def dirichlet_expectation_2d(arr: np.ndarray) -> np.ndarray:
     return psi(arr) - psi(arr.sum(axis=1))[:, None]
 
 
-def make_params(components: np.ndarray) -> LDAParams:
+def make_params(components: np.ndarray, doc_topic_prior: np.ndarray | None = None) -> LDAParams:
     lam = np.ascontiguousarray(components, dtype=np.float64)
     elog = dirichlet_expectation_2d(lam)
-    return LDAParams(lam, elog, np.exp(elog))
+    alpha = None if doc_topic_prior is None else np.array(doc_topic_prior, dtype=np.float64).reshape(lam.shape[0])
+    return LDAParams(lam, elog, np.exp(elog), alpha)
 
 
 def init_components(n_components: int, n_terms: int, random_state) -> np.ndarray:
@@ -203,9 +211,20 @@ def _fit_block(ids, cnts, indptr, gamma, exp_elog_beta, alpha, max_iter, tol):
     return gamma, exp_elog_theta, W
 
 
-def _doc_bound(gamma: np.ndarray, elog_theta: np.ndarray, alpha: float) -> float:
-    """``sum_d E[log p(theta_d | alpha) - log q(theta_d | gamma_d)]`` (scikit-learn's _loglikelihood)."""
+def _doc_bound(gamma: np.ndarray, elog_theta: np.ndarray, alpha) -> float:
+    """``sum_d E[log p(theta_d | alpha) - log q(theta_d | gamma_d)]`` (scikit-learn's _loglikelihood).
+
+    ``alpha`` is a float (symmetric prior, computed exactly as scikit-learn does) or an
+    array of shape (K,) (asymmetric).
+    """
     K = gamma.shape[1]
+    if np.ndim(alpha):
+        alpha = np.asarray(alpha, dtype=np.float64)
+        n = gamma.shape[0]
+        score = np.sum((alpha - gamma) * elog_theta)
+        score += np.sum(gammaln(gamma)) - n * np.sum(gammaln(alpha))
+        score += n * gammaln(alpha.sum()) - np.sum(gammaln(np.sum(gamma, 1)))
+        return float(score)
     score = np.sum((alpha - gamma) * elog_theta)
     score += np.sum(gammaln(gamma) - gammaln(alpha))
     score += np.sum(gammaln(alpha * K) - gammaln(np.sum(gamma, 1)))
@@ -258,6 +277,7 @@ def e_step(entries, indptr, params: LDAParams, alpha: float, max_doc_update_iter
     gamma_all = doc_topic_init(n, K, doc_start, seed)
     sstats = np.zeros((K, V)) if stats else None
     word_bound = doc_bound = 0.0
+    elog_theta_sum = np.zeros(K)
     for a, b in _blocks(indptr, K):
         lo, hi = int(indptr[a]), int(indptr[b])
         b_ids, b_cnts, b_ptr = ids[lo:hi], cnts[lo:hi], indptr[a : b + 1] - lo
@@ -276,10 +296,11 @@ def e_step(entries, indptr, params: LDAParams, alpha: float, max_doc_update_iter
         elog_theta = dirichlet_expectation_2d(gamma)
         word_bound += _word_bound(b_ids, b_cnts, b_ptr, elog_theta, params.elog_beta)
         doc_bound += _doc_bound(gamma, elog_theta, alpha)
+        elog_theta_sum += elog_theta.sum(axis=0)
     if not stats:
         return gamma_all
     st = LDAStats(
-        sstats, np.float64(word_bound), np.float64(doc_bound), np.float64(cnts.sum()), np.float64(n),
+        sstats, np.float64(word_bound), np.float64(doc_bound), np.float64(cnts.sum()), np.float64(n), elog_theta_sum,
     )
     return (st, gamma_all) if want_gamma else st
 
@@ -295,11 +316,63 @@ def bound(stats: LDAStats, params: LDAParams, eta: float) -> float:
     return float(stats.word_bound) + float(stats.doc_bound) + topic_bound(params, eta)
 
 
-def m_step(stats: LDAStats, params: LDAParams, eta: float) -> tuple[LDAParams, dict]:
-    """Batch update ``lambda = eta + sstats * exp(E[log beta])`` (old beta)."""
+def m_step(stats: LDAStats, params: LDAParams, eta: float, alpha=None) -> tuple[LDAParams, dict]:
+    """Batch update ``lambda = eta + sstats * exp(E[log beta])`` (old beta).
+
+    With ``alpha`` (the document-topic prior the E-step used: a float or an array of shape
+    (K,)), the prior is estimated too (:func:`update_doc_topic_prior`) and returned in the
+    new parameters' ``doc_topic_prior``; otherwise the prior stays the configured one.
+    """
     lam = eta + stats.sstats * params.exp_elog_beta
-    new = make_params(lam)
-    return new, {"n_words": float(stats.n_words), "n_docs": float(stats.n_docs)}
+    report = {"n_words": float(stats.n_words), "n_docs": float(stats.n_docs)}
+    new_alpha = None
+    if alpha is not None:
+        new_alpha, steps = update_doc_topic_prior(alpha, stats.elog_theta_sum, float(stats.n_docs))
+        report["doc_topic_prior_newton_steps"] = steps
+    return make_params(lam, new_alpha), report
+
+
+def update_doc_topic_prior(alpha, elog_theta_sum: np.ndarray, n_docs: float, *, max_iter: int = 100,
+                           tol: float = 1e-12) -> tuple[np.ndarray, int]:
+    """The asymmetric Dirichlet prior that maximises the bound's ``alpha`` terms.
+
+    Maximises ``f(a) = N (log Gamma(sum a) - sum log Gamma(a_k)) + sum_k (a_k - 1) S_k``
+    (``S = elog_theta_sum``, ``N = n_docs``), which is concave, by Newton's method with the
+    Hessian's diagonal-plus-rank-one structure (Minka, "Estimating a Dirichlet
+    distribution", 2000); a step that would leave a component <= 0 is halved. Starts from
+    ``alpha`` (a float or an array of shape (K,)). Returns ``(alpha, Newton steps taken)``.
+    """
+    S = np.asarray(elog_theta_sum, dtype=np.float64)
+    a = np.broadcast_to(np.asarray(alpha, dtype=np.float64), S.shape).copy()
+    N = float(n_docs)
+    if not N > 0:
+        return a, 0
+
+    def f(x):
+        return N * (gammaln(x.sum()) - gammaln(x).sum()) + float(np.dot(x - 1.0, S))
+
+    fa = f(a)
+    for it in range(1, max_iter + 1):
+        g = N * (digamma(a.sum()) - digamma(a)) + S
+        q = -N * polygamma(1, a)
+        z = N * polygamma(1, a.sum())
+        b = np.sum(g / q) / (1.0 / z + np.sum(1.0 / q))
+        step = (g - b) / q  # H^-1 g for H = diag(q) + z 11^T
+        t = 1.0
+        while t >= 1e-10:  # the full step, or the largest halving that stays > 0 and ascends
+            new = a - t * step
+            if np.all(new > 0):
+                f_new = f(new)
+                if f_new >= fa - 1e-12 * abs(fa):
+                    break
+            t *= 0.5
+        else:
+            return a, it  # no ascending step left: at the maximum, to rounding
+        done = np.max(np.abs(new - a) / new) < tol
+        a, fa = new, f_new
+        if done:
+            return a, it
+    return a, max_iter
 
 
 def transform(entries, indptr, params: LDAParams, alpha: float, max_doc_update_iter: int,
