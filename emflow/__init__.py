@@ -13,6 +13,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 from .errors import (  # noqa: E402
     ClusterError,
+    ClusterWarning,
     ConfigError,
     DataError,
     DataNotFoundError,
@@ -76,5 +77,6 @@ __all__ = [
     "StorageError",
     "DegenerateComponentWarning",
     "EmflowConvergenceWarning",
+    "ClusterWarning",
     "__version__",
 ]

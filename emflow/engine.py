@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Sequence
@@ -24,7 +25,7 @@ from typing import Any, Callable, Literal, Sequence
 import numpy as np
 
 from . import data as _data
-from .errors import ClusterError, ConfigError, DataError
+from .errors import ClusterError, ClusterWarning, ConfigError, DataError
 from .stats import add
 
 __all__ = ["Engine", "Loaded", "tree_reduce"]
@@ -33,6 +34,8 @@ Persist = Literal["auto"] | bool
 
 # Keep data resident when it takes at most this fraction of the memory it would occupy.
 RESIDENT_FRACTION = 0.35
+# how many times one pass sends lost in-memory partitions again before giving up
+MAX_RESCATTERS = 3
 
 
 def _partition_data(handle):
@@ -112,6 +115,15 @@ class Loaded:
     fingerprint: str
     weight_sum: float
     _release: Callable[[], None] | None = field(default=None, repr=False)
+    # in-memory data scattered to workers: sends partitions i, j, ... again (a worker that
+    # dies takes its scattered partitions with it, and Dask cannot recompute them)
+    _rescatter: Callable[[list[int]], None] | None = field(default=None, repr=False)
+
+    def lost_partitions(self) -> list[int]:
+        """Partitions whose scattered copy is gone (their worker died)."""
+        if self._rescatter is None:
+            return []
+        return [i for i, h in enumerate(self.handles) if getattr(h, "status", "finished") != "finished"]
 
     def release(self) -> None:
         if self._release is not None:
@@ -243,6 +255,7 @@ class Engine:
     def load(self, rows: "_data.RowData", *, persist: Persist = "auto") -> Loaded:
         resident = self._decide_resident(rows, persist)
         release: Callable[[], None] | None = None
+        rescatter: Callable[[list[int]], None] | None = None
         if self.client is None:
             if resident and not rows.in_memory:
                 handles = list(self._threads().map(_partition_data, rows.loaders))
@@ -258,6 +271,11 @@ class Engine:
                     # the client holds the values: ship them once (not inside task specs,
                     # which the scheduler would keep a copy of)
                     handles = self.client.scatter([ld() for ld in rows.loaders], hash=False)
+
+                    def rescatter(idx: list[int]) -> None:
+                        new = self.client.scatter([rows.loaders[i]() for i in idx], hash=False)
+                        for i, f in zip(idx, new):
+                            handles[i] = f  # in place: release() sees the new futures
                 elif resident:
                     # a task per partition: if a worker dies, the scheduler recomputes its
                     # partitions from the loaders on another worker
@@ -287,7 +305,7 @@ class Engine:
         weight_sum = float(sum(s[1] for s in scans))
         if not weight_sum > 0:
             raise DataError("sample_weight sums to zero: at least one row needs a positive weight.")
-        return Loaded(rows, handles, resident, fingerprint, weight_sum, release)
+        return Loaded(rows, handles, resident, fingerprint, weight_sum, release, rescatter)
 
     # -- passes over the data -------------------------------------------------------
     def _broadcast(self, args: tuple):
@@ -317,21 +335,45 @@ class Engine:
             return [self.client.submit(_apply, fn, h, bargs, pure=False) for h in handles]
         return [self.client.submit(_apply_indexed, fn, h, bargs, e, pure=False) for h, e in zip(handles, extras)]
 
+    def _pass(self, loaded: Loaded, run: Callable[[], Any]) -> Any:
+        """``run()`` (one pass over the data); if a worker died holding scattered in-memory
+        partitions, send them again and run the pass again (a few times at most)."""
+        for attempt in range(MAX_RESCATTERS + 1):
+            try:
+                return run()
+            except Exception as exc:
+                lost = loaded.lost_partitions() if self.client is not None else []
+                if lost and attempt < MAX_RESCATTERS and self.client.status == "running":
+                    warnings.warn(
+                        f"A Dask worker died holding {len(lost)} partition(s) of the in-memory data; sending "
+                        "them again from this process and repeating the pass.", ClusterWarning, stacklevel=4)
+                    try:
+                        loaded._rescatter(lost)
+                    except Exception as exc2:
+                        self._raise_if_lost(exc2, "while sending lost partitions again")
+                        raise
+                    continue
+                if lost:
+                    raise ClusterError(
+                        f"Dask workers holding {len(lost)} partition(s) of the in-memory data died "
+                        f"{MAX_RESCATTERS + 1} times during one pass ({type(exc).__name__}: {exc}). Check the "
+                        "workers' logs (memory limits?), or fit from Zarr, which workers re-read."
+                    ) from exc
+                self._raise_if_lost(exc, "during a pass over the data")
+                raise
+
     def map_reduce(self, fn: Callable, loaded: Loaded, *args, per_partition: Sequence | None = None) -> Any:
         """``add`` over partitions of ``fn(X_p, w_p, *args[, per_partition[p]])``, reduced in a tree."""
         t0 = time.perf_counter()
-        try:
+
+        def run():
             parts = self._submit(fn, loaded, args, per_partition)
             if self.client is None:
-                total, depth = tree_reduce(parts, add, self.split_every, lambda f, *a: f(*a))
-            else:
-                root, depth = tree_reduce(
-                    parts, add, self.split_every, lambda f, *a: self.client.submit(f, *a, pure=False)
-                )
-                total = root.result()
-        except Exception as exc:
-            self._raise_if_lost(exc, "during a pass over the data")
-            raise
+                return tree_reduce(parts, add, self.split_every, lambda f, *a: f(*a))
+            root, depth = tree_reduce(parts, add, self.split_every, lambda f, *a: self.client.submit(f, *a, pure=False))
+            return root.result(), depth
+
+        total, depth = self._pass(loaded, run)
         self.last_reduction = {
             "partitions": len(loaded.handles), "depth": depth, "split_every": self.split_every,
             "seconds": time.perf_counter() - t0,
@@ -340,12 +382,12 @@ class Engine:
 
     def map(self, fn: Callable, loaded: Loaded, *args, per_partition: Sequence | None = None) -> list:
         """``[fn(X_p, w_p, *args[, per_partition[p]]) for each partition]``, gathered in order."""
-        try:
+
+        def run():
             parts = self._submit(fn, loaded, args, per_partition)
             return parts if self.client is None else self.client.gather(parts)
-        except Exception as exc:
-            self._raise_if_lost(exc, "during a pass over the data")
-            raise
+
+        return self._pass(loaded, run)
 
 
 def take_rows(X, w, rows: np.ndarray):

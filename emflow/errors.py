@@ -24,6 +24,7 @@ __all__ = [
     "StorageError",
     "DegenerateComponentWarning",
     "EmflowConvergenceWarning",
+    "ClusterWarning",
 ]
 
 
@@ -83,6 +84,10 @@ class DegenerateComponentWarning(UserWarning):
 
 class EmflowConvergenceWarning(UserWarning):
     """EM stopped at ``max_iter`` before the change in log-likelihood fell below ``tol``."""
+
+
+class ClusterWarning(UserWarning):
+    """The cluster lost something it could recover from (work went on)."""
 
 
 def warn(message: str, category: type[Warning] = UserWarning) -> None:
