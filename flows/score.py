@@ -2,6 +2,11 @@
 
 Each output is written by the workers, one partition at a time, into a Zarr array with
 the input's chunking (under a temporary name, moved into place when complete).
+
+Outputs by family: a Gaussian mixture writes ``labels``, ``proba`` (responsibilities) and
+``log_likelihood`` (per row); an HMM writes ``labels`` (Viterbi states) and ``proba``
+(state posteriors) per time step, as sequence stores (``values`` beside the input's
+``offsets``); LDA writes ``topics`` (document-topic distributions).
 """
 
 # No `from __future__ import annotations`: Prefect builds the run form's schema from the
@@ -20,8 +25,41 @@ from ._common import compute, retry_if_transient
 
 __all__ = ["score_flow"]
 
-Output = Literal["labels", "proba", "log_likelihood"]
-_METHOD = {"labels": "predict", "proba": "predict_proba", "log_likelihood": "score_samples"}
+Output = Literal["labels", "proba", "log_likelihood", "topics"]
+_HMM = {"labels": "predict", "proba": "predict_proba"}
+# model class -> ({output: method that writes it}, default outputs)
+_OUTPUTS = {
+    "GaussianMixture": ({"labels": "predict", "proba": "predict_proba", "log_likelihood": "score_samples"},
+                        ["labels", "proba"]),
+    "GaussianHMM": (_HMM, ["labels", "proba"]),
+    "CategoricalHMM": (_HMM, ["labels", "proba"]),
+    "LatentDirichletAllocation": ({"topics": "transform"}, ["topics"]),
+}
+
+
+def _outputs_of(model, model_path: str) -> tuple[dict[str, str], list[str]]:
+    name = type(model).__name__
+    if name not in _OUTPUTS:
+        raise emflow.ConfigError(
+            f"{model_path!r} holds a {name}, which has no chunk-by-chunk outputs to score with "
+            f"(the scoring flow serves {', '.join(_OUTPUTS)}). Use its methods in Python, e.g. smooth()."
+        )
+    return _OUTPUTS[name]
+
+
+def check_outputs(model_path: str, outputs: list[str] | None) -> list[str]:
+    """The outputs to write (the family's defaults for None); a ConfigError naming the
+    outputs the model has when one asked for is not among them."""
+    est = emflow.load(model_path)
+    methods, default = _outputs_of(est, model_path)
+    wanted = list(dict.fromkeys(outputs)) if outputs else default
+    bad = [k for k in wanted if k not in methods]
+    if bad:
+        raise emflow.ConfigError(
+            f"{model_path!r} holds a {type(est).__name__}, which writes "
+            f"{', '.join(methods)}; it has no {', '.join(bad)}. Choose outputs among those."
+        )
+    return wanted
 
 
 @task(name="score", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_if_transient,
@@ -31,9 +69,11 @@ def score_output(model: str, data: str, kind: str, out: str, scheduler: str | No
 
     Safe to retry: the array is written under a temporary name and replaces ``out`` only when whole.
     """
-    gm = emflow.load(model)
-    gm.scheduler = scheduler
-    arr = getattr(gm, _METHOD[kind])(data, out=out)
+    est = emflow.load(model)
+    est.scheduler = scheduler
+    written = getattr(est, _outputs_of(est, model)[0][kind])(data, out=out)
+    # HMMs write a sequence store (a group: per-step ``values`` and the input's ``offsets``)
+    arr = written["values"] if hasattr(written, "array_keys") else written
     get_run_logger().info("wrote %s %s to %s (chunks %s)", kind, arr.shape, out, arr.chunks)
     return {"kind": kind, "path": os.path.abspath(out), "shape": list(arr.shape), "chunks": list(arr.chunks)}
 
@@ -43,13 +83,16 @@ def score_flow(
     model: str,
     data: str,
     out_dir: str,
-    outputs: Annotated[list[Output], Field(min_length=1)] = ["labels", "proba"],  # noqa: B006
+    outputs: Annotated[list[Output] | None, Field(
+        min_length=1, description="None: the family's defaults (mixtures and HMMs: labels, proba; LDA: topics)")]
+    = None,
     scheduler: str | None = None,
 ) -> dict[str, str]:
     """Write ``OUT_DIR/<output>.zarr`` for each requested output; returns {output: path}."""
+    wanted = check_outputs(model, outputs)  # before any work: a wrong output writes nothing
     written = {}
     with compute(scheduler) as (sched, _dashboard):
-        for kind in dict.fromkeys(outputs):
+        for kind in wanted:
             written[kind] = score_output(model, data, kind, os.path.join(out_dir, f"{kind}.zarr"), sched)["path"]
     create_markdown_artifact(
         "\n".join([f"# Scored `{data}` with `{model}`", "", "| output | Zarr array |", "|---|---|",

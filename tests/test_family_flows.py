@@ -261,6 +261,42 @@ def test_lda_flow_resume_keeps_the_perplexity_stopping_rule(prefect_server, fami
                       resumed_from=4)
 
 
+# --- scoring every family ---------------------------------------------------------------------
+
+def test_score_flow_writes_each_familys_outputs(prefect_server, family_data, tmp_path):
+    import os
+
+    import zarr
+
+    from flows.score import score_flow
+
+    hmm = _quiet(emflow.GaussianHMM(3, covariance_type="diag", n_iter=5, random_state=0, scheduler="threads").fit,
+                 family_data["hmm"])
+    lda = emflow.LatentDirichletAllocation(3, max_iter=3, random_state=0, scheduler="threads").fit(family_data["lda"])
+    ssm = _quiet(emflow.LinearGaussianSSM(2, max_iter=2, scheduler="threads").fit, family_data["lgssm"])
+    paths = {name: m.save(tmp_path / f"{name}.zarr") for name, m in [("hmm", hmm), ("lda", lda), ("ssm", ssm)]}
+
+    written = score_flow(paths["hmm"], family_data["hmm"], str(tmp_path / "hmm-scores"))  # defaults: labels, proba
+    assert set(written) == {"labels", "proba"}
+    labels = zarr.open_group(written["labels"], mode="r")  # a sequence store: values + offsets
+    np.testing.assert_array_equal(labels["values"][:], hmm.predict(family_data["hmm"]))
+    np.testing.assert_array_equal(labels["offsets"][:], zarr.open_group(family_data["hmm"], mode="r")["offsets"][:])
+    np.testing.assert_allclose(zarr.open_group(written["proba"], mode="r")["values"][:],
+                               hmm.predict_proba(family_data["hmm"]), rtol=1e-10, atol=1e-12)
+
+    written = score_flow(paths["lda"], family_data["lda"], str(tmp_path / "lda-scores"))  # default: topics
+    assert set(written) == {"topics"}
+    np.testing.assert_allclose(zarr.open_array(written["topics"], mode="r")[:], lda.transform(family_data["lda"]),
+                               rtol=1e-12)
+
+    # a wrong output, or a family with no chunk-by-chunk output: a clear error, nothing written
+    with pytest.raises(emflow.ConfigError, match="LatentDirichletAllocation, which writes topics; it has no labels"):
+        score_flow(paths["lda"], family_data["lda"], str(tmp_path / "bad"), outputs=["topics", "labels"])
+    with pytest.raises(emflow.ConfigError, match="LinearGaussianSSM, which has no chunk-by-chunk outputs"):
+        score_flow(paths["ssm"], family_data["lgssm"], str(tmp_path / "bad"))
+    assert not os.path.exists(tmp_path / "bad")
+
+
 # --- deployments and the run form --------------------------------------------------------------
 
 def test_deployments_yaml_and_registry_agree_and_validate():
