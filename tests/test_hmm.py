@@ -379,3 +379,36 @@ def test_missing_start_parameters_are_config_errors():
         m.fit(np.random.default_rng(0).normal(size=(30, 2)))
     with pytest.raises(ConfigError, match="params must be a string"):
         GaussianHMM(2, params="stx").fit(np.zeros((5, 2)))
+
+
+def test_long_sequences_in_compiled_code_equal_the_batched_numpy_path(monkeypatch):
+    """The longest sequences of a partition run one at a time in hmmlearn's compiled
+    recursions, the rest batched; both must give what the all-NumPy path gives."""
+    rng = np.random.default_rng(3)
+    K = 3
+    lengths = np.concatenate([[3000, 900], rng.integers(1, 40, 60)])
+    off = np.concatenate([[0], np.cumsum(lengths)])
+    layout = H.Layout(off)
+    log_b = layout.to_time_major(np.log(rng.random((off[-1], K))))
+    A, pi = rng.dirichlet(np.ones(K), K), rng.dirichlet(np.ones(K))
+    assert 0 < H._n_long(layout) < len(lengths)  # a mix of both paths
+    fb, vit = H.forward_backward(log_b, layout, pi, A), H.viterbi(log_b, layout, pi, A)
+    monkeypatch.setattr(H, "_hmmc", None)
+    assert H._n_long(layout) == 0
+    fb0, vit0 = H.forward_backward(log_b, layout, pi, A), H.viterbi(log_b, layout, pi, A)
+    for a, b in zip(fb, fb0):
+        np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-14)
+    np.testing.assert_allclose(vit[0], vit0[0], rtol=1e-12)
+    np.testing.assert_array_equal(vit[1], vit0[1])
+
+
+@pytest.mark.parametrize("lengths", [[500], [5, 5, 5]])  # the compiled path, the batched one
+def test_unreachable_step_is_named_on_either_path(lengths):
+    from emflow.errors import FitFailedError
+
+    off = np.concatenate([[0], np.cumsum(lengths)])
+    layout = H.Layout(off)
+    log_b = np.zeros((off[-1], 2))
+    log_b[3, 0] = -np.inf  # state 0 cannot emit step 3, and state 1 is never entered
+    with pytest.raises(FitFailedError, match="Step 3 of the partition cannot be reached"):
+        H.forward_backward(layout.to_time_major(log_b), layout, np.array([1.0, 0.0]), np.eye(2))

@@ -12,7 +12,9 @@ their steps laid out time-major, so step ``t`` of every sequence still running i
 contiguous block of rows and the sequences alive at ``t + 1`` are a prefix of those alive
 at ``t``. Each recursion step is then one small matrix product over that block, and the
 Python loop runs ``max(length)`` times per partition rather than once per step of every
-sequence. Emission probabilities are taken relative to the best state of each step
+sequence. A few very long sequences would make that loop long for little batching, so the
+longest ones (as many as a cost model says pay) run one at a time in hmmlearn's compiled
+recursions, and the loop only runs as long as the remaining sequences. Emission probabilities are taken relative to the best state of each step
 (``exp(log b - max log b)``), so scaling never underflows on far-out observations.
 
 Gaussian emission statistics are raw moments about a *shift* ``g`` (the mean of the
@@ -240,6 +242,52 @@ class FBResult(NamedTuple):
     trans: np.ndarray
 
 
+try:  # hmmlearn's compiled scaled recursions (pybind11), for sequences too long to batch
+    from hmmlearn import _hmmc
+except ImportError:  # pragma: no cover - hmmlearn is a dependency; this keeps the NumPy path working
+    _hmmc = None
+
+# Cost model of forward + backward, in seconds: per step of a compiled one-sequence
+# recursion, per compiled call, and per time step of the batched NumPy loop (measured on
+# the 2-core build machine: 0.2 us, ~10 us, ~8 us). Only their ratios matter.
+_C_STEP, _C_CALL, _PY_STEP = 0.25e-6, 15e-6, 8e-6
+
+
+def _n_long(layout: Layout) -> int:
+    """How many of the longest sequences to run one at a time in compiled code: the count
+    that minimises the cost model (the batched loop then runs only as long as the rest)."""
+    if _hmmc is None:
+        return 0
+    lengths = layout.lengths[layout.order]  # longest first
+    S = lengths.size
+    k = np.arange(S + 1)
+    compiled = _C_STEP * np.concatenate([[0], np.cumsum(lengths)]) + _C_CALL * k
+    batched = _PY_STEP * np.concatenate([lengths, [0]])
+    return int(np.argmin(compiled + batched))
+
+
+def _one_sequence(B, rows, pi, A, alpha, scale, beta) -> None:
+    """Scaled forward-backward of one sequence (rows ``rows`` of the time-major arrays) in
+    hmmlearn's compiled code, written into ``alpha``, ``scale`` and ``beta`` with this
+    module's conventions (hmmlearn's backward variable is ours times its scaling factor)."""
+    frames = np.ascontiguousarray(B[rows])
+    try:
+        _, fwd, sf = _hmmc.forward_scaling(pi, A, frames)
+    except ValueError:  # every path has zero probability at some step: find which, for the error
+        a, s = pi, np.ones(len(rows))
+        for i in range(len(rows)):
+            a = (a if i == 0 else a @ A) * frames[i]
+            s[i] = a.sum()
+            if not s[i] > 0:
+                break
+            a = a / s[i]
+        scale[rows] = s
+        return
+    alpha[rows] = fwd
+    scale[rows] = 1.0 / sf
+    beta[rows] = _hmmc.backward_scaling(pi, A, frames, sf) / sf[:, None]
+
+
 def forward_backward(log_b_tm: np.ndarray, layout: Layout, startprob: np.ndarray, transmat: np.ndarray,
                      *, want_trans: bool = True) -> FBResult:
     """Scaled forward-backward over every sequence of a partition at once.
@@ -270,14 +318,23 @@ def forward_backward(log_b_tm: np.ndarray, layout: Layout, startprob: np.ndarray
     B = np.exp(log_b_tm - mx[:, None])
     alpha = np.empty((n_rows, K))
     scale = np.empty(n_rows)
+    beta = np.ones((n_rows, K))
+    # The longest sequences (ranks 0..n_long-1 of every step's block) run one at a time in
+    # hmmlearn's compiled recursions; the others run batched, one NumPy step per time index.
+    n_long = _n_long(layout)
+    T_short = int(layout.lengths[layout.order[n_long]]) if n_long < layout.n_sequences else 0
+    for j in range(n_long):
+        rows = c[: layout.lengths[layout.order[j]]] + j
+        _one_sequence(B, rows, pi, A, alpha, scale, beta)
     with np.errstate(divide="ignore", invalid="ignore"):
-        a = pi * B[: n[0]]
-        s = a.sum(axis=1)
-        alpha[: n[0]] = a / s[:, None]
-        scale[: n[0]] = s
-        for t in range(1, layout.T):
-            lo, m = c[t], n[t]
-            a = alpha[c[t - 1] : c[t - 1] + m] @ A
+        if T_short:
+            a = pi * B[n_long : n[0]]
+            s = a.sum(axis=1)
+            alpha[n_long : n[0]] = a / s[:, None]
+            scale[n_long : n[0]] = s
+        for t in range(1, T_short):
+            lo, m = c[t] + n_long, n[t] - n_long
+            a = alpha[c[t - 1] + n_long : c[t - 1] + n_long + m] @ A
             a *= B[lo : lo + m]
             s = a.sum(axis=1)
             alpha[lo : lo + m] = a / s[:, None]
@@ -288,14 +345,13 @@ def forward_backward(log_b_tm: np.ndarray, layout: Layout, startprob: np.ndarray
             f"Step {int(layout.perm[bad])} of the partition cannot be reached by any state path with "
             "non-zero probability (the forward variable vanished). Check startprob_/transmat_ zeros."
         )
-    beta = np.ones((n_rows, K))
     W = B / scale[:, None]  # b_t / c_t, reused for beta and xi
-    for t in range(layout.T - 2, -1, -1):
-        m1 = n[t + 1]
-        if m1 == 0:
+    for t in range(T_short - 2, -1, -1):
+        m1 = n[t + 1] - n_long
+        if m1 <= 0:
             continue
-        lo1 = c[t + 1]
-        beta[c[t] : c[t] + m1] = (W[lo1 : lo1 + m1] * beta[lo1 : lo1 + m1]) @ A.T
+        lo1 = c[t + 1] + n_long
+        beta[c[t] + n_long : c[t] + n_long + m1] = (W[lo1 : lo1 + m1] * beta[lo1 : lo1 + m1]) @ A.T
     gamma = alpha * beta
     gamma /= gamma.sum(axis=1, keepdims=True)
     logc = np.log(scale) + mx
@@ -334,27 +390,37 @@ def viterbi(log_b_tm: np.ndarray, layout: Layout, startprob: np.ndarray, transma
         log_A = np.log(np.asarray(transmat, dtype=np.float64))
     n_rows, K = log_b_tm.shape
     c, n = layout.c, layout.n
+    states_tm = np.empty(n_rows, dtype=np.int64)
+    logprob = np.empty(layout.n_sequences)
+    # the longest sequences one at a time in hmmlearn's compiled Viterbi (as forward_backward)
+    n_long = _n_long(layout)
+    T_short = int(layout.lengths[layout.order[n_long]]) if n_long < layout.n_sequences else 0
+    for j in range(n_long):
+        rows = c[: layout.lengths[layout.order[j]]] + j
+        lp, path = _hmmc.viterbi(np.asarray(startprob, dtype=np.float64), np.asarray(transmat, dtype=np.float64),
+                                 np.ascontiguousarray(log_b_tm[rows]))  # takes probabilities, logs them itself
+        states_tm[rows] = path
+        logprob[layout.order[j]] = lp
+    # the others batched: block t holds ranks n_long .. n[t] - 1 at rows c[t] + n_long ...
     delta = np.empty((n_rows, K))
     back = np.zeros((n_rows, K), dtype=np.int32)
-    delta[: n[0]] = log_pi + log_b_tm[: n[0]]
-    for t in range(1, layout.T):
-        lo, m = c[t], n[t]
-        cand = delta[c[t - 1] : c[t - 1] + m, :, None] + log_A  # (m, K_from, K_to)
+    delta[n_long : n[0]] = log_pi + log_b_tm[n_long : n[0]]
+    for t in range(1, T_short):
+        lo, m = c[t] + n_long, n[t] - n_long
+        cand = delta[c[t - 1] + n_long : c[t - 1] + n_long + m, :, None] + log_A  # (m, K_from, K_to)
         arg = cand.argmax(axis=1)
         back[lo : lo + m] = arg
         delta[lo : lo + m] = np.take_along_axis(cand, arg[:, None, :], axis=1)[:, 0, :] + log_b_tm[lo : lo + m]
-    states_tm = np.empty(n_rows, dtype=np.int64)
-    logprob = np.empty(layout.n_sequences)
     cur = np.zeros(0, dtype=np.int64)
-    for t in range(layout.T - 1, -1, -1):
-        lo, m = c[t], n[t]
-        m1 = n[t + 1] if t + 1 < layout.T else 0
+    for t in range(T_short - 1, -1, -1):
+        lo, m = c[t] + n_long, n[t] - n_long
+        m1 = n[t + 1] - n_long if t + 1 < T_short else 0
         if m1:
-            cur = back[c[t + 1] + np.arange(m1), cur[:m1]].astype(np.int64)
+            cur = back[c[t + 1] + n_long + np.arange(m1), cur[:m1]].astype(np.int64)
         ending = delta[lo + m1 : lo + m]
         if len(ending):
             best = ending.argmax(axis=1)
-            logprob[layout.order[m1:m]] = ending[np.arange(len(best)), best]
+            logprob[layout.order[n_long + m1 : n_long + m]] = ending[np.arange(len(best)), best]
             cur = np.concatenate([cur[:m1], best])
         states_tm[lo : lo + m] = cur
     return logprob, layout.to_original(states_tm)
