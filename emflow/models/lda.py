@@ -244,7 +244,7 @@ def _split(entries, indptr):
     return ids, cnts, np.asarray(indptr, dtype=np.int64)
 
 
-def e_step(entries, indptr, params: LDAParams, alpha: float, max_doc_update_iter: int,
+def e_step(entries, indptr, params: LDAParams, alpha: float | np.ndarray, max_doc_update_iter: int,
            mean_change_tol: float, seed: int | None, doc_start: int, *, stats: bool = True,
            want_gamma: bool = False):
     """E-step over one partition: per-document variational fit, statistics and bound terms.
@@ -254,8 +254,8 @@ def e_step(entries, indptr, params: LDAParams, alpha: float, max_doc_update_iter
     entries : structured ndarray of shape (nnz,) with fields ``term``, ``count``
     indptr : ndarray of shape (n_docs + 1,), partition-local
     params : LDAParams
-    alpha : float
-        ``doc_topic_prior``.
+    alpha : float or ndarray of shape (K,)
+        ``doc_topic_prior`` (an array once it is estimated).
     max_doc_update_iter : int
     mean_change_tol : float
     seed : int, tuple of ints or None
@@ -375,7 +375,7 @@ def update_doc_topic_prior(alpha, elog_theta_sum: np.ndarray, n_docs: float, *, 
     return a, max_iter
 
 
-def transform(entries, indptr, params: LDAParams, alpha: float, max_doc_update_iter: int,
+def transform(entries, indptr, params: LDAParams, alpha: float | np.ndarray, max_doc_update_iter: int,
               mean_change_tol: float, normalize: bool = True) -> np.ndarray:
     """Document-topic distribution of a partition, of shape (n_docs, K) (ones initialisation)."""
     gamma = e_step(entries, indptr, params, alpha, max_doc_update_iter, mean_change_tol, None, 0, stats=False)
