@@ -47,7 +47,7 @@ from .errors import (
 )
 from .models import hmm as H
 from .models import kmeans as KM
-from .sequences import open_sequences
+from .sequences import open_sequences, write_owned
 
 __all__ = ["GaussianHMM", "CategoricalHMM", "ConvergenceMonitor", "GaussianHMMFamily", "CategoricalHMMFamily"]
 
@@ -150,7 +150,7 @@ def _posterior_part(values, offsets, params, out_url: str | None, kind: str, sta
     total = float(logprob.sum())
     if out_url is None:
         return total, res
-    return total, _write_owned(out_url, res, start)
+    return total, write_owned(out_url + "/values", res, start)
 
 
 def _score_part(values, offsets, params):
@@ -158,24 +158,6 @@ def _score_part(values, offsets, params):
     log_b = H.frame_log_prob(np.asarray(values)[layout.perm], params)
     fb = H.forward_backward(log_b, layout, params.startprob, params.transmat, want_trans=False)
     return np.array([fb.loglik.sum(), layout.n_sequences, layout.n_steps], dtype=np.float64)
-
-
-def _write_owned(out_url: str, res: np.ndarray, start: int):
-    """Write the chunks of ``values`` this partition covers whole; return the edge pieces.
-
-    Neighbouring partitions may share a chunk at their boundary; those pieces go back to
-    the client, which writes them one after the other (no two tasks write one chunk).
-    """
-    import zarr
-
-    arr = zarr.open_array(out_url + "/values", mode="r+")
-    C, total = arr.chunks[0], arr.shape[0]
-    a, b = start, start + len(res)
-    lo = a if a % C == 0 else min(b, -(-a // C) * C)
-    hi = b if (b % C == 0 or b == total) else max(lo, (b // C) * C)
-    if hi > lo:
-        arr[lo:hi] = res[lo - a : hi - a]
-    return [(a, res[: lo - a]), (hi, res[hi - a :])]
 
 
 # -- the estimators ------------------------------------------------------------------

@@ -35,7 +35,7 @@ from .errors import (
     NotFittedError,
 )
 from .models import lgssm as M
-from .sequences import open_sequences
+from .sequences import open_sequences, write_owned
 
 __all__ = ["LinearGaussianSSM", "LGSSMFamily", "Forecast"]
 
@@ -82,6 +82,25 @@ class Forecast(NamedTuple):
     state_covariances: np.ndarray
     observation_means: np.ndarray
     observation_covariances: np.ndarray
+
+
+def _state_part(values, offsets, params: M.LGSSMParams, out_url: str | None, kind: str, start: int):
+    """Filtered or smoothed state means and covariances of one partition's sequences."""
+    Y = np.asarray(values, dtype=np.float64)
+    means, covs = [], []
+    for a, b in zip(offsets[:-1], offsets[1:]):
+        f = M.kalman_filter(Y[a:b], params)
+        if kind == "smooth":
+            r = M.rts_smoother(params.A, f)
+            means.append(r.means)
+            covs.append(r.covariances)
+        else:
+            means.append(f.filtered_means)
+            covs.append(f.filtered_covariances)
+    m, c = np.concatenate(means), np.concatenate(covs)
+    if out_url is None:
+        return m, c
+    return write_owned(out_url + "/values", m, start), write_owned(out_url + "/covariances", c, start)
 
 
 class LinearGaussianSSM(ParamsMixin):
@@ -379,34 +398,76 @@ class LinearGaussianSSM(ParamsMixin):
             out.extend(values[a:b] for a, b in zip(off[:-1], off[1:]))
         return out
 
-    def filter(self, X, lengths=None) -> tuple[np.ndarray, np.ndarray]:
+    def filter(self, X, lengths=None, *, out=None):
         """Kalman filter: ``E[z_t | y_1..y_t]`` and its covariance for every step.
 
         Parameters
         ----------
-        X : array-like of shape (total_steps, n_features) or Zarr sequences path
-            (read into memory); NaN = missing.
+        X : array-like of shape (total_steps, n_features), or a Zarr sequences group; NaN = missing.
         lengths : array-like of shape (n_sequences,), optional
+        out : str or path, optional
+            Write the result to a Zarr sequences group there instead of returning it,
+            partition by partition on the engine: ``values`` (the means, total_steps x
+            state_dim), ``covariances`` (total_steps x state_dim x state_dim) and the input's
+            ``offsets``.
 
         Returns
         -------
         means : ndarray of shape (total_steps, state_dim)
         covariances : ndarray of shape (total_steps, state_dim, state_dim)
+            Or, with ``out``, the Zarr group written.
         """
-        params = self._params
-        res = [M.kalman_filter(Y, params) for Y in self._sequences_in_memory(X, lengths)]
-        return (np.concatenate([r.filtered_means for r in res]),
-                np.concatenate([r.filtered_covariances for r in res]))
+        return self._states(X, lengths, "filter", out)
 
-    def smooth(self, X, lengths=None) -> tuple[np.ndarray, np.ndarray]:
+    def smooth(self, X, lengths=None, *, out=None):
         """Rauch-Tung-Striebel smoother: ``E[z_t | y_1..y_T]`` and its covariance for every step.
 
-        Same inputs as :meth:`filter`. Returns ``means`` of shape (total_steps, state_dim) and
-        ``covariances`` of shape (total_steps, state_dim, state_dim).
+        Same inputs and outputs as :meth:`filter`.
         """
+        return self._states(X, lengths, "smooth", out)
+
+    def _states(self, X, lengths, kind: str, out):
         params = self._params
-        res = [M.rts_smoother(params.A, M.kalman_filter(Y, params)) for Y in self._sequences_in_memory(X, lengths)]
-        return np.concatenate([r.means for r in res]), np.concatenate([r.covariances for r in res])
+        with engine_for(self.scheduler, split_every=self.split_every) as engine:
+            seqs = self._open(engine, X, lengths)
+            self._check_features(seqs.n_features)
+            loaded = engine.load(seqs, persist=False)
+            try:
+                starts = [a for a, _ in seqs.bounds]
+                if out is None:
+                    parts = engine.map(_state_part, loaded, params, None, kind, per_partition=starts)
+                    return np.concatenate([m for m, _ in parts]), np.concatenate([c for _, c in parts])
+                return self._write_states(engine, loaded, params, kind, out, starts)
+            finally:
+                loaded.release()
+
+    def _write_states(self, engine, loaded, params, kind, out, starts):
+        import os
+
+        import zarr
+
+        data = loaded.data
+        n, k = data.n_rows, int(self.state_dim)
+        chunk = int(min(max(data.chunk_rows, 1), 1 << 20)) if not data.in_memory else min(n, 65536)
+        with _store.atomic_dir(out) as tmp:
+            g = zarr.open_group(tmp, mode="w")
+            g.create_array("values", shape=(n, k), dtype="float64", chunks=(chunk, k))
+            g.create_array("covariances", shape=(n, k, k), dtype="float64", chunks=(chunk, k, k))
+            g.create_array("offsets", data=data.offsets, chunks=(max(1, min(1 << 20, len(data.offsets))),))
+            parts = engine.map(_state_part, loaded, params, os.path.abspath(tmp), kind, per_partition=starts)
+            for part in parts:  # edge pieces of shared chunks, written one at a time
+                for name, pieces in zip(("values", "covariances"), part):
+                    for a, piece in pieces:
+                        if len(piece):
+                            g[name][a : a + len(piece)] = piece
+            g.attrs.update({
+                "kind": "sequences", "n_sequences": int(data.n_sequences), "total_steps": int(n),
+                "n_features": k, "dtype": "float64",
+                "emflow": {"kind": {"filter": "filtered_states", "smooth": "smoothed_states"}[kind],
+                           "model_family": FAMILY, "source": data.source, "fingerprint": loaded.fingerprint,
+                           "version": __version__},
+            })
+        return zarr.open_group(os.fspath(out), mode="r")
 
     def score(self, X, lengths=None) -> float:
         """Total log-likelihood ``sum log p(y_obs)`` of the sequences (pykalman's ``loglikelihood``).

@@ -24,7 +24,7 @@ import numpy as np
 from .data import DEFAULT_PARTITION_BYTES, _check_dtype, _check_finite, _url, is_zarr_path
 from .errors import DataError, DataNotFoundError, NonFiniteDataError
 
-__all__ = ["SequenceData", "open_sequences", "check_offsets", "write_sequences"]
+__all__ = ["SequenceData", "open_sequences", "check_offsets", "write_sequences", "write_owned"]
 
 
 def check_offsets(offsets: np.ndarray, total_steps: int, where: str = "offsets") -> np.ndarray:
@@ -237,3 +237,22 @@ def write_sequences(path, values: np.ndarray, offsets: np.ndarray, *, chunk_step
                         "total_steps": int(values.shape[0]), "n_features": int(values.shape[1]),
                         "dtype": str(values.dtype), **(attrs or {})})
     return os.path.abspath(os.fspath(path))
+
+
+def write_owned(array_url: str, res: np.ndarray, start: int) -> list[tuple[int, np.ndarray]]:
+    """Write rows ``start .. start + len(res)`` of the Zarr array at ``array_url`` where they
+    fill whole chunks; return the edge pieces ``[(row, rows), (row, rows)]``.
+
+    Neighbouring partitions may share a chunk at their boundary; those pieces go back to
+    the client, which writes them one after the other (no two tasks write one chunk).
+    """
+    import zarr
+
+    arr = zarr.open_array(array_url, mode="r+")
+    C, total = arr.chunks[0], arr.shape[0]
+    a, b = start, start + len(res)
+    lo = a if a % C == 0 else min(b, -(-a // C) * C)
+    hi = b if (b % C == 0 or b == total) else max(lo, (b // C) * C)
+    if hi > lo:
+        arr[lo:hi] = res[lo - a : hi - a]
+    return [(a, res[: lo - a]), (hi, res[hi - a :])]

@@ -5,8 +5,10 @@ the input's chunking (under a temporary name, moved into place when complete).
 
 Outputs by family: a Gaussian mixture writes ``labels``, ``proba`` (responsibilities) and
 ``log_likelihood`` (per row); an HMM writes ``labels`` (Viterbi states) and ``proba``
-(state posteriors) per time step, as sequence stores (``values`` beside the input's
-``offsets``); LDA writes ``topics`` (document-topic distributions).
+(state posteriors) per time step, and a linear-Gaussian state-space model
+``smoothed_states`` and ``filtered_states`` (means as ``values``, with ``covariances``), as
+sequence stores beside the input's ``offsets``; LDA writes ``topics`` (document-topic
+distributions).
 """
 
 # No `from __future__ import annotations`: Prefect builds the run form's schema from the
@@ -25,7 +27,7 @@ from ._common import compute, retry_if_transient
 
 __all__ = ["score_flow"]
 
-Output = Literal["labels", "proba", "log_likelihood", "topics"]
+Output = Literal["labels", "proba", "log_likelihood", "topics", "filtered_states", "smoothed_states"]
 _HMM = {"labels": "predict", "proba": "predict_proba"}
 # model class -> ({output: method that writes it}, default outputs)
 _OUTPUTS = {
@@ -34,6 +36,7 @@ _OUTPUTS = {
     "GaussianHMM": (_HMM, ["labels", "proba"]),
     "CategoricalHMM": (_HMM, ["labels", "proba"]),
     "LatentDirichletAllocation": ({"topics": "transform"}, ["topics"]),
+    "LinearGaussianSSM": ({"smoothed_states": "smooth", "filtered_states": "filter"}, ["smoothed_states"]),
 }
 
 
@@ -42,7 +45,7 @@ def _outputs_of(model, model_path: str) -> tuple[dict[str, str], list[str]]:
     if name not in _OUTPUTS:
         raise emflow.ConfigError(
             f"{model_path!r} holds a {name}, which has no chunk-by-chunk outputs to score with "
-            f"(the scoring flow serves {', '.join(_OUTPUTS)}). Use its methods in Python, e.g. smooth()."
+            f"(the scoring flow serves {', '.join(_OUTPUTS)}). Use its methods in Python."
         )
     return _OUTPUTS[name]
 
@@ -72,7 +75,7 @@ def score_output(model: str, data: str, kind: str, out: str, scheduler: str | No
     est = emflow.load(model)
     est.scheduler = scheduler
     written = getattr(est, _outputs_of(est, model)[0][kind])(data, out=out)
-    # HMMs write a sequence store (a group: per-step ``values`` and the input's ``offsets``)
+    # sequence families write a sequence store (a group: per-step ``values``, the input's ``offsets``)
     arr = written["values"] if hasattr(written, "array_keys") else written
     get_run_logger().info("wrote %s %s to %s (chunks %s)", kind, arr.shape, out, arr.chunks)
     return {"kind": kind, "path": os.path.abspath(out), "shape": list(arr.shape), "chunks": list(arr.chunks)}
@@ -84,7 +87,8 @@ def score_flow(
     data: str,
     out_dir: str,
     outputs: Annotated[list[Output] | None, Field(
-        min_length=1, description="None: the family's defaults (mixtures and HMMs: labels, proba; LDA: topics)")]
+        min_length=1, description="None: the family's defaults (mixtures and HMMs: labels, proba; LDA: topics; "
+                                  "state-space models: smoothed_states)")]
     = None,
     scheduler: str | None = None,
 ) -> dict[str, str]:

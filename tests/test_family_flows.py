@@ -289,11 +289,19 @@ def test_score_flow_writes_each_familys_outputs(prefect_server, family_data, tmp
     np.testing.assert_allclose(zarr.open_array(written["topics"], mode="r")[:], lda.transform(family_data["lda"]),
                                rtol=1e-12)
 
-    # a wrong output, or a family with no chunk-by-chunk output: a clear error, nothing written
+    written = score_flow(paths["ssm"], family_data["lgssm"], str(tmp_path / "ssm-scores"),
+                         outputs=["smoothed_states", "filtered_states"])
+    for kind, method in [("smoothed_states", ssm.smooth), ("filtered_states", ssm.filter)]:
+        g = zarr.open_group(written[kind], mode="r")
+        m, c = method(family_data["lgssm"])
+        np.testing.assert_allclose(g["values"][:], m, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(g["covariances"][:], c, rtol=1e-12, atol=1e-14)
+
+    # a wrong output: a clear error naming the outputs there are, nothing written
     with pytest.raises(emflow.ConfigError, match="LatentDirichletAllocation, which writes topics; it has no labels"):
         score_flow(paths["lda"], family_data["lda"], str(tmp_path / "bad"), outputs=["topics", "labels"])
-    with pytest.raises(emflow.ConfigError, match="LinearGaussianSSM, which has no chunk-by-chunk outputs"):
-        score_flow(paths["ssm"], family_data["lgssm"], str(tmp_path / "bad"))
+    with pytest.raises(emflow.ConfigError, match="LinearGaussianSSM, which writes smoothed_states, filtered_states"):
+        score_flow(paths["ssm"], family_data["lgssm"], str(tmp_path / "bad"), outputs=["proba"])
     assert not os.path.exists(tmp_path / "bad")
 
 

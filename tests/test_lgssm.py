@@ -323,6 +323,39 @@ def test_same_answer_for_partitionings_and_dask(seq_path, dask_client):
             np.testing.assert_allclose(x, y, rtol=1e-10, atol=1e-13)
 
 
+def test_filter_and_smooth_on_the_engine_and_written_to_zarr(seq_path, tmp_path, dask_client):
+    """Partition by partition on a Dask cluster, in memory or into a Zarr sequences group:
+    the same as one sequence at a time here, and as pykalman's smoother."""
+    import zarr
+    from pykalman import KalmanFilter
+
+    model = _fit(seq_path, scheduler="threads")
+    g = zarr.open_group(seq_path, mode="r")
+    X, off = g["values"][...], g["offsets"][...]
+    p = model._params
+    filt = [M.kalman_filter(X[a:b], p) for a, b in zip(off[:-1], off[1:])]
+    smooth = [M.rts_smoother(p.A, f) for f in filt]
+    model.scheduler, model.partition_bytes = dask_client, 400  # many partitions, chunks of 64 steps
+    for kind, want_m, want_c in [("filter", [f.filtered_means for f in filt], [f.filtered_covariances for f in filt]),
+                                 ("smooth", [r.means for r in smooth], [r.covariances for r in smooth])]:
+        m, c = getattr(model, kind)(seq_path)
+        np.testing.assert_allclose(m, np.concatenate(want_m), rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(c, np.concatenate(want_c), rtol=1e-12, atol=1e-14)
+        out = getattr(model, kind)(seq_path, out=tmp_path / f"{kind}.zarr")
+        assert out["values"].chunks == (64, 2) and out.attrs["kind"] == "sequences"
+        np.testing.assert_array_equal(out["values"][...], m)
+        np.testing.assert_array_equal(out["covariances"][...], c)
+        np.testing.assert_array_equal(out["offsets"][...], off)
+    # pykalman drops a step with any value missing (this filter uses the observed ones): compare on complete data
+    _, Y = model.sample(60, random_state=1)
+    kf = KalmanFilter(p.A, p.C, p.Q, p.R, np.zeros(2), np.zeros(3), p.mu0, p.V0)
+    for kind in ("filter", "smooth"):
+        ref_m, ref_c = getattr(kf, kind)(Y)
+        m, c = getattr(model, kind)(Y)
+        np.testing.assert_allclose(m, ref_m, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(c, ref_c, rtol=1e-9, atol=1e-12)
+
+
 def test_save_load_and_api(seq_path, tmp_path):
     import emflow
     import zarr
