@@ -68,7 +68,7 @@ def check_outputs(model_path: str, outputs: list[str] | None) -> list[str]:
 @task(name="score", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_if_transient,
       cache_policy=NO_CACHE)
 def score_output(model: str, data: str, kind: str, out: str, scheduler: str | None) -> dict:
-    """One output (labels, responsibilities or per-row log-likelihood) written to ``out``.
+    """One of the model's outputs (see ``_OUTPUTS``) written to ``out``.
 
     Safe to retry: the array is written under a temporary name and replaces ``out`` only when whole.
     """
