@@ -156,27 +156,28 @@ def fit(
 @app.command()
 def predict(
     model: str = typer.Argument(..., help="A model saved by `emflow fit`."),
-    data: str = typer.Argument(..., help="Zarr array to label."),
-    out: Path = typer.Option(..., "--out", "-o", help="Zarr array to write."),
-    what: str = typer.Option("labels", "--what", help="labels | proba (responsibilities) | score (per-row log-likelihood)."),
+    data: str = typer.Argument(..., help="Zarr dataset (array, sequences or corpus) to apply it to."),
+    out: Path = typer.Option(..., "--out", "-o", help="Zarr array (or sequences group) to write."),
+    what: Optional[str] = typer.Option(
+        None, "--what",
+        help="Mixtures: labels | proba (responsibilities) | log_likelihood (per row; also 'score'). "
+             "HMMs: labels (Viterbi states) | proba (posteriors). LDA: topics. State-space: smoothed_states | "
+             "filtered_states. Default: the first of the family's."),
     scheduler: Optional[str] = SchedulerOpt,
     workers: Optional[int] = WorkersOpt,
 ):
     """Apply a saved model to DATA, writing the result to Zarr chunk by chunk."""
     from . import load
+    from .outputs import check_outputs, write_output
 
-    methods = {"labels": "predict", "proba": "predict_proba", "score": "score_samples"}
     with _errors():
-        if what not in methods:
-            from .errors import ConfigError
-
-            raise ConfigError(f"--what must be one of {sorted(methods)}, got {what!r}.")
-        gm = load(model)
+        est = load(model)
+        [kind] = check_outputs(est, [what] if what else None, where=repr(model))[:1]
         with _scheduler(scheduler, workers) as client:
-            gm.scheduler = client
-            with console.status(f"writing {what} to {out}"):
-                arr = getattr(gm, methods[what])(data, out=out)
-    out_console.print(f"wrote {what} of shape {arr.shape} ({arr.dtype}) to {out}")
+            est.scheduler = client
+            with console.status(f"writing {kind} to {out}"):
+                _, arr = write_output(est, kind, data, out)
+    out_console.print(f"wrote {kind} of shape {arr.shape} ({arr.dtype}) to {out}")
 
 
 @app.command()
@@ -348,20 +349,34 @@ def _ensure_prefect_server(folder: Path) -> tuple[str, int | None]:
 
 def _print_model(gm, title: str) -> None:
     info = getattr(gm, "fit_info_", {}) or {}
+    name = type(gm).__name__
     t = Table(title=title)
     t.add_column("field")
     t.add_column("value")
-    t.add_row("family", type(gm).__name__)
-    t.add_row("components", str(gm.n_components))
-    t.add_row("covariance", gm.covariance_type)
+    t.add_row("family", name)
+    if hasattr(gm, "state_dim"):
+        t.add_row("state dimension", str(gm.state_dim))
+    else:
+        t.add_row("topics" if name == "LatentDirichletAllocation" else "components", str(gm.n_components))
+    if getattr(gm, "covariance_type", None):
+        t.add_row("covariance", gm.covariance_type)
     t.add_row("converged", f"{gm.converged_} after {gm.n_iter_} iterations")
-    t.add_row("mean log-likelihood", f"{gm.lower_bound_:.10g}")
-    t.add_row("weights", np.array2string(np.asarray(gm.weights_), precision=4))
+    objective = {"GaussianMixture": "mean log-likelihood", "LatentDirichletAllocation": "bound per word"}
+    t.add_row(objective.get(name, "log-likelihood per step"), f"{gm.lower_bound_:.10g}")
+    for label, attr in [("weights", "weights_"), ("start probabilities", "startprob_"),
+                        ("doc-topic prior", "doc_topic_prior_")]:
+        if hasattr(gm, attr):
+            t.add_row(label, np.array2string(np.asarray(getattr(gm, attr)), precision=4))
+    if name == "LatentDirichletAllocation":
+        t.add_row("perplexity (training)", f"{np.exp(-gm.lower_bound_):.6g}")
     if info:
         secs = info.get("seconds_per_iteration") or []
         if secs:
             t.add_row("seconds / iteration", f"{float(np.median(secs)):.3f} (median)")
-        t.add_row("data", f"{info.get('source')} ({info.get('n_samples')} x {info.get('n_features')}, {info.get('dtype')})")
+        size = [f"{info[k]} {k.removeprefix('n_')}" for k in ("n_samples", "n_sequences", "n_steps", "n_docs")
+                if info.get(k) is not None]
+        t.add_row("data", f"{info.get('source')} ({', '.join(size)}, {info.get('n_features')} features, "
+                          f"{info.get('dtype')})")
         t.add_row("fingerprint", str(info.get("fingerprint")))
         t.add_row("ran on", str(info.get("engine")))
     t.add_row("emflow", __version__)

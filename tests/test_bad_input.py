@@ -337,7 +337,7 @@ def test_cli_predict_and_info_bad_input(fitted_models, tmp_path):
         (["predict", str(tmp_path / "none.zarr"), three, "-o", str(outdir / "p.zarr")], "No model at"),
         (["predict", three, three, "-o", str(outdir / "p.zarr")], "not an emflow model"),
         (["predict", other, three, "-o", str(outdir / "p.zarr")], "needs arrays 'values' and 'offsets'"),
-        (["predict", model, three, "-o", str(outdir / "p.zarr"), "--what", "banana"], "--what must be one of"),
+        (["predict", model, three, "-o", str(outdir / "p.zarr"), "--what", "banana"], "GaussianMixture, which writes labels, proba, log_likelihood; it has no banana"),
         (["info", str(tmp_path / "none.zarr")], "Check the path"),
     ]
     for args, text in cases:

@@ -195,6 +195,49 @@ def test_cli_fit_predict_info(dataset, tmp_path, dask_client):
     assert r.exit_code == 0 and "(3000, 2)" in r.output
 
 
+def test_cli_predict_and_info_for_every_family(tmp_path):
+    """`emflow predict` writes each family's default output (or the one asked for) and
+    `emflow info` describes every family's model; a wrong output is an error that lists them."""
+    from emflow.synthetic import write_hmm, write_lda, write_lgssm
+
+    runner = CliRunner()
+    hmm_data = write_hmm(tmp_path / "h.zarr", 20, 2, 2, "gaussian", "diag", min_length=10, max_length=30, seed=1)
+    lda_data = write_lda(tmp_path / "c.zarr", 60, 30, 3, seed=1)
+    ssm_data = write_lgssm(tmp_path / "s.zarr", 6, 2, 3, min_length=10, max_length=30, seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fitted = {
+            "hmm": (emflow.GaussianHMM(2, n_iter=3, scheduler="threads").fit(hmm_data), hmm_data),
+            "lda": (emflow.LatentDirichletAllocation(3, max_iter=2, scheduler="threads").fit(lda_data), lda_data),
+            "ssm": (emflow.LinearGaussianSSM(2, max_iter=2, scheduler="threads").fit(ssm_data), ssm_data),
+        }
+    for name, (est, data) in fitted.items():
+        est.save(tmp_path / f"{name}-model.zarr")
+    cases = [("hmm", None, "labels", lambda est, d: est.predict(d)),
+             ("hmm", "proba", "proba", lambda est, d: est.predict_proba(d)),
+             ("lda", None, "topics", lambda est, d: est.transform(d)),
+             ("ssm", "filtered_states", "filtered_states", lambda est, d: est.filter(d)[0])]
+    for name, what, kind, expected in cases:
+        est, data = fitted[name]
+        out = tmp_path / f"{name}-{kind}.zarr"
+        r = runner.invoke(app, ["predict", str(tmp_path / f"{name}-model.zarr"), data, "-o", str(out), "-s", "threads",
+                                *(["--what", what] if what else [])])
+        assert r.exit_code == 0, r.output
+        assert f"wrote {kind} of shape" in r.output
+        got = zarr.open_group(out)["values"][...] if name != "lda" else zarr.open_array(out)[...]
+        np.testing.assert_allclose(got, expected(est, data), rtol=1e-12, atol=1e-14)
+    r = runner.invoke(app, ["predict", str(tmp_path / "lda-model.zarr"), lda_data, "-o", str(tmp_path / "x.zarr"),
+                            "--what", "labels", "-s", "threads"])
+    assert r.exit_code == 2 and "LatentDirichletAllocation, which writes topics; it has no labels" in r.output
+    assert not (tmp_path / "x.zarr").exists()
+    for name, words in [("hmm", ["GaussianHMM", "log-likelihood per step", "start probabilities", "20 sequences"]),
+                        ("lda", ["LatentDirichletAllocation", "bound per word", "perplexity", "60 docs"]),
+                        ("ssm", ["LinearGaussianSSM", "state dimension", "6 sequences"])]:
+        r = runner.invoke(app, ["info", str(tmp_path / f"{name}-model.zarr")])
+        assert r.exit_code == 0, r.output
+        assert all(w in r.output for w in words), (name, r.output)
+
+
 def test_cli_errors_leave_nothing(tmp_path):
     runner = CliRunner()
     X = np.random.default_rng(0).normal(size=(100, 2))
