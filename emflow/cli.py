@@ -155,7 +155,7 @@ def fit(
 
 @app.command()
 def predict(
-    model: str = typer.Argument(..., help="A model saved by `emflow fit`."),
+    model: str = typer.Argument(..., help="A saved model of any family (`emflow fit`, a flow, or .save())."),
     data: str = typer.Argument(..., help="Zarr dataset (array, sequences or corpus) to apply it to."),
     out: Path = typer.Option(..., "--out", "-o", help="Zarr array (or sequences group) to write."),
     what: Optional[str] = typer.Option(
