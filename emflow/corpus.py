@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from .data import DEFAULT_PARTITION_BYTES, _url, is_zarr_path
+from .data import DEFAULT_PARTITION_BYTES, _url, check_pointer, is_zarr_path
 from .errors import ConfigError, DataError, DataNotFoundError, NonFiniteDataError
 
 __all__ = [
@@ -52,14 +52,7 @@ _ENTRY_BYTES = ENTRY_DTYPE.itemsize
 # -- validation ----------------------------------------------------------------------
 def check_indptr(indptr, nnz: int, where: str = "indptr") -> np.ndarray:
     """Validate CSR document offsets; returns them as int64."""
-    p = np.asarray(indptr)
-    if p.ndim != 1 or p.size < 2:
-        raise DataError(f"{where} must be 1-D with n_docs + 1 >= 2 entries; got shape {p.shape}.")
-    if p.dtype.kind not in "iu":
-        raise DataError(f"{where} must be integers, got dtype {p.dtype}.")
-    p = p.astype(np.int64)
-    if p[0] != 0:
-        raise DataError(f"{where}[0] must be 0, got {int(p[0])}.")
+    p = check_pointer(indptr, "n_docs", where)
     steps = np.diff(p)
     if np.any(steps < 0):
         d = int(np.flatnonzero(steps < 0)[0])

@@ -66,6 +66,21 @@ def open_zarr_array(path: Any, *, role: str = "data"):
     return node, url
 
 
+def check_pointer(ptr, count: str, where: str) -> np.ndarray:
+    """The checks every pointer array (sequence offsets, a corpus's indptr) shares: 1-D with
+    at least two entries, integers, starting at 0. Returns it as int64; ``count`` names what
+    it delimits (``"n_sequences"``, ``"n_docs"``) in the error."""
+    p = np.asarray(ptr)
+    if p.ndim != 1 or p.size < 2:
+        raise DataError(f"{where} must be 1-D with {count} + 1 >= 2 entries; got shape {p.shape}.")
+    if p.dtype.kind not in "iu":
+        raise DataError(f"{where} must be integers, got dtype {p.dtype}.")
+    p = p.astype(np.int64)
+    if p[0] != 0:
+        raise DataError(f"{where}[0] must be 0, got {int(p[0])}.")
+    return p
+
+
 def _check_dtype(dtype: np.dtype, where: str) -> None:
     if dtype.kind not in "fiu":
         raise DataError(

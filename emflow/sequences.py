@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .data import DEFAULT_PARTITION_BYTES, _check_dtype, _check_finite, _url, is_zarr_path
+from .data import DEFAULT_PARTITION_BYTES, _check_dtype, _check_finite, _url, check_pointer, is_zarr_path
 from .errors import DataError, DataNotFoundError, NonFiniteDataError
 
 __all__ = ["SequenceData", "open_sequences", "check_offsets", "write_sequences", "write_owned"]
@@ -29,14 +29,7 @@ __all__ = ["SequenceData", "open_sequences", "check_offsets", "write_sequences",
 
 def check_offsets(offsets: np.ndarray, total_steps: int, where: str = "offsets") -> np.ndarray:
     """Validate sequence offsets; returns them as int64."""
-    off = np.asarray(offsets)
-    if off.ndim != 1 or off.size < 2:
-        raise DataError(f"{where} must be 1-D with n_sequences + 1 >= 2 entries; got shape {off.shape}.")
-    if off.dtype.kind not in "iu":
-        raise DataError(f"{where} must be integers, got dtype {off.dtype}.")
-    off = off.astype(np.int64)
-    if off[0] != 0:
-        raise DataError(f"{where}[0] must be 0, got {off[0]}.")
+    off = check_pointer(offsets, "n_sequences", where)
     steps = np.diff(off)
     if np.any(steps <= 0):
         s = int(np.flatnonzero(steps <= 0)[0])
