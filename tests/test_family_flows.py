@@ -19,14 +19,13 @@ pytest.importorskip("prefect")
 import emflow  # noqa: E402
 from emflow.checkpoint import (  # noqa: E402
     Checkpoint,
-    CheckpointWriter,
     checkpoint_path,
     read_checkpoint,
     write_checkpoint,
 )
 from emflow.synthetic import write_hmm, write_lda, write_lgssm  # noqa: E402
 
-from test_flows import _artifacts, _logs, _rel  # noqa: E402
+from test_flows import _artifacts, _crash_after, _logs, _rel  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::emflow.EmflowConvergenceWarning")
 
@@ -143,20 +142,12 @@ def test_categorical_hmm_flow_resumes_after_crash(prefect_server, family_data, t
     kw = dict(n_components=2, n_iter=7, tol=0.0)
     ref = _quiet(emflow.CategoricalHMM(**kw, random_state=0, scheduler="threads").fit, family_data["cat"])
     out = str(tmp_path / "cat.zarr")
-    real_call = CheckpointWriter.__call__
-
-    def dying(self, event):
-        real_call(self, event)
-        if event.iteration == 3:
-            raise RuntimeError("simulated crash after iteration 3")
-
-    monkeypatch.setattr(CheckpointWriter, "__call__", dying)
-    monkeypatch.setattr(F, "em_iterations", F.em_iterations.with_options(retries=0))
+    stop_crashing = _crash_after(monkeypatch, F, 3)
     state = hmm_fit_flow(family_data["cat"], out, emission="categorical", **kw, return_state=True)
     assert state.is_failed()
     assert read_checkpoint(checkpoint_path(out)).iteration == 3
 
-    monkeypatch.setattr(CheckpointWriter, "__call__", real_call)
+    stop_crashing()
     state = hmm_fit_flow(family_data["cat"], out, emission="categorical", **kw, return_state=True)
     assert state.is_completed(), state
     model = emflow.load(out)
@@ -238,17 +229,9 @@ def test_lda_flow_resume_keeps_the_perplexity_stopping_rule(prefect_server, fami
     assert ref.converged_ and ref.n_iter_ == 6
 
     out = str(tmp_path / "lda.zarr")
-    real_call = CheckpointWriter.__call__
-
-    def dying(self, event):
-        real_call(self, event)
-        if event.iteration == 4:
-            raise RuntimeError("simulated crash after iteration 4")
-
-    monkeypatch.setattr(CheckpointWriter, "__call__", dying)
-    monkeypatch.setattr(F, "em_iterations", F.em_iterations.with_options(retries=0))
+    stop_crashing = _crash_after(monkeypatch, F, 4)
     assert lda_fit_flow(family_data["lda"], out, **kw, return_state=True).is_failed()
-    monkeypatch.setattr(CheckpointWriter, "__call__", real_call)
+    stop_crashing()
     state = lda_fit_flow(family_data["lda"], out, **kw, return_state=True)
     assert state.is_completed(), state
     model = emflow.load(out)

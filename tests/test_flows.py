@@ -68,6 +68,21 @@ def _logs(flow_run_id, want: str, timeout: float = 10.0) -> list[str]:
         time.sleep(0.3)
 
 
+def _crash_after(monkeypatch, flow_module, iteration: int):
+    """Make the next flow run fail right after it checkpoints ``iteration`` (no Prefect
+    retry); returns a function that stops the crashing, for the run that resumes."""
+    real_call = CheckpointWriter.__call__
+
+    def dying(self, event):
+        real_call(self, event)
+        if event.iteration == iteration:
+            raise RuntimeError(f"simulated crash after iteration {iteration}")
+
+    monkeypatch.setattr(CheckpointWriter, "__call__", dying)
+    monkeypatch.setattr(flow_module, "em_iterations", flow_module.em_iterations.with_options(retries=0))
+    return lambda: monkeypatch.setattr(CheckpointWriter, "__call__", real_call)
+
+
 def _rel(a, b) -> float:
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300))
@@ -154,22 +169,14 @@ def test_fit_flow_resumes_after_failure_mid_fit(prefect_server, gmm_data, tmp_pa
     assert ref.n_iter_ == 8
 
     out = str(tmp_path / "model.zarr")
-    real_call = CheckpointWriter.__call__
-
-    def dying(self, event):
-        real_call(self, event)
-        if event.iteration == 3:
-            raise RuntimeError("simulated crash after iteration 3")
-
-    monkeypatch.setattr(CheckpointWriter, "__call__", dying)
-    monkeypatch.setattr(F, "em_iterations", F.em_iterations.with_options(retries=0))
+    stop_crashing = _crash_after(monkeypatch, F, 3)
     state = F.fit_flow(gmm_data, out, **kw, return_state=True)
     assert state.is_failed()
     assert "simulated crash" in str(state.message) or "simulated crash" in repr(state.result(raise_on_failure=False))
     assert read_checkpoint(checkpoint_path(out)).iteration == 3
     assert not os.path.exists(out)
 
-    monkeypatch.setattr(CheckpointWriter, "__call__", real_call)
+    stop_crashing()
     state = F.fit_flow(gmm_data, out, **kw, return_state=True)
     assert state.is_completed()
     gm = emflow.load(out)
