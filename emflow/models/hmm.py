@@ -268,6 +268,15 @@ def _n_long(layout: Layout) -> int:
     return int(np.argmin(compiled + batched))
 
 
+def _split_long(layout: Layout) -> tuple[list[np.ndarray], int]:
+    """The time-major rows of each sequence to run in compiled code (rank ``j`` = the
+    ``j``-th longest), and how many steps the batched loop then runs for the rest."""
+    n_long = _n_long(layout)
+    lengths = layout.lengths[layout.order]
+    rows = [layout.c[: lengths[j]] + j for j in range(n_long)]
+    return rows, (int(lengths[n_long]) if n_long < layout.n_sequences else 0)
+
+
 def _one_sequence(B, rows, pi, A, alpha, scale, beta) -> None:
     """Scaled forward-backward of one sequence (rows ``rows`` of the time-major arrays) in
     hmmlearn's compiled code, written into ``alpha``, ``scale`` and ``beta`` with this
@@ -323,10 +332,9 @@ def forward_backward(log_b_tm: np.ndarray, layout: Layout, startprob: np.ndarray
     beta = np.ones((n_rows, K))
     # The longest sequences (ranks 0..n_long-1 of every step's block) run one at a time in
     # hmmlearn's compiled recursions; the others run batched, one NumPy step per time index.
-    n_long = _n_long(layout)
-    T_short = int(layout.lengths[layout.order[n_long]]) if n_long < layout.n_sequences else 0
-    for j in range(n_long):
-        rows = c[: layout.lengths[layout.order[j]]] + j
+    long_rows, T_short = _split_long(layout)
+    n_long = len(long_rows)
+    for rows in long_rows:
         _one_sequence(B, rows, pi, A, alpha, scale, beta)
     with np.errstate(divide="ignore", invalid="ignore"):
         if T_short:
@@ -395,10 +403,9 @@ def viterbi(log_b_tm: np.ndarray, layout: Layout, startprob: np.ndarray, transma
     states_tm = np.empty(n_rows, dtype=np.int64)
     logprob = np.empty(layout.n_sequences)
     # the longest sequences one at a time in hmmlearn's compiled Viterbi (as forward_backward)
-    n_long = _n_long(layout)
-    T_short = int(layout.lengths[layout.order[n_long]]) if n_long < layout.n_sequences else 0
-    for j in range(n_long):
-        rows = c[: layout.lengths[layout.order[j]]] + j
+    long_rows, T_short = _split_long(layout)
+    n_long = len(long_rows)
+    for j, rows in enumerate(long_rows):
         lp, path = _hmmc.viterbi(np.asarray(startprob, dtype=np.float64), np.asarray(transmat, dtype=np.float64),
                                  np.ascontiguousarray(log_b_tm[rows]))  # takes probabilities, logs them itself
         states_tm[rows] = path
