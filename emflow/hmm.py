@@ -23,7 +23,6 @@ Conventions to know:
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -47,7 +46,7 @@ from .errors import (
 )
 from .models import hmm as H
 from .models import kmeans as KM
-from .sequences import open_sequences, write_owned
+from .sequences import open_sequences, write_owned, write_step_outputs
 
 __all__ = ["GaussianHMM", "CategoricalHMM", "ConvergenceMonitor", "GaussianHMMFamily", "CategoricalHMMFamily"]
 
@@ -326,31 +325,16 @@ class _BaseHMM(ParamsMixin):
                 loaded.release()
 
     def _write_output(self, engine, loaded, params, kind, out, starts):
-        import zarr
+        per_step = ((), "int64") if kind in ("states", "map") else ((self.n_components,), "float64")
 
-        n = loaded.data.n_rows
-        K = self.n_components
-        shape, dtype = ((n,), "int64") if kind in ("states", "map") else ((n, K), "float64")
-        chunk = int(min(max(loaded.data.chunk_rows, 1), 1 << 20)) if not loaded.data.in_memory else min(n, 65536)
-        with _store.atomic_dir(out) as tmp:
-            g = zarr.open_group(tmp, mode="w")
-            g.create_array("values", shape=shape, dtype=dtype, chunks=(chunk,) + shape[1:])
-            g.create_array("offsets", data=loaded.data.offsets, chunks=(max(1, min(1 << 20, len(loaded.data.offsets))),))
-            parts = engine.map(_posterior_part, loaded, params, os.path.abspath(tmp), kind, per_partition=starts)
-            arr = g["values"]
-            for _, pieces in parts:  # edge pieces of shared chunks, written one at a time
-                for a, piece in pieces:
-                    if len(piece):
-                        arr[a : a + len(piece)] = piece
-            g.attrs.update({
-                "kind": "sequences", "n_sequences": int(loaded.data.n_sequences), "total_steps": int(n),
-                "n_features": 1 if len(shape) == 1 else K, "dtype": dtype,
-                "emflow": {"kind": {"states": "viterbi_states", "map": "map_states"}.get(kind, "posteriors"),
-                           "model_family": self._family_name, "source": loaded.data.source,
-                           "fingerprint": loaded.fingerprint, "log_prob": float(sum(p[0] for p in parts)),
-                           "version": __version__},
-            })
-        return zarr.open_group(os.fspath(out), mode="r")
+        def fill(url):
+            parts = engine.map(_posterior_part, loaded, params, url, kind, per_partition=starts)
+            return [{"values": pieces} for _, pieces in parts], {"log_prob": float(sum(p[0] for p in parts))}
+
+        return write_step_outputs(out, loaded, {"values": per_step}, fill, {
+            "kind": {"states": "viterbi_states", "map": "map_states"}.get(kind, "posteriors"),
+            "model_family": self._family_name,
+        })
 
     def decode(self, X, lengths=None, algorithm: str | None = None):
         """Most likely states: ``(log_prob, states)`` with states of shape (n_samples,).

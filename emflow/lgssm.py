@@ -35,7 +35,7 @@ from .errors import (
     NotFittedError,
 )
 from .models import lgssm as M
-from .sequences import open_sequences, write_owned
+from .sequences import open_sequences, write_owned, write_step_outputs
 
 __all__ = ["LinearGaussianSSM", "LGSSMFamily", "Forecast"]
 
@@ -442,32 +442,15 @@ class LinearGaussianSSM(ParamsMixin):
                 loaded.release()
 
     def _write_states(self, engine, loaded, params, kind, out, starts):
-        import os
+        k = int(self.state_dim)
 
-        import zarr
+        def fill(url):
+            parts = engine.map(_state_part, loaded, params, url, kind, per_partition=starts)
+            return [{"values": m, "covariances": c} for m, c in parts], {}
 
-        data = loaded.data
-        n, k = data.n_rows, int(self.state_dim)
-        chunk = int(min(max(data.chunk_rows, 1), 1 << 20)) if not data.in_memory else min(n, 65536)
-        with _store.atomic_dir(out) as tmp:
-            g = zarr.open_group(tmp, mode="w")
-            g.create_array("values", shape=(n, k), dtype="float64", chunks=(chunk, k))
-            g.create_array("covariances", shape=(n, k, k), dtype="float64", chunks=(chunk, k, k))
-            g.create_array("offsets", data=data.offsets, chunks=(max(1, min(1 << 20, len(data.offsets))),))
-            parts = engine.map(_state_part, loaded, params, os.path.abspath(tmp), kind, per_partition=starts)
-            for part in parts:  # edge pieces of shared chunks, written one at a time
-                for name, pieces in zip(("values", "covariances"), part):
-                    for a, piece in pieces:
-                        if len(piece):
-                            g[name][a : a + len(piece)] = piece
-            g.attrs.update({
-                "kind": "sequences", "n_sequences": int(data.n_sequences), "total_steps": int(n),
-                "n_features": k, "dtype": "float64",
-                "emflow": {"kind": {"filter": "filtered_states", "smooth": "smoothed_states"}[kind],
-                           "model_family": FAMILY, "source": data.source, "fingerprint": loaded.fingerprint,
-                           "version": __version__},
-            })
-        return zarr.open_group(os.fspath(out), mode="r")
+        return write_step_outputs(out, loaded, {"values": ((k,), "float64"), "covariances": ((k, k), "float64")}, fill, {
+            "kind": {"filter": "filtered_states", "smooth": "smoothed_states"}[kind], "model_family": FAMILY,
+        })
 
     def score(self, X, lengths=None) -> float:
         """Total log-likelihood ``sum log p(y_obs)`` of the sequences (pykalman's ``loglikelihood``).

@@ -24,7 +24,7 @@ import numpy as np
 from .data import DEFAULT_PARTITION_BYTES, _check_dtype, _check_finite, _url, check_pointer, is_zarr_path
 from .errors import DataError, DataNotFoundError, NonFiniteDataError
 
-__all__ = ["SequenceData", "open_sequences", "check_offsets", "write_sequences", "write_owned"]
+__all__ = ["SequenceData", "open_sequences", "check_offsets", "write_sequences", "write_owned", "write_step_outputs"]
 
 
 def check_offsets(offsets: np.ndarray, total_steps: int, where: str = "offsets") -> np.ndarray:
@@ -249,3 +249,44 @@ def write_owned(array_url: str, res: np.ndarray, start: int) -> list[tuple[int, 
     if hi > lo:
         arr[lo:hi] = res[lo - a : hi - a]
     return [(a, res[: lo - a]), (hi, res[hi - a :])]
+
+
+def write_step_outputs(out, loaded, arrays: dict[str, tuple[tuple[int, ...], str]], fill: Callable,
+                       attrs: dict[str, Any]):
+    """Write per-step outputs of a loaded sequences dataset to a Zarr sequences group at
+    ``out``, atomically, and return the group.
+
+    ``arrays`` maps each array's name to its per-step shape and dtype (``values`` first);
+    the group also gets the input's ``offsets``, with the input's chunking of steps.
+    ``fill(url)`` runs the partitions (each writes the chunks it covers whole with
+    :func:`write_owned` under ``url + "/" + name``) and returns ``(pieces, extra)``: per
+    partition ``{name: edge pieces}``, written here one at a time, and attributes to add to
+    ``attrs`` (recorded under ``"emflow"`` with the source, fingerprint and version).
+    """
+    import zarr
+
+    from . import __version__
+    from .store import atomic_dir
+
+    data = loaded.data
+    n = data.n_rows
+    chunk = int(min(max(data.chunk_rows, 1), 1 << 20)) if not data.in_memory else min(n, 65536)
+    with atomic_dir(out) as tmp:
+        g = zarr.open_group(tmp, mode="w")
+        for name, (tail, dtype) in arrays.items():
+            g.create_array(name, shape=(n, *tail), dtype=dtype, chunks=(chunk, *tail))
+        g.create_array("offsets", data=data.offsets, chunks=(max(1, min(1 << 20, len(data.offsets))),))
+        pieces, extra = fill(os.path.abspath(tmp))
+        for part in pieces:  # edge pieces of shared chunks, written one at a time
+            for name, edges in part.items():
+                for a, piece in edges:
+                    if len(piece):
+                        g[name][a : a + len(piece)] = piece
+        tail, dtype = arrays["values"]
+        g.attrs.update({
+            "kind": "sequences", "n_sequences": int(data.n_sequences), "total_steps": int(n),
+            "n_features": int(tail[0]) if tail else 1, "dtype": dtype,
+            "emflow": {**attrs, **extra, "source": data.source, "fingerprint": loaded.fingerprint,
+                       "version": __version__},
+        })
+    return zarr.open_group(os.fspath(out), mode="r")
