@@ -300,7 +300,7 @@ def run_spark(case: dict, out: str):
     from pyspark.mllib.linalg import DenseMatrix, DenseVector
 
     g, truth = _load_case(case)
-    ct, K, d, N, n = case["ct"], case["K"], case["d"], case["iters"] + 1, case["n"]
+    K, d, N, n = case["K"], case["d"], case["iters"] + 1, case["n"]
     st = start_params(truth)
     t0 = time.perf_counter()
     conf = (SparkConf().setMaster("local[*]").setAppName("emflow-bench")

@@ -34,7 +34,7 @@ def small_params(k=2, p=3, seed=0) -> M.LGSSMParams:
 # -- brute force: one joint Gaussian over (z_1..z_T, y_1..y_T) ---------------------------------
 def joint_gaussian(params: M.LGSSMParams, T: int):
     A, C, Q, R, mu0, V0 = params
-    k, p = A.shape[0], C.shape[0]
+    k = A.shape[0]
     mz = np.empty((T, k))
     V = [V0]
     mz[0] = mu0

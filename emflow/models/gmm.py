@@ -270,10 +270,7 @@ def e_step(X: np.ndarray, w: np.ndarray | None, params: GMMParams, compute_dtype
     GMMStats
         Statistics about ``shift_of(params)``.
     """
-    dtype = _compute_dtype(compute_dtype)
-    ct = params.covariance_type
-    K, d = np.shape(params.means)
-    return _e_step_transposed(X, w, params, dtype)
+    return _e_step_transposed(X, w, params, _compute_dtype(compute_dtype))
 
 
 def _compute_dtype(compute_dtype) -> type:
