@@ -109,7 +109,7 @@ def main(flow, argv: Sequence[str] | None = None, module: str | None = None) -> 
             err = state.message
         except Exception as exc:
             err = f"{type(exc).__name__}: {exc}"
-        print(f"error: flow run {state.name}: {err}", file=sys.stderr)
+        print(f"error: the flow run ended {state.name}: {err}", file=sys.stderr)
         return 1
     print(json.dumps(state.result(), indent=1, default=str))
     return 0
