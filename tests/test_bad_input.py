@@ -304,9 +304,9 @@ def test_cli_fit_bad_data(case, tmp_path):
 
 
 CLI_PARAMS = [
-    (["-k", "0"], 2, "n_components must be a positive integer"),
+    (["-k", "0"], 2, "--components (-k): n_components must be an integer >= 1, got 0"),
     (["-k", "2", "--tol", "-1"], 2, "tol must be a number >= 0"),
-    (["-k", "2", "--reg-covar", "-1"], 2, "reg_covar must be a number >= 0"),
+    (["-k", "2", "--reg-covar", "-1"], 2, "--reg-covar: reg_covar must be a finite number >= 0"),
     (["-k", "2", "-c", "banana"], 2, "'banana' is not one of"),  # typer's own usage error lists the choices
     (["-k", "2", "--n-init", "0"], 2, "n_init must be an integer >= 1"),
 ]
