@@ -365,7 +365,8 @@ def generate(
     with _errors(out):
         for name, value in (("--samples", samples), ("--components", components), ("--features", features)):
             check_int(name, value, 1)
-        check_int("--chunk-rows", chunk_rows, 1, allow_none=True)
+        if chunk_rows is not None:
+            check_int("--chunk-rows", chunk_rows, 1)
         _check_seed(seed)
         check_real("--separation", separation, 0, finite=True)
         with Progress(TextColumn("generating"), BarColumn(), TextColumn("{task.completed:,}/{task.total:,} rows"),
