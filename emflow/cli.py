@@ -119,7 +119,8 @@ def _errors(target=None, options: Optional[dict] = None):
         _fail("interrupted (Ctrl-C); an output being written was not moved into place.")
         raise typer.Exit(130) from None
     except MemoryError:
-        _fail("out of memory. Use --persist stream, a smaller --partition-mib, or more workers' memory.")
+        _fail("out of memory. Give the workers more memory, or use smaller partitions "
+              "(fit: --persist stream, --partition-mib).")
         raise typer.Exit(2) from None
     except OSError as exc:
         _fail(_os_error_text(exc, target))

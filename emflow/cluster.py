@@ -17,6 +17,7 @@ import contextlib
 import os
 from typing import Any, Iterator
 
+from .base import is_int
 from .engine import Engine
 from .errors import ClusterError, ConfigError
 
@@ -120,7 +121,7 @@ def local_cluster(n_workers: int | None = None, threads_per_worker: int = 1, **k
 
     import logging
 
-    if n_workers is not None and (not isinstance(n_workers, int) or isinstance(n_workers, bool) or n_workers < 1):
+    if n_workers is not None and not (is_int(n_workers) and n_workers >= 1):
         raise ConfigError(f"n_workers must be an integer >= 1 or None (one per core), got {n_workers!r}.")
     n_workers = n_workers or os.cpu_count() or 1
     kwargs.setdefault("dashboard_address", ":0")

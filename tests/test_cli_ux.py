@@ -120,6 +120,19 @@ def test_ctrl_c_is_one_line_with_status_130(model, tmp_path, monkeypatch):
     assert "interrupted" in line
 
 
+def test_out_of_memory_is_one_line(model, tmp_path, monkeypatch):
+    import emflow.outputs
+
+    def oom(*a, **k):
+        raise MemoryError
+
+    monkeypatch.setattr(emflow.outputs, "write_output", oom)
+    r = run("predict", model, _rows(tmp_path / "d.zarr"), "-o", tmp_path / "p.zarr", "-s", "threads")
+    assert r.exit_code == 2, r.output
+    [line] = _error_lines(r.output)
+    assert line.startswith("error: out of memory.") and "--partition-mib" in line
+
+
 def test_a_bug_still_shows_its_traceback(model, tmp_path, monkeypatch):
     import emflow.outputs
 
