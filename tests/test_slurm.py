@@ -2,8 +2,10 @@
 deploy/slurm/local-cluster.sh, Dask workers as SLURM batch jobs (dask-jobqueue SLURMCluster,
 through the recipe deploy/dask/jobqueue.py), the fit flow pointed at the cluster's scheduler.
 
-Run with ``make test-slurm`` (installs slurm-wlm and munge with apt when missing). Slow, and
-skipped with the reason when SLURM, munge, dask-jobqueue or root are missing.
+Run with ``make test-slurm`` (installs slurm-wlm and munge with apt when missing). Every test
+that needs SLURM is slow, and skipped with the reason when SLURM, munge, dask-jobqueue or root
+are missing; only the check of the generated configuration runs in the default suite (it needs
+none of them).
 """
 
 from __future__ import annotations
@@ -42,13 +44,36 @@ _MISSING = _missing()
 if _MISSING and os.environ.get("EMFLOW_REQUIRE_SLURM") == "1":  # make test-slurm: never a silent skip
     raise RuntimeError(f"EMFLOW_REQUIRE_SLURM=1 but {_MISSING}")
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.slurm,
-    pytest.mark.skipif(_MISSING is not None, reason=_MISSING or ""),
-    pytest.mark.filterwarnings("ignore::emflow.EmflowConvergenceWarning"),
-    pytest.mark.timeout(600),
-]
+pytestmark = pytest.mark.filterwarnings("ignore::emflow.EmflowConvergenceWarning")
+
+
+def needs_slurm(test):
+    for mark in (pytest.mark.slow, pytest.mark.slurm, pytest.mark.timeout(600),
+                 pytest.mark.skipif(_MISSING is not None, reason=_MISSING or "")):
+        test = mark(test)
+    return test
+
+
+def test_generated_config_is_one_node_with_this_machines_cores_and_memory(tmp_path):
+    env = {**os.environ, "SLURMCTLD_PORT": "17001", "SLURMD_PORT": "17002"}
+    out = subprocess.run(["bash", SCRIPT, "config", str(tmp_path)], env=env, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == str(tmp_path / "slurm.conf")
+    conf = dict(line.split("=", 1) for line in open(out).read().splitlines()
+                if line and not line.startswith(("#", "NodeName", "PartitionName")))
+    node = [line for line in open(out) if line.startswith("NodeName=")][0].split()
+    node = dict(w.split("=", 1) for w in node)
+    mem_kb = int(next(line.split()[1] for line in open("/proc/meminfo") if line.startswith("MemTotal:")))
+    assert node["NodeName"] == socket.gethostname().split(".")[0] and node["NodeAddr"] == "127.0.0.1"
+    assert int(node["CPUs"]) == len(os.sched_getaffinity(0))
+    assert int(node["RealMemory"]) == max(mem_kb // 1024 - 512, 256)
+    assert conf["SlurmctldPort"] == "17001" and conf["SlurmdPort"] == "17002"
+    # everything the daemons write stays under the state folder
+    for key in ("StateSaveLocation", "SlurmdSpoolDir", "SlurmctldPidFile", "SlurmdPidFile", "SlurmctldLogFile"):
+        assert conf[key].startswith(str(tmp_path) + "/"), key
+    assert conf["AuthInfo"] == f"socket={tmp_path}/munge/munge.socket"
+    line = "PartitionName=debug Nodes={} Default=YES".format(node["NodeName"])
+    assert line in open(out).read()
 
 
 def _free_port() -> int:
@@ -83,15 +108,18 @@ def slurm(tmp_path_factory):
     finally:
         pids = _pids(state)
         subprocess.run(["bash", SCRIPT, "stop", state], env=env, capture_output=True, timeout=120)
+        survivors = []
         for pid in pids:  # whatever the script could not stop
             try:
                 os.kill(pid, signal.SIGKILL)
+                survivors.append(pid)
             except OSError:
                 pass
         if old is None:
             os.environ.pop("SLURM_CONF", None)
         else:
             os.environ["SLURM_CONF"] = old
+    assert not survivors, f"local-cluster.sh stop left daemons running (pids {survivors}, killed now)"
 
 
 def _squeue() -> dict[str, str]:
@@ -163,6 +191,7 @@ def _model_arrays(path):
     return gm, {"weights": gm.weights_, "means": gm.means_, "covariances": gm.covariances_}
 
 
+@needs_slurm
 def test_recipe_job_script_is_a_slurm_job(make_slurm_cluster):
     """The job script the recipe generates asks SLURM for what the worker uses, and SLURM accepts it."""
     from deploy.dask.jobqueue import check_slurm_job
@@ -175,6 +204,7 @@ def test_recipe_job_script_is_a_slurm_job(make_slurm_cluster):
     assert _squeue() == {}
 
 
+@needs_slurm
 def test_unknown_partition_is_a_cluster_error_before_any_job(make_slurm_cluster):
     import emflow
 
@@ -184,6 +214,7 @@ def test_unknown_partition_is_a_cluster_error_before_any_job(make_slurm_cluster)
     assert _squeue() == {}
 
 
+@needs_slurm
 def test_fit_flow_on_slurm_survives_scancel_of_a_worker_job(make_slurm_cluster, slurm_data, tmp_path,
                                                             prefect_server):
     """Two worker jobs; the fit flow against the cluster's address; one job cancelled with
@@ -253,6 +284,7 @@ def test_fit_flow_on_slurm_survives_scancel_of_a_worker_job(make_slurm_cluster, 
     np.testing.assert_allclose(gm_d.history_, gm_q.history_, rtol=1e-10)
 
 
+@needs_slurm
 def test_adapt_scales_slurm_jobs_up_and_down(make_slurm_cluster):
     """adapt(): queued work brings jobs up to the maximum; idleness cancels them down to the minimum."""
     from distributed import Client

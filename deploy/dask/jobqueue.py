@@ -71,7 +71,8 @@ def slurm_cluster(jobs: int = 4, cores: int = 16, memory: str = "64GB", walltime
     options = dict(
         cores=cores, processes=cores, memory=memory, walltime=walltime, queue=queue, account=account,
         job_extra_directives=["--exclusive"] if exclusive else [],
-        # node-local scratch for spilled data; TMPDIR is not set by every site's SLURM
+        # node-local scratch for spilled data: SLURM sets TMPDIR in each job (its TmpFS, /tmp by
+        # default); the fallback keeps the worker command whole where a site's prolog unsets it
         local_directory="${TMPDIR:-/tmp}",
         scheduler_options={"port": 8786, "dashboard_address": ":8787", **(scheduler_options or {})},
     )

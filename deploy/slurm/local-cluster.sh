@@ -4,6 +4,7 @@
 #   deploy/slurm/local-cluster.sh start [STATE_DIR]   # munged, slurmctld, slurmd; waits for the node
 #   deploy/slurm/local-cluster.sh stop  [STATE_DIR]   # stops them, by the process ids recorded at start
 #   deploy/slurm/local-cluster.sh status [STATE_DIR]
+#   deploy/slurm/local-cluster.sh config [STATE_DIR]  # only writes STATE_DIR/slurm.conf
 #
 # Needs Debian's `slurm-wlm` and `munge` (apt-get install slurm-wlm munge); runs as root (slurmd
 # starts jobs as their submitting user). Everything lives under STATE_DIR (default
@@ -167,5 +168,6 @@ case "$cmd" in
   start) start ;;
   stop) stop_all ;;
   status) status ;;
-  *) echo "usage: $0 start|stop|status [STATE_DIR]" >&2; exit 2 ;;
+  config) mkdir -p "$STATE"; write_conf; echo "$STATE/slurm.conf" ;;
+  *) echo "usage: $0 start|stop|status|config [STATE_DIR]" >&2; exit 2 ;;
 esac
