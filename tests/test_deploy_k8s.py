@@ -164,6 +164,26 @@ def test_every_container_runs_a_command_the_image_has(resource):
             assert params["host"] == "0.0.0.0"
 
 
+def test_operator_builds_worker_pods_that_find_the_scheduler(resource):
+    """The operator's own builder (dask_kubernetes.operator.controller) turns the resource's
+    worker spec into a Deployment: the recipe's environment is kept, the operator adds the worker
+    name and scheduler address, and `dask worker` reads that address from its environment."""
+    import dask.config
+
+    from dask_kubernetes.operator.controller.controller import build_worker_deployment_spec
+
+    pod_spec = _prune_nulls(resource, _crd_schema()[2])["spec"]["worker"]["spec"]
+    deployment = build_worker_deployment_spec("emflow-dask-default", "emflow", "emflow-dask", "abc12",
+                                              pod_spec, {}, {})
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["OMP_NUM_THREADS"] == "1" and env["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
+    assert env["DASK_WORKER_NAME"] == "emflow-dask-default-worker-abc12"
+    assert dask.config.collect_env({"DASK_SCHEDULER_ADDRESS": env["DASK_SCHEDULER_ADDRESS"]}) == {
+        "scheduler_address": "tcp://emflow-dask-scheduler.emflow.svc.cluster.local:8786"}
+    assert container["args"][:2] == ["dask", "worker"] and "$(DASK_WORKER_NAME)" in container["args"]
+
+
 # --- the worker image -------------------------------------------------------------------------
 
 def _dockerfile_steps():
