@@ -76,10 +76,15 @@ def test_generated_config_is_one_node_with_this_machines_cores_and_memory(tmp_pa
     assert line in open(out).read()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:  # all bound at once: n distinct ports
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def _pids(state) -> list[int]:
@@ -97,7 +102,8 @@ def slurm(tmp_path_factory):
     """A one-node SLURM cluster for this module; SLURM_CONF points the commands at it.
     Stopped by pid at the end, also when a test failed."""
     state = str(tmp_path_factory.mktemp("slurm"))
-    env = {**os.environ, "SLURMCTLD_PORT": str(_free_port()), "SLURMD_PORT": str(_free_port())}
+    ctld_port, slurmd_port = _free_ports(2)
+    env = {**os.environ, "SLURMCTLD_PORT": str(ctld_port), "SLURMD_PORT": str(slurmd_port)}
     old = os.environ.get("SLURM_CONF")
     try:
         proc = subprocess.run(["bash", SCRIPT, "start", state], env=env, capture_output=True, text=True,
