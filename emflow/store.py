@@ -152,6 +152,20 @@ def clean_leftovers(path: str | os.PathLike) -> list[str]:
     return removed
 
 
+def clean_checkpoint_leftovers(path: str | os.PathLike) -> list[str]:
+    """Remove ``.FILE.tmp-*`` beside the file ``path`` left by writers that are gone."""
+    path = os.path.abspath(os.fspath(path))
+    parent, prefix = os.path.dirname(path), f".{os.path.basename(path)}.tmp-"
+    removed = []
+    with contextlib.suppress(OSError):
+        for name in os.listdir(parent):
+            full = os.path.join(parent, name)
+            if name.startswith(prefix) and not _writer_alive(name, full):
+                _remove(full)
+                removed.append(full)
+    return removed
+
+
 class atomic_dir:
     """Context manager: yields a temporary directory that replaces ``path`` on success.
 
@@ -461,6 +475,12 @@ def _check_meta(p: str, meta: Any) -> dict[str, Any]:
         )
     if not isinstance(meta["family"], str):
         raise ModelFormatError(f"The model at {p!r} names family {meta['family']!r}, not a string: damaged.")
+    return meta
+
+
+def _check_content(p: str, meta: dict[str, Any]) -> dict[str, Any]:
+    """The attributes a model needs beyond its family and format (checked when it is loaded)."""
+    fmt = meta["format"]
     for key, typ in (("config", dict), ("fitted", dict)):
         if not isinstance(meta.get(key), typ):
             raise ModelFormatError(
@@ -566,6 +586,7 @@ def load_model(path, family: str | None = None, spec: Callable[[dict], dict] | N
                 f"The model at {p!r} is a {meta['family']!r} model, not {family!r}. "
                 "Load it with emflow.load(path), which picks the right class."
             )
+        _check_content(p, meta)
         try:
             arrays = _read_arrays(p, meta)
         except (_Gone, _Missing) as exc:
