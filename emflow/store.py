@@ -706,7 +706,8 @@ def validate_arrays(path: str, arrays: Mapping[str, np.ndarray], meta: dict,
         declared = dict(spec(meta))
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise ModelFormatError(
-            f"The model at {path!r} has a configuration its family cannot use ({type(exc).__name__}: {exc}): "
+            f"The model at {path!r} has a configuration its family ({meta.get('family')!r}) cannot use "
+            f"({type(exc).__name__}: {exc}): "
             "the file is damaged. Re-save it from the fitted estimator, or refit."
         ) from None
     required = {n for n, d in declared.items() if not (len(d) > 2 and d[2])}
