@@ -204,6 +204,10 @@ def info(path: str = typer.Argument(..., help="A saved model or a Zarr dataset."
         try:
             meta = read_model_attrs(path)
         except EmflowError:
+            from .store import destination_kind
+
+            if destination_kind(path)[0] == "model":
+                raise  # a damaged model is reported as such, not described as a dataset
             meta = None
         if meta is not None:
             from . import load

@@ -471,14 +471,19 @@ def test_damaged_attributes_raise_model_format_error(models, tmp_path, edit, mat
         emflow.load(path)
 
 
-def test_cli_info_and_predict_report_a_damaged_model_in_one_error(models, tmp_path):
+@pytest.mark.parametrize("edit,match", [
+    (lambda m: m.pop("config"), "no 'config' attribute"),
+    (lambda m: m.__setitem__("format", "x"), "format 'x', not an integer"),
+    (lambda m: m["fitted"].pop("n_features_in"), "configuration its family"),
+])
+def test_cli_info_and_predict_report_a_damaged_model_in_one_error(models, tmp_path, edit, match):
     a, _ = models
     data = _rows(tmp_path / "data.zarr")
     path = a.save(tmp_path / "m.zarr")
-    _edit_attrs(path, lambda m: m.pop("config"))
+    _edit_attrs(path, edit)
     for args in (["info", path], ["predict", path, data, "-o", tmp_path / "out.zarr", "-s", "threads"]):
         code, out = _cli(*args)
-        assert code == 2 and "no 'config' attribute" in out and _one_error(out), out
+        assert code == 2 and match in out and _one_error(out), out
     assert not os.path.exists(tmp_path / "out.zarr")
 
 
