@@ -415,7 +415,21 @@ def test_load_detects_altered_and_deleted_chunks(models, tmp_path):
         emflow.load(path)
     a.save(path, overwrite=True)
     shutil.rmtree(os.path.join(_version_dir(path), "weights", "c"))  # Zarr would read the fill value
-    with pytest.raises(ModelFormatError, match=r"array 'weights'.*chunk"):
+    with pytest.raises(ModelFormatError, match=r"array 'weights'.*1 of its 1 chunk\(s\) are missing"):
+        emflow.load(path)
+
+
+@pytest.mark.filterwarnings("ignore::emflow.EmflowConvergenceWarning")
+def test_arrays_equal_to_the_fill_value_round_trip(tmp_path):
+    """Zarr skips chunks equal to the fill value unless told otherwise: an all-zero array
+    (a state-space model's initial mean) must still load, and its chunk's deletion be seen."""
+    ssm = emflow.LinearGaussianSSM(state_dim=1, max_iter=2, scheduler="threads", em_vars=["R"],
+                                   initial_state_mean=[0.0]).fit(X[:60, :1])
+    path = ssm.save(tmp_path / "ssm.zarr")
+    back = emflow.load(path)
+    assert np.array_equal(back.initial_state_mean_, np.zeros(1))
+    os.remove(os.path.join(_version_dir(path), "initial_state_mean", "c", "0"))
+    with pytest.raises(ModelFormatError, match=r"array 'initial_state_mean'.*chunk"):
         emflow.load(path)
 
 
@@ -440,8 +454,8 @@ def test_format_1_models_still_load_and_are_checked(models, tmp_path):
     a, b = models
     path = _as_format_1(a, tmp_path / "old.zarr")
     assert _same(emflow.load(path), a)
-    os.remove(os.path.join(path, "weights", "c", "0"))
-    with pytest.raises(ModelFormatError, match=r"array 'weights'.*1 of its 1 chunk\(s\) are missing"):
+    os.remove(os.path.join(path, "weights", "c", "0"))  # reads as zeros: not a distribution
+    with pytest.raises(ModelFormatError, match=r"array 'weights' .*sum to 1"):
         emflow.load(path)
     # replacing a format-1 model upgrades it in place; its root arrays go
     path = _as_format_1(a, tmp_path / "old2.zarr")
