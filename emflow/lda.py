@@ -29,7 +29,8 @@ from .corpus import CorpusData, open_corpus
 from .data import DEFAULT_PARTITION_BYTES
 from .em import IterationEvent
 from .engine import Engine, Loaded
-from .errors import ConfigError, DataError, EmflowConvergenceWarning, FeatureMismatchError, ModelFormatError, NotFittedError
+from .errors import (ConfigError, DataError, EmflowConvergenceWarning, FeatureMismatchError, ModelFormatError,
+                     NotFittedError)
 from .models import lda as M
 
 __all__ = ["LatentDirichletAllocation", "LDAConfig"]

@@ -51,8 +51,9 @@ def _arrays_of(m):
 
 
 def _same(m, ref) -> bool:
+    pairs = zip(_arrays_of(m), _arrays_of(ref))
     return type(m) is type(ref) and m.covariance_type == ref.covariance_type and all(
-        x.dtype == y.dtype and x.shape == y.shape and np.array_equal(x, y) for x, y in zip(_arrays_of(m), _arrays_of(ref)))
+        x.dtype == y.dtype and x.shape == y.shape and np.array_equal(x, y) for x, y in pairs)
 
 
 def _rows(path, data=X):
@@ -339,6 +340,7 @@ def test_a_replacement_killed_between_its_renames_is_put_back(tmp_path):
     assert zarr.open_array(str(out))[...].tolist() == [1, 2, 3]
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Zarr notes a version vanishing under a reader
 def test_readers_during_saves_always_get_a_whole_model(models, tmp_path):
     a, b = models
     path = a.save(tmp_path / "m.zarr")
