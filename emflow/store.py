@@ -280,6 +280,9 @@ def check_destination(path: str | os.PathLike, kind: str, *, overwrite: bool = F
     is. Raises :class:`ConfigError` saying what to do; returns the absolute path.
     """
     out = os.path.abspath(os.fspath(path))
+    # first put back (or remove) what a crashed write of this path left, so the decision
+    # below sees what is really there
+    clean_leftovers(out)
     real = os.path.realpath(out)
     noun = "the model" if kind == "model" else "the output"
     for what, other in inputs:

@@ -327,15 +327,20 @@ def test_checkpoint_writer_cleans_dead_temporaries(tmp_path):
 
 def test_a_replacement_killed_between_its_renames_is_put_back(tmp_path):
     """atomic_dir (outputs, datasets) moves the old directory aside, then the new one in: a
-    crash between the two leaves .NAME.old-*, which the next write of NAME puts back."""
+    crash between the two leaves .NAME.old-*, which the next write of NAME puts back (before
+    deciding whether it may replace what is there)."""
     out = tmp_path / "labels.zarr"
-    zarr.create_array(str(out), shape=(3,), dtype="int64")[...] = [1, 2, 3]
+    arr = zarr.create_array(str(out), shape=(3,), dtype="int64")
+    arr[...] = [1, 2, 3]
+    arr.attrs["emflow"] = {"kind": "labels", "model_family": "gaussian_mixture"}
     dead_proc = subprocess.Popen([sys.executable, "-c", "pass"])
     dead_proc.wait()
     tag = S._tag().replace(f"_{os.getpid()}_", f"_{dead_proc.pid}_")
     os.replace(out, tmp_path / f".labels.zarr.old-{tag}")
     os.mkdir(tmp_path / f".labels.zarr.tmp-{tag}")
-    S.clean_leftovers(out)
+    model = emflow.GaussianMixture(1, max_iter=1, scheduler="threads").fit(X)
+    with pytest.raises(ConfigError, match="overwrite=True"):  # the put-back output is not replaced unasked
+        model.predict(X, out=out)
     assert os.listdir(tmp_path) == ["labels.zarr"]
     assert zarr.open_array(str(out))[...].tolist() == [1, 2, 3]
 
