@@ -31,7 +31,7 @@ import numpy as np
 
 from . import __version__
 from . import store as _store
-from .base import ParamsMixin
+from .base import ParamsMixin, check_execution, check_int, check_real, rng_from
 from .cluster import engine_for
 from .data import DEFAULT_PARTITION_BYTES, is_zarr_path
 from .em import EMResult, IterationEvent, run_em
@@ -165,20 +165,13 @@ class _BaseHMM(ParamsMixin):
     _emission_letters = ""
 
     def _rng(self, random_state=None) -> np.random.Generator:
-        rs = self.random_state if random_state is None else random_state
-        if isinstance(rs, np.random.Generator):
-            return rs
-        if isinstance(rs, np.random.RandomState):
-            return np.random.default_rng(rs.randint(2**31 - 1))
-        return np.random.default_rng(rs)
+        return rng_from(self.random_state if random_state is None else random_state)
 
     def _validate_common(self):
-        if not (isinstance(self.n_components, (int, np.integer)) and self.n_components >= 1):
-            raise ConfigError(f"n_components must be an integer >= 1, got {self.n_components!r}.")
-        if not (isinstance(self.n_iter, (int, np.integer)) and self.n_iter >= 0):
-            raise ConfigError(f"n_iter must be an integer >= 0, got {self.n_iter!r}.")
-        if not (isinstance(self.tol, (int, float)) and self.tol >= 0):
-            raise ConfigError(f"tol must be a number >= 0, got {self.tol!r}.")
+        check_int("n_components", self.n_components, 1)
+        check_int("n_iter", self.n_iter, 0)
+        check_real("tol", self.tol, 0)
+        check_execution(self, partition_bytes_none=False)
         if self.algorithm not in ("viterbi", "map"):
             raise ConfigError(f"algorithm must be 'viterbi' or 'map', got {self.algorithm!r}.")
         letters = "st" + self._emission_letters
@@ -559,6 +552,7 @@ class GaussianHMM(_BaseHMM):
         self._validate_common()
         if self.covariance_type not in H.COVARIANCE_TYPES:
             raise ConfigError(f"covariance_type must be one of {H.COVARIANCE_TYPES}, got {self.covariance_type!r}.")
+        check_real("min_covar", self.min_covar, 0, finite=True)
 
     def _family(self):
         pri = H.GaussianPriors(self.means_prior, self.means_weight, self.covars_prior, self.covars_weight)
@@ -713,8 +707,7 @@ class CategoricalHMM(_BaseHMM):
 
     def _validate(self):
         self._validate_common()
-        if self.n_features is not None and not (isinstance(self.n_features, (int, np.integer)) and self.n_features >= 1):
-            raise ConfigError(f"n_features must be None or an integer >= 1, got {self.n_features!r}.")
+        check_int("n_features", self.n_features, 1, allow_none=True)
 
     def _as_values(self, X):
         X = np.asarray(X)

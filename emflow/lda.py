@@ -23,7 +23,8 @@ import numpy as np
 
 from . import __version__
 from . import store as _store
-from .base import ParamsMixin
+from .base import (MAX_SEED, ParamsMixin, check_choice, check_execution, check_int, check_random_state,
+                   check_real)
 from .cluster import engine_for
 from .corpus import CorpusData, open_corpus
 from .data import DEFAULT_PARTITION_BYTES
@@ -171,34 +172,29 @@ class LatentDirichletAllocation(ParamsMixin):
         self.split_every = split_every
 
     def _validate_params(self) -> None:
-        def is_int(v):
-            return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-        def bad(msg):
-            raise ConfigError(msg)
-
-        if not is_int(self.n_components) or self.n_components < 1:
-            bad(f"n_components must be a positive integer, got {self.n_components!r}.")
+        check_int("n_components", self.n_components, 1)
         for name in ("doc_topic_prior", "topic_word_prior"):
-            v = getattr(self, name)
-            if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-                bad(f"{name} must be a positive number or None (1 / n_components), got {v!r}.")
-        if not is_int(self.max_iter) or self.max_iter < 0:
-            bad(f"max_iter must be an integer >= 0, got {self.max_iter!r}.")
-        if not is_int(self.evaluate_every):
-            bad(f"evaluate_every must be an integer, got {self.evaluate_every!r}.")
+            check_real(name, getattr(self, name), 0, strict=True, finite=True, allow_none=True,
+                       hint=" (None is 1 / n_components)")
+        check_int("max_iter", self.max_iter, 0)
+        check_int("evaluate_every", self.evaluate_every)
         for name in ("perp_tol", "mean_change_tol"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and v >= 0):
-                bad(f"{name} must be a number >= 0, got {v!r}.")
-        if not is_int(self.max_doc_update_iter) or self.max_doc_update_iter < 0:
-            bad(f"max_doc_update_iter must be an integer >= 0, got {self.max_doc_update_iter!r}.")
+            check_real(name, getattr(self, name), 0)
+        check_int("max_doc_update_iter", self.max_doc_update_iter, 0)
         if not isinstance(self.learn_doc_topic_prior, (bool, np.bool_)):
-            bad(f"learn_doc_topic_prior must be True or False, got {self.learn_doc_topic_prior!r}.")
-        if self.doc_topic_init not in DOC_INITS:
-            bad(f"doc_topic_init must be one of {DOC_INITS}, got {self.doc_topic_init!r}.")
-        if not is_int(self.split_every) or self.split_every < 2:
-            bad(f"split_every must be an integer >= 2, got {self.split_every!r}.")
+            raise ConfigError(f"learn_doc_topic_prior must be True or False, got {self.learn_doc_topic_prior!r}.")
+        check_choice("doc_topic_init", self.doc_topic_init, DOC_INITS)
+        check_execution(self)
+
+    def _random_state(self) -> np.random.RandomState:
+        """The RandomState drawing the initial topics (scikit-learn's, for an int seed)."""
+        rs = self.random_state
+        check_random_state(rs)
+        if isinstance(rs, np.random.RandomState):
+            return rs
+        if isinstance(rs, np.random.Generator):
+            return np.random.RandomState(int(rs.integers(MAX_SEED, endpoint=True)))
+        return np.random.RandomState(rs)
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "components_"):
@@ -271,7 +267,7 @@ class LatentDirichletAllocation(ParamsMixin):
         K, V = int(self.n_components), corpus.n_terms
         alpha = 1.0 / K if self.doc_topic_prior is None else float(self.doc_topic_prior)
         eta = 1.0 / K if self.topic_word_prior is None else float(self.topic_word_prior)
-        rs = self.random_state if isinstance(self.random_state, np.random.RandomState) else np.random.RandomState(self.random_state)
+        rs = self._random_state()
         lam = M.init_components(K, V, rs)
         seed = int(rs.randint(2**31 - 1))
         learned = None

@@ -23,7 +23,7 @@ import numpy as np
 
 from . import __version__
 from . import store as _store
-from .base import ParamsMixin
+from .base import ParamsMixin, check_choice, check_execution, check_int, check_real, rng_from
 from .cluster import engine_for
 from .data import DEFAULT_PARTITION_BYTES, is_zarr_path
 from .em import EMResult, IterationEvent, run_em
@@ -219,24 +219,13 @@ class LinearGaussianSSM(ParamsMixin):
         self.partition_bytes = partition_bytes
 
     def _validate(self) -> frozenset:
-        def bad(msg):
-            raise ConfigError(msg)
-
-        if not isinstance(self.state_dim, (int, np.integer)) or isinstance(self.state_dim, bool) or self.state_dim < 1:
-            bad(f"state_dim must be a positive integer, got {self.state_dim!r}.")
+        check_int("state_dim", self.state_dim, 1)
         for name in ("transition_covariance_type", "observation_covariance_type"):
-            if getattr(self, name) not in COVARIANCE_TYPES:
-                bad(f"{name} must be one of {COVARIANCE_TYPES}, got {getattr(self, name)!r}.")
-        if not (isinstance(self.tol, (int, float)) and self.tol >= 0):
-            bad(f"tol must be a number >= 0, got {self.tol!r}.")
-        if not (isinstance(self.reg_covar, (int, float)) and self.reg_covar >= 0):
-            bad(f"reg_covar must be a number >= 0, got {self.reg_covar!r}.")
-        if not isinstance(self.max_iter, (int, np.integer)) or self.max_iter < 0:
-            bad(f"max_iter must be an integer >= 0, got {self.max_iter!r}.")
-        if not isinstance(self.split_every, (int, np.integer)) or self.split_every < 2:
-            bad(f"split_every must be an integer >= 2, got {self.split_every!r}.")
-        if self.partition_bytes is not None and (not isinstance(self.partition_bytes, (int, np.integer)) or self.partition_bytes < 1):
-            bad(f"partition_bytes must be a positive integer or None, got {self.partition_bytes!r}.")
+            check_choice(name, getattr(self, name), COVARIANCE_TYPES)
+        check_real("tol", self.tol, 0)
+        check_real("reg_covar", self.reg_covar, 0, finite=True)
+        check_int("max_iter", self.max_iter, 0)
+        check_execution(self)
         return M.normalize_em_vars(self.em_vars)
 
     def _initial_params(self, p: int) -> M.LGSSMParams:
@@ -268,12 +257,7 @@ class LinearGaussianSSM(ParamsMixin):
          self.observation_covariance_, self.initial_state_mean_, self.initial_state_covariance_) = params
 
     def _rng(self) -> np.random.Generator:
-        rs = self.random_state
-        if isinstance(rs, np.random.Generator):
-            return rs
-        if isinstance(rs, np.random.RandomState):
-            return np.random.default_rng(rs.randint(2**31 - 1))
-        return np.random.default_rng(rs)
+        return rng_from(self.random_state)
 
     # -- data ------------------------------------------------------------------------
     def _open(self, engine, X, lengths):
@@ -479,7 +463,7 @@ class LinearGaussianSSM(ParamsMixin):
         params = self._params
         if not isinstance(n_steps, (int, np.integer)) or n_steps < 1:
             raise ConfigError(f"n_steps must be a positive integer, got {n_steps!r}.")
-        rng = self._rng() if random_state is None else np.random.default_rng(random_state)
+        rng = self._rng() if random_state is None else rng_from(random_state)
         init = None if initial_state is None else np.asarray(initial_state, dtype=np.float64)
         if init is not None and init.shape != (params.A.shape[0],):
             raise ConfigError(f"initial_state must have shape ({params.A.shape[0]},), got {init.shape}.")

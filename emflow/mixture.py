@@ -12,7 +12,7 @@ import numpy as np
 
 from . import __version__
 from . import store as _store
-from .base import ParamsMixin
+from .base import ParamsMixin, check_choice, check_execution, check_int, check_real, rng_from
 from .cluster import engine_for
 from .data import is_zarr_path
 from .em import EMResult, IterationEvent, run_em
@@ -192,30 +192,15 @@ class GaussianMixture(ParamsMixin):
 
     # -- validation ------------------------------------------------------------------
     def _validate_params(self) -> None:
-        def bad(msg):
-            raise ConfigError(msg)
-
-        if not isinstance(self.n_components, (int, np.integer)) or self.n_components < 1:
-            bad(f"n_components must be a positive integer, got {self.n_components!r}.")
-        if self.covariance_type not in G.COVARIANCE_TYPES:
-            bad(f"covariance_type must be one of {G.COVARIANCE_TYPES}, got {self.covariance_type!r}.")
-        if not (isinstance(self.tol, (int, float)) and self.tol >= 0):
-            bad(f"tol must be a number >= 0, got {self.tol!r}.")
-        if not (isinstance(self.reg_covar, (int, float)) and self.reg_covar >= 0):
-            bad(f"reg_covar must be a number >= 0, got {self.reg_covar!r}.")
-        if not isinstance(self.max_iter, (int, np.integer)) or self.max_iter < 0:
-            bad(f"max_iter must be an integer >= 0, got {self.max_iter!r}.")
-        if not isinstance(self.n_init, (int, np.integer)) or self.n_init < 1:
-            bad(f"n_init must be an integer >= 1, got {self.n_init!r}.")
-        if self.init_params not in INIT_PARAMS:
-            bad(f"init_params must be one of {INIT_PARAMS}, got {self.init_params!r}.")
-        if not isinstance(self.split_every, (int, np.integer)) or self.split_every < 2:
-            bad(f"split_every must be an integer >= 2, got {self.split_every!r}.")
-        if self.partition_bytes is not None and (
-                not isinstance(self.partition_bytes, (int, np.integer)) or self.partition_bytes < 1):
-            bad(f"partition_bytes must be a positive integer or None, got {self.partition_bytes!r}.")
-        if self.compute_dtype not in ("float64", "float32"):
-            bad(f"compute_dtype must be 'float64' or 'float32', got {self.compute_dtype!r}.")
+        check_int("n_components", self.n_components, 1)
+        check_choice("covariance_type", self.covariance_type, G.COVARIANCE_TYPES)
+        check_real("tol", self.tol, 0)
+        check_real("reg_covar", self.reg_covar, 0, finite=True)
+        check_int("max_iter", self.max_iter, 0)
+        check_int("n_init", self.n_init, 1)
+        check_choice("init_params", self.init_params, INIT_PARAMS)
+        check_execution(self)
+        check_choice("compute_dtype", self.compute_dtype, ("float64", "float32"))
 
     def _check_inits(self, d: int) -> None:
         K, ct = self.n_components, self.covariance_type
@@ -271,12 +256,7 @@ class GaussianMixture(ParamsMixin):
 
     # -- initialisation --------------------------------------------------------------
     def _rng(self) -> np.random.Generator:
-        rs = self.random_state
-        if isinstance(rs, np.random.Generator):
-            return rs
-        if isinstance(rs, np.random.RandomState):
-            return np.random.default_rng(rs.randint(2**31 - 1))
-        return np.random.default_rng(rs)
+        return rng_from(self.random_state)
 
     def _initial_params(self, engine: Engine, loaded: Loaded, rng: np.random.Generator) -> G.GMMParams:
         K, ct, reg = self.n_components, self.covariance_type, self.reg_covar
