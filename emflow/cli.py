@@ -200,6 +200,7 @@ def fit(
     data: str = typer.Argument(..., help="Zarr array (or group holding one) of shape (n_samples, n_features)."),
     components: int = typer.Option(..., "--components", "-k", help="Number of mixture components."),
     out: Path = typer.Option(..., "--out", "-o", help="Where to save the fitted model (a Zarr group)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an emflow model already at --out."),
     covariance: Covariance = typer.Option(Covariance.full, "--covariance", "-c"),
     weights: Optional[str] = typer.Option(None, "--weights", help="Row weights: a Zarr array path, or the name of an array beside the data."),
     tol: float = typer.Option(1e-3, help="Stop when the mean log-likelihood changes less than this."),
@@ -226,6 +227,11 @@ def fit(
         )
         gm._validate_params()
         from .data import open_rows
+        from .store import check_destination
+
+        # before any work: --out may not be DATA (or hold it), nor replace anything unasked
+        weights_path = weights if weights and os.path.exists(weights) else None
+        check_destination(out, "model", overwrite=overwrite, inputs=[("DATA", data), ("--weights", weights_path)])
 
         open_rows(data, weights, min_rows=components)  # fail fast, before starting a cluster
         with _scheduler(scheduler, workers) as client:
@@ -236,7 +242,7 @@ def fit(
                 gm.fit(data, sample_weight=weights, callbacks=[cb])
             elapsed = time.perf_counter() - t0
         gm.scheduler = scheduler
-        path = gm.save(out)
+        path = gm.save(out, overwrite=overwrite)
     _print_model(gm, title=Text(f"fitted in {elapsed:.1f}s -> {path}"))
 
 
@@ -245,6 +251,7 @@ def predict(
     model: str = typer.Argument(..., help="A saved model of any family (`emflow fit`, a flow, or .save())."),
     data: str = typer.Argument(..., help="Zarr dataset (array, sequences or corpus) to apply it to."),
     out: Path = typer.Option(..., "--out", "-o", help="Zarr array (or sequences group) to write."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an emflow output already at --out."),
     what: Optional[str] = typer.Option(
         None, "--what",
         help="Mixtures: labels | proba (responsibilities) | log_likelihood (per row; also 'score'). "
@@ -257,14 +264,18 @@ def predict(
     from . import load
     from .outputs import check_outputs, write_output
 
+    from .store import check_destination
+
     with _errors(out):
         _check_workers(workers)
+        # before any work: --out may not be MODEL or DATA (or hold them), nor replace anything unasked
+        check_destination(out, "output", overwrite=overwrite, inputs=[("MODEL", model), ("DATA", data)])
         est = load(model)
         [kind] = check_outputs(est, [what] if what else None, where=repr(model))[:1]
         with _scheduler(scheduler, workers) as client:
             est.scheduler = client
             with console.status(escape(f"writing {kind} to {out}")):
-                _, arr = write_output(est, kind, data, out)
+                _, arr = write_output(est, kind, data, out, overwrite=overwrite)
     out_console.print(Text(f"wrote {kind} of shape {arr.shape} ({arr.dtype}) to {out}"), highlight=False)
 
 
@@ -278,6 +289,10 @@ def info(path: str = typer.Argument(..., help="A saved model or a Zarr dataset (
         try:
             meta = read_model_attrs(path)
         except EmflowError:
+            from .store import destination_kind
+
+            if destination_kind(path)[0] == "model":
+                raise  # a damaged model is reported as such, not described as a dataset
             meta = None
         if meta is not None:
             from . import load

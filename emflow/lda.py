@@ -30,7 +30,8 @@ from .corpus import CorpusData, open_corpus
 from .data import DEFAULT_PARTITION_BYTES
 from .em import IterationEvent
 from .engine import Engine, Loaded
-from .errors import ConfigError, DataError, EmflowConvergenceWarning, FeatureMismatchError, NotFittedError
+from .errors import (ConfigError, DataError, EmflowConvergenceWarning, FeatureMismatchError, ModelFormatError,
+                     NotFittedError)
 from .models import lda as M
 
 __all__ = ["LatentDirichletAllocation", "LDAConfig"]
@@ -349,7 +350,7 @@ class LatentDirichletAllocation(ParamsMixin):
         return self.fit(data, **kwargs).transform(data, normalize=normalize)
 
     # -- applying a fitted model -----------------------------------------------------
-    def transform(self, data, *, normalize: bool = True, out=None):
+    def transform(self, data, *, normalize: bool = True, out=None, overwrite: bool = False):
         """Document-topic distribution of each document.
 
         Parameters
@@ -360,12 +361,17 @@ class LatentDirichletAllocation(ParamsMixin):
         out : str or PathLike, optional
             Write the result to a Zarr array at ``out`` (chunked like the corpus's documents,
             one partition's documents at a time on the workers) and return it opened.
+        overwrite : bool, default False
+            Replace an emflow output already at ``out``. Anything else there, the corpus and
+            the model's own path are never replaced.
 
         Returns
         -------
         ndarray of shape (n_docs, n_components), or the Zarr array written to ``out``.
         """
         self._check_fitted()
+        if out is not None:  # refuse before any work: nothing is replaced unasked
+            _store.check_destination(out, "output", overwrite=overwrite, inputs=_store.output_inputs(self, data))
         params = M.make_params(self.components_)
         with engine_for(self.scheduler, split_every=self.split_every) as engine:
             loaded = self._open(engine, data, False)
@@ -381,6 +387,8 @@ class LatentDirichletAllocation(ParamsMixin):
 
                 shape = (corpus.n_docs, int(self.n_components))
                 with _store.atomic_dir(out) as tmp:
+                    _store.check_destination(out, "output", overwrite=overwrite,
+                                             inputs=_store.output_inputs(self, data))
                     arr = zarr.create_array(tmp, shape=shape, dtype="float64", chunks=(corpus.chunk_rows, shape[1]))
                     arr.attrs["emflow"] = {
                         "kind": "doc_topic", "normalized": bool(normalize), "model_family": FAMILY,
@@ -444,15 +452,23 @@ class LatentDirichletAllocation(ParamsMixin):
 
     # -- persistence -----------------------------------------------------------------
     def _config(self) -> dict[str, Any]:
-        cfg = self.get_params()
-        if not (cfg["scheduler"] is None or isinstance(cfg["scheduler"], str)):
-            cfg["scheduler"] = None
+        cfg = _store.saved_config(self.get_params())
         if not (cfg["random_state"] is None or isinstance(cfg["random_state"], (int, np.integer))):
             cfg["random_state"] = None
         return cfg
 
-    def save(self, path) -> str:
-        """Save the fitted model as a Zarr group at ``path`` (atomically); returns the path."""
+    @staticmethod
+    def _array_spec(meta: dict) -> dict:
+        """The arrays a saved LDA model holds: shapes and constraints (see store.RULES)."""
+        K, V = int(meta["config"]["n_components"]), int(meta["fitted"]["n_features_in"])
+        return {"components": ((K, V), ["positive"]), "doc_topic_prior": ((K,), ["positive"], True)}
+
+    def save(self, path, *, overwrite: bool = False) -> str:
+        """Save the fitted model as a Zarr group at ``path``; returns the path.
+
+        A model already at ``path`` is replaced only with ``overwrite=True`` (atomically);
+        anything else there, and the corpus it was fitted on, never are.
+        """
         self._check_fitted()
         meta = {
             "version": __version__,
@@ -471,19 +487,28 @@ class LatentDirichletAllocation(ParamsMixin):
         arrays = {"components": self.components_}
         if np.ndim(self.doc_topic_prior_):
             arrays["doc_topic_prior"] = np.asarray(self.doc_topic_prior_)
-        return _store.save_model(path, FAMILY, arrays, meta)
+        return _store.save_model(path, FAMILY, arrays, meta, overwrite=overwrite, inputs=_store.fit_inputs(self))
 
     @classmethod
     def load(cls, path) -> "LatentDirichletAllocation":
-        """Load a model saved by :meth:`save`; ``components_`` comes back bit-identical."""
-        arrays, meta = _store.load_model(path, FAMILY)
-        model = cls(**{k: v for k, v in meta["config"].items() if k in cls._param_names()})
-        model.components_ = arrays["components"]
-        _store.restore_fit_record(model, meta)
-        model.doc_topic_prior_ = (arrays["doc_topic_prior"] if "doc_topic_prior" in arrays
-                                  else float(meta["fitted"]["doc_topic_prior_"]))
-        model.topic_word_prior_ = float(meta["fitted"]["topic_word_prior_"])
-        model.vocabulary_ = meta.get("vocabulary")
+        """Load a model saved by :meth:`save`; ``components_`` comes back bit-identical, validated."""
+        arrays, meta = _store.load_model(path, FAMILY, cls._array_spec)
+        with _store.loading(path):
+            model = cls(**{k: v for k, v in meta["config"].items() if k in cls._param_names()})
+            model.components_ = arrays["components"]
+            _store.restore_fit_record(model, meta)
+            model.doc_topic_prior_ = (arrays["doc_topic_prior"] if "doc_topic_prior" in arrays
+                                      else float(meta["fitted"]["doc_topic_prior_"]))
+            model.topic_word_prior_ = float(meta["fitted"]["topic_word_prior_"])
+            if not (np.all(np.isfinite(model.doc_topic_prior_)) and np.all(np.asarray(model.doc_topic_prior_) > 0)
+                    and np.isfinite(model.topic_word_prior_) and model.topic_word_prior_ > 0):
+                raise ModelFormatError(f"The model at {os.fspath(path)!r}: its priors are not positive and finite; "
+                                       "the file is damaged. Refit or re-save it.")
+            vocab = meta.get("vocabulary")
+            if vocab is not None and (not isinstance(vocab, list) or len(vocab) != model.n_features_in_):
+                raise ModelFormatError(f"The model at {os.fspath(path)!r}: its vocabulary does not have one term "
+                                       "per feature; the file is damaged. Refit or re-save it.")
+            model.vocabulary_ = vocab
         return model
 
 

@@ -226,7 +226,7 @@ def em_iterations(adapter: FamilyAdapter, data: str, cfg: dict, scheduler: str |
 @task(name="save-model", retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE)
 def save(model, out: str) -> str:
     """Write the model as a Zarr group (atomically: a crash leaves the old model or the new one)."""
-    path = model.save(out)
+    path = model.save(out, overwrite=True)  # the flow re-saving its own model (a scheduled re-run)
     get_run_logger().info("saved model to %s", path)
     return path
 

@@ -171,7 +171,7 @@ def em_iterations(data: str, sample_weight: str | None, cfg: dict[str, Any], sch
 @task(name="save-model", retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE)
 def save(model: GaussianMixture, out: str) -> str:
     """Write the model as a Zarr group (atomically: a crash leaves the old model or the new one)."""
-    path = model.save(out)
+    path = model.save(out, overwrite=True)  # the flow re-saving its own model (a scheduled re-run)
     get_run_logger().info("saved model to %s", path)
     return path
 

@@ -87,7 +87,7 @@ def score_output(model: str, data: str, kind: str, out: str, scheduler: str | No
     """
     est = emflow.load(model)
     est.scheduler = scheduler
-    _, arr = _outputs.write_output(est, kind, data, out)
+    _, arr = _outputs.write_output(est, kind, data, out, overwrite=True)  # the flow's own outputs
     get_run_logger().info("wrote %s %s to %s (chunks %s)", kind, arr.shape, out, arr.chunks)
     return {"kind": kind, "path": os.path.abspath(out), "shape": list(arr.shape), "chunks": list(arr.chunks)}
 

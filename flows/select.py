@@ -69,7 +69,7 @@ def fit_candidates(data: str, n_components: list[int], covariance_types: list[st
 
 @task(name="save-best", retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE)
 def save_best(res: SelectionResult, out: str) -> str:
-    return res.best_model.save(out)
+    return res.best_model.save(out, overwrite=True)  # the flow re-saving its own model
 
 
 @flow(name="emflow-select", log_prints=True)
