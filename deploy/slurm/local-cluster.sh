@@ -42,7 +42,7 @@ require() {
 
 write_conf() {
   local cpus mem_mb
-  cpus=$(nproc)
+  cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # nproc honours OMP_NUM_THREADS, which Dask sets
   # RealMemory: the machine's memory in MB, less 512 MB for the daemons and the system
   mem_mb=$(( $(awk '/^MemTotal:/ {print $2}' /proc/meminfo) / 1024 - 512 ))
   [ "$mem_mb" -gt 256 ] || mem_mb=256
