@@ -225,8 +225,8 @@ class Engine:
             raise ConfigError(f"split_every must be at least 2, got {split_every}.")
         self._worker_wait_timeout, self._stall_factor, self._stall_floor = (
             worker_wait_timeout, stall_factor, stall_floor)
-        # check them now (the config is read again at each use, so dask.config.set applies)
-        self.worker_wait_timeout, self.stall_factor, self.stall_floor  # noqa: B018
+        # bad values fail here (the config is read again at each use, so dask.config.set applies)
+        _ = (self.worker_wait_timeout, self.stall_factor, self.stall_floor)
         self._workers_seen = 0  # workers at the latest look: "all N workers were lost"
         self.client = client
         self.address = None
@@ -487,6 +487,8 @@ class Engine:
                 self._wait(futures, [], t0, None)
                 scans = self.client.gather(futures)
             except Exception as exc:
+                if isinstance(exc, ClusterError):
+                    raise
                 self._raise_if_lost(exc, "while loading data")
                 if _cancelled(exc):
                     raise ClusterError(
@@ -571,7 +573,7 @@ class Engine:
             try:
                 out = run(wait)
             except Exception as exc:
-                if self.client is None:
+                if self.client is None or isinstance(exc, ClusterError):
                     raise
                 self._raise_if_lost(exc, "during a pass over the data")
                 lost = loaded.lost_partitions()

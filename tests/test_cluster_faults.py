@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -240,3 +241,123 @@ def test_every_worker_killed_and_new_ones_join(tmp_path, proc_cluster, source):
     np.testing.assert_allclose(hit.history, ref.history, rtol=1e-10)
     np.testing.assert_allclose(hit.params.means, ref.params.means, rtol=1e-10)
     np.testing.assert_allclose(hit.params.covariances, ref.params.covariances, rtol=1e-10)
+
+
+def test_every_worker_killed_and_none_joins_is_a_clear_error(tmp_path, proc_cluster):
+    """Every worker killed mid-pass and none started: a ClusterError once the wait is over
+    (not a hang, and not 'Lost the Dask scheduler')."""
+    data = _data(tmp_path, "zarr")
+    cluster = proc_cluster()
+    cluster.start_workers(2)
+    client = cluster.client(2)
+    (tmp_path / "pids").write_text(" ".join(str(p) for p in client.run(os.getpid).values()))
+    try:
+        with dask.config.set({"emflow.worker-wait-timeout": "2s"}):
+            engine = Engine(client)
+            loaded = engine.open(data, persist=False)
+            killer = KillAllWorkers(FAMILY, str(tmp_path / "calls"), str(tmp_path / "pids"),
+                                    at_call=len(loaded.handles) + 3)
+            t0 = time.monotonic()
+            with pytest.warns(emflow.ClusterWarning, match="waiting up to 2 s for workers to join"), \
+                    pytest.raises(emflow.ClusterError) as err:
+                run_em(engine, loaded, killer, _params(3, 2), tol=0.0, max_iter=ITERS)
+            waited = time.monotonic() - t0
+    finally:
+        client.close(timeout=5)
+    msg = str(err.value)
+    assert f"All 2 Dask workers were lost during a pass over the data and none joined the scheduler at " \
+           f"{cluster.address} within 2 s (the scheduler is still up)" in msg
+    assert f"`dask worker {cluster.address}`" in msg and "emflow.worker-wait-timeout" in msg
+    assert "Lost the Dask scheduler" not in msg
+    assert waited < 2 + 15
+
+
+@dataclass(frozen=True)
+class KillScheduler:
+    """A GMM family whose E-step SIGKILLs the scheduler process at the n-th call."""
+
+    inner: GMMFamily
+    counter: str
+    pid: int
+    at_call: int
+
+    def e_step(self, X, w, params):
+        with open(self.counter, "a") as f:
+            f.write(".")
+        if os.path.getsize(self.counter) == self.at_call:
+            os.kill(self.pid, signal.SIGKILL)
+        return self.inner.e_step(X, w, params)
+
+    def m_step(self, stats, params):
+        return self.inner.m_step(stats, params)
+
+    def objective(self, stats):
+        return self.inner.objective(stats)
+
+
+def test_scheduler_killed_mid_pass_names_it_and_keeps_the_checkpoint(tmp_path, proc_cluster):
+    """The scheduler SIGKILLed in the middle of the third pass: a ClusterError naming its
+    address at once (not a wait for workers), and the checkpoint of iteration 2 intact."""
+    from emflow.checkpoint import CheckpointWriter, read_checkpoint
+
+    data = _data(tmp_path, "zarr")
+    ref, n_parts = _reference(data)
+    cluster = proc_cluster()
+    cluster.start_workers(2)
+    client = cluster.client(2)
+    ckpt = tmp_path / "fit.checkpoint.npz"
+    writer = CheckpointWriter(ckpt, fingerprint="f", config_hash="c")
+    killer = KillScheduler(FAMILY, str(tmp_path / "calls"), cluster.scheduler.pid, at_call=2 * n_parts + 3)
+    try:
+        with dask.config.set({"emflow.worker-wait-timeout": 60}), warnings.catch_warnings():
+            warnings.simplefilter("error", emflow.ClusterWarning)  # no "waiting for workers"
+            engine = Engine(client)
+            loaded = engine.open(data, persist=False)
+            t0 = time.monotonic()
+            with pytest.raises(emflow.ClusterError, match=r"Lost the Dask scheduler at "
+                               + cluster.address.replace(".", r"\.") + " during a pass over the data"):
+                run_em(engine, loaded, killer, _params(3, 2), tol=0.0, max_iter=ITERS, callbacks=[writer])
+            assert time.monotonic() - t0 < 30
+    finally:
+        client.close(timeout=5)
+    ck = read_checkpoint(ckpt)
+    assert ck.iteration == 2
+    np.testing.assert_allclose(ck.history, ref.history[:2], rtol=1e-10)
+
+
+def test_hung_worker_is_reported_and_the_fit_goes_on(tmp_path, proc_cluster):
+    """A worker SIGSTOPped in the middle of a pass: once the pass has run far longer than
+    the usual, one warning (ClusterWarning and the emflow logger) names the worker holding
+    the unfinished task; the fit waits on, and finishes when the worker is continued."""
+    data = _data(tmp_path, "zarr")
+    ref, n_parts = _reference(data)
+    cluster = proc_cluster()
+    workers = cluster.start_workers(2)
+    client = cluster.client(2)
+    stopper = StopOnce(FAMILY, str(tmp_path / "calls"), str(tmp_path / "who"), at_call=2 * n_parts + 3)
+
+    def resume():
+        for p in workers:
+            p.send_signal(signal.SIGCONT)
+
+    try:
+        with dask.config.set({"emflow.stall-factor": 3, "emflow.stall-floor": "1s"}), \
+                OnLog("has taken", resume) as log, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", emflow.ClusterWarning)
+            engine = Engine(client)
+            loaded = engine.open(data, persist=False)
+            hit = run_em(engine, loaded, stopper, _params(3, 2), tol=0.0, max_iter=ITERS)
+    finally:
+        resume()
+        client.close(timeout=5)
+    stopped = (tmp_path / "who").read_text()
+    stalls = [str(w.message) for w in caught if issubclass(w.category, emflow.ClusterWarning)]
+    assert len(stalls) == 1, stalls
+    assert stalls == [m for m in log.records if "has taken" in m]  # the same text on the emflow logger
+    assert re.fullmatch(
+        r"A pass over the data has taken \d+\.\d+ s so far, against a usual \d+\.\d+ s \(median of the previous "
+        r"passes\)\. Its unfinished tasks are held by worker " + re.escape(stopped) + r" \(\d+ tasks?\): a hung "
+        r"worker \(stopped with SIGSTOP, swapping\) or an overloaded cluster are likely\. Still waiting: the fit "
+        r"goes on when they finish\.", stalls[0]), stalls[0]
+    np.testing.assert_allclose(hit.history, ref.history, rtol=1e-10)
+    np.testing.assert_allclose(hit.params.means, ref.params.means, rtol=1e-10)
