@@ -186,8 +186,11 @@ def _setting(key: str, value, seconds: bool) -> float:
     if value is None:
         value = dask.config.get(key, _DEFAULTS[key])
     try:
-        out = float(parse_timedelta(value, default="seconds")) if seconds else float(value)
-    except (TypeError, ValueError) as exc:
+        if seconds and not isinstance(value, (int, float)):  # "5 minutes", a timedelta
+            out = float(parse_timedelta(value, default="seconds"))
+        else:
+            out = float(value)
+    except (TypeError, ValueError, KeyError) as exc:
         kind = "a duration (seconds, or a string such as '5 minutes')" if seconds else "a number"
         raise ConfigError(f"{key} must be {kind}, got {value!r}.") from exc
     if not out > 0 or not np.isfinite(out):

@@ -338,8 +338,12 @@ def test_hung_worker_is_reported_and_the_fit_goes_on(tmp_path, proc_cluster):
 
     def resume():
         for p in workers:
-            p.send_signal(signal.SIGCONT)
+            if p.poll() is None:
+                p.send_signal(signal.SIGCONT)
 
+    # without the warning nobody continues the worker: then fail in 60 s, not hang
+    safety = threading.Timer(60, resume)
+    safety.start()
     try:
         with dask.config.set({"emflow.stall-factor": 3, "emflow.stall-floor": "1s"}), \
                 OnLog("has taken", resume) as log, warnings.catch_warnings(record=True) as caught:
@@ -348,6 +352,7 @@ def test_hung_worker_is_reported_and_the_fit_goes_on(tmp_path, proc_cluster):
             loaded = engine.open(data, persist=False)
             hit = run_em(engine, loaded, stopper, _params(3, 2), tol=0.0, max_iter=ITERS)
     finally:
+        safety.cancel()
         resume()
         client.close(timeout=5)
     stopped = (tmp_path / "who").read_text()
@@ -361,3 +366,27 @@ def test_hung_worker_is_reported_and_the_fit_goes_on(tmp_path, proc_cluster):
         r"goes on when they finish\.", stalls[0]), stalls[0]
     np.testing.assert_allclose(hit.history, ref.history, rtol=1e-10)
     np.testing.assert_allclose(hit.params.means, ref.params.means, rtol=1e-10)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("emflow.worker-wait-timeout", "soon", r"emflow\.worker-wait-timeout must be a duration \(seconds, or a string "
+                                           r"such as '5 minutes'\), got 'soon'"),
+    ("emflow.worker-wait-timeout", 0, r"emflow\.worker-wait-timeout must be positive and finite, got 0"),
+    ("emflow.stall-factor", "x", r"emflow\.stall-factor must be a number, got 'x'"),
+    ("emflow.stall-floor", -1, r"emflow\.stall-floor must be positive and finite, got -1"),
+])
+def test_bad_fault_settings_are_config_errors(key, value, message):
+    with dask.config.set({key: value}), pytest.raises(emflow.ConfigError, match=message):
+        Engine(None)
+    name = key.split(".")[1].replace("-", "_")
+    with pytest.raises(emflow.ConfigError, match=message.replace(r"emflow\.", "").split(" ")[0]):
+        Engine(None, **{name: value})
+
+
+def test_fault_settings_come_from_arguments_then_dask_config_then_defaults():
+    assert (Engine(None).worker_wait_timeout, Engine(None).stall_factor, Engine(None).stall_floor) == (300, 10, 60)
+    with dask.config.set({"emflow.worker-wait-timeout": "2 minutes", "emflow.stall-factor": 4,
+                          "emflow.stall-floor": "5s"}):
+        engine = Engine(None)
+        assert (engine.worker_wait_timeout, engine.stall_factor, engine.stall_floor) == (120, 4, 5)
+        assert Engine(None, worker_wait_timeout=7, stall_factor=2.5, stall_floor="1s").worker_wait_timeout == 7
