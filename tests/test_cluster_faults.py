@@ -390,3 +390,38 @@ def test_fault_settings_come_from_arguments_then_dask_config_then_defaults():
         engine = Engine(None)
         assert (engine.worker_wait_timeout, engine.stall_factor, engine.stall_floor) == (120, 4, 5)
         assert Engine(None, worker_wait_timeout=7, stall_factor=2.5, stall_floor="1s").worker_wait_timeout == 7
+
+
+def test_library_warnings_reach_the_flow_run_log(prefect_server):
+    """What the engine logs on the ``emflow`` logger (the stall and lost-workers warnings)
+    shows in the run log of the flow whose task met it, visible in the dashboard."""
+    from prefect import flow, task
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.context import get_run_context
+
+    import flows._common  # noqa: F401  (the flows attach the run-log handler)
+
+    text = "A pass over the data has taken 99.0 s so far, against a usual 0.10 s"
+
+    @task
+    def meets_a_stall():
+        logging.getLogger("emflow.engine").warning("%s", text)
+
+    @flow
+    def stalled():
+        meets_a_stall()
+        return str(get_run_context().flow_run.id)
+
+    flow_run_id = stalled()
+    logging.getLogger("emflow.engine").warning("outside any run: %s", text)  # dropped, no error
+    deadline = time.monotonic() + 15
+    while True:
+        with get_client(sync_client=True) as client:
+            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+        mine = [(lg.name, lg.level, lg.message) for lg in logs if text in lg.message]
+        if mine or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert mine == [("emflow.engine", logging.WARNING, text)]
+    assert all(lg.task_run_id is not None for lg in logs if text in lg.message)  # the task's log
