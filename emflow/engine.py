@@ -366,6 +366,18 @@ class Engine:
                     "already written are intact."
                 )
 
+    def _lost_partitions(self, loaded: Loaded) -> list[int]:
+        """Scattered partitions gone from the cluster: those whose future says so, and those
+        no worker holds by the scheduler's count (the client learns of lost data a little
+        later than the scheduler does: after every worker died, some futures still look fine)."""
+        lost = set(loaded.lost_partitions())
+        if loaded._rescatter is not None:
+            keys = [h.key for h in loaded.handles]
+            held = self._ask("who_has", keys=keys)
+            if held is not None:
+                lost.update(i for i, k in enumerate(keys) if not held.get(k))
+        return sorted(lost)
+
     def _wait(self, futures: list, keys: list, started: float, usual: float | None) -> None:
         """Wait until ``futures`` are done (or erred or cancelled), watching the cluster:
         all workers lost -> :meth:`_await_workers`; a pass far slower than ``usual`` ->
@@ -579,13 +591,13 @@ class Engine:
                 if self.client is None or isinstance(exc, ClusterError):
                     raise
                 self._raise_if_lost(exc, "during a pass over the data")
-                lost = loaded.lost_partitions()
+                lost = self._lost_partitions(loaded)
                 # scattered data (partitions, the parameters sent to every worker) went with
                 # workers that died, or none is left: a later attempt can do the pass
                 recoverable = bool(lost) or _cancelled(exc) or self._workers() == {}
                 if recoverable and attempt < MAX_RESCATTERS:
                     self._await_workers("during a pass over the data")
-                    lost = loaded.lost_partitions()
+                    lost = self._lost_partitions(loaded)
                     if lost:
                         _warn(f"A Dask worker died holding {len(lost)} partition(s) of the in-memory data; "
                               "sending them again from this process and repeating the pass.")

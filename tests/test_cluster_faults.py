@@ -230,12 +230,14 @@ def test_every_worker_killed_and_new_ones_join(tmp_path, proc_cluster, source):
             loaded = engine.open(data, persist=False)
             assert len(loaded.handles) == n_parts
             with pytest.warns(emflow.ClusterWarning, match=r"All 2 Dask workers were lost during a pass over the data "
-                              r"\(the scheduler at tcp://127\.0\.0\.1:\d+ is still up\); waiting up to 60 s"):
+                              r"\(the scheduler at tcp://127\.0\.0\.1:\d+ is still up\); waiting up to 60 s") as rec:
                 hit = run_em(engine, loaded, killer, _params(3, 2), tol=0.0, max_iter=ITERS)
             loaded.release()
         finally:
             client.close(timeout=5)
     assert any("worker(s) joined the scheduler" in m for m in log.records)
+    resent = [str(w.message) for w in rec if "of the in-memory data; sending them again" in str(w.message)]
+    assert bool(resent) == (source == "numpy"), resent  # scattered partitions went with the workers
     assert all(p.poll() is not None for p in old)  # the kill happened
     assert os.path.getsize(tmp_path / "calls") > 2 * n_parts + 3  # and work went on after it
     np.testing.assert_allclose(hit.history, ref.history, rtol=1e-10)
@@ -425,3 +427,63 @@ def test_library_warnings_reach_the_flow_run_log(prefect_server):
         time.sleep(0.3)
     assert mine == [("emflow.engine", logging.WARNING, text)]
     assert all(lg.task_run_id is not None for lg in logs if text in lg.message)  # the task's log
+
+
+@dataclass(frozen=True)
+class StopScheduler:
+    """A GMM family whose E-step SIGSTOPs the scheduler process at the n-th call."""
+
+    inner: GMMFamily
+    counter: str
+    pid: int
+    at_call: int
+
+    def e_step(self, X, w, params):
+        with open(self.counter, "a") as f:
+            f.write(".")
+        if os.path.getsize(self.counter) == self.at_call:
+            os.kill(self.pid, signal.SIGSTOP)
+        return self.inner.e_step(X, w, params)
+
+    def m_step(self, stats, params):
+        return self.inner.m_step(stats, params)
+
+    def objective(self, stats):
+        return self.inner.objective(stats)
+
+
+@pytest.mark.slow
+def test_hung_scheduler_is_reported_and_the_fit_goes_on(tmp_path, proc_cluster, monkeypatch):
+    """The scheduler SIGSTOPped mid-pass: the stall warning says it does not answer; once
+    it is continued the fit finishes with the undisturbed result."""
+    import emflow.engine
+
+    monkeypatch.setattr(emflow.engine, "PROBE_TIMEOUT", 1.0)
+    data = _data(tmp_path, "zarr")
+    ref, n_parts = _reference(data)
+    cluster = proc_cluster()
+    cluster.start_workers(2)
+    client = cluster.client(2)
+    stopper = StopScheduler(FAMILY, str(tmp_path / "calls"), cluster.scheduler.pid, at_call=2 * n_parts + 3)
+
+    def resume():
+        cluster.scheduler.send_signal(signal.SIGCONT)
+
+    safety = threading.Timer(60, resume)
+    safety.start()
+    try:
+        with dask.config.set({"emflow.stall-factor": 3, "emflow.stall-floor": "1s"}), \
+                OnLog("has taken", resume), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", emflow.ClusterWarning)
+            engine = Engine(client)
+            loaded = engine.open(data, persist=False)
+            hit = run_em(engine, loaded, stopper, _params(3, 2), tol=0.0, max_iter=ITERS)
+    finally:
+        safety.cancel()
+        resume()
+        client.close(timeout=5)
+    stalls = [str(w.message) for w in caught if issubclass(w.category, emflow.ClusterWarning)]
+    assert len(stalls) == 1, stalls
+    assert f"The Dask scheduler at {cluster.address} did not answer within 1 s either: a hung scheduler " \
+           "(stopped with SIGSTOP, swapping) or an overloaded one is likely. Still waiting" in stalls[0]
+    np.testing.assert_allclose(hit.history, ref.history, rtol=1e-10)
