@@ -35,11 +35,12 @@ class Deployment:
 
 
 DATA = "/data/emflow"
+# Only `data` and `out` are paths in these defaults: a run started with those two overridden
+# (deploy/README.md, "run one now") reads nothing else. Add heldout=... to score a held-out set.
 
 DEPLOYMENTS: tuple[Deployment, ...] = (
     Deployment("nightly-fit", fit_flow, "0 2 * * *",
-               {"data": f"{DATA}/train.zarr", "out": f"{DATA}/models/gmm.zarr", "n_components": 8,
-                "heldout": f"{DATA}/heldout.zarr"},
+               {"data": f"{DATA}/train.zarr", "out": f"{DATA}/models/gmm.zarr", "n_components": 8},
                description="Refit the mixture every night; resumes from its checkpoint if killed."),
     Deployment("weekly-model-selection", select_flow, "0 4 * * 0",
                {"data": f"{DATA}/train.zarr", "out": f"{DATA}/models/best.zarr", "n_components": [2, 4, 8, 16],
@@ -51,7 +52,7 @@ DEPLOYMENTS: tuple[Deployment, ...] = (
                description="Label the newest data with the current model."),
     Deployment("nightly-hmm-fit", hmm_fit_flow, "30 2 * * *",
                {"data": f"{DATA}/sequences.zarr", "out": f"{DATA}/models/hmm.zarr", "emission": "gaussian",
-                "n_components": 4, "covariance_type": "diag", "heldout": f"{DATA}/sequences-heldout.zarr"},
+                "n_components": 4, "covariance_type": "diag"},
                description="Refit the Gaussian HMM on the sequences every night; resumes from its checkpoint."),
     Deployment("nightly-lgssm-fit", lgssm_fit_flow, "0 3 * * *",
                {"data": f"{DATA}/tracks.zarr", "out": f"{DATA}/models/lgssm.zarr", "state_dim": 4,
@@ -59,7 +60,7 @@ DEPLOYMENTS: tuple[Deployment, ...] = (
                description="Re-estimate the state-space model (Kalman EM) every night; resumes from its checkpoint."),
     Deployment("weekly-lda-fit", lda_fit_flow, "0 5 * * 6",
                {"data": f"{DATA}/corpus.zarr", "out": f"{DATA}/models/lda.zarr", "n_components": 20,
-                "max_iter": 30, "evaluate_every": 5, "perp_tol": 0.1, "heldout": f"{DATA}/corpus-heldout.zarr"},
+                "max_iter": 30, "evaluate_every": 5, "perp_tol": 0.1},
                description="Refit the topic model every week; top words per topic as a table artifact."),
 )
 

@@ -44,8 +44,13 @@ _FAMILIES = {
 
 
 def load(path):
-    """Load any saved emflow model, picking the class from the stored family."""
-    meta = read_model_attrs(path)
+    """Load any saved emflow model, picking the class from the stored family.
+
+    Every array is validated against the family's constraints (a damaged or altered model
+    raises ModelFormatError naming the array). Loading never connects anywhere: the model
+    computes where its ``scheduler`` is set after loading (None: threads, or the active client).
+    """
+    meta = read_model_attrs(path)  # a ModelFormatError unless the attributes are usable
     try:
         cls = _FAMILIES[meta["family"]]
     except KeyError:

@@ -27,7 +27,6 @@ import io
 import json
 import math
 import os
-import uuid
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -201,7 +200,10 @@ def write_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> str:
     buf = io.BytesIO()
     np.savez(buf, header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8), **arrays)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:12]}")
+    from .store import _tag, clean_checkpoint_leftovers
+
+    clean_checkpoint_leftovers(path)  # temporaries of crashed writers (never of one still running)
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{_tag()}")
     try:
         with open(tmp, "wb") as f:
             f.write(buf.getbuffer())

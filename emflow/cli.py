@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import sys
 import time
 from enum import Enum
@@ -14,11 +16,14 @@ from typing import Optional
 import numpy as np
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from . import __version__
-from .errors import EmflowError
+from .base import MAX_SEED, MIN_PARTITION_BYTES, check_int, check_real
+from .errors import ConfigError, EmflowError
 
 app = typer.Typer(
     name="emflow",
@@ -60,13 +65,93 @@ SchedulerOpt = typer.Option(
 WorkersOpt = typer.Option(None, "--workers", help="Worker processes of the local cluster (default: one per core).")
 
 
+def _fail(message: str) -> None:
+    """One line on stderr, ``error: <message>``; the message is text, never rich markup."""
+    console.print(Text.assemble(("error: ", "bold red"), " ".join(str(message).split())),
+                  soft_wrap=True, highlight=False)
+
+
+# a temporary sibling that emflow writes before renaming into place (emflow.store.atomic_dir)
+_TMP_NAME = re.compile(r"(^|[/\\])\.([^/\\]+)\.(?:tmp|old)-[0-9a-f]{12}(?=[/\\]|$).*$")
+_OS_HINTS = {
+    errno.ENOSPC: "Free some space, or write to another location.",
+    errno.EDQUOT: "Free some space (you are over quota), or write to another location.",
+    errno.EROFS: "That location is read-only: write somewhere else.",
+    errno.EACCES: "You may not write there: check its permissions, or write somewhere else.",
+    errno.EPERM: "You may not write there: check its permissions, or write somewhere else.",
+    errno.ENOTDIR: "Something that is not a folder is in the way: choose another path, or remove it.",
+    errno.EEXIST: "Something is in the way: choose another path, or remove it.",
+    errno.EISDIR: "A folder is in the way: choose another path, or remove it.",
+    errno.ENOENT: "Check the path.",
+}
+
+
+def _user_path(p) -> str:
+    """The path the user named: a temporary sibling ``.NAME.tmp-XXXX/...`` is shown as NAME."""
+    s = os.fsdecode(p)
+    m = _TMP_NAME.search(s)
+    return s[: m.start()] + m.group(1) + m.group(2) if m else s
+
+
+def _os_error_text(exc: OSError, target=None) -> str:
+    paths = [p for p in (exc.filename2, exc.filename) if p not in (None, "")]
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    where = _user_path(paths[0]) if paths else (os.fspath(target) if target is not None else None)
+    hint = _OS_HINTS.get(exc.errno, "Check the path, its permissions and the free space.")
+    return f"{reason}" + (f": {where}" if where else "") + f". {hint}"
+
+
 @contextlib.contextmanager
-def _errors():
+def _errors(target=None, options: Optional[dict] = None):
+    """Turn the failures a user can act on into one line on stderr and an exit status: 2 for an
+    emflow error, an OSError (disk full, a file in the way, no permission) or memory running out,
+    130 for Ctrl-C. ``target`` is the path written, named when an OSError carries none;
+    ``options`` maps estimator parameters to the command's options, named in their errors.
+    Anything else is a bug and keeps its traceback."""
     try:
         yield
     except EmflowError as exc:
-        console.print(f"[bold red]error:[/] {exc}")
+        param = getattr(exc, "param", None)
+        prefix = f"{options[param]}: " if isinstance(exc, ConfigError) and param in (options or {}) else ""
+        _fail(prefix + str(exc))
         raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        _fail("interrupted (Ctrl-C); an output being written was not moved into place.")
+        raise typer.Exit(130) from None
+    except MemoryError:
+        _fail("out of memory. Give the workers more memory, or use smaller partitions "
+              "(fit: --persist stream, --partition-mib).")
+        raise typer.Exit(2) from None
+    except OSError as exc:
+        _fail(_os_error_text(exc, target))
+        raise typer.Exit(2) from None
+
+
+def _check_workers(workers: Optional[int]) -> None:
+    if workers is not None:
+        check_int("--workers", workers, 1)
+
+
+def _check_seed(seed: Optional[int], name: str = "--seed") -> None:
+    if seed is not None:
+        check_int(name, seed, 0, MAX_SEED)
+
+
+def _partition_bytes(partition_mib: Optional[float]) -> Optional[int]:
+    """``--partition-mib`` in bytes; at least :data:`emflow.base.MIN_PARTITION_BYTES` (1 KiB)."""
+    if partition_mib is None:
+        return None
+    low = MIN_PARTITION_BYTES / 2**20
+    check_real("--partition-mib", partition_mib, low, finite=True, hint=" (1 KiB)")
+    return int(partition_mib * 2**20)
+
+
+# estimator parameter -> the `fit` option that sets it (named in the error)
+_FIT_OPTIONS = {
+    "n_components": "--components (-k)", "covariance_type": "--covariance (-c)", "tol": "--tol",
+    "reg_covar": "--reg-covar", "max_iter": "--max-iter", "n_init": "--n-init", "init_params": "--init",
+    "random_state": "--seed", "persist": "--persist", "partition_bytes": "--partition-mib",
+}
 
 
 @contextlib.contextmanager
@@ -86,7 +171,7 @@ def _scheduler(address: Optional[str], workers: Optional[int]):
         cluster = local_cluster(workers, silence_logs=40)
         client = Client(cluster)
     try:
-        console.print(f"Dask dashboard: {client.dashboard_link}")
+        console.print(Text(f"Dask dashboard: {client.dashboard_link}"), highlight=False)
         yield client
     finally:
         client.close()
@@ -115,6 +200,7 @@ def fit(
     data: str = typer.Argument(..., help="Zarr array (or group holding one) of shape (n_samples, n_features)."),
     components: int = typer.Option(..., "--components", "-k", help="Number of mixture components."),
     out: Path = typer.Option(..., "--out", "-o", help="Where to save the fitted model (a Zarr group)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an emflow model already at --out."),
     covariance: Covariance = typer.Option(Covariance.full, "--covariance", "-c"),
     weights: Optional[str] = typer.Option(None, "--weights", help="Row weights: a Zarr array path, or the name of an array beside the data."),
     tol: float = typer.Option(1e-3, help="Stop when the mean log-likelihood changes less than this."),
@@ -131,14 +217,21 @@ def fit(
     """Fit a Gaussian mixture to DATA and save it to --out."""
     from .mixture import GaussianMixture
 
-    with _errors():
+    with _errors(out, _FIT_OPTIONS):
+        _check_seed(seed)
+        _check_workers(workers)
         gm = GaussianMixture(
             components, covariance_type=covariance.value, tol=tol, reg_covar=reg_covar, max_iter=max_iter,
             n_init=n_init, init_params=init.value, random_state=seed, persist=_PERSIST[persist.value],
-            partition_bytes=None if partition_mib is None else max(1, int(partition_mib * 2**20)),
+            partition_bytes=_partition_bytes(partition_mib),
         )
         gm._validate_params()
         from .data import open_rows
+        from .store import check_destination
+
+        # before any work: --out may not be DATA (or hold it), nor replace anything unasked
+        weights_path = weights if weights and os.path.exists(weights) else None
+        check_destination(out, "model", overwrite=overwrite, inputs=[("DATA", data), ("--weights", weights_path)])
 
         open_rows(data, weights, min_rows=components)  # fail fast, before starting a cluster
         with _scheduler(scheduler, workers) as client:
@@ -149,8 +242,8 @@ def fit(
                 gm.fit(data, sample_weight=weights, callbacks=[cb])
             elapsed = time.perf_counter() - t0
         gm.scheduler = scheduler
-        path = gm.save(out)
-    _print_model(gm, title=f"fitted in {elapsed:.1f}s -> {path}")
+        path = gm.save(out, overwrite=overwrite)
+    _print_model(gm, title=Text(f"fitted in {elapsed:.1f}s -> {path}"))
 
 
 @app.command()
@@ -158,6 +251,7 @@ def predict(
     model: str = typer.Argument(..., help="A saved model of any family (`emflow fit`, a flow, or .save())."),
     data: str = typer.Argument(..., help="Zarr dataset (array, sequences or corpus) to apply it to."),
     out: Path = typer.Option(..., "--out", "-o", help="Zarr array (or sequences group) to write."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an emflow output already at --out."),
     what: Optional[str] = typer.Option(
         None, "--what",
         help="Mixtures: labels | proba (responsibilities) | log_likelihood (per row; also 'score'). "
@@ -170,48 +264,102 @@ def predict(
     from . import load
     from .outputs import check_outputs, write_output
 
-    with _errors():
+    from .store import check_destination
+
+    with _errors(out):
+        _check_workers(workers)
+        # before any work: --out may not be MODEL or DATA (or hold them), nor replace anything unasked
+        check_destination(out, "output", overwrite=overwrite, inputs=[("MODEL", model), ("DATA", data)])
         est = load(model)
         [kind] = check_outputs(est, [what] if what else None, where=repr(model))[:1]
         with _scheduler(scheduler, workers) as client:
             est.scheduler = client
-            with console.status(f"writing {kind} to {out}"):
-                _, arr = write_output(est, kind, data, out)
-    out_console.print(f"wrote {kind} of shape {arr.shape} ({arr.dtype}) to {out}")
+            with console.status(escape(f"writing {kind} to {out}")):
+                _, arr = write_output(est, kind, data, out, overwrite=overwrite)
+    out_console.print(Text(f"wrote {kind} of shape {arr.shape} ({arr.dtype}) to {out}"), highlight=False)
 
 
 @app.command()
-def info(path: str = typer.Argument(..., help="A saved model or a Zarr dataset.")):
-    """Describe a saved model or a Zarr dataset."""
-    import zarr
-
+def info(path: str = typer.Argument(..., help="A saved model or a Zarr dataset (rows, sequences or corpus).")):
+    """Describe a saved model or a Zarr dataset: rows (an array, or a group holding one), a
+    sequences group (values + offsets) or a corpus group (indptr, indices, counts)."""
     from .store import read_model_attrs
 
-    with _errors():
-        from .data import open_zarr_array
-
+    with _errors(path):
         try:
             meta = read_model_attrs(path)
         except EmflowError:
+            from .store import destination_kind
+
+            if destination_kind(path)[0] == "model":
+                raise  # a damaged model is reported as such, not described as a dataset
             meta = None
         if meta is not None:
             from . import load
 
-            _print_model(load(path), title=f"{meta['family']} model at {path}")
+            _print_model(load(path), title=Text(f"{meta['family']} model at {path}"))
             return
-        arr, url = open_zarr_array(path)
-        table = Table(title=f"dataset {url}")
+        kind, url, fields, attrs = _describe_dataset(path)
+        table = Table(title=Text(f"{kind} dataset {url}"))
         table.add_column("field")
         table.add_column("value")
-        table.add_row("shape", str(tuple(arr.shape)))
-        table.add_row("dtype", str(arr.dtype))
-        table.add_row("chunks", str(tuple(arr.chunks)))
-        table.add_row("stored bytes", f"{arr.nbytes:,}")
-        node = zarr.open(path, mode="r")
-        for k, v in dict(node.attrs).items():
+        table.add_row("kind", kind)
+        for k, v in fields:
+            table.add_row(Text(k), Text(v))
+        for k, v in attrs.items():
+            if k == "kind" and v == kind:
+                continue  # shown above
             text = json.dumps(v)
-            table.add_row(k, text if len(text) < 200 else text[:197] + "...")
+            table.add_row(Text(str(k)), Text(text if len(text) < 200 else text[:197] + "..."))
         out_console.print(table)
+
+
+_SEQUENCES = ("values", "offsets")
+_CORPUS = ("indptr", "indices", "counts")
+
+
+def _describe_dataset(path: str) -> tuple[str, str, list[tuple[str, str]], dict]:
+    """(kind, url, [(field, value)], attrs) of a Zarr dataset in any of emflow's layouts."""
+    import zarr
+
+    from .data import _url, open_zarr_array
+
+    url = _url(path)
+    node = None
+    if "://" in url or os.path.isdir(url):
+        try:
+            node = zarr.open(url, mode="r")
+        except Exception:  # not Zarr: open_zarr_array below says so, with what to do
+            node = None
+    if isinstance(node, zarr.Group) and all(n in node for n in _CORPUS):
+        indptr, indices = node["indptr"], node["indices"]
+        n_docs, nnz = max(0, indptr.shape[0] - 1), indices.shape[0]
+        n_terms = node.attrs.get("n_terms")
+        fields = [
+            ("shape", f"({n_docs}, {n_terms}) (documents, terms)"),
+            ("documents", f"{n_docs:,}"), ("terms", str(n_terms)), ("nonzeros", f"{nnz:,}"),
+            ("counts dtype", str(node["counts"].dtype)), ("vocabulary", "stored" if "vocabulary_utf8" in node else "none"),
+            ("chunks (documents)", str(node.attrs.get("chunk_docs", tuple(indptr.chunks)))),
+            ("stored bytes", f"{sum(node[n].nbytes for n in _CORPUS):,}"),
+        ]
+        return "corpus", url, fields, dict(node.attrs)
+    if isinstance(node, zarr.Group) and all(n in node for n in _SEQUENCES):
+        values, offsets = node["values"], node["offsets"]
+        n_seq = max(0, offsets.shape[0] - 1)
+        fields = [
+            ("shape", f"{tuple(values.shape)} (steps, features)"), ("sequences", f"{n_seq:,}"),
+            ("steps", f"{values.shape[0]:,}"), ("features", str(values.shape[1] if values.ndim > 1 else 1)),
+            ("dtype", str(values.dtype)), ("chunks", str(tuple(values.chunks))),
+            ("stored bytes", f"{values.nbytes + offsets.nbytes:,}"),
+        ]
+        return "sequences", url, fields, dict(node.attrs)
+    arr, url = open_zarr_array(path)
+    fields = [("shape", str(tuple(arr.shape))), ("dtype", str(arr.dtype)), ("chunks", str(tuple(arr.chunks))),
+              ("stored bytes", f"{arr.nbytes:,}")]
+    if isinstance(node, zarr.Group) and "weights" in node:
+        fields.append(("weights", f"{node['weights'].shape[0]:,} (array 'weights')"))
+    attrs = dict(node.attrs) if isinstance(node, zarr.Group) else dict(arr.attrs)
+    return "rows", url, fields, attrs
 
 
 @app.command()
@@ -230,14 +378,20 @@ def generate(
     """Write a synthetic Gaussian-mixture dataset with known parameters."""
     from .synthetic import write_gmm
 
-    with _errors():
+    with _errors(out):
+        for name, value in (("--samples", samples), ("--components", components), ("--features", features)):
+            check_int(name, value, 1)
+        if chunk_rows is not None:
+            check_int("--chunk-rows", chunk_rows, 1)
+        _check_seed(seed)
+        check_real("--separation", separation, 0, finite=True)
         with Progress(TextColumn("generating"), BarColumn(), TextColumn("{task.completed:,}/{task.total:,} rows"),
                       TimeElapsedColumn(), console=console) as progress:
             task = progress.add_task("rows", total=samples)
             path = write_gmm(out, samples, components, features, covariance.value, separation=separation,
                              seed=seed, chunk_rows=chunk_rows, dtype=dtype, weights=weights,
                              progress=lambda n: progress.advance(task, n))
-    out_console.print(f"wrote {samples:,} x {features} rows to {path}")
+    out_console.print(Text(f"wrote {samples:,} x {features} rows to {path}"), highlight=False)
 
 
 @app.command()
@@ -251,14 +405,19 @@ def demo(
     """Generate a dataset, fit it with the Prefect fit flow on a local Dask cluster, show the result."""
     from .synthetic import write_gmm
 
-    with _errors():
+    with _errors(out):
+        for name, value in (("--samples", samples), ("--components", components), ("--features", features)):
+            check_int(name, value, 1)
+        _check_workers(workers)
         out.mkdir(parents=True, exist_ok=True)
         data = out / "data.zarr"
         console.rule("1. generate")
         with console.status(f"writing {samples:,} x {features} rows"):
-            # overlapping components, so EM has real work to do after its k-means start
-            write_gmm(data, samples, components, features, "full", seed=7, separation=2.5)
-        console.print(f"dataset: {data}")
+            # strongly overlapping components (separation 0.8), so EM has real work to do after
+            # its k-means start: about 20 iterations from the k-means solution to the true
+            # mixture (at 2.5 it took 2), a real curve in the dashboard's convergence plot
+            write_gmm(data, samples, components, features, "full", seed=7, separation=0.8)
+        console.print(Text(f"dataset: {data}"), highlight=False)
         import shutil
 
         # a demo starts afresh: no model or checkpoint from an earlier demo run
@@ -280,9 +439,9 @@ def demo(
         from . import load
 
         gm = load(model_path)
-        _print_model(gm, title=f"model at {model_path}")
+        _print_model(gm, title=Text(f"model at {model_path}"))
         _print_truth(gm, data)
-        out_console.print(f"Flow run in the Prefect dashboard: {run_url}")
+        out_console.print(Text(f"Flow run in the Prefect dashboard: {run_url}"), highlight=False)
         if pid is not None:
             out_console.print(f"The Prefect server started for this demo keeps running (pid {pid}); "
                               f"stop it with: kill {pid}")
@@ -319,7 +478,7 @@ def _ensure_prefect_server(folder: Path) -> tuple[str, int | None]:
     for api in (os.environ.get("PREFECT_API_URL"), "http://127.0.0.1:4200/api"):
         if api and _healthy(api):
             os.environ["PREFECT_API_URL"] = api
-            console.print(f"using the Prefect server at {api}")
+            console.print(Text(f"using the Prefect server at {api}"), highlight=False)
             return api, None
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
@@ -347,39 +506,44 @@ def _ensure_prefect_server(folder: Path) -> tuple[str, int | None]:
     return api, proc.pid
 
 
-def _print_model(gm, title: str) -> None:
+def _row(table: Table, field: str, value) -> None:
+    """A table row whose value is shown as text (paths and attributes may hold '[...]')."""
+    table.add_row(field, Text(str(value)))
+
+
+def _print_model(gm, title) -> None:
     info = getattr(gm, "fit_info_", {}) or {}
     name = type(gm).__name__
     t = Table(title=title)
     t.add_column("field")
     t.add_column("value")
-    t.add_row("family", name)
+    _row(t, "family", name)
     if hasattr(gm, "state_dim"):
-        t.add_row("state dimension", str(gm.state_dim))
+        _row(t, "state dimension", str(gm.state_dim))
     else:
-        t.add_row("topics" if name == "LatentDirichletAllocation" else "components", str(gm.n_components))
+        _row(t, "topics" if name == "LatentDirichletAllocation" else "components", str(gm.n_components))
     if getattr(gm, "covariance_type", None):
-        t.add_row("covariance", gm.covariance_type)
-    t.add_row("converged", f"{gm.converged_} after {gm.n_iter_} iterations")
+        _row(t, "covariance", gm.covariance_type)
+    _row(t, "converged", f"{gm.converged_} after {gm.n_iter_} iterations")
     objective = {"GaussianMixture": "mean log-likelihood", "LatentDirichletAllocation": "bound per word"}
-    t.add_row(objective.get(name, "log-likelihood per step"), f"{gm.lower_bound_:.10g}")
+    _row(t, objective.get(name, "log-likelihood per step"), f"{gm.lower_bound_:.10g}")
     for label, attr in [("weights", "weights_"), ("start probabilities", "startprob_"),
                         ("doc-topic prior", "doc_topic_prior_")]:
         if hasattr(gm, attr):
-            t.add_row(label, np.array2string(np.asarray(getattr(gm, attr)), precision=4))
+            _row(t, label, np.array2string(np.asarray(getattr(gm, attr)), precision=4))
     if name == "LatentDirichletAllocation":
-        t.add_row("perplexity (training)", f"{np.exp(-gm.lower_bound_):.6g}")
+        _row(t, "perplexity (training)", f"{np.exp(-gm.lower_bound_):.6g}")
     if info:
         secs = info.get("seconds_per_iteration") or []
         if secs:
-            t.add_row("seconds / iteration", f"{float(np.median(secs)):.3f} (median)")
+            _row(t, "seconds / iteration", f"{float(np.median(secs)):.3f} (median)")
         size = [f"{info[k]} {k.removeprefix('n_')}" for k in ("n_samples", "n_sequences", "n_steps", "n_docs")
                 if info.get(k) is not None]
-        t.add_row("data", f"{info.get('source')} ({', '.join(size)}, {info.get('n_features')} features, "
+        _row(t, "data", f"{info.get('source')} ({', '.join(size)}, {info.get('n_features')} features, "
                           f"{info.get('dtype')})")
-        t.add_row("fingerprint", str(info.get("fingerprint")))
-        t.add_row("ran on", str(info.get("engine")))
-    t.add_row("emflow", __version__)
+        _row(t, "fingerprint", str(info.get("fingerprint")))
+        _row(t, "ran on", str(info.get("engine")))
+    _row(t, "emflow", __version__)
     out_console.print(t)
 
 
@@ -408,11 +572,16 @@ from .cli_ingest import ingest_command  # noqa: E402
 app.command("ingest")(ingest_command)
 
 
-@app.callback()
-def _main(version: bool = typer.Option(False, "--version", help="Print the version and exit.")):
-    if version:
-        out_console.print(__version__)
+def _print_version(value: bool) -> None:
+    if value:
+        out_console.print(f"emflow {__version__}", highlight=False)
         raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="Print the version and exit.")):
+    pass
 
 
 def main():  # pragma: no cover

@@ -28,7 +28,9 @@ def ingest_command(
     out: Path = typer.Option(..., "--out", "-o", help="Zarr dataset to write (appears only once complete)."),
     columns: Optional[str] = typer.Option(
         None, "--columns", "-c", help="Comma-separated value columns, by name or position (default: all)."),
-    dtype: str = typer.Option("float64", "--dtype", help="Storage type: float64 or float32."),
+    dtype: Optional[str] = typer.Option(
+        None, "--dtype", help="Storage type: float64 or float32 (default: float32 for a float32 source, "
+        "float64 otherwise)."),
     chunk_rows: Optional[int] = typer.Option(
         None, "--chunk-rows", min=1, help="Rows per Zarr chunk (default: about 16 MiB per chunk)."),
     compression: str = typer.Option(
@@ -49,13 +51,14 @@ def ingest_command(
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
+    from rich.text import Text
 
-    from .errors import EmflowError
+    from .cli import _errors
     from .ingest import ingest, read_report
 
     console = Console(stderr=True)
     seq_col = sequence_column  # a name, or a position when no column has that name
-    try:
+    with _errors(out):
         with Progress(
             TextColumn("[bold]ingest[/]"), BarColumn(), TextColumn("{task.completed:,} rows"),
             TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=console, transient=True,
@@ -76,20 +79,18 @@ def ingest_command(
                 sequence_column=seq_col, delimiter=delimiter, header=header, skip_rows=skip_rows, key=key,
                 overwrite=overwrite,
             )
-    except EmflowError as exc:
-        console.print(f"[red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(code=1) from None
 
     rep = read_report(path)
     out_console = Console()
     seqs = f", {rep['sequences']:,} sequences" if "sequences" in rep else ""
-    out_console.print(
+    out_console.print(Text(
         f"Wrote {path}: {rep['rows']:,} rows x {len(rep['columns'])} columns{seqs} "
-        f"in {rep['seconds']:.2f} s (fingerprint {rep['fingerprint']})", highlight=False)
+        f"in {rep['seconds']:.2f} s (fingerprint {rep['fingerprint']}, {_stored_dtype(path)})"), highlight=False)
     if rep["skipped_rows"]:
-        out_console.print(f"[yellow]Skipped {rep['skipped_rows']:,} bad row(s)[/], e.g.:", highlight=False)
+        out_console.print(Text(f"Skipped {rep['skipped_rows']:,} bad row(s)", style="yellow") + Text(", e.g.:"),
+                          highlight=False)
         for e in rep["skipped_examples"][:5]:
-            out_console.print(f"  {e}", highlight=False)
+            out_console.print(Text(f"  {e}"), highlight=False)
     table = Table("column", "min", "max", "mean", "std", "NaN", "inf", box=None)
     shown = min(len(rep["columns"]), 20)
 
@@ -97,8 +98,14 @@ def ingest_command(
         return "-" if v is None else f"{v:.6g}"
 
     for j in range(shown):
-        table.add_row(str(rep["columns"][j]), fmt(rep["min"][j]), fmt(rep["max"][j]), fmt(rep["mean"][j]),
+        table.add_row(Text(str(rep["columns"][j])), fmt(rep["min"][j]), fmt(rep["max"][j]), fmt(rep["mean"][j]),
                       fmt(rep["std"][j]), str(rep["nan"][j]), str(rep["posinf"][j] + rep["neginf"][j]))
     out_console.print(table)
     if shown < len(rep["columns"]):
         out_console.print(f"... and {len(rep['columns']) - shown} more columns (all in the dataset's attrs['report']).")
+
+
+def _stored_dtype(path) -> str:
+    import zarr
+
+    return str(zarr.open_group(path, mode="r").attrs.get("dtype", "?"))

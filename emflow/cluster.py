@@ -17,21 +17,117 @@ import contextlib
 import os
 from typing import Any, Iterator
 
+from .base import is_int
 from .engine import Engine
 from .errors import ClusterError, ConfigError
 
 __all__ = ["engine_for", "local_cluster"]
 
 
+NO_MAIN_GUARD = ("emflow started a local Dask cluster from a script without an `if __name__ == '__main__':` "
+                 "guard; put your code under it")
+
+
+def _is_main_guard(test) -> bool:
+    """``__name__ == "__main__"`` (either way round) somewhere in an ``if`` test."""
+    import ast
+
+    for node in ast.walk(test):
+        if isinstance(node, ast.Compare) and len(node.ops) == 1 and isinstance(node.ops[0], ast.Eq):
+            sides = [node.left, node.comparators[0]]
+            names = [n for n in sides if isinstance(n, ast.Name) and n.id == "__name__"]
+            consts = [n for n in sides if isinstance(n, ast.Constant) and n.value == "__main__"]
+            if names and consts:
+                return True
+    return False
+
+
+def _unguarded_main_line() -> int | None:
+    """The line of the script run as ``__main__`` that is starting a cluster from outside an
+    ``if __name__ == "__main__":`` block, or None (guarded, interactive, or not a script).
+
+    Worker processes are started by *spawn*: each imports the script again, so an unguarded
+    script runs its top level (and this cluster) again in every worker, which multiprocessing
+    reports as a "bootstrapping phase" RuntimeError, hundreds of lines of them.
+    """
+    import ast
+    import sys
+
+    main = sys.modules.get("__main__")
+    source_file = getattr(main, "__file__", None)
+    if main is None or not source_file:
+        return None  # a REPL, a notebook, python -c: the workers do not import it
+    frame = sys._getframe(1)
+    while frame is not None and not (frame.f_globals is vars(main) and frame.f_code.co_name == "<module>"):
+        frame = frame.f_back
+    if frame is None:
+        return None  # not called from the script's top level (e.g. from a thread it started)
+    line = frame.f_lineno
+    try:
+        with open(source_file, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+    except (OSError, SyntaxError, ValueError):
+        return None
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and _is_main_guard(node.test) and node.body:
+            end = max(getattr(n, "end_lineno", n.lineno) for n in node.body)
+            if node.body[0].lineno <= line <= end:
+                return None
+    return line
+
+
+def _one_line_for(exc: BaseException, previous):
+    """An excepthook that reports ``exc``, if the script lets it escape, as its one line (the
+    line it names is the script's own); anything else goes to ``previous``."""
+    import sys
+
+    def hook(tp, value, tb):
+        if value is exc:
+            sys.stderr.write(f"{tp.__module__}.{tp.__qualname__}: {value}\n")
+        else:
+            previous(tp, value, tb)
+
+    return hook
+
+
+def _check_can_start_processes() -> None:
+    """Refuse, in one line, to start worker processes where they would re-run the caller's script."""
+    import multiprocessing
+
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        # a spawned child importing the parent's script: the script has no main guard
+        raise ClusterError(NO_MAIN_GUARD + ".")
+    import dask
+
+    if dask.config.get("distributed.worker.multiprocessing-method", "spawn") == "fork":
+        return  # forked workers do not import the script
+    line = _unguarded_main_line()
+    if line is not None:
+        import sys
+
+        exc = ClusterError(f"{NO_MAIN_GUARD} (line {line} of {sys.modules['__main__'].__file__}).")
+        if sys.excepthook is sys.__excepthook__:
+            sys.excepthook = _one_line_for(exc, sys.excepthook)
+        raise exc
+
+
 def local_cluster(n_workers: int | None = None, threads_per_worker: int = 1, **kwargs):
-    """A ``LocalCluster`` of single-threaded worker processes (one per core by default)."""
+    """A ``LocalCluster`` of single-threaded worker processes (one per core by default).
+
+    Raises :class:`~emflow.errors.ClusterError` when called from a script's top level outside
+    an ``if __name__ == "__main__":`` block (its worker processes would run the script again).
+    """
     from distributed import LocalCluster
 
     import logging
 
+    if n_workers is not None and not (is_int(n_workers) and n_workers >= 1):
+        raise ConfigError(f"n_workers must be an integer >= 1 or None (one per core), got {n_workers!r}.")
     n_workers = n_workers or os.cpu_count() or 1
     kwargs.setdefault("dashboard_address", ":0")
     kwargs.setdefault("processes", True)
+    if kwargs["processes"]:
+        _check_can_start_processes()
     level = kwargs.setdefault("silence_logs", logging.WARNING)
     cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker, **kwargs)
     # the scheduler lives in this process; keep its INFO chatter out of the caller's logs

@@ -46,12 +46,18 @@ def open_zarr_array(path: Any, *, role: str = "data"):
             f"No Zarr {role} at {url!r}. Check the path, or create a dataset first "
             "(`emflow generate` writes a synthetic one)."
         )
+    if "://" not in url and os.path.isfile(url):
+        raise DataError(
+            f"{url!r} is a file, not a Zarr dataset (a folder). Convert it first: "
+            f"`emflow ingest {os.fspath(path)} --out DATA.zarr` (or emflow.ingest.ingest) reads CSV, "
+            "Parquet, .npy and HDF5 files; then use DATA.zarr."
+        )
     try:
         node = zarr.open(url, mode="r")
     except Exception as exc:  # zarr raises several types for "not a zarr store"
         raise DataNotFoundError(
-            f"{url!r} exists but is not a readable Zarr array or group ({exc}). "
-            "Point at the directory that holds zarr.json."
+            f"{url!r} exists but is not a readable Zarr array or group ({exc}). Point at the directory "
+            "that holds zarr.json, or convert a CSV, Parquet, .npy or HDF5 file with `emflow ingest`."
         ) from exc
     if isinstance(node, zarr.Group):
         name = node.attrs.get("rows")

@@ -31,7 +31,7 @@ import numpy as np
 
 from . import __version__
 from . import store as _store
-from .base import ParamsMixin
+from .base import ParamsMixin, check_execution, check_int, check_real, rng_from
 from .cluster import engine_for
 from .data import DEFAULT_PARTITION_BYTES, is_zarr_path
 from .em import EMResult, IterationEvent, run_em
@@ -165,20 +165,13 @@ class _BaseHMM(ParamsMixin):
     _emission_letters = ""
 
     def _rng(self, random_state=None) -> np.random.Generator:
-        rs = self.random_state if random_state is None else random_state
-        if isinstance(rs, np.random.Generator):
-            return rs
-        if isinstance(rs, np.random.RandomState):
-            return np.random.default_rng(rs.randint(2**31 - 1))
-        return np.random.default_rng(rs)
+        return rng_from(self.random_state if random_state is None else random_state)
 
     def _validate_common(self):
-        if not (isinstance(self.n_components, (int, np.integer)) and self.n_components >= 1):
-            raise ConfigError(f"n_components must be an integer >= 1, got {self.n_components!r}.")
-        if not (isinstance(self.n_iter, (int, np.integer)) and self.n_iter >= 0):
-            raise ConfigError(f"n_iter must be an integer >= 0, got {self.n_iter!r}.")
-        if not (isinstance(self.tol, (int, float)) and self.tol >= 0):
-            raise ConfigError(f"tol must be a number >= 0, got {self.tol!r}.")
+        check_int("n_components", self.n_components, 1)
+        check_int("n_iter", self.n_iter, 0)
+        check_real("tol", self.tol, 0)
+        check_execution(self, partition_bytes_none=False)
         if self.algorithm not in ("viterbi", "map"):
             raise ConfigError(f"algorithm must be 'viterbi' or 'map', got {self.algorithm!r}.")
         letters = "st" + self._emission_letters
@@ -309,8 +302,10 @@ class _BaseHMM(ParamsMixin):
         return self
 
     # applying a fitted model
-    def _apply(self, X, lengths, kind: str, out=None):
+    def _apply(self, X, lengths, kind: str, out=None, overwrite: bool = False):
         self._check_fitted()
+        if out is not None:  # refuse before any work: nothing is replaced unasked
+            _store.check_destination(out, "output", overwrite=overwrite, inputs=_store.output_inputs(self, X))
         params = self._params()
         with engine_for(self.scheduler, split_every=self.split_every) as engine:
             loaded = self._open(engine, X, lengths)
@@ -351,19 +346,21 @@ class _BaseHMM(ParamsMixin):
         # hmmlearn reports the sum of the per-step maximal posteriors for "map"
         return float(post.max(axis=1).sum()), post.argmax(axis=1)
 
-    def predict(self, X, lengths=None, *, out=None):
+    def predict(self, X, lengths=None, *, out=None, overwrite: bool = False):
         """State of each step (Viterbi, or per-step MAP with ``algorithm="map"``).
 
         Returns an ndarray of shape (n_samples,), or, with ``out``, the Zarr group written
-        there: ``values`` (total_steps,) int64 states and ``offsets`` as in the input.
+        there: ``values`` (total_steps,) int64 states and ``offsets`` as in the input. An emflow
+        output already at ``out`` is replaced only with ``overwrite=True``; anything else there,
+        the input and the model's own path never are.
         """
         kind = "states" if self.algorithm == "viterbi" else "map"
-        res = self._apply(X, lengths, kind, out)
+        res = self._apply(X, lengths, kind, out, overwrite)
         return res[1] if out is None else res
 
-    def predict_proba(self, X, lengths=None, *, out=None):
+    def predict_proba(self, X, lengths=None, *, out=None, overwrite: bool = False):
         """Posterior state probabilities: ndarray of shape (n_samples, n_components), or a Zarr group at ``out``."""
-        res = self._apply(X, lengths, "proba", out)
+        res = self._apply(X, lengths, "proba", out, overwrite)
         return res[1] if out is None else res
 
     def score_samples(self, X, lengths=None):
@@ -410,9 +407,7 @@ class _BaseHMM(ParamsMixin):
     # persistence
     def _config(self) -> dict[str, Any]:
         cfg = {}
-        for k, v in self.get_params().items():
-            if k == "scheduler" and not (v is None or isinstance(v, str)):
-                v = None
+        for k, v in _store.saved_config(self.get_params()).items():
             if isinstance(v, (np.random.Generator, np.random.RandomState)):
                 v = None
             if isinstance(v, np.ndarray):
@@ -420,8 +415,19 @@ class _BaseHMM(ParamsMixin):
             cfg[k] = v
         return cfg
 
-    def save(self, path) -> str:
-        """Save the fitted model as a Zarr group at ``path`` (atomically); returns the path."""
+    @classmethod
+    def _array_spec(cls, meta: dict) -> dict:
+        """The arrays a saved HMM holds: shapes from its configuration, constraints (see store.RULES)."""
+        K = int(meta["config"]["n_components"])
+        return {"startprob": ((K,), ["simplex"]), "transmat": ((K, K), ["simplex"]),
+                **cls._emission_spec(meta, K, int(meta["fitted"]["n_features"]))}
+
+    def save(self, path, *, overwrite: bool = False) -> str:
+        """Save the fitted model as a Zarr group at ``path``; returns the path.
+
+        A model already at ``path`` is replaced only with ``overwrite=True`` (atomically);
+        anything else there, and the data it was fitted on, never are.
+        """
         self._check_fitted()
         meta = {
             "version": __version__,
@@ -433,18 +439,21 @@ class _BaseHMM(ParamsMixin):
             "monitor_history": self.monitor_.history,
             "dataset": getattr(self, "fit_info_", {}),
         }
-        return _store.save_model(path, self._family_name, self._arrays(), meta)
+        return _store.save_model(path, self._family_name, self._arrays(), meta, overwrite=overwrite,
+                                 inputs=_store.fit_inputs(self))
 
     @classmethod
     def load(cls, path):
-        """Load a model saved by :meth:`save`; arrays come back bit-identical."""
-        arrays, meta = _store.load_model(path, cls._family_name)
-        cfg = {k: (np.asarray(v["__array__"]) if isinstance(v, dict) and "__array__" in v else v)
-               for k, v in meta["config"].items() if k in cls._param_names()}
-        model = cls(**cfg)
-        model._restore(arrays, meta["fitted"])
-        _store.restore_fit_record(model, meta)
-        model.monitor_ = ConvergenceMonitor(model.tol, model.n_iter, meta.get("monitor_history", []), model.converged_)
+        """Load a model saved by :meth:`save`; arrays come back bit-identical, validated (scheduler None)."""
+        arrays, meta = _store.load_model(path, cls._family_name, cls._array_spec)
+        with _store.loading(path):
+            cfg = {k: (np.asarray(v["__array__"]) if isinstance(v, dict) and "__array__" in v else v)
+                   for k, v in meta["config"].items() if k in cls._param_names()}
+            model = cls(**cfg)
+            model._restore(arrays, meta["fitted"])
+            _store.restore_fit_record(model, meta)
+            model.monitor_ = ConvergenceMonitor(model.tol, model.n_iter, meta.get("monitor_history", []),
+                                                model.converged_)
         return model
 
 
@@ -543,6 +552,7 @@ class GaussianHMM(_BaseHMM):
         self._validate_common()
         if self.covariance_type not in H.COVARIANCE_TYPES:
             raise ConfigError(f"covariance_type must be one of {H.COVARIANCE_TYPES}, got {self.covariance_type!r}.")
+        check_real("min_covar", self.min_covar, 0, finite=True)
 
     def _family(self):
         pri = H.GaussianPriors(self.means_prior, self.means_weight, self.covars_prior, self.covars_weight)
@@ -632,6 +642,12 @@ class GaussianHMM(_BaseHMM):
     def _arrays(self):
         return {"startprob": self.startprob_, "transmat": self.transmat_, "means": self.means_, "covars": self._covars_}
 
+    @staticmethod
+    def _emission_spec(meta, K, d):
+        ct = meta["config"]["covariance_type"]
+        cov = {"full": (K, d, d), "tied": (d, d), "diag": (K, d), "spherical": (K,)}[ct]
+        return {"means": ((K, d), []), "covars": (cov, ["spd"] if ct in ("full", "tied") else ["positive"])}
+
     def _restore(self, arrays, fitted):
         self._set_params(H.GaussianHMMParams(arrays["startprob"], arrays["transmat"], arrays["means"],
                                              arrays["covars"], self.covariance_type))
@@ -691,8 +707,7 @@ class CategoricalHMM(_BaseHMM):
 
     def _validate(self):
         self._validate_common()
-        if self.n_features is not None and not (isinstance(self.n_features, (int, np.integer)) and self.n_features >= 1):
-            raise ConfigError(f"n_features must be None or an integer >= 1, got {self.n_features!r}.")
+        check_int("n_features", self.n_features, 1, allow_none=True)
 
     def _as_values(self, X):
         X = np.asarray(X)
@@ -764,6 +779,10 @@ class CategoricalHMM(_BaseHMM):
 
     def _arrays(self):
         return {"startprob": self.startprob_, "transmat": self.transmat_, "emissionprob": self.emissionprob_}
+
+    @staticmethod
+    def _emission_spec(meta, K, d):
+        return {"emissionprob": ((K, d), ["simplex"])}
 
     def _restore(self, arrays, fitted):
         self._set_params(H.CategoricalHMMParams(arrays["startprob"], arrays["transmat"], arrays["emissionprob"]))

@@ -151,6 +151,15 @@ class _Source:
     skipped: list[int] = field(default_factory=lambda: [0])  # mutable counter shared with the reader
     examples: list[str] = field(default_factory=list)
     close: Callable[[], None] = lambda: None
+    dtype: str = "float64"  # the storage type that keeps the source's precision (text: float64)
+
+
+def _float_type_of(dtypes) -> str:
+    """float32 when every source column is a float of at most 32 bits, else float64 (integers,
+    float64, text): the narrowest of emflow's two storage types that loses nothing."""
+    dtypes = list(dtypes)
+    return "float32" if dtypes and all(np.dtype(t).kind == "f" and np.dtype(t).itemsize <= 4 for t in dtypes) \
+        else "float64"
 
 
 def _resolve_columns(available: list[str], columns, where: str, what: str = "column") -> list[int]:
@@ -317,6 +326,13 @@ def _csv_source(path, columns, seq_col, *, delimiter, header, skip_rows, on_bad_
     return src
 
 
+def _arrow_numpy_dtype(t):
+    try:
+        return np.dtype(t.to_pandas_dtype())
+    except Exception:  # decimals, booleans: stored as float64
+        return np.dtype(np.float64)
+
+
 def _parquet_source(path, columns, seq_col) -> _Source:
     try:
         import pyarrow as pa
@@ -352,7 +368,8 @@ def _parquet_source(path, columns, seq_col) -> _Source:
                 ids = np.asarray(batch.column(len(cols)).to_numpy(zero_copy_only=False), dtype=object)
             yield X, ids
 
-    src = _Source([available[i] for i in cols], pf.metadata.num_rows, iter(()), close=pf.close)
+    src = _Source([available[i] for i in cols], pf.metadata.num_rows, iter(()), close=pf.close,
+                  dtype=_float_type_of([_arrow_numpy_dtype(schema.field(i).type) for i in cols]))
     src.blocks = gen()
     return src
 
@@ -376,7 +393,8 @@ def _array_source(arr, where: str, columns, seq_col, *, close=lambda: None) -> _
             ids = block[:, id_index].copy() if id_index is not None else None
             yield np.asarray(X, dtype=np.float64), ids
 
-    src = _Source([available[i] for i in cols], int(arr.shape[0]), iter(()), close=close)
+    src = _Source([available[i] for i in cols], int(arr.shape[0]), iter(()), close=close,
+                  dtype=_float_type_of([arr.dtype]))
     src.blocks = gen()
     return src
 
@@ -544,7 +562,7 @@ def ingest(
     *,
     format: str | None = None,
     columns: Sequence[str | int] | None = None,
-    dtype: str = "float64",
+    dtype: str | None = None,
     chunk_rows: int | None = None,
     compression: str | None = "zstd",
     on_bad_rows: str = "error",
@@ -571,8 +589,10 @@ def ingest(
     columns : sequence of str or int, optional
         Value columns to keep, in this order, by name (CSV header, Parquet schema) or by
         position. Default: every column except ``sequence_column``.
-    dtype : {"float64", "float32"}
-        Storage type. Statistics are always accumulated in float64.
+    dtype : {"float64", "float32"}, optional
+        Storage type. Default: the source's precision, float32 for a float32 (or float16)
+        array or Parquet columns, float64 otherwise (CSV, integers, float64). Statistics are
+        always accumulated in float64.
     chunk_rows : int, optional
         Rows per Zarr chunk. Default: about ``chunk_bytes`` (16 MiB) per chunk.
     compression : {"zstd", "lz4", "lz4hc", "blosclz", "zlib", "gzip", "none"}
@@ -629,8 +649,8 @@ def ingest(
     if os.path.isdir(path):
         raise DataError(f"{path!r} is a directory; ingest reads one file (CSV, Parquet, .npy or HDF5).")
     fmt = _detect_format(path, format)
-    if dtype not in ("float32", "float64"):
-        raise ConfigError(f"dtype must be 'float32' or 'float64', got {dtype!r}.")
+    if dtype is not None and dtype not in ("float32", "float64"):
+        raise ConfigError(f"dtype must be 'float32', 'float64' or None (keep the source's), got {dtype!r}.")
     if on_bad_rows not in ("error", "skip"):
         raise ConfigError(f"on_bad_rows must be 'error' or 'skip', got {on_bad_rows!r}.")
     if chunk_rows is not None and (not isinstance(chunk_rows, (int, np.integer)) or chunk_rows < 1):
@@ -643,7 +663,6 @@ def ingest(
     if os.path.exists(out_path) and not overwrite:
         raise ConfigError(f"{out_path!r} already exists; choose another --out or pass overwrite=True (--overwrite).")
     comp = _compressors(compression)
-    np_dtype = np.dtype(dtype)
 
     # Columns are known before rows: pick the chunk size, then read blocks of one chunk.
     if delimiter is None:
@@ -658,6 +677,7 @@ def ingest(
     else:
         src = _hdf5_source(path, columns, sequence_column, key=key)
     try:
+        np_dtype = np.dtype(dtype or src.dtype)
         d = len(src.names)
         if chunk_rows is None:
             chunk_rows = max(1, int(chunk_bytes) // (d * np_dtype.itemsize))

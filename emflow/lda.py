@@ -23,13 +23,15 @@ import numpy as np
 
 from . import __version__
 from . import store as _store
-from .base import ParamsMixin
+from .base import (MAX_SEED, ParamsMixin, check_choice, check_execution, check_int, check_random_state,
+                   check_real)
 from .cluster import engine_for
 from .corpus import CorpusData, open_corpus
 from .data import DEFAULT_PARTITION_BYTES
 from .em import IterationEvent
 from .engine import Engine, Loaded
-from .errors import ConfigError, DataError, EmflowConvergenceWarning, FeatureMismatchError, NotFittedError
+from .errors import (ConfigError, DataError, EmflowConvergenceWarning, FeatureMismatchError, ModelFormatError,
+                     NotFittedError)
 from .models import lda as M
 
 __all__ = ["LatentDirichletAllocation", "LDAConfig"]
@@ -170,34 +172,29 @@ class LatentDirichletAllocation(ParamsMixin):
         self.split_every = split_every
 
     def _validate_params(self) -> None:
-        def is_int(v):
-            return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-        def bad(msg):
-            raise ConfigError(msg)
-
-        if not is_int(self.n_components) or self.n_components < 1:
-            bad(f"n_components must be a positive integer, got {self.n_components!r}.")
+        check_int("n_components", self.n_components, 1)
         for name in ("doc_topic_prior", "topic_word_prior"):
-            v = getattr(self, name)
-            if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-                bad(f"{name} must be a positive number or None (1 / n_components), got {v!r}.")
-        if not is_int(self.max_iter) or self.max_iter < 0:
-            bad(f"max_iter must be an integer >= 0, got {self.max_iter!r}.")
-        if not is_int(self.evaluate_every):
-            bad(f"evaluate_every must be an integer, got {self.evaluate_every!r}.")
+            check_real(name, getattr(self, name), 0, strict=True, finite=True, allow_none=True,
+                       hint=" (None is 1 / n_components)")
+        check_int("max_iter", self.max_iter, 0)
+        check_int("evaluate_every", self.evaluate_every)
         for name in ("perp_tol", "mean_change_tol"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and v >= 0):
-                bad(f"{name} must be a number >= 0, got {v!r}.")
-        if not is_int(self.max_doc_update_iter) or self.max_doc_update_iter < 0:
-            bad(f"max_doc_update_iter must be an integer >= 0, got {self.max_doc_update_iter!r}.")
+            check_real(name, getattr(self, name), 0)
+        check_int("max_doc_update_iter", self.max_doc_update_iter, 0)
         if not isinstance(self.learn_doc_topic_prior, (bool, np.bool_)):
-            bad(f"learn_doc_topic_prior must be True or False, got {self.learn_doc_topic_prior!r}.")
-        if self.doc_topic_init not in DOC_INITS:
-            bad(f"doc_topic_init must be one of {DOC_INITS}, got {self.doc_topic_init!r}.")
-        if not is_int(self.split_every) or self.split_every < 2:
-            bad(f"split_every must be an integer >= 2, got {self.split_every!r}.")
+            raise ConfigError(f"learn_doc_topic_prior must be True or False, got {self.learn_doc_topic_prior!r}.")
+        check_choice("doc_topic_init", self.doc_topic_init, DOC_INITS)
+        check_execution(self)
+
+    def _random_state(self) -> np.random.RandomState:
+        """The RandomState drawing the initial topics (scikit-learn's, for an int seed)."""
+        rs = self.random_state
+        check_random_state(rs)
+        if isinstance(rs, np.random.RandomState):
+            return rs
+        if isinstance(rs, np.random.Generator):
+            return np.random.RandomState(int(rs.integers(MAX_SEED, endpoint=True)))
+        return np.random.RandomState(rs)
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "components_"):
@@ -270,7 +267,7 @@ class LatentDirichletAllocation(ParamsMixin):
         K, V = int(self.n_components), corpus.n_terms
         alpha = 1.0 / K if self.doc_topic_prior is None else float(self.doc_topic_prior)
         eta = 1.0 / K if self.topic_word_prior is None else float(self.topic_word_prior)
-        rs = self.random_state if isinstance(self.random_state, np.random.RandomState) else np.random.RandomState(self.random_state)
+        rs = self._random_state()
         lam = M.init_components(K, V, rs)
         seed = int(rs.randint(2**31 - 1))
         learned = None
@@ -353,7 +350,7 @@ class LatentDirichletAllocation(ParamsMixin):
         return self.fit(data, **kwargs).transform(data, normalize=normalize)
 
     # -- applying a fitted model -----------------------------------------------------
-    def transform(self, data, *, normalize: bool = True, out=None):
+    def transform(self, data, *, normalize: bool = True, out=None, overwrite: bool = False):
         """Document-topic distribution of each document.
 
         Parameters
@@ -364,12 +361,17 @@ class LatentDirichletAllocation(ParamsMixin):
         out : str or PathLike, optional
             Write the result to a Zarr array at ``out`` (chunked like the corpus's documents,
             one partition's documents at a time on the workers) and return it opened.
+        overwrite : bool, default False
+            Replace an emflow output already at ``out``. Anything else there, the corpus and
+            the model's own path are never replaced.
 
         Returns
         -------
         ndarray of shape (n_docs, n_components), or the Zarr array written to ``out``.
         """
         self._check_fitted()
+        if out is not None:  # refuse before any work: nothing is replaced unasked
+            _store.check_destination(out, "output", overwrite=overwrite, inputs=_store.output_inputs(self, data))
         params = M.make_params(self.components_)
         with engine_for(self.scheduler, split_every=self.split_every) as engine:
             loaded = self._open(engine, data, False)
@@ -385,6 +387,8 @@ class LatentDirichletAllocation(ParamsMixin):
 
                 shape = (corpus.n_docs, int(self.n_components))
                 with _store.atomic_dir(out) as tmp:
+                    _store.check_destination(out, "output", overwrite=overwrite,
+                                             inputs=_store.output_inputs(self, data))
                     arr = zarr.create_array(tmp, shape=shape, dtype="float64", chunks=(corpus.chunk_rows, shape[1]))
                     arr.attrs["emflow"] = {
                         "kind": "doc_topic", "normalized": bool(normalize), "model_family": FAMILY,
@@ -448,15 +452,23 @@ class LatentDirichletAllocation(ParamsMixin):
 
     # -- persistence -----------------------------------------------------------------
     def _config(self) -> dict[str, Any]:
-        cfg = self.get_params()
-        if not (cfg["scheduler"] is None or isinstance(cfg["scheduler"], str)):
-            cfg["scheduler"] = None
+        cfg = _store.saved_config(self.get_params())
         if not (cfg["random_state"] is None or isinstance(cfg["random_state"], (int, np.integer))):
             cfg["random_state"] = None
         return cfg
 
-    def save(self, path) -> str:
-        """Save the fitted model as a Zarr group at ``path`` (atomically); returns the path."""
+    @staticmethod
+    def _array_spec(meta: dict) -> dict:
+        """The arrays a saved LDA model holds: shapes and constraints (see store.RULES)."""
+        K, V = int(meta["config"]["n_components"]), int(meta["fitted"]["n_features_in"])
+        return {"components": ((K, V), ["positive"]), "doc_topic_prior": ((K,), ["positive"], True)}
+
+    def save(self, path, *, overwrite: bool = False) -> str:
+        """Save the fitted model as a Zarr group at ``path``; returns the path.
+
+        A model already at ``path`` is replaced only with ``overwrite=True`` (atomically);
+        anything else there, and the corpus it was fitted on, never are.
+        """
         self._check_fitted()
         meta = {
             "version": __version__,
@@ -475,19 +487,28 @@ class LatentDirichletAllocation(ParamsMixin):
         arrays = {"components": self.components_}
         if np.ndim(self.doc_topic_prior_):
             arrays["doc_topic_prior"] = np.asarray(self.doc_topic_prior_)
-        return _store.save_model(path, FAMILY, arrays, meta)
+        return _store.save_model(path, FAMILY, arrays, meta, overwrite=overwrite, inputs=_store.fit_inputs(self))
 
     @classmethod
     def load(cls, path) -> "LatentDirichletAllocation":
-        """Load a model saved by :meth:`save`; ``components_`` comes back bit-identical."""
-        arrays, meta = _store.load_model(path, FAMILY)
-        model = cls(**{k: v for k, v in meta["config"].items() if k in cls._param_names()})
-        model.components_ = arrays["components"]
-        _store.restore_fit_record(model, meta)
-        model.doc_topic_prior_ = (arrays["doc_topic_prior"] if "doc_topic_prior" in arrays
-                                  else float(meta["fitted"]["doc_topic_prior_"]))
-        model.topic_word_prior_ = float(meta["fitted"]["topic_word_prior_"])
-        model.vocabulary_ = meta.get("vocabulary")
+        """Load a model saved by :meth:`save`; ``components_`` comes back bit-identical, validated."""
+        arrays, meta = _store.load_model(path, FAMILY, cls._array_spec)
+        with _store.loading(path):
+            model = cls(**{k: v for k, v in meta["config"].items() if k in cls._param_names()})
+            model.components_ = arrays["components"]
+            _store.restore_fit_record(model, meta)
+            model.doc_topic_prior_ = (arrays["doc_topic_prior"] if "doc_topic_prior" in arrays
+                                      else float(meta["fitted"]["doc_topic_prior_"]))
+            model.topic_word_prior_ = float(meta["fitted"]["topic_word_prior_"])
+            if not (np.all(np.isfinite(model.doc_topic_prior_)) and np.all(np.asarray(model.doc_topic_prior_) > 0)
+                    and np.isfinite(model.topic_word_prior_) and model.topic_word_prior_ > 0):
+                raise ModelFormatError(f"The model at {os.fspath(path)!r}: its priors are not positive and finite; "
+                                       "the file is damaged. Refit or re-save it.")
+            vocab = meta.get("vocabulary")
+            if vocab is not None and (not isinstance(vocab, list) or len(vocab) != model.n_features_in_):
+                raise ModelFormatError(f"The model at {os.fspath(path)!r}: its vocabulary does not have one term "
+                                       "per feature; the file is damaged. Refit or re-save it.")
+            model.vocabulary_ = vocab
         return model
 
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from . import __version__
 from . import store as _store
-from .base import ParamsMixin
+from .base import ParamsMixin, check_choice, check_execution, check_int, check_real, rng_from
 from .cluster import engine_for
 from .data import DEFAULT_PARTITION_BYTES, is_zarr_path
 from .em import EMResult, IterationEvent, run_em
@@ -219,24 +219,13 @@ class LinearGaussianSSM(ParamsMixin):
         self.partition_bytes = partition_bytes
 
     def _validate(self) -> frozenset:
-        def bad(msg):
-            raise ConfigError(msg)
-
-        if not isinstance(self.state_dim, (int, np.integer)) or isinstance(self.state_dim, bool) or self.state_dim < 1:
-            bad(f"state_dim must be a positive integer, got {self.state_dim!r}.")
+        check_int("state_dim", self.state_dim, 1)
         for name in ("transition_covariance_type", "observation_covariance_type"):
-            if getattr(self, name) not in COVARIANCE_TYPES:
-                bad(f"{name} must be one of {COVARIANCE_TYPES}, got {getattr(self, name)!r}.")
-        if not (isinstance(self.tol, (int, float)) and self.tol >= 0):
-            bad(f"tol must be a number >= 0, got {self.tol!r}.")
-        if not (isinstance(self.reg_covar, (int, float)) and self.reg_covar >= 0):
-            bad(f"reg_covar must be a number >= 0, got {self.reg_covar!r}.")
-        if not isinstance(self.max_iter, (int, np.integer)) or self.max_iter < 0:
-            bad(f"max_iter must be an integer >= 0, got {self.max_iter!r}.")
-        if not isinstance(self.split_every, (int, np.integer)) or self.split_every < 2:
-            bad(f"split_every must be an integer >= 2, got {self.split_every!r}.")
-        if self.partition_bytes is not None and (not isinstance(self.partition_bytes, (int, np.integer)) or self.partition_bytes < 1):
-            bad(f"partition_bytes must be a positive integer or None, got {self.partition_bytes!r}.")
+            check_choice(name, getattr(self, name), COVARIANCE_TYPES)
+        check_real("tol", self.tol, 0)
+        check_real("reg_covar", self.reg_covar, 0, finite=True)
+        check_int("max_iter", self.max_iter, 0)
+        check_execution(self)
         return M.normalize_em_vars(self.em_vars)
 
     def _initial_params(self, p: int) -> M.LGSSMParams:
@@ -268,12 +257,7 @@ class LinearGaussianSSM(ParamsMixin):
          self.observation_covariance_, self.initial_state_mean_, self.initial_state_covariance_) = params
 
     def _rng(self) -> np.random.Generator:
-        rs = self.random_state
-        if isinstance(rs, np.random.Generator):
-            return rs
-        if isinstance(rs, np.random.RandomState):
-            return np.random.default_rng(rs.randint(2**31 - 1))
-        return np.random.default_rng(rs)
+        return rng_from(self.random_state)
 
     # -- data ------------------------------------------------------------------------
     def _open(self, engine, X, lengths):
@@ -398,7 +382,7 @@ class LinearGaussianSSM(ParamsMixin):
             out.extend(values[a:b] for a, b in zip(off[:-1], off[1:]))
         return out
 
-    def filter(self, X, lengths=None, *, out=None):
+    def filter(self, X, lengths=None, *, out=None, overwrite: bool = False):
         """Kalman filter: ``E[z_t | y_1..y_t]`` and its covariance for every step.
 
         Parameters
@@ -409,7 +393,8 @@ class LinearGaussianSSM(ParamsMixin):
             Write the result to a Zarr sequences group there instead of returning it,
             partition by partition on the engine: ``values`` (the means, total_steps x
             state_dim), ``covariances`` (total_steps x state_dim x state_dim) and the input's
-            ``offsets``.
+            ``offsets``. An emflow output already there is replaced only with
+            ``overwrite=True``; anything else there, the input and the model's own path never are.
 
         Returns
         -------
@@ -417,17 +402,19 @@ class LinearGaussianSSM(ParamsMixin):
         covariances : ndarray of shape (total_steps, state_dim, state_dim)
             Or, with ``out``, the Zarr group written.
         """
-        return self._states(X, lengths, "filter", out)
+        return self._states(X, lengths, "filter", out, overwrite)
 
-    def smooth(self, X, lengths=None, *, out=None):
+    def smooth(self, X, lengths=None, *, out=None, overwrite: bool = False):
         """Rauch-Tung-Striebel smoother: ``E[z_t | y_1..y_T]`` and its covariance for every step.
 
         Same inputs and outputs as :meth:`filter`.
         """
-        return self._states(X, lengths, "smooth", out)
+        return self._states(X, lengths, "smooth", out, overwrite)
 
-    def _states(self, X, lengths, kind: str, out):
+    def _states(self, X, lengths, kind: str, out, overwrite: bool = False):
         params = self._params
+        if out is not None:  # refuse before any work: nothing is replaced unasked
+            _store.check_destination(out, "output", overwrite=overwrite, inputs=_store.output_inputs(self, X))
         with engine_for(self.scheduler, split_every=self.split_every) as engine:
             seqs = self._open(engine, X, lengths)
             self._check_features(seqs.n_features)
@@ -476,7 +463,7 @@ class LinearGaussianSSM(ParamsMixin):
         params = self._params
         if not isinstance(n_steps, (int, np.integer)) or n_steps < 1:
             raise ConfigError(f"n_steps must be a positive integer, got {n_steps!r}.")
-        rng = self._rng() if random_state is None else np.random.default_rng(random_state)
+        rng = self._rng() if random_state is None else rng_from(random_state)
         init = None if initial_state is None else np.asarray(initial_state, dtype=np.float64)
         if init is not None and init.shape != (params.A.shape[0],):
             raise ConfigError(f"initial_state must have shape ({params.A.shape[0]},), got {init.shape}.")
@@ -514,9 +501,7 @@ class LinearGaussianSSM(ParamsMixin):
     # -- persistence -----------------------------------------------------------------
     def _config(self) -> dict[str, Any]:
         cfg = {}
-        for k, v in self.get_params().items():
-            if k == "scheduler" and not (v is None or isinstance(v, str)):
-                v = None
+        for k, v in _store.saved_config(self.get_params()).items():
             if k in _INIT_NAMES and v is not None:
                 v = np.asarray(v, dtype=np.float64).tolist()
             if k == "em_vars" and not isinstance(v, str):
@@ -526,8 +511,21 @@ class LinearGaussianSSM(ParamsMixin):
             cfg[k] = v
         return cfg
 
-    def save(self, path) -> str:
-        """Save the fitted model as a Zarr group at ``path`` (atomically); returns the path."""
+    @staticmethod
+    def _array_spec(meta: dict) -> dict:
+        """The arrays a saved state-space model holds: shapes and constraints (see store.RULES)."""
+        k, d = int(meta["config"]["state_dim"]), int(meta["fitted"]["n_features_in"])
+        shapes = {"transition_matrix": ((k, k), []), "observation_matrix": ((d, k), []),
+                  "transition_covariance": ((k, k), ["psd"]), "observation_covariance": ((d, d), ["psd"]),
+                  "initial_state_mean": ((k,), []), "initial_state_covariance": ((k, k), ["psd"])}
+        return {n: shapes[n] for n in _INIT_NAMES}
+
+    def save(self, path, *, overwrite: bool = False) -> str:
+        """Save the fitted model as a Zarr group at ``path``; returns the path.
+
+        A model already at ``path`` is replaced only with ``overwrite=True`` (atomically);
+        anything else there, and the data it was fitted on, never are.
+        """
         self._check_fitted()
         arrays = dict(zip(_INIT_NAMES, self._params))
         meta = {
@@ -539,19 +537,20 @@ class LinearGaussianSSM(ParamsMixin):
             "history": self.history_,
             "dataset": getattr(self, "fit_info_", {}),
         }
-        return _store.save_model(path, FAMILY, arrays, meta)
+        return _store.save_model(path, FAMILY, arrays, meta, overwrite=overwrite, inputs=_store.fit_inputs(self))
 
     @classmethod
     def load(cls, path) -> "LinearGaussianSSM":
-        """Load a model saved by :meth:`save`; arrays come back bit-identical."""
-        arrays, meta = _store.load_model(path, FAMILY)
-        cfg = dict(meta["config"])
-        for k in _INIT_NAMES:
-            if cfg.get(k) is not None:
-                cfg[k] = np.asarray(cfg[k], dtype=np.float64)
-        model = cls(**{k: v for k, v in cfg.items() if k in cls._param_names()})
-        model._set_params(M.LGSSMParams(*(arrays[n] for n in _INIT_NAMES)))
-        _store.restore_fit_record(model, meta)
+        """Load a model saved by :meth:`save`; arrays come back bit-identical, validated (scheduler None)."""
+        arrays, meta = _store.load_model(path, FAMILY, cls._array_spec)
+        with _store.loading(path):
+            cfg = dict(meta["config"])
+            for k in _INIT_NAMES:
+                if cfg.get(k) is not None:
+                    cfg[k] = np.asarray(cfg[k], dtype=np.float64)
+            model = cls(**{k: v for k, v in cfg.items() if k in cls._param_names()})
+            model._set_params(M.LGSSMParams(*(arrays[n] for n in _INIT_NAMES)))
+            _store.restore_fit_record(model, meta)
         return model
 
 

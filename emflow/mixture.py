@@ -12,7 +12,7 @@ import numpy as np
 
 from . import __version__
 from . import store as _store
-from .base import ParamsMixin
+from .base import ParamsMixin, check_choice, check_execution, check_int, check_real, rng_from
 from .cluster import engine_for
 from .data import is_zarr_path
 from .em import EMResult, IterationEvent, run_em
@@ -37,6 +37,7 @@ SAMPLE_ROWS = 20_000
 # Prediction on stored data returns an in-memory array only up to this size; beyond it,
 # the caller must name a Zarr output (out=...).
 MAX_IN_MEMORY_RESULT = 1 << 30
+_INIT_ARRAYS = ("weights_init", "means_init", "precisions_init")
 
 
 @dataclass(frozen=True)
@@ -191,30 +192,15 @@ class GaussianMixture(ParamsMixin):
 
     # -- validation ------------------------------------------------------------------
     def _validate_params(self) -> None:
-        def bad(msg):
-            raise ConfigError(msg)
-
-        if not isinstance(self.n_components, (int, np.integer)) or self.n_components < 1:
-            bad(f"n_components must be a positive integer, got {self.n_components!r}.")
-        if self.covariance_type not in G.COVARIANCE_TYPES:
-            bad(f"covariance_type must be one of {G.COVARIANCE_TYPES}, got {self.covariance_type!r}.")
-        if not (isinstance(self.tol, (int, float)) and self.tol >= 0):
-            bad(f"tol must be a number >= 0, got {self.tol!r}.")
-        if not (isinstance(self.reg_covar, (int, float)) and self.reg_covar >= 0):
-            bad(f"reg_covar must be a number >= 0, got {self.reg_covar!r}.")
-        if not isinstance(self.max_iter, (int, np.integer)) or self.max_iter < 0:
-            bad(f"max_iter must be an integer >= 0, got {self.max_iter!r}.")
-        if not isinstance(self.n_init, (int, np.integer)) or self.n_init < 1:
-            bad(f"n_init must be an integer >= 1, got {self.n_init!r}.")
-        if self.init_params not in INIT_PARAMS:
-            bad(f"init_params must be one of {INIT_PARAMS}, got {self.init_params!r}.")
-        if not isinstance(self.split_every, (int, np.integer)) or self.split_every < 2:
-            bad(f"split_every must be an integer >= 2, got {self.split_every!r}.")
-        if self.partition_bytes is not None and (
-                not isinstance(self.partition_bytes, (int, np.integer)) or self.partition_bytes < 1):
-            bad(f"partition_bytes must be a positive integer or None, got {self.partition_bytes!r}.")
-        if self.compute_dtype not in ("float64", "float32"):
-            bad(f"compute_dtype must be 'float64' or 'float32', got {self.compute_dtype!r}.")
+        check_int("n_components", self.n_components, 1)
+        check_choice("covariance_type", self.covariance_type, G.COVARIANCE_TYPES)
+        check_real("tol", self.tol, 0)
+        check_real("reg_covar", self.reg_covar, 0, finite=True)
+        check_int("max_iter", self.max_iter, 0)
+        check_int("n_init", self.n_init, 1)
+        check_choice("init_params", self.init_params, INIT_PARAMS)
+        check_execution(self)
+        check_choice("compute_dtype", self.compute_dtype, ("float64", "float32"))
 
     def _check_inits(self, d: int) -> None:
         K, ct = self.n_components, self.covariance_type
@@ -270,12 +256,7 @@ class GaussianMixture(ParamsMixin):
 
     # -- initialisation --------------------------------------------------------------
     def _rng(self) -> np.random.Generator:
-        rs = self.random_state
-        if isinstance(rs, np.random.Generator):
-            return rs
-        if isinstance(rs, np.random.RandomState):
-            return np.random.default_rng(rs.randint(2**31 - 1))
-        return np.random.default_rng(rs)
+        return rng_from(self.random_state)
 
     def _initial_params(self, engine: Engine, loaded: Loaded, rng: np.random.Generator) -> G.GMMParams:
         K, ct, reg = self.n_components, self.covariance_type, self.reg_covar
@@ -454,8 +435,10 @@ class GaussianMixture(ParamsMixin):
                 "Apply it to data with the same columns, in the same order."
             )
 
-    def _apply(self, data, kind: str, out=None):
+    def _apply(self, data, kind: str, out=None, overwrite: bool = False):
         self._check_fitted()
+        if out is not None:  # refuse before any work: nothing is replaced unasked
+            _store.check_destination(out, "output", overwrite=overwrite, inputs=_store.output_inputs(self, data))
         import dask.array as da
         import zarr
 
@@ -490,11 +473,11 @@ class GaussianMixture(ParamsMixin):
                         )
                     parts = engine.map(_predict_part, loaded, self._params, kind, None, per_partition=starts)
                     return np.concatenate(parts)
-                return self._write_output(engine, loaded, kind, out, starts)
+                return self._write_output(engine, loaded, kind, out, starts, overwrite, data)
             finally:
                 loaded.release()
 
-    def _write_output(self, engine, loaded, kind, out, starts):
+    def _write_output(self, engine, loaded, kind, out, starts, overwrite=False, data=None):
         import math as _m
 
         import zarr
@@ -506,6 +489,7 @@ class GaussianMixture(ParamsMixin):
         # output chunks = the partitions' common step, so no two tasks write one chunk
         chunk = _m.gcd(*[a for a, _ in bounds if a > 0]) or n
         with _store.atomic_dir(out) as tmp:
+            _store.check_destination(out, "output", overwrite=overwrite, inputs=_store.output_inputs(self, data))
             arr = zarr.create_array(tmp, shape=shape, dtype=dtype, chunks=(chunk,) + shape[1:])
             arr.attrs["emflow"] = {
                 "kind": kind, "model_family": FAMILY, "source": loaded.data.source,
@@ -514,17 +498,21 @@ class GaussianMixture(ParamsMixin):
             engine.map(_predict_part, loaded, self._params, kind, os.path.abspath(tmp), per_partition=starts)
         return zarr.open_array(os.fspath(out), mode="r")
 
-    def predict(self, data, *, out=None):
-        """Component label of each row: ndarray of shape (n_samples,), or a Zarr array written to ``out``."""
-        return self._apply(data, "labels", out)
+    def predict(self, data, *, out=None, overwrite: bool = False):
+        """Component label of each row: ndarray of shape (n_samples,), or a Zarr array written to ``out``.
 
-    def predict_proba(self, data, *, out=None):
+        An emflow output already at ``out`` is replaced only with ``overwrite=True``; anything
+        else there, the input data and the model's own path are never replaced.
+        """
+        return self._apply(data, "labels", out, overwrite)
+
+    def predict_proba(self, data, *, out=None, overwrite: bool = False):
         """Responsibilities: ndarray of shape (n_samples, n_components), or a Zarr array written to ``out``."""
-        return self._apply(data, "proba", out)
+        return self._apply(data, "proba", out, overwrite)
 
-    def score_samples(self, data, *, out=None):
+    def score_samples(self, data, *, out=None, overwrite: bool = False):
         """Log-likelihood of each row: ndarray of shape (n_samples,), or a Zarr array written to ``out``."""
-        return self._apply(data, "score", out)
+        return self._apply(data, "score", out, overwrite)
 
     def _loglik_total(self, data, sample_weight=None) -> tuple[float, float, float]:
         self._check_fitted()
@@ -583,18 +571,35 @@ class GaussianMixture(ParamsMixin):
     # -- persistence -----------------------------------------------------------------
     def _config(self) -> dict[str, Any]:
         cfg = {}
-        for k, v in self.get_params().items():
-            if k == "scheduler" and not (v is None or isinstance(v, str)):
-                v = None  # a live Client is not configuration
-            if isinstance(v, np.ndarray) or k.endswith("_init") and v is not None:
+        for k, v in _store.saved_config(self.get_params()).items():
+            if isinstance(v, np.ndarray) or k in _INIT_ARRAYS and v is not None:
                 v = np.asarray(v, dtype=np.float64).tolist()
             if isinstance(v, np.random.Generator | np.random.RandomState):
                 v = None
             cfg[k] = v
         return cfg
 
-    def save(self, path) -> str:
-        """Save the fitted model as a Zarr group at ``path`` (atomically); returns the path."""
+    @staticmethod
+    def _array_spec(meta: dict) -> dict:
+        """The arrays a saved mixture holds: shapes from its configuration, constraints (see store.RULES)."""
+        cfg, fitted = meta["config"], meta["fitted"]
+        K, d, ct = int(cfg["n_components"]), int(fitted["n_features_in"]), cfg["covariance_type"]
+        cov = {"full": (K, d, d), "tied": (d, d), "diag": (K, d), "spherical": (K,)}[ct]
+        matrix = ct in ("full", "tied")
+        return {
+            "weights": ((K,), ["simplex"]),
+            "means": ((K, d), []),
+            "covariances": (cov, ["spd"] if matrix else ["positive"]),
+            "precisions_cholesky": (cov, ["cholesky"] if matrix else ["positive"]),
+        }
+
+    def save(self, path, *, overwrite: bool = False) -> str:
+        """Save the fitted model as a Zarr group at ``path``; returns the path.
+
+        A model already at ``path`` is replaced only with ``overwrite=True`` (atomically:
+        readers see the old model or the new one); anything else there (a dataset, other
+        files) is never replaced, nor the data the model was fitted on.
+        """
         self._check_fitted()
         arrays = {
             "weights": self.weights_, "means": self.means_, "covariances": self.covariances_,
@@ -611,22 +616,30 @@ class GaussianMixture(ParamsMixin):
             "history": self.history_,
             "dataset": getattr(self, "fit_info_", {}),
         }
-        return _store.save_model(path, FAMILY, arrays, meta)
+        return _store.save_model(path, FAMILY, arrays, meta, overwrite=overwrite, inputs=_store.fit_inputs(self))
 
     @classmethod
     def load(cls, path) -> "GaussianMixture":
-        """Load a model saved by :meth:`save`; arrays come back bit-identical."""
-        arrays, meta = _store.load_model(path, FAMILY)
-        cfg = dict(meta["config"])
-        for k in ("weights_init", "means_init", "precisions_init"):
-            if cfg.get(k) is not None:
-                cfg[k] = np.asarray(cfg[k])
-        model = cls(**{k: v for k, v in cfg.items() if k in cls._param_names()})
-        model.weights_ = arrays["weights"]
-        model.means_ = arrays["means"]
-        model.covariances_ = arrays["covariances"]
-        model.precisions_cholesky_ = arrays["precisions_cholesky"]
-        _store.restore_fit_record(model, meta)
+        """Load a model saved by :meth:`save`; arrays come back bit-identical, validated.
+
+        The model computes where the caller says (``scheduler=None`` unless set): a saved
+        model never carries a scheduler.
+        """
+        arrays, meta = _store.load_model(path, FAMILY, cls._array_spec)
+        with _store.loading(path):
+            cfg = dict(meta["config"])
+            for k in _INIT_ARRAYS:
+                if cfg.get(k) is not None:
+                    cfg[k] = np.asarray(cfg[k])
+            if isinstance(cfg.get("n_init"), float) and cfg["n_init"].is_integer():
+                cfg["n_init"] = int(cfg["n_init"])  # format-1 files stored it as a float
+            model = cls(**{k: v for k, v in cfg.items() if k in cls._param_names()})
+            model._validate_params()
+            model.weights_ = arrays["weights"]
+            model.means_ = arrays["means"]
+            model.covariances_ = arrays["covariances"]
+            model.precisions_cholesky_ = arrays["precisions_cholesky"]
+            _store.restore_fit_record(model, meta)
         return model
 
 

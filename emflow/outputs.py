@@ -53,12 +53,16 @@ def check_outputs(model, wanted: list[str] | None, where: str = "the model") -> 
     return resolved
 
 
-def write_output(model, kind: str, data, out) -> tuple[Any, Any]:
+def write_output(model, kind: str, data, out, *, overwrite: bool = False) -> tuple[Any, Any]:
     """Write output ``kind`` of ``model`` applied to ``data`` into Zarr at ``out``.
+
+    An emflow output already at ``out`` is replaced only with ``overwrite=True``; a path that
+    holds anything else, or is (inside, or contains) ``data`` or the model's own path, is
+    refused with a ConfigError (see :func:`emflow.store.check_destination`).
 
     Returns ``(written, array)``: what the method returned (a Zarr array, or a group for
     sequence families) and its main array (the group's ``values``).
     """
     [kind] = check_outputs(model, [kind])
-    written = getattr(model, outputs_of(model)[0][kind])(data, out=out)
+    written = getattr(model, outputs_of(model)[0][kind])(data, out=out, overwrite=overwrite)
     return written, (written["values"] if hasattr(written, "array_keys") else written)

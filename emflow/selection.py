@@ -102,8 +102,9 @@ class SelectionResult:
     models : list of GaussianMixture
         One fitted model per candidate, in grid order (components outer, covariance inner).
     table : list of dict
-        Per candidate: n_components, covariance_type, n_parameters, log_likelihood (total),
-        bic, aic, converged, n_iter, best_restart.
+        Per candidate, in grid order (as ``models``): n_components, covariance_type,
+        n_parameters, log_likelihood (total), bic, aic, converged, n_iter, best_restart.
+        :meth:`ranked_table` gives the same rows ranked by BIC.
     best : int
         Index of the candidate with the lowest BIC.
     io : dict
@@ -121,6 +122,22 @@ class SelectionResult:
     @property
     def best_model(self) -> GaussianMixture:
         return self.models[self.best]
+
+    @property
+    def ranking(self) -> list[int]:
+        """Candidate indices ranked by BIC, lowest (best) first; equal BICs keep grid order
+        (a stable sort) and a NaN BIC ranks last. ``ranking[0] == best``."""
+        def key(i):
+            bic = float(self.table[i]["bic"])
+            return (math.isnan(bic), 0.0 if math.isnan(bic) else bic)
+
+        return sorted(range(len(self.table)), key=key)
+
+    def ranked_table(self) -> list[dict]:
+        """The rows of :attr:`table` ranked by BIC (see :attr:`ranking`), each with ``rank``
+        (1 = lowest BIC), ``grid_index`` (its place in :attr:`table`) and ``chosen``."""
+        return [{"rank": r + 1, **self.table[i], "grid_index": i, "chosen": i == self.best}
+                for r, i in enumerate(self.ranking)]
 
 
 def select_gaussian_mixture(

@@ -20,7 +20,12 @@ import warnings
 from typing import Any, Callable, Iterator, Sequence
 
 from prefect import get_run_logger
-from prefect.artifacts import create_link_artifact, create_table_artifact, update_progress_artifact
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.logging.handlers import APILogHandler
 
 from emflow.errors import ClusterError, EmflowError
@@ -107,12 +112,111 @@ def retry_if_transient(task, task_run, state) -> bool:
     return True
 
 
-def publish_dashboard_link(dashboard: str | None) -> None:
-    """The ``dask-dashboard`` link artifact (and a log line), when a Dask cluster runs the fit."""
+def publish_dashboard_link(dashboard: str | None, scheduler: str | None = None) -> None:
+    """The ``dask-dashboard`` link artifact (and a log line), when a Dask cluster runs the fit.
+
+    The link is live only while that cluster runs: a ``scheduler="local"`` cluster is closed
+    when the run ends (the artifact says so; see :func:`dask_performance_report` for what
+    stays afterwards)."""
     if dashboard:
-        create_link_artifact(dashboard, link_text="Dask dashboard", key="dask-dashboard",
-                             description="Dask dashboard of the cluster running this fit")
-        get_run_logger().info("Dask dashboard: %s", dashboard)
+        lifetime = ("the LocalCluster started for this run, closed when the run ends: the link works only "
+                    "while the run lasts" if scheduler == "local" else
+                    "an existing Dask cluster: the link works while that cluster runs")
+        create_link_artifact(dashboard, link_text="Dask dashboard (live only while the cluster runs)",
+                             key="dask-dashboard",
+                             description=f"Dask dashboard of {lifetime}. After the run, see the "
+                                         "`dask-performance-report` artifact.")
+        get_run_logger().info("Dask dashboard: %s (live only while the cluster runs)", dashboard)
+
+
+def report_path(out: str) -> str:
+    """Where a fit writing ``out`` saves its Dask performance report: ``OUT.dask-report.html``."""
+    s = os.fspath(out).rstrip("/")
+    return (s if "://" in s else os.path.abspath(s)) + ".dask-report.html"
+
+
+@contextlib.contextmanager
+def dask_performance_report(address: str | None, dashboard: str | None, out: str) -> Iterator[None]:
+    """With a Dask cluster, record a ``distributed.performance_report`` of the block into
+    ``OUT.dask-report.html`` (beside the model) and publish the ``dask-performance-report``
+    markdown artifact saying where it is and that the live dashboard link works only while
+    the cluster runs. Without a cluster (threads), does nothing.
+
+    The report needs bokeh where the scheduler runs; without it (or when the report cannot
+    be written) the artifact says so and the run goes on: a report never fails a fit.
+    """
+    if not dashboard or not address:
+        yield
+        return
+    logger = get_run_logger()
+    path = report_path(out)
+    client = report = None
+    problem = None
+    try:
+        import bokeh  # noqa: F401  the scheduler renders the report with it
+        from distributed import Client, performance_report
+
+        client = Client(address, set_as_default=False, timeout="20s")
+        report = performance_report(filename=path)
+        with client.as_current():
+            report.__enter__()
+    except Exception as exc:  # no bokeh, or the cluster refuses: no report, the fit goes on
+        problem = exc
+        report = None
+    try:
+        yield
+    finally:
+        if report is not None:
+            try:
+                with client.as_current():
+                    report.__exit__(None, None, None)
+            except Exception as exc:
+                problem = exc
+        if client is not None:
+            with contextlib.suppress(Exception):
+                client.close()
+        written = problem is None and ("://" in path or os.path.exists(path))
+        lines = ["# Dask performance report", ""]
+        if written:
+            lines.append(f"Saved beside the model: `{path}` (HTML: task stream, worker profile, bandwidth; open it "
+                         "in a browser).")
+            logger.info("Dask performance report: %s", path)
+        else:
+            why = ("bokeh is not installed (`pip install bokeh`)" if isinstance(problem, ImportError)
+                   else f"{type(problem).__name__}: {problem}")
+            lines.append(f"Not saved: {why}.")
+            logger.warning("no Dask performance report for this run: %s", why)
+        lines += ["", f"The live Dask dashboard ({dashboard}) works only while its cluster runs; a "
+                      "`scheduler=\"local\"` cluster is closed when the run ends, so the `dask-dashboard` link "
+                      "is dead afterwards" + (": this report is what stays." if written else ".")]
+        with contextlib.suppress(Exception):
+            create_markdown_artifact("\n".join(lines), key="dask-performance-report",
+                                     description="Where the Dask performance report of this run is")
+
+
+@contextlib.contextmanager
+def output_locked(out: str, what: str) -> Iterator[Any]:
+    """Hold :func:`emflow.locking.output_lock` on ``out`` (with this flow run's id) for the block.
+
+    A stale lock taken over is also reported in the run log; a live holder fails the run at
+    once with :class:`emflow.locking.LockHeldError` naming it."""
+    from emflow.locking import StaleLockWarning, output_lock
+
+    try:
+        from prefect.runtime import flow_run
+
+        run_id = flow_run.id
+    except Exception:
+        run_id = None
+    with contextlib.ExitStack() as stack:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", StaleLockWarning)
+            lock = stack.enter_context(output_lock(out, run_id=run_id, what=what))
+        for w in caught:
+            if issubclass(w.category, StaleLockWarning):
+                get_run_logger().warning("%s", w.message)
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        yield lock
 
 
 def load_checkpoint_logged(ckpt_path: str, fingerprint: str, chash: str, *, tol: float, max_iter: int,

@@ -7,13 +7,17 @@ an adapter object (:class:`FamilyAdapter`; the adapters live beside their flows 
 flows/fit_hmm.py, flows/fit_lgssm.py and flows/fit_lda.py). The monitoring is
 flows/_common.py's, so every family gets the same log lines and artifacts:
 
-- ``dask-dashboard`` (link, when a Dask cluster runs the fit),
+- ``dask-dashboard`` (link, when a Dask cluster runs the fit; live only while it runs) and
+  ``dask-performance-report`` (markdown: where ``OUT.dask-report.html`` was saved),
 - ``<prefix>-fit-progress`` (progress, in EM iterations),
 - ``<prefix>-fit-<objective>`` (table: the objective per iteration, its change, seconds),
 - ``<prefix>-fit-summary`` (markdown: verdict, data, metrics, timing, family details and
   the convergence plot),
 
 plus whatever the adapter publishes (LDA: ``lda-top-words``).
+
+Lock: the run holds ``OUT.lock`` (:mod:`emflow.locking`) from start to end, so a second
+run writing the same ``out`` fails at once, naming the first.
 
 Checkpoints: after every iteration the parameters are written next to ``out``
 (``OUT.checkpoint.npz``, atomically); a rerun of the flow with the same arguments, or a
@@ -44,8 +48,11 @@ from ._common import (
     IterationMonitor,
     compute,
     convergence_verdict,
+    dask_performance_report,
     load_checkpoint_logged,
+    output_locked,
     publish_dashboard_link,
+    resolve_scheduler,
     retry_if_transient,
     seconds_row,
     summary_markdown,
@@ -138,8 +145,12 @@ def _set_fitted(est, ck: Checkpoint, info: dict) -> None:
 
 @task(name="validate", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_if_transient,
       cache_policy=NO_CACHE)
-def validate(adapter: FamilyAdapter, data: str, scheduler: str | None) -> dict:
-    """Open and check the dataset (structure, every value) and fingerprint it: one pass."""
+def validate(adapter: FamilyAdapter, data: str, scheduler: str | None, heldout: str | None = None) -> dict:
+    """Check every input before any work: the held-out set opens (its structure; a missing
+    path is a DataNotFoundError naming it), then the dataset is opened, checked (structure,
+    every value) and fingerprinted in one pass."""
+    if heldout:
+        adapter.open(heldout)
     info = dataset_fingerprint(adapter.open(data), scheduler=scheduler)
     extra = "".join(f", {info[k]} {k[2:]}" for k in ("n_sequences", "n_docs", "nnz") if k in info)
     get_run_logger().info(
@@ -215,7 +226,7 @@ def em_iterations(adapter: FamilyAdapter, data: str, cfg: dict, scheduler: str |
 @task(name="save-model", retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE)
 def save(model, out: str) -> str:
     """Write the model as a Zarr group (atomically: a crash leaves the old model or the new one)."""
-    path = model.save(out)
+    path = model.save(out, overwrite=True)  # the flow re-saving its own model (a scheduled re-run)
     get_run_logger().info("saved model to %s", path)
     return path
 
@@ -256,9 +267,12 @@ def _summary(adapter: FamilyAdapter, est, metrics: dict, info: dict, path: str, 
 def run_family_fit(adapter: FamilyAdapter, cfg: dict, data: str, out: str, *, heldout: str | None,
                    scheduler: str | None, persist: Any, resume: bool) -> str:
     """The body of every family's fit flow (call it inside a ``@flow``); returns the model path."""
-    with compute(scheduler) as (sched, dashboard):
-        publish_dashboard_link(dashboard)
-        info = validate(adapter, data, sched)
+    scheduler = resolve_scheduler(scheduler)
+    # one run at a time writes `out` (its checkpoint and the model): a second fails here
+    with output_locked(out, f"emflow-fit-{adapter.prefix}"), compute(scheduler) as (sched, dashboard), \
+            dask_performance_report(sched, dashboard, out):
+        publish_dashboard_link(dashboard, scheduler)
+        info = validate(adapter, data, sched, heldout)
         progress_id = create_progress_artifact(0.0, key=f"{adapter.prefix}-fit-progress",
                                                description="EM iterations done")
         chash = config_hash({"adapter": type(adapter).__name__, **adapter.trajectory(cfg)})

@@ -7,6 +7,10 @@ coarse Prefect task around an emflow library call; the per-partition work stays 
 Killed and started again with the same arguments, the flow resumes from the checkpoint
 next to ``out`` (``OUT.checkpoint.npz``) and ends with the same model as an uninterrupted
 run. The EM task is retried (resuming from its checkpoint) when a cluster is lost.
+
+A run holds the lock ``OUT.lock`` (:mod:`emflow.locking`) from start to end: a second run
+writing the same ``out`` fails at once with a LockHeldError naming the first (pid, host,
+since, flow run id); a lock left by a dead run is taken over with a warning.
 """
 
 # No `from __future__ import annotations`: Prefect builds the run form's schema from the
@@ -39,8 +43,11 @@ from ._common import (
     IterationMonitor,
     compute,
     convergence_verdict,
+    dask_performance_report,
     load_checkpoint_logged,
+    output_locked,
     publish_dashboard_link,
+    resolve_scheduler,
     retry_if_transient,
     seconds_row,
     summary_markdown as _summary,
@@ -54,6 +61,21 @@ InitParams = Literal["kmeans", "k-means++", "random_from_data", "random"]
 
 def _model(cfg: dict[str, Any], scheduler, persist="auto", **overrides) -> GaussianMixture:
     return GaussianMixture(**{**cfg, **overrides}, scheduler=scheduler, persist=persist)
+
+
+def check_heldout_rows(data: str, heldout: str | None) -> int | None:
+    """Open the held-out rows (metadata only): a DataNotFoundError when missing, a
+    FeatureMismatchError when their features differ from the data's. Returns their features."""
+    if not heldout:
+        return None
+    held = emflow.data.open_rows(heldout)
+    train = emflow.data.open_rows(data)
+    if held.n_features != train.n_features:
+        raise emflow.FeatureMismatchError(
+            f"The held-out data {heldout!r} have {held.n_features} features, the training data {data!r} "
+            f"{train.n_features}. Pass a held-out set with the same features (or none)."
+        )
+    return held.n_features
 
 
 def restart_seed(random_state: int | None, init: int) -> int | None:
@@ -70,8 +92,12 @@ def _load_logged(ckpt_path: str, fingerprint: str, chash: str, cfg: dict) -> Che
 
 @task(name="validate", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_if_transient,
       cache_policy=NO_CACHE)
-def validate(data: str, sample_weight: str | None, cfg: dict[str, Any], scheduler: str | None) -> dict:
-    """Check the data (shape, dtype, every value finite) and fingerprint the data: one pass."""
+def validate(data: str, sample_weight: str | None, cfg: dict[str, Any], scheduler: str | None,
+             heldout: str | None = None) -> dict:
+    """Check every input before any work: the held-out set opens and has the data's features
+    (metadata only), then the data and weights (shape, dtype, every value finite) are
+    checked and fingerprinted in one pass. A missing path is a DataNotFoundError naming it."""
+    check_heldout_rows(data, heldout)
     info = data_fingerprint(data, sample_weight, scheduler=scheduler, min_rows=cfg["n_components"])
     get_run_logger().info(
         "data %s: %d rows x %d features (%s), %d partitions, fingerprint %s; compute: %s",
@@ -145,7 +171,7 @@ def em_iterations(data: str, sample_weight: str | None, cfg: dict[str, Any], sch
 @task(name="save-model", retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE)
 def save(model: GaussianMixture, out: str) -> str:
     """Write the model as a Zarr group (atomically: a crash leaves the old model or the new one)."""
-    path = model.save(out)
+    path = model.save(out, overwrite=True)  # the flow re-saving its own model (a scheduled re-run)
     get_run_logger().info("saved model to %s", path)
     return path
 
@@ -219,15 +245,19 @@ def fit_flow(
 ) -> str:
     """Fit a Gaussian mixture to a Zarr dataset and save it; returns the model path.
 
-    Artifacts: ``dask-dashboard`` (link, when a Dask cluster is used), ``fit-progress``
+    Artifacts: ``dask-dashboard`` (link, when a Dask cluster is used; live only while it
+    runs), ``dask-performance-report`` (markdown: where ``OUT.dask-report.html`` is), ``fit-progress``
     (progress), ``fit-log-likelihood`` (table, per iteration), ``fit-summary`` (markdown
     with the convergence plot).
     """
     cfg = dict(n_components=n_components, covariance_type=covariance_type, tol=tol, reg_covar=reg_covar,
                max_iter=max_iter, init_params=init_params, random_state=random_state)
-    with compute(scheduler) as (sched, dashboard):
-        publish_dashboard_link(dashboard)
-        info = validate(data, sample_weight, cfg, sched)
+    scheduler = resolve_scheduler(scheduler)
+    # one run at a time writes `out` (its checkpoints and the model): a second fails here
+    with output_locked(out, "emflow-fit"), compute(scheduler) as (sched, dashboard), \
+            dask_performance_report(sched, dashboard, out):
+        publish_dashboard_link(dashboard, scheduler)
+        info = validate(data, sample_weight, cfg, sched, heldout)
         progress_id = create_progress_artifact(0.0, key="fit-progress", description="EM iterations done")
         fitted: list[GaussianMixture] = []
         for i in range(n_init):
@@ -248,3 +278,11 @@ def fit_flow(
         key="fit-summary", description="Fitted model, convergence and criteria",
     )
     return path
+
+
+if __name__ == "__main__":
+    import sys
+
+    from flows._main import main
+
+    sys.exit(main(fit_flow, module="flows.fit"))

@@ -150,3 +150,11 @@ def hmm_fit_flow(
         cfg.update(n_features=n_features)
     return run_family_fit(HMMAdapter(), cfg, data, out, heldout=heldout, scheduler=scheduler, persist=persist,
                           resume=resume)
+
+
+if __name__ == "__main__":
+    import sys
+
+    from flows._main import main
+
+    sys.exit(main(hmm_fit_flow, module="flows.fit_hmm"))

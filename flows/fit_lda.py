@@ -159,3 +159,11 @@ def lda_fit_flow(
                learn_doc_topic_prior=learn_doc_topic_prior, random_state=random_state)
     return run_family_fit(LDAAdapter(n_top_words), cfg, data, out, heldout=heldout, scheduler=scheduler,
                           persist=persist, resume=resume)
+
+
+if __name__ == "__main__":
+    import sys
+
+    from flows._main import main
+
+    sys.exit(main(lda_fit_flow, module="flows.fit_lda"))

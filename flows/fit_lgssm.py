@@ -122,3 +122,11 @@ def lgssm_fit_flow(
         cfg.update({name: np.asarray(getattr(start, name + "_")) for name in _INIT})
     return run_family_fit(LGSSMAdapter(), cfg, data, out, heldout=heldout, scheduler=scheduler, persist=persist,
                           resume=resume)
+
+
+if __name__ == "__main__":
+    import sys
+
+    from flows._main import main
+
+    sys.exit(main(lgssm_fit_flow, module="flows.fit_lgssm"))

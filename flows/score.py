@@ -31,6 +31,47 @@ __all__ = ["score_flow"]
 Output = Literal["labels", "proba", "log_likelihood", "topics", "filtered_states", "smoothed_states"]
 
 
+def open_input(model, data: str):
+    """Open ``data`` as the model's family reads it (structure and metadata, no values): rows
+    for a mixture, sequences for an HMM or a state-space model (NaN allowed there), a corpus
+    for LDA. A missing path is a DataNotFoundError naming it; data with other features than
+    the model's, a FeatureMismatchError."""
+    name = type(model).__name__
+    if name == "GaussianMixture":
+        from emflow.data import open_rows
+
+        opened = open_rows(data)
+    elif name == "LatentDirichletAllocation":
+        from emflow.corpus import open_corpus
+
+        opened = open_corpus(data)
+    else:
+        from emflow.sequences import open_sequences
+
+        opened = open_sequences(data, allow_nan=name == "LinearGaussianSSM")
+    expected = getattr(model, "n_features_in_", None)
+    if name in ("GaussianMixture", "LinearGaussianSSM") and expected is not None \
+            and int(opened.n_features) != int(expected):
+        raise emflow.FeatureMismatchError(
+            f"{data!r} has {opened.n_features} features; the model was fitted on {expected}. Score data with "
+            "the features the model was fitted on."
+        )
+    return opened
+
+
+@task(name="validate", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_if_transient,
+      cache_policy=NO_CACHE)
+def validate_inputs(model: str, data: str, outputs: list[str] | None) -> list[str]:
+    """Open every input before any work: the model (its outputs checked against those asked
+    for) and the data; returns the outputs to write."""
+    est = emflow.load(model)
+    wanted = _outputs.check_outputs(est, outputs, where=repr(model))
+    opened = open_input(est, data)
+    get_run_logger().info("model %s (%s); data %s: %d rows x %d features; writing %s", model, type(est).__name__,
+                          data, opened.n_rows, opened.n_features, ", ".join(wanted))
+    return wanted
+
+
 def check_outputs(model_path: str, outputs: list[str] | None) -> list[str]:
     """The outputs to write (the family's defaults for None); a ConfigError naming the
     outputs the model has when one asked for is not among them."""
@@ -46,7 +87,7 @@ def score_output(model: str, data: str, kind: str, out: str, scheduler: str | No
     """
     est = emflow.load(model)
     est.scheduler = scheduler
-    _, arr = _outputs.write_output(est, kind, data, out)
+    _, arr = _outputs.write_output(est, kind, data, out, overwrite=True)  # the flow's own outputs
     get_run_logger().info("wrote %s %s to %s (chunks %s)", kind, arr.shape, out, arr.chunks)
     return {"kind": kind, "path": os.path.abspath(out), "shape": list(arr.shape), "chunks": list(arr.chunks)}
 
@@ -64,6 +105,7 @@ def score_flow(
 ) -> dict[str, str]:
     """Write ``OUT_DIR/<output>.zarr`` for each requested output; returns {output: path}."""
     wanted = check_outputs(model, outputs)  # before any work: a wrong output writes nothing
+    validate_inputs(model, data, wanted)  # the model and the data open: a missing one writes nothing
     written = {}
     with compute(scheduler) as (sched, _dashboard):
         for kind in wanted:
@@ -74,3 +116,11 @@ def score_flow(
         key="score-summary",
     )
     return written
+
+
+if __name__ == "__main__":
+    import sys
+
+    from flows._main import main
+
+    sys.exit(main(score_flow, module="flows.score"))

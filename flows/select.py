@@ -11,15 +11,34 @@ the candidates one after another, saves the best model, and publishes the compar
 from typing import Annotated, Literal
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import Field
 
+import emflow.data
 from emflow.selection import SelectionResult, select_gaussian_mixture
 
-from ._common import compute, retry_if_transient
+from ._common import (
+    compute,
+    dask_performance_report,
+    output_locked,
+    publish_dashboard_link,
+    resolve_scheduler,
+    retry_if_transient,
+)
 
-__all__ = ["select_flow"]
+__all__ = ["select_flow", "validate_inputs"]
+
+
+@task(name="validate", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_if_transient,
+      cache_policy=NO_CACHE)
+def validate_inputs(data: str, sample_weight: str | None, max_components: int) -> dict:
+    """Open the data and the weights before any work (metadata only): a missing path is a
+    DataNotFoundError naming it; too few rows for the largest candidate, a DataError."""
+    rows = emflow.data.open_rows(data, sample_weight, min_rows=max_components)
+    get_run_logger().info("data %s: %d rows x %d features (%s)%s", data, rows.n_rows, rows.n_features, rows.dtype,
+                          f", weights {sample_weight}" if sample_weight else "")
+    return {"n_rows": int(rows.n_rows), "n_features": int(rows.n_features)}
 
 CovarianceType = Literal["full", "tied", "diag", "spherical"]
 
@@ -50,7 +69,7 @@ def fit_candidates(data: str, n_components: list[int], covariance_types: list[st
 
 @task(name="save-best", retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE)
 def save_best(res: SelectionResult, out: str) -> str:
-    return res.best_model.save(out)
+    return res.best_model.save(out, overwrite=True)  # the flow re-saving its own model
 
 
 @flow(name="emflow-select", log_prints=True)
@@ -68,19 +87,25 @@ def select_flow(
     scheduler: str | None = None,
     persist: bool | Literal["auto"] = "auto",
 ) -> dict:
-    """Fit the grid, save the model with the lowest BIC to ``out``; returns the comparison.
+    """Fit the grid, save the model with the lowest BIC to ``out``; returns the comparison
+    (``table``: the candidates ranked by BIC, lowest first, each with ``rank``, ``grid_index``
+    and ``chosen``).
 
-    Artifacts: ``model-selection`` (table, one row per candidate), ``selection-summary``
-    (markdown: the choice and the I/O saved), ``dask-dashboard`` (link, with a cluster).
+    Artifacts: ``model-selection`` (table, one row per candidate, ranked by BIC),
+    ``selection-summary`` (markdown: the choice and the I/O saved), ``dask-dashboard`` (link,
+    with a cluster) and ``dask-performance-report``. Holds ``OUT.lock`` for the run.
     """
-    with compute(scheduler) as (sched, dashboard):
-        if dashboard:
-            create_link_artifact(dashboard, link_text="Dask dashboard", key="dask-dashboard")
+    scheduler = resolve_scheduler(scheduler)
+    with output_locked(out, "emflow-select"), compute(scheduler) as (sched, dashboard), \
+            dask_performance_report(sched, dashboard, out):
+        publish_dashboard_link(dashboard, scheduler)
+        validate_inputs(data, sample_weight, max(int(k) for k in n_components))
         res = fit_candidates(data, [int(k) for k in n_components], list(covariance_types), n_init, tol,
                              reg_covar, max_iter, random_state, sample_weight, sched, persist)
         path = save_best(res, out)
-    rows = [{**r, "chosen": i == res.best} for i, r in enumerate(res.table)]
-    create_table_artifact(rows, key="model-selection", description="Candidates ranked by BIC (lower is better)")
+    ranked = res.ranked_table()
+    create_table_artifact(ranked, key="model-selection",
+                          description="Candidates ranked by BIC, lowest (best) first; equal BICs in grid order")
     b, io = res.table[res.best], res.io
     md = "\n".join([
         f"# Model selection: {b['n_components']} components, {b['covariance_type']} covariance",
@@ -88,11 +113,19 @@ def select_flow(
         "| candidate | BIC | AIC | converged | iterations |", "|---|---|---|---|---|",
         *[f"| {'**' if i == res.best else ''}K={r['n_components']} {r['covariance_type']}"
           f"{'**' if i == res.best else ''} | {r['bic']:.8g} | {r['aic']:.8g} | {r['converged']} | {r['n_iter']} |"
-          for i, r in sorted(enumerate(res.table), key=lambda ir: ir[1]["bic"])],
+          for i, r in ((i, res.table[i]) for i in res.ranking)],
         "", "## Passes over the data",
         f"Shared passes: **{io['passes_shared']}** ({io['bytes_shared'] / 1e6:.3g} MB); one candidate after "
         f"another: {io['passes_sequential']} ({io['bytes_sequential'] / 1e6:.3g} MB): "
         f"**{100 * io['saved_fraction']:.0f}% less read** for {io['units']} fits (candidates x restarts).",
     ])
     create_markdown_artifact(md, key="selection-summary")
-    return {"model": path, "best": b, "table": res.table, "io": io}
+    return {"model": path, "best": b, "table": ranked, "io": io}
+
+
+if __name__ == "__main__":
+    import sys
+
+    from flows._main import main
+
+    sys.exit(main(select_flow, module="flows.select"))

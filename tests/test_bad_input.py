@@ -191,7 +191,33 @@ BAD_PARAMS = [
     ("lgssm", dict(observation_covariance_type="banana"), "observation_covariance_type"),
     ("lda", dict(perp_tol=-1.0), "perp_tol"), ("lda", dict(n_components=0), "n_components"),
     ("lda", dict(max_iter=-1), "max_iter"),
+    # counts are ints and never bools (as in scikit-learn); seeds are what NumPy takes; a
+    # partition is at least 1 KiB (emflow.base.MIN_PARTITION_BYTES)
+    *[(name, dict(random_state=rs), "random_state") for name in FAMILIES if name != "gmm_diag"
+      for rs in (-1, "x", 2**32, 1.5)],
+    *[(name, {"state_dim" if name == "lgssm" else "n_components": True}, "state_dim" if name == "lgssm" else
+       "n_components") for name in FAMILIES if name != "gmm_diag"],
+    *[(name, dict(partition_bytes=pb), "partition_bytes") for name in ("gmm_full", "gaussian_hmm",
+      "categorical_hmm", "lgssm") for pb in (1, 1023, 2.0**20)],
+    *[(name, dict(split_every=True), "split_every") for name in FAMILIES if name != "gmm_diag"],
+    ("gmm_full", dict(max_iter=True), "max_iter"), ("gmm_full", dict(n_init=False), "n_init"),
+    ("gmm_full", dict(tol=float("nan")), "tol"), ("gaussian_hmm", dict(n_iter=True), "n_iter"),
+    ("gaussian_hmm", dict(min_covar=-1.0), "min_covar"), ("categorical_hmm", dict(n_features=True), "n_features"),
+    ("lgssm", dict(max_iter=2.5), "max_iter"), ("lda", dict(max_doc_update_iter=True), "max_doc_update_iter"),
 ]
+
+
+@pytest.mark.parametrize("name", ["gmm_full", "gaussian_hmm", "categorical_hmm", "lgssm", "lda"])
+def test_valid_random_states_are_accepted(name):
+    """None, an int in [0, 2**32 - 1], a RandomState and a Generator all fit, and an int seed
+    and the same seed again give the same model."""
+    fam = FAMILIES[name]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for rs in (None, 2**32 - 1, np.random.RandomState(3), np.random.default_rng(3)):
+            fam.make().set_params(random_state=rs).fit(*fam.args(fam.base))
+        a, b = (fam.make().set_params(random_state=7).fit(*fam.args(fam.base)) for _ in range(2))
+    assert a.history_ == b.history_
 
 
 @pytest.mark.parametrize("name, kwargs, word", BAD_PARAMS)
@@ -304,11 +330,17 @@ def test_cli_fit_bad_data(case, tmp_path):
 
 
 CLI_PARAMS = [
-    (["-k", "0"], 2, "n_components must be a positive integer"),
+    (["-k", "0"], 2, "--components (-k): n_components must be an integer >= 1, got 0"),
     (["-k", "2", "--tol", "-1"], 2, "tol must be a number >= 0"),
-    (["-k", "2", "--reg-covar", "-1"], 2, "reg_covar must be a number >= 0"),
+    (["-k", "2", "--reg-covar", "-1"], 2, "--reg-covar: reg_covar must be a finite number >= 0"),
     (["-k", "2", "-c", "banana"], 2, "'banana' is not one of"),  # typer's own usage error lists the choices
     (["-k", "2", "--n-init", "0"], 2, "n_init must be an integer >= 1"),
+    (["-k", "2", "--max-iter", "-1"], 2, "--max-iter: max_iter must be an integer >= 0, got -1."),
+    (["-k", "2", "--seed", "-1"], 2, "--seed must be an integer in [0, 4294967295], got -1."),
+    (["-k", "2", "--seed", "4294967296"], 2, "--seed must be an integer in [0, 4294967295], got 4294967296."),
+    (["-k", "2", "--partition-mib", "-1"], 2, "--partition-mib must be a finite number >= 0.0009765625 (1 KiB)"),
+    (["-k", "2", "--partition-mib", "0"], 2, "--partition-mib must be a finite number >= 0.0009765625 (1 KiB)"),
+    (["-k", "2", "--workers", "0"], 2, "--workers must be an integer >= 1, got 0."),
 ]
 
 

@@ -55,7 +55,7 @@ def test_same_answer_for_chunkings_workers_and_backends(zdata, dask_client, make
         "small chunks, 2 workers, streamed": _fit(zdata["small"], dask_client, persist=False).fit(
             zdata["small"], sample_weight="weights"),
         "numpy, 2 workers": _fit(zdata["X"], dask_client).fit(zdata["X"], sample_weight=zdata["w"]),
-        "one chunk per partition": _fit(zdata["small"], "threads", partition_bytes=1).fit(
+        "one chunk per partition": _fit(zdata["small"], "threads", partition_bytes=1024).fit(
             zdata["small"], sample_weight="weights"),
         "dask array": _fit(zdata["X"], "threads").fit(
             da.from_array(zdata["X"], chunks=(700, 3)), sample_weight=zdata["w"]),

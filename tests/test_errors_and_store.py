@@ -143,7 +143,7 @@ def test_save_load_is_bit_identical(fitted, tmp_path):
     attrs = emflow.read_model_attrs(path)
     assert attrs["family"] == "gaussian_mixture" and attrs["version"] == emflow.__version__
     # overwriting keeps one model and no temporary siblings
-    fitted.save(tmp_path / "model.zarr")
+    fitted.save(tmp_path / "model.zarr", overwrite=True)
     assert os.listdir(tmp_path) == ["model.zarr"]
 
 
@@ -171,7 +171,7 @@ def test_failed_save_keeps_previous_model(fitted, tmp_path, monkeypatch):
 
     monkeypatch.setattr(S, "_json_safe", boom)
     with pytest.raises(OSError, match="disk full"):
-        fitted.save(path)
+        fitted.save(path, overwrite=True)
     assert np.array_equal(emflow.load(path).means_, before)
     assert os.listdir(tmp_path) == ["model.zarr"]
 

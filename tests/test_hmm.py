@@ -142,7 +142,7 @@ def test_categorical_matches_hmmlearn():
     ref.startprob_, ref.transmat_, ref.emissionprob_ = sp, tm, E
     ref.fit(X, lengths)
     ours = CategoricalHMM(K, n_features=M, init_params="", n_iter=N_ITER, tol=0, scheduler="threads",
-                          partition_bytes=500)
+                          partition_bytes=1024)
     ours.startprob_, ours.transmat_, ours.emissionprob_ = sp, tm, E
     with pytest.warns(Warning):
         ours.fit(X, lengths)

@@ -290,7 +290,7 @@ def test_cli_command(tmp_path):
     src.write_text(BAD)
     out = tmp_path / "o.zarr"
     res = CliRunner().invoke(app, ["ingest", str(src), "--out", str(out)])
-    assert res.exit_code == 1 and "line 4" in res.output and not out.exists()
+    assert res.exit_code == 2 and "line 4" in res.output and not out.exists()
     res = CliRunner().invoke(app, ["ingest", str(src), "--out", str(out), "--skip-bad-rows",
                                    "--columns", "b", "--dtype", "float32", "--chunk-rows", "2"])
     assert res.exit_code == 0, res.output

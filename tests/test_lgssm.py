@@ -200,7 +200,7 @@ def test_many_sequences_match_summed_single_sequence_em_and_pykalman_loglik():
     X = np.concatenate(seqs)
     start = M.LGSSMParams(0.5 * np.eye(2), truth.C, np.eye(2), np.eye(3), np.zeros(2), np.eye(2))
     ref_ll, ref = own_em(start, seqs, "all", 6)
-    model = LinearGaussianSSM(2, em_vars="all", tol=0.0, max_iter=6, scheduler="threads", partition_bytes=200,
+    model = LinearGaussianSSM(2, em_vars="all", tol=0.0, max_iter=6, scheduler="threads", partition_bytes=1024,
                               **dict(zip(M.EM_VARS, start)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -314,8 +314,8 @@ def _fit(path, **kw):
 
 def test_same_answer_for_partitionings_and_dask(seq_path, dask_client):
     a = _fit(seq_path, scheduler="threads", partition_bytes=1 << 30)
-    b = _fit(seq_path, scheduler="threads", partition_bytes=300)
-    c = _fit(seq_path, scheduler=dask_client, partition_bytes=500)
+    b = _fit(seq_path, scheduler="threads", partition_bytes=1024)
+    c = _fit(seq_path, scheduler=dask_client, partition_bytes=2048)
     assert a.fit_info_["partitions"] < c.fit_info_["partitions"] < b.fit_info_["partitions"]
     for other in (b, c):
         np.testing.assert_allclose(other.history_, a.history_, rtol=1e-10)
