@@ -15,7 +15,9 @@ number of workers.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import statistics
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +30,9 @@ from . import data as _data
 from .errors import ClusterError, ClusterWarning, ConfigError, DataError
 from .stats import add
 
-__all__ = ["Engine", "Loaded", "tree_reduce"]
+__all__ = ["Engine", "Loaded", "tree_reduce", "WORKER_WAIT_TIMEOUT", "STALL_FACTOR", "STALL_FLOOR"]
+
+logger = logging.getLogger("emflow.engine")
 
 Persist = Literal["auto"] | bool
 
@@ -36,6 +40,22 @@ Persist = Literal["auto"] | bool
 RESIDENT_FRACTION = 0.35
 # how many times one pass sends lost in-memory partitions again before giving up
 MAX_RESCATTERS = 3
+
+# Dask config keys (``dask.config.set({...})``, a Dask YAML file, or environment variables
+# such as ``DASK_EMFLOW__WORKER_WAIT_TIMEOUT=10m``); Engine arguments override them.
+# How long a fit whose every worker was lost waits for one to join the scheduler:
+WORKER_WAIT_TIMEOUT = "emflow.worker-wait-timeout"
+# A pass taking more than max(factor x the median of the previous passes, floor) is
+# reported (once per pass) as stalled; the wait goes on.
+STALL_FACTOR = "emflow.stall-factor"
+STALL_FLOOR = "emflow.stall-floor"
+_DEFAULTS = {WORKER_WAIT_TIMEOUT: "300s", STALL_FACTOR: 10.0, STALL_FLOOR: "60s"}
+# while waiting for a pass, look at the cluster this often (seconds)
+POLL_SECONDS = 0.5
+# how long the scheduler may take to answer a question about its workers (seconds)
+PROBE_TIMEOUT = 5.0
+# passes remembered for the usual duration of a pass
+PASS_HISTORY = 20
 
 
 def _partition_data(handle):
@@ -118,6 +138,8 @@ class Loaded:
     # in-memory data scattered to workers: sends partitions i, j, ... again (a worker that
     # dies takes its scattered partitions with it, and Dask cannot recompute them)
     _rescatter: Callable[[list[int]], None] | None = field(default=None, repr=False)
+    # seconds taken by the latest passes over these data (the usual time of a pass)
+    pass_seconds: list = field(default_factory=list, repr=False)
 
     def lost_partitions(self) -> list[int]:
         """Partitions whose scattered copy is gone (their worker died)."""
@@ -132,12 +154,48 @@ class Loaded:
         self.handles = []
 
 
-def _lost_scheduler(exc: BaseException) -> bool:
+def _cancelled(exc: BaseException) -> bool:
+    """Futures cancelled: data they needed left the cluster (or the scheduler connection did)."""
     from concurrent.futures import CancelledError
 
+    return isinstance(exc, CancelledError)
+
+
+def _comm_failed(exc: BaseException) -> bool:
     from distributed.comm.core import CommClosedError
 
-    return isinstance(exc, (CommClosedError, TimeoutError, CancelledError))
+    return isinstance(exc, (CommClosedError, OSError, TimeoutError))
+
+
+def _secs(x: float) -> str:
+    return f"{x:.0f} s" if x >= 100 else f"{x:.1f} s" if x >= 10 else f"{x:.2f} s"
+
+
+def _warn(message: str) -> None:
+    """A ClusterWarning, and the same text as a warning on the ``emflow`` logger (which a
+    Prefect flow's run log, a log file or a console handler picks up)."""
+    logger.warning("%s", message)
+    warnings.warn(message, ClusterWarning, stacklevel=5)
+
+
+def _setting(key: str, value, seconds: bool) -> float:
+    """An engine setting: the argument, else the Dask config key, else the default."""
+    import dask
+    from dask.utils import parse_timedelta
+
+    if value is None:
+        value = dask.config.get(key, _DEFAULTS[key])
+    try:
+        if seconds and not isinstance(value, (int, float)):  # "5 minutes", a timedelta
+            out = float(parse_timedelta(value, default="seconds"))
+        else:
+            out = float(value)
+    except (TypeError, ValueError, KeyError) as exc:
+        kind = "a duration (seconds, or a string such as '5 minutes')" if seconds else "a number"
+        raise ConfigError(f"{key} must be {kind}, got {value!r}.") from exc
+    if not out > 0 or not np.isfinite(out):
+        raise ConfigError(f"{key} must be positive and finite, got {value!r}.")
+    return out
 
 
 class Engine:
@@ -151,11 +209,28 @@ class Engine:
         Fan-in of the reduction tree.
     n_threads : int or None
         Threads for the in-process backend (default: the machine's cores).
+    worker_wait_timeout : float or str, optional
+        When every worker of the cluster is lost (the scheduler still up), how long to wait
+        for one to join before failing (seconds or a string such as ``"5 minutes"``;
+        default: the Dask config key ``emflow.worker-wait-timeout``, else 300 s).
+    stall_factor, stall_floor : float, optional
+        A pass that has run longer than ``max(stall_factor x the median of the previous
+        passes, stall_floor seconds)`` is reported once as stalled (a ClusterWarning and a
+        warning on the ``emflow`` logger, naming the workers that hold its unfinished
+        tasks); the wait goes on. Defaults: Dask config keys ``emflow.stall-factor`` (10)
+        and ``emflow.stall-floor`` (60 s).
     """
 
-    def __init__(self, client=None, *, split_every: int = 8, n_threads: int | None = None):
+    def __init__(self, client=None, *, split_every: int = 8, n_threads: int | None = None,
+                 worker_wait_timeout: float | str | None = None, stall_factor: float | None = None,
+                 stall_floor: float | str | None = None):
         if split_every < 2:
             raise ConfigError(f"split_every must be at least 2, got {split_every}.")
+        self._worker_wait_timeout, self._stall_factor, self._stall_floor = (
+            worker_wait_timeout, stall_factor, stall_floor)
+        # bad values fail here (the config is read again at each use, so dask.config.set applies)
+        _ = (self.worker_wait_timeout, self.stall_factor, self.stall_floor)
+        self._workers_seen = 0  # workers at the latest look: "all N workers were lost"
         self.client = client
         self.address = None
         if client is not None:
@@ -167,6 +242,19 @@ class Engine:
         self.n_threads = n_threads or os.cpu_count() or 1
         self._pool: ThreadPoolExecutor | None = None
         self.last_reduction: dict = {}
+
+    # -- settings -------------------------------------------------------------------
+    @property
+    def worker_wait_timeout(self) -> float:
+        return _setting(WORKER_WAIT_TIMEOUT, self._worker_wait_timeout, seconds=True)
+
+    @property
+    def stall_factor(self) -> float:
+        return _setting(STALL_FACTOR, self._stall_factor, seconds=False)
+
+    @property
+    def stall_floor(self) -> float:
+        return _setting(STALL_FLOOR, self._stall_floor, seconds=True)
 
     # -- facts about where we run ---------------------------------------------------
     @property
@@ -201,17 +289,142 @@ class Engine:
         info = self.client.scheduler_info(n_workers=-1)
         return f"Dask cluster at {info.get('address', '?')}, {len(info['workers'])} worker(s), {self.total_threads} thread(s)"
 
+    # -- what became of the cluster ---------------------------------------------------
+    def _connected(self) -> bool:
+        """The client is connected to the scheduler. Once the connection drops, the client
+        cancels every future and tries to reconnect ("connecting"), then closes: either
+        way the work it held is gone."""
+        return getattr(self.client, "status", "running") == "running"
+
+    def _ask(self, method: str, **kwargs):
+        """A scheduler RPC answered within PROBE_TIMEOUT, or None (no answer: the scheduler
+        is gone, hung or overloaded)."""
+        try:
+            return self.client.sync(getattr(self.client.scheduler, method), callback_timeout=PROBE_TIMEOUT,
+                                    **kwargs)
+        except Exception:
+            return None
+
+    def _workers(self) -> dict | None:
+        """Worker address -> threads, as the scheduler sees them now; None when it does not answer."""
+        if not self._connected():
+            return None
+        return self._ask("ncores")
+
+    def _scheduler_gone(self, exc: BaseException | None = None) -> bool:
+        if not self._connected():
+            return True
+        # a failed connection: gone if it no longer answers either
+        return exc is not None and _comm_failed(exc) and self._workers() is None
+
+    def _lost_scheduler_error(self, when: str, exc: BaseException | None = None) -> ClusterError:
+        why = f" ({type(exc).__name__}: {exc})" if exc is not None else ""
+        return ClusterError(
+            f"Lost the Dask scheduler at {self.address} {when}{why}. "
+            "Checkpoints already written are intact: check the cluster and run the same "
+            "command again to resume."
+        )
+
     def _raise_if_lost(self, exc: BaseException, when: str) -> None:
         """Turn a lost connection to the scheduler into a ClusterError that names it."""
-        if self.client is None:
-            return
-        closed = getattr(self.client, "status", "running") not in ("running", "connecting")
-        if closed or _lost_scheduler(exc):
-            raise ClusterError(
-                f"Lost the Dask scheduler at {self.address} {when} ({type(exc).__name__}: {exc}). "
-                "Checkpoints already written are intact: check the cluster and run the same "
-                "command again to resume."
-            ) from exc
+        if self.client is not None and self._scheduler_gone(exc):
+            raise self._lost_scheduler_error(when, exc) from exc
+
+    def _await_workers(self, when: str, healthy: bool = False) -> bool:
+        """If the scheduler answers that it has no worker: warn, and wait (at most
+        ``worker_wait_timeout``) for one to join. Returns whether it had to wait; raises
+        ClusterError when none joined in time, or when the scheduler is lost meanwhile.
+
+        ``healthy``: nothing has gone wrong yet (before a pass), so the workers there now
+        are the ones "all N workers were lost" counts."""
+        workers = self._workers()
+        if workers is None or workers:
+            if workers and healthy:
+                self._workers_seen = len(workers)
+            return False  # workers there (or the scheduler did not answer: nothing to decide)
+        timeout = self.worker_wait_timeout
+        n = self._workers_seen
+        _warn(f"All {n or 'the'} Dask workers were lost {when} (the scheduler at {self.address} is still up); "
+              f"waiting up to {timeout:g} s for workers to join (start new ones on this scheduler), "
+              "then the fit goes on.")
+        deadline = time.monotonic() + timeout
+        while True:
+            time.sleep(min(POLL_SECONDS, max(0.0, deadline - time.monotonic())))
+            if not self._connected():
+                raise self._lost_scheduler_error("while waiting for workers to join")
+            workers = self._workers()
+            if workers:
+                logger.warning("%d Dask worker(s) joined the scheduler at %s; going on with the fit.",
+                               len(workers), self.address)
+                return True
+            if time.monotonic() >= deadline:
+                raise ClusterError(
+                    f"All {n or 'the'} Dask workers were lost {when} and none joined the scheduler at "
+                    f"{self.address} within {timeout:g} s (the scheduler is still up). Start workers on "
+                    f"that scheduler (`dask worker {self.address}`), or allow them longer with the Dask "
+                    f"config key {WORKER_WAIT_TIMEOUT}, and run the same command again: checkpoints "
+                    "already written are intact."
+                )
+
+    def _lost_partitions(self, loaded: Loaded) -> list[int]:
+        """Scattered partitions gone from the cluster: those whose future says so, and those
+        no worker holds by the scheduler's count (the client learns of lost data a little
+        later than the scheduler does: after every worker died, some futures still look fine)."""
+        lost = set(loaded.lost_partitions())
+        if loaded._rescatter is not None:
+            keys = [h.key for h in loaded.handles]
+            held = self._ask("who_has", keys=keys)
+            if held is not None:
+                lost.update(i for i, k in enumerate(keys) if not held.get(k))
+        return sorted(lost)
+
+    def _wait(self, futures: list, keys: list, started: float, usual: float | None) -> None:
+        """Wait until ``futures`` are done (or erred or cancelled), watching the cluster:
+        all workers lost -> :meth:`_await_workers`; a pass far slower than ``usual`` ->
+        one stall warning. Results are not fetched here."""
+        from distributed import wait
+
+        stall_after = None if usual is None else max(self.stall_factor * usual, self.stall_floor)
+        warned = False
+        while True:
+            try:
+                with self.client.as_current():
+                    wait(futures, timeout=POLL_SECONDS)
+                return
+            except TimeoutError:
+                pass
+            except Exception:
+                return  # cancelled futures: their result() raises what the caller reports
+            if not self._connected():
+                return  # the futures are cancelled now; the caller reports the lost scheduler
+            if self._await_workers("during a pass over the data"):
+                started = time.monotonic()  # the time waiting for workers is accounted for
+                continue
+            elapsed = time.monotonic() - started
+            if not warned and stall_after is not None and elapsed > stall_after:
+                warned = True
+                _warn(self._stall_message(keys, elapsed, usual))
+
+    def _stall_message(self, keys: list, elapsed: float, usual: float) -> str:
+        head = (f"A pass over the data has taken {_secs(elapsed)} so far, against a usual {_secs(usual)} "
+                "(median of the previous passes). ")
+        processing = self._ask("processing")
+        if processing is None:
+            where = (f"The Dask scheduler at {self.address} did not answer within {PROBE_TIMEOUT:g} s either: "
+                     "a hung scheduler (stopped with SIGSTOP, swapping) or an overloaded one is likely. ")
+        else:
+            mine = set(keys)
+            held = {w: sum(k in mine for k in ks) for w, ks in processing.items()}
+            held = {w: n for w, n in sorted(held.items()) if n}
+            if held:
+                where = ("Its unfinished tasks are held by " + ", ".join(
+                    f"worker {w} ({n} task{'s' * (n > 1)})" for w, n in held.items())
+                         + ": a hung worker (stopped with SIGSTOP, swapping) or an overloaded cluster are likely. ")
+            else:
+                where = (f"No worker of the {len(processing)} at the scheduler {self.address} is running its "
+                         "tasks: they wait for a free worker (an overloaded cluster, or workers that cannot "
+                         "take them) or for data held by a hung worker. ")
+        return head + where + "Still waiting: the fit goes on when they finish."
 
     def _one_blas_thread(self):
         """With several task threads, BLAS runs single-threaded inside them (as Dask's
@@ -266,7 +479,9 @@ class Engine:
             scans = list(self._threads().map(lambda hs: _scan(hs[0], rows.weighted, hs[1]),
                                              zip(handles, _element_starts(rows))))
         else:
+            t0 = time.monotonic()
             try:
+                self._await_workers("before loading data", healthy=True)
                 if rows.in_memory:
                     # the client holds the values: ship them once (not inside task specs,
                     # which the scheduler would keep a copy of)
@@ -282,13 +497,21 @@ class Engine:
                     handles = self.client.map(_partition_data, rows.loaders, pure=False)
                 else:
                     handles = list(rows.loaders)
-                scans = self.client.gather([
-                    self.client.submit(_scan, h, rows.weighted, r0, pure=False)
-                    for h, r0 in zip(handles, _element_starts(rows))
-                ])
+                futures = [self.client.submit(_scan, h, rows.weighted, r0, pure=False)
+                           for h, r0 in zip(handles, _element_starts(rows))]
+                self._wait(futures, [], t0, None)
+                scans = self.client.gather(futures)
             except Exception as exc:
+                if isinstance(exc, ClusterError):
+                    raise
                 self._raise_if_lost(exc, "while loading data")
+                if _cancelled(exc):
+                    raise ClusterError(
+                        f"Dask workers of the scheduler at {self.address} were lost while loading the data, "
+                        f"with data only they held ({type(exc).__name__}: {exc}). Run the same command again."
+                    ) from exc
                 raise
+            scan_seconds = time.monotonic() - t0
             if resident:
                 futures = handles
 
@@ -305,7 +528,11 @@ class Engine:
         weight_sum = float(sum(s[1] for s in scans))
         if not weight_sum > 0:
             raise DataError("sample_weight sums to zero: at least one row needs a positive weight.")
-        return Loaded(rows, handles, resident, fingerprint, weight_sum, release, rescatter)
+        loaded = Loaded(rows, handles, resident, fingerprint, weight_sum, release, rescatter)
+        if self.client is not None:
+            # the scan read every partition: the first measure of how long a pass takes
+            loaded.pass_seconds.append(scan_seconds)
+        return loaded
 
     # -- passes over the data -------------------------------------------------------
     def _broadcast(self, args: tuple):
@@ -335,23 +562,56 @@ class Engine:
             return [self.client.submit(_apply, fn, h, bargs, pure=False) for h in handles]
         return [self.client.submit(_apply_indexed, fn, h, bargs, e, pure=False) for h, e in zip(handles, extras)]
 
-    def _pass(self, loaded: Loaded, run: Callable[[], Any]) -> Any:
-        """``run()`` (one pass over the data); if a worker died holding scattered in-memory
-        partitions, send them again and run the pass again (a few times at most)."""
+    def _pass(self, loaded: Loaded, run: Callable[[Callable], Any]) -> Any:
+        """``run(wait)`` (one pass over the data; ``wait(futures, keys)`` waits for its
+        futures while watching the cluster). Faults the cluster recovers from repeat the
+        pass (a few times at most):
+
+        * a worker died holding scattered in-memory partitions: send them again;
+        * every worker was lost, the scheduler still up: wait (bounded) for workers to
+          join, send lost partitions again, repeat the pass.
+
+        A lost scheduler is a ClusterError naming it.
+        """
         for attempt in range(MAX_RESCATTERS + 1):
+            t0 = time.monotonic()
+            if self.client is not None:
+                self._await_workers("before a pass over the data" if attempt == 0 else
+                                    "during a pass over the data", healthy=attempt == 0)
+                t0 = time.monotonic()
+            past = loaded.pass_seconds
+            usual = statistics.median(past) if past else None
+
+            def wait(futures: list, keys: list) -> None:
+                self._wait(futures, keys, t0, usual)
+
             try:
-                return run()
+                out = run(wait)
             except Exception as exc:
-                lost = loaded.lost_partitions() if self.client is not None else []
-                if lost and attempt < MAX_RESCATTERS and self.client.status == "running":
-                    warnings.warn(
-                        f"A Dask worker died holding {len(lost)} partition(s) of the in-memory data; sending "
-                        "them again from this process and repeating the pass.", ClusterWarning, stacklevel=4)
-                    try:
-                        loaded._rescatter(lost)
-                    except Exception as exc2:
-                        self._raise_if_lost(exc2, "while sending lost partitions again")
-                        raise
+                if self.client is None or isinstance(exc, ClusterError):
+                    raise
+                self._raise_if_lost(exc, "during a pass over the data")
+                lost = self._lost_partitions(loaded)
+                # scattered data (partitions, the parameters sent to every worker) went with
+                # workers that died, or none is left: a later attempt can do the pass
+                recoverable = bool(lost) or _cancelled(exc) or self._workers() == {}
+                if recoverable and attempt < MAX_RESCATTERS:
+                    self._await_workers("during a pass over the data")
+                    lost = self._lost_partitions(loaded)
+                    if lost:
+                        _warn(f"A Dask worker died holding {len(lost)} partition(s) of the in-memory data; "
+                              "sending them again from this process and repeating the pass.")
+                        try:
+                            loaded._rescatter(lost)
+                        except Exception as exc2:
+                            self._raise_if_lost(exc2, "while sending lost partitions again")
+                            if not (_comm_failed(exc2) or _cancelled(exc2)):
+                                raise
+                            # sent to a worker dying too: the next attempt looks again
+                            logger.warning("Sending lost partitions again failed (%s: %s); trying again.",
+                                           type(exc2).__name__, exc2)
+                    else:
+                        logger.info("Data held by lost Dask workers (%s); repeating the pass.", exc)
                     continue
                 if lost:
                     raise ClusterError(
@@ -359,18 +619,28 @@ class Engine:
                         f"{MAX_RESCATTERS + 1} times during one pass ({type(exc).__name__}: {exc}). Check the "
                         "workers' logs (memory limits?), or fit from Zarr, which workers re-read."
                     ) from exc
-                self._raise_if_lost(exc, "during a pass over the data")
                 raise
+            past.append(time.monotonic() - t0)
+            del past[:-PASS_HISTORY]
+            return out
 
     def map_reduce(self, fn: Callable, loaded: Loaded, *args, per_partition: Sequence | None = None) -> Any:
         """``add`` over partitions of ``fn(X_p, w_p, *args[, per_partition[p]])``, reduced in a tree."""
         t0 = time.perf_counter()
 
-        def run():
+        def run(wait):
             parts = self._submit(fn, loaded, args, per_partition)
             if self.client is None:
                 return tree_reduce(parts, add, self.split_every, lambda f, *a: f(*a))
-            root, depth = tree_reduce(parts, add, self.split_every, lambda f, *a: self.client.submit(f, *a, pure=False))
+            keys = [p.key for p in parts]
+
+            def submit(f, *a):
+                fut = self.client.submit(f, *a, pure=False)
+                keys.append(fut.key)
+                return fut
+
+            root, depth = tree_reduce(parts, add, self.split_every, submit)
+            wait([root], keys)
             return root.result(), depth
 
         total, depth = self._pass(loaded, run)
@@ -383,9 +653,12 @@ class Engine:
     def map(self, fn: Callable, loaded: Loaded, *args, per_partition: Sequence | None = None) -> list:
         """``[fn(X_p, w_p, *args[, per_partition[p]]) for each partition]``, gathered in order."""
 
-        def run():
+        def run(wait):
             parts = self._submit(fn, loaded, args, per_partition)
-            return parts if self.client is None else self.client.gather(parts)
+            if self.client is None:
+                return parts
+            wait(parts, [p.key for p in parts])
+            return self.client.gather(parts)
 
         return self._pass(loaded, run)
 

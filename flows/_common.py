@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import io
+import logging
 import math
 import os
 import statistics
@@ -25,10 +26,26 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
+from prefect.logging.handlers import APILogHandler
 
 from emflow.errors import ClusterError, EmflowError
 
 SCHEDULER_ENV = "EMFLOW_DASK_SCHEDULER"
+
+
+class _RunLog(APILogHandler):
+    """The library's own warnings (``emflow`` logger: all workers lost, a stalled pass) into
+    the log of the flow or task run they happen in; outside a run, nothing."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from prefect.context import FlowRunContext, TaskRunContext
+
+        if FlowRunContext.get() is not None or TaskRunContext.get() is not None:
+            super().emit(record)
+
+
+if not any(isinstance(h, _RunLog) for h in logging.getLogger("emflow").handlers):
+    logging.getLogger("emflow").addHandler(_RunLog())
 SCHEDULER_VARIABLE = "emflow_dask_scheduler"
 
 
