@@ -83,7 +83,7 @@ def _entry_findings(indices: np.ndarray, counts: np.ndarray, n_terms: int, nnz0:
     neg = counts < 0
     if neg.any():
         i = int(np.flatnonzero(neg)[0])
-        return [Finding("count_negative", int(neg.sum()), f"{counts[i]} at entry {nnz0 + i}")]
+        return [Finding("count_negative", int(neg.sum()), f"{counts[i]:g} at entry {nnz0 + i}")]
     return []
 
 
@@ -137,7 +137,7 @@ class ZarrCorpusLoader:
 
         g = zarr.open_group(self.url, mode="r")
         a, b = self.nnz_start, self.nnz_stop
-        indices = read_chunked(g["indices"], a, b, "corpus term ids", url=self.url + "/indices", unit="entries")
+        indices = read_chunked(g["indices"], a, b, "corpus indices", url=self.url + "/indices", unit="entries")
         counts = read_chunked(g["counts"], a, b, "corpus counts", url=self.url + "/counts", unit="entries")
         ptr = read_chunked(g["indptr"], self.doc_start, self.doc_stop + 1, "corpus indptr", url=self.url + "/indptr",
                            unit="documents")
