@@ -107,6 +107,10 @@ def _chunk_where(arr, coords: tuple[int, ...], unit: str) -> str:
     return text
 
 
+def _label(arr) -> str:
+    return "Shard" if arr.shards else "Chunk"
+
+
 def _fill(arr) -> str:
     v = arr.fill_value
     return str(v.item() if hasattr(v, "item") else v)
@@ -163,9 +167,10 @@ def read_chunked(arr, start: int, stop: int, role: str = "data", *, url: str | N
         missing = [c for c, ok in zip(coords, found) if not ok]
         if missing:
             c = missing[0]
-            more = f" ({len(missing)} of the {len(coords)} chunks this read needs are missing)" if len(missing) > 1 else ""
+            more = (f" ({len(missing)} of the {len(coords)} {_label(arr).lower()}s this read needs are missing)"
+                    if len(missing) > 1 else "")
             raise DataError(
-                f"Chunk {c} ({_chunk_where(arr, c, unit)}) of the {role} at {url!r} is missing from storage{more}, "
+                f"{_label(arr)} {c} ({_chunk_where(arr, c, unit)}) of the {role} at {url!r} is missing from storage{more}, "
                 f"so those {unit} would read as the fill value ({_fill(arr)}). Restore the chunk or re-create "
                 "the dataset. (If the array legitimately leaves out chunks that hold only the fill value, as Zarr "
                 "does unless written with config={'write_empty_chunks': True}, set attrs['all_chunks_written'] = "
@@ -181,7 +186,7 @@ def read_chunked(arr, start: int, stop: int, role: str = "data", *, url: str | N
                 arr[region]
             except Exception as exc_c:
                 raise DataError(
-                    f"Chunk {c} ({_chunk_where(arr, c, unit)}) of the {role} at {url!r} cannot be read "
+                    f"{_label(arr)} {c} ({_chunk_where(arr, c, unit)}) of the {role} at {url!r} cannot be read "
                     f"({type(exc_c).__name__}: {exc_c}). The file is corrupt (truncated or altered): restore it "
                     "or re-create the dataset."
                 ) from exc_c
