@@ -49,15 +49,17 @@ def check_offsets(offsets: np.ndarray, total_steps: int, where: str = "offsets")
 @dataclass(frozen=True)
 class SeqChecks:
     """What a partition of sequences must satisfy: finite values (with ``allow_nan``, NaN
-    means "missing" and only infinities are errors)."""
+    means "missing" and only infinities are errors), and none beyond ``limit`` in magnitude
+    when one is set."""
 
     step0: int
     allow_nan: bool = False
     chunk_steps: int | None = None
+    limit: float | None = None
 
     def findings(self, parts) -> list:
         values, _ = parts
-        return value_findings(values, self.step0, "step", self.chunk_steps, allow_nan=self.allow_nan)
+        return value_findings(values, self.step0, "step", self.chunk_steps, self.limit, self.allow_nan)
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,7 @@ class ZarrSeqLoader:
     index: int
     allow_nan: bool = False
     chunk_steps: int | None = None
+    limit: float | None = None
 
     @property
     def where(self) -> str:
@@ -78,7 +81,7 @@ class ZarrSeqLoader:
 
     @property
     def checks(self) -> SeqChecks:
-        return SeqChecks(self.step_start, self.allow_nan, self.chunk_steps)
+        return SeqChecks(self.step_start, self.allow_nan, self.chunk_steps, self.limit)
 
     def read(self):
         import zarr
@@ -109,6 +112,7 @@ class ArraySeqLoader:
     index: int
     allow_nan: bool = False
     step0: int = 0
+    limit: float | None = None
 
     @property
     def where(self) -> str:
@@ -116,7 +120,7 @@ class ArraySeqLoader:
 
     @property
     def checks(self) -> SeqChecks:
-        return SeqChecks(self.step0, self.allow_nan)
+        return SeqChecks(self.step0, self.allow_nan, limit=self.limit)
 
     def read(self):
         return self.values, self.offsets
@@ -142,7 +146,7 @@ class SequenceData:
     url: str | None
     chunk_rows: int
     weighted: bool = False
-    what: ClassVar[str] = "The sequences"
+    what: ClassVar[str] = "The sequence dataset"
 
     @property
     def n_sequences(self) -> int:
@@ -179,6 +183,7 @@ def open_sequences(
     partition_bytes: int = DEFAULT_PARTITION_BYTES,
     min_partitions: int = 1,
     allow_nan: bool = False,
+    max_magnitude: float | None = None,
 ) -> SequenceData:
     """Open ragged sequences.
 
@@ -191,6 +196,11 @@ def open_sequences(
     allow_nan : bool, default False
         Accept NaN values (they mean "missing" to models that handle missing observations,
         such as state-space models); infinities are still errors.
+    max_magnitude : float, optional
+        Values beyond this magnitude are an error (a ``FitFailedError`` that says to scale
+        the data), found by the opening scan before any arithmetic. Models that square
+        the values (Gaussian emissions, state-space models) pass
+        :data:`emflow.data.SQUARE_LIMIT`.
     """
     if is_zarr_path(data):
         import zarr
@@ -219,7 +229,8 @@ def open_sequences(
         row_bytes = values.shape[1] * np.dtype(values.dtype).itemsize
         parts = _seq_partitions(offsets, row_bytes, partition_bytes, min_partitions)
         loaders = [
-            ZarrSeqLoader(url, a, b, int(offsets[a]), int(offsets[b]), i, allow_nan, int(values.chunks[0]))
+            ZarrSeqLoader(url, a, b, int(offsets[a]), int(offsets[b]), i, allow_nan, int(values.chunks[0]),
+                          max_magnitude)
             for i, (a, b) in enumerate(parts)
         ]
         bounds = [(int(offsets[a]), int(offsets[b])) for a, b in parts]
@@ -241,7 +252,8 @@ def open_sequences(
     offsets = check_offsets(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64), X.shape[0], "lengths")
     parts = _seq_partitions(offsets, X.shape[1] * X.itemsize, partition_bytes, min_partitions)
     loaders = [
-        ArraySeqLoader(X[offsets[a] : offsets[b]], offsets[a : b + 1] - offsets[a], i, allow_nan, int(offsets[a]))
+        ArraySeqLoader(X[offsets[a] : offsets[b]], offsets[a : b + 1] - offsets[a], i, allow_nan, int(offsets[a]),
+                       max_magnitude)
         for i, (a, b) in enumerate(parts)
     ]
     bounds = [(int(offsets[a]), int(offsets[b])) for a, b in parts]

@@ -263,7 +263,7 @@ def test_sequence_and_corpus_values_counted_over_the_dataset(tmp_path):
     X = RNG.normal(size=(400, 2))
     X[[10, 210, 390], 0] = np.inf
     p = write_sequences(tmp_path / "s.zarr", X, np.arange(0, 401, 50), chunk_steps=40)
-    with pytest.raises(E.NonFiniteDataError, match=r"^The sequences \(.*s\.zarr\) holds 3 NaN or infinite value\(s\); "
+    with pytest.raises(E.NonFiniteDataError, match=r"^The sequence dataset \(.*s\.zarr\) holds 3 NaN or infinite value\(s\); "
                                                    r"the first is at step 10, column 0 \(Zarr chunk 0, steps 0-40\)"):
         _hmm(partition_bytes=800).fit(p)
     with pytest.raises(E.NonFiniteDataError, match=r"holds 3 infinite value\(s\); the first is at step 10"):
@@ -288,3 +288,14 @@ def test_huge_values_give_the_clear_error_without_numpy_warnings(tmp_path):
                 gmm().fit(data)
         assert [str(w.message) for w in caught] == []
     gmm().fit(X4 * 1e150)  # squares still representable: fits
+
+
+def test_huge_sequences_give_the_clear_error_without_numpy_warnings(tmp_path):
+    p = write_sequences(tmp_path / "s.zarr", RNG.normal(size=(200, 2)) * 1e300, np.arange(0, 201, 50))
+    for est in (_hmm(), emflow.LinearGaussianSSM(1, scheduler="threads", max_iter=2)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with pytest.raises(E.FitFailedError, match=r"^The sequence dataset .* holds 400 value\(s\) too large to "
+                                                       r"square.*at step 0, column 0.*Scale the data"):
+                est.fit(p)
+        assert [str(w.message) for w in caught] == []
