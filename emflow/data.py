@@ -4,6 +4,12 @@ A partition is a run of whole Zarr chunks (or rows of an in-memory array). Each 
 is described by a small picklable *loader*; calling the loader on a worker reads that
 partition (``X`` of shape (rows, n_features) and optional weights of shape (rows,)) and
 checks it, so data never travel through the client.
+
+Every Zarr read goes through :func:`read_chunked` (a missing or undecodable chunk is a
+DataError that names it). The engine's opening scan (:func:`scan_partition`) reads each
+partition once: it checks the values (bad ones counted over the whole dataset), computes
+the fingerprint, and keeps each partition's digest, which every later streamed read must
+match (:class:`Checked`), so a fit stops if its data change under it.
 """
 
 from __future__ import annotations
@@ -192,11 +198,6 @@ def read_chunked(arr, start: int, stop: int, role: str = "data", *, url: str | N
                 ) from exc_c
         raise DataError(f"{unit.capitalize()} {start}-{stop} of the {role} at {url!r} cannot be read "
                         f"({type(exc).__name__}: {exc}).") from exc
-
-
-def read_zarr_rows(url: str, start: int, stop: int, role: str = "data") -> np.ndarray:
-    """Rows [start, stop) of the Zarr array at ``url`` (see :func:`read_chunked`)."""
-    return read_chunked(url, start, stop, role, url=url)
 
 
 # -- value checks ---------------------------------------------------------------------
