@@ -75,7 +75,7 @@ def _entry_findings(indices: np.ndarray, counts: np.ndarray, n_terms: int, nnz0:
         bad = (indices < 0) | (indices >= n_terms)
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            return [Finding("term", int(bad.sum()), f"{int(indices[i])} at entry {nnz0 + i}")]
+            return [Finding("term", int(bad.sum()), f"{int(indices[i])} at entry {nnz0 + i} (n_terms is {n_terms})")]
     if counts.dtype.kind == "f":
         badf = ~np.isfinite(counts)
         if badf.any():
