@@ -405,29 +405,13 @@ class Checked:
         parts = read_partition(self.inner)
         head = digest(self.row0, *parts[: self.hashed])
         if _check_digest(parts, self.hashed, self.row0, head) != self.expected:
-            raise _changed(getattr(self.inner, "where", None) or f"partition {self.index}")
+            where = getattr(self.inner, "where", None) or f"partition {self.index}"
+            raise DataError(
+                f"The data changed during the fit: {where} no longer holds what the fit read when it started "
+                "(its content digest differs). The fit stops, with no model, rather than mix two versions of the "
+                "data. Let whatever writes to the dataset finish, then run the fit again."
+            )
         return parts
-
-
-def _changed(where: str) -> DataError:
-    return DataError(
-        f"The data changed during the fit: {where} no longer holds what the fit read when it started "
-        "(its content digest differs). The fit stops, with no model, rather than mix two versions of the "
-        "data. Let whatever writes to the dataset finish, then run the fit again."
-    )
-
-
-def verify_resident(parts, expected: tuple, row0: int, hashed: int, where: str = ""):
-    """A resident partition, as its task computes it: the data if they match the scan's
-    digest, else the error (returned; the pass that uses it raises it). The first time it
-    runs right after the scan; it matters when a lost worker's partitions are recomputed
-    from storage, which may have changed since."""
-    if isinstance(parts, BaseException):
-        return parts
-    head = digest(row0, *parts[:hashed])
-    if _check_digest(parts, hashed, row0, head) != expected:
-        return _changed(where or "a partition read again after a worker was lost")
-    return parts
 
 
 def checked_handles(loaders: list, scans: list, weighted: bool, starts: list[int]) -> list:

@@ -298,12 +298,6 @@ class Engine:
             raise
         if not resident:  # streamed: every later read is checked against the scan's digest
             handles = _data.checked_handles(rows.loaders, scans, rows.weighted, starts)
-        elif self.client is not None and not rows.in_memory:
-            # a lost worker's resident partitions are recomputed from storage: checked too
-            n = len(handles)
-            futures[:] = self.client.map(
-                _data.verify_resident, handles, [s.check for s in scans], starts, [2 if rows.weighted else 1] * n,
-                [getattr(ld, "where", "") for ld in rows.loaders], pure=False)
         return Loaded(rows, handles, resident, fingerprint, weight_sum, release, rescatter)
 
     # -- passes over the data -------------------------------------------------------

@@ -12,7 +12,6 @@ and no numpy warnings first.
 from __future__ import annotations
 
 import os
-import time
 import warnings
 
 import numpy as np
@@ -300,38 +299,3 @@ def test_huge_sequences_give_the_clear_error_without_numpy_warnings(tmp_path):
                                                        r"square.*at step 0, column 0.*Scale the data"):
                 est.fit(p)
         assert [str(w.message) for w in caught] == []
-
-
-def test_resident_partitions_recomputed_after_worker_loss_are_checked(tmp_path, make_cluster):
-    """A lost worker's resident partitions are read again from storage: if the data changed
-    since the fit started, the fit stops instead of mixing two versions."""
-    import signal
-
-    from emflow.cluster import engine_for
-    from emflow.em import run_em
-    from emflow.mixture import GMMFamily
-    from emflow.models import gmm as G
-
-    path = plain_array(tmp_path / "x.zarr", X4, (50, 4))
-    client = make_cluster(2)
-    eye = np.stack([np.eye(4)] * 2)
-    p0 = G.GMMParams(np.full(2, 0.5), np.array([[-3.0] * 4, [3.0] * 4]), eye, eye, "full")
-    with engine_for(client) as engine:
-        loaded = engine.open(path, persist=True)
-        run_em(engine, loaded, GMMFamily("full", 1e-6), p0, tol=0.0, max_iter=2)
-        plain_array(tmp_path / "x.zarr", X4 + 1.0, (50, 4))  # the data change ...
-        old = set(client.run(os.getpid).values())
-        for pid in old:  # ... and every worker dies (the nannies restart them)
-            os.kill(pid, signal.SIGKILL)
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                now = set(client.run(os.getpid).values())
-                if len(now) == 2 and not now & old:
-                    break
-            except Exception:
-                pass
-            time.sleep(0.2)
-        with pytest.raises(E.DataError, match=r"changed during the fit: partition \d+ \(rows \d+-\d+\) of .*x\.zarr"):
-            run_em(engine, loaded, GMMFamily("full", 1e-6), p0, tol=0.0, max_iter=2)
-        loaded.release()
