@@ -211,7 +211,7 @@ def test_resident_fit_is_unaffected_by_later_writes(tmp_path):
 
 def test_sequences_overwritten_during_a_streamed_fit(tmp_path):
     p = _sequences(tmp_path / "s.zarr")
-    est = _hmm(persist=False, tol=0, partition_bytes=800)
+    est = _hmm(persist=False, tol=0, partition_bytes=1600)
     cb = _overwrite_after_first_iteration(os.path.join(p, "values"), slice(300, 310), 7.0)
     with pytest.raises(E.DataError, match=r"changed during the fit: partition \d+ \(sequences \d+-\d+, steps"):
         est.fit(p, callbacks=[cb])
@@ -265,9 +265,9 @@ def test_sequence_and_corpus_values_counted_over_the_dataset(tmp_path):
     p = write_sequences(tmp_path / "s.zarr", X, np.arange(0, 401, 50), chunk_steps=40)
     with pytest.raises(E.NonFiniteDataError, match=r"^The sequence dataset \(.*s\.zarr\) holds 3 NaN or infinite value\(s\); "
                                                    r"the first is at step 10, column 0 \(Zarr chunk 0, steps 0-40\)"):
-        _hmm(partition_bytes=800).fit(p)
+        _hmm(partition_bytes=1600).fit(p)
     with pytest.raises(E.NonFiniteDataError, match=r"holds 3 infinite value\(s\); the first is at step 10"):
-        emflow.LinearGaussianSSM(1, scheduler="threads", max_iter=2, partition_bytes=800).fit(p)
+        emflow.LinearGaussianSSM(1, scheduler="threads", max_iter=2, partition_bytes=1600).fit(p)
     c = _corpus(tmp_path / "c.zarr")
     g = zarr.open_group(c, mode="r+")
     counts = g["counts"][...]
