@@ -376,7 +376,8 @@ def gmm_trajectory_config(model, sample_weight: Any = None) -> dict:
 def data_fingerprint(data, sample_weight: Any = None, *, scheduler: Any = None, min_rows: int = 1) -> dict:
     """Open, validate and fingerprint a row dataset in one streaming pass.
 
-    Every chunk is read once and checked (finite values, valid weights); the content
+    Every chunk is read once and checked (present in storage and decodable, finite values,
+    valid weights; bad values are counted over the whole dataset); the content
     fingerprint is the one ``GaussianMixture.fit`` records in ``fit_info_["fingerprint"]``
     when run on the same scheduler. Returns a dict with ``fingerprint``, ``source``,
     ``n_samples``, ``n_features``, ``dtype``, ``nbytes``, ``partitions``, ``weight_sum``.

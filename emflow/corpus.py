@@ -31,12 +31,12 @@ import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, ClassVar, Iterable, Iterator
 
 import numpy as np
 
-from .data import DEFAULT_PARTITION_BYTES, _url, check_pointer, is_zarr_path
-from .errors import ConfigError, DataError, DataNotFoundError, NonFiniteDataError
+from .data import DEFAULT_PARTITION_BYTES, Finding, _url, check_pointer, is_zarr_path, raise_findings, read_chunked
+from .errors import ConfigError, DataError, DataNotFoundError
 
 __all__ = [
     "CorpusData", "open_corpus", "write_corpus", "read_corpus", "read_vocabulary", "ingest_text",
@@ -62,34 +62,34 @@ def check_indptr(indptr, nnz: int, where: str = "indptr") -> np.ndarray:
     return p
 
 
-def _check_entries(indices: np.ndarray, counts: np.ndarray, n_terms: int, where: str, nnz0: int = 0) -> None:
+def _check_types(indices: np.ndarray, counts: np.ndarray, where: str) -> None:
     if indices.dtype.kind not in "iu":
         raise DataError(f"term ids of {where} must be integers, got dtype {indices.dtype}.")
     if counts.dtype.kind not in "fiu":
         raise DataError(f"counts of {where} have dtype {counts.dtype}; they must be numbers.")
+
+
+def _entry_findings(indices: np.ndarray, counts: np.ndarray, n_terms: int, nnz0: int = 0) -> list[Finding]:
+    """Bad entries: term ids outside [0, n_terms), NaN or infinite counts, negative counts."""
     if indices.size:
         bad = (indices < 0) | (indices >= n_terms)
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            raise DataError(
-                f"{where} holds {int(bad.sum())} term id(s) outside [0, {n_terms}); the first is "
-                f"{int(indices[i])} at entry {nnz0 + i}. The vocabulary and the term ids do not match."
-            )
+            return [Finding("term", int(bad.sum()), f"{int(indices[i])} at entry {nnz0 + i} (n_terms is {n_terms})")]
     if counts.dtype.kind == "f":
         badf = ~np.isfinite(counts)
         if badf.any():
-            i = int(np.flatnonzero(badf)[0])
-            raise NonFiniteDataError(
-                f"{where} holds {int(badf.sum())} NaN or infinite count(s); the first is at entry {nnz0 + i}. "
-                "Counts must be finite."
-            )
+            return [Finding("count_nonfinite", int(badf.sum()), f"at entry {nnz0 + int(np.flatnonzero(badf)[0])}")]
     neg = counts < 0
     if neg.any():
         i = int(np.flatnonzero(neg)[0])
-        raise DataError(
-            f"{where} holds {int(neg.sum())} negative count(s); the first is {counts[i]} at entry {nnz0 + i}. "
-            "Topic models need counts >= 0."
-        )
+        return [Finding("count_negative", int(neg.sum()), f"{counts[i]:g} at entry {nnz0 + i}")]
+    return []
+
+
+def _check_entries(indices: np.ndarray, counts: np.ndarray, n_terms: int, where: str, nnz0: int = 0) -> None:
+    _check_types(indices, counts, where)
+    raise_findings(_entry_findings(indices, counts, n_terms, nnz0), where)
 
 
 def _entries(indices: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -100,6 +100,18 @@ def _entries(indices: np.ndarray, counts: np.ndarray) -> np.ndarray:
 
 
 # -- loaders -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CorpusChecks:
+    """What a partition of a corpus must satisfy: term ids in range, counts finite and >= 0."""
+
+    nnz0: int
+    n_terms: int
+
+    def findings(self, parts) -> list[Finding]:
+        entries, _ = parts
+        return _entry_findings(entries["term"], entries["count"], self.n_terms, self.nnz0)
+
+
 @dataclass(frozen=True)
 class ZarrCorpusLoader:
     """Reads documents [doc_start, doc_stop) of a Zarr corpus where it is called."""
@@ -112,26 +124,44 @@ class ZarrCorpusLoader:
     n_terms: int
     index: int
 
-    def __call__(self):
+    @property
+    def where(self) -> str:
+        return f"partition {self.index} (documents {self.doc_start}-{self.doc_stop}) of {self.url}"
+
+    @property
+    def checks(self) -> CorpusChecks:
+        return CorpusChecks(self.nnz_start, self.n_terms)
+
+    def read(self):
         import zarr
 
         g = zarr.open_group(self.url, mode="r")
-        indices = g["indices"][self.nnz_start : self.nnz_stop]
-        counts = g["counts"][self.nnz_start : self.nnz_stop]
-        ptr = np.asarray(g["indptr"][self.doc_start : self.doc_stop + 1], dtype=np.int64) - self.nnz_start
-        where = f"partition {self.index} (documents {self.doc_start}-{self.doc_stop}) of {self.url}"
-        check_indptr(ptr, self.nnz_stop - self.nnz_start, f"indptr of {where}")
-        _check_entries(indices, counts, self.n_terms, where, self.nnz_start)
+        a, b = self.nnz_start, self.nnz_stop
+        indices = read_chunked(g["indices"], a, b, "corpus indices", url=self.url + "/indices", unit="entries")
+        counts = read_chunked(g["counts"], a, b, "corpus counts", url=self.url + "/counts", unit="entries")
+        ptr = read_chunked(g["indptr"], self.doc_start, self.doc_stop + 1, "corpus indptr", url=self.url + "/indptr",
+                           unit="documents")
+        ptr = np.asarray(ptr, dtype=np.int64) - a
+        check_indptr(ptr, b - a, f"indptr of {self.where}")
+        _check_types(indices, counts, self.where)
         return _entries(indices, counts), ptr
+
+    def __call__(self):
+        parts = self.read()
+        raise_findings(self.checks.findings(parts), self.where)
+        return parts
 
 
 @dataclass(frozen=True)
 class ArrayCorpusLoader:
-    """A partition of an in-memory corpus (already validated)."""
+    """A partition of an in-memory corpus (validated when opened)."""
 
     entries: np.ndarray = field(repr=False)
     indptr: np.ndarray = field(repr=False)
     index: int
+
+    def read(self):
+        return self.entries, self.indptr
 
     def __call__(self):
         return self.entries, self.indptr
@@ -174,6 +204,7 @@ class CorpusData:
     chunk_rows: int
     vocabulary: list[str] | None = field(default=None, repr=False)
     weighted: bool = False
+    what: ClassVar[str] = "The corpus"
 
     @property
     def n_docs(self) -> int:
@@ -299,7 +330,8 @@ def open_corpus(
         nnz = int(g["indices"].shape[0])
         if g["counts"].shape[0] != nnz:
             raise DataError(f"The corpus at {url!r} has {nnz} term ids but {g['counts'].shape[0]} counts.")
-        indptr = check_indptr(g["indptr"][...], nnz, f"'indptr' at {url!r}")
+        indptr = check_indptr(read_chunked(g["indptr"], 0, g["indptr"].shape[0], "corpus indptr",
+                                           url=url + "/indptr", unit="documents"), nnz, f"'indptr' at {url!r}")
         n_docs = len(indptr) - 1
         cdocs = int(g.attrs.get("chunk_docs") or g["indptr"].chunks[0])
         parts = _doc_partitions(indptr, cdocs, partition_bytes, min_partitions)
@@ -342,8 +374,9 @@ def read_vocabulary(path) -> list[str] | None:
     g = zarr.open_group(_url(path), mode="r")
     if "vocabulary_utf8" not in g:
         return None
-    raw = bytes(np.asarray(g["vocabulary_utf8"][...], dtype=np.uint8))
-    off = np.asarray(g["vocabulary_offsets"][...], dtype=np.int64)
+    u, o = g["vocabulary_utf8"], g["vocabulary_offsets"]
+    raw = bytes(np.asarray(read_chunked(u, 0, u.shape[0], "vocabulary", unit="bytes"), dtype=np.uint8))
+    off = np.asarray(read_chunked(o, 0, o.shape[0], "vocabulary offsets", unit="entries"), dtype=np.int64)
     return [raw[off[i] : off[i + 1]].decode("utf-8") for i in range(len(off) - 1)]
 
 
@@ -354,7 +387,8 @@ def read_corpus(path):
 
     c = open_corpus(path)
     g = zarr.open_group(c.url, mode="r")
-    X = sp.csr_matrix((g["counts"][...], g["indices"][...], c.indptr), shape=(c.n_docs, c.n_terms))
+    counts, indices = (read_chunked(g[k], 0, c.nnz, f"corpus {k}", unit="entries") for k in ("counts", "indices"))
+    X = sp.csr_matrix((counts, indices, c.indptr), shape=(c.n_docs, c.n_terms))
     return X, c.vocabulary
 
 
@@ -367,13 +401,15 @@ class _CorpusWriter:
         from zarr.codecs import BloscCodec, BloscShuffle
 
         comp = BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.bitshuffle)
+        # every chunk is stored (even one of zeros), so a missing one is detectable
+        kw = {"compressors": comp, "config": {"write_empty_chunks": True}, "attributes": {"all_chunks_written": True}}
         self.g = zarr.open_group(root, mode="w")
         idt = "int32" if n_terms < 2**31 else "int64"
-        self.indptr = self.g.create_array("indptr", shape=(1,), dtype="int64", chunks=(chunk_docs,), compressors=comp)
+        self.indptr = self.g.create_array("indptr", shape=(1,), dtype="int64", chunks=(chunk_docs,), **kw)
         self.indptr[0:1] = 0
-        self.indices = self.g.create_array("indices", shape=(0,), dtype=idt, chunks=(chunk_nnz,), compressors=comp)
+        self.indices = self.g.create_array("indices", shape=(0,), dtype=idt, chunks=(chunk_nnz,), **kw)
         self.counts = self.g.create_array("counts", shape=(0,), dtype=np.dtype(counts_dtype), chunks=(chunk_nnz,),
-                                          compressors=comp)
+                                          **kw)
         self.n_terms, self.chunk_docs = n_terms, chunk_docs
         self.n_docs = 0
         self.nnz = 0
@@ -401,9 +437,10 @@ class _CorpusWriter:
             enc = [t.encode("utf-8") for t in vocabulary]
             off = np.concatenate([[0], np.cumsum([len(b) for b in enc])]).astype(np.int64)
             raw = np.frombuffer(b"".join(enc), dtype=np.uint8)
+            every = {"config": {"write_empty_chunks": True}, "attributes": {"all_chunks_written": True}}
             self.g.create_array("vocabulary_utf8", data=raw if raw.size else np.zeros(0, np.uint8),
-                                chunks=(max(1, min(1 << 22, raw.size)),))
-            self.g.create_array("vocabulary_offsets", data=off, chunks=(max(1, min(1 << 20, off.size)),))
+                                chunks=(max(1, min(1 << 22, raw.size)),), **every)
+            self.g.create_array("vocabulary_offsets", data=off, chunks=(max(1, min(1 << 20, off.size)),), **every)
         self.g.attrs.update({
             "kind": "corpus", "n_docs": self.n_docs, "n_terms": self.n_terms, "nnz": self.nnz,
             "chunk_docs": self.chunk_docs, "counts_dtype": str(self.counts.dtype), "total_count": self.total,

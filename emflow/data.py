@@ -4,6 +4,12 @@ A partition is a run of whole Zarr chunks (or rows of an in-memory array). Each 
 is described by a small picklable *loader*; calling the loader on a worker reads that
 partition (``X`` of shape (rows, n_features) and optional weights of shape (rows,)) and
 checks it, so data never travel through the client.
+
+Every Zarr read goes through :func:`read_chunked` (a missing or undecodable chunk is a
+DataError that names it). The engine's opening scan (:func:`scan_partition`) reads each
+partition once: it checks the values (bad ones counted over the whole dataset), computes
+the fingerprint, and keeps each partition's digest, which every later streamed read must
+match (:class:`Checked`), so a fit stops if its data change under it.
 """
 
 from __future__ import annotations
@@ -11,11 +17,11 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar, NamedTuple
 
 import numpy as np
 
-from .errors import ConfigError, DataError, DataNotFoundError, NonFiniteDataError
+from .errors import ConfigError, DataError, DataNotFoundError, EmflowError, FitFailedError, NonFiniteDataError
 
 __all__ = ["RowData", "open_rows", "open_zarr_array", "is_zarr_path", "DEFAULT_PARTITION_BYTES"]
 
@@ -95,75 +101,335 @@ def _check_dtype(dtype: np.dtype, where: str) -> None:
         )
 
 
-def _check_finite(X: np.ndarray, w: np.ndarray | None, where: str, row0: int, chunk_rows: int | None = None) -> None:
-    if X.dtype.kind == "f":
-        bad = ~np.isfinite(X)
-        if bad.any():
-            count = int(bad.sum())
-            r, c = np.argwhere(bad)[0]
-            row = row0 + int(r)
-            chunk = ""
-            if chunk_rows:
-                ci = row // chunk_rows
-                chunk = f" (Zarr chunk {ci}, rows {ci * chunk_rows}-{(ci + 1) * chunk_rows})"
-            raise NonFiniteDataError(
-                f"{where} holds {count} NaN or infinite value(s); the first is at row "
-                f"{row}, column {int(c)}{chunk}. Remove or impute those rows before fitting."
-            )
-    if w is not None:
-        badw = ~np.isfinite(w) | (w < 0)
-        if badw.any():
-            r = int(np.flatnonzero(badw)[0])
-            raise DataError(
-                f"sample_weight for {where} holds {int(badw.sum())} negative, NaN or infinite "
-                f"value(s); the first is at row {row0 + r}. Weights must be finite and >= 0."
-            )
-
-
 def _chunk_key(arr, coords: tuple[int, ...]) -> str:
     key = arr.metadata.encode_chunk_key(coords)
     return f"{arr.path}/{key}" if arr.path else key
 
 
-def read_zarr_rows(url: str, start: int, stop: int, role: str = "data") -> np.ndarray:
-    """Rows [start, stop) of a Zarr array, refusing missing or unreadable chunks.
+def _span(ci: int, size: int, extent: int) -> str:
+    return f"{ci * size}-{min(extent, (ci + 1) * size)}"
 
-    Zarr reads a missing chunk as the fill value, which would silently become data. Zarr
-    also skips writing chunks that hold only the fill value, so a missing chunk is an error
-    only in arrays whose writer stored every chunk and said so with the attribute
-    ``all_chunks_written`` (emflow's generators and ingest do). A chunk that fails to
-    decode is always an error, and it is named.
+
+def _chunk_where(arr, coords: tuple[int, ...], unit: str) -> str:
+    """``rows 200-300`` (and ``columns 4-8`` when the array is chunked along its columns too)."""
+    stored = tuple(arr.shards or arr.chunks)
+    text = f"{unit} {_span(coords[0], stored[0], arr.shape[0])}"
+    if arr.ndim == 2 and stored[1] < arr.shape[1]:
+        text += f", columns {_span(coords[1], stored[1], arr.shape[1])}"
+    return text
+
+
+def _label(arr) -> str:
+    return "Shard" if arr.shards else "Chunk"
+
+
+def _fill(arr) -> str:
+    v = arr.fill_value
+    return str(v.item() if hasattr(v, "item") else v)
+
+
+def _touched(arr, start: int, stop: int) -> list[tuple[int, ...]]:
+    """Grid coordinates of every stored object (chunk, or shard) that elements [start, stop)
+    along axis 0, all of the other axes, read."""
+    import itertools
+
+    stored = tuple(arr.shards or arr.chunks)
+    first, last = start // stored[0], (stop - 1) // stored[0]
+    rest = [range(max(1, -(-n // c))) for n, c in zip(arr.shape[1:], stored[1:])]
+    return [(ci, *r) for ci in range(first, last + 1) for r in itertools.product(*rest)]
+
+
+def read_chunked(arr, start: int, stop: int, role: str = "data", *, url: str | None = None,
+                 unit: str = "rows") -> np.ndarray:
+    """Elements [start, stop) along axis 0 (all of the other axes) of a Zarr array, refusing
+    missing or unreadable chunks. Every array a fit reads goes through here.
+
+    ``arr`` is an opened ``zarr.Array`` or its URL. Zarr reads a missing chunk as the fill
+    value, which would silently become data, so every stored object the read touches (each
+    chunk, or each shard of a sharded array, along every axis) must exist: one ``exists``
+    per object, asked concurrently, and no second read. Zarr also leaves out chunks that
+    hold only the fill value unless the array was written with
+    ``config={"write_empty_chunks": True}`` (emflow's writers do); an array written without
+    it that has such chunks says so with ``attrs["all_chunks_written"] = False``, and then
+    its missing chunks read as the fill value. A chunk that fails to decode (truncated,
+    altered) is always an error, and it is named with its rows. ``role`` (``"data"``,
+    ``"weights"``, ``"sequence values"``...) and ``unit`` (``"rows"``, ``"steps"``,
+    ``"entries"``, ``"documents"``) name the array and its first axis in errors.
     """
+    import asyncio
+
     import zarr
     from zarr.core.sync import sync
 
-    arr = zarr.open_array(url, mode="r")
+    if not isinstance(arr, zarr.Array):
+        url = url or str(arr)
+        arr = zarr.open_array(arr, mode="r")
+    url = url or str(arr.store_path)
+    stop = min(int(stop), int(arr.shape[0]))
     if stop <= start:
         return arr[start:stop]
-    c = int(arr.chunks[0])
-    first, last = start // c, (stop - 1) // c
-    trailing = (0,) * (arr.ndim - 1)
-    for ci in range(first, last + 1) if arr.attrs.get("all_chunks_written") else ():
-        coords = (ci, *trailing)
-        if not sync(arr.store.exists(_chunk_key(arr, coords))):
+    coords = _touched(arr, start, stop)
+    if arr.attrs.get("all_chunks_written") is not False:
+        store = arr.store
+
+        async def exist():
+            return await asyncio.gather(*(store.exists(_chunk_key(arr, c)) for c in coords))
+
+        found = sync(exist())
+        missing = [c for c, ok in zip(coords, found) if not ok]
+        if missing:
+            c = missing[0]
+            more = (f" ({len(missing)} of the {len(coords)} {_label(arr).lower()}s this read needs are missing)"
+                    if len(missing) > 1 else "")
             raise DataError(
-                f"Chunk {coords} (rows {ci * c}-{min(arr.shape[0], (ci + 1) * c)}) of the {role} at {url!r} "
-                "is missing from storage, so those rows would read as the fill value. Restore the "
-                "chunk or re-create the dataset."
+                f"{_label(arr)} {c} ({_chunk_where(arr, c, unit)}) of the {role} at {url!r} is missing from storage{more}, "
+                f"so those {unit} would read as the fill value ({_fill(arr)}). Restore the chunk or re-create "
+                "the dataset. (If the array legitimately leaves out chunks that hold only the fill value, as Zarr "
+                "does unless written with config={'write_empty_chunks': True}, set attrs['all_chunks_written'] = "
+                "False on it.)"
             )
     try:
         return arr[start:stop]
     except Exception as exc:
-        for ci in range(first, last + 1):
+        stored = tuple(arr.shards or arr.chunks)
+        for c in coords:
+            region = tuple(slice(i * s, (i + 1) * s) for i, s in zip(c, stored))
             try:
-                arr[ci * c : (ci + 1) * c]
+                arr[region]
             except Exception as exc_c:
                 raise DataError(
-                    f"Chunk {(ci, *trailing)} (rows {ci * c}-{min(arr.shape[0], (ci + 1) * c)}) of the {role} "
-                    f"at {url!r} cannot be read ({type(exc_c).__name__}: {exc_c}). The file is corrupt: "
-                    "restore it or re-create the dataset."
+                    f"{_label(arr)} {c} ({_chunk_where(arr, c, unit)}) of the {role} at {url!r} cannot be read "
+                    f"({type(exc_c).__name__}: {exc_c}). The file is corrupt (truncated or altered): restore it "
+                    "or re-create the dataset."
                 ) from exc_c
-        raise DataError(f"Rows {start}-{stop} of the {role} at {url!r} cannot be read: {exc}") from exc
+        raise DataError(f"{unit.capitalize()} {start}-{stop} of the {role} at {url!r} cannot be read "
+                        f"({type(exc).__name__}: {exc}).") from exc
+
+
+# -- value checks ---------------------------------------------------------------------
+# A partition's values are checked where it is read, and what is wrong is returned as
+# Findings rather than raised: the opening scan (which reads every partition once) sums
+# them over the dataset, so an error counts the whole dataset's bad values and names the
+# first, and no worker logs a traceback for an error the client is about to report.
+
+# values whose square overflows float64: no Gaussian model of them exists in float64
+SQUARE_LIMIT = float(np.sqrt(np.finfo(np.float64).max))  # ~1.34e154
+
+
+class Finding(NamedTuple):
+    """One kind of bad value in a partition: how many, and where the first is."""
+
+    kind: str  # a key of FINDINGS
+    count: int
+    first: str  # e.g. "at row 612, column 1 (Zarr chunk 6, rows 600-700)"
+
+
+# kind -> (error class, what the values are, what to do)
+FINDINGS: dict[str, tuple[type, str, str]] = {
+    "nonfinite": (NonFiniteDataError, "NaN or infinite value(s)", "Remove or impute them before fitting."),
+    "weights": (DataError, "negative, NaN or infinite sample weight(s)", "Weights must be finite and >= 0."),
+    "huge": (FitFailedError, f"value(s) too large to square in float64 (beyond {SQUARE_LIMIT:.3g})",
+             "No Gaussian model of them exists in float64. Scale the data before fitting, e.g. divide each "
+             "column by its standard deviation or by a power of ten."),
+    "infinite": (NonFiniteDataError, "infinite value(s)", "NaN marks a missing value here, infinity is not "
+                 "allowed: replace it with NaN or a finite value."),
+    "term": (DataError, "term id(s) outside [0, n_terms)", "The vocabulary and the term ids do not match."),
+    "count_nonfinite": (NonFiniteDataError, "NaN or infinite count(s)", "Counts must be finite."),
+    "count_negative": (DataError, "negative count(s)", "Topic models need counts >= 0."),
+}
+
+
+def finding_error(where: str, f: Finding, count: int | None = None) -> Exception:
+    cls, what, advice = FINDINGS[f.kind]
+    return cls(f"{where} holds {f.count if count is None else count} {what}; the first is {f.first}. {advice}")
+
+
+def raise_findings(findings, where: str) -> None:
+    if findings:
+        raise finding_error(where, findings[0])
+
+
+def value_findings(X: np.ndarray, row0: int, unit: str = "row", chunk_rows: int | None = None,
+                   limit: float | None = None, allow_nan: bool = False) -> list[Finding]:
+    """Non-finite values of a 2-D float partition (only infinities with ``allow_nan``), and,
+    with ``limit``, values beyond it in magnitude. One min and one max over the data when
+    they are clean; the detailed count only when they are not."""
+    if X.dtype.kind != "f" or X.size == 0:
+        return []
+
+    def at(r, c, value=None):
+        row = row0 + int(r)
+        chunk = ""
+        if chunk_rows:
+            ci = row // chunk_rows
+            chunk = f" (Zarr chunk {ci}, {unit}s {ci * chunk_rows}-{(ci + 1) * chunk_rows})"
+        v = "" if value is None else f"{value:.3g} "
+        return f"{v}at {unit} {row}, column {int(c)}{chunk}"
+
+    with np.errstate(invalid="ignore"):
+        lo, hi = np.min(X), np.max(X)
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        bad = np.isinf(X) if allow_nan else ~np.isfinite(X)
+        if bad.any():
+            r, c = np.argwhere(bad)[0]
+            return [Finding("infinite" if allow_nan else "nonfinite", int(bad.sum()), at(r, c))]
+        if limit is None:
+            return []
+        with np.errstate(invalid="ignore"):
+            lo, hi = np.nanmin(X), np.nanmax(X)
+    if limit is not None and max(-float(lo), float(hi)) > limit:
+        big = np.abs(X) > limit
+        r, c = np.argwhere(big)[0]
+        return [Finding("huge", int(big.sum()), at(r, c, X[r, c]))]
+    return []
+
+
+def weight_findings(w: np.ndarray | None, row0: int) -> list[Finding]:
+    if w is None:
+        return []
+    badw = ~np.isfinite(w) | (w < 0)
+    if not badw.any():
+        return []
+    return [Finding("weights", int(badw.sum()), f"at row {row0 + int(np.flatnonzero(badw)[0])}")]
+
+
+@dataclass(frozen=True)
+class RowChecks:
+    """What a row partition's values must satisfy: finite, squarable, weights >= 0."""
+
+    row0: int
+    chunk_rows: int | None = None
+
+    def findings(self, parts) -> list[Finding]:
+        X, w = parts
+        return value_findings(X, self.row0, "row", self.chunk_rows, SQUARE_LIMIT) + weight_findings(w, self.row0)
+
+
+def _check_finite(X: np.ndarray, w: np.ndarray | None, where: str, row0: int, chunk_rows: int | None = None) -> None:
+    raise_findings(value_findings(X, row0, "row", chunk_rows) + weight_findings(w, row0), where)
+
+
+# -- partitions: read, scan, re-read --------------------------------------------------
+def read_partition(loader):
+    """A partition's arrays, without the value checks (those run in the scan)."""
+    return loader.read() if hasattr(loader, "read") else loader()
+
+
+def read_quiet(loader):
+    """``read_partition``, returning an expected error instead of raising it, so that the
+    Dask worker running it does not log a traceback; the scan hands it to the client."""
+    try:
+        return read_partition(loader)
+    except EmflowError as exc:
+        return exc
+
+
+_SEEDS = (0x9E3779B97F4A7C15, 0xD1B54A32D192ED03)
+
+
+def _check_digest(parts: tuple, row0: int, skip: int = 0) -> tuple:
+    """What a re-read of a partition must match: its length and the first-seed positional
+    hash of each of its arrays (64 bits each: half the work of the fingerprint's two seeds).
+    The first ``skip`` arrays' hashes are left out (the scan has them from the fingerprint)."""
+    return (len(parts[0]), *(positional_hash(a, row0, seeds=(_SEEDS[0] + k,))[0]
+                             for k, a in enumerate(parts) if k >= skip and isinstance(a, np.ndarray)))
+
+
+def _scan_check(parts: tuple, hashed: int, row0: int, head: tuple) -> tuple:
+    """:func:`_check_digest` of a scanned partition, reusing the fingerprint's hashes: the
+    first-seed hash of each hashed array, which ``digest`` sums into ``head[1]``."""
+    if hashed == 1:
+        n, *extra = _check_digest(parts, row0, skip=1)
+        return (n, head[1], *extra)
+    return _check_digest(parts, row0)  # X and weights: their hashes are summed in head
+
+
+class Scan(NamedTuple):
+    rows: int
+    weight_sum: float
+    h1: int
+    h2: int
+    findings: tuple
+    check: tuple
+
+
+def scan_partition(handle, checks, weighted: bool, row0: int):
+    """Read (a loader) or take (resident data) a partition, check its values and hash it.
+
+    Returns a :class:`Scan`, or the expected error (an ``EmflowError``) that reading it
+    raised: returned, not raised, so no worker logs it; :func:`finish_scan` raises it on
+    the client. Only the first array (rows, sequence values, corpus entries) and, for rows,
+    the weights enter the fingerprint; the structure arrays (offsets, indptr) are hashed
+    once globally. ``check`` covers every array, for :class:`Checked` re-reads.
+    """
+    try:
+        if isinstance(handle, BaseException):
+            return handle
+        parts = handle if isinstance(handle, tuple) else read_partition(handle)
+        found = tuple(checks.findings(parts)) if checks is not None else ()
+        hashed = 2 if weighted else 1
+        head = digest(row0, *parts[:hashed])
+        total = weight_total(*parts) if weighted and not found else float(head[0])
+        return Scan(head[0], total, head[1], head[2], found, _scan_check(parts, hashed, row0, head))
+    except EmflowError as exc:
+        return exc
+
+
+def finish_scan(rows, scans: list) -> tuple[str, float]:
+    """Raise what the scan found (the first partition's error; bad values counted over the
+    whole dataset, the first named), else return ``(fingerprint, weight sum)``."""
+    for s in scans:
+        if isinstance(s, BaseException):
+            raise s
+    first = next((s.findings[0] for s in scans if s.findings), None)
+    if first is not None:
+        total = sum(f.count for s in scans for f in s.findings if f.kind == first.kind)
+        raise finding_error(f"{getattr(rows, 'what', 'The data')} ({rows.source})", first, total)
+    structure = getattr(rows, "offsets", None)
+    if structure is None:
+        structure = getattr(rows, "indptr", None)
+    fingerprint = combine_fingerprint((rows.n_rows, rows.n_features), rows.dtype, [(s.h1, s.h2) for s in scans],
+                                      structure)
+    weight_sum = float(sum(s.weight_sum for s in scans))
+    if not weight_sum > 0:
+        raise DataError("sample_weight sums to zero: at least one row needs a positive weight.")
+    return fingerprint, weight_sum
+
+
+@dataclass(frozen=True)
+class Checked:
+    """A streamed partition's loader that refuses data changed since the fit's opening scan.
+
+    Each pass re-reads the partition and recomputes a 64-bit positional hash of each of its
+    arrays (the first of the fingerprint's two seeds, which the scan already computed; ~3
+    GB/s per idle core), so a fit never mixes two versions of the data and never records
+    the fingerprint of data it did not fit. A change goes unnoticed only if its hash
+    collides (about 2**-64 for a change that is not built to collide).
+    """
+
+    inner: Any
+    row0: int
+    expected: tuple
+
+    @property
+    def index(self):
+        return getattr(self.inner, "index", None)
+
+    def __call__(self):
+        parts = read_partition(self.inner)
+        if _check_digest(parts, self.row0) != self.expected:
+            where = getattr(self.inner, "where", None) or f"partition {self.index}"
+            raise DataError(
+                f"The data changed during the fit: {where} no longer holds what the fit read when it started "
+                "(its content digest differs). The fit stops, with no model, rather than mix two versions of the "
+                "data. Let whatever writes to the dataset finish, then run the fit again."
+            )
+        return parts
+
+
+def checked_handles(loaders: list, scans: list, weighted: bool, starts: list[int]) -> list:
+    """Streamed handles: each loader wrapped to verify its data against the scan's digest."""
+    return [Checked(ld, r0, s.check) for ld, s, r0 in zip(loaders, scans, starts)]
 
 
 @dataclass(frozen=True)
@@ -177,14 +443,26 @@ class ZarrLoader:
     weights_url: str | None = None
     chunk_rows: int | None = None
 
-    def __call__(self) -> tuple[np.ndarray, np.ndarray | None]:
-        X = read_zarr_rows(self.url, self.start, self.stop)
+    @property
+    def where(self) -> str:
+        return f"partition {self.index} (rows {self.start}-{self.stop}) of {self.url}"
+
+    @property
+    def checks(self) -> RowChecks:
+        return RowChecks(self.start, self.chunk_rows)
+
+    def read(self) -> tuple[np.ndarray, np.ndarray | None]:
+        X = read_chunked(self.url, self.start, self.stop, "data", url=self.url)
         w = None
         if self.weights_url is not None:
-            w = np.asarray(read_zarr_rows(self.weights_url, self.start, self.stop, "weights"), dtype=np.float64)
-        _check_finite(X, w, f"partition {self.index} (rows {self.start}-{self.stop}) of {self.url}", self.start,
-                      self.chunk_rows)
+            w = np.asarray(read_chunked(self.weights_url, self.start, self.stop, "weights", url=self.weights_url),
+                           dtype=np.float64)
         return X, w
+
+    def __call__(self) -> tuple[np.ndarray, np.ndarray | None]:
+        parts = self.read()
+        raise_findings(self.checks.findings(parts), self.where)
+        return parts
 
 
 @dataclass(frozen=True)
@@ -196,9 +474,19 @@ class ArrayLoader:
     start: int
     index: int
 
+    @property
+    def where(self) -> str:
+        return f"partition {self.index} (rows {self.start}-{self.start + len(self.X)}) of the array"
+
+    @property
+    def checks(self) -> RowChecks:
+        return RowChecks(self.start)
+
+    def read(self):
+        return self.X, self.w
+
     def __call__(self):
-        stop = self.start + len(self.X)
-        _check_finite(self.X, self.w, f"partition {self.index} (rows {self.start}-{stop}) of the array", self.start)
+        raise_findings(self.checks.findings((self.X, self.w)), self.where)
         return self.X, self.w
 
 
@@ -211,15 +499,24 @@ class DaskLoader:
     start: int
     index: int
 
-    def __call__(self):
+    @property
+    def where(self) -> str:
+        return f"partition {self.index} (rows from {self.start}) of the dask array"
+
+    @property
+    def checks(self) -> RowChecks:
+        return RowChecks(self.start)
+
+    def read(self):
         import dask
 
         X, w = dask.compute(self.block, self.wblock, scheduler="sync")
-        X = np.asarray(X)
-        w = None if w is None else np.asarray(w, dtype=np.float64)
-        stop = self.start + len(X)
-        _check_finite(X, w, f"partition {self.index} (rows {self.start}-{stop}) of the dask array", self.start)
-        return X, w
+        return np.asarray(X), (None if w is None else np.asarray(w, dtype=np.float64))
+
+    def __call__(self):
+        parts = self.read()
+        raise_findings(self.checks.findings(parts), self.where)
+        return parts
 
 
 @dataclass
@@ -252,6 +549,7 @@ class RowData:
     url: str | None
     chunk_rows: int
     weighted: bool
+    what: ClassVar[str] = "The data"  # how errors about the whole dataset name it
 
     @property
     def nbytes(self) -> int:
@@ -434,10 +732,21 @@ class _ZarrWithWeights:
     def index(self):
         return self.inner.index
 
+    @property
+    def where(self) -> str:
+        return self.inner.where
+
+    @property
+    def checks(self) -> RowChecks:
+        return self.inner.checks
+
+    def read(self):
+        return self.inner.read()[0], self.w
+
     def __call__(self):
-        X, _ = self.inner()
-        _check_finite(X, self.w, f"partition {self.inner.index} of {self.inner.url}", self.inner.start)
-        return X, self.w
+        parts = self.read()
+        raise_findings(self.checks.findings(parts), self.where)
+        return parts
 
 
 _MASK = np.uint64(0xFFFFFFFFFFFFFFFF)

@@ -27,7 +27,7 @@ from typing import Any, Callable, Literal, Sequence
 import numpy as np
 
 from . import data as _data
-from .errors import ClusterError, ClusterWarning, ConfigError, DataError
+from .errors import ClusterError, ClusterWarning, ConfigError
 from .stats import add
 
 __all__ = ["Engine", "Loaded", "tree_reduce", "WORKER_WAIT_TIMEOUT", "STALL_FACTOR", "STALL_FLOOR"]
@@ -62,6 +62,8 @@ def _partition_data(handle):
     """Return (X, w) for a partition handle: a loader (streaming) or loaded data (resident)."""
     if isinstance(handle, tuple):
         return handle
+    if isinstance(handle, BaseException):  # a resident partition whose (re)read failed
+        raise handle
     return handle()
 
 
@@ -73,18 +75,6 @@ def _apply(fn: Callable, handle, args: tuple):
 def _apply_indexed(fn: Callable, handle, args: tuple, extra):
     X, w = _partition_data(handle)
     return fn(X, w, *args, extra)
-
-
-def _scan(handle, weighted: bool, row0: int):
-    """Validate (by loading) a partition and hash it: (rows, weight sum, hash1, hash2).
-
-    Only the first array (rows, sequence values, corpus entries) and, for rows, the
-    weights are hashed here; structure arrays (offsets, indptr) are hashed once globally.
-    """
-    parts = _partition_data(handle)
-    hashed = parts[:2] if weighted else parts[:1]
-    n, h1, h2 = _data.digest(row0, *hashed)
-    return n, (_data.weight_total(*parts) if weighted else float(n)), h1, h2
 
 
 def _element_starts(rows) -> list[int]:
@@ -469,15 +459,19 @@ class Engine:
         resident = self._decide_resident(rows, persist)
         release: Callable[[], None] | None = None
         rescatter: Callable[[list[int]], None] | None = None
+        # the scan reads every partition once: values checked over the whole dataset,
+        # fingerprint; errors come back as values (emflow.data.scan_partition)
+        starts = _element_starts(rows)
+        checks = [getattr(ld, "checks", None) for ld in rows.loaders]
         if self.client is None:
             if resident and not rows.in_memory:
-                handles = list(self._threads().map(_partition_data, rows.loaders))
+                handles = list(self._threads().map(_data.read_quiet, rows.loaders))
             elif rows.in_memory:
-                handles = [ld() for ld in rows.loaders]  # validates; arrays are views
+                handles = [_data.read_quiet(ld) for ld in rows.loaders]  # arrays are views
             else:
                 handles = list(rows.loaders)
-            scans = list(self._threads().map(lambda hs: _scan(hs[0], rows.weighted, hs[1]),
-                                             zip(handles, _element_starts(rows))))
+            scans = list(self._threads().map(lambda a: _data.scan_partition(a[0], a[1], rows.weighted, a[2]),
+                                             zip(handles, checks, starts)))
         else:
             t0 = time.monotonic()
             try:
@@ -485,7 +479,7 @@ class Engine:
                 if rows.in_memory:
                     # the client holds the values: ship them once (not inside task specs,
                     # which the scheduler would keep a copy of)
-                    handles = self.client.scatter([ld() for ld in rows.loaders], hash=False)
+                    handles = self.client.scatter([_data.read_quiet(ld) for ld in rows.loaders], hash=False)
 
                     def rescatter(idx: list[int]) -> None:
                         new = self.client.scatter([rows.loaders[i]() for i in idx], hash=False)
@@ -494,11 +488,11 @@ class Engine:
                 elif resident:
                     # a task per partition: if a worker dies, the scheduler recomputes its
                     # partitions from the loaders on another worker
-                    handles = self.client.map(_partition_data, rows.loaders, pure=False)
+                    handles = self.client.map(_data.read_quiet, rows.loaders, pure=False)
                 else:
                     handles = list(rows.loaders)
-                futures = [self.client.submit(_scan, h, rows.weighted, r0, pure=False)
-                           for h, r0 in zip(handles, _element_starts(rows))]
+                futures = [self.client.submit(_data.scan_partition, h, c, rows.weighted, r0, pure=False)
+                           for h, c, r0 in zip(handles, checks, starts)]
                 self._wait(futures, [], t0, None)
                 scans = self.client.gather(futures)
             except Exception as exc:
@@ -519,15 +513,14 @@ class Engine:
                     for f in futures:
                         f.release()
 
-        structure = getattr(rows, "offsets", None)
-        if structure is None:
-            structure = getattr(rows, "indptr", None)
-        fingerprint = _data.combine_fingerprint(
-            (rows.n_rows, rows.n_features), rows.dtype, [(s[2], s[3]) for s in scans], structure
-        )
-        weight_sum = float(sum(s[1] for s in scans))
-        if not weight_sum > 0:
-            raise DataError("sample_weight sums to zero: at least one row needs a positive weight.")
+        try:
+            fingerprint, weight_sum = _data.finish_scan(rows, scans)
+        except Exception:
+            if release is not None:
+                release()
+            raise
+        if not resident:  # streamed: every later read is checked against the scan's digest
+            handles = _data.checked_handles(rows.loaders, scans, rows.weighted, starts)
         loaded = Loaded(rows, handles, resident, fingerprint, weight_sum, release, rescatter)
         if self.client is not None:
             # the scan read every partition: the first measure of how long a pass takes

@@ -33,7 +33,7 @@ from . import __version__
 from . import store as _store
 from .base import ParamsMixin, check_execution, check_int, check_real, rng_from
 from .cluster import engine_for
-from .data import DEFAULT_PARTITION_BYTES, is_zarr_path
+from .data import DEFAULT_PARTITION_BYTES, SQUARE_LIMIT, is_zarr_path
 from .em import EMResult, IterationEvent, run_em
 from .stats import require_finite
 from .errors import (
@@ -163,6 +163,7 @@ def _score_part(values, offsets, params):
 class _BaseHMM(ParamsMixin):
     _family_name = ""
     _emission_letters = ""
+    _max_magnitude: float | None = None  # values beyond it: "scale the data", before any arithmetic
 
     def _rng(self, random_state=None) -> np.random.Generator:
         return rng_from(self.random_state if random_state is None else random_state)
@@ -192,10 +193,11 @@ class _BaseHMM(ParamsMixin):
         if is_zarr_path(X):
             if lengths is not None:
                 raise ConfigError("lengths is for in-memory data; a Zarr sequence group carries its own offsets.")
-            seq = open_sequences(X, partition_bytes=self.partition_bytes, min_partitions=2 * engine.total_threads)
+            seq = open_sequences(X, partition_bytes=self.partition_bytes, min_partitions=2 * engine.total_threads,
+                                 max_magnitude=self._max_magnitude)
         else:
             seq = open_sequences(self._as_values(X), lengths, partition_bytes=self.partition_bytes,
-                                 min_partitions=2 * engine.total_threads)
+                                 min_partitions=2 * engine.total_threads, max_magnitude=self._max_magnitude)
         return engine.load(seq, persist=self.persist)
 
     def _transition_init(self, rng: np.random.Generator, K: int):
@@ -512,6 +514,7 @@ class GaussianHMM(_BaseHMM):
 
     _family_name = "gaussian_hmm"
     _emission_letters = "mc"
+    _max_magnitude = SQUARE_LIMIT
 
     def __init__(self, n_components: int = 1, covariance_type: str = "diag", min_covar: float = 1e-3,
                  startprob_prior=1.0, transmat_prior=1.0, means_prior=0, means_weight=0,

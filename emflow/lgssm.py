@@ -25,7 +25,7 @@ from . import __version__
 from . import store as _store
 from .base import ParamsMixin, check_choice, check_execution, check_int, check_real, rng_from
 from .cluster import engine_for
-from .data import DEFAULT_PARTITION_BYTES, is_zarr_path
+from .data import DEFAULT_PARTITION_BYTES, SQUARE_LIMIT, is_zarr_path
 from .em import EMResult, IterationEvent, run_em
 from .errors import (
     ConfigError,
@@ -267,7 +267,7 @@ class LinearGaussianSSM(ParamsMixin):
             )
         return open_sequences(
             X, lengths, partition_bytes=self.partition_bytes or DEFAULT_PARTITION_BYTES,
-            min_partitions=2 * engine.total_threads, allow_nan=True,
+            min_partitions=2 * engine.total_threads, allow_nan=True, max_magnitude=SQUARE_LIMIT,
         )
 
     # -- fitting ---------------------------------------------------------------------

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 
-from .data import DEFAULT_PARTITION_BYTES, _check_dtype, _check_finite, _url, check_pointer, is_zarr_path
-from .errors import DataError, DataNotFoundError, NonFiniteDataError
+from .data import (DEFAULT_PARTITION_BYTES, _check_dtype, _url, check_pointer, is_zarr_path, raise_findings,
+                   read_chunked, value_findings)
+from .errors import DataError, DataNotFoundError
 
 __all__ = ["SequenceData", "open_sequences", "check_offsets", "write_sequences", "write_owned", "write_step_outputs"]
 
@@ -46,6 +47,22 @@ def check_offsets(offsets: np.ndarray, total_steps: int, where: str = "offsets")
 
 
 @dataclass(frozen=True)
+class SeqChecks:
+    """What a partition of sequences must satisfy: finite values (with ``allow_nan``, NaN
+    means "missing" and only infinities are errors), and none beyond ``limit`` in magnitude
+    when one is set."""
+
+    step0: int
+    allow_nan: bool = False
+    chunk_steps: int | None = None
+    limit: float | None = None
+
+    def findings(self, parts) -> list:
+        values, _ = parts
+        return value_findings(values, self.step0, "step", self.chunk_steps, self.limit, self.allow_nan)
+
+
+@dataclass(frozen=True)
 class ZarrSeqLoader:
     url: str
     seq_start: int
@@ -54,17 +71,38 @@ class ZarrSeqLoader:
     step_stop: int
     index: int
     allow_nan: bool = False
+    chunk_steps: int | None = None
+    limit: float | None = None
 
-    def __call__(self):
+    @property
+    def where(self) -> str:
+        return (f"partition {self.index} (sequences {self.seq_start}-{self.seq_stop}, steps "
+                f"{self.step_start}-{self.step_stop}) of {self.url}")
+
+    @property
+    def checks(self) -> SeqChecks:
+        return SeqChecks(self.step_start, self.allow_nan, self.chunk_steps, self.limit)
+
+    def read(self):
         import zarr
 
-        from .data import read_zarr_rows
-
         g = zarr.open_group(self.url, mode="r")
-        values = read_zarr_rows(self.url + "/values", self.step_start, self.step_stop, "sequence values")
-        off = np.asarray(g["offsets"][self.seq_start : self.seq_stop + 1], dtype=np.int64) - self.step_start
-        _check_values(values, f"partition {self.index} (sequences {self.seq_start}-{self.seq_stop}) of {self.url}", self.step_start, self.allow_nan)
+        values = read_chunked(g["values"], self.step_start, self.step_stop, "sequence values",
+                              url=self.url + "/values", unit="steps")
+        off = read_chunked(g["offsets"], self.seq_start, self.seq_stop + 1, "sequence offsets",
+                           url=self.url + "/offsets", unit="entries")
+        off = np.asarray(off, dtype=np.int64) - self.step_start
+        if len(off) != self.seq_stop - self.seq_start + 1 or off[0] != 0 or off[-1] != len(values):
+            raise DataError(
+                f"The offsets of {self.where} no longer match the steps they delimit: the dataset changed after "
+                "it was opened. Let whatever writes to it finish, then run again."
+            )
         return values, off
+
+    def __call__(self):
+        parts = self.read()
+        raise_findings(self.checks.findings(parts), self.where)
+        return parts
 
 
 @dataclass(frozen=True)
@@ -73,25 +111,23 @@ class ArraySeqLoader:
     offsets: np.ndarray = field(repr=False)
     index: int
     allow_nan: bool = False
+    step0: int = 0
+    limit: float | None = None
 
-    def __call__(self):
-        _check_values(self.values, f"partition {self.index} of the sequences", 0, self.allow_nan)
+    @property
+    def where(self) -> str:
+        return f"partition {self.index} of the sequences"
+
+    @property
+    def checks(self) -> SeqChecks:
+        return SeqChecks(self.step0, self.allow_nan, limit=self.limit)
+
+    def read(self):
         return self.values, self.offsets
 
-
-def _check_values(values: np.ndarray, where: str, row0: int, allow_nan: bool) -> None:
-    """Finiteness check; with ``allow_nan`` NaN means "missing" and only infinities are errors."""
-    if not allow_nan:
-        _check_finite(values, None, where, row0)
-    elif values.dtype.kind == "f":
-        bad = np.isinf(values)
-        if bad.any():
-            r, c = np.argwhere(bad)[0]
-            raise NonFiniteDataError(
-                f"{where} holds {int(bad.sum())} infinite value(s); the first is at step "
-                f"{row0 + int(r)}, column {int(c)}. NaN marks a missing value here, infinity is not "
-                "allowed: replace it with NaN or a finite value."
-            )
+    def __call__(self):
+        raise_findings(self.checks.findings((self.values, self.offsets)), self.where)
+        return self.values, self.offsets
 
 
 @dataclass
@@ -110,6 +146,7 @@ class SequenceData:
     url: str | None
     chunk_rows: int
     weighted: bool = False
+    what: ClassVar[str] = "The sequence dataset"
 
     @property
     def n_sequences(self) -> int:
@@ -146,6 +183,7 @@ def open_sequences(
     partition_bytes: int = DEFAULT_PARTITION_BYTES,
     min_partitions: int = 1,
     allow_nan: bool = False,
+    max_magnitude: float | None = None,
 ) -> SequenceData:
     """Open ragged sequences.
 
@@ -158,6 +196,11 @@ def open_sequences(
     allow_nan : bool, default False
         Accept NaN values (they mean "missing" to models that handle missing observations,
         such as state-space models); infinities are still errors.
+    max_magnitude : float, optional
+        Values beyond this magnitude are an error (a ``FitFailedError`` that says to scale
+        the data), found by the opening scan before any arithmetic. Models that square
+        the values (Gaussian emissions, state-space models) pass
+        :data:`emflow.data.SQUARE_LIMIT`.
     """
     if is_zarr_path(data):
         import zarr
@@ -180,11 +223,15 @@ def open_sequences(
         _check_dtype(np.dtype(values.dtype), f"'values' at {url!r}")
         if values.shape[1] == 0:
             raise DataError(f"'values' at {url!r} has shape {values.shape}: no features, nothing to fit.")
-        offsets = check_offsets(g["offsets"][...], values.shape[0], f"'offsets' at {url!r}")
+        offsets = check_offsets(read_chunked(g["offsets"], 0, g["offsets"].shape[0], "sequence offsets",
+                                             url=url + "/offsets", unit="entries"),
+                                values.shape[0], f"'offsets' at {url!r}")
         row_bytes = values.shape[1] * np.dtype(values.dtype).itemsize
         parts = _seq_partitions(offsets, row_bytes, partition_bytes, min_partitions)
         loaders = [
-            ZarrSeqLoader(url, a, b, int(offsets[a]), int(offsets[b]), i, allow_nan) for i, (a, b) in enumerate(parts)
+            ZarrSeqLoader(url, a, b, int(offsets[a]), int(offsets[b]), i, allow_nan, int(values.chunks[0]),
+                          max_magnitude)
+            for i, (a, b) in enumerate(parts)
         ]
         bounds = [(int(offsets[a]), int(offsets[b])) for a, b in parts]
         return SequenceData(
@@ -205,7 +252,8 @@ def open_sequences(
     offsets = check_offsets(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64), X.shape[0], "lengths")
     parts = _seq_partitions(offsets, X.shape[1] * X.itemsize, partition_bytes, min_partitions)
     loaders = [
-        ArraySeqLoader(X[offsets[a] : offsets[b]], offsets[a : b + 1] - offsets[a], i, allow_nan)
+        ArraySeqLoader(X[offsets[a] : offsets[b]], offsets[a : b + 1] - offsets[a], i, allow_nan, int(offsets[a]),
+                       max_magnitude)
         for i, (a, b) in enumerate(parts)
     ]
     bounds = [(int(offsets[a]), int(offsets[b])) for a, b in parts]
@@ -224,8 +272,10 @@ def write_sequences(path, values: np.ndarray, offsets: np.ndarray, *, chunk_step
     offsets = check_offsets(offsets, values.shape[0])
     with atomic_dir(path) as tmp:
         g = zarr.open_group(tmp, mode="w")
-        g.create_array("values", data=values, chunks=(min(chunk_steps, len(values)), values.shape[1]))
-        g.create_array("offsets", data=offsets, chunks=(max(1, min(1 << 20, len(offsets))),))
+        # every chunk is stored (even one of zeros), so a missing one is detectable
+        every = {"config": {"write_empty_chunks": True}, "attributes": {"all_chunks_written": True}}
+        g.create_array("values", data=values, chunks=(min(chunk_steps, len(values)), values.shape[1]), **every)
+        g.create_array("offsets", data=offsets, chunks=(max(1, min(1 << 20, len(offsets))),), **every)
         g.attrs.update({"kind": "sequences", "n_sequences": len(offsets) - 1,
                         "total_steps": int(values.shape[0]), "n_features": int(values.shape[1]),
                         "dtype": str(values.dtype), **(attrs or {})})

@@ -284,7 +284,8 @@ def test_model_of_another_family_is_refused(name, fitted_models, tmp_path):
 def _zarr_rows(path, X, chunks=None):
     g = zarr.open_group(path, mode="w")
     X = np.asarray(X)
-    g.create_array("X", data=X, chunks=chunks or (max(1, min(len(X), 20)),) + X.shape[1:])
+    g.create_array("X", data=X, chunks=chunks or (max(1, min(len(X), 20)),) + X.shape[1:],
+                   config={"write_empty_chunks": True})  # store chunks of zeros too: a missing one is an error
     g.attrs["rows"] = "X"
     return str(path)
 

@@ -28,7 +28,7 @@ def fitted(dataset):
 
 def _zarr_rows(path, X, chunks):
     g = zarr.open_group(path, mode="w")
-    g.create_array("X", data=X, chunks=chunks)
+    g.create_array("X", data=X, chunks=chunks, config={"write_empty_chunks": True})  # a missing chunk is an error
     g.attrs["rows"] = "X"
     return str(path)
 

@@ -340,7 +340,7 @@ def test_bad_offsets_in_zarr(tmp_path):
 
     def group(name, offsets, n=10):
         g = zarr.open_group(tmp_path / name, mode="w")
-        g.create_array("values", data=np.zeros((n, D)))
+        g.create_array("values", data=np.zeros((n, D)), config={"write_empty_chunks": True})
         g.create_array("offsets", data=np.asarray(offsets, dtype=np.int64))
         return str(tmp_path / name)
 
