@@ -66,7 +66,7 @@ def _transform_part(entries, indptr, params: M.LDAParams, cfg: LDAConfig, normal
         return gamma
     import zarr
 
-    zarr.open_array(out_url, mode="r+")[doc_start : doc_start + len(gamma)] = gamma
+    zarr.open_array(out_url, mode="r+").with_config({"write_empty_chunks": True})[doc_start : doc_start + len(gamma)] = gamma
     return None
 
 
@@ -389,7 +389,7 @@ class LatentDirichletAllocation(ParamsMixin):
                 with _store.atomic_dir(out) as tmp:
                     _store.check_destination(out, "output", overwrite=overwrite,
                                              inputs=_store.output_inputs(self, data))
-                    arr = zarr.create_array(tmp, shape=shape, dtype="float64", chunks=(corpus.chunk_rows, shape[1]))
+                    arr = zarr.create_array(tmp, shape=shape, dtype="float64", chunks=(corpus.chunk_rows, shape[1]), config={"write_empty_chunks": True})
                     arr.attrs["emflow"] = {
                         "kind": "doc_topic", "normalized": bool(normalize), "model_family": FAMILY,
                         "source": corpus.source, "fingerprint": loaded.fingerprint, "version": __version__,

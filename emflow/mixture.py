@@ -85,7 +85,7 @@ def _predict_part(X, w, params, kind: str, out_url: str | None, start: int):
         return result
     import zarr
 
-    zarr.open_array(out_url, mode="r+")[start : start + len(X)] = result
+    zarr.open_array(out_url, mode="r+").with_config({"write_empty_chunks": True})[start : start + len(X)] = result
     return None
 
 
@@ -490,7 +490,7 @@ class GaussianMixture(ParamsMixin):
         chunk = _m.gcd(*[a for a, _ in bounds if a > 0]) or n
         with _store.atomic_dir(out) as tmp:
             _store.check_destination(out, "output", overwrite=overwrite, inputs=_store.output_inputs(self, data))
-            arr = zarr.create_array(tmp, shape=shape, dtype=dtype, chunks=(chunk,) + shape[1:])
+            arr = zarr.create_array(tmp, shape=shape, dtype=dtype, chunks=(chunk,) + shape[1:], config={"write_empty_chunks": True})
             arr.attrs["emflow"] = {
                 "kind": kind, "model_family": FAMILY, "source": loaded.data.source,
                 "fingerprint": loaded.fingerprint, "version": __version__,

@@ -291,7 +291,7 @@ def write_owned(array_url: str, res: np.ndarray, start: int) -> list[tuple[int, 
     """
     import zarr
 
-    arr = zarr.open_array(array_url, mode="r+")
+    arr = zarr.open_array(array_url, mode="r+").with_config({"write_empty_chunks": True})
     C, total = arr.chunks[0], arr.shape[0]
     a, b = start, start + len(res)
     lo = a if a % C == 0 else min(b, -(-a // C) * C)
@@ -324,14 +324,14 @@ def write_step_outputs(out, loaded, arrays: dict[str, tuple[tuple[int, ...], str
     with atomic_dir(out) as tmp:
         g = zarr.open_group(tmp, mode="w")
         for name, (tail, dtype) in arrays.items():
-            g.create_array(name, shape=(n, *tail), dtype=dtype, chunks=(chunk, *tail))
-        g.create_array("offsets", data=data.offsets, chunks=(max(1, min(1 << 20, len(data.offsets))),))
+            g.create_array(name, shape=(n, *tail), dtype=dtype, chunks=(chunk, *tail), config={"write_empty_chunks": True})
+        g.create_array("offsets", data=data.offsets, chunks=(max(1, min(1 << 20, len(data.offsets))),), config={"write_empty_chunks": True})
         pieces, extra = fill(os.path.abspath(tmp))
         for part in pieces:  # edge pieces of shared chunks, written one at a time
             for name, edges in part.items():
                 for a, piece in edges:
                     if len(piece):
-                        g[name][a : a + len(piece)] = piece
+                        g[name].with_config({"write_empty_chunks": True})[a : a + len(piece)] = piece
         tail, dtype = arrays["values"]
         g.attrs.update({
             "kind": "sequences", "n_sequences": int(data.n_sequences), "total_steps": int(n),

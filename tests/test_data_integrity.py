@@ -299,3 +299,29 @@ def test_huge_sequences_give_the_clear_error_without_numpy_warnings(tmp_path):
                                                        r"square.*at step 0, column 0.*Scale the data"):
                 est.fit(p)
         assert [str(w.message) for w in caught] == []
+
+
+def _every_chunk_stored(path):
+    node = zarr.open(str(path), mode="r")
+    arrays = [node] if isinstance(node, zarr.Array) else [a for _, a in node.arrays()]
+    assert arrays
+    for a in arrays:
+        assert a.nchunks_initialized == a.nchunks, (path, a.path)
+
+
+def test_every_emflow_writer_stores_chunks_of_fill_values(tmp_path):
+    """Outputs and generated datasets are read back as inputs, where a missing chunk is an
+    error: every writer stores chunks that hold only zeros (Zarr's default leaves them out)."""
+    from emflow.synthetic import write_hmm, write_lda, write_lgssm
+
+    X = np.random.default_rng(0).normal(size=(200, 2))
+    gm = emflow.GaussianMixture(1, scheduler="threads", random_state=0).fit(X)
+    gm.predict(X, out=str(tmp_path / "labels.zarr"))  # one component: every label is 0
+    _every_chunk_stored(tmp_path / "labels.zarr")
+    seqs = write_hmm(str(tmp_path / "hmm.zarr"), n_sequences=20, n_components=2, n_features=1, seed=0)
+    _every_chunk_stored(seqs)
+    hmm = emflow.GaussianHMM(1, n_iter=2, random_state=0, scheduler="threads").fit(seqs)
+    hmm.predict(seqs, out=str(tmp_path / "states.zarr"))  # one state: every state is 0
+    _every_chunk_stored(tmp_path / "states.zarr")
+    _every_chunk_stored(write_lgssm(str(tmp_path / "ssm.zarr"), n_sequences=5, state_dim=1, n_features=1))
+    _every_chunk_stored(write_lda(str(tmp_path / "corpus.zarr"), n_docs=50, n_terms=20, n_components=2, seed=0))

@@ -106,9 +106,9 @@ def write_hmm(path, n_sequences: int, n_components: int, n_features: int, emissi
     chunk_steps = int(max(1024, min(total, (16 * 2**20) // (8 * width))))
     with atomic_dir(path) as tmp:
         g = zarr.open_group(tmp, mode="w")
-        V = g.create_array("values", shape=(total, width), dtype=vdtype, chunks=(chunk_steps, width))
-        S = g.create_array("states", shape=(total,), dtype="int64", chunks=(chunk_steps,))
-        g.create_array("offsets", data=offsets, chunks=(max(1, min(1 << 20, len(offsets))),))
+        V = g.create_array("values", shape=(total, width), dtype=vdtype, chunks=(chunk_steps, width), config={"write_empty_chunks": True})
+        S = g.create_array("states", shape=(total,), dtype="int64", chunks=(chunk_steps,), config={"write_empty_chunks": True})
+        g.create_array("offsets", data=offsets, chunks=(max(1, min(1 << 20, len(offsets))),), config={"write_empty_chunks": True})
         # buffer whole chunks so every chunk is written once
         buf_v, buf_s, written = [], [], 0
         for i, a in enumerate(range(0, n_sequences, sequences_per_chunk)):

@@ -67,7 +67,7 @@ def write_lda(path, n_docs: int, n_terms: int, n_components: int, *, doc_topic_p
     with atomic_dir(path) as tmp:
         w = _CorpusWriter(tmp, n_terms, "int64", chunk_docs)
         theta_arr = zarr.open_group(tmp, mode="r+").create_array(
-            "theta", shape=(n_docs, n_components), dtype="float64", chunks=(chunk_docs, n_components))
+            "theta", shape=(n_docs, n_components), dtype="float64", chunks=(chunk_docs, n_components), config={"write_empty_chunks": True})
         for i, a in enumerate(range(0, n_docs, chunk_docs)):
             b = min(n_docs, a + chunk_docs)
             X, theta = sample_lda(topics, b - a, np.random.default_rng([seed, i]),

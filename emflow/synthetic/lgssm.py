@@ -82,9 +82,9 @@ def write_lgssm(path, n_sequences: int, state_dim: int, n_features: int, *, min_
     chunk = int(min(chunk_steps, total))
     with atomic_dir(path) as tmp:
         g = zarr.open_group(tmp, mode="w")
-        values = g.create_array("values", shape=(total, p), dtype="float64", chunks=(chunk, p))
-        states = g.create_array("states", shape=(total, k), dtype="float64", chunks=(chunk, k))
-        g.create_array("offsets", data=offsets, chunks=(max(1, min(1 << 20, len(offsets))),))
+        values = g.create_array("values", shape=(total, p), dtype="float64", chunks=(chunk, p), config={"write_empty_chunks": True})
+        states = g.create_array("states", shape=(total, k), dtype="float64", chunks=(chunk, k), config={"write_empty_chunks": True})
+        g.create_array("offsets", data=offsets, chunks=(max(1, min(1 << 20, len(offsets))),), config={"write_empty_chunks": True})
         s = 0
         while s < n_sequences:  # batches of whole sequences of about `chunk` steps
             e = int(np.searchsorted(offsets, offsets[s] + chunk, side="right")) - 1
