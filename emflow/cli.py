@@ -374,6 +374,7 @@ def generate(
     chunk_rows: Optional[int] = typer.Option(None, "--chunk-rows"),
     dtype: str = typer.Option("float64"),
     weights: bool = typer.Option(False, "--weights", help="Also write integer row weights."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an emflow dataset already at OUT."),
 ):
     """Write a synthetic Gaussian-mixture dataset with known parameters."""
     from .synthetic import write_gmm
@@ -390,7 +391,7 @@ def generate(
             task = progress.add_task("rows", total=samples)
             path = write_gmm(out, samples, components, features, covariance.value, separation=separation,
                              seed=seed, chunk_rows=chunk_rows, dtype=dtype, weights=weights,
-                             progress=lambda n: progress.advance(task, n))
+                             progress=lambda n: progress.advance(task, n), overwrite=overwrite)
     out_console.print(Text(f"wrote {samples:,} x {features} rows to {path}"), highlight=False)
 
 
@@ -416,12 +417,17 @@ def demo(
             # strongly overlapping components (separation 0.8), so EM has real work to do after
             # its k-means start: about 20 iterations from the k-means solution to the true
             # mixture (at 2.5 it took 2), a real curve in the dashboard's convergence plot
-            write_gmm(data, samples, components, features, "full", seed=7, separation=0.8)
+            # the demo's own dataset is replaced; anything else at that path never is
+            write_gmm(data, samples, components, features, "full", seed=7, separation=0.8, overwrite=True)
         console.print(Text(f"dataset: {data}"), highlight=False)
         import shutil
 
-        # a demo starts afresh: no model or checkpoint from an earlier demo run
-        shutil.rmtree(out / "model.zarr", ignore_errors=True)
+        from .store import check_destination
+
+        # a demo starts afresh: no model or checkpoint from an earlier demo run (only an
+        # emflow model is removed; anything else at that path stops the demo here)
+        if os.path.exists(check_destination(out / "model.zarr", "model", overwrite=True)):
+            shutil.rmtree(out / "model.zarr")
         (out / "model.zarr.checkpoint.npz").unlink(missing_ok=True)
         console.rule("2. Prefect server")
         api, pid = _ensure_prefect_server(out)

@@ -449,7 +449,7 @@ class _CorpusWriter:
 
 
 def write_corpus(path, X, vocabulary: Iterable[str] | None = None, *, chunk_docs: int = DEFAULT_CHUNK_DOCS,
-                 attrs: dict | None = None) -> str:
+                 attrs: dict | None = None, overwrite: bool = False) -> str:
     """Write counts (scipy sparse or dense, shape (n_docs, n_terms)) as a Zarr corpus, atomically.
 
     Duplicate entries are summed and term ids sorted within each document. Returns the
@@ -462,7 +462,7 @@ def write_corpus(path, X, vocabulary: Iterable[str] | None = None, *, chunk_docs
     vocab = _check_vocabulary(vocabulary, X.shape[1])
     if chunk_docs < 1:
         raise ConfigError(f"chunk_docs must be >= 1, got {chunk_docs}.")
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, kind="dataset", overwrite=overwrite) as tmp:
         w = _CorpusWriter(tmp, X.shape[1], X.dtype, chunk_docs)
         for a in range(0, X.shape[0], chunk_docs):
             b = min(X.shape[0], a + chunk_docs)
@@ -542,6 +542,7 @@ def ingest_text(
     token_pattern: str = DEFAULT_TOKEN_PATTERN,
     encoding: str = "utf-8",
     chunk_docs: int = DEFAULT_CHUNK_DOCS,
+    overwrite: bool = False,
 ) -> str:
     """Tokenise plain text into a Zarr corpus, streaming, in two passes.
 
@@ -558,9 +559,11 @@ def ingest_text(
         A text file (one document per line), a directory (one document per file, files in
         name order) or a list of files (one document each).
     path : str or PathLike
-        Where to write the corpus (replaced atomically).
+        Where to write the corpus (written atomically).
     per : {"auto", "line", "file"}
         What a document is; "auto" is per line for a file, per file for a directory or list.
+    overwrite : bool, default False
+        Replace an emflow dataset already at ``path``; anything else there is never replaced.
 
     Returns
     -------
@@ -604,7 +607,7 @@ def ingest_text(
     vocab = {t: i for i, t in enumerate(terms)}
     del df, tf
 
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, kind="dataset", overwrite=overwrite) as tmp:
         w = _CorpusWriter(tmp, len(terms), "int64", chunk_docs)
         ptr, ids, cnts = [0], [], []
 

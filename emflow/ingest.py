@@ -640,7 +640,7 @@ def ingest(
     """
     import zarr
 
-    from .store import _json_safe, atomic_dir
+    from .store import _json_safe, atomic_dir, check_destination
 
     t0 = time.perf_counter()
     path = os.fspath(source)
@@ -660,8 +660,8 @@ def ingest(
     if int(skip_rows) < 0:
         raise ConfigError(f"skip_rows must be >= 0, got {skip_rows!r}.")
     out_path = os.path.abspath(os.fspath(out))
-    if os.path.exists(out_path) and not overwrite:
-        raise ConfigError(f"{out_path!r} already exists; choose another --out or pass overwrite=True (--overwrite).")
+    # an emflow dataset there is replaced only with overwrite; anything else never is
+    check_destination(out_path, "dataset", overwrite=overwrite, inputs=[("the source file", path)])
     comp = _compressors(compression)
 
     # Columns are known before rows: pick the chunk size, then read blocks of one chunk.

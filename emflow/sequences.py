@@ -260,8 +260,13 @@ def open_sequences(
     return SequenceData(X.shape[0], X.shape[1], X.dtype, offsets, loaders, bounds, parts, "in-memory sequences", True, None, X.shape[0])
 
 
-def write_sequences(path, values: np.ndarray, offsets: np.ndarray, *, chunk_steps: int = 65536, attrs: dict | None = None) -> str:
-    """Write in-memory sequences to a Zarr group atomically (values + offsets); returns the path."""
+def write_sequences(path, values: np.ndarray, offsets: np.ndarray, *, chunk_steps: int = 65536, attrs: dict | None = None,
+                    overwrite: bool = False) -> str:
+    """Write in-memory sequences to a Zarr group atomically (values + offsets); returns the path.
+
+    An emflow dataset already at ``path`` is replaced only with ``overwrite=True``; anything
+    else there never is.
+    """
     import zarr
 
     from .store import atomic_dir
@@ -270,7 +275,7 @@ def write_sequences(path, values: np.ndarray, offsets: np.ndarray, *, chunk_step
     if values.ndim == 1:
         values = values[:, None]
     offsets = check_offsets(offsets, values.shape[0])
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, kind="dataset", overwrite=overwrite) as tmp:
         g = zarr.open_group(tmp, mode="w")
         # every chunk is stored (even one of zeros), so a missing one is detectable
         every = {"config": {"write_empty_chunks": True}, "attributes": {"all_chunks_written": True}}

@@ -169,15 +169,18 @@ def clean_checkpoint_leftovers(path: str | os.PathLike) -> list[str]:
 class atomic_dir:
     """Context manager: yields a temporary directory that replaces ``path`` on success.
 
-    On an exception the temporary directory is removed and ``path`` is untouched. Leftovers
+    With ``kind`` ("dataset", "output"), what is at ``path`` is first checked with
+    :func:`check_destination` (replaced only with ``overwrite``, and only if it is an emflow
+    ``kind``). On an exception the temporary directory is removed and ``path`` is untouched. Leftovers
     of crashed writes of ``path`` are cleaned (or recovered) first, see :func:`clean_leftovers`.
     Replacing an existing directory takes two renames (it moves aside, the new one moves in);
     a crash between them is repaired by the next write. Models use :func:`save_model`, whose
     replacement is a single rename.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, kind: str | None = None, overwrite: bool = False):
         self.path = os.path.abspath(os.fspath(path))
+        self.kind, self.overwrite = kind, overwrite
         parent = os.path.dirname(self.path) or "."
         base = os.path.basename(self.path)
         tag = _tag()
@@ -187,7 +190,10 @@ class atomic_dir:
     def __enter__(self) -> str:
         parent = os.path.dirname(self.path)
         os.makedirs(parent, exist_ok=True)
-        clean_leftovers(self.path)
+        if self.kind is not None:  # refuses what must not be replaced (and cleans leftovers)
+            check_destination(self.path, self.kind, overwrite=self.overwrite)
+        else:
+            clean_leftovers(self.path)
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
@@ -243,7 +249,7 @@ def destination_kind(path: str | os.PathLike) -> tuple[str, str]:
         return "output", f"an emflow output ({em.get('kind', '?')} of a {em.get('model_family')} model)"
     if isinstance(attrs, dict) and attrs.get("kind") in ("rows", "sequences", "corpus"):
         return "dataset", f"an emflow {attrs['kind']} dataset"
-    return "dataset", "a Zarr store that emflow did not write as a model or an output (a dataset?)"
+    return "other", "a Zarr store that emflow did not write (someone's data?)"
 
 
 def _local(p: Any) -> str | None:
@@ -272,7 +278,8 @@ def _overlap(out: str, other: str) -> str | None:
 
 def check_destination(path: str | os.PathLike, kind: str, *, overwrite: bool = False,
                       inputs: Iterable[tuple[str, Any]] = ()) -> str:
-    """Refuse to write a ``kind`` ("model" or "output") at ``path`` unless that loses nothing.
+    """Refuse to write a ``kind`` ("model", "output" or "dataset") at ``path`` unless that
+    loses nothing.
 
     ``inputs`` are ``(what, path)`` pairs (the data read, the model applied): an output equal
     to, inside or containing one is always refused. An existing emflow ``kind`` at ``path`` is
@@ -284,7 +291,7 @@ def check_destination(path: str | os.PathLike, kind: str, *, overwrite: bool = F
     # below sees what is really there
     clean_leftovers(out)
     real = os.path.realpath(out)
-    noun = "the model" if kind == "model" else "the output"
+    noun = {"model": "the model", "output": "the output", "dataset": "the dataset"}[kind]
     for what, other in inputs:
         o = _local(other)
         if o is None:

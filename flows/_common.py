@@ -70,6 +70,24 @@ def resolve_scheduler(scheduler: str | None) -> str | None:
     return str(value) if value else None
 
 
+def check_same_data(data: Any, fitted: str | None, validated: str, ckpt_path: str) -> None:
+    """Stop a flow whose data changed between its validate task and the fit: the fit's own
+    fingerprint differs from the validated one, so its checkpoints (labelled with the validated
+    fingerprint) describe a fit of other data. They are removed and the run fails with a
+    DataError; a rerun validates the data as they are now and starts afresh."""
+    if fitted == validated:
+        return
+    from emflow.errors import DataError
+
+    with contextlib.suppress(OSError):
+        os.unlink(ckpt_path)
+    raise DataError(
+        f"The data at {data!r} changed while the flow ran (fingerprint {fitted}, validated {validated}): "
+        "the fit read other data than the validate task checked, so no model is saved and its checkpoint "
+        f"({ckpt_path}) was removed. Run the flow again once the data stop changing."
+    )
+
+
 @contextlib.contextmanager
 def compute(scheduler: str | None) -> Iterator[tuple[str | None, str | None]]:
     """Yields ``(scheduler argument for the library, Dask dashboard link or None)``.

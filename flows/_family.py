@@ -46,6 +46,7 @@ from emflow.checkpoint import (
 
 from ._common import (
     IterationMonitor,
+    check_same_data,
     compute,
     convergence_verdict,
     dask_performance_report,
@@ -212,9 +213,7 @@ def em_iterations(adapter: FamilyAdapter, data: str, cfg: dict, scheduler: str |
         writer = CheckpointWriter(ckpt_path, fingerprint=info["fingerprint"], config_hash=chash, history=ck.history,
                                   seconds=ck.seconds, extra=ck.extra, record=adapter.record)
         adapter.fit(est, data, [writer, monitor], ck.params, ck.history)
-        if est.fit_info_.get("fingerprint") != info["fingerprint"]:
-            logger.warning("the data changed while the flow ran (fingerprint %s, validated %s)",
-                           est.fit_info_.get("fingerprint"), info["fingerprint"])
+        check_same_data(data, est.fit_info_.get("fingerprint"), info["fingerprint"], ckpt_path)
         est.fit_info_["seconds_per_iteration"] = list(writer.seconds)
         est.fit_info_["resumed_from_iteration"] = ck.iteration
         adapter.after_fit(est, ck, writer.extra.get("records", {}))

@@ -41,6 +41,7 @@ from emflow.models.gmm import GMMParams, n_parameters
 
 from ._common import (
     IterationMonitor,
+    check_same_data,
     compute,
     convergence_verdict,
     dask_performance_report,
@@ -158,9 +159,7 @@ def em_iterations(data: str, sample_weight: str | None, cfg: dict[str, Any], sch
                                   history=ck.history, seconds=ck.seconds, init=init)
         gm.fit(data, sample_weight=sample_weight, callbacks=[writer, monitor], initial_params=ck.params,
                history=ck.history)
-        if gm.fit_info_.get("fingerprint") != info["fingerprint"]:
-            logger.warning("the data changed while the flow ran (fingerprint %s, validated %s)",
-                           gm.fit_info_.get("fingerprint"), info["fingerprint"])
+        check_same_data(data, gm.fit_info_.get("fingerprint"), info["fingerprint"], ckpt_path)
         gm.fit_info_["seconds_per_iteration"] = list(writer.seconds)
         gm.fit_info_["resumed_from_iteration"] = ck.iteration
     monitor.progress((init + 1) / n_init)

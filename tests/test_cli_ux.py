@@ -367,7 +367,10 @@ def test_bad_cli_options(args, text, model, tmp_path):
 # --- 6b. the README's Python examples run as scripts, as written ---------------------------------
 
 def _readme_examples() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    """The README's Python examples that run on this machine (the cluster recipes' examples,
+    which need a SLURM or Kubernetes cluster, are run by their own tests)."""
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    return [code for code in blocks if "from deploy." not in code]
 
 
 def test_readme_examples_are_scripts():
@@ -387,12 +390,13 @@ def test_readme_examples_are_scripts():
 @pytest.mark.parametrize("index", [0, 1])
 def test_readme_example_runs_as_written(index, tmp_path):
     """The README's example, saved as a script and run: exit 0, no warning (-W error), nothing
-    on stderr. About 75 s and 40 s on a loaded 2-core machine."""
+    on stderr, twice. About 75 s and 40 s a run on a loaded 2-core machine."""
     code = _readme_examples()[index]
     (tmp_path / "example.py").write_text(code)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    p = subprocess.run([sys.executable, "-W", "error::UserWarning", "example.py"], capture_output=True, text=True,
-                       timeout=900, cwd=tmp_path, env=env)
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert p.stderr == ""
-    assert p.stdout.splitlines()[0].startswith("True")  # converged
+    for run in range(2):  # run again: the script replaces its own outputs (overwrite=True)
+        p = subprocess.run([sys.executable, "-W", "error::UserWarning", "example.py"], capture_output=True,
+                           text=True, timeout=900, cwd=tmp_path, env=env)
+        assert p.returncode == 0, (run, p.stderr[-3000:])
+        assert p.stderr == ""
+        assert p.stdout.splitlines()[0].startswith("True")  # converged

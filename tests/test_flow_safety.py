@@ -478,3 +478,38 @@ def test_dask_artifacts_say_the_link_is_live_only_while_the_cluster_runs(prefect
     assert not os.path.exists(out2 + ".dask-report.html")
     md = _artifacts(state.state_details.flow_run_id)["dask-performance-report"][-1].data
     assert "Not saved: bokeh is not installed" in md
+
+
+# --- data that change between the validate task and the fit ---------------------------------------
+
+def test_data_changed_after_validation_fails_and_keeps_no_checkpoint(prefect_server, small_data, tmp_path,
+                                                                     monkeypatch):
+    """The fit's own fingerprint must be the validated one: otherwise the run fails with a
+    DataError, saves no model and removes the checkpoint it labelled with the old fingerprint
+    (before, a warning was logged and the model saved)."""
+    import flows._family as family
+    import flows.fit as fit_mod
+    from emflow.synthetic import write_hmm
+    from flows.fit_hmm import hmm_fit_flow
+
+    def stale(real):
+        def fingerprint(*args, **kwargs):
+            return {**real(*args, **kwargs), "fingerprint": "0" * 32}  # what the data were at validation
+        return fingerprint
+
+    monkeypatch.setattr(fit_mod, "data_fingerprint", stale(fit_mod.data_fingerprint))
+    out = str(tmp_path / "model.zarr")
+    state = fit_mod.fit_flow(small_data, out, n_components=3, max_iter=5, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(emflow.DataError, match="changed while the flow ran"):
+        state.result()
+    assert not os.path.exists(out) and not os.path.exists(checkpoint_path(out))
+
+    seqs = write_hmm(tmp_path / "hmm.zarr", 30, 2, 1, min_length=10, max_length=30, seed=0)
+    monkeypatch.setattr(family, "dataset_fingerprint", stale(family.dataset_fingerprint))
+    out = str(tmp_path / "hmm-model.zarr")
+    state = hmm_fit_flow(seqs, out, n_components=2, n_iter=5, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(emflow.DataError, match="changed while the flow ran"):
+        state.result()
+    assert not os.path.exists(out) and not os.path.exists(checkpoint_path(out))

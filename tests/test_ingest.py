@@ -230,7 +230,7 @@ def test_interrupted_ingest_leaves_nothing(tmp_path, X):
     assert sorted(os.listdir(tmp_path)) == ["a.csv"]  # no dataset, no temporary sibling
     # an existing dataset survives a failed overwrite untouched
     good = ingest(src, tmp_path / "a.zarr", chunk_rows=50)
-    with pytest.raises(ConfigError, match="already exists"):
+    with pytest.raises(ConfigError, match="already holds an emflow rows dataset. Pass overwrite=True"):
         ingest(src, good)
     calls.clear()
     with pytest.raises(KeyboardInterrupt):

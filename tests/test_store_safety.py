@@ -565,3 +565,52 @@ def test_a_file_naming_a_scheduler_never_makes_load_or_score_connect(models, tmp
             listener.accept()  # nobody ever connected
     finally:
         listener.close()
+
+
+def test_dataset_writers_replace_only_emflow_datasets_and_only_when_asked(tmp_path):
+    """`emflow generate`, the synthetic writers, write_sequences/write_corpus and ingest never
+    replace anything unasked: an emflow dataset only with overwrite, anything else never."""
+    import scipy.sparse as sp
+    from typer.testing import CliRunner
+
+    from emflow.cli import app
+    from emflow.corpus import write_corpus
+    from emflow.sequences import write_sequences
+    from emflow.synthetic import write_gmm, write_hmm, write_lda, write_lgssm
+
+    writers = {
+        "gmm": lambda p, **kw: write_gmm(p, 100, 2, 2, **kw),
+        "hmm": lambda p, **kw: write_hmm(p, 5, 2, 1, **kw),
+        "lgssm": lambda p, **kw: write_lgssm(p, 3, 1, 1, **kw),
+        "lda": lambda p, **kw: write_lda(p, 20, 10, 2, **kw),
+        "sequences": lambda p, **kw: write_sequences(p, np.zeros((6, 1)), [0, 3, 6], **kw),
+        "corpus": lambda p, **kw: write_corpus(p, sp.csr_matrix(np.ones((3, 4))), **kw),
+    }
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    model = tmp_path / "model.zarr"
+    emflow.GaussianMixture(1, scheduler="threads").fit(np.random.default_rng(0).normal(size=(50, 2))).save(model)
+    for name, write in writers.items():
+        path = tmp_path / f"{name}.zarr"
+        write(path)
+        before = sorted(os.listdir(path))
+        with pytest.raises(emflow.ConfigError, match="already holds an emflow .* dataset. Pass overwrite=True"):
+            write(path)
+        assert sorted(os.listdir(path)) == before
+        write(path, overwrite=True)
+        for target in (other, model):
+            with pytest.raises(emflow.ConfigError, match="never replaces, even with overwrite"):
+                write(target, overwrite=True)
+    assert (other / "notes.txt").read_text() == "keep me"
+    emflow.load(model)
+
+    runner = CliRunner()
+    data = str(tmp_path / "gen.zarr")
+    assert runner.invoke(app, ["generate", data, "-n", "100"]).exit_code == 0
+    r = runner.invoke(app, ["generate", data, "-n", "100"])
+    assert r.exit_code == 2 and "--overwrite" in r.output
+    assert runner.invoke(app, ["generate", data, "-n", "100", "--overwrite"]).exit_code == 0
+    r = runner.invoke(app, ["generate", str(other), "-n", "100", "--overwrite"])
+    assert r.exit_code == 2 and "never replaces" in r.output
+    assert (other / "notes.txt").read_text() == "keep me"

@@ -71,7 +71,7 @@ def sample_gmm(params: dict, n: int, rng: np.random.Generator) -> tuple[np.ndarr
 def write_gmm(path, n_samples: int, n_components: int, n_features: int, covariance_type: str = "full", *,
               separation: float = 4.0, seed: int = 0, chunk_rows: int | None = None,
               dtype: str = "float64", weights: bool = False,
-              progress: Callable[[int], None] | None = None) -> str:
+              progress: Callable[[int], None] | None = None, overwrite: bool = False) -> str:
     """Write a Gaussian-mixture dataset to a Zarr group, chunk by chunk.
 
     The group holds ``X`` (n_samples, n_features), ``labels`` (n_samples,) and, with
@@ -95,7 +95,7 @@ def write_gmm(path, n_samples: int, n_components: int, n_features: int, covarian
     row_bytes = n_features * np.dtype(dtype).itemsize
     chunk_rows = int(chunk_rows or max(1024, min(n_samples, (16 * 2**20) // row_bytes)))
     comp = BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.bitshuffle)
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, kind="dataset", overwrite=overwrite) as tmp:
         g = zarr.open_group(tmp, mode="w")
         every = {"write_empty_chunks": True}  # every chunk is stored, so a missing one is detectable
         X = g.create_array("X", shape=(n_samples, n_features), dtype=dtype, chunks=(chunk_rows, n_features),

@@ -78,7 +78,7 @@ def sample_hmm(params, lengths, rng: np.random.Generator):
 def write_hmm(path, n_sequences: int, n_components: int, n_features: int, emission: str = "gaussian",
               covariance_type: str = "diag", *, min_length: int = 10, max_length: int = 200, seed: int = 0,
               sequences_per_chunk: int = 1000, dtype: str = "float64",
-              progress: Callable[[int], None] | None = None) -> str:
+              progress: Callable[[int], None] | None = None, overwrite: bool = False) -> str:
     """Write HMM sequences of random lengths to a Zarr group (``values``, ``offsets``, ``states``).
 
     Lengths are uniform on ``[min_length, max_length]``. Sequences are drawn in blocks of
@@ -104,7 +104,7 @@ def write_hmm(path, n_sequences: int, n_components: int, n_features: int, emissi
     width = n_features if emission == "gaussian" else 1
     vdtype = dtype if emission == "gaussian" else "int64"
     chunk_steps = int(max(1024, min(total, (16 * 2**20) // (8 * width))))
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, kind="dataset", overwrite=overwrite) as tmp:
         g = zarr.open_group(tmp, mode="w")
         V = g.create_array("values", shape=(total, width), dtype=vdtype, chunks=(chunk_steps, width), config={"write_empty_chunks": True})
         S = g.create_array("states", shape=(total,), dtype="int64", chunks=(chunk_steps,), config={"write_empty_chunks": True})

@@ -42,7 +42,7 @@ def sample_lda(topics: np.ndarray, n_docs: int, rng: np.random.Generator, *, doc
 
 def write_lda(path, n_docs: int, n_terms: int, n_components: int, *, doc_topic_prior: float = 0.1,
               topic_word_concentration: float = 0.05, mean_length: float = 50.0, seed: int = 0,
-              chunk_docs: int = 1024) -> str:
+              chunk_docs: int = 1024, overwrite: bool = False) -> str:
     """Write an LDA corpus to a Zarr group, one chunk of documents at a time.
 
     The group is a corpus (see :mod:`emflow.corpus`) with vocabulary ``t00000, t00001...``;
@@ -64,7 +64,7 @@ def write_lda(path, n_docs: int, n_terms: int, n_components: int, *, doc_topic_p
     topics = make_lda_params(n_components, n_terms, topic_word_concentration=topic_word_concentration, seed=seed)
     width = max(5, len(str(n_terms - 1)))
     vocab = [f"t{i:0{width}d}" for i in range(n_terms)]
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, kind="dataset", overwrite=overwrite) as tmp:
         w = _CorpusWriter(tmp, n_terms, "int64", chunk_docs)
         theta_arr = zarr.open_group(tmp, mode="r+").create_array(
             "theta", shape=(n_docs, n_components), dtype="float64", chunks=(chunk_docs, n_components), config={"write_empty_chunks": True})

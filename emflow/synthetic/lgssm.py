@@ -56,7 +56,8 @@ def sample_lgssm(params: M.LGSSMParams, lengths, seed: int = 0, *, missing_fract
 
 def write_lgssm(path, n_sequences: int, state_dim: int, n_features: int, *, min_length: int = 20,
                 max_length: int = 200, missing_fraction: float = 0.0, seed: int = 0,
-                chunk_steps: int = 65536, params: M.LGSSMParams | None = None) -> str:
+                chunk_steps: int = 65536, params: M.LGSSMParams | None = None,
+                overwrite: bool = False) -> str:
     """Write a sequences group (``values``, ``offsets``, and the hidden ``states``) to Zarr.
 
     Lengths are uniform on ``[min_length, max_length]``; the true parameters are in
@@ -80,7 +81,7 @@ def write_lgssm(path, n_sequences: int, state_dim: int, n_features: int, *, min_
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     total = int(offsets[-1])
     chunk = int(min(chunk_steps, total))
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, kind="dataset", overwrite=overwrite) as tmp:
         g = zarr.open_group(tmp, mode="w")
         values = g.create_array("values", shape=(total, p), dtype="float64", chunks=(chunk, p), config={"write_empty_chunks": True})
         states = g.create_array("states", shape=(total, k), dtype="float64", chunks=(chunk, k), config={"write_empty_chunks": True})
