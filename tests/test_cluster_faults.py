@@ -28,8 +28,9 @@ import emflow
 from emflow.em import run_em
 from emflow.engine import Engine
 from emflow.mixture import GMMFamily
-from emflow.models import gmm as G
 from emflow.synthetic import write_gmm
+
+from _faults import FaultAt, gmm_start
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -98,66 +99,37 @@ def proc_cluster():
 
 
 @dataclass(frozen=True)
-class KillAllWorkers:
-    """A GMM family whose E-step, at the n-th call (counted across the cluster), SIGKILLs
-    every worker process listed in ``pids`` (its own last)."""
+class KillAllWorkers(FaultAt):
+    """At the n-th E-step call (counted across the cluster), SIGKILL every worker process
+    listed in the file ``pids`` (its own last)."""
 
-    inner: GMMFamily
-    counter: str
-    pids: str
-    at_call: int
+    pids: str = ""
 
-    def e_step(self, X, w, params):
-        with open(self.counter, "a") as f:
-            f.write(".")
-        if os.path.getsize(self.counter) == self.at_call:
-            me = os.getpid()
-            for pid in [int(p) for p in Path(self.pids).read_text().split()]:
-                if pid != me:
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except OSError:
-                        pass
-            os.kill(me, signal.SIGKILL)
-        return self.inner.e_step(X, w, params)
-
-    def m_step(self, stats, params):
-        return self.inner.m_step(stats, params)
-
-    def objective(self, stats):
-        return self.inner.objective(stats)
+    def fault(self):
+        me = os.getpid()
+        for pid in [int(p) for p in Path(self.pids).read_text().split()]:
+            if pid != me:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+        os.kill(me, signal.SIGKILL)
 
 
 @dataclass(frozen=True)
-class StopOnce:
-    """A GMM family whose E-step SIGSTOPs its own worker at the n-th call, after writing the
-    worker's address to ``who``."""
+class StopOnce(FaultAt):
+    """At the n-th E-step call, SIGSTOP its own worker after writing the worker's address to
+    the file ``who``."""
 
-    inner: GMMFamily
-    counter: str
-    who: str
-    at_call: int
+    who: str = ""
 
-    def e_step(self, X, w, params):
-        with open(self.counter, "a") as f:
-            f.write(".")
-        if os.path.getsize(self.counter) == self.at_call:
-            from distributed import get_worker
+    def fault(self):
+        from distributed import get_worker
 
-            Path(self.who).write_text(get_worker().address)
-            os.kill(os.getpid(), signal.SIGSTOP)
-        return self.inner.e_step(X, w, params)
-
-    def m_step(self, stats, params):
-        return self.inner.m_step(stats, params)
-
-    def objective(self, stats):
-        return self.inner.objective(stats)
+        Path(self.who).write_text(get_worker().address)
+        os.kill(os.getpid(), signal.SIGSTOP)
 
 
-def _params(K, d):
-    eye = np.stack([np.eye(d)] * K)
-    return G.GMMParams(np.full(K, 1 / K), np.linspace(-3, 3, K)[:, None] * np.ones(d), eye, eye, "full")
 
 
 FAMILY = GMMFamily("full", 1e-6)
@@ -179,7 +151,7 @@ def _reference(data):
     engine = Engine(None, n_threads=2)
     try:
         loaded = engine.open(data, persist=False)
-        return run_em(engine, loaded, FAMILY, _params(3, 2), tol=0.0, max_iter=ITERS), len(loaded.handles)
+        return run_em(engine, loaded, FAMILY, gmm_start(3, 2), tol=0.0, max_iter=ITERS), len(loaded.handles)
     finally:
         engine.close()
 
@@ -221,7 +193,7 @@ def test_every_worker_killed_and_new_ones_join(tmp_path, proc_cluster, source):
     old = cluster.start_workers(2)
     client = cluster.client(2)
     (tmp_path / "pids").write_text(" ".join(str(p) for p in client.run(os.getpid).values()))
-    killer = KillAllWorkers(FAMILY, str(tmp_path / "calls"), str(tmp_path / "pids"), at_call=2 * n_parts + 3)
+    killer = KillAllWorkers(FAMILY, str(tmp_path / "calls"), at_call=2 * n_parts + 3, pids=str(tmp_path / "pids"))
     # a dead worker the scheduler still lists for a moment: do not try to reach it for 30 s
     with dask.config.set({"emflow.worker-wait-timeout": 60, "distributed.comm.timeouts.connect": "3s"}), \
             OnLog("workers were lost", lambda: cluster.start_workers(1)) as log:
@@ -231,7 +203,7 @@ def test_every_worker_killed_and_new_ones_join(tmp_path, proc_cluster, source):
             assert len(loaded.handles) == n_parts
             with pytest.warns(emflow.ClusterWarning, match=r"All 2 Dask workers were lost during a pass over the data "
                               r"\(the scheduler at tcp://127\.0\.0\.1:\d+ is still up\); waiting up to 60 s") as rec:
-                hit = run_em(engine, loaded, killer, _params(3, 2), tol=0.0, max_iter=ITERS)
+                hit = run_em(engine, loaded, killer, gmm_start(3, 2), tol=0.0, max_iter=ITERS)
             loaded.release()
         finally:
             client.close(timeout=5)
@@ -257,12 +229,12 @@ def test_every_worker_killed_and_none_joins_is_a_clear_error(tmp_path, proc_clus
         with dask.config.set({"emflow.worker-wait-timeout": "2s"}):
             engine = Engine(client)
             loaded = engine.open(data, persist=False)
-            killer = KillAllWorkers(FAMILY, str(tmp_path / "calls"), str(tmp_path / "pids"),
-                                    at_call=len(loaded.handles) + 3)
+            killer = KillAllWorkers(FAMILY, str(tmp_path / "calls"), at_call=len(loaded.handles) + 3,
+                                    pids=str(tmp_path / "pids"))
             t0 = time.monotonic()
             with pytest.warns(emflow.ClusterWarning, match="waiting up to 2 s for workers to join"), \
                     pytest.raises(emflow.ClusterError) as err:
-                run_em(engine, loaded, killer, _params(3, 2), tol=0.0, max_iter=ITERS)
+                run_em(engine, loaded, killer, gmm_start(3, 2), tol=0.0, max_iter=ITERS)
             waited = time.monotonic() - t0
     finally:
         client.close(timeout=5)
@@ -275,26 +247,13 @@ def test_every_worker_killed_and_none_joins_is_a_clear_error(tmp_path, proc_clus
 
 
 @dataclass(frozen=True)
-class KillScheduler:
-    """A GMM family whose E-step SIGKILLs the scheduler process at the n-th call."""
+class KillScheduler(FaultAt):
+    """At the n-th E-step call, SIGKILL the scheduler process ``pid``."""
 
-    inner: GMMFamily
-    counter: str
-    pid: int
-    at_call: int
+    pid: int = 0
 
-    def e_step(self, X, w, params):
-        with open(self.counter, "a") as f:
-            f.write(".")
-        if os.path.getsize(self.counter) == self.at_call:
-            os.kill(self.pid, signal.SIGKILL)
-        return self.inner.e_step(X, w, params)
-
-    def m_step(self, stats, params):
-        return self.inner.m_step(stats, params)
-
-    def objective(self, stats):
-        return self.inner.objective(stats)
+    def fault(self):
+        os.kill(self.pid, signal.SIGKILL)
 
 
 def test_scheduler_killed_mid_pass_names_it_and_keeps_the_checkpoint(tmp_path, proc_cluster):
@@ -309,7 +268,7 @@ def test_scheduler_killed_mid_pass_names_it_and_keeps_the_checkpoint(tmp_path, p
     client = cluster.client(2)
     ckpt = tmp_path / "fit.checkpoint.npz"
     writer = CheckpointWriter(ckpt, fingerprint="f", config_hash="c")
-    killer = KillScheduler(FAMILY, str(tmp_path / "calls"), cluster.scheduler.pid, at_call=2 * n_parts + 3)
+    killer = KillScheduler(FAMILY, str(tmp_path / "calls"), at_call=2 * n_parts + 3, pid=cluster.scheduler.pid)
     try:
         with dask.config.set({"emflow.worker-wait-timeout": 60}), warnings.catch_warnings():
             warnings.simplefilter("error", emflow.ClusterWarning)  # no "waiting for workers"
@@ -318,7 +277,7 @@ def test_scheduler_killed_mid_pass_names_it_and_keeps_the_checkpoint(tmp_path, p
             t0 = time.monotonic()
             with pytest.raises(emflow.ClusterError, match=r"Lost the Dask scheduler at "
                                + cluster.address.replace(".", r"\.") + " during a pass over the data"):
-                run_em(engine, loaded, killer, _params(3, 2), tol=0.0, max_iter=ITERS, callbacks=[writer])
+                run_em(engine, loaded, killer, gmm_start(3, 2), tol=0.0, max_iter=ITERS, callbacks=[writer])
             assert time.monotonic() - t0 < 30
     finally:
         client.close(timeout=5)
@@ -336,7 +295,7 @@ def test_hung_worker_is_reported_and_the_fit_goes_on(tmp_path, proc_cluster):
     cluster = proc_cluster()
     workers = cluster.start_workers(2)
     client = cluster.client(2)
-    stopper = StopOnce(FAMILY, str(tmp_path / "calls"), str(tmp_path / "who"), at_call=2 * n_parts + 3)
+    stopper = StopOnce(FAMILY, str(tmp_path / "calls"), at_call=2 * n_parts + 3, who=str(tmp_path / "who"))
 
     def resume():
         for p in workers:
@@ -352,7 +311,7 @@ def test_hung_worker_is_reported_and_the_fit_goes_on(tmp_path, proc_cluster):
             warnings.simplefilter("always", emflow.ClusterWarning)
             engine = Engine(client)
             loaded = engine.open(data, persist=False)
-            hit = run_em(engine, loaded, stopper, _params(3, 2), tol=0.0, max_iter=ITERS)
+            hit = run_em(engine, loaded, stopper, gmm_start(3, 2), tol=0.0, max_iter=ITERS)
     finally:
         safety.cancel()
         resume()
@@ -430,26 +389,13 @@ def test_library_warnings_reach_the_flow_run_log(prefect_server):
 
 
 @dataclass(frozen=True)
-class StopScheduler:
-    """A GMM family whose E-step SIGSTOPs the scheduler process at the n-th call."""
+class StopScheduler(FaultAt):
+    """At the n-th E-step call, SIGSTOP the scheduler process ``pid``."""
 
-    inner: GMMFamily
-    counter: str
-    pid: int
-    at_call: int
+    pid: int = 0
 
-    def e_step(self, X, w, params):
-        with open(self.counter, "a") as f:
-            f.write(".")
-        if os.path.getsize(self.counter) == self.at_call:
-            os.kill(self.pid, signal.SIGSTOP)
-        return self.inner.e_step(X, w, params)
-
-    def m_step(self, stats, params):
-        return self.inner.m_step(stats, params)
-
-    def objective(self, stats):
-        return self.inner.objective(stats)
+    def fault(self):
+        os.kill(self.pid, signal.SIGSTOP)
 
 
 @pytest.mark.slow
@@ -464,7 +410,7 @@ def test_hung_scheduler_is_reported_and_the_fit_goes_on(tmp_path, proc_cluster, 
     cluster = proc_cluster()
     cluster.start_workers(2)
     client = cluster.client(2)
-    stopper = StopScheduler(FAMILY, str(tmp_path / "calls"), cluster.scheduler.pid, at_call=2 * n_parts + 3)
+    stopper = StopScheduler(FAMILY, str(tmp_path / "calls"), at_call=2 * n_parts + 3, pid=cluster.scheduler.pid)
 
     def resume():
         cluster.scheduler.send_signal(signal.SIGCONT)
@@ -477,7 +423,7 @@ def test_hung_scheduler_is_reported_and_the_fit_goes_on(tmp_path, proc_cluster, 
             warnings.simplefilter("always", emflow.ClusterWarning)
             engine = Engine(client)
             loaded = engine.open(data, persist=False)
-            hit = run_em(engine, loaded, stopper, _params(3, 2), tol=0.0, max_iter=ITERS)
+            hit = run_em(engine, loaded, stopper, gmm_start(3, 2), tol=0.0, max_iter=ITERS)
     finally:
         safety.cancel()
         resume()

@@ -255,7 +255,7 @@ def test_ingest_directory_one_document_per_file(tmp_path):
     for i, t in enumerate(docs):
         (d / f"doc{i:02d}.txt").write_text(t, encoding="utf-8")
     for kw in [{}, {"min_df": 2}, {"max_df": 1}, {"max_features": 4}]:
-        path = ingest_text(d, tmp_path / "dir.zarr", chunk_docs=2, **kw)
+        path = ingest_text(d, tmp_path / "dir.zarr", chunk_docs=2, overwrite=True, **kw)
         X, vocab = read_corpus(path)
         cv = CountVectorizer(**kw)
         ref = cv.fit_transform(docs)

@@ -14,35 +14,19 @@ import emflow
 from emflow.cluster import engine_for
 from emflow.em import run_em
 from emflow.mixture import GMMFamily
-from emflow.models import gmm as G
 from emflow.synthetic import write_gmm
+
+from _faults import FaultAt, gmm_start
 
 
 @dataclass(frozen=True)
-class KillWorkerOnce:
-    """A GMM family whose E-step SIGKILLs its own worker process once, at the n-th call."""
+class KillWorkerOnce(FaultAt):
+    """At the n-th E-step call, SIGKILL its own worker process."""
 
-    inner: GMMFamily
-    counter: str
-    at_call: int
-
-    def e_step(self, X, w, params):
-        with open(self.counter, "a") as f:
-            f.write(".")
-        if os.path.getsize(self.counter) == self.at_call:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return self.inner.e_step(X, w, params)
-
-    def m_step(self, stats, params):
-        return self.inner.m_step(stats, params)
-
-    def objective(self, stats):
-        return self.inner.objective(stats)
+    def fault(self):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _params(K, d):
-    eye = np.stack([np.eye(d)] * K)
-    return G.GMMParams(np.full(K, 1 / K), np.linspace(-3, 3, K)[:, None] * np.ones(d), eye, eye, "full")
 
 
 @pytest.mark.parametrize("source,persist", [("zarr", True), ("zarr", False), ("numpy", True)])
@@ -58,14 +42,14 @@ def test_worker_killed_mid_iteration_gives_the_same_result(tmp_path, make_cluste
     client = make_cluster(2)
     with engine_for(client) as engine:
         loaded = engine.open(data, persist=persist)
-        ref = run_em(engine, loaded, family, _params(3, 2), tol=0.0, max_iter=6)
+        ref = run_em(engine, loaded, family, gmm_start(3, 2), tol=0.0, max_iter=6)
         n_parts = len(loaded.handles)
         killer = KillWorkerOnce(family, str(tmp_path / "calls"), at_call=2 * n_parts + 3)
         with warnings.catch_warnings():
             # numpy: a ClusterWarning when the dead worker held the only copy of a partition
             # (other workers may hold replicas, fetched for tasks they ran; then nothing is lost)
             warnings.simplefilter("ignore", emflow.ClusterWarning)
-            hit = run_em(engine, loaded, killer, _params(3, 2), tol=0.0, max_iter=6)
+            hit = run_em(engine, loaded, killer, gmm_start(3, 2), tol=0.0, max_iter=6)
         loaded.release()
     assert os.path.getsize(tmp_path / "calls") > 2 * n_parts + 3  # the kill happened, work went on
     np.testing.assert_allclose(hit.history, ref.history, rtol=1e-10)
@@ -81,11 +65,11 @@ def test_lost_scattered_partitions_are_sent_again(make_cluster):
     client = make_cluster(2)
     with engine_for(client) as engine:
         loaded = engine.open(X, persist=True)
-        ref = run_em(engine, loaded, family, _params(3, 2), tol=0.0, max_iter=4)
+        ref = run_em(engine, loaded, family, gmm_start(3, 2), tol=0.0, max_iter=4)
         client.cancel([loaded.handles[0], loaded.handles[2]])
         assert loaded.lost_partitions() == [0, 2]
         with pytest.warns(emflow.ClusterWarning, match=r"holding 2 partition\(s\) of the in-memory data"):
-            hit = run_em(engine, loaded, family, _params(3, 2), tol=0.0, max_iter=4)
+            hit = run_em(engine, loaded, family, gmm_start(3, 2), tol=0.0, max_iter=4)
         assert loaded.lost_partitions() == []
         loaded.release()
     np.testing.assert_array_equal(hit.history, ref.history)
