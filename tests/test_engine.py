@@ -105,6 +105,47 @@ def test_dask_reduction_is_a_tree(zdata, dask_client):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("split_every, width", [(2, 4), (3, 9), (8, 8)])
+def test_partitions_reduced_inside_a_task_give_the_same_bits(zdata, dask_client, split_every, width):
+    """Several partitions per task (each task reducing its own): the same tree, the same bits
+    as the in-process pass of one task per partition; fewer tasks for the scheduler."""
+    rows = emflow.data.open_rows(zdata["X"], zdata["w"], partition_bytes=24 * 7)  # 7 rows: 858 partitions
+    P = len(rows.loaders)
+    params = G.GMMParams(np.full(3, 1 / 3), np.eye(3), np.stack([np.eye(3)] * 3), np.stack([np.eye(3)] * 3), "full")
+    threads = Engine(None, split_every=split_every)
+    local = threads.map_reduce(G.e_step, threads.load(rows), params)
+    engine = Engine(dask_client, split_every=split_every, partitions_per_task=width)
+    loaded = engine.load(rows)
+    total = engine.map_reduce(G.e_step, loaded, params)
+    info = engine.last_reduction
+    assert info["partitions"] == P and info["partitions_per_task"] == width
+    assert info["depth"] == threads.last_reduction["depth"]
+    batches = -(-P // width)
+    assert info["tasks"] == batches + emflow.engine._reduce_tasks(batches, split_every)
+    assert info["tasks"] < threads.last_reduction["tasks"]
+    for a, b in zip(total, local):
+        np.testing.assert_array_equal(a, b)
+    # per-partition arguments travel with their partitions
+    per = list(range(P))
+    got = engine.map_reduce(lambda X, w, i: np.array([i, len(X)], dtype=np.float64), loaded, per_partition=per)
+    np.testing.assert_array_equal(got, [P * (P - 1) / 2, len(zdata["X"])])
+    loaded.release()
+
+
+def test_partitions_per_task_auto_batches_only_many_partitions(dask_client):
+    from emflow.engine import BATCH_MIN_TASKS, _batch_width
+
+    engine = Engine(dask_client)
+    assert engine._batch(BATCH_MIN_TASKS) == (1, 0)
+    assert engine._batch(10 * BATCH_MIN_TASKS) == (64, 2)  # 2 threads: at most 512 tasks
+    assert _batch_width(100_000, 512, 8) == (512, 3)
+    assert _batch_width(100_000, 6400, 8) == (64, 2)
+    assert Engine(None)._batch(10**6) == (1, 0)  # in-process: no task overhead to save
+    for bad in (0, 3, 16, 2.0, True, "many"):
+        with pytest.raises(emflow.ConfigError, match="partitions_per_task must be 'auto' or a power of split_every"):
+            Engine(None, partitions_per_task=bad)
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     n=st.integers(2, 120),
