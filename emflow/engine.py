@@ -106,6 +106,10 @@ def _apply_reduce(fn: Callable, handles: list, args: tuple, extras: list | None,
     return _subtree(leaf, 0, len(handles), width, split_every)
 
 
+def _scan_batch(handles: list, checks: list, weighted: bool, starts: list) -> list:
+    return [_data.scan_partition(h, c, weighted, r0) for h, c, r0 in zip(handles, checks, starts)]
+
+
 def _batch_width(n_partitions: int, max_tasks: int, split_every: int) -> tuple[int, int]:
     """(partitions per task, levels of the tree inside a task): the smallest power of
     ``split_every`` that runs the partitions in at most ``max_tasks`` tasks."""
@@ -547,10 +551,13 @@ class Engine:
                     handles = self.client.map(_data.read_quiet, rows.loaders, pure=False)
                 else:
                     handles = list(rows.loaders)
-                futures = [self.client.submit(_data.scan_partition, h, c, rows.weighted, r0, pure=False)
-                           for h, c, r0 in zip(handles, checks, starts)]
+                # many partitions: several per scan task (a task costs the scheduler ~0.5 ms)
+                width, _ = self._batch(len(handles))
+                futures = [self.client.submit(_scan_batch, list(handles[i:i + width]), checks[i:i + width],
+                                              rows.weighted, starts[i:i + width], pure=False)
+                           for i in range(0, len(handles), width)]
                 self._wait(futures, [], t0, None)
-                scans = self.client.gather(futures)
+                scans = [s for batch in self.client.gather(futures) for s in batch]
             except Exception as exc:
                 if isinstance(exc, ClusterError):
                     raise
@@ -689,11 +696,16 @@ class Engine:
             keys = [p.key for p in parts]
 
             def submit(f, *a):
-                fut = self.client.submit(f, *a, pure=False)
+                # before the map tasks still queued: a partial sum frees its inputs, so the
+                # workers hold a few statistics bundles at a time, not one per map task
+                fut = self.client.submit(f, *a, pure=False, priority=1)
                 keys.append(fut.key)
                 return fut
 
             root, depth = tree_reduce(parts, add, self.split_every, submit)
+            # hold only the root: a map task's statistics are freed on the worker once its
+            # partial sum is done, not at the end of the pass (P bundles held at once)
+            del parts
             wait([root], keys)
             return root.result(), depth + levels, len(keys)
 

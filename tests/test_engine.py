@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import dask.array as da
 import numpy as np
@@ -130,6 +131,37 @@ def test_partitions_reduced_inside_a_task_give_the_same_bits(zdata, dask_client,
     got = engine.map_reduce(lambda X, w, i: np.array([i, len(X)], dtype=np.float64), loaded, per_partition=per)
     np.testing.assert_array_equal(got, [P * (P - 1) / 2, len(zdata["X"])])
     loaded.release()
+
+
+@pytest.mark.parametrize("width", [1, 4])
+def test_a_pass_holds_only_the_root_of_its_reduction(zdata, dask_client, width):
+    """While a pass runs, the client holds the future of the tree's root only: each map task's
+    statistics are freed on its worker once the partial sum above it is done (holding every
+    leaf kept P bundles of statistics in the workers' memory until the pass ended)."""
+    rows = emflow.data.open_rows(zdata["small"], partition_bytes=1)  # 24 partitions
+    engine = Engine(dask_client, split_every=2, partitions_per_task=width)
+    loaded = engine.load(rows)
+    params = G.GMMParams(np.full(3, 1 / 3), np.eye(3), np.stack([np.eye(3)] * 3), np.stack([np.eye(3)] * 3), "full")
+    seen, wait = [], engine._wait
+
+    def spy(futures, keys, *args):
+        [root] = futures
+        # a released future leaves the client's count on its event loop, soon after
+        deadline = time.monotonic() + 5
+        while True:
+            held = sorted(k for k in keys if dask_client.refcount.get(k, 0) > 0)
+            if held == [root.key] or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        seen.append((len(keys), held, root.key))
+        return wait(futures, keys, *args)
+
+    engine._wait = spy
+    engine.map_reduce(G.e_step, loaded, params)
+    loaded.release()
+    [(n_keys, held, root)] = seen
+    assert n_keys == engine.last_reduction["tasks"] > 1
+    assert held == [root], f"{len(held)} of the pass's {n_keys} futures held"
 
 
 def test_partitions_per_task_auto_batches_only_many_partitions(dask_client):
