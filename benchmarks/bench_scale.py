@@ -315,6 +315,160 @@ def fit(cases: list[dict], cfg: str, mode: str, key) -> tuple[float, float]:
     return float(a), float(b)
 
 
+# -- the model of a large cluster ---------------------------------------------------------
+
+MODEL = dict(workers=100, threads_per_worker=16, rows=1e11, d=16, itemsize=8,
+             partition_bytes=64 * 2**20, add_bytes_per_s=2e9, gflops_per_thread=20.0)
+
+
+def _lsq(cases, target, cols) -> list[float]:
+    """Least squares target(case) = sum_j coef_j * col_j(case) (non-negative: clipped at 0)."""
+    A = np.array([[f(c) for f in cols] for c in cases], dtype=float)
+    y = np.array([target(c) for c in cases], dtype=float)
+    coef, *_ = np.linalg.lstsq(A, y, rcond=None)
+    return [max(0.0, float(x)) for x in coef]
+
+
+def costs(results: dict) -> dict:
+    """Per-task and per-partition CPU costs fitted over every case (both configs, both modes):
+    scheduler CPU = a * tasks + b * partitions (a batch task depends on its partitions'
+    resident data: the scheduler handles each dependency), client CPU likewise; worker CPU
+    per statistics byte moved (serialise, send, add) and per task."""
+    cs = results["cases"]
+    T, P = (lambda c: c["tasks"]), (lambda c: c["partitions"])
+    return dict(
+        scheduler=_lsq(cs, lambda c: c["cpu"]["scheduler"], [T, P]),
+        client=_lsq(cs, lambda c: c["cpu"]["client"], [T, P]),
+        workers=_lsq(cs, lambda c: c["cpu"]["workers"], [T, P, lambda c: c["partitions"] * c["stats_bytes"]]),
+    )
+
+
+def model(results: dict) -> list[dict]:
+    """Seconds per iteration of the engine's work on MODEL's cluster, per config and mode."""
+    from emflow.engine import BATCH_MIN_TASKS, TASKS_PER_THREAD, _batch_width, _reduce_tasks
+
+    k = costs(results)
+    M = MODEL
+    threads = M["workers"] * M["threads_per_worker"]
+    P = int(np.ceil(M["rows"] * M["d"] * M["itemsize"] / M["partition_bytes"]))
+    out = []
+    for cfg in CONFIGS:
+        S = stats_bytes(cfg)
+        K, d, _ = CONFIGS[cfg]
+        for mode in ("per-partition", "auto"):
+            width = 1 if mode == "per-partition" else _batch_width(P, max(BATCH_MIN_TASKS, TASKS_PER_THREAD * threads), 8)[0]
+            maps = -(-P // width)
+            tasks = maps + _reduce_tasks(maps, 8)
+            sched = k["scheduler"][0] * tasks + k["scheduler"][1] * P
+            client = k["client"][0] * tasks + k["client"][1] * P
+            # worker side, spread over the cluster's threads: the per-task cost and adding P bundles
+            work = (k["workers"][0] * tasks + k["workers"][1] * P + k["workers"][2] * P * S) / threads
+            m_step = results["m_step_seconds"].get(cfg, float("nan"))
+            # the E-step's arithmetic on these data (d=16) at K=16, full covariances
+            e_step = 4.0 * M["rows"] * 16 * (M["d"] + 1) * (M["d"] + 2) / 2 / (threads * M["gflops_per_thread"] * 1e9)
+            parts = dict(scheduler=sched, client=client, workers=work, m_step=m_step)
+            out.append(dict(config=cfg, mode=mode, partitions=P, partitions_per_task=width, tasks=tasks,
+                            stats_bytes_moved=tasks * S, **{f"{n}_s": v for n, v in parts.items()},
+                            engine_s=max(sched, client, work) + m_step, bottleneck=max(parts, key=parts.get),
+                            e_step_compute_s=e_step))
+    return out
+
+
+def _h(b: float) -> str:
+    for unit, f in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if b >= f:
+            return f"{b / f:.3g} {unit}"
+    return f"{b:.0f} B"
+
+
+def report(results: dict, path: str) -> None:
+    cs = sorted(results["cases"], key=lambda c: (c["config"], c["partitions"], c["mode"] != "per-partition"))
+    L = ["# The engine at scale: per-iteration overhead as partitions multiply", "",
+         f"`{results.get('command', 'python benchmarks/bench_scale.py')}` ({results['started']} to "
+         f"{results.get('finished', '?')}; {results['machine']['cores']} cores, {results['machine']['memory_gb']} GB, "
+         "shared with other work: the load average is recorded beside each figure).", "",
+         f"A `dask scheduler` process and {results['setup']['workers']} single-threaded `dask worker` processes; "
+         f"{results['setup']['rows_per_partition']} rows of {results['setup']['d_data']} float64 values per "
+         "partition, in worker memory, so an iteration costs the engine's work only: submitting, scheduling, "
+         "moving and adding the statistics (split_every 8), the result to the client. Seconds are medians "
+         "over the repeats; CPU seconds are per iteration, per process.", "",
+         "| stats | partitions | mode | tasks | s / iter | scheduler CPU s | client CPU s | workers CPU s "
+         "| sent between workers | stats serialised | peak RSS client / scheduler / worker | held on a worker | load avg |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for c in cs:
+        r = c["peak_rss"]
+        L.append(f"| {c['config']} ({_h(c['stats_bytes'])}) | {c['partitions']:,} | {c['mode']}"
+                 f"{'' if c['partitions_per_task'] == 1 else ' (' + str(c['partitions_per_task']) + '/task)'} "
+                 f"| {c['tasks']:,} | {c['seconds']:.2f} | {c['cpu']['scheduler']:.2f} | {c['cpu']['client']:.2f} "
+                 f"| {c['cpu']['workers']:.2f} | {_h(c['bytes_between_workers'])} | {_h(c['stats_bytes_serialised'])} "
+                 f"| {_h(r['client'])} / {_h(r['scheduler'])} / {_h(r['worker_max'])} | {_h(r.get('held_max', 0))} "
+                 f"| {', '.join(f'{x:.1f}' for x in c['loadavg'])} |")
+    L += ["", "Loading (scatter of the in-memory partitions and the scan; once per fit): " + ", ".join(
+        f"{k} {v['seconds']:.1f} s" for k, v in results["load"].items()) + ".", "",
+        "M-step on the client (`emflow.models.gmm.m_step`, full covariances, at the K and d named): " + ", ".join(
+        f"{k} {v * 1e3:.0f} ms" for k, v in results["m_step_seconds"].items()) + ".", ""]
+    k = costs(results)
+    L += ["## Fitted costs (least squares over every case above)", "",
+          f"* scheduler CPU = {k['scheduler'][0] * 1e3:.3f} ms x tasks + {k['scheduler'][1] * 1e6:.1f} us x partitions",
+          f"* client CPU = {k['client'][0] * 1e3:.3f} ms x tasks + {k['client'][1] * 1e6:.1f} us x partitions",
+          f"* workers CPU = {k['workers'][0] * 1e3:.3f} ms x tasks + {k['workers'][1] * 1e6:.1f} us x partitions + "
+          f"{k['workers'][2] * 1e9:.2f} s per GB of statistics produced",
+          "", "These are CPU costs on 2 cores shared by ~10 busy processes; a dedicated scheduler core is "
+          "usually 2-4x faster per task. The per-partition mode was not run where it would hold more than "
+          f"{MAX_LEAF_BYTES / 1e9:.0f} GB of statistics or beyond {max([c['partitions'] for c in cs if c['mode'] == 'per-partition'] or [0]):,} "
+          "partitions (minutes per iteration here): its figures there are the fit's.", ""]
+    M = MODEL
+    L += ["## A model: 100 workers fitting 10 TB (1e11 rows x 16)", "",
+          f"{M['workers']} workers x {M['threads_per_worker']} threads, {M['rows']:.0e} rows x {M['d']} float64 "
+          f"({M['rows'] * M['d'] * M['itemsize'] / 1e12:.1f} TB) in partitions of {M['partition_bytes'] >> 20} MiB "
+          "(the default), the fitted costs above; the E-step's own arithmetic at "
+          f"{M['gflops_per_thread']:.0f} GFLOP/s per thread (full GMM, K=16 on these 16 columns) is beside it for scale "
+          "(reading the data from storage each iteration is not counted).", "",
+          "| stats | mode | partitions | per task | tasks | statistics moved | scheduler s | client s "
+          "| workers s (overhead) | M-step s | engine s / iter | bottleneck | E-step arithmetic s |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for m in model(results):
+        L.append(f"| {m['config']} | {m['mode']} | {m['partitions']:,} | {m['partitions_per_task']} | {m['tasks']:,} "
+                 f"| {_h(m['stats_bytes_moved'])} | {m['scheduler_s']:.1f} | {m['client_s']:.1f} "
+                 f"| {m['workers_s']:.2f} | {m['m_step_s']:.2f} | {m['engine_s']:.1f} | {m['bottleneck']} "
+                 f"| {m['e_step_compute_s']:.1f} |")
+    mod = {(m["config"], m["mode"]): m for m in model(results)}
+    here = {(c["config"], c["partitions"], c["mode"]): c["seconds"] for c in cs}
+    big = max((P for (cfg, P, mode) in here if cfg == "K16-d16" and mode == "per-partition"
+               and ("K16-d16", P, "auto") in here), default=None)
+    per, auto = mod[("K16-d16", "per-partition")], mod[("K16-d16", "auto")]
+    dep = k["scheduler"][1] * per["partitions"]
+    L += ["", "## What breaks first, and the fix", "",
+          f"* **The scheduler, then the client, at one task per partition.** Every task costs the scheduler "
+          f"{k['scheduler'][0] * 1e3:.1f} ms of CPU here and the client {k['client'][0] * 1e3:.1f} ms (submitting it); "
+          f"at {per['partitions']:,} partitions that is {per['tasks']:,} tasks and {per['scheduler_s']:.0f} s of "
+          "scheduler time per iteration, an order of magnitude more than the E-step's arithmetic. The fix, "
+          "now the engine's default (`Engine(partitions_per_task=\"auto\")`): a pass of more than 512 partitions "
+          "runs 8^j consecutive partitions per task and reduces them inside the task in the same tree (the "
+          f"same bits), at most max(512, 4 x threads) map tasks: {auto['tasks']:,} tasks, "
+          f"{auto['engine_s']:.0f} s per iteration on the modelled cluster"
+          + (f"; here, at {big:,} partitions, {here[('K16-d16', big, 'per-partition')]:.1f} s became "
+             f"{here[('K16-d16', big, 'auto')]:.1f} s." if big else "."),
+          f"* **What is left is per partition:** with partitions resident in worker memory each is a "
+          f"dependency the scheduler tracks ({k['scheduler'][1] * 1e6:.0f} us each here: {dep:.0f} s of the "
+          f"{auto['scheduler_s']:.0f} s); streamed partitions (read from Zarr by the task) carry none. Larger "
+          "partitions (partition_bytes) divide it; keeping resident data per batch rather than per partition "
+          "would remove it (not done).",
+          "* **Worker memory:** a pass held the future of every map task until it ended, so each worker "
+          "kept one statistics bundle per partition it computed (P x size at once; measured before the fix, "
+          "1,000 partitions of the 4.5 MB bundle: 2.7 GB held on one of the two workers, i.e. all it computed; "
+          "45 GB at 1e4 partitions by the same count). Fixed: the pass holds only the root, and partial sums run before queued map "
+          "tasks; the table's 'held on a worker' column is the scheduler's count after the fix.",
+          "* **Bytes moved** are tasks x size(stats), so batching divides them too: statistics stay float64 "
+          "sums of fixed size, and no compression is needed at these sizes "
+          f"({_h(mod[('K256-d128', 'auto')]['stats_bytes_moved'])} per iteration over {M['workers']} workers "
+          "for the 4.5 MB bundle).",
+          "* **The client's memory** is flat in P (futures are small; the peak RSS above includes every loaded "
+          "dataset and the interpreter). The M-step is the client's only real work, 0.1 s at these sizes.", ""]
+    with open(path, "w") as f:
+        f.write("\n".join(L))
+
+
 def plot(results: dict, path: str) -> None:
     import matplotlib
 
@@ -349,14 +503,20 @@ def main(argv=None):
                     help="largest partition count run in the per-partition mode")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", default=os.path.join(HERE, "scale-engine"))
+    ap.add_argument("--report-only", action="store_true", help="rewrite RESULTS.md and the plot from results.json")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    results = run(args)
-    results["command"] = "python benchmarks/bench_scale.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    if args.report_only:
+        with open(os.path.join(args.out, "results.json")) as f:
+            results = json.load(f)
+    else:
+        results = run(args)
+        results["command"] = "python benchmarks/bench_scale.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump(results, f, indent=1)
     plot(results, os.path.join(args.out, "overhead.png"))
-    print(json.dumps(results["cases"][:2], indent=1)[:2000])
+    report(results, os.path.join(args.out, "RESULTS.md"))
+    print(open(os.path.join(args.out, "RESULTS.md")).read())
 
 
 if __name__ == "__main__":
