@@ -114,9 +114,11 @@ def test_partitions_reduced_inside_a_task_give_the_same_bits(zdata, dask_client,
     P = len(rows.loaders)
     params = G.GMMParams(np.full(3, 1 / 3), np.eye(3), np.stack([np.eye(3)] * 3), np.stack([np.eye(3)] * 3), "full")
     threads = Engine(None, split_every=split_every)
-    local = threads.map_reduce(G.e_step, threads.load(rows), params)
+    local_loaded = threads.load(rows)
+    local = threads.map_reduce(G.e_step, local_loaded, params)
     engine = Engine(dask_client, split_every=split_every, partitions_per_task=width)
-    loaded = engine.load(rows)
+    loaded = engine.load(rows)  # the scan too runs `width` partitions per task
+    assert (loaded.fingerprint, loaded.weight_sum) == (local_loaded.fingerprint, local_loaded.weight_sum)
     total = engine.map_reduce(G.e_step, loaded, params)
     info = engine.last_reduction
     assert info["partitions"] == P and info["partitions_per_task"] == width
@@ -162,6 +164,19 @@ def test_a_pass_holds_only_the_root_of_its_reduction(zdata, dask_client, width):
     [(n_keys, held, root)] = seen
     assert n_keys == engine.last_reduction["tasks"] > 1
     assert held == [root], f"{len(held)} of the pass's {n_keys} futures held"
+
+
+def test_a_batched_scan_reports_bad_values_as_one_task_per_partition_does(zdata, dask_client):
+    X = zdata["X"].copy()
+    X[3500, 1] = np.nan
+    X[5000:5003, 0] = np.inf
+    rows = emflow.data.open_rows(X, partition_bytes=24 * 7)
+    with pytest.raises(emflow.DataError) as alone:
+        Engine(dask_client, partitions_per_task=1).load(rows)
+    with pytest.raises(emflow.DataError) as batched:
+        Engine(dask_client, partitions_per_task=64).load(rows)
+    assert str(batched.value) == str(alone.value)
+    assert "3500" in str(batched.value)
 
 
 def test_partitions_per_task_auto_batches_only_many_partitions(dask_client):
