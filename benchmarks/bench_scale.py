@@ -384,7 +384,7 @@ def _h(b: float) -> str:
 def report(results: dict, path: str) -> None:
     cs = sorted(results["cases"], key=lambda c: (c["config"], c["partitions"], c["mode"] != "per-partition"))
     L = ["# The engine at scale: per-iteration overhead as partitions multiply", "",
-         f"`{results.get('command', 'python benchmarks/bench_scale.py')}` ({results['started']} to "
+         f"`{results.get('command', 'python benchmarks/bench_scale.py').strip()}` ({results['started']} to "
          f"{results.get('finished', '?')}; {results['machine']['cores']} cores, {results['machine']['memory_gb']} GB, "
          "shared with other work: the load average is recorded beside each figure).", "",
          f"A `dask scheduler` process and {results['setup']['workers']} single-threaded `dask worker` processes; "
