@@ -40,6 +40,12 @@ Persist = Literal["auto"] | bool
 RESIDENT_FRACTION = 0.35
 # how many times one pass sends lost in-memory partitions again before giving up
 MAX_RESCATTERS = 3
+# A Dask pass over many partitions runs several consecutive partitions in one task, which
+# reduces them inside the task (the scheduler's cost is per task: ~0.5 ms each, see
+# benchmarks/scale-engine). With partitions_per_task="auto", a pass of P partitions runs as
+# at most max(BATCH_MIN_TASKS, TASKS_PER_THREAD x the cluster's threads) map tasks.
+BATCH_MIN_TASKS = 512
+TASKS_PER_THREAD = 4
 
 # Dask config keys (``dask.config.set({...})``, a Dask YAML file, or environment variables
 # such as ``DASK_EMFLOW__WORKER_WAIT_TIMEOUT=10m``); Engine arguments override them.
@@ -75,6 +81,43 @@ def _apply(fn: Callable, handle, args: tuple):
 def _apply_indexed(fn: Callable, handle, args: tuple, extra):
     X, w = _partition_data(handle)
     return fn(X, w, *args, extra)
+
+
+def _subtree(leaf: Callable[[int], Any], lo: int, n: int, width: int, split_every: int):
+    """The node of :func:`tree_reduce`'s tree over leaves ``lo .. lo + width - 1`` (those
+    below ``n``; ``width`` a power of ``split_every``), evaluated depth first: at most
+    ``split_every`` partial results per level are alive at once."""
+    if width == 1:
+        return leaf(lo)
+    sub = width // split_every
+    kids = [_subtree(leaf, c, n, sub, split_every) for c in range(lo, min(n, lo + width), sub)]
+    return add(*kids) if len(kids) > 1 else kids[0]
+
+
+def _apply_reduce(fn: Callable, handles: list, args: tuple, extras: list | None, width: int,
+                  split_every: int):
+    """``fn`` over a batch of ``width`` (a power of ``split_every``; fewer in the last batch)
+    consecutive partitions, reduced in the same tree :func:`tree_reduce` would build over
+    them, so the answer is the same bits as one task per partition."""
+    def leaf(i):
+        X, w = _partition_data(handles[i])
+        return fn(X, w, *args) if extras is None else fn(X, w, *args, extras[i])
+
+    return _subtree(leaf, 0, len(handles), width, split_every)
+
+
+def _scan_batch(handles: list, checks: list, weighted: bool, starts: list) -> list:
+    return [_data.scan_partition(h, c, weighted, r0) for h, c, r0 in zip(handles, checks, starts)]
+
+
+def _batch_width(n_partitions: int, max_tasks: int, split_every: int) -> tuple[int, int]:
+    """(partitions per task, levels of the tree inside a task): the smallest power of
+    ``split_every`` that runs the partitions in at most ``max_tasks`` tasks."""
+    width, levels = 1, 0
+    while -(-n_partitions // width) > max_tasks:
+        width *= split_every
+        levels += 1
+    return width, levels
 
 
 def _element_starts(rows) -> list[int]:
@@ -203,6 +246,13 @@ class Engine:
         When every worker of the cluster is lost (the scheduler still up), how long to wait
         for one to join before failing (seconds or a string such as ``"5 minutes"``;
         default: the Dask config key ``emflow.worker-wait-timeout``, else 300 s).
+    partitions_per_task : int or "auto", default "auto"
+        On a Dask cluster, :meth:`map_reduce` runs this many consecutive partitions in one
+        task and reduces them there (a power of ``split_every``: the reduction tree, and so
+        the answer, is the same bits as with one task per partition). ``"auto"``: one per
+        task up to ``BATCH_MIN_TASKS`` partitions, then the smallest power of
+        ``split_every`` that keeps a pass at most ``max(BATCH_MIN_TASKS, TASKS_PER_THREAD x
+        threads)`` tasks. Tasks cost the scheduler about half a millisecond each.
     stall_factor, stall_floor : float, optional
         A pass that has run longer than ``max(stall_factor x the median of the previous
         passes, stall_floor seconds)`` is reported once as stalled (a ClusterWarning and a
@@ -213,9 +263,19 @@ class Engine:
 
     def __init__(self, client=None, *, split_every: int = 8, n_threads: int | None = None,
                  worker_wait_timeout: float | str | None = None, stall_factor: float | None = None,
-                 stall_floor: float | str | None = None):
+                 stall_floor: float | str | None = None, partitions_per_task: int | str = "auto"):
         if split_every < 2:
             raise ConfigError(f"split_every must be at least 2, got {split_every}.")
+        if partitions_per_task != "auto":
+            ok = isinstance(partitions_per_task, (int, np.integer)) and not isinstance(partitions_per_task, bool)
+            width = 1
+            while ok and width < partitions_per_task:
+                width *= int(split_every)
+            if not ok or partitions_per_task < 1 or width != partitions_per_task:
+                raise ConfigError(
+                    f"partitions_per_task must be 'auto' or a power of split_every ({split_every}): "
+                    f"1, {split_every}, {split_every ** 2}, ...; got {partitions_per_task!r}.")
+        self.partitions_per_task = partitions_per_task
         self._worker_wait_timeout, self._stall_factor, self._stall_floor = (
             worker_wait_timeout, stall_factor, stall_floor)
         # bad values fail here (the config is read again at each use, so dask.config.set applies)
@@ -491,10 +551,13 @@ class Engine:
                     handles = self.client.map(_data.read_quiet, rows.loaders, pure=False)
                 else:
                     handles = list(rows.loaders)
-                futures = [self.client.submit(_data.scan_partition, h, c, rows.weighted, r0, pure=False)
-                           for h, c, r0 in zip(handles, checks, starts)]
+                # many partitions: several per scan task (a task costs the scheduler ~0.5 ms)
+                width, _ = self._batch(len(handles))
+                futures = [self.client.submit(_scan_batch, list(handles[i:i + width]), checks[i:i + width],
+                                              rows.weighted, starts[i:i + width], pure=False)
+                           for i in range(0, len(handles), width)]
                 self._wait(futures, [], t0, None)
-                scans = self.client.gather(futures)
+                scans = [s for batch in self.client.gather(futures) for s in batch]
             except Exception as exc:
                 if isinstance(exc, ClusterError):
                     raise
@@ -621,27 +684,67 @@ class Engine:
         """``add`` over partitions of ``fn(X_p, w_p, *args[, per_partition[p]])``, reduced in a tree."""
         t0 = time.perf_counter()
 
+        width, levels = self._batch(len(loaded.handles))
+
         def run(wait):
-            parts = self._submit(fn, loaded, args, per_partition)
+            if width > 1:
+                parts = self._submit_batches(fn, loaded, args, per_partition, width)
+            else:
+                parts = self._submit(fn, loaded, args, per_partition)
             if self.client is None:
                 return tree_reduce(parts, add, self.split_every, lambda f, *a: f(*a))
             keys = [p.key for p in parts]
 
             def submit(f, *a):
-                fut = self.client.submit(f, *a, pure=False)
+                # before the map tasks still queued: a partial sum frees its inputs, so the
+                # workers hold a few statistics bundles at a time, not one per map task
+                fut = self.client.submit(f, *a, pure=False, priority=1)
                 keys.append(fut.key)
                 return fut
 
             root, depth = tree_reduce(parts, add, self.split_every, submit)
+            # hold only the root: a map task's statistics are freed on the worker once its
+            # partial sum is done, not at the end of the pass (P bundles held at once)
+            del parts
             wait([root], keys)
-            return root.result(), depth
+            return root.result(), depth + levels, len(keys)
 
-        total, depth = self._pass(loaded, run)
+        out = self._pass(loaded, run)
+        if self.client is None:
+            (total, depth), tasks = out, len(loaded.handles) + _reduce_tasks(len(loaded.handles), self.split_every)
+        else:
+            total, depth, tasks = out
         self.last_reduction = {
             "partitions": len(loaded.handles), "depth": depth, "split_every": self.split_every,
-            "seconds": time.perf_counter() - t0,
+            "partitions_per_task": width, "tasks": tasks, "seconds": time.perf_counter() - t0,
         }
         return total
+
+    def _batch(self, n_partitions: int) -> tuple[int, int]:
+        """(partitions per map task, tree levels inside a task) for a Dask pass."""
+        if self.client is None:
+            return 1, 0
+        if self.partitions_per_task == "auto":
+            if n_partitions <= BATCH_MIN_TASKS:
+                return 1, 0
+            return _batch_width(n_partitions, max(BATCH_MIN_TASKS, TASKS_PER_THREAD * self.total_threads),
+                                self.split_every)
+        width, levels = 1, 0
+        while width < self.partitions_per_task:
+            width, levels = width * self.split_every, levels + 1
+        return width, levels
+
+    def _submit_batches(self, fn: Callable, loaded: Loaded, args: tuple, per_partition: Sequence | None,
+                        width: int) -> list:
+        """Futures of fn over runs of ``width`` consecutive partitions, each reduced in its task."""
+        handles = loaded.handles
+        if per_partition is not None and len(per_partition) != len(handles):
+            raise ValueError("per_partition needs one entry per partition")
+        bargs = self._broadcast(args)
+        return [self.client.submit(_apply_reduce, fn, list(handles[i:i + width]), bargs,
+                                   None if per_partition is None else list(per_partition[i:i + width]),
+                                   width, self.split_every, pure=False)
+                for i in range(0, len(handles), width)]
 
     def map(self, fn: Callable, loaded: Loaded, *args, per_partition: Sequence | None = None) -> list:
         """``[fn(X_p, w_p, *args[, per_partition[p]]) for each partition]``, gathered in order."""
@@ -654,6 +757,15 @@ class Engine:
             return self.client.gather(parts)
 
         return self._pass(loaded, run)
+
+
+def _reduce_tasks(n: int, split_every: int) -> int:
+    """``add`` calls :func:`tree_reduce` makes over ``n`` items."""
+    calls = 0
+    while n > 1:
+        calls += n // split_every + (n % split_every > 1)
+        n = -(-n // split_every)
+    return calls
 
 
 def take_rows(X, w, rows: np.ndarray):

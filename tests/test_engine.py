@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import dask.array as da
 import numpy as np
@@ -103,6 +104,93 @@ def test_dask_reduction_is_a_tree(zdata, dask_client):
     assert threads.last_reduction["depth"] == 5
     for a, b in zip(total, local):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("split_every, width", [(2, 4), (3, 9), (8, 8)])
+def test_partitions_reduced_inside_a_task_give_the_same_bits(zdata, dask_client, split_every, width):
+    """Several partitions per task (each task reducing its own): the same tree, the same bits
+    as the in-process pass of one task per partition; fewer tasks for the scheduler."""
+    rows = emflow.data.open_rows(zdata["X"], zdata["w"], partition_bytes=24 * 7)  # 7 rows: 858 partitions
+    P = len(rows.loaders)
+    params = G.GMMParams(np.full(3, 1 / 3), np.eye(3), np.stack([np.eye(3)] * 3), np.stack([np.eye(3)] * 3), "full")
+    threads = Engine(None, split_every=split_every)
+    local_loaded = threads.load(rows)
+    local = threads.map_reduce(G.e_step, local_loaded, params)
+    engine = Engine(dask_client, split_every=split_every, partitions_per_task=width)
+    loaded = engine.load(rows)  # the scan too runs `width` partitions per task
+    assert (loaded.fingerprint, loaded.weight_sum) == (local_loaded.fingerprint, local_loaded.weight_sum)
+    total = engine.map_reduce(G.e_step, loaded, params)
+    info = engine.last_reduction
+    assert info["partitions"] == P and info["partitions_per_task"] == width
+    assert info["depth"] == threads.last_reduction["depth"]
+    batches = -(-P // width)
+    assert info["tasks"] == batches + emflow.engine._reduce_tasks(batches, split_every)
+    assert info["tasks"] < threads.last_reduction["tasks"]
+    for a, b in zip(total, local):
+        np.testing.assert_array_equal(a, b)
+    # per-partition arguments travel with their partitions
+    per = list(range(P))
+    got = engine.map_reduce(lambda X, w, i: np.array([i, len(X)], dtype=np.float64), loaded, per_partition=per)
+    np.testing.assert_array_equal(got, [P * (P - 1) / 2, len(zdata["X"])])
+    loaded.release()
+
+
+@pytest.mark.parametrize("width", [1, 4])
+def test_a_pass_holds_only_the_root_of_its_reduction(zdata, dask_client, width):
+    """While a pass runs, the client holds the future of the tree's root only: each map task's
+    statistics are freed on its worker once the partial sum above it is done (holding every
+    leaf kept P bundles of statistics in the workers' memory until the pass ended)."""
+    rows = emflow.data.open_rows(zdata["small"], partition_bytes=1)  # 24 partitions
+    engine = Engine(dask_client, split_every=2, partitions_per_task=width)
+    loaded = engine.load(rows)
+    params = G.GMMParams(np.full(3, 1 / 3), np.eye(3), np.stack([np.eye(3)] * 3), np.stack([np.eye(3)] * 3), "full")
+    seen, wait = [], engine._wait
+
+    def spy(futures, keys, *args):
+        [root] = futures
+        # a released future leaves the client's count on its event loop, soon after
+        deadline = time.monotonic() + 5
+        while True:
+            held = sorted(k for k in keys if dask_client.refcount.get(k, 0) > 0)
+            if held == [root.key] or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        seen.append((len(keys), held, root.key))
+        return wait(futures, keys, *args)
+
+    engine._wait = spy
+    engine.map_reduce(G.e_step, loaded, params)
+    loaded.release()
+    [(n_keys, held, root)] = seen
+    assert n_keys == engine.last_reduction["tasks"] > 1
+    assert held == [root], f"{len(held)} of the pass's {n_keys} futures held"
+
+
+def test_a_batched_scan_reports_bad_values_as_one_task_per_partition_does(zdata, dask_client):
+    X = zdata["X"].copy()
+    X[3500, 1] = np.nan
+    X[5000:5003, 0] = np.inf
+    rows = emflow.data.open_rows(X, partition_bytes=24 * 7)
+    with pytest.raises(emflow.DataError) as alone:
+        Engine(dask_client, partitions_per_task=1).load(rows)
+    with pytest.raises(emflow.DataError) as batched:
+        Engine(dask_client, partitions_per_task=64).load(rows)
+    assert str(batched.value) == str(alone.value)
+    assert "3500" in str(batched.value)
+
+
+def test_partitions_per_task_auto_batches_only_many_partitions(dask_client):
+    from emflow.engine import BATCH_MIN_TASKS, _batch_width
+
+    engine = Engine(dask_client)
+    assert engine._batch(BATCH_MIN_TASKS) == (1, 0)
+    assert engine._batch(10 * BATCH_MIN_TASKS) == (64, 2)  # 2 threads: at most 512 tasks
+    assert _batch_width(100_000, 512, 8) == (512, 3)
+    assert _batch_width(100_000, 6400, 8) == (64, 2)
+    assert Engine(None)._batch(10**6) == (1, 0)  # in-process: no task overhead to save
+    for bad in (0, 3, 16, 2.0, True, "many"):
+        with pytest.raises(emflow.ConfigError, match="partitions_per_task must be 'auto' or a power of split_every"):
+            Engine(None, partitions_per_task=bad)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
