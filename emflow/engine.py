@@ -489,6 +489,7 @@ class Engine:
             t0 = time.monotonic()
             try:
                 self._await_workers("before loading data", healthy=True)
+                self._check_new_workers()
                 if rows.in_memory:
                     # the client holds the values: ship them once (not inside task specs,
                     # which the scheduler would keep a copy of)

@@ -282,28 +282,34 @@ def test_workers_with_another_emflow_or_none_are_refused_on_connect(tmp_path, pr
         client.close(timeout=5)
 
 
-def test_a_worker_without_emflow_importable_is_refused(tmp_path, proc_cluster):
-    """A fake ``emflow`` that raises ImportError on import (a broken install): a
-    ClusterError naming the worker and the error."""
+def test_a_broken_emflow_joining_before_the_data_are_loaded_is_refused(tmp_path, proc_cluster):
+    """Connected to one good worker; a second joins whose ``emflow`` raises ImportError on
+    import (a broken install) before the data are opened: the scan of the data does not
+    start (a ClusterError naming the worker and its error)."""
+    data = _data(tmp_path, "zarr")
     cluster = proc_cluster()
-    start_worker(cluster, tmp_path, "broken", pythonpath=fake_emflow(
-        tmp_path, "raise ImportError('emflow is broken here: numpy missing')\n"))
+    start_worker(cluster, tmp_path, "good")
     client = cluster.client(1)
     try:
-        broken = address_of(client, "broken")
-        with pytest.raises(emflow.ClusterError) as err:
-            with engine_for(client):
-                pytest.fail("an engine on a worker that cannot import emflow")
+        with engine_for(client) as engine:
+            start_worker(cluster, tmp_path, "broken", pythonpath=fake_emflow(
+                tmp_path, "raise ImportError('emflow is broken here: numpy missing')\n"))
+            wait_for(client, 2)
+            broken = address_of(client, "broken")
+            with pytest.raises(emflow.ClusterError) as err:
+                engine.open(data, persist=False, partition_bytes=PARTITION_BYTES)
     finally:
         client.close(timeout=5)
     assert str(err.value).startswith(
-        f"The Dask worker at {cluster.address} cannot run this emflow {emflow.__version__} (the client's): "
-        f"{broken} cannot import emflow (ImportError: emflow is broken here: numpy missing). Nothing was run.")
+        f"The Dask worker at {cluster.address} that joined the scheduler during the fit cannot run this emflow "
+        f"{emflow.__version__} (the client's): {broken} cannot import emflow (ImportError: emflow is broken here: "
+        "numpy missing). Checkpoints already written are intact")
 
 
-def test_a_worker_of_another_version_joining_mid_fit_stops_it_before_the_next_pass(tmp_path, proc_cluster):
-    """A worker with emflow 9.9.9 joins after iteration 2: the next pass does not start (a
-    ClusterError naming it, it ran nothing) and the checkpoint of iteration 2 is intact."""
+@pytest.mark.parametrize("env", ["9.9.9", pytest.param("none", marks=pytest.mark.slow)])
+def test_a_worker_of_another_version_joining_mid_fit_stops_it_before_the_next_pass(tmp_path, proc_cluster, env):
+    """A worker with emflow 9.9.9 (or none) joins after iteration 2: the next pass does not
+    start (a ClusterError naming it, it ran nothing) and the checkpoint of iteration 2 is intact."""
     from emflow.checkpoint import CheckpointWriter, read_checkpoint
 
     data = _data(tmp_path, "zarr")
@@ -313,7 +319,7 @@ def test_a_worker_of_another_version_joining_mid_fit_stops_it_before_the_next_pa
     client = cluster.client(1)
     log = tmp_path / "who"
     ckpt = tmp_path / "fit.checkpoint.npz"
-    fake = fake_emflow(tmp_path, "__version__ = '9.9.9'\n")
+    fake = fake_emflow(tmp_path, "__version__ = '9.9.9'\n") if env == "9.9.9" else no_emflow(tmp_path)
 
     def join(iteration):
         if iteration == 2:
@@ -329,9 +335,11 @@ def test_a_worker_of_another_version_joining_mid_fit_stops_it_before_the_next_pa
             other = address_of(engine.client, "other")
     finally:
         client.close(timeout=5)
+    why = (f"has emflow 9.9.9 ({fake / 'emflow' / '__init__.py'})" if env == "9.9.9" else
+           "cannot import emflow (ModuleNotFoundError: No module named 'emflow')")
     assert str(err.value) == (
         f"The Dask worker at {cluster.address} that joined the scheduler during the fit cannot run this emflow "
-        f"{emflow.__version__} (the client's): {other} has emflow 9.9.9 ({fake / 'emflow' / '__init__.py'}). "
+        f"{emflow.__version__} (the client's): {other} {why}. "
         f"Checkpoints already written are intact: stop those workers, or restart them with emflow "
         f"{emflow.__version__} installed, and run the same command again to resume.")
     assert per_pass(log) == [["a"] * 16] * 2  # the third pass never started
