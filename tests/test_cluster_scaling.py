@@ -11,6 +11,7 @@ test_cluster_faults).
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -346,3 +347,82 @@ def test_a_worker_of_another_version_joining_mid_fit_stops_it_before_the_next_pa
     ck = read_checkpoint(ckpt)
     assert ck.iteration == 2
     np.testing.assert_allclose(ck.history, ref.history[:2], rtol=1e-10)
+
+
+@dataclass(frozen=True)
+class StartWorkerAt(FaultAt):
+    """At the n-th E-step call, start the worker process ``argv`` (its pid written to
+    ``pidfile``) and keep this task busy for ``hold`` seconds: it joins mid-pass."""
+
+    argv: tuple = ()
+    env: tuple = ()
+    pidfile: str = ""
+    hold: float = 10.0
+
+    def fault(self):
+        p = subprocess.Popen(list(self.argv), env=dict(self.env), cwd=os.path.dirname(self.pidfile),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        Path(self.pidfile).write_text(str(p.pid))
+        time.sleep(self.hold)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nanny", [False, True])
+def test_a_worker_without_emflow_joining_mid_pass_is_no_hang_and_no_wrong_answer(tmp_path, proc_cluster, nanny):
+    """A worker that cannot import emflow joins in the middle of pass 3 (started by the
+    running E-step, which holds the only other worker meanwhile). Either it is seen there
+    (a ClusterError naming it, while the pass runs) or it crashes on the first task it is
+    given (it cannot unpickle emflow's functions) and leaves, and the fit ends with the
+    undisturbed result; never a hang, a bare ModuleNotFoundError or another answer."""
+    import threading
+
+    data = _data(tmp_path, "zarr")
+    ref = reference(data)
+    cluster = proc_cluster()
+    start_worker(cluster, tmp_path, "a")
+    client = cluster.client(1)
+    log = tmp_path / "who"
+    (tmp_path / "bare-local").mkdir()
+    env = {**cluster.env, "PYTHONPATH": os.pathsep.join([str(no_emflow(tmp_path)), cluster.env["PYTHONPATH"]])}
+    argv = (sys.executable, "-m", "distributed.cli.dask_worker", cluster.address, "--name", "bare", "--nthreads",
+            "1", "--nanny" if nanny else "--no-nanny", "--local-directory", str(tmp_path / "bare-local"),
+            "--dashboard-address", ":0")
+    pidfile = tmp_path / "bare-local" / "pid"
+    starter = StartWorkerAt(FAMILY, str(tmp_path / "calls"), at_call=2 * 16 + 2, argv=argv,
+                            env=tuple(env.items()), pidfile=str(pidfile), hold=6.0)
+
+    def stop_bare():
+        if pidfile.exists():
+            try:
+                os.kill(int(pidfile.read_text()), signal.SIGKILL)
+            except OSError:
+                pass
+
+    safety = threading.Timer(90, stop_bare)  # a hang ends, and fails the test below
+    safety.start()
+    t0 = time.monotonic()
+    try:
+        with engine_for(client) as engine:
+            loaded = engine.open(data, persist=False, partition_bytes=PARTITION_BYTES)
+            try:
+                hit = run_em(engine, loaded, Recording(starter, str(log)), gmm_start(3, 2), tol=0.0,
+                             max_iter=ITERS, callbacks=[marker(log)])
+                err = None
+            except emflow.ClusterError as exc:
+                hit, err, third = None, exc, per_pass(log)[2]
+    finally:
+        safety.cancel()
+        client.close(timeout=5)
+        stop_bare()
+    assert time.monotonic() - t0 < 80
+    assert pidfile.exists()  # the newcomer was started
+    if err is None:
+        assert "bare" not in {n for p in per_pass(log) for n in p}
+        assert_same_fit(hit, ref)
+    else:
+        assert len(third) < 16, third  # raised while the third pass was running
+        assert re.fullmatch(
+            f"The Dask worker at {re.escape(cluster.address)} that joined the scheduler during the fit cannot run "
+            rf"this emflow {re.escape(emflow.__version__)} \(the client's\): tcp://127\.0\.0\.1:\d+ cannot import "
+            r"emflow \(ModuleNotFoundError: No module named 'emflow'\)\. Checkpoints already written are intact: "
+            ".*", str(err)), str(err)
