@@ -121,12 +121,12 @@ def marker(log: Path, then=None):
     return cb
 
 
-def reference(data):
+def reference(data, iters: int = ITERS):
     """The undisturbed fit: in-process, the same 16 partitions."""
     engine = Engine(None, n_threads=2)
     try:
         loaded = engine.open(data, persist=False, partition_bytes=PARTITION_BYTES)
-        return run_em(engine, loaded, FAMILY, gmm_start(3, 2), tol=0.0, max_iter=ITERS)
+        return run_em(engine, loaded, FAMILY, gmm_start(3, 2), tol=0.0, max_iter=iters)
     finally:
         engine.close()
 
@@ -216,6 +216,51 @@ def test_workers_retired_and_killed_mid_fit_the_fit_goes_on(tmp_path, proc_clust
     assert "a" not in {n for p in passes[1:] for n in p}  # no work for the retired worker
     assert set(passes[-1]) == {w["name"] for w in left.values()}  # the survivor did the last passes
     assert_same_fit(hit, ref)
+
+
+def test_every_worker_retired_mid_fit_is_a_clear_error_after_the_wait_and_the_checkpoint_stays(tmp_path, proc_cluster):
+    """Both workers retired gracefully after iteration 2 and none started: the next pass
+    waits emflow.worker-wait-timeout (2 s), then a ClusterError says what to do; the
+    checkpoint of iteration 2 is intact and equals the undisturbed fit's."""
+    import dask
+
+    from emflow.checkpoint import CheckpointWriter, read_checkpoint
+
+    data = _data(tmp_path, "zarr")
+    ref = reference(data)
+    cluster = proc_cluster()
+    procs = [start_worker(cluster, tmp_path, n) for n in "ab"]
+    client = cluster.client(2)
+    wait_for(client, 2)
+    ckpt = tmp_path / "fit.checkpoint.npz"
+
+    def retire_all(event):
+        if event.iteration == 2:
+            client.retire_workers(workers=list(client.scheduler_info(n_workers=-1)["workers"]))
+            wait_for(client, 0)
+
+    try:
+        with dask.config.set({"emflow.worker-wait-timeout": "2s"}), engine_for(client) as engine:
+            loaded = engine.open(data, persist=False, partition_bytes=PARTITION_BYTES)
+            t0 = time.monotonic()
+            with pytest.warns(emflow.ClusterWarning, match="waiting up to 2 s for workers to join"), \
+                    pytest.raises(emflow.ClusterError) as err:
+                run_em(engine, loaded, FAMILY, gmm_start(3, 2), tol=0.0, max_iter=ITERS,
+                       callbacks=[CheckpointWriter(ckpt, fingerprint="f", config_hash="c"), retire_all])
+            waited = time.monotonic() - t0
+    finally:
+        client.close(timeout=5)
+    assert [p.wait(timeout=30) for p in procs] == [0, 0]
+    assert str(err.value) == (
+        f"All 2 Dask workers were lost before a pass over the data and none joined the scheduler at "
+        f"{cluster.address} within 2 s (the scheduler is still up). Start workers on that scheduler "
+        f"(`dask worker {cluster.address}`), or allow them longer with the Dask config key "
+        "emflow.worker-wait-timeout, and run the same command again: checkpoints already written are intact.")
+    assert waited < 30
+    ck = read_checkpoint(ckpt)
+    assert ck.iteration == 2
+    np.testing.assert_allclose(ck.history, ref.history[:2], rtol=1e-10)
+    np.testing.assert_allclose(ck.params.means, reference(data, iters=2).params.means, rtol=1e-10)
 
 
 # -- the emflow the workers import ------------------------------------------------------
