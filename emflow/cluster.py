@@ -9,6 +9,11 @@
 * ``"tcp://host:8786"`` (any address string): connect to that running scheduler, e.g. one
   started by dask-jobqueue, dask-kubernetes or ``dask scheduler`` (see deploy/);
 * a ``distributed.Client``: use it as it is.
+
+Connecting to a scheduler by address, or being given a Client, checks first that every
+worker there imports the same emflow as this process (:func:`check_worker_versions`): a
+worker without emflow, or with another version, is a :class:`ClusterError` naming it before
+any work is sent. Workers that join later are checked before the next pass over the data.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from .base import is_int
 from .engine import Engine
 from .errors import ClusterError, ConfigError
 
-__all__ = ["engine_for", "local_cluster"]
+__all__ = ["engine_for", "local_cluster", "check_worker_versions"]
 
 
 NO_MAIN_GUARD = ("emflow started a local Dask cluster from a script without an `if __name__ == '__main__':` "
@@ -137,6 +142,77 @@ def local_cluster(n_workers: int | None = None, threads_per_worker: int = 1, **k
     return cluster
 
 
+def _version_probe():
+    """A function that reports the emflow a worker imports. Made inside a function so that
+    cloudpickle sends it by value: a worker that cannot import emflow can still run it."""
+
+    def emflow_version():
+        try:
+            import emflow
+        except BaseException as exc:  # noqa: BLE001 - any failure to import is the answer
+            return {"error": f"{type(exc).__name__}: {exc}"}
+        return {"version": getattr(emflow, "__version__", None), "path": getattr(emflow, "__file__", None)}
+
+    return emflow_version
+
+
+def check_worker_versions(client, workers: list[str] | None = None, *, joined: bool = False) -> list[str]:
+    """Check that the Dask workers of ``client`` (all, or those in ``workers``) import the
+    same emflow version as this process. Returns the addresses checked.
+
+    Raises :class:`ClusterError` naming every worker that cannot import emflow or has
+    another version (distributed's own version check does not cover emflow: the workers
+    unpickle emflow's functions and data loaders, so they need the same emflow as the
+    client). ``joined``: the workers joined during a fit (the message says so).
+    """
+    from . import __version__ as mine
+
+    if workers is not None and not workers:
+        return []
+    try:
+        found = client.run(_version_probe(), workers=workers, on_error="return")
+    except Exception as exc:
+        raise ClusterError(
+            f"Could not ask the Dask workers at {_address(client)} which emflow they have "
+            f"({type(exc).__name__}: {exc}). Check that the scheduler and its workers are running."
+        ) from exc
+    bad = []
+    for addr, answer in sorted(found.items()):
+        if isinstance(answer, BaseException):
+            continue  # the worker left while we asked: nothing of ours runs there
+        if "error" in answer:
+            bad.append(f"{addr} cannot import emflow ({answer['error']})")
+        elif answer["version"] != mine:
+            bad.append(f"{addr} has emflow {answer['version']} ({answer['path']})")
+    if bad:
+        n_of = f"{len(bad)} of the {len(found)} Dask workers" if len(found) > 1 else "The Dask worker"
+        tail = ("Checkpoints already written are intact: stop those workers, or restart them with emflow "
+                f"{mine} installed, and run the same command again to resume." if joined else
+                "Nothing was run. Install the same emflow in the workers' environment (the worker image, or "
+                f"the environment `dask worker` runs in: `pip install emflow=={mine}`) and restart them.")
+        raise ClusterError(
+            f"{n_of} at {_address(client)}{' that joined the scheduler during the fit' if joined else ''} "
+            f"cannot run this emflow {mine} (the client's): " + "; ".join(bad) + ". " + tail
+        )
+    return sorted(a for a, v in found.items() if not isinstance(v, BaseException))
+
+
+def _address(client) -> str:
+    try:
+        return client.scheduler.address
+    except AttributeError:
+        return "the scheduler"
+
+
+def _checked_engine(client, split_every: int) -> Engine:
+    """An Engine on ``client`` whose workers were checked (and whose later ones will be)."""
+    checked = check_worker_versions(client)
+    engine = Engine(client, split_every=split_every)
+    engine.worker_check = lambda new: check_worker_versions(client, new, joined=True)
+    engine.checked_workers.update(checked)
+    return engine
+
+
 @contextlib.contextmanager
 def engine_for(scheduler: Any = None, *, n_workers: int | None = None, split_every: int = 8,
                connect_timeout: float = 10.0) -> Iterator[Engine]:
@@ -144,7 +220,7 @@ def engine_for(scheduler: Any = None, *, n_workers: int | None = None, split_eve
     from distributed import Client
 
     if isinstance(scheduler, Client):
-        yield Engine(scheduler, split_every=split_every)
+        yield _checked_engine(scheduler, split_every)
         return
     if scheduler is None:
         try:
@@ -187,6 +263,6 @@ def engine_for(scheduler: Any = None, *, n_workers: int | None = None, split_eve
             "running and reachable, or leave --scheduler out to start a local cluster."
         ) from exc
     try:
-        yield Engine(client, split_every=split_every)
+        yield _checked_engine(client, split_every)
     finally:
         client.close()

@@ -281,6 +281,10 @@ class Engine:
         # bad values fail here (the config is read again at each use, so dask.config.set applies)
         _ = (self.worker_wait_timeout, self.stall_factor, self.stall_floor)
         self._workers_seen = 0  # workers at the latest look: "all N workers were lost"
+        # set by emflow.cluster on a cluster it connected to: called before each pass with the
+        # workers not checked yet (ones that joined), raises ClusterError for unfit ones
+        self.worker_check: Callable[[list[str]], Any] | None = None
+        self.checked_workers: set[str] = set()
         self.client = client
         self.address = None
         if client is not None:
@@ -416,6 +420,15 @@ class Engine:
                     "already written are intact."
                 )
 
+    def _check_new_workers(self) -> None:
+        """Workers that joined since the last look go through ``worker_check`` (once each)."""
+        if self.worker_check is None:
+            return
+        new = sorted(set(self._workers() or ()) - self.checked_workers)
+        if new:
+            self.worker_check(new)
+            self.checked_workers.update(new)
+
     def _lost_partitions(self, loaded: Loaded) -> list[int]:
         """Scattered partitions gone from the cluster: those whose future says so, and those
         no worker holds by the scheduler's count (the client learns of lost data a little
@@ -536,6 +549,7 @@ class Engine:
             t0 = time.monotonic()
             try:
                 self._await_workers("before loading data", healthy=True)
+                self._check_new_workers()
                 if rows.in_memory:
                     # the client holds the values: ship them once (not inside task specs,
                     # which the scheduler would keep a copy of)
@@ -634,6 +648,7 @@ class Engine:
             if self.client is not None:
                 self._await_workers("before a pass over the data" if attempt == 0 else
                                     "during a pass over the data", healthy=attempt == 0)
+                self._check_new_workers()
                 t0 = time.monotonic()
             past = loaded.pass_seconds
             usual = statistics.median(past) if past else None
