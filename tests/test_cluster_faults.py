@@ -286,6 +286,27 @@ def test_scheduler_killed_mid_pass_names_it_and_keeps_the_checkpoint(tmp_path, p
     np.testing.assert_allclose(ck.history, ref.history[:2], rtol=1e-10)
 
 
+def _fit_until_stall_warning(client, data, stopper, resume):
+    """A streamed fit whose family ``stopper`` hangs part of the cluster; ``resume`` (called
+    when the stall warning is logged, and after 60 s at the latest, so that a missing warning
+    fails rather than hangs) lets it go on. Returns the EM result, the ClusterWarning texts and
+    the emflow log records."""
+    safety = threading.Timer(60, resume)
+    safety.start()
+    try:
+        with dask.config.set({"emflow.stall-factor": 3, "emflow.stall-floor": "1s"}), \
+                OnLog("has taken", resume) as log, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", emflow.ClusterWarning)
+            engine = Engine(client)
+            loaded = engine.open(data, persist=False)
+            hit = run_em(engine, loaded, stopper, gmm_start(3, 2), tol=0.0, max_iter=ITERS)
+    finally:
+        safety.cancel()
+        resume()
+        client.close(timeout=5)
+    return hit, [str(w.message) for w in caught if issubclass(w.category, emflow.ClusterWarning)], log
+
+
 def test_hung_worker_is_reported_and_the_fit_goes_on(tmp_path, proc_cluster):
     """A worker SIGSTOPped in the middle of a pass: once the pass has run far longer than
     the usual, one warning (ClusterWarning and the emflow logger) names the worker holding
@@ -302,22 +323,8 @@ def test_hung_worker_is_reported_and_the_fit_goes_on(tmp_path, proc_cluster):
             if p.poll() is None:
                 p.send_signal(signal.SIGCONT)
 
-    # without the warning nobody continues the worker: then fail in 60 s, not hang
-    safety = threading.Timer(60, resume)
-    safety.start()
-    try:
-        with dask.config.set({"emflow.stall-factor": 3, "emflow.stall-floor": "1s"}), \
-                OnLog("has taken", resume) as log, warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", emflow.ClusterWarning)
-            engine = Engine(client)
-            loaded = engine.open(data, persist=False)
-            hit = run_em(engine, loaded, stopper, gmm_start(3, 2), tol=0.0, max_iter=ITERS)
-    finally:
-        safety.cancel()
-        resume()
-        client.close(timeout=5)
+    hit, stalls, log = _fit_until_stall_warning(client, data, stopper, resume)
     stopped = (tmp_path / "who").read_text()
-    stalls = [str(w.message) for w in caught if issubclass(w.category, emflow.ClusterWarning)]
     assert len(stalls) == 1, stalls
     assert stalls == [m for m in log.records if "has taken" in m]  # the same text on the emflow logger
     assert re.fullmatch(
@@ -415,20 +422,7 @@ def test_hung_scheduler_is_reported_and_the_fit_goes_on(tmp_path, proc_cluster, 
     def resume():
         cluster.scheduler.send_signal(signal.SIGCONT)
 
-    safety = threading.Timer(60, resume)
-    safety.start()
-    try:
-        with dask.config.set({"emflow.stall-factor": 3, "emflow.stall-floor": "1s"}), \
-                OnLog("has taken", resume), warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", emflow.ClusterWarning)
-            engine = Engine(client)
-            loaded = engine.open(data, persist=False)
-            hit = run_em(engine, loaded, stopper, gmm_start(3, 2), tol=0.0, max_iter=ITERS)
-    finally:
-        safety.cancel()
-        resume()
-        client.close(timeout=5)
-    stalls = [str(w.message) for w in caught if issubclass(w.category, emflow.ClusterWarning)]
+    hit, stalls, _ = _fit_until_stall_warning(client, data, stopper, resume)
     assert len(stalls) == 1, stalls
     assert f"The Dask scheduler at {cluster.address} did not answer within 1 s either: a hung scheduler " \
            "(stopped with SIGSTOP, swapping) or an overloaded one is likely. Still waiting" in stalls[0]
