@@ -35,7 +35,8 @@ from typing import Any, Callable, ClassVar, Iterable, Iterator
 
 import numpy as np
 
-from .data import DEFAULT_PARTITION_BYTES, Finding, _url, check_pointer, is_zarr_path, raise_findings, read_chunked
+from .data import (DEFAULT_PARTITION_BYTES, CheckedLoader, Finding, _url, check_pointer, is_zarr_path, raise_findings,
+                   read_chunked)
 from .errors import ConfigError, DataError, DataNotFoundError
 
 __all__ = [
@@ -113,7 +114,7 @@ class CorpusChecks:
 
 
 @dataclass(frozen=True)
-class ZarrCorpusLoader:
+class ZarrCorpusLoader(CheckedLoader):
     """Reads documents [doc_start, doc_stop) of a Zarr corpus where it is called."""
 
     url: str
@@ -146,10 +147,6 @@ class ZarrCorpusLoader:
         _check_types(indices, counts, self.where)
         return _entries(indices, counts), ptr
 
-    def __call__(self):
-        parts = self.read()
-        raise_findings(self.checks.findings(parts), self.where)
-        return parts
 
 
 @dataclass(frozen=True)

@@ -249,6 +249,16 @@ def raise_findings(findings, where: str) -> None:
         raise finding_error(where, findings[0])
 
 
+class CheckedLoader:
+    """A partition loader: calling it ``read()``s the partition's arrays and raises what its
+    value ``checks`` find there (named by ``where``); subclasses define those three."""
+
+    def __call__(self):
+        parts = self.read()
+        raise_findings(self.checks.findings(parts), self.where)
+        return parts
+
+
 def value_findings(X: np.ndarray, row0: int, unit: str = "row", chunk_rows: int | None = None,
                    limit: float | None = None, allow_nan: bool = False) -> list[Finding]:
     """Non-finite values of a 2-D float partition (only infinities with ``allow_nan``), and,
@@ -433,7 +443,7 @@ def checked_handles(loaders: list, scans: list, weighted: bool, starts: list[int
 
 
 @dataclass(frozen=True)
-class ZarrLoader:
+class ZarrLoader(CheckedLoader):
     """Reads rows [start, stop) of a Zarr array (and its weights) on whichever process calls it."""
 
     url: str
@@ -459,14 +469,10 @@ class ZarrLoader:
                            dtype=np.float64)
         return X, w
 
-    def __call__(self) -> tuple[np.ndarray, np.ndarray | None]:
-        parts = self.read()
-        raise_findings(self.checks.findings(parts), self.where)
-        return parts
 
 
 @dataclass(frozen=True)
-class ArrayLoader:
+class ArrayLoader(CheckedLoader):
     """A partition already in memory (NumPy input)."""
 
     X: np.ndarray = field(repr=False)
@@ -485,13 +491,10 @@ class ArrayLoader:
     def read(self):
         return self.X, self.w
 
-    def __call__(self):
-        raise_findings(self.checks.findings((self.X, self.w)), self.where)
-        return self.X, self.w
 
 
 @dataclass(frozen=True)
-class DaskLoader:
+class DaskLoader(CheckedLoader):
     """One row block of a Dask array, computed with the synchronous scheduler where it runs."""
 
     block: Any = field(repr=False)
@@ -513,10 +516,6 @@ class DaskLoader:
         X, w = dask.compute(self.block, self.wblock, scheduler="sync")
         return np.asarray(X), (None if w is None else np.asarray(w, dtype=np.float64))
 
-    def __call__(self):
-        parts = self.read()
-        raise_findings(self.checks.findings(parts), self.where)
-        return parts
 
 
 @dataclass
@@ -724,7 +723,7 @@ def open_rows(
 
 
 @dataclass(frozen=True)
-class _ZarrWithWeights:
+class _ZarrWithWeights(CheckedLoader):
     inner: ZarrLoader
     w: np.ndarray = field(repr=False)
 
@@ -743,10 +742,6 @@ class _ZarrWithWeights:
     def read(self):
         return self.inner.read()[0], self.w
 
-    def __call__(self):
-        parts = self.read()
-        raise_findings(self.checks.findings(parts), self.where)
-        return parts
 
 
 _MASK = np.uint64(0xFFFFFFFFFFFFFFFF)

@@ -21,7 +21,7 @@ from typing import Any, Callable, ClassVar
 
 import numpy as np
 
-from .data import (DEFAULT_PARTITION_BYTES, _check_dtype, _url, check_pointer, is_zarr_path, raise_findings,
+from .data import (DEFAULT_PARTITION_BYTES, CheckedLoader, _check_dtype, _url, check_pointer, is_zarr_path,
                    read_chunked, value_findings)
 from .errors import DataError, DataNotFoundError
 
@@ -63,7 +63,7 @@ class SeqChecks:
 
 
 @dataclass(frozen=True)
-class ZarrSeqLoader:
+class ZarrSeqLoader(CheckedLoader):
     url: str
     seq_start: int
     seq_stop: int
@@ -99,14 +99,10 @@ class ZarrSeqLoader:
             )
         return values, off
 
-    def __call__(self):
-        parts = self.read()
-        raise_findings(self.checks.findings(parts), self.where)
-        return parts
 
 
 @dataclass(frozen=True)
-class ArraySeqLoader:
+class ArraySeqLoader(CheckedLoader):
     values: np.ndarray = field(repr=False)
     offsets: np.ndarray = field(repr=False)
     index: int
@@ -125,9 +121,6 @@ class ArraySeqLoader:
     def read(self):
         return self.values, self.offsets
 
-    def __call__(self):
-        raise_findings(self.checks.findings((self.values, self.offsets)), self.where)
-        return self.values, self.offsets
 
 
 @dataclass
