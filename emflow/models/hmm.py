@@ -6,6 +6,13 @@ Nothing here knows about Dask, Zarr or Prefect. One EM iteration is::
     total  = add(stats_1, ..., stats_P)              # field-wise sums (emflow.stats.add)
     params = m_step_*(total, params, config)
 
+The emissions are components (:mod:`emflow.models.hmm_emissions`: Gaussian and
+categorical there, Poisson in :mod:`~emflow.models.poisson_hmm`, Gaussian mixtures in
+:mod:`~emflow.models.gmm_hmm`); the E-step, the transition M-step, decoding and sampling
+here are written once over them. This module keeps the Gaussian and categorical
+parameter, statistics and M-step code and the ``e_step_*`` / ``frame_log_prob`` /
+``sample_sequence`` entry points, which now go through the components.
+
 Forward-backward runs in scaled form (Rabiner's normalised alpha and beta) over *all the
 sequences of a partition at once*: the sequences are sorted by length (longest first) and
 their steps laid out time-major, so step ``t`` of every sequence still running is one
