@@ -35,7 +35,8 @@ from . import hmm as H
 from .hmm_emissions import Emission
 
 __all__ = ["GMMHMMParams", "GMMHMMStats", "GMMEmissionStats", "GMMHMMPriors", "GMMEmission",
-           "covars_shape", "resolve_priors"]
+           "covars_shape", "resolve_priors",
+           "initial_mixture_means", "initial_covars"]
 
 
 class GMMHMMParams(NamedTuple):
@@ -318,3 +319,51 @@ class GMMEmission(Emission):
                 if idx.any():
                     X[idx] = params.means[k, m] + Z[idx] @ np.linalg.cholesky(full[m]).T
         return X
+
+
+def initial_mixture_means(Xs: np.ndarray, state_centers: np.ndarray, M: int, cov: np.ndarray,
+                          rng: np.random.Generator, max_iter: int = 100, tol: float = 1e-4) -> np.ndarray:
+    """hmmlearn's start for the means (K, M, d), on an in-memory sample ``Xs`` of the steps.
+
+    Each sample step goes to its nearest state centre; the steps of state ``k`` are
+    clustered into ``M`` by k-means (k-means++ seeding, Lloyd iterations). A state with
+    fewer than ``M`` sample steps draws its means from ``N(mean of the centres, cov)``, as
+    hmmlearn does.
+    """
+    from . import kmeans as KM
+
+    centers = np.asarray(state_centers, dtype=np.float64)
+    K, d = centers.shape
+    g = centers.mean(axis=0)
+    labels = np.argmin(((Xs[:, None, :] - centers[None]) ** 2).sum(axis=-1), axis=1)
+    out = np.empty((K, M, d))
+    for k in range(K):
+        Xk = Xs[labels == k]
+        if len(Xk) < M:
+            out[k] = rng.multivariate_normal(g, cov, size=M)
+            continue
+        c = Xk[KM.kmeans_plusplus(Xk, M, rng)]
+        var = float(Xk.var(axis=0).mean()) if len(Xk) > 1 else 0.0
+        for _ in range(max_iter):
+            shift = c.mean(axis=0)
+            new, _ = KM.m_step(KM.e_step(Xk, None, c, shift), c, shift)
+            moved = float(np.sum((new - c) ** 2))
+            c = new
+            if moved <= tol * var:
+                break
+        out[k] = c
+    return out
+
+
+def initial_covars(cv: np.ndarray, ct: str, K: int, M: int) -> np.ndarray:
+    """hmmlearn's start for the covariances: the data covariance (plus ``min_covar``) everywhere
+    (spherical: the mean variance, as emflow's GaussianHMM; hmmlearn averages every entry of
+    the matrix, off-diagonal ones included, which can be <= 0)."""
+    d = cv.shape[0]
+    if ct == "tied":
+        return np.tile(cv, (K, 1, 1))
+    if ct == "full":
+        return np.tile(cv, (K, M, 1, 1))
+    if ct == "diag":
+        return np.tile(np.diag(cv), (K, M, 1))
+    return np.full((K, M), np.diag(cv).mean())
