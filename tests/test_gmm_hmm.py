@@ -57,7 +57,10 @@ def random_params(ct, rng, k=K, m=M, d=D, scale=3.0):
 @pytest.fixture(scope="module", params=[0, 1, 2])
 def data(request):
     """Sequences of unequal lengths (some of length 1) from a known GMM-HMM."""
-    seed = request.param
+    return make_data(request.param)
+
+
+def make_data(seed):
     rng = np.random.default_rng(seed)
     truth = random_params("full", rng)
     truth = truth._replace(transmat=0.3 * truth.transmat + 0.7 * np.eye(K))
@@ -258,3 +261,87 @@ def test_sampling_and_registry_and_pickling():
         b = back.m_step(back.e_step(X, np.array([0, 30]), p), p)[0]
         for u, v in zip(a[:-1], b[:-1]):
             np.testing.assert_array_equal(u, v)
+
+
+# -- the estimator face ----------------------------------------------------------------
+def with_start(model, p):
+    model.startprob_, model.transmat_ = p.startprob.copy(), p.transmat.copy()
+    model.weights_, model.means_, model.covars_ = p.weights.copy(), p.means.copy(), p.covars.copy()
+    return model
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("ct", CTS)
+def test_estimator_fit_score_decode_equal_hmmlearn_from_the_same_start(ct):
+    from emflow.gmm_hmm import GMMHMM
+
+    seed, X, lengths = make_data(0)  # one data set for the face; the math runs on three
+    p = random_params(ct, np.random.default_rng(400))
+    kw = dict(n_iter=5, tol=0.0, init_params="", covariance_type=ct, weights_prior=1.5)
+    ours = with_start(GMMHMM(K, M, scheduler="threads", **kw), p).fit(X, lengths)
+    ref = with_start(hl.GMMHMM(K, M, **kw), p).fit(X, lengths)
+    assert rel(ours.monitor_.history, list(ref.monitor_.history)) < 1e-8
+    for name in ("startprob_", "transmat_", "weights_", "means_", "covars_"):
+        assert rel(getattr(ours, name), getattr(ref, name)) < 1e-8, name
+    assert rel(ours.score(X, lengths), ref.score(X, lengths)) < 1e-8
+    for algorithm in ("viterbi", "map"):
+        a, b = ours.decode(X, lengths, algorithm=algorithm), ref.decode(X, lengths, algorithm=algorithm)
+        assert rel(a[0], b[0]) < 1e-8
+        np.testing.assert_array_equal(a[1], b[1])
+    np.testing.assert_allclose(ours.predict_proba(X, lengths), ref.predict_proba(X, lengths), rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("ct", ["diag", "tied"])
+def test_zarr_sequences_streamed_in_small_partitions_give_the_in_memory_fit(ct, tmp_path):
+    from emflow.gmm_hmm import GMMHMM
+    from emflow.sequences import write_sequences
+
+    rng = np.random.default_rng(8)
+    truth = random_params("full", rng)
+    lengths = rng.integers(5, 40, 15)
+    X = np.concatenate([H.sample_sequence(truth, int(n), rng)[0] for n in lengths])
+    path = write_sequences(str(tmp_path / "x.zarr"), X, offsets_of(lengths))
+    kw = dict(n_iter=4, tol=0.0, random_state=3, covariance_type=ct, scheduler="threads")
+    mem = GMMHMM(K, M, **kw).fit(X, lengths)
+    for persist in (False, True):
+        z = GMMHMM(K, M, persist=persist, partition_bytes=1024, **kw).fit(path)
+        assert z.fit_info_["partitions"] > 2
+        for name in ("startprob_", "transmat_", "weights_", "means_", "covars_"):
+            assert rel(getattr(z, name), getattr(mem, name)) < 1e-10, name
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("ct", CTS)
+def test_random_start_is_hmmlearns_shape_reproducible_and_saved_models_load(ct, tmp_path):
+    from emflow.gmm_hmm import GMMHMM
+
+    seed, X, lengths = make_data(0)  # one data set for the face; the math runs on three
+    a = GMMHMM(K, M, covariance_type=ct, random_state=5, scheduler="threads").fit(X, lengths)
+    b = GMMHMM(K, M, covariance_type=ct, random_state=5, scheduler="threads").fit(X, lengths)
+    np.testing.assert_array_equal(a.means_, b.means_)
+    assert a.means_.shape == (K, M, D) and a.weights_.shape == (K, M)
+    assert a.covars_.shape == {"spherical": (K, M), "diag": (K, M, D), "full": (K, M, D, D), "tied": (K, D, D)}[ct]
+    # EM from the start it chose never decreases the likelihood (hmmlearn's own check)
+    assert np.all(np.diff(a.monitor_.history) > -1e-8 * np.abs(a.monitor_.history[1:]))
+    back = GMMHMM.load(a.save(str(tmp_path / "m.zarr")))
+    for name in ("startprob_", "transmat_", "weights_", "means_", "covars_"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(a, name))
+    Xs, states = back.sample(25, random_state=0)
+    assert Xs.shape == (25, D) and states.shape == (25,)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(n_mix=0), "n_mix must be"),
+    (dict(covariance_type="banded"), "covariance_type must be one of"),
+    (dict(params="stmcwx"), "params must be a string of letters from 'stmcw'"),
+    (dict(weights_prior=np.ones((K, M + 1))), "priors .* must broadcast"),
+    (dict(min_covar=-1.0), "min_covar must be"),
+])
+def test_bad_parameters_raise_config_errors_naming_them(kw, match):
+    from emflow.errors import ConfigError
+    from emflow.gmm_hmm import GMMHMM
+
+    X = np.random.default_rng(0).normal(size=(40, D))
+    with pytest.raises(ConfigError, match=match):
+        GMMHMM(**{"n_components": K, "n_mix": M, **kw}, scheduler="threads").fit(X, [20, 20])

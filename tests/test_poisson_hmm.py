@@ -209,3 +209,97 @@ def test_initial_lambdas_draw_hmmlearn_gamma_from_the_moments():
     np.testing.assert_array_equal(lam, np.random.default_rng(4).gamma(mean**2 / var, var / mean, (K, D)))
     with pytest.raises(DataError, match="not all equal"):
         initial_lambdas(1.0, 0.0, K, D, np.random.default_rng(0))
+
+
+# -- the estimator face ----------------------------------------------------------------
+def with_start(model, p):
+    model.startprob_, model.transmat_, model.lambdas_ = p.startprob.copy(), p.transmat.copy(), p.lambdas.copy()
+    return model
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("seed", [0, 1])
+def test_estimator_fit_score_decode_equal_hmmlearn_from_the_same_start(seed):
+    from emflow.poisson_hmm import PoissonHMM
+
+    X, lengths = make_data(seed)
+    p = start_of(seed)
+    kw = dict(n_iter=6, tol=0.0, init_params="", lambdas_prior=0.5, lambdas_weight=0.2)
+    ours = with_start(PoissonHMM(K, scheduler="threads", **kw), p).fit(X, lengths)
+    ref = with_start(hl.PoissonHMM(K, **kw), p).fit(X, lengths)
+    assert rel(ours.monitor_.history, list(ref.monitor_.history)) < 1e-8
+    for name in ("startprob_", "transmat_", "lambdas_"):
+        assert rel(getattr(ours, name), getattr(ref, name)) < 1e-8, name
+    assert rel(ours.score(X, lengths), ref.score(X, lengths)) < 1e-8
+    lp, post = ours.score_samples(X, lengths)
+    rlp, rpost = ref.score_samples(X, lengths)
+    assert rel(lp, rlp) < 1e-8
+    np.testing.assert_allclose(post, rpost, rtol=1e-7, atol=1e-10)
+    for algorithm in ("viterbi", "map"):
+        a, b = ours.decode(X, lengths, algorithm=algorithm), ref.decode(X, lengths, algorithm=algorithm)
+        assert rel(a[0], b[0]) < 1e-8
+        np.testing.assert_array_equal(a[1], b[1])
+    assert ours.n_features == D and ours._n_parameters() == K - 1 + K * (K - 1) + K * D
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_zarr_sequences_streamed_in_small_partitions_give_the_in_memory_fit(tmp_path):
+    from emflow.poisson_hmm import PoissonHMM
+    from emflow.sequences import write_sequences
+
+    X, lengths = make_data(4)
+    path = write_sequences(str(tmp_path / "counts.zarr"), X.astype(np.int64), offsets_of(lengths))
+    kw = dict(n_iter=5, tol=0.0, random_state=3, scheduler="threads")
+    mem = PoissonHMM(K, **kw).fit(X, lengths)
+    for persist in (False, True):
+        z = PoissonHMM(K, persist=persist, partition_bytes=1024, **kw).fit(path)
+        assert z.fit_info_["partitions"] > 2
+        for name in ("startprob_", "transmat_", "lambdas_"):
+            assert rel(getattr(z, name), getattr(mem, name)) < 1e-10, name
+        assert rel(z.history_, mem.history_) < 1e-10
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_random_start_is_reproducible_and_saved_models_load_bit_identical(tmp_path):
+    from emflow.poisson_hmm import PoissonHMM
+
+    X, lengths = make_data(5)
+    a = PoissonHMM(K, random_state=7, scheduler="threads").fit(X, lengths)
+    b = PoissonHMM(K, random_state=7, scheduler="threads").fit(X, lengths)
+    np.testing.assert_array_equal(a.lambdas_, b.lambdas_)
+    back = PoissonHMM.load(a.save(str(tmp_path / "m.zarr")))
+    for name in ("startprob_", "transmat_", "lambdas_"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(a, name))
+    np.testing.assert_array_equal(back.predict(X, lengths), a.predict(X, lengths))
+    Xs, states = a.sample(20, random_state=1)
+    assert Xs.shape == (20, D) and states.shape == (20,)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(lambdas_prior=-1.0), "lambdas_prior must be"),
+    (dict(lambdas_weight=np.ones((K, D + 1))), "lambdas_weight must be a number or broadcast"),
+    (dict(params="stlx"), "params must be a string of letters from 'stl'"),
+    (dict(implementation="fast"), "implementation must be one of"),
+    (dict(n_components=0), "n_components must be"),
+])
+def test_bad_parameters_raise_config_errors_naming_them(kw, match):
+    from emflow.errors import ConfigError
+    from emflow.poisson_hmm import PoissonHMM
+
+    X, lengths = make_data(0)
+    with pytest.raises(ConfigError, match=match):
+        PoissonHMM(**{"n_components": K, **kw}, scheduler="threads").fit(X, lengths)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_non_count_data_and_feature_mismatch_are_refused():
+    from emflow.errors import FeatureMismatchError
+    from emflow.poisson_hmm import PoissonHMM
+
+    X, lengths = make_data(0)
+    with pytest.raises(DataError, match="Poisson observations must be counts"):
+        PoissonHMM(K, scheduler="threads").fit(X + 0.5, lengths)
+    m = with_start(PoissonHMM(K, init_params="", n_iter=1, scheduler="threads"), start_of(0))
+    m.fit(X, lengths)
+    with pytest.raises(FeatureMismatchError, match="fitted on 4 feature"):
+        m.predict(X[:, :3], lengths)
