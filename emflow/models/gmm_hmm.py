@@ -186,26 +186,34 @@ class GMMEmission(Emission):
         return cls(n_mix=int(np.shape(params.weights)[1]), covariance_type=params.covariance_type)
 
     def log_likelihood(self, X, params):
+        return self.log_likelihood_and_cache(X, params)[0]
+
+    def log_likelihood_and_cache(self, X, params):
+        """Per-state log densities (n, K), and the per-component ones (K arrays (n, M)),
+        which the E-step's :meth:`stats` reuses for the component responsibilities."""
         g = shift_of(params)
         Xc = X - g
         out = np.empty((len(X), len(params.startprob)))
+        comps = []
         for k in range(out.shape[1]):
+            lp = _component_log_prob(Xc, g, params, k)
             with np.errstate(under="ignore"):
-                out[:, k] = special.logsumexp(_component_log_prob(Xc, g, params, k), axis=1)
-        return out
+                out[:, k] = special.logsumexp(lp, axis=1)
+            comps.append(lp)
+        return out, (comps, out)
 
-    def stats(self, X, posteriors, params):
+    def stats(self, X, posteriors, params, cache=None):
         ct = params.covariance_type
         g = shift_of(params)
         Xc = X - g
         K, M, d = np.shape(params.means)
+        comps, state_lp = cache if cache is not None else self.log_likelihood_and_cache(X, params)[1]
         post_mix = np.zeros((K, M))
         s1 = np.zeros((K, M, d))
         c = np.zeros(covars_shape(ct, K, M, d))
         for k in range(K):
-            lp = _component_log_prob(Xc, g, params, k)
             with np.errstate(under="ignore", invalid="ignore"):
-                r = posteriors[:, k : k + 1] * np.exp(lp - special.logsumexp(lp, axis=1, keepdims=True))
+                r = posteriors[:, k : k + 1] * np.exp(comps[k] - state_lp[:, k : k + 1])
             post_mix[k] = r.sum(axis=0)
             s1[k] = r.T @ Xc
             for m in range(M):

@@ -81,8 +81,13 @@ class Emission:
         """Log emission density of each step under each state: ndarray of shape (n, K)."""
         raise NotImplementedError
 
-    def stats(self, X, posteriors, params) -> tuple:
-        """Additive emission statistics of ``X`` weighted by ``posteriors`` (n, K)."""
+    def log_likelihood_and_cache(self, X, params) -> tuple[np.ndarray, Any]:
+        """:meth:`log_likelihood` and whatever :meth:`stats` can reuse (default: nothing)."""
+        return self.log_likelihood(X, params), None
+
+    def stats(self, X, posteriors, params, cache=None) -> tuple:
+        """Additive emission statistics of ``X`` weighted by ``posteriors`` (n, K);
+        ``cache`` is what :meth:`log_likelihood_and_cache` returned for the same ``X``."""
         raise NotImplementedError
 
     def m_step(self, stats, params) -> tuple[Any, dict]:
@@ -125,8 +130,9 @@ def e_step(values, offsets, params, emission: Emission):
     """
     layout = H.Layout(offsets)
     X = emission.observations(values, params)[layout.perm]
-    fb = H.forward_backward(emission.log_likelihood(X, params), layout, params.startprob, params.transmat)
-    em = emission.stats(X, fb.gamma, params)
+    log_b, cache = emission.log_likelihood_and_cache(X, params)
+    fb = H.forward_backward(log_b, layout, params.startprob, params.transmat)
+    em = emission.stats(X, fb.gamma, params, cache)
     return emission.stats_type(fb.start, fb.trans, *em, _scalar(fb.loglik.sum()),
                                _scalar(layout.n_sequences), _scalar(layout.n_steps))
 
@@ -229,7 +235,7 @@ class GaussianEmission(Emission):
     def log_likelihood(self, X, params):
         return H.gaussian_log_prob(X, params)
 
-    def stats(self, X, posteriors, params):
+    def stats(self, X, posteriors, params, cache=None):
         g = H.shift_of(params)
         Xc = X - g
         gam = posteriors
@@ -300,7 +306,7 @@ class CategoricalEmission(Emission):
         with np.errstate(divide="ignore"):
             return np.log(E[:, X].T)
 
-    def stats(self, X, posteriors, params):
+    def stats(self, X, posteriors, params, cache=None):
         K, M = np.shape(params.emissionprob)
         obs = np.zeros((M, K))
         np.add.at(obs, X, posteriors)

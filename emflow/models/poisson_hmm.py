@@ -128,7 +128,7 @@ class PoissonEmission(Emission):
             out[:, k] = special.xlogy(X, lam[k]).sum(axis=1) - lam[k].sum() - const
         return out
 
-    def stats(self, X, posteriors, params):
+    def stats(self, X, posteriors, params, cache=None):
         return PoissonEmissionStats(posteriors.sum(axis=0), posteriors.T @ X)
 
     def m_step(self, stats, params):
