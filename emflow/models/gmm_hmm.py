@@ -309,7 +309,15 @@ class GMMEmission(Emission):
                "tied": K * d * (d + 1) // 2}[self.covariance_type]
         return K * M * d + cov + K * (M - 1)
 
-    def sample(self, states, rng, params):
+    def sample(self, state, rng, params):
+        K, M, d = np.shape(params.means)
+        m = rng.choice(M, p=params.weights[state])
+        cov = params.covars[state] if params.covariance_type == "tied" else params.covars[state, m]
+        if params.covariance_type != "tied":
+            cov = H.full_covars(np.asarray(cov)[None], params.covariance_type, 1, d)[0]
+        return rng.multivariate_normal(params.means[state, m], cov)
+
+    def sample_many(self, states, rng, params):
         states = np.asarray(states)
         K, M, d = np.shape(params.means)
         ct = params.covariance_type

@@ -729,4 +729,4 @@ def sample_sequence(params, n_steps: int, rng: np.random.Generator, currstate: i
     from .hmm_emissions import emission_for, sample_states
 
     states = sample_states(params.startprob, params.transmat, n_steps, rng, currstate)
-    return emission_for(params).sample(states, rng, params), states
+    return emission_for(params).sample_many(states, rng, params), states

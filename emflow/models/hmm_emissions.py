@@ -8,7 +8,9 @@ density and nothing about states' dynamics::
     log_b  = emission.log_likelihood(obs, params)        # (n, K)
     em     = emission.stats(obs, posteriors, params)     # additive NamedTuple of float64 sums
     params, report = emission.m_step(hmm_stats, params)  # emission fields re-estimated
-    emission.n_free(K, d), emission.sample(states, rng, params)
+    emission.n_free(K, d)
+    emission.sample(state, rng, params)                  # one draw, hmmlearn's stream
+    emission.sample_many(states, rng, params)            # vectorised over a state path
 
 An HMM's parameters are a NamedTuple ``(startprob, transmat, *emission fields)`` and its
 statistics a NamedTuple ``(start, trans, *emission statistics, loglik, n_sequences,
@@ -41,6 +43,7 @@ __all__ = [
     "m_step",
     "n_free",
     "sample_states",
+    "uniform",
 ]
 
 _BY_PARAMS: dict[type, type] = {}
@@ -98,9 +101,19 @@ class Emission:
         """Free scalar parameters of the emissions of ``K`` states over ``d`` features."""
         raise NotImplementedError
 
-    def sample(self, states, rng: np.random.Generator, params) -> np.ndarray:
-        """One observation per entry of ``states`` (ndarray of shape (n,)): shape (n, d)."""
+    def sample(self, state: int, rng, params) -> np.ndarray:
+        """One observation from ``state``, drawn as hmmlearn's ``_generate_sample_from_state``
+        draws it (so a ``numpy.random.RandomState`` gives hmmlearn's stream)."""
         raise NotImplementedError
+
+    def sample_many(self, states, rng: np.random.Generator, params) -> np.ndarray:
+        """One observation per entry of ``states`` (ndarray of shape (n,)), vectorised: shape (n, d)."""
+        raise NotImplementedError
+
+
+def uniform(rng) -> float:
+    """One uniform draw from a ``RandomState`` (``rand``, as hmmlearn) or a ``Generator``."""
+    return rng.rand() if isinstance(rng, np.random.RandomState) else rng.random()
 
 
 def emission_for(params) -> Emission:
@@ -259,7 +272,12 @@ class GaussianEmission(Emission):
         cov = {"spherical": K, "diag": K * d, "full": K * d * (d + 1) // 2, "tied": d * (d + 1) // 2}
         return K * d + cov[self.covariance_type]
 
-    def sample(self, states, rng, params):
+    def sample(self, state, rng, params):
+        K, d = np.shape(params.means)
+        full = H.full_covars(params.covars, params.covariance_type, K, d)
+        return rng.multivariate_normal(params.means[state], full[state])
+
+    def sample_many(self, states, rng, params):
         means = np.asarray(params.means, dtype=np.float64)
         K, d = means.shape
         full = H.full_covars(params.covars, params.covariance_type, K, d)
@@ -319,7 +337,11 @@ class CategoricalEmission(Emission):
     def n_free(self, K, d):
         return K * (d - 1)
 
-    def sample(self, states, rng, params):
+    def sample(self, state, rng, params):
+        cdf = np.cumsum(params.emissionprob[state, :])
+        return np.array([(cdf > uniform(rng)).argmax()])
+
+    def sample_many(self, states, rng, params):
         E = np.asarray(params.emissionprob, dtype=np.float64)
         cdfE = np.cumsum(E, axis=1)
         v = rng.random(len(states))

@@ -156,6 +156,9 @@ class PoissonEmission(Emission):
     def n_free(self, K, d):
         return K * d
 
-    def sample(self, states, rng, params):
+    def sample(self, state, rng, params):
+        return rng.poisson(params.lambdas[state])
+
+    def sample_many(self, states, rng, params):
         lam = np.asarray(params.lambdas, dtype=np.float64)
         return rng.poisson(lam[np.asarray(states)])
