@@ -75,7 +75,10 @@ class GMMHMM(_BaseHMM):
     ``(n_components - 1) * (n_mix - 1)`` parameters' worth.
     """
 
-    _family_name = "gmm_hmm"
+    _family_name = family = "gmm_hmm"
+    params_type = GH.GMMHMMParams
+    fitted = {"startprob": "startprob_", "transmat": "transmat_", "weights": "weights_", "means": "means_",
+              "covars": "covars_"}
     _emission_letters = "mcw"
     _max_magnitude = SQUARE_LIMIT
 
@@ -194,6 +197,9 @@ class GMMHMM(_BaseHMM):
             lo, hi = np.searchsorted(idx, [a, b])
             per.append(idx[lo:hi] - a)
         return np.concatenate(engine.map(_take_steps, loaded, per_partition=per))
+
+    def _parameter_settings(self) -> dict:
+        return {"covariance_type": self.covariance_type}
 
     def _params(self) -> GH.GMMHMMParams:
         f = lambda a: np.asarray(a, dtype=np.float64)  # noqa: E731

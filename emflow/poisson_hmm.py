@@ -65,7 +65,9 @@ class PoissonHMM(_BaseHMM):
     monitor_, history_, converged_, n_iter_, lower_bound_, fit_info_
     """
 
-    _family_name = "poisson_hmm"
+    _family_name = family = "poisson_hmm"
+    params_type = P.PoissonHMMParams
+    fitted = {"startprob": "startprob_", "transmat": "transmat_", "lambdas": "lambdas_"}
     _emission_letters = "l"
 
     def __init__(self, n_components: int = 1, startprob_prior=1.0, transmat_prior=1.0, lambdas_prior=0.0,
