@@ -11,6 +11,7 @@ import pytest
 from scipy import special, stats as sps
 
 from emflow.errors import FitFailedError
+from emflow.gmm_hmm import GMMHMM
 from emflow.models import hmm as H
 from emflow.models.gmm_hmm import GMMEmission, GMMHMMParams, GMMHMMPriors, resolve_priors
 from emflow.models.hmm_emissions import BaumWelch, e_step, emission_for
@@ -273,7 +274,6 @@ def with_start(model, p):
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("ct", CTS)
 def test_estimator_fit_score_decode_equal_hmmlearn_from_the_same_start(ct):
-    from emflow.gmm_hmm import GMMHMM
 
     seed, X, lengths = make_data(0)  # one data set for the face; the math runs on three
     p = random_params(ct, np.random.default_rng(400))
@@ -294,7 +294,6 @@ def test_estimator_fit_score_decode_equal_hmmlearn_from_the_same_start(ct):
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("ct", ["diag", "tied"])
 def test_zarr_sequences_streamed_in_small_partitions_give_the_in_memory_fit(ct, tmp_path):
-    from emflow.gmm_hmm import GMMHMM
     from emflow.sequences import write_sequences
 
     rng = np.random.default_rng(8)
@@ -314,7 +313,6 @@ def test_zarr_sequences_streamed_in_small_partitions_give_the_in_memory_fit(ct, 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("ct", CTS)
 def test_random_start_is_hmmlearns_shape_reproducible_and_saved_models_load(ct, tmp_path):
-    from emflow.gmm_hmm import GMMHMM
 
     seed, X, lengths = make_data(0)  # one data set for the face; the math runs on three
     a = GMMHMM(K, M, covariance_type=ct, random_state=5, scheduler="threads").fit(X, lengths)
@@ -324,7 +322,10 @@ def test_random_start_is_hmmlearns_shape_reproducible_and_saved_models_load(ct, 
     assert a.covars_.shape == {"spherical": (K, M), "diag": (K, M, D), "full": (K, M, D, D), "tied": (K, D, D)}[ct]
     # EM from the start it chose never decreases the likelihood (hmmlearn's own check)
     assert np.all(np.diff(a.monitor_.history) > -1e-8 * np.abs(a.monitor_.history[1:]))
-    back = GMMHMM.load(a.save(str(tmp_path / "m.zarr")))
+    import emflow
+
+    back = emflow.load(a.save(str(tmp_path / "m.zarr")))  # found in the registry by its family
+    assert type(back) is GMMHMM
     for name in ("startprob_", "transmat_", "weights_", "means_", "covars_"):
         np.testing.assert_array_equal(getattr(back, name), getattr(a, name))
     Xs, states = back.sample(25, random_state=0)
@@ -340,8 +341,23 @@ def test_random_start_is_hmmlearns_shape_reproducible_and_saved_models_load(ct, 
 ])
 def test_bad_parameters_raise_config_errors_naming_them(kw, match):
     from emflow.errors import ConfigError
-    from emflow.gmm_hmm import GMMHMM
 
     X = np.random.default_rng(0).normal(size=(40, D))
     with pytest.raises(ConfigError, match=match):
         GMMHMM(**{"n_components": K, "n_mix": M, **kw}, scheduler="threads").fit(X, [20, 20])
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_checkpoints_of_the_parameters_round_trip_without_any_table(tmp_path):
+    from emflow import checkpoint as C
+    from emflow.estimator import REGISTRY
+
+    X, lengths = make_data(0)[-2:]
+    m = REGISTRY[GMMHMM.family](3, n_iter=2, random_state=0, scheduler="threads").fit(X, lengths)
+    assert REGISTRY[GMMHMM.family] is GMMHMM
+    p = m._get_parameters()
+    path = C.write_checkpoint(tmp_path / "c.npz", C.Checkpoint(p, m.history_, [0.0] * len(m.history_), False, "f", "h"))
+    back = C.read_checkpoint(path)
+    assert type(back.params) is type(p) and back.history == m.history_
+    for a, b in zip(back.params, p):
+        np.testing.assert_array_equal(a, b)

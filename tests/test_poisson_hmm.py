@@ -13,6 +13,7 @@ from emflow.errors import DataError
 from emflow.models import hmm as H
 from emflow.models.hmm_emissions import BaumWelch, e_step, emission_for
 from emflow.models.poisson_hmm import PoissonEmission, PoissonHMMParams, initial_lambdas
+from emflow.poisson_hmm import PoissonHMM
 from emflow.stats import add
 
 hl = pytest.importorskip("hmmlearn.hmm")
@@ -220,7 +221,6 @@ def with_start(model, p):
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("seed", [0, 1])
 def test_estimator_fit_score_decode_equal_hmmlearn_from_the_same_start(seed):
-    from emflow.poisson_hmm import PoissonHMM
 
     X, lengths = make_data(seed)
     p = start_of(seed)
@@ -244,7 +244,6 @@ def test_estimator_fit_score_decode_equal_hmmlearn_from_the_same_start(seed):
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_zarr_sequences_streamed_in_small_partitions_give_the_in_memory_fit(tmp_path):
-    from emflow.poisson_hmm import PoissonHMM
     from emflow.sequences import write_sequences
 
     X, lengths = make_data(4)
@@ -261,13 +260,15 @@ def test_zarr_sequences_streamed_in_small_partitions_give_the_in_memory_fit(tmp_
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_random_start_is_reproducible_and_saved_models_load_bit_identical(tmp_path):
-    from emflow.poisson_hmm import PoissonHMM
 
     X, lengths = make_data(5)
     a = PoissonHMM(K, random_state=7, scheduler="threads").fit(X, lengths)
     b = PoissonHMM(K, random_state=7, scheduler="threads").fit(X, lengths)
     np.testing.assert_array_equal(a.lambdas_, b.lambdas_)
-    back = PoissonHMM.load(a.save(str(tmp_path / "m.zarr")))
+    import emflow
+
+    back = emflow.load(a.save(str(tmp_path / "m.zarr")))  # found in the registry by its family
+    assert type(back) is PoissonHMM
     for name in ("startprob_", "transmat_", "lambdas_"):
         np.testing.assert_array_equal(getattr(back, name), getattr(a, name))
     np.testing.assert_array_equal(back.predict(X, lengths), a.predict(X, lengths))
@@ -284,7 +285,6 @@ def test_random_start_is_reproducible_and_saved_models_load_bit_identical(tmp_pa
 ])
 def test_bad_parameters_raise_config_errors_naming_them(kw, match):
     from emflow.errors import ConfigError
-    from emflow.poisson_hmm import PoissonHMM
 
     X, lengths = make_data(0)
     with pytest.raises(ConfigError, match=match):
@@ -294,7 +294,6 @@ def test_bad_parameters_raise_config_errors_naming_them(kw, match):
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_non_count_data_and_feature_mismatch_are_refused():
     from emflow.errors import FeatureMismatchError
-    from emflow.poisson_hmm import PoissonHMM
 
     X, lengths = make_data(0)
     with pytest.raises(DataError, match="Poisson observations must be counts"):
@@ -303,3 +302,19 @@ def test_non_count_data_and_feature_mismatch_are_refused():
     m.fit(X, lengths)
     with pytest.raises(FeatureMismatchError, match="fitted on 4 feature"):
         m.predict(X[:, :3], lengths)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_checkpoints_of_the_parameters_round_trip_without_any_table(tmp_path):
+    from emflow import checkpoint as C
+    from emflow.estimator import REGISTRY
+
+    X, lengths = make_data(0)[-2:]
+    m = REGISTRY[PoissonHMM.family](3, n_iter=2, random_state=0, scheduler="threads").fit(X, lengths)
+    assert REGISTRY[PoissonHMM.family] is PoissonHMM
+    p = m._get_parameters()
+    path = C.write_checkpoint(tmp_path / "c.npz", C.Checkpoint(p, m.history_, [0.0] * len(m.history_), False, "f", "h"))
+    back = C.read_checkpoint(path)
+    assert type(back.params) is type(p) and back.history == m.history_
+    for a, b in zip(back.params, p):
+        np.testing.assert_array_equal(a, b)
