@@ -27,12 +27,12 @@ from .errors import (  # noqa: E402
     NotFittedError,
     StorageError,
 )
-from .hmm import CategoricalHMM, GaussianHMM  # noqa: E402
-from .ingest import ingest  # noqa: E402
-from .lda import LatentDirichletAllocation  # noqa: E402
-from .lgssm import LinearGaussianSSM  # noqa: E402
-from .mixture import GaussianMixture  # noqa: E402
-from .store import read_model_attrs  # noqa: E402
+from .estimators.hmm import CategoricalHMM, GaussianHMM  # noqa: E402
+from .storage.ingest import ingest  # noqa: E402
+from .estimators.lda import LatentDirichletAllocation  # noqa: E402
+from .estimators.lgssm import LinearGaussianSSM  # noqa: E402
+from .estimators.mixture import GaussianMixture  # noqa: E402
+from .storage.store import read_model_attrs  # noqa: E402
 
 _FAMILIES = {
     "gaussian_mixture": GaussianMixture,
