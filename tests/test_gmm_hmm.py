@@ -11,7 +11,7 @@ import pytest
 from scipy import special, stats as sps
 
 from emflow.errors import FitFailedError
-from emflow.gmm_hmm import GMMHMM
+from emflow.estimators.gmm_hmm import GMMHMM
 from emflow.models import hmm as H
 from emflow.models.gmm_hmm import GMMEmission, GMMHMMParams, GMMHMMPriors, resolve_priors
 from emflow.models.hmm_emissions import BaumWelch, e_step, emission_for
@@ -294,7 +294,7 @@ def test_estimator_fit_score_decode_equal_hmmlearn_from_the_same_start(ct):
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("ct", ["diag", "tied"])
 def test_zarr_sequences_streamed_in_small_partitions_give_the_in_memory_fit(ct, tmp_path):
-    from emflow.sequences import write_sequences
+    from emflow.storage.sequences import write_sequences
 
     rng = np.random.default_rng(8)
     truth = random_params("full", rng)
@@ -349,8 +349,8 @@ def test_bad_parameters_raise_config_errors_naming_them(kw, match):
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_checkpoints_of_the_parameters_round_trip_without_any_table(tmp_path):
-    from emflow import checkpoint as C
-    from emflow.estimator import REGISTRY
+    from emflow.storage import checkpoint as C
+    from emflow.estimators import REGISTRY
 
     X, lengths = make_data(0)[-2:]
     m = REGISTRY[GMMHMM.family](3, n_iter=2, random_state=0, scheduler="threads").fit(X, lengths)

@@ -13,7 +13,7 @@ from emflow.errors import DataError
 from emflow.models import hmm as H
 from emflow.models.hmm_emissions import BaumWelch, e_step, emission_for
 from emflow.models.poisson_hmm import PoissonEmission, PoissonHMMParams, initial_lambdas
-from emflow.poisson_hmm import PoissonHMM
+from emflow.estimators.poisson_hmm import PoissonHMM
 from emflow.stats import add
 
 hl = pytest.importorskip("hmmlearn.hmm")
@@ -244,7 +244,7 @@ def test_estimator_fit_score_decode_equal_hmmlearn_from_the_same_start(seed):
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_zarr_sequences_streamed_in_small_partitions_give_the_in_memory_fit(tmp_path):
-    from emflow.sequences import write_sequences
+    from emflow.storage.sequences import write_sequences
 
     X, lengths = make_data(4)
     path = write_sequences(str(tmp_path / "counts.zarr"), X.astype(np.int64), offsets_of(lengths))
@@ -306,8 +306,8 @@ def test_non_count_data_and_feature_mismatch_are_refused():
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_checkpoints_of_the_parameters_round_trip_without_any_table(tmp_path):
-    from emflow import checkpoint as C
-    from emflow.estimator import REGISTRY
+    from emflow.storage import checkpoint as C
+    from emflow.estimators import REGISTRY
 
     X, lengths = make_data(0)[-2:]
     m = REGISTRY[PoissonHMM.family](3, n_iter=2, random_state=0, scheduler="threads").fit(X, lengths)

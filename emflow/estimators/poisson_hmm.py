@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import check_choice
-from .data import DEFAULT_PARTITION_BYTES
-from .errors import ConfigError, FeatureMismatchError
+from ..checks import check_choice
+from ..storage.data import DEFAULT_PARTITION_BYTES
+from ..errors import ConfigError, FeatureMismatchError
 from .hmm import _BaseHMM
-from .models import hmm as H
-from .models import poisson_hmm as P
-from .models.hmm_emissions import BaumWelch
-from .stats import require_finite
+from ..models import hmm as H
+from ..models import poisson_hmm as P
+from ..models.hmm_emissions import BaumWelch
+from ..stats import require_finite
 
 __all__ = ["PoissonHMM"]
 

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import check_choice, check_int, check_real
-from .data import DEFAULT_PARTITION_BYTES, SQUARE_LIMIT
-from .errors import DataError, FeatureMismatchError, ConfigError
+from ..checks import check_choice, check_int, check_real
+from ..storage.data import DEFAULT_PARTITION_BYTES, SQUARE_LIMIT
+from ..errors import DataError, FeatureMismatchError, ConfigError
 from .hmm import GaussianHMM, _BaseHMM, _moments, _take_steps
-from .models import gmm_hmm as GH
-from .models import hmm as H
-from .models.hmm_emissions import BaumWelch
-from .stats import require_finite
+from ..models import gmm_hmm as GH
+from ..models import hmm as H
+from ..models.hmm_emissions import BaumWelch
+from ..stats import require_finite
 
 __all__ = ["GMMHMM"]
 
