@@ -127,6 +127,20 @@ class GMMHMM(_BaseHMM):
         em = GH.GMMEmission(self.n_mix, self.covariance_type, self._priors(), self.params)
         return BaumWelch(em, H.TransitionPriors(self.startprob_prior, self.transmat_prior), self.params)
 
+    def _em_family(self):
+        return self._family()
+
+    @classmethod
+    def _contract_example(cls, rng: np.random.Generator):
+        """Two states of two-component mixtures in two dimensions, five sequences (a few KiB)."""
+        truth = GH.GMMHMMParams(np.array([0.5, 0.5]), np.array([[0.9, 0.1], [0.15, 0.85]]),
+                                np.array([[0.5, 0.5], [0.3, 0.7]]),
+                                np.array([[[0.0, 0.0], [3.0, 0.0]], [[0.0, 4.0], [3.0, 4.0]]]),
+                                np.full((2, 2, 2), 0.5), "diag")
+        lengths = [60, 35, 80, 50, 45]
+        X = np.concatenate([H.sample_sequence(truth, n, rng)[0] for n in lengths])
+        return (X, lengths), {"n_components": 2, "n_mix": 2, "random_state": 0, "tol": 0.0}
+
     def _prepare_data(self, engine, loaded):
         K, M, d = self.n_components, self.n_mix, loaded.data.n_features
         try:

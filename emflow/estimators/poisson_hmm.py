@@ -105,6 +105,18 @@ class PoissonHMM(_BaseHMM):
         em = P.PoissonEmission(self.lambdas_prior, self.lambdas_weight, self.params)
         return BaumWelch(em, H.TransitionPriors(self.startprob_prior, self.transmat_prior), self.params)
 
+    def _em_family(self):
+        return self._family()
+
+    @classmethod
+    def _contract_example(cls, rng: np.random.Generator):
+        """Counts from a two-state Poisson HMM in five sequences (a few KiB)."""
+        truth = P.PoissonHMMParams(np.array([0.6, 0.4]), np.array([[0.9, 0.1], [0.2, 0.8]]),
+                                   np.array([[1.0, 6.0], [5.0, 0.5]]))
+        lengths = [60, 35, 80, 50, 45]
+        X = np.concatenate([H.sample_sequence(truth, n, rng)[0] for n in lengths])
+        return (X, lengths), {"n_components": 2, "random_state": 0, "tol": 0.0}
+
     def _prepare_data(self, engine, loaded):
         K, d = self.n_components, loaded.data.n_features
         for name in ("lambdas_prior", "lambdas_weight"):
