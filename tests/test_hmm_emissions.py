@@ -124,3 +124,29 @@ def test_baum_welch_over_the_gaussian_component_is_the_gaussian_m_step(ct):
         np.testing.assert_array_equal(a, b)
     back = pickle.loads(pickle.dumps(fam))
     assert back.emission.covariance_type == ct and back.n_free(K, D) == H.n_free_parameters(K, D, "gaussian", ct)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("name", ["PoissonHMM", "GMMHMM"])
+def test_new_families_work_through_the_command_line_without_an_edit_there(name, tmp_path):
+    """``emflow info`` and ``emflow predict`` read the registry: a family added by its own
+    files only is described and applied like the others."""
+    from typer.testing import CliRunner
+
+    import emflow
+    from emflow.cli import app
+    from emflow.storage.sequences import write_sequences
+
+    cls = getattr(emflow, name)
+    (X, lengths), kw = cls._contract_example(np.random.default_rng(0))
+    model = cls(**{**kw, "n_iter": 3}, scheduler="threads").fit(X, lengths)
+    path = model.save(str(tmp_path / "m.zarr"))
+    data = write_sequences(str(tmp_path / "x.zarr"), X, np.concatenate([[0], np.cumsum(lengths)]))
+    r = CliRunner().invoke(app, ["info", path])
+    assert r.exit_code == 0 and name in r.output, r.output
+    r = CliRunner().invoke(app, ["predict", path, data, "--out", str(tmp_path / "out.zarr"), "-s", "threads"])
+    assert r.exit_code == 0, r.output
+    import zarr
+
+    np.testing.assert_array_equal(zarr.open_group(str(tmp_path / "out.zarr"), mode="r")["values"][:],
+                                  model.predict(X, lengths))
