@@ -55,9 +55,10 @@ def family_name(cls) -> str:
     fam = getattr(cls, "family", None)
     if isinstance(fam, str):
         return fam
-    for f, name in STAND_IN.items():
-        if cls.__name__ == name:
-            return f
+    for klass in cls.__mro__:  # a subclass of a stand-in family is of that family
+        for f, name in STAND_IN.items():
+            if klass.__name__ == name:
+                return f
     raise NotImplementedError(f"{cls.__name__} declares no family name (class attribute family = '...').")
 
 
