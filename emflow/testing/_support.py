@@ -200,7 +200,7 @@ def to_zarr(kind: str, fit_args, path) -> str:
 
 def partition_sizes(kind: str, fit_args) -> list[int]:
     """Partition sizes (bytes) that split the example several ways."""
-    return [1024, 1536, 4096]
+    return [1024, 2048]
 
 
 def wrong_ndim(kind: str, fit_args) -> list[tuple]:
