@@ -21,18 +21,26 @@ STAND_IN = {
     "linear_gaussian_ssm": "LinearGaussianSSM",
     "latent_dirichlet_allocation": "LatentDirichletAllocation",
 }
-_BASE_MODULES = ("emflow.estimators.base", "emflow.estimator")
+
+
+def _base_class(cls=None):
+    """The estimator base ``EMEstimator`` (found in the class hierarchy, so that it is the one
+    the estimators really use), or None before it exists."""
+    if cls is None:
+        import emflow
+
+        cls = emflow.GaussianMixture
+    for klass in getattr(cls, "__mro__", ()):
+        if klass.__name__ == "EMEstimator":
+            return klass
+    return None
 
 
 def _base_module():
-    import importlib
+    import sys
 
-    for name in _BASE_MODULES:
-        try:
-            return importlib.import_module(name)
-        except ImportError:
-            continue
-    return None
+    base = _base_class()
+    return None if base is None else sys.modules[base.__module__]
 
 
 def registry() -> dict[str, type]:
@@ -40,15 +48,15 @@ def registry() -> dict[str, type]:
     import emflow
 
     fams = {f: getattr(emflow, name) for f, name in STAND_IN.items()}
-    base = _base_module()
-    fams.update(getattr(base, "REGISTRY", None) or {})
+    fams.update(getattr(_base_module(), "REGISTRY", None) or {})
     return fams
 
 
-def on_base(cls) -> bool:
-    """Whether ``cls`` is built on the estimator base (then nothing is expected to fail)."""
-    base = getattr(_base_module(), "EMEstimator", None)
-    return base is not None and isinstance(cls, type) and issubclass(cls, base)
+def on_base(cls, hook: str = "_em_family") -> bool:
+    """Whether ``cls`` is built on the estimator base as far as ``hook`` goes: a subclass of
+    it that fills that hook (its own ``_em_family``, ``_n_parameters``...), not only inherits it."""
+    base = _base_class(cls)
+    return base is not None and getattr(cls, hook, None) is not getattr(base, hook, None)
 
 
 def family_name(cls) -> str:
@@ -91,7 +99,7 @@ def fitted_arrays(est) -> dict[str, np.ndarray]:
 
 def get_parameters(est):
     """The fitted parameters as the family's NamedTuple (what ``fit(initial_params=)`` takes)."""
-    if hasattr(est, "_get_parameters"):
+    if on_base(type(est)):
         return est._get_parameters()
     p = getattr(est, "_params", None)  # STAND-IN: the current estimators' accessors
     if p is not None and not isinstance(p, dict):
