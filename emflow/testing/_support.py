@@ -112,13 +112,8 @@ def init_params_for(est, fit_args):
 
 
 def outputs_of(cls) -> dict[str, str]:
-    """``{output: method}`` of a family (its ``outputs`` table, else emflow.outputs.OUTPUTS)."""
-    outs = getattr(cls, "outputs", None)
-    if isinstance(outs, dict):
-        return {k: getattr(v, "method", v) for k, v in outs.items()}
-    from ..outputs import OUTPUTS
-
-    return dict(OUTPUTS[cls.__name__][0])
+    """``{output: method}`` of a family (its ``outputs`` declaration)."""
+    return {k: getattr(v, "method", v) for k, v in (getattr(cls, "outputs", None) or {}).items()}
 
 
 def in_memory_result(r) -> np.ndarray:
@@ -137,7 +132,7 @@ def one_partition(kind: str, fit_args) -> tuple:
     if kind == "sequences":
         X = np.asarray(fit_args[0])
         return (X[:, None] if X.ndim == 1 else X, _offsets(fit_args[1]))
-    from ..corpus import open_corpus
+    from ..storage.corpus import open_corpus
 
     return open_corpus(fit_args[0], partition_bytes=1 << 50).loaders[0].read()
 
@@ -197,11 +192,11 @@ def to_zarr(kind: str, fit_args, path) -> str:
         zarr.create_array(store=str(path), data=X, chunks=(25, X.shape[1]), overwrite=True)
         return str(path)
     if kind == "sequences":
-        from ..sequences import write_sequences
+        from ..storage.sequences import write_sequences
 
         values, offsets = one_partition(kind, fit_args)
         return write_sequences(path, values, offsets, chunk_steps=32)
-    from ..corpus import write_corpus
+    from ..storage.corpus import write_corpus
 
     return write_corpus(path, fit_args[0], chunk_docs=5)
 

@@ -189,7 +189,7 @@ class EstimatorContract:
 
     # -- outputs ----------------------------------------------------------------------
     def test_every_output_through_out_equals_the_in_memory_result(self, tmp_path):
-        from ..outputs import write_output
+        from ..estimators.outputs import write_output
 
         est = self.fit(self.make_iters(3))
         path = S.to_zarr(self.kind, self.fit_args, tmp_path / "data.zarr")

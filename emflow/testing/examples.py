@@ -23,7 +23,7 @@ def _gaussian_mixture(rng):
 
 
 def _gaussian_hmm(rng):
-    from ..synthetic import make_hmm_params, sample_hmm
+    from ..storage.synthetic import make_hmm_params, sample_hmm
 
     p = make_hmm_params(2, 2, "gaussian", "diag", seed=1)
     lengths = [60, 35, 80, 50, 45]
@@ -38,7 +38,7 @@ def _categorical_hmm(rng):
 
 
 def _linear_gaussian_ssm(rng):
-    from ..synthetic import make_lgssm_params, sample_lgssm
+    from ..storage.synthetic import make_lgssm_params, sample_lgssm
 
     p = make_lgssm_params(2, 3, seed=0)
     lengths = [40, 60, 30, 50]
