@@ -81,3 +81,13 @@ def test_a_one_line_subclass_runs_the_contract_and_reports_a_broken_family(pytes
             base.REGISTRY.update(saved)
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(["*FAILED*TestBroken::test_one_callback_event_per_iteration_equal_to_history*"])
+
+
+def test_every_pending_entry_names_a_contract_test_a_family_and_a_base_hook():
+    from emflow.testing import PENDING_BASE
+
+    base = S._base_class()
+    for name, (families, hook) in PENDING_BASE.items():
+        assert callable(getattr(EstimatorContract, name, None)), name
+        assert families <= set(S.STAND_IN), name
+        assert base is None or hasattr(base, hook), (name, hook)
