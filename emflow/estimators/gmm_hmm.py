@@ -14,6 +14,7 @@ import numpy as np
 from ..checks import check_choice, check_int, check_real
 from ..storage.data import DEFAULT_PARTITION_BYTES, SQUARE_LIMIT
 from ..errors import DataError, FeatureMismatchError, ConfigError
+from ._hmm_driver import BaseDriverHMM
 from .hmm import GaussianHMM, _BaseHMM, _moments, _take_steps
 from ..models import gmm_hmm as GH
 from ..models import hmm as H
@@ -23,7 +24,7 @@ from ..stats import require_finite
 __all__ = ["GMMHMM"]
 
 
-class GMMHMM(_BaseHMM):
+class GMMHMM(BaseDriverHMM, _BaseHMM):
     """Hidden Markov model with Gaussian-mixture emissions, fitted out of core.
 
     Parameters follow :class:`hmmlearn.hmm.GMMHMM` (same names, defaults and priors),

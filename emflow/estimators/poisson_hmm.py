@@ -13,6 +13,7 @@ import numpy as np
 from ..checks import check_choice
 from ..storage.data import DEFAULT_PARTITION_BYTES
 from ..errors import ConfigError, FeatureMismatchError
+from ._hmm_driver import BaseDriverHMM
 from .hmm import _BaseHMM
 from ..models import hmm as H
 from ..models import poisson_hmm as P
@@ -28,7 +29,7 @@ def _count_moments(values, offsets):
     return np.array([X.size, X.sum(), (X * X).sum()], dtype=np.float64)
 
 
-class PoissonHMM(_BaseHMM):
+class PoissonHMM(BaseDriverHMM, _BaseHMM):
     """Hidden Markov model with Poisson emissions, fitted out of core.
 
     Parameters follow :class:`hmmlearn.hmm.PoissonHMM` (same names and defaults), plus
@@ -114,7 +115,7 @@ class PoissonHMM(_BaseHMM):
         truth = P.PoissonHMMParams(np.array([0.6, 0.4]), np.array([[0.9, 0.1], [0.2, 0.8]]),
                                    np.array([[1.0, 6.0], [5.0, 0.5]]))
         lengths = [60, 35, 80, 50, 45]
-        X = np.concatenate([H.sample_sequence(truth, n, rng)[0] for n in lengths])
+        X = np.concatenate([H.sample_sequence(truth, n, rng)[0] for n in lengths]).astype(np.float64)
         return (X, lengths), {"n_components": 2, "random_state": 0, "tol": 0.0}
 
     def _prepare_data(self, engine, loaded):

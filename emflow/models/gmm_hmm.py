@@ -32,6 +32,7 @@ from ..errors import FitFailedError
 from ..stats import require_finite
 from . import gmm as G
 from . import hmm as H
+from .family import ParamSpec, by
 from .hmm_emissions import Emission
 
 __all__ = ["GMMHMMParams", "GMMHMMStats", "GMMEmissionStats", "GMMHMMPriors", "GMMEmission",
@@ -59,6 +60,12 @@ class GMMHMMParams(NamedTuple):
     means: np.ndarray
     covars: np.ndarray
     covariance_type: str
+
+    param_spec = ParamSpec({"startprob": "simplex", "transmat": "stochastic", "weights": "stochastic",
+                            "means": "real",
+                            "covars": by("covariance_type", full="spd", tied="spd", diag="positive",
+                                         spherical="positive"),
+                            "covariance_type": "fixed"})
 
 
 class GMMHMMStats(NamedTuple):

@@ -19,6 +19,7 @@ from scipy import special
 
 from ..errors import DataError
 from ..stats import require_finite
+from .family import ParamSpec
 from .hmm_emissions import Emission
 
 __all__ = ["PoissonHMMParams", "PoissonHMMStats", "PoissonEmissionStats", "PoissonEmission",
@@ -39,6 +40,8 @@ class PoissonHMMParams(NamedTuple):
     startprob: np.ndarray
     transmat: np.ndarray
     lambdas: np.ndarray
+
+    param_spec = ParamSpec({"startprob": "simplex", "transmat": "stochastic", "lambdas": "positive"})
 
 
 class PoissonHMMStats(NamedTuple):
