@@ -355,6 +355,11 @@ class GaussianMixture(EMEstimator):
     def _prepare(self, engine, loaded) -> None:
         self._check_inits(loaded.data.n_features)
 
+    @classmethod
+    def _contract_example(cls, rng):
+        X = np.vstack([rng.normal(0, 1, (200, 2)), rng.normal(2.5, 0.7, (200, 2))])
+        return (X,), {"n_components": 2, "random_state": 0, "tol": 0.0}
+
     def _em_family(self) -> GMMFamily:
         return GMMFamily(self.covariance_type, float(self.reg_covar), self.compute_dtype)
 
@@ -490,9 +495,6 @@ class GaussianMixture(EMEstimator):
         """Mean (weighted) log-likelihood per row."""
         s, wsum, _ = self._loglik_total(data, sample_weight)
         return s / wsum
-
-    def _n_parameters(self) -> int:
-        return G.n_parameters(self.n_components, self.means_.shape[1], self.covariance_type)
 
     def bic(self, data) -> float:
         """Bayesian information criterion on ``data`` (lower is better)."""
