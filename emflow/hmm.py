@@ -22,6 +22,7 @@ Conventions to know:
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from dataclasses import dataclass
@@ -31,7 +32,9 @@ import numpy as np
 
 from . import __version__
 from . import store as _store
-from .base import ParamsMixin, check_execution, check_int, check_real, rng_from
+from sklearn.utils import check_random_state as _legacy_random_state
+
+from .base import ParamsMixin, check_choice, check_execution, check_int, check_random_state, check_real, rng_from
 from .cluster import engine_for
 from .data import DEFAULT_PARTITION_BYTES, SQUARE_LIMIT, is_zarr_path
 from .em import EMResult, IterationEvent, run_em
@@ -55,6 +58,10 @@ KMEANS_MAX_ITER = 100
 KMEANS_TOL = 1e-4
 # An inferred emission matrix larger than this means the symbols are not codes 0..M-1.
 MAX_EMISSION_BYTES = 2**30
+IMPLEMENTATIONS = ("log", "scaling")
+DECODER_ALGORITHMS = ("viterbi", "map")
+
+_log = logging.getLogger(__name__)
 
 
 # -- family objects (shipped to workers) ----------------------------------------------
@@ -65,8 +72,11 @@ class GaussianHMMFamily:
     priors: H.GaussianPriors
     trans_priors: H.TransitionPriors
     params: str
+    scaling: bool = False
 
     def e_step(self, values, offsets, p: H.GaussianHMMParams) -> H.GaussianHMMStats:
+        if self.scaling:
+            _check_scaling(values, p)
         return H.e_step_gaussian(values, offsets, p)
 
     def m_step(self, stats: H.GaussianHMMStats, p: H.GaussianHMMParams):
@@ -83,8 +93,11 @@ class CategoricalHMMFamily:
     emissionprob_prior: Any
     trans_priors: H.TransitionPriors
     params: str
+    scaling: bool = False
 
     def e_step(self, values, offsets, p: H.CategoricalHMMParams) -> H.CategoricalHMMStats:
+        if self.scaling:
+            _check_scaling(values, p)
         return H.e_step_categorical(values, offsets, p)
 
     def m_step(self, stats: H.CategoricalHMMStats, p: H.CategoricalHMMParams):
@@ -118,6 +131,21 @@ class ConvergenceMonitor:
 
 
 # -- per-partition work --------------------------------------------------------------
+def _check_scaling(values, params, log_b=None) -> None:
+    """hmmlearn's ``implementation="scaling"`` works on emission probabilities in linear
+    scale, and its forward pass fails (ValueError) on a step where they all underflow to 0;
+    emflow's recursions never underflow, so it checks for such steps to fail as hmmlearn does."""
+    if log_b is None:
+        log_b = H.frame_log_prob(np.asarray(values), params)
+    with np.errstate(under="ignore"):
+        dead = ~np.any(np.exp(log_b) > 0, axis=1)
+    if np.any(dead):
+        raise DataError(
+            f"Forward pass failed with underflow: {int(dead.sum())} step(s) have emission probability 0 "
+            "under every state in linear scale (implementation='scaling'). Consider using "
+            "implementation='log' instead.")
+
+
 def _km_e_step(values, offsets, centers, shift):
     return KM.e_step(np.asarray(values, dtype=np.float64), None, centers, shift)
 
@@ -136,9 +164,11 @@ def _symbol_range(values, offsets, n_symbols, start):
     return int(sym.min()), int(sym.max())
 
 
-def _posterior_part(values, offsets, params, out_url: str | None, kind: str, start: int):
+def _posterior_part(values, offsets, params, out_url: str | None, kind: str, scaling: bool, start: int):
     layout = H.Layout(offsets)
     log_b = H.frame_log_prob(np.asarray(values)[layout.perm], params)
+    if scaling and kind != "states":
+        _check_scaling(values, params, log_b)
     if kind == "states":
         logprob, res = H.viterbi(log_b, layout, params.startprob, params.transmat)
     else:
@@ -152,9 +182,11 @@ def _posterior_part(values, offsets, params, out_url: str | None, kind: str, sta
     return total, write_owned(out_url + "/values", res, start)
 
 
-def _score_part(values, offsets, params):
+def _score_part(values, offsets, params, scaling: bool = False):
     layout = H.Layout(offsets)
     log_b = H.frame_log_prob(np.asarray(values)[layout.perm], params)
+    if scaling:
+        _check_scaling(values, params, log_b)
     fb = H.forward_backward(log_b, layout, params.startprob, params.transmat, want_trans=False)
     return np.array([fb.loglik.sum(), layout.n_sequences, layout.n_steps], dtype=np.float64)
 
@@ -166,59 +198,125 @@ class _BaseHMM(ParamsMixin):
     _max_magnitude: float | None = None  # values beyond it: "scale the data", before any arithmetic
 
     def _rng(self, random_state=None) -> np.random.Generator:
-        return rng_from(self.random_state if random_state is None else random_state)
+        rs = self.random_state if random_state is None else random_state
+        check_random_state(rs)
+        # None draws from NumPy's global RandomState, so np.random.seed decides (as in hmmlearn)
+        return rng_from(_legacy_random_state(None) if rs is None else rs)
 
     def _validate_common(self):
         check_int("n_components", self.n_components, 1)
         check_int("n_iter", self.n_iter, 0)
         check_real("tol", self.tol, 0)
-        check_execution(self, partition_bytes_none=False)
-        if self.algorithm not in ("viterbi", "map"):
-            raise ConfigError(f"algorithm must be 'viterbi' or 'map', got {self.algorithm!r}.")
+        check_execution(self)
+        check_choice("algorithm", self.algorithm, DECODER_ALGORITHMS)
+        check_choice("implementation", self.implementation, IMPLEMENTATIONS)
         letters = "st" + self._emission_letters
         for name in ("params", "init_params"):
             v = getattr(self, name)
             if not isinstance(v, str) or set(v) - set(letters):
                 raise ConfigError(f"{name} must be a string of letters from {letters!r}, got {v!r}.")
 
+    # hand-set parameters (hmmlearn's pattern: assign startprob_, transmat_, ... then use)
+    def _needs_init(self, code: str, name: str, attr: str | None = None) -> bool:
+        """hmmlearn's rule: a parameter is initialised from the data when ``init_params``
+        names it (a value already set is overwritten, with a logged warning) or when it
+        is not set."""
+        is_set = hasattr(self, attr or name)
+        if code in self.init_params:
+            if is_set:
+                _log.warning("Even though the %r attribute is set, it will be overwritten during "
+                             "initialization because 'init_params' contains %r", name, code)
+            return True
+        return not is_set
+
+    def _n_fit_scalars(self, n_features: int) -> dict[str, int]:
+        K = self.n_components
+        return {"s": K - 1, "t": K * (K - 1), **self._emission_scalars(n_features)}
+
+    def _warn_if_degenerate(self, n_values: int, n_features: int) -> None:
+        n = sum(self._n_fit_scalars(n_features)[p] for p in self.params)
+        if n_values < n:
+            _log.warning("Fitting a model with %d free scalar parameters with only %d data points will "
+                         "result in a degenerate solution.", n, n_values)
+
+    def _check_prob(self, name: str, a, shape: tuple, shape_text: str) -> np.ndarray:
+        try:
+            a = np.array(a, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name} must be an array of probabilities of shape {shape_text}.") from None
+        if a.shape != shape:
+            raise ConfigError(f"{name} must have shape {shape_text} = {shape}, got {a.shape}.")
+        if not np.all(np.isfinite(a) & (a >= 0)):
+            raise ConfigError(f"{name} must hold probabilities in [0, 1].")
+        s = a.sum(axis=-1)
+        # an all-zero row of transmat_ is a state never left in the training data (hmmlearn's
+        # M-step leaves it so): kept usable
+        ok = np.isclose(s, 1) | ((s == 0) if a.ndim == 2 and name == "transmat_" else False)
+        if not np.all(ok):
+            raise ConfigError(f"{name} must sum to 1 (got {float(s):.4f})" if s.ndim == 0
+                              else f"{name} rows must sum to 1 (got row sums of {s})")
+        return a
+
+    def _check(self) -> None:
+        """Validate the parameters set on the estimator (hmmlearn's ``_check``): shapes,
+        probabilities that sum to 1, emission parameters. Raises ConfigError (a ValueError)."""
+        self._validate()
+        K = self.n_components
+        self.startprob_ = self._check_prob("startprob_", self.startprob_, (K,), "(n_components,)")
+        self.transmat_ = self._check_prob("transmat_", self.transmat_, (K, K), "(n_components, n_components)")
+        self._check_emissions()
+
     def _check_fitted(self):
-        if not hasattr(self, "startprob_") or not hasattr(self, "monitor_"):
-            raise NotFittedError(f"This {type(self).__name__} is not fitted yet. Call fit first, or load a saved model.")
+        """Usable once fitted, loaded, or once every parameter is set by hand; then validated."""
+        missing = [n for n in self._param_attrs() if not hasattr(self, n)]
+        if "startprob_" in missing:
+            raise NotFittedError(f"This {type(self).__name__} is not fitted yet. Call fit first, load a saved "
+                                 "model, or set its parameters (startprob_, transmat_, ...).")
+        if missing:
+            raise NotFittedError(f"This {type(self).__name__} has no {', '.join(missing)}: set "
+                                 f"{'it' if len(missing) == 1 else 'them'}, or call fit.")
+        self._check()
 
     # data
     def _as_values(self, X):
         return X
 
     def _open(self, engine, X, lengths):
+        pb = self.partition_bytes or DEFAULT_PARTITION_BYTES
         if is_zarr_path(X):
             if lengths is not None:
                 raise ConfigError("lengths is for in-memory data; a Zarr sequence group carries its own offsets.")
-            seq = open_sequences(X, partition_bytes=self.partition_bytes, min_partitions=2 * engine.total_threads,
+            seq = open_sequences(X, partition_bytes=pb, min_partitions=2 * engine.total_threads,
                                  max_magnitude=self._max_magnitude)
         else:
-            seq = open_sequences(self._as_values(X), lengths, partition_bytes=self.partition_bytes,
+            if lengths is not None and np.ndim(lengths) == 0:
+                lengths = [lengths]
+            seq = open_sequences(self._as_values(X), lengths, partition_bytes=pb,
                                  min_partitions=2 * engine.total_threads, max_magnitude=self._max_magnitude)
         return engine.load(seq, persist=self.persist)
 
-    def _transition_init(self, rng: np.random.Generator, K: int):
+    def _transition_init(self, rng: np.random.Generator):
+        K = self.n_components
         init = 1.0 / K
-        sp = rng.dirichlet(np.full(K, init)) if "s" in self.init_params else None
-        tm = rng.dirichlet(np.full(K, init), size=K) if "t" in self.init_params else None
+        sp = rng.dirichlet(np.full(K, init)) if self._needs_init("s", "startprob_") else self.startprob_
+        tm = rng.dirichlet(np.full(K, init), size=K) if self._needs_init("t", "transmat_") else self.transmat_
         return sp, tm
 
-    def _current(self, name: str, letter: str):
-        if not hasattr(self, name):
-            raise ConfigError(
-                f"{name} is not set and init_params={self.init_params!r} does not contain {letter!r}: set "
-                f"{name} on the estimator before fit, or add {letter!r} to init_params."
-            )
-        return np.array(getattr(self, name), dtype=np.float64)
+    def _init(self, X, lengths=None):
+        """Initialise the parameters from the data without running EM (hmmlearn's ``_init``).
 
-    def _check_prob(self, name: str, a: np.ndarray, shape: tuple):
-        if a.shape != shape:
-            raise ConfigError(f"{name} must have shape {shape}, got {a.shape}.")
-        if np.any(a < 0) or not np.allclose(a.sum(axis=-1), 1):
-            raise ConfigError(f"{name} must hold probabilities whose rows sum to 1.")
+        Sets the parameters ``init_params`` names, and any not set, as ``fit`` would
+        before its first iteration; parameters already set and not named are kept.
+        """
+        self._validate()
+        with engine_for(self.scheduler, split_every=self.split_every) as engine:
+            loaded = self._open(engine, X, lengths)
+            try:
+                self._prepare_data(engine, loaded)
+                self._set_params(self._initial_params(engine, loaded, self._rng()))
+            finally:
+                loaded.release()
+        return self
 
     # fitting
     def fit(self, X, lengths=None, *, callbacks: Iterable[Callable[[IterationEvent], None]] = (),
@@ -259,6 +357,7 @@ class _BaseHMM(ParamsMixin):
         self._prepare_data(engine, loaded)
         params = initial_params if initial_params is not None else self._initial_params(engine, loaded, self._rng())
         self._set_params(params)
+        self._check()
         n_steps = loaded.data.n_rows
         warned: set = set()
 
@@ -315,7 +414,8 @@ class _BaseHMM(ParamsMixin):
                 self._check_data(engine, loaded)
                 starts = [a for a, _ in loaded.data.bounds]
                 if out is None:
-                    parts = engine.map(_posterior_part, loaded, params, None, kind, per_partition=starts)
+                    parts = engine.map(_posterior_part, loaded, params, None, kind, self._scaling,
+                                       per_partition=starts)
                     return sum(p[0] for p in parts), np.concatenate([p[1] for p in parts])
                 return self._write_output(engine, loaded, params, kind, out, starts)
             finally:
@@ -325,7 +425,7 @@ class _BaseHMM(ParamsMixin):
         per_step = ((), "int64") if kind in ("states", "map") else ((self.n_components,), "float64")
 
         def fill(url):
-            parts = engine.map(_posterior_part, loaded, params, url, kind, per_partition=starts)
+            parts = engine.map(_posterior_part, loaded, params, url, kind, self._scaling, per_partition=starts)
             return [{"values": pieces} for _, pieces in parts], {"log_prob": float(sum(p[0] for p in parts))}
 
         return write_step_outputs(out, loaded, {"values": per_step}, fill, {
@@ -340,8 +440,7 @@ class _BaseHMM(ParamsMixin):
         its total log-probability; ``"map"`` the most likely state of each step.
         """
         algorithm = algorithm or self.algorithm
-        if algorithm not in ("viterbi", "map"):
-            raise ConfigError(f"algorithm must be 'viterbi' or 'map', got {algorithm!r}.")
+        check_choice("algorithm", algorithm, DECODER_ALGORITHMS)
         if algorithm == "viterbi":
             return self._apply(X, lengths, "states")
         _, post = self._apply(X, lengths, "proba")
@@ -369,42 +468,65 @@ class _BaseHMM(ParamsMixin):
         """``(log_prob, posteriors)``: total log-likelihood and (n_samples, n_components) posteriors."""
         return self._apply(X, lengths, "proba")
 
-    def score(self, X, lengths=None) -> float:
-        """Total log-likelihood of all sequences (hmmlearn's ``score``)."""
+    @property
+    def _scaling(self) -> bool:
+        return self.implementation == "scaling"
+
+    def _totals(self, X, lengths) -> np.ndarray:
+        """(total log-likelihood, n_sequences, n_steps) of the data under the current parameters."""
         self._check_fitted()
         with engine_for(self.scheduler, split_every=self.split_every) as engine:
             loaded = self._open(engine, X, lengths)
             try:
                 self._check_data(engine, loaded)
-                tot = engine.map_reduce(_score_part, loaded, self._params())
+                return engine.map_reduce(_score_part, loaded, self._params(), self._scaling)
             finally:
                 loaded.release()
-        return float(tot[0])
 
-    def _n_parameters(self) -> int:
-        raise NotImplementedError
+    def score(self, X, lengths=None) -> float:
+        """Total log-likelihood of all sequences (hmmlearn's ``score``; not a mean per step)."""
+        return float(self._totals(X, lengths)[0])
 
     def bic(self, X, lengths=None) -> float:
-        """Bayesian information criterion (lower is better)."""
-        with engine_for(self.scheduler, split_every=self.split_every) as engine:
-            loaded = self._open(engine, X, lengths)
-            try:
-                self._check_data(engine, loaded)
-                tot = engine.map_reduce(_score_part, loaded, self._params())
-            finally:
-                loaded.release()
+        """Bayesian information criterion, ``-2 log L + p log(n_samples)`` (lower is better)."""
+        tot = self._totals(X, lengths)
         return -2 * float(tot[0]) + self._n_parameters() * np.log(tot[2])
 
     def aic(self, X, lengths=None) -> float:
-        """Akaike information criterion (lower is better)."""
+        """Akaike information criterion, ``-2 log L + 2 p`` (lower is better)."""
         return -2 * self.score(X, lengths) + 2 * self._n_parameters()
 
     def sample(self, n_samples: int = 1, random_state=None, currstate: int | None = None):
-        """Draw one sequence: ``(X, state_sequence)``, X of shape (n_samples, n_features)."""
+        """Draw one sequence: ``(X, state_sequence)``, X of shape (n_samples, n_features).
+
+        Parameters
+        ----------
+        n_samples : int
+        random_state : None, int, RandomState or Generator
+            ``None`` uses the estimator's ``random_state`` (and NumPy's global RandomState
+            if that is None too). An int or a RandomState draws exactly hmmlearn's
+            samples (its order of draws from a ``RandomState``); a Generator draws
+            emflow's vectorised samples.
+        currstate : int, optional
+            State of the first step (default: drawn from ``startprob_``).
+        """
         self._check_fitted()
-        if n_samples < 1:
-            raise ConfigError(f"n_samples must be >= 1, got {n_samples}.")
-        return H.sample_sequence(self._params(), int(n_samples), self._rng(random_state), currstate)
+        check_int("n_samples", n_samples, 1)
+        check_int("currstate", currstate, 0, self.n_components - 1, allow_none=True)
+        rs = self.random_state if random_state is None else random_state
+        check_random_state(rs)
+        if isinstance(rs, np.random.Generator):
+            return H.sample_sequence(self._params(), int(n_samples), rs, currstate)
+        rs = _legacy_random_state(rs)
+        sp_cdf, tm_cdf = np.cumsum(self.startprob_), np.cumsum(self.transmat_, axis=1)
+        state = int((sp_cdf > rs.rand()).argmax()) if currstate is None else int(currstate)
+        draw = self._sampler()
+        states, X = [state], [draw(state, rs)]
+        for _ in range(int(n_samples) - 1):
+            state = int((tm_cdf[state] > rs.rand()).argmax())
+            states.append(state)
+            X.append(draw(state, rs))
+        return np.atleast_2d(np.array(X)), np.array(states, dtype=int)
 
     # persistence
     def _config(self) -> dict[str, Any]:
@@ -421,8 +543,7 @@ class _BaseHMM(ParamsMixin):
     def _array_spec(cls, meta: dict) -> dict:
         """The arrays a saved HMM holds: shapes from its configuration, constraints (see store.RULES)."""
         K = int(meta["config"]["n_components"])
-        return {"startprob": ((K,), ["simplex"]), "transmat": ((K, K), ["simplex"]),
-                **cls._emission_spec(meta, K, int(meta["fitted"]["n_features"]))}
+        return {"startprob": ((K,), ["simplex"]), "transmat": ((K, K), ["simplex"]), **cls._emission_spec(meta, K)}
 
     def save(self, path, *, overwrite: bool = False) -> str:
         """Save the fitted model as a Zarr group at ``path``; returns the path.
@@ -431,14 +552,16 @@ class _BaseHMM(ParamsMixin):
         anything else there, and the data it was fitted on, never are.
         """
         self._check_fitted()
+        # a model whose parameters were set by hand, never fitted, saves an empty fit record
         meta = {
             "version": __version__,
             "class": type(self).__name__,
             "config": self._config(),
-            "fitted": {"converged": self.converged_, "n_iter": self.n_iter_, "lower_bound": self.lower_bound_,
-                       "n_features": int(self.n_features)},
-            "history": self.history_,
-            "monitor_history": self.monitor_.history,
+            "fitted": {"converged": bool(getattr(self, "converged_", False)), "n_iter": int(getattr(self, "n_iter_", 0)),
+                       "lower_bound": float(getattr(self, "lower_bound_", -math.inf)),
+                       "n_features_in": int(self.n_features_in_)},
+            "history": list(getattr(self, "history_", [])),
+            "monitor_history": list(getattr(getattr(self, "monitor_", None), "history", [])),
             "dataset": getattr(self, "fit_info_", {}),
         }
         return _store.save_model(path, self._family_name, self._arrays(), meta, overwrite=overwrite,
@@ -457,6 +580,44 @@ class _BaseHMM(ParamsMixin):
             model.monitor_ = ConvergenceMonitor(model.tol, model.n_iter, meta.get("monitor_history", []),
                                                 model.converged_)
         return model
+
+
+def _stored_covars(covars, ct: str, K: int) -> np.ndarray:
+    """Covariances as assigned to ``covars_``, checked as hmmlearn's setter checks them
+    (ConfigError), in the stored shape of ``ct``: spherical (K,), diag (K, d), full
+    (K, d, d), tied (d, d). A spherical value may come as hmmlearn's (K, d) tiled form (or
+    any (K, ...) array constant per state)."""
+    try:
+        cv = np.array(covars, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ConfigError(f"covars_ must be an array of covariances for covariance_type={ct!r}.") from None
+    if not np.all(np.isfinite(cv)):
+        raise ConfigError("covars_ must be finite.")
+    if ct == "spherical":
+        if cv.ndim == 0 or len(cv) != K:
+            raise ConfigError("'spherical' covars have length n_components")
+        flat = cv.reshape(K, -1)
+        if flat.shape[1] == 0 or np.any(flat <= 0):
+            raise ConfigError("'spherical' covars must be positive")
+        if not np.all(flat == flat[:, :1]):
+            raise ConfigError("'spherical' covars hold one variance per state: shape (n_components,), or "
+                              "(n_components, n_features) with equal entries in each row")
+        return flat[:, 0].copy()
+    if ct == "diag":
+        if cv.ndim != 2:
+            raise ConfigError("'diag' covars must have shape (n_components, n_dim)")
+        if np.any(cv <= 0):
+            raise ConfigError("'diag' covars must be positive")
+        return cv
+    mats = cv[None] if ct == "tied" and cv.ndim == 2 else cv
+    if mats.ndim != 3 or mats.shape[1] != mats.shape[2]:
+        raise ConfigError("'tied' covars must have shape (n_dim, n_dim)" if ct == "tied"
+                          else "'full' covars must have shape (n_components, n_dim, n_dim)")
+    for k, c in enumerate(mats):
+        if not np.allclose(c, c.T) or np.any(np.linalg.eigvalsh(c) <= 0):
+            raise ConfigError("'tied' covars must be symmetric, positive-definite" if ct == "tied"
+                              else f"component {k} of 'full' covars must be symmetric, positive-definite")
+    return cv
 
 
 class GaussianHMM(_BaseHMM):
@@ -520,8 +681,8 @@ class GaussianHMM(_BaseHMM):
                  startprob_prior=1.0, transmat_prior=1.0, means_prior=0, means_weight=0,
                  covars_prior=1e-2, covars_weight=1, algorithm: str = "viterbi", random_state=None,
                  n_iter: int = 10, tol: float = 1e-2, verbose: bool = False, params: str = "stmc",
-                 init_params: str = "stmc", *, scheduler=None, persist="auto", split_every: int = 8,
-                 partition_bytes: int = DEFAULT_PARTITION_BYTES):
+                 init_params: str = "stmc", implementation: str = "log", *, scheduler=None, persist="auto",
+                 split_every: int = 8, partition_bytes: int | None = None):
         self.n_components = n_components
         self.covariance_type = covariance_type
         self.min_covar = min_covar
@@ -538,6 +699,7 @@ class GaussianHMM(_BaseHMM):
         self.verbose = verbose
         self.params = params
         self.init_params = init_params
+        self.implementation = implementation
         self.scheduler = scheduler
         self.persist = persist
         self.split_every = split_every
@@ -549,20 +711,48 @@ class GaussianHMM(_BaseHMM):
 
     @covars_.setter
     def covars_(self, covars) -> None:
-        self._covars_ = np.array(covars, dtype=np.float64, copy=True)
+        check_choice("covariance_type", self.covariance_type, H.COVARIANCE_TYPES)
+        self._covars_ = _stored_covars(covars, self.covariance_type, self.n_components)
 
     def _validate(self):
         self._validate_common()
-        if self.covariance_type not in H.COVARIANCE_TYPES:
-            raise ConfigError(f"covariance_type must be one of {H.COVARIANCE_TYPES}, got {self.covariance_type!r}.")
+        check_choice("covariance_type", self.covariance_type, H.COVARIANCE_TYPES)
         check_real("min_covar", self.min_covar, 0, finite=True)
 
     def _family(self):
         pri = H.GaussianPriors(self.means_prior, self.means_weight, self.covars_prior, self.covars_weight)
-        return GaussianHMMFamily(pri, H.TransitionPriors(self.startprob_prior, self.transmat_prior), self.params)
+        return GaussianHMMFamily(pri, H.TransitionPriors(self.startprob_prior, self.transmat_prior), self.params,
+                                 self._scaling)
+
+    def _param_attrs(self) -> tuple[str, ...]:
+        return ("startprob_", "transmat_", "means_", "_covars_")
+
+    def _emission_scalars(self, d: int) -> dict[str, int]:
+        K = self.n_components
+        cov = {"spherical": K, "diag": K * d, "full": K * d * (d + 1) // 2, "tied": d * (d + 1) // 2}
+        return {"m": K * d, "c": cov[self.covariance_type]}
+
+    def _check_emissions(self) -> None:
+        K, ct = self.n_components, self.covariance_type
+        means = np.array(self.means_, dtype=np.float64)
+        if means.ndim != 2 or len(means) != K or not np.all(np.isfinite(means)):
+            raise ConfigError(f"means_ must be a finite array of shape (n_components, n_features) = ({K}, d), "
+                              f"got shape {means.shape}.")
+        d = means.shape[1]
+        cov = _stored_covars(self._covars_, ct, K)
+        want = {"spherical": (K,), "diag": (K, d), "full": (K, d, d), "tied": (d, d)}[ct]
+        if cov.shape != want:
+            raise ConfigError(f"covars_ for covariance_type={ct!r} must have shape {want} (n_features={d} from "
+                              f"means_), got {cov.shape}.")
+        self.means_, self._covars_ = means, cov
+        self.n_features = self.n_features_in_ = d
+
+    def _sampler(self):
+        means, full = self.means_, self.covars_
+        return lambda k, rs: rs.multivariate_normal(means[k], full[k])
 
     def _prepare_data(self, engine, loaded):
-        if loaded.data.n_rows < 2 and "c" in self.init_params:
+        if loaded.data.n_rows < 2 and self._needs_init("c", "covars_", "_covars_"):
             raise DataError("Initialising covariances needs at least 2 steps of data.")
 
     def _check_data(self, engine, loaded):
@@ -574,15 +764,10 @@ class GaussianHMM(_BaseHMM):
 
     def _initial_params(self, engine, loaded, rng) -> H.GaussianHMMParams:
         K, d, ct = self.n_components, loaded.data.n_features, self.covariance_type
-        sp, tm = self._transition_init(rng, K)
-        sp = sp if sp is not None else self._current("startprob_", "s")
-        tm = tm if tm is not None else self._current("transmat_", "t")
-        if "m" in self.init_params:
-            means = self._kmeans(engine, loaded, rng)
-        else:
-            means = self._current("means_", "m")
-        if "c" in self.init_params:
-            g0 = means.mean(axis=0)
+        sp, tm = self._transition_init(rng)
+        means = self._kmeans(engine, loaded, rng) if self._needs_init("m", "means_") else self.means_
+        if self._needs_init("c", "covars_", "_covars_"):
+            g0 = np.asarray(means, dtype=np.float64).mean(axis=0)
             n, s1, s2 = engine.map_reduce(_moments, loaded, g0)
             require_finite((n, s1, s2), "Gaussian HMM initial covariance")
             n = float(n)
@@ -592,17 +777,14 @@ class GaussianHMM(_BaseHMM):
                       "diag": lambda: np.tile(np.diag(cv), (K, 1)),
                       "spherical": lambda: np.full(K, np.diag(cv).mean())}[ct]()
         else:
-            if not hasattr(self, "_covars_"):
-                self._current("covars_", "c")
-            covars = np.array(self._covars_, dtype=np.float64)
-        self._check_prob("startprob_", np.asarray(sp), (K,))
-        self._check_prob("transmat_", np.asarray(tm), (K, K))
-        if means.shape != (K, d):
-            raise ConfigError(f"means_ must have shape {(K, d)}, got {means.shape}.")
-        want = {"spherical": (K,), "diag": (K, d), "full": (K, d, d), "tied": (d, d)}[ct]
-        if covars.shape != want:
-            raise ConfigError(f"covars_ for covariance_type={ct!r} must have shape {want}, got {covars.shape}.")
-        return H.GaussianHMMParams(np.asarray(sp, dtype=np.float64), np.asarray(tm, dtype=np.float64), means, covars, ct)
+            covars = self._covars_
+        self._warn_if_degenerate(loaded.data.n_rows * d, d)
+        self.startprob_, self.transmat_, self.means_, self._covars_ = sp, tm, means, covars
+        self._check()
+        if self.n_features_in_ != d:
+            raise FeatureMismatchError(f"means_ has {self.n_features_in_} feature(s) but the sequences have {d}. "
+                                       "Set means_ for these data, or add 'm' to init_params.")
+        return self._params()
 
     def _kmeans(self, engine, loaded, rng) -> np.ndarray:
         K = self.n_components
@@ -637,7 +819,7 @@ class GaussianHMM(_BaseHMM):
     def _set_params(self, p: H.GaussianHMMParams):
         self.startprob_, self.transmat_, self.means_ = p.startprob, p.transmat, p.means
         self._covars_ = p.covars
-        self.n_features = int(p.means.shape[1])
+        self.n_features = self.n_features_in_ = int(p.means.shape[1])
 
     def _n_parameters(self) -> int:
         return H.n_free_parameters(self.n_components, self.means_.shape[1], "gaussian", self.covariance_type)
@@ -646,7 +828,9 @@ class GaussianHMM(_BaseHMM):
         return {"startprob": self.startprob_, "transmat": self.transmat_, "means": self.means_, "covars": self._covars_}
 
     @staticmethod
-    def _emission_spec(meta, K, d):
+    def _emission_spec(meta, K):
+        fitted = meta["fitted"]  # n_features before 0.x saves
+        d = int(fitted["n_features_in"] if "n_features_in" in fitted else fitted["n_features"])
         ct = meta["config"]["covariance_type"]
         cov = {"full": (K, d, d), "tied": (d, d), "diag": (K, d), "spherical": (K,)}[ct]
         return {"means": ((K, d), []), "covars": (cov, ["spd"] if ct in ("full", "tied") else ["positive"])}
@@ -689,8 +873,8 @@ class CategoricalHMM(_BaseHMM):
     def __init__(self, n_components: int = 1, startprob_prior=1.0, transmat_prior=1.0, *,
                  emissionprob_prior=1.0, n_features: int | None = None, algorithm: str = "viterbi",
                  random_state=None, n_iter: int = 10, tol: float = 1e-2, verbose: bool = False,
-                 params: str = "ste", init_params: str = "ste", scheduler=None, persist="auto",
-                 split_every: int = 8, partition_bytes: int = DEFAULT_PARTITION_BYTES):
+                 params: str = "ste", init_params: str = "ste", implementation: str = "log", scheduler=None,
+                 persist="auto", split_every: int = 8, partition_bytes: int | None = None):
         self.n_components = n_components
         self.startprob_prior = startprob_prior
         self.transmat_prior = transmat_prior
@@ -703,6 +887,7 @@ class CategoricalHMM(_BaseHMM):
         self.verbose = verbose
         self.params = params
         self.init_params = init_params
+        self.implementation = implementation
         self.scheduler = scheduler
         self.persist = persist
         self.split_every = split_every
@@ -712,13 +897,45 @@ class CategoricalHMM(_BaseHMM):
         self._validate_common()
         check_int("n_features", self.n_features, 1, allow_none=True)
 
+    def _param_attrs(self) -> tuple[str, ...]:
+        return ("startprob_", "transmat_", "emissionprob_")
+
+    def _emission_scalars(self, M: int) -> dict[str, int]:
+        return {"e": self.n_components * (M - 1)}
+
+    def _check_emissions(self) -> None:
+        K = self.n_components
+        try:
+            E = np.atleast_2d(np.array(self.emissionprob_, dtype=np.float64))
+        except (TypeError, ValueError):
+            raise ConfigError("emissionprob_ must be an array of shape (n_components, n_features).") from None
+        M = self.n_features if self.n_features is not None else E.shape[-1]
+        if E.shape != (K, M) or M < 1:
+            raise ConfigError(f"emissionprob_ must have shape (n_components, n_features) = ({K}, {M}), "
+                              f"got {E.shape}.")
+        self.emissionprob_ = self._check_prob("emissionprob_", E, (K, M), "(n_components, n_features)")
+        self.n_features, self.n_features_in_ = int(M), 1
+
+    def _check_and_set_n_features(self, X) -> None:
+        """Check that X holds symbols 0..n_features-1 and infer n_features if unset (hmmlearn's)."""
+        X = np.ravel(np.asarray(X))
+        if X.dtype.kind not in "iu":
+            raise DataError(f"Symbols should be integers 0..n_features-1; X has dtype {X.dtype}.")
+        H.check_symbols(X, self.n_features, "X")
+        if self.n_features is None:
+            self.n_features = int(X.max()) + 1
+
+    def _sampler(self):
+        cdf = np.cumsum(self.emissionprob_, axis=1)
+        return lambda k, rs: [int((cdf[k] > rs.rand()).argmax())]
+
     def _as_values(self, X):
         X = np.asarray(X)
         return X[:, None] if X.ndim == 1 else X
 
     def _family(self):
         return CategoricalHMMFamily(self.emissionprob_prior, H.TransitionPriors(self.startprob_prior, self.transmat_prior),
-                                    self.params)
+                                    self.params, self._scaling)
 
     def _symbols_seen(self, engine, loaded, n_symbols=None) -> int:
         if loaded.data.n_features != 1:
@@ -730,7 +947,7 @@ class CategoricalHMM(_BaseHMM):
     def _prepare_data(self, engine, loaded):
         M = self.n_features
         if M is None and "e" not in self.init_params and hasattr(self, "emissionprob_"):
-            M = int(np.shape(self.emissionprob_)[1])
+            M = int(np.shape(np.atleast_2d(self.emissionprob_))[1])
         seen = self._symbols_seen(engine, loaded, M)
         if M is None:
             M = seen
@@ -754,18 +971,18 @@ class CategoricalHMM(_BaseHMM):
 
     def _initial_params(self, engine, loaded, rng) -> H.CategoricalHMMParams:
         K, M = self.n_components, self._n_symbols
-        sp, tm = self._transition_init(rng, K)
-        sp = sp if sp is not None else self._current("startprob_", "s")
-        tm = tm if tm is not None else self._current("transmat_", "t")
-        if "e" in self.init_params:
+        sp, tm = self._transition_init(rng)
+        if self._needs_init("e", "emissionprob_"):
             E = rng.random((K, M))
             E /= E.sum(axis=1, keepdims=True)
         else:
-            E = self._current("emissionprob_", "e")
-        self._check_prob("startprob_", np.asarray(sp), (K,))
-        self._check_prob("transmat_", np.asarray(tm), (K, K))
-        self._check_prob("emissionprob_", E, (K, M))
-        return H.CategoricalHMMParams(np.asarray(sp, dtype=np.float64), np.asarray(tm, dtype=np.float64), E)
+            E = self.emissionprob_
+        self._warn_if_degenerate(loaded.data.n_rows, M)
+        self.startprob_, self.transmat_, self.emissionprob_ = sp, tm, E
+        if self.n_features is None:
+            self.n_features = M
+        self._check()
+        return self._params()
 
     def _params(self) -> H.CategoricalHMMParams:
         return H.CategoricalHMMParams(np.asarray(self.startprob_, dtype=np.float64),
@@ -776,6 +993,7 @@ class CategoricalHMM(_BaseHMM):
         self.startprob_, self.transmat_, self.emissionprob_ = p.startprob, p.transmat, p.emissionprob
         if self.n_features is None:
             self.n_features = int(p.emissionprob.shape[1])
+        self.n_features_in_ = 1
 
     def _n_parameters(self) -> int:
         return H.n_free_parameters(self.n_components, self.emissionprob_.shape[1], "categorical")
@@ -784,8 +1002,10 @@ class CategoricalHMM(_BaseHMM):
         return {"startprob": self.startprob_, "transmat": self.transmat_, "emissionprob": self.emissionprob_}
 
     @staticmethod
-    def _emission_spec(meta, K, d):
-        return {"emissionprob": ((K, d), ["simplex"])}
+    def _emission_spec(meta, K):
+        M = meta["config"].get("n_features")
+        M = int(M if M is not None else meta["fitted"]["n_features"])  # n_features in the fit record before 0.x
+        return {"emissionprob": ((K, M), ["simplex"])}
 
     def _restore(self, arrays, fitted):
         self._set_params(H.CategoricalHMMParams(arrays["startprob"], arrays["transmat"], arrays["emissionprob"]))
