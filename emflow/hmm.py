@@ -582,11 +582,12 @@ class _BaseHMM(ParamsMixin):
         return model
 
 
-def _stored_covars(covars, ct: str, K: int) -> np.ndarray:
+def _stored_covars(covars, ct: str, K: int, strict: bool = True) -> np.ndarray:
     """Covariances as assigned to ``covars_``, checked as hmmlearn's setter checks them
     (ConfigError), in the stored shape of ``ct``: spherical (K,), diag (K, d), full
     (K, d, d), tied (d, d). A spherical value may come as hmmlearn's (K, d) tiled form (or
-    any (K, ...) array constant per state)."""
+    any (K, ...) array constant per state). ``strict=False`` checks shapes only (what an
+    M-step made may be singular to rounding, which the density's jitter absorbs)."""
     try:
         cv = np.array(covars, dtype=np.float64)
     except (TypeError, ValueError):
@@ -597,7 +598,7 @@ def _stored_covars(covars, ct: str, K: int) -> np.ndarray:
         if cv.ndim == 0 or len(cv) != K:
             raise ConfigError("'spherical' covars have length n_components")
         flat = cv.reshape(K, -1)
-        if flat.shape[1] == 0 or np.any(flat <= 0):
+        if flat.shape[1] == 0 or (strict and np.any(flat <= 0)):
             raise ConfigError("'spherical' covars must be positive")
         if not np.all(flat == flat[:, :1]):
             raise ConfigError("'spherical' covars hold one variance per state: shape (n_components,), or "
@@ -606,14 +607,14 @@ def _stored_covars(covars, ct: str, K: int) -> np.ndarray:
     if ct == "diag":
         if cv.ndim != 2:
             raise ConfigError("'diag' covars must have shape (n_components, n_dim)")
-        if np.any(cv <= 0):
+        if strict and np.any(cv <= 0):
             raise ConfigError("'diag' covars must be positive")
         return cv
     mats = cv[None] if ct == "tied" and cv.ndim == 2 else cv
     if mats.ndim != 3 or mats.shape[1] != mats.shape[2]:
         raise ConfigError("'tied' covars must have shape (n_dim, n_dim)" if ct == "tied"
                           else "'full' covars must have shape (n_components, n_dim, n_dim)")
-    for k, c in enumerate(mats):
+    for k, c in enumerate(mats if strict else ()):
         if not np.allclose(c, c.T) or np.any(np.linalg.eigvalsh(c) <= 0):
             raise ConfigError("'tied' covars must be symmetric, positive-definite" if ct == "tied"
                               else f"component {k} of 'full' covars must be symmetric, positive-definite")
@@ -739,7 +740,7 @@ class GaussianHMM(_BaseHMM):
             raise ConfigError(f"means_ must be a finite array of shape (n_components, n_features) = ({K}, d), "
                               f"got shape {means.shape}.")
         d = means.shape[1]
-        cov = _stored_covars(self._covars_, ct, K)
+        cov = _stored_covars(self._covars_, ct, K, strict=False)
         want = {"spherical": (K,), "diag": (K, d), "full": (K, d, d), "tied": (d, d)}[ct]
         if cov.shape != want:
             raise ConfigError(f"covars_ for covariance_type={ct!r} must have shape {want} (n_features={d} from "

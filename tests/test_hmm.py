@@ -375,10 +375,12 @@ def test_categorical_symbol_ids_that_are_not_codes():
         CategoricalHMM(3, scheduler="threads").fit(X)
 
 
-def test_missing_start_parameters_are_config_errors():
-    m = GaussianHMM(2, init_params="mc", scheduler="threads")
-    with pytest.raises(ConfigError, match="startprob_ is not set"):
+def test_parameters_not_set_are_initialised_as_hmmlearn_does():
+    # hmmlearn's rule: a parameter not named in init_params is initialised anyway when unset
+    m = GaussianHMM(2, init_params="mc", n_iter=1, scheduler="threads")
+    with pytest.warns(Warning):
         m.fit(np.random.default_rng(0).normal(size=(30, 2)))
+    assert m.startprob_.shape == (2,) and m.transmat_.shape == (2, 2)
     with pytest.raises(ConfigError, match="params must be a string"):
         GaussianHMM(2, params="stx").fit(np.zeros((5, 2)))
 
