@@ -14,6 +14,18 @@ and returns additive statistics (:mod:`emflow.models.hmm`).
 
 Conventions to know:
 
+* A model whose parameters are assigned by hand (``startprob_``, ``transmat_``,
+  ``means_`` and ``covars_``, or ``emissionprob_``) can ``sample``, ``decode``,
+  ``predict``, ``score`` and ``save`` without ``fit``; the parameters are validated then
+  (ConfigError, a ValueError, with hmmlearn's wording). ``fit`` initialises a parameter
+  when ``init_params`` names it (overwriting a value set, with a logged warning) or when it
+  is not set, and re-estimates those ``params`` names, as hmmlearn does.
+* ``implementation`` is accepted as in hmmlearn; both give emflow's numbers (its
+  recursions never underflow), and ``"scaling"`` fails (DataError) where hmmlearn's
+  scaled recursions would: on a step whose emission probabilities all underflow to 0.
+* A full (or tied) covariance whose Cholesky factorisation fails is used as
+  ``Sigma + 1e-7 I`` in the densities, as hmmlearn's density does, so near-degenerate data
+  fit on instead of failing.
 * ``score`` returns the *total* log-likelihood of all sequences, as hmmlearn does
   (``GaussianMixture.score`` is a mean per row, as scikit-learn does).
 * ``tol`` applies to the total log-likelihood, as in hmmlearn; ``history_`` holds the mean
@@ -70,11 +82,14 @@ class GaussianHMM(_BaseHMM):
         Letters of the parameters to learn / to initialise: s startprob, t transmat,
         m means, c covars. Parameters not initialised must be set on the estimator
         (``model.means_ = ...``) before ``fit``.
+    implementation : {"log", "scaling"}, default "log"
+        hmmlearn's choice of recursions; see the module notes.
     scheduler : None, "threads", "local", address or distributed.Client
     persist : "auto", True or False
     split_every : int, default 8
-    partition_bytes : int
-        Target bytes of values per partition (a partition holds whole sequences).
+    partition_bytes : int or None
+        Target bytes of values per partition (a partition holds whole sequences); None is
+        the library default.
 
     Attributes
     ----------
@@ -88,7 +103,8 @@ class GaussianHMM(_BaseHMM):
     history_ : list of float
         Mean log-likelihood per step, per iteration.
     converged_, n_iter_, lower_bound_, fit_info_
-    n_features : int
+    n_features, n_features_in_ : int
+        Number of features (columns of X).
     """
 
     _family_name = "gaussian_hmm"
@@ -247,11 +263,13 @@ class GaussianHMM(_BaseHMM):
 
     @staticmethod
     def _emission_spec(meta, K):
-        fitted = meta["fitted"]  # n_features before 0.x saves
+        fitted = meta["fitted"]  # saves before n_features_in call it n_features
         d = int(fitted["n_features_in"] if "n_features_in" in fitted else fitted["n_features"])
         ct = meta["config"]["covariance_type"]
         cov = {"full": (K, d, d), "tied": (d, d), "diag": (K, d), "spherical": (K,)}[ct]
-        return {"means": ((K, d), []), "covars": (cov, ["spd"] if ct in ("full", "tied") else ["positive"])}
+        # what the densities can use: positive semi-definite to rounding (a failed Cholesky
+        # factorisation is retried with 1e-7 added to the diagonal, as hmmlearn does)
+        return {"means": ((K, d), []), "covars": (cov, ["psd"] if ct in ("full", "tied") else ["nonnegative"])}
 
     def _restore(self, arrays, fitted):
         self._set_params(H.GaussianHMMParams(arrays["startprob"], arrays["transmat"], arrays["means"],
@@ -271,7 +289,7 @@ class CategoricalHMM(_BaseHMM):
     emissionprob_prior : float or array of shape (n_components, n_features), default 1.0
     n_features : int or None
         Number of symbols; ``None`` infers ``max symbol + 1`` from the data in one pass.
-    algorithm, random_state, n_iter, tol, verbose
+    algorithm, random_state, n_iter, tol, verbose, implementation
         As :class:`GaussianHMM`.
     params, init_params : str, default "ste"
         s startprob, t transmat, e emissionprob.

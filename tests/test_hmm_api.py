@@ -267,7 +267,7 @@ def test_singular_covariance_gets_hmmlearns_jitter():
         assert rel(getattr(ours, name), getattr(ref, name)) < 1e-8, name
 
 
-def test_near_degenerate_data_go_on_as_hmmlearn():
+def test_near_degenerate_data_go_on_as_hmmlearn(tmp_path):
     """hmmlearn's zero-variance example: a constant column and 9 steps for 3 full-covariance
     states. Agreement per iteration until the covariances become singular to rounding (from
     then on the values ~715 squared swamp variances ~1e-12, and neither implementation's
@@ -289,6 +289,8 @@ def test_near_degenerate_data_go_on_as_hmmlearn():
     with pytest.warns(Warning):
         m.fit(ZERO_VARIANCE)
     assert m.n_iter_ == 10 and np.all(np.isfinite(m.monitor_.history))
+    path = m.save(tmp_path / "zero_variance.zarr")  # and the model saves and loads
+    assert emflow.load(path).score(ZERO_VARIANCE) == m.score(ZERO_VARIANCE)
 
 
 # -- implementation= -----------------------------------------------------------------------
