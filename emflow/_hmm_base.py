@@ -196,7 +196,19 @@ class _BaseHMM(ParamsMixin):
         n_steps = loaded.data.n_rows
         warned: set = set()
 
+        last: list[float] = []
+
         def watch(event: IterationEvent):
+            # hmmlearn's ConvergenceMonitor.report: a fall beyond rounding is logged
+            total = event.report.get("log_prob")
+            if total is not None:
+                if last and total - last[-1] < -np.finfo(float).eps ** 0.5:
+                    _log.warning("Model is not converging.  Current: %s is not greater than %s. Delta is %s",
+                                 total, last[-1], total - last[-1])
+                last[:] = [total]
+            if event.report.get("zero_transition_rows"):
+                _log.warning("Some rows of transmat_ have zero sum because no transition from the state was ever "
+                             "observed.")
             for k in event.report.get("empty_states", []):
                 if k not in warned:
                     warned.add(k)
@@ -330,6 +342,14 @@ class _BaseHMM(ParamsMixin):
     def aic(self, X, lengths=None) -> float:
         """Akaike information criterion, ``-2 log L + 2 p`` (lower is better)."""
         return -2 * self.score(X, lengths) + 2 * self._n_parameters()
+
+    def get_stationary_distribution(self) -> np.ndarray:
+        """Stationary distribution of the states: the left eigenvector of ``transmat_`` for
+        its largest eigenvalue (1), normalised to sum to 1 (hmmlearn's)."""
+        self._check_fitted()
+        eigvals, eigvecs = np.linalg.eig(self.transmat_.T)
+        v = np.real_if_close(eigvecs[:, np.argmax(eigvals)])
+        return v / v.sum()
 
     def sample(self, n_samples: int = 1, random_state=None, currstate: int | None = None):
         """Draw one sequence: ``(X, state_sequence)``, X of shape (n_samples, n_features).

@@ -77,6 +77,7 @@ def test_hand_set_gaussian_scores_decodes_and_predicts_as_hmmlearn(ct):
     assert rel(ours.aic(X, lengths), ref.aic(X, lengths)) < 1e-10
     assert ours.n_features == ours.n_features_in_ == D
     assert ours.covars_.shape == ref.covars_.shape == (K, D, D)
+    np.testing.assert_allclose(ours.get_stationary_distribution(), ref.get_stationary_distribution(), rtol=1e-12)
 
 
 def test_hand_set_categorical_as_hmmlearn():
@@ -192,6 +193,30 @@ def test_init_params_follow_hmmlearns_rule(caplog):
     np.testing.assert_array_equal(m.startprob_, start["startprob_"])
     np.testing.assert_array_equal(m._covars_, start["covars_"])
     assert not np.array_equal(m.means_, start["means_"])
+
+
+def test_fit_logs_hmmlearns_warnings(caplog, monkeypatch):
+    import emflow._hmm_work as W
+
+    X, lengths = data()
+    start = gaussian_start("diag", 1)
+    kw = dict(init_params="", n_iter=4, tol=0, means_prior=20.0, means_weight=50.0, covars_prior=5.0,
+              covars_weight=30.0)  # priors that empty the rows of two states
+    m_step = W.H.m_step_gaussian
+
+    calls = []
+
+    def falling(stats, *args):  # a log-likelihood that falls: what hmmlearn's monitor logs
+        params, report = m_step(stats, *args)
+        calls.append(1)
+        return params, {**report, "log_prob": -float(stats.n_steps) * len(calls)}
+
+    monkeypatch.setattr(W.H, "m_step_gaussian", falling)
+    with caplog.at_level(logging.WARNING, logger="emflow.hmm"), pytest.warns(Warning):
+        hand_set(GaussianHMM(K, "diag", scheduler="threads", **kw), **start).fit(X, lengths)
+    messages = [r.getMessage() for r in caplog.records]
+    assert "Model is not converging.  Current: -176.0 is not greater than -88.0. Delta is -88.0" in messages
+    assert "Some rows of transmat_ have zero sum because no transition from the state was ever observed." in messages
 
 
 def test_too_little_data_logs_hmmlearns_warning(caplog):
