@@ -219,6 +219,18 @@ def test_fit_logs_hmmlearns_warnings(caplog, monkeypatch):
     assert "Some rows of transmat_ have zero sum because no transition from the state was ever observed." in messages
 
 
+def test_random_state_none_follows_numpys_global_seed():
+    X, lengths = data()
+    fits = []
+    for seed in (5, 5, 6):
+        np.random.seed(seed)
+        m = CategoricalHMM(2, n_iter=2, scheduler="threads")
+        with pytest.warns(Warning):
+            fits.append(m.fit((X[:, :1] > 0).astype(int), lengths).emissionprob_)
+    np.testing.assert_array_equal(fits[0], fits[1])
+    assert not np.array_equal(fits[0], fits[2])
+
+
 def test_too_little_data_logs_hmmlearns_warning(caplog):
     m = hand_set(GaussianHMM(K, "full", init_params=""), **gaussian_start("full"))
     with caplog.at_level(logging.WARNING):
