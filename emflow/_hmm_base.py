@@ -16,10 +16,11 @@ from . import __version__
 from . import store as _store
 from ._hmm_work import (DECODER_ALGORITHMS, IMPLEMENTATIONS, ConvergenceMonitor, _posterior_part,
                         _print_iteration, _score_part)
-from .base import ParamsMixin, check_choice, check_execution, check_int, check_random_state, check_real, rng_from
+from .base import check_choice, check_execution, check_int, check_random_state, check_real, rng_from
 from .cluster import engine_for
 from .data import DEFAULT_PARTITION_BYTES, is_zarr_path
 from .em import EMResult, IterationEvent, run_em
+from .estimator import EMEstimator, Output
 from .errors import ConfigError, DegenerateComponentWarning, EmflowConvergenceWarning, NotFittedError
 from .models import hmm as H
 from .sequences import open_sequences, write_step_outputs
@@ -27,8 +28,13 @@ from .sequences import open_sequences, write_step_outputs
 _log = logging.getLogger("emflow.hmm")
 
 
-class _BaseHMM(ParamsMixin):
+class _BaseHMM(EMEstimator):
     _family_name = ""
+    data_kind = "sequences"
+    iter_param = "n_iter"
+    objective_name = "log-likelihood per step"
+    summary_arrays = {"start probabilities": "startprob_"}
+    outputs = {"labels": Output("predict", True), "proba": Output("predict_proba", True)}
     _emission_letters = ""
     _max_magnitude: float | None = None  # values beyond it: "scale the data", before any arithmetic
 

@@ -107,7 +107,9 @@ class GaussianHMM(_BaseHMM):
         Number of features (columns of X).
     """
 
-    _family_name = "gaussian_hmm"
+    _family_name = family = "gaussian_hmm"
+    params_type = H.GaussianHMMParams
+    fitted = {"startprob": "startprob_", "transmat": "transmat_", "means": "means_", "covars": "_covars_"}
     _emission_letters = "mc"
     _max_magnitude = SQUARE_LIMIT
 
@@ -303,7 +305,9 @@ class CategoricalHMM(_BaseHMM):
     monitor_, history_, converged_, n_iter_, lower_bound_, fit_info_
     """
 
-    _family_name = "categorical_hmm"
+    _family_name = family = "categorical_hmm"
+    params_type = H.CategoricalHMMParams
+    fitted = {"startprob": "startprob_", "transmat": "transmat_", "emissionprob": "emissionprob_"}
     _emission_letters = "e"
 
     def __init__(self, n_components: int = 1, startprob_prior=1.0, transmat_prior=1.0, *,
