@@ -12,7 +12,7 @@ import pytest
 
 import emflow
 from emflow.errors import ConfigError, DataError, NotFittedError
-from emflow.hmm import CategoricalHMM, GaussianHMM
+from emflow.estimators.hmm import CategoricalHMM, GaussianHMM
 
 hl = pytest.importorskip("hmmlearn.hmm")
 
@@ -196,7 +196,7 @@ def test_init_params_follow_hmmlearns_rule(caplog):
 
 
 def test_fit_logs_hmmlearns_warnings(caplog, monkeypatch):
-    import emflow._hmm_work as W
+    import emflow.estimators._hmm_work as W
 
     X, lengths = data()
     start = gaussian_start("diag", 1)

@@ -12,18 +12,18 @@ from typing import Any, Callable, Iterable
 import numpy as np
 from sklearn.utils import check_random_state as _legacy_random_state
 
-from . import __version__
-from . import store as _store
+from .. import __version__
+from ..storage import store as _store
 from ._hmm_work import (DECODER_ALGORITHMS, IMPLEMENTATIONS, ConvergenceMonitor, _posterior_part,
                         _print_iteration, _score_part)
-from .base import check_choice, check_execution, check_int, check_random_state, check_real, rng_from
-from .cluster import engine_for
-from .data import DEFAULT_PARTITION_BYTES, is_zarr_path
+from ..checks import check_choice, check_execution, check_int, check_random_state, check_real, rng_from
+from ..execution.cluster import engine_for
+from ..storage.data import DEFAULT_PARTITION_BYTES, is_zarr_path
 from .em import EMResult, IterationEvent, run_em
-from .estimator import EMEstimator, Output
-from .errors import ConfigError, DegenerateComponentWarning, EmflowConvergenceWarning, NotFittedError
-from .models import hmm as H
-from .sequences import open_sequences, write_step_outputs
+from .base import EMEstimator, Output
+from ..errors import ConfigError, DegenerateComponentWarning, EmflowConvergenceWarning, NotFittedError
+from ..models import hmm as H
+from ..storage.sequences import open_sequences, write_step_outputs
 
 _log = logging.getLogger("emflow.hmm")
 

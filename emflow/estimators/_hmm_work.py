@@ -9,10 +9,10 @@ from typing import Any
 import numpy as np
 
 from .em import IterationEvent
-from .errors import ConfigError, DataError
-from .models import hmm as H
-from .models import kmeans as KM
-from .sequences import write_owned
+from ..errors import ConfigError, DataError
+from ..models import hmm as H
+from ..models import kmeans as KM
+from ..storage.sequences import write_owned
 
 __all__ = ["GaussianHMMFamily", "CategoricalHMMFamily", "ConvergenceMonitor"]
 

@@ -40,12 +40,12 @@ from ._hmm_base import _BaseHMM
 from ._hmm_work import (MAX_EMISSION_BYTES, SAMPLE_STEPS, KMEANS_MAX_ITER, KMEANS_TOL, CategoricalHMMFamily,
                         ConvergenceMonitor, GaussianHMMFamily, _km_e_step, _moments, _stored_covars,
                         _symbol_range, _take_steps)
-from .base import check_choice, check_int, check_real
-from .data import SQUARE_LIMIT
-from .errors import ConfigError, DataError, FeatureMismatchError
-from .models import hmm as H
-from .models import kmeans as KM
-from .stats import require_finite
+from ..checks import check_choice, check_int, check_real
+from ..storage.data import SQUARE_LIMIT
+from ..errors import ConfigError, DataError, FeatureMismatchError
+from ..models import hmm as H
+from ..models import kmeans as KM
+from ..stats import require_finite
 
 __all__ = ["GaussianHMM", "CategoricalHMM", "ConvergenceMonitor", "GaussianHMMFamily", "CategoricalHMMFamily"]
 
