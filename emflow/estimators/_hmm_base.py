@@ -7,21 +7,19 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 from sklearn.utils import check_random_state as _legacy_random_state
 
-from .. import __version__
 from ..storage import store as _store
-from ._hmm_work import (DECODER_ALGORITHMS, IMPLEMENTATIONS, ConvergenceMonitor, _posterior_part,
-                        _print_iteration, _score_part)
-from ..checks import check_choice, check_execution, check_int, check_random_state, check_real, rng_from
+from ._hmm_work import DECODER_ALGORITHMS, IMPLEMENTATIONS, ConvergenceMonitor, _posterior_part, _score_part
+from ..checks import check_choice, check_execution, check_int, check_random_state, check_real
 from ..execution.cluster import engine_for
 from ..storage.data import DEFAULT_PARTITION_BYTES, is_zarr_path
-from .em import EMResult, IterationEvent, run_em
+from .em import EMResult, IterationEvent
 from .base import EMEstimator, Output
-from ..errors import ConfigError, DegenerateComponentWarning, EmflowConvergenceWarning, NotFittedError
+from ..errors import ConfigError, DegenerateComponentWarning, NotFittedError
 from ..models import hmm as H
 from ..storage.sequences import open_sequences, write_step_outputs
 
@@ -37,12 +35,6 @@ class _BaseHMM(EMEstimator):
     outputs = {"labels": Output("predict", True), "proba": Output("predict_proba", True)}
     _emission_letters = ""
     _max_magnitude: float | None = None  # values beyond it: "scale the data", before any arithmetic
-
-    def _rng(self, random_state=None) -> np.random.Generator:
-        rs = self.random_state if random_state is None else random_state
-        check_random_state(rs)
-        # None draws from NumPy's global RandomState, so np.random.seed decides (as in hmmlearn)
-        return rng_from(_legacy_random_state(None) if rs is None else rs)
 
     def _validate_common(self):
         check_int("n_components", self.n_components, 1)
@@ -101,7 +93,7 @@ class _BaseHMM(EMEstimator):
     def _check(self) -> None:
         """Validate the parameters set on the estimator (hmmlearn's ``_check``): shapes,
         probabilities that sum to 1, emission parameters. Raises ConfigError (a ValueError)."""
-        self._validate()
+        self._validate_params()
         K = self.n_components
         self.startprob_ = self._check_prob("startprob_", self.startprob_, (K,), "(n_components,)")
         self.transmat_ = self._check_prob("transmat_", self.transmat_, (K, K), "(n_components, n_components)")
@@ -149,17 +141,10 @@ class _BaseHMM(EMEstimator):
         Sets the parameters ``init_params`` names, and any not set, as ``fit`` would
         before its first iteration; parameters already set and not named are kept.
         """
-        self._validate()
-        with engine_for(self.scheduler, split_every=self.split_every) as engine:
-            loaded = self._open(engine, X, lengths)
-            try:
-                self._prepare_data(engine, loaded)
-                self._set_params(self._initial_params(engine, loaded, self._rng()))
-            finally:
-                loaded.release()
+        self._set_parameters(self.init_params_for(X, lengths))
         return self
 
-    # fitting
+    # fitting (the driver is EMEstimator's; these are its hooks)
     def fit(self, X, lengths=None, *, callbacks: Iterable[Callable[[IterationEvent], None]] = (),
             initial_params=None, history: list[float] | None = None):
         """Estimate the parameters by Baum-Welch (EM) over all sequences.
@@ -173,7 +158,8 @@ class _BaseHMM(EMEstimator):
             Lengths of the in-memory sequences (hmmlearn's convention); ``None`` means one
             sequence.
         callbacks : iterable of callables
-            Each is called with an :class:`~emflow.em.IterationEvent` after every iteration.
+            Each is called with an :class:`~emflow.estimators.em.IterationEvent` after every
+            iteration.
         initial_params, history
             Resume from a checkpoint: EM starts from these parameters (a
             ``GaussianHMMParams`` / ``CategoricalHMMParams``) with the iterations already
@@ -183,84 +169,65 @@ class _BaseHMM(EMEstimator):
         -------
         self
         """
-        self._validate()
-        callbacks = list(callbacks)
-        if self.verbose:
-            callbacks.append(_print_iteration)
-        with engine_for(self.scheduler, split_every=self.split_every) as engine:
-            loaded = self._open(engine, X, lengths)
-            try:
-                return self._fit_loaded(engine, loaded, callbacks, initial_params, history)
-            finally:
-                loaded.release()
+        return self._fit(X, lengths, callbacks=callbacks, initial_params=initial_params, history=history)
 
-    def _fit_loaded(self, engine, loaded, callbacks, initial_params, history):
+    def _prepare(self, engine, loaded) -> None:
         self._prepare_data(engine, loaded)
-        params = initial_params if initial_params is not None else self._initial_params(engine, loaded, self._rng())
-        self._set_params(params)
+        self._last_total = None
+
+    def _em_tol(self, loaded) -> float:
+        return float(self.tol) / loaded.data.n_rows  # hmmlearn's tol is on the total; run_em sees means
+
+    def _check_start(self, params, loaded):
+        self._set_parameters(params)
         self._check()
-        n_steps = loaded.data.n_rows
-        warned: set = set()
+        return self._get_parameters()
 
-        last: list[float] = []
+    def _watch(self, event: IterationEvent, warned: set) -> None:
+        # hmmlearn's ConvergenceMonitor.report: a fall beyond rounding is logged
+        total, last = event.report.get("log_prob"), getattr(self, "_last_total", None)
+        if total is not None:
+            if last is not None and total - last < -np.finfo(float).eps ** 0.5:
+                _log.warning("Model is not converging.  Current: %s is not greater than %s. Delta is %s",
+                             total, last, total - last)
+            self._last_total = total
+        if event.report.get("zero_transition_rows"):
+            _log.warning("Some rows of transmat_ have zero sum because no transition from the state was ever "
+                         "observed.")
+        for k in event.report.get("empty_states", []):
+            if k not in warned:
+                warned.add(k)
+                warnings.warn(f"State {k} has no posterior mass at iteration {event.iteration}. Use fewer states "
+                              "or another random_state.", DegenerateComponentWarning, stacklevel=2)
 
-        def watch(event: IterationEvent):
-            # hmmlearn's ConvergenceMonitor.report: a fall beyond rounding is logged
-            total = event.report.get("log_prob")
-            if total is not None:
-                if last and total - last[-1] < -np.finfo(float).eps ** 0.5:
-                    _log.warning("Model is not converging.  Current: %s is not greater than %s. Delta is %s",
-                                 total, last[-1], total - last[-1])
-                last[:] = [total]
-            if event.report.get("zero_transition_rows"):
-                _log.warning("Some rows of transmat_ have zero sum because no transition from the state was ever "
-                             "observed.")
-            for k in event.report.get("empty_states", []):
-                if k not in warned:
-                    warned.add(k)
-                    warnings.warn(
-                        f"State {k} has no posterior mass at iteration {event.iteration}. Use fewer states "
-                        "or another random_state.", DegenerateComponentWarning, stacklevel=2)
+    def _fit_info_extra(self, loaded, result: EMResult) -> dict:
+        return {"n_sequences": int(loaded.data.n_sequences), "n_steps": int(loaded.data.n_rows),
+                "empty_states": sorted({k for r in result.reports for k in r.get("empty_states", [])})}
 
-        totals: list[float] = []
-        if self.n_iter == 0:
-            result = EMResult(params, list(history or []), False, len(history or []), -math.inf)
-        else:
-            # hmmlearn's tol is on the total log-likelihood; run_em sees the mean per step
-            result = run_em(engine, loaded, self._family(), params, tol=self.tol / n_steps,
-                            max_iter=self.n_iter, callbacks=[watch, *callbacks], history=history)
-            totals = [float(r["log_prob"]) for r in result.reports]
-            if not result.converged:
-                warnings.warn(
-                    f"EM stopped after n_iter={self.n_iter} iterations before the gain in log-likelihood "
-                    f"fell below tol={self.tol}. Increase n_iter or tol.", EmflowConvergenceWarning, stacklevel=3)
-        self._set_params(result.params)
-        self.converged_ = bool(result.converged)
-        self.n_iter_ = int(result.n_iter)
-        self.lower_bound_ = float(result.lower_bound)
-        self.history_ = [float(v) for v in result.history]
-        self.monitor_ = ConvergenceMonitor(self.tol, self.n_iter, totals, self.converged_)
-        self.fit_info_ = {
-            "fingerprint": loaded.fingerprint,
-            "source": loaded.data.source,
-            "n_sequences": int(loaded.data.n_sequences),
-            "n_steps": int(n_steps),
-            "n_features": int(loaded.data.n_features),
-            "dtype": str(loaded.data.dtype),
-            "partitions": loaded.data.n_partitions,
-            "resident": bool(loaded.resident),
-            "engine": engine.describe(),
-            "seconds_per_iteration": [float(s) for s in result.seconds],
-            "empty_states": sorted({k for r in result.reports for k in r.get("empty_states", [])}),
-        }
-        return self
+    def _after_fit(self, loaded, result: EMResult) -> None:
+        self._set_parameters(result.params)  # the family's own attributes (n_features)
+        self.monitor_ = ConvergenceMonitor(self.tol, self.n_iter, [float(r["log_prob"]) for r in result.reports],
+                                           self.converged_)
+
+    # names the flows use
+    def _validate(self) -> None:
+        self._validate_params()
+
+    def _family(self):
+        return self._em_family()
+
+    def _params(self):
+        return self._get_parameters()
+
+    def _set_params(self, params) -> None:
+        self._set_parameters(params)
 
     # applying a fitted model
     def _apply(self, X, lengths, kind: str, out=None, overwrite: bool = False):
         self._check_fitted()
         if out is not None:  # refuse before any work: nothing is replaced unasked
             _store.check_destination(out, "output", overwrite=overwrite, inputs=_store.output_inputs(self, X))
-        params = self._params()
+        params = self._get_parameters()
         with engine_for(self.scheduler, split_every=self.split_every) as engine:
             loaded = self._open(engine, X, lengths)
             try:
@@ -332,7 +299,7 @@ class _BaseHMM(EMEstimator):
             loaded = self._open(engine, X, lengths)
             try:
                 self._check_data(engine, loaded)
-                return engine.map_reduce(_score_part, loaded, self._params(), self._scaling)
+                return engine.map_reduce(_score_part, loaded, self._get_parameters(), self._scaling)
             finally:
                 loaded.release()
 
@@ -343,11 +310,12 @@ class _BaseHMM(EMEstimator):
     def bic(self, X, lengths=None) -> float:
         """Bayesian information criterion, ``-2 log L + p log(n_samples)`` (lower is better)."""
         tot = self._totals(X, lengths)
-        return -2 * float(tot[0]) + self._n_parameters() * np.log(tot[2])
+        return self._information(float(tot[0]), float(tot[2]), "bic")
 
     def aic(self, X, lengths=None) -> float:
         """Akaike information criterion, ``-2 log L + 2 p`` (lower is better)."""
-        return -2 * self.score(X, lengths) + 2 * self._n_parameters()
+        tot = self._totals(X, lengths)
+        return self._information(float(tot[0]), float(tot[2]), "aic")
 
     def get_stationary_distribution(self) -> np.ndarray:
         """Stationary distribution of the states: the left eigenvector of ``transmat_`` for
@@ -377,7 +345,7 @@ class _BaseHMM(EMEstimator):
         rs = self.random_state if random_state is None else random_state
         check_random_state(rs)
         if isinstance(rs, np.random.Generator):
-            return H.sample_sequence(self._params(), int(n_samples), rs, currstate)
+            return H.sample_sequence(self._get_parameters(), int(n_samples), rs, currstate)
         rs = _legacy_random_state(rs)
         sp_cdf, tm_cdf = np.cumsum(self.startprob_), np.cumsum(self.transmat_, axis=1)
         state = int((sp_cdf > rs.rand()).argmax()) if currstate is None else int(currstate)
@@ -389,17 +357,7 @@ class _BaseHMM(EMEstimator):
             X.append(draw(state, rs))
         return np.atleast_2d(np.array(X)), np.array(states, dtype=int)
 
-    # persistence
-    def _config(self) -> dict[str, Any]:
-        cfg = {}
-        for k, v in _store.saved_config(self.get_params()).items():
-            if isinstance(v, (np.random.Generator, np.random.RandomState)):
-                v = None
-            if isinstance(v, np.ndarray):
-                v = {"__array__": v.tolist()}
-            cfg[k] = v
-        return cfg
-
+    # persistence (EMEstimator's save / load, with the monitor and hand-set models)
     @classmethod
     def _array_spec(cls, meta: dict) -> dict:
         """The arrays a saved HMM holds: shapes from its configuration, constraints (see store.RULES)."""
@@ -407,37 +365,20 @@ class _BaseHMM(EMEstimator):
         return {"startprob": ((K,), ["simplex"]), "transmat": ((K, K), ["simplex"]), **cls._emission_spec(meta, K)}
 
     def save(self, path, *, overwrite: bool = False) -> str:
-        """Save the fitted model as a Zarr group at ``path``; returns the path.
+        """Save the model as a Zarr group at ``path``; returns the path.
 
-        A model already at ``path`` is replaced only with ``overwrite=True`` (atomically);
-        anything else there, and the data it was fitted on, never are.
+        A model whose parameters were set by hand (never fitted) saves with an empty fit
+        record. A model already at ``path`` is replaced only with ``overwrite=True``
+        (atomically); anything else there, and the data it was fitted on, never are.
         """
         self._check_fitted()
-        # a model whose parameters were set by hand, never fitted, saves an empty fit record
-        meta = {
-            "version": __version__,
-            "class": type(self).__name__,
-            "config": self._config(),
-            "fitted": {"converged": bool(getattr(self, "converged_", False)), "n_iter": int(getattr(self, "n_iter_", 0)),
-                       "lower_bound": float(getattr(self, "lower_bound_", -math.inf)),
-                       "n_features_in": int(self.n_features_in_)},
-            "history": list(getattr(self, "history_", [])),
-            "monitor_history": list(getattr(getattr(self, "monitor_", None), "history", [])),
-            "dataset": getattr(self, "fit_info_", {}),
-        }
-        return _store.save_model(path, self._family_name, self._arrays(), meta, overwrite=overwrite,
-                                 inputs=_store.fit_inputs(self))
+        if not hasattr(self, "converged_"):
+            self.converged_, self.n_iter_, self.lower_bound_, self.history_ = False, 0, -math.inf, []
+        return super().save(path, overwrite=overwrite)
 
-    @classmethod
-    def load(cls, path):
-        """Load a model saved by :meth:`save`; arrays come back bit-identical, validated (scheduler None)."""
-        arrays, meta = _store.load_model(path, cls._family_name, cls._array_spec)
-        with _store.loading(path):
-            cfg = {k: (np.asarray(v["__array__"]) if isinstance(v, dict) and "__array__" in v else v)
-                   for k, v in meta["config"].items() if k in cls._param_names()}
-            model = cls(**cfg)
-            model._restore(arrays, meta["fitted"])
-            _store.restore_fit_record(model, meta)
-            model.monitor_ = ConvergenceMonitor(model.tol, model.n_iter, meta.get("monitor_history", []),
-                                                model.converged_)
-        return model
+    def _meta_extra(self) -> dict:
+        return {"monitor_history": list(getattr(getattr(self, "monitor_", None), "history", []))}
+
+    def _after_load(self, meta: dict) -> None:
+        self._set_parameters(self._get_parameters())
+        self.monitor_ = ConvergenceMonitor(self.tol, self.n_iter, meta.get("monitor_history", []), self.converged_)

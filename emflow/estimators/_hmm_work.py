@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 
-from .em import IterationEvent
 from ..errors import ConfigError, DataError
 from ..models import hmm as H
 from ..models import kmeans as KM
@@ -191,8 +190,3 @@ def _stored_covars(covars, ct: str, K: int, strict: bool = True) -> np.ndarray:
             raise ConfigError("'tied' covars must be symmetric, positive-definite" if ct == "tied"
                               else f"component {k} of 'full' covars must be symmetric, positive-definite")
     return cv
-
-
-def _print_iteration(event: IterationEvent) -> None:
-    print(f"iter {event.iteration:4d}  log-likelihood/step {event.log_likelihood:.10g}  "
-          f"change {event.change:.3g}  {event.seconds:.3f}s", flush=True)

@@ -150,12 +150,12 @@ class GaussianHMM(_BaseHMM):
         check_choice("covariance_type", self.covariance_type, H.COVARIANCE_TYPES)
         self._covars_ = _stored_covars(covars, self.covariance_type, self.n_components)
 
-    def _validate(self):
+    def _validate_params(self):
         self._validate_common()
         check_choice("covariance_type", self.covariance_type, H.COVARIANCE_TYPES)
         check_real("min_covar", self.min_covar, 0, finite=True)
 
-    def _family(self):
+    def _em_family(self):
         pri = H.GaussianPriors(self.means_prior, self.means_weight, self.covars_prior, self.covars_weight)
         return GaussianHMMFamily(pri, H.TransitionPriors(self.startprob_prior, self.transmat_prior), self.params,
                                  self._scaling)
@@ -220,7 +220,7 @@ class GaussianHMM(_BaseHMM):
         if self.n_features_in_ != d:
             raise FeatureMismatchError(f"means_ has {self.n_features_in_} feature(s) but the sequences have {d}. "
                                        "Set means_ for these data, or add 'm' to init_params.")
-        return self._params()
+        return self._get_parameters()
 
     def _kmeans(self, engine, loaded, rng) -> np.ndarray:
         K = self.n_components
@@ -246,22 +246,15 @@ class GaussianHMM(_BaseHMM):
                 break
         return centers
 
-    def _params(self) -> H.GaussianHMMParams:
-        return H.GaussianHMMParams(np.asarray(self.startprob_, dtype=np.float64),
-                                   np.asarray(self.transmat_, dtype=np.float64),
-                                   np.asarray(self.means_, dtype=np.float64),
-                                   np.asarray(self._covars_, dtype=np.float64), self.covariance_type)
+    def _parameter_settings(self) -> dict:
+        return {"covariance_type": self.covariance_type}
 
-    def _set_params(self, p: H.GaussianHMMParams):
-        self.startprob_, self.transmat_, self.means_ = p.startprob, p.transmat, p.means
-        self._covars_ = p.covars
-        self.n_features = self.n_features_in_ = int(p.means.shape[1])
+    def _set_parameters(self, p: H.GaussianHMMParams) -> None:
+        super()._set_parameters(p)
+        self.n_features = self.n_features_in_ = int(np.shape(p.means)[1])
 
     def _n_parameters(self) -> int:
         return H.n_free_parameters(self.n_components, self.means_.shape[1], "gaussian", self.covariance_type)
-
-    def _arrays(self):
-        return {"startprob": self.startprob_, "transmat": self.transmat_, "means": self.means_, "covars": self._covars_}
 
     @staticmethod
     def _emission_spec(meta, K):
@@ -272,10 +265,6 @@ class GaussianHMM(_BaseHMM):
         # what the densities can use: positive semi-definite to rounding (a failed Cholesky
         # factorisation is retried with 1e-7 added to the diagonal, as hmmlearn does)
         return {"means": ((K, d), []), "covars": (cov, ["psd"] if ct in ("full", "tied") else ["nonnegative"])}
-
-    def _restore(self, arrays, fitted):
-        self._set_params(H.GaussianHMMParams(arrays["startprob"], arrays["transmat"], arrays["means"],
-                                             arrays["covars"], self.covariance_type))
 
 
 class CategoricalHMM(_BaseHMM):
@@ -333,7 +322,7 @@ class CategoricalHMM(_BaseHMM):
         self.split_every = split_every
         self.partition_bytes = partition_bytes
 
-    def _validate(self):
+    def _validate_params(self):
         self._validate_common()
         check_int("n_features", self.n_features, 1, allow_none=True)
 
@@ -373,7 +362,7 @@ class CategoricalHMM(_BaseHMM):
         X = np.asarray(X)
         return X[:, None] if X.ndim == 1 else X
 
-    def _family(self):
+    def _em_family(self):
         return CategoricalHMMFamily(self.emissionprob_prior, H.TransitionPriors(self.startprob_prior, self.transmat_prior),
                                     self.params, self._scaling)
 
@@ -422,30 +411,19 @@ class CategoricalHMM(_BaseHMM):
         if self.n_features is None:
             self.n_features = M
         self._check()
-        return self._params()
+        return self._get_parameters()
 
-    def _params(self) -> H.CategoricalHMMParams:
-        return H.CategoricalHMMParams(np.asarray(self.startprob_, dtype=np.float64),
-                                      np.asarray(self.transmat_, dtype=np.float64),
-                                      np.asarray(self.emissionprob_, dtype=np.float64))
-
-    def _set_params(self, p: H.CategoricalHMMParams):
-        self.startprob_, self.transmat_, self.emissionprob_ = p.startprob, p.transmat, p.emissionprob
+    def _set_parameters(self, p: H.CategoricalHMMParams) -> None:
+        super()._set_parameters(p)
         if self.n_features is None:
-            self.n_features = int(p.emissionprob.shape[1])
+            self.n_features = int(np.shape(p.emissionprob)[1])
         self.n_features_in_ = 1
 
     def _n_parameters(self) -> int:
         return H.n_free_parameters(self.n_components, self.emissionprob_.shape[1], "categorical")
-
-    def _arrays(self):
-        return {"startprob": self.startprob_, "transmat": self.transmat_, "emissionprob": self.emissionprob_}
 
     @staticmethod
     def _emission_spec(meta, K):
         M = meta["config"].get("n_features")
         M = int(M if M is not None else meta["fitted"]["n_features"])  # n_features in the fit record before 0.x
         return {"emissionprob": ((K, M), ["simplex"])}
-
-    def _restore(self, arrays, fitted):
-        self._set_params(H.CategoricalHMMParams(arrays["startprob"], arrays["transmat"], arrays["emissionprob"]))
