@@ -249,6 +249,14 @@ class GaussianHMM(_BaseHMM):
     def _parameter_settings(self) -> dict:
         return {"covariance_type": self.covariance_type}
 
+    @classmethod
+    def _contract_example(cls, rng: np.random.Generator) -> tuple[tuple, dict]:
+        from ..storage.synthetic import make_hmm_params, sample_hmm
+
+        lengths = [60, 35, 80, 50, 45]
+        X, _ = sample_hmm(make_hmm_params(2, 2, "gaussian", "diag", seed=1), lengths, rng)
+        return (X, lengths), {"n_components": 2, "covariance_type": "diag", "random_state": 0, "tol": 0.0}
+
     def _set_parameters(self, p: H.GaussianHMMParams) -> None:
         super()._set_parameters(p)
         self.n_features = self.n_features_in_ = int(np.shape(p.means)[1])
@@ -412,6 +420,12 @@ class CategoricalHMM(_BaseHMM):
             self.n_features = M
         self._check()
         return self._get_parameters()
+
+    @classmethod
+    def _contract_example(cls, rng: np.random.Generator) -> tuple[tuple, dict]:
+        lengths = [150, 100, 200, 120]
+        X = rng.integers(0, 4, size=(sum(lengths), 1))
+        return (X, lengths), {"n_components": 2, "n_features": 4, "random_state": 0, "tol": 0.0}
 
     def _set_parameters(self, p: H.CategoricalHMMParams) -> None:
         super()._set_parameters(p)
