@@ -27,6 +27,20 @@ _log = logging.getLogger("emflow.hmm")
 
 
 class _BaseHMM(EMEstimator):
+    """hmmlearn's ``BaseHMM`` surface on :class:`~emflow.estimators.base.EMEstimator`.
+
+    An HMM face (one emission family) declares ``family``, ``params_type``, ``fitted`` and
+    ``_emission_letters`` (its letters of ``params`` / ``init_params``), and fills, besides
+    the base's ``_validate_params`` (calling ``_validate_common``), ``_em_family``,
+    ``_initial_params`` (through ``_transition_init`` and ``_needs_init``) and
+    ``_n_parameters``: ``_param_attrs`` (the attributes a usable model has),
+    ``_check_emissions`` (validate hand-set emission parameters, set ``n_features``),
+    ``_emission_scalars`` (free scalars per emission letter, for hmmlearn's
+    degenerate-fit warning), ``_sampler`` (draw one step of a state from a RandomState, in
+    hmmlearn's order), ``_prepare_data`` / ``_check_data`` (data checks before fitting /
+    applying) and ``_emission_spec`` (saved emission arrays).
+    """
+
     _family_name = ""
     data_kind = "sequences"
     iter_param = "n_iter"
