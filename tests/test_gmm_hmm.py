@@ -237,13 +237,19 @@ def test_free_parameters_count_every_states_weights():
         assert BaumWelch(GMMEmission(M, ct)).n_free(K, D) == theirs + (K - 1) * (M - 1)
 
 
-def test_singular_covariance_is_refused_naming_the_state():
+def test_singular_covariance_gets_hmmlearns_jitter_and_a_negative_one_is_refused_naming_the_state():
     rng = np.random.default_rng(0)
     p = random_params("full", rng)
+    X = rng.normal(size=(5, D))
     cov = p.covars.copy()
-    cov[1, 0] = np.ones((D, D))  # rank 1
+    cov[1, 0] = np.ones((D, D))  # rank 1: hmmlearn's density retries with 1e-7 on the diagonal
+    ref = hmmlearn_model(p._replace(covars=cov), GMMHMMPriors(), "stmcw")
+    ref.n_features = D
+    np.testing.assert_allclose(GMMEmission(M, "full").log_likelihood(X, p._replace(covars=cov)),
+                               ref._compute_log_likelihood(X), rtol=1e-10)
+    cov[1, 0] = -np.eye(D)
     with pytest.raises(FitFailedError, match="state 1"):
-        GMMEmission(M, "full").log_likelihood(rng.normal(size=(5, D)), p._replace(covars=cov))
+        GMMEmission(M, "full").log_likelihood(X, p._replace(covars=cov))
 
 
 def test_sampling_and_registry_and_pickling():

@@ -12,10 +12,11 @@ from __future__ import annotations
 import numpy as np
 
 from ..checks import check_choice, check_int, check_real
-from ..storage.data import DEFAULT_PARTITION_BYTES, SQUARE_LIMIT
+from ..storage.data import SQUARE_LIMIT
 from ..errors import DataError, FeatureMismatchError, ConfigError
-from ._hmm_driver import BaseDriverHMM
-from .hmm import GaussianHMM, _BaseHMM, _moments, _take_steps
+from ._hmm_base import _BaseHMM
+from ._hmm_work import SAMPLE_STEPS, _moments, _take_steps
+from .hmm import GaussianHMM
 from ..models import gmm_hmm as GH
 from ..models import hmm as H
 from ..models.hmm_emissions import BaumWelch
@@ -24,7 +25,7 @@ from ..stats import require_finite
 __all__ = ["GMMHMM"]
 
 
-class GMMHMM(BaseDriverHMM, _BaseHMM):
+class GMMHMM(_BaseHMM):
     """Hidden Markov model with Gaussian-mixture emissions, fitted out of core.
 
     Parameters follow :class:`hmmlearn.hmm.GMMHMM` (same names, defaults and priors),
@@ -88,7 +89,7 @@ class GMMHMM(BaseDriverHMM, _BaseHMM):
                  covars_weight=None, algorithm: str = "viterbi", covariance_type: str = "diag", random_state=None,
                  n_iter: int = 10, tol: float = 1e-2, verbose: bool = False, params: str = "stmcw",
                  init_params: str = "stmcw", implementation: str = "log", *, scheduler=None, persist="auto",
-                 split_every: int = 8, partition_bytes: int = DEFAULT_PARTITION_BYTES):
+                 split_every: int = 8, partition_bytes: int | None = None):
         self.n_components = n_components
         self.n_mix = n_mix
         self.min_covar = min_covar
@@ -113,23 +114,19 @@ class GMMHMM(BaseDriverHMM, _BaseHMM):
         self.split_every = split_every
         self.partition_bytes = partition_bytes
 
-    def _validate(self):
+    def _validate_params(self):
         self._validate_common()
         check_int("n_mix", self.n_mix, 1)
         check_choice("covariance_type", self.covariance_type, H.COVARIANCE_TYPES)
-        check_choice("implementation", self.implementation, ("log", "scaling"))
         check_real("min_covar", self.min_covar, 0, finite=True)
 
     def _priors(self) -> GH.GMMHMMPriors:
         return GH.GMMHMMPriors(self.weights_prior, self.means_prior, self.means_weight, self.covars_prior,
                                self.covars_weight)
 
-    def _family(self):
+    def _em_family(self):
         em = GH.GMMEmission(self.n_mix, self.covariance_type, self._priors(), self.params)
         return BaumWelch(em, H.TransitionPriors(self.startprob_prior, self.transmat_prior), self.params)
-
-    def _em_family(self):
-        return self._family()
 
     @classmethod
     def _contract_example(cls, rng: np.random.Generator):
@@ -142,6 +139,48 @@ class GMMHMM(BaseDriverHMM, _BaseHMM):
         X = np.concatenate([H.sample_sequence(truth, n, rng)[0] for n in lengths])
         return (X, lengths), {"n_components": 2, "n_mix": 2, "random_state": 0, "tol": 0.0}
 
+    # hand-set parameters (hmmlearn's _check)
+    def _param_attrs(self) -> tuple[str, ...]:
+        return ("startprob_", "transmat_", "weights_", "means_", "covars_")
+
+    def _emission_scalars(self, d: int) -> dict[str, int]:
+        K, M = self.n_components, self.n_mix
+        cov = {"spherical": K * M, "diag": K * M * d, "full": K * M * d * (d + 1) // 2,
+               "tied": K * d * (d + 1) // 2}[self.covariance_type]
+        return {"m": K * M * d, "c": cov, "w": K * (M - 1)}
+
+    def _check_emissions(self) -> None:
+        K, M, ct = self.n_components, self.n_mix, self.covariance_type
+        try:
+            means = np.array(self.means_, dtype=np.float64)
+            covars = np.array(self.covars_, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ConfigError("means_ and covars_ must be arrays of numbers.") from None
+        if means.ndim != 3 or means.shape[:2] != (K, M) or not np.all(np.isfinite(means)):
+            raise ConfigError(f"means_ must be a finite array of shape (n_components, n_mix, n_features) = "
+                              f"({K}, {M}, d), got shape {means.shape}.")
+        d = means.shape[2]
+        self.weights_ = self._check_prob("weights_", self.weights_, (K, M), "(n_components, n_mix)")
+        want = GH.covars_shape(ct, K, M, d)
+        if covars.shape != want:
+            raise ConfigError(f"{ct!r} mixture covars_ must have shape {want}, got {covars.shape}.")
+        if ct in ("spherical", "diag"):
+            if not np.all(np.isfinite(covars) & (covars >= 0)):
+                raise ConfigError(f"{ct!r} mixture covars_ must be non-negative")
+        else:
+            for idx in np.ndindex(covars.shape[:-2]):
+                c = covars[idx]
+                if not np.allclose(c, c.T) or np.linalg.eigvalsh(c).min() < 0:
+                    where = f"state #{idx[0]}" + ("" if ct == "tied" else f", mixture #{idx[1]}")
+                    raise ConfigError(f"Covariance of {where} is not symmetric positive semi-definite")
+        self.means_, self.covars_ = means, covars
+        self.n_features = self.n_features_in_ = int(d)
+
+    def _sampler(self):
+        p, em = self._get_parameters(), GH.GMMEmission(self.n_mix, self.covariance_type)
+        return lambda k, rs: em.sample(k, rs, p)
+
+    # data and the start
     def _prepare_data(self, engine, loaded):
         K, M, d = self.n_components, self.n_mix, loaded.data.n_features
         try:
@@ -150,7 +189,8 @@ class GMMHMM(BaseDriverHMM, _BaseHMM):
             raise ConfigError(f"The priors (weights_prior, means_prior, means_weight, covars_prior, covars_weight) "
                               f"must broadcast to hmmlearn's shapes for n_components={K}, n_mix={M}, "
                               f"n_features={d}: {exc}.") from None
-        if loaded.data.n_rows < 2 and ("c" in self.init_params or "m" in self.init_params):
+        initialised = any(c in self.init_params or not hasattr(self, a) for c, a in (("c", "covars_"), ("m", "means_")))
+        if loaded.data.n_rows < 2 and initialised:
             raise DataError("Initialising means or covariances needs at least 2 steps of data.")
 
     def _check_data(self, engine, loaded):
@@ -169,41 +209,30 @@ class GMMHMM(BaseDriverHMM, _BaseHMM):
 
     def _initial_params(self, engine, loaded, rng) -> GH.GMMHMMParams:
         K, M, d, ct = self.n_components, self.n_mix, loaded.data.n_features, self.covariance_type
-        sp, tm = self._transition_init(rng, K)
-        sp = sp if sp is not None else self._current("startprob_", "s")
-        tm = tm if tm is not None else self._current("transmat_", "t")
+        sp, tm = self._transition_init(rng)
         cv = None
-        if "m" in self.init_params:
+        if self._needs_init("m", "means_"):
             centers = GaussianHMM._kmeans(self, engine, loaded, rng)  # the state centres, out of core
             cv = self._data_covariance(engine, loaded, centers.mean(axis=0))
             means = GH.initial_mixture_means(self._sample(engine, loaded, rng), centers, M, cv, rng)
         else:
-            means = self._current("means_", "m")
-        if "w" in self.init_params:
-            weights = np.full((K, M), 1.0 / M)
-        else:
-            weights = self._current("weights_", "w")
-        if "c" in self.init_params:
+            means = np.asarray(self.means_, dtype=np.float64)
+        weights = np.full((K, M), 1.0 / M) if self._needs_init("w", "weights_") else self.weights_
+        if self._needs_init("c", "covars_"):
             cv = cv if cv is not None else self._data_covariance(engine, loaded, means.reshape(-1, d).mean(axis=0))
             covars = GH.initial_covars(cv, ct, K, M)
         else:
-            covars = self._current("covars_", "c")
-        self._check_prob("startprob_", np.asarray(sp), (K,))
-        self._check_prob("transmat_", np.asarray(tm), (K, K))
-        self._check_prob("weights_", weights, (K, M))
-        if means.shape != (K, M, d):
-            raise ConfigError(f"means_ must have shape (n_components, n_mix, n_features) = {(K, M, d)}, "
-                              f"got {means.shape}.")
-        want = GH.covars_shape(ct, K, M, d)
-        if covars.shape != want:
-            raise ConfigError(f"covars_ for covariance_type={ct!r} must have shape {want}, got {covars.shape}.")
-        return GH.GMMHMMParams(np.asarray(sp, dtype=np.float64), np.asarray(tm, dtype=np.float64), weights, means,
-                               covars, ct)
+            covars = self.covars_
+        self._warn_if_degenerate(loaded.data.n_rows * d, d)
+        self.startprob_, self.transmat_, self.weights_, self.means_, self.covars_ = sp, tm, weights, means, covars
+        self._check()
+        if self.n_features_in_ != d:
+            raise FeatureMismatchError(f"means_ has {self.n_features_in_} feature(s) but the sequences have {d}. "
+                                       "Set means_ for these data, or add 'm' to init_params.")
+        return self._get_parameters()
 
     def _sample(self, engine, loaded, rng) -> np.ndarray:
         """A uniform sample of the steps, in memory (at most ``SAMPLE_STEPS`` or 50 per component)."""
-        from .hmm import SAMPLE_STEPS
-
         N = loaded.data.n_rows
         m = min(N, max(SAMPLE_STEPS, 50 * self.n_components * self.n_mix))
         idx = np.sort(rng.choice(N, size=m, replace=False))
@@ -216,29 +245,13 @@ class GMMHMM(BaseDriverHMM, _BaseHMM):
     def _parameter_settings(self) -> dict:
         return {"covariance_type": self.covariance_type}
 
-    def _params(self) -> GH.GMMHMMParams:
-        f = lambda a: np.asarray(a, dtype=np.float64)  # noqa: E731
-        return GH.GMMHMMParams(f(self.startprob_), f(self.transmat_), f(self.weights_), f(self.means_),
-                               f(self.covars_), self.covariance_type)
-
-    def _set_params(self, p: GH.GMMHMMParams):
-        self.startprob_, self.transmat_ = p.startprob, p.transmat
-        self.weights_, self.means_, self.covars_ = p.weights, p.means, p.covars
-        self.n_features = int(p.means.shape[-1])
-
-    def _n_parameters(self) -> int:
-        return self._family().n_free(self.n_components, self.means_.shape[-1])
-
-    def _arrays(self):
-        return {"startprob": self.startprob_, "transmat": self.transmat_, "weights": self.weights_,
-                "means": self.means_, "covars": self.covars_}
+    def _set_parameters(self, p: GH.GMMHMMParams) -> None:
+        super()._set_parameters(p)
+        self.n_features = self.n_features_in_ = int(np.shape(p.means)[-1])
 
     @staticmethod
-    def _emission_spec(meta, K, d):
+    def _emission_spec(meta, K):
+        d = int(meta["fitted"]["n_features_in"])
         M, ct = int(meta["config"]["n_mix"]), meta["config"]["covariance_type"]
         return {"weights": ((K, M), ["simplex"]), "means": ((K, M, d), []),
-                "covars": (GH.covars_shape(ct, K, M, d), ["spd"] if ct in ("full", "tied") else ["positive"])}
-
-    def _restore(self, arrays, fitted):
-        self._set_params(GH.GMMHMMParams(arrays["startprob"], arrays["transmat"], arrays["weights"],
-                                         arrays["means"], arrays["covars"], self.covariance_type))
+                "covars": (GH.covars_shape(ct, K, M, d), ["psd"] if ct in ("full", "tied") else ["nonnegative"])}

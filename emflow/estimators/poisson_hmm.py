@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..checks import check_choice
-from ..storage.data import DEFAULT_PARTITION_BYTES
 from ..errors import ConfigError, FeatureMismatchError
-from ._hmm_driver import BaseDriverHMM
-from .hmm import _BaseHMM
+from ._hmm_base import _BaseHMM
 from ..models import hmm as H
 from ..models import poisson_hmm as P
 from ..models.hmm_emissions import BaumWelch
@@ -29,7 +26,7 @@ def _count_moments(values, offsets):
     return np.array([X.size, X.sum(), (X * X).sum()], dtype=np.float64)
 
 
-class PoissonHMM(BaseDriverHMM, _BaseHMM):
+class PoissonHMM(_BaseHMM):
     """Hidden Markov model with Poisson emissions, fitted out of core.
 
     Parameters follow :class:`hmmlearn.hmm.PoissonHMM` (same names and defaults), plus
@@ -75,7 +72,7 @@ class PoissonHMM(BaseDriverHMM, _BaseHMM):
                  lambdas_weight=0.0, algorithm: str = "viterbi", random_state=None, n_iter: int = 10,
                  tol: float = 1e-2, verbose: bool = False, params: str = "stl", init_params: str = "stl",
                  implementation: str = "log", *, scheduler=None, persist="auto", split_every: int = 8,
-                 partition_bytes: int = DEFAULT_PARTITION_BYTES):
+                 partition_bytes: int | None = None):
         self.n_components = n_components
         self.startprob_prior = startprob_prior
         self.transmat_prior = transmat_prior
@@ -94,20 +91,16 @@ class PoissonHMM(BaseDriverHMM, _BaseHMM):
         self.split_every = split_every
         self.partition_bytes = partition_bytes
 
-    def _validate(self):
+    def _validate_params(self):
         self._validate_common()
-        check_choice("implementation", self.implementation, ("log", "scaling"))
         for name in ("lambdas_prior", "lambdas_weight"):
             v = np.asarray(getattr(self, name), dtype=np.float64)
             if not np.all(np.isfinite(v)) or np.any(v < 0):
                 raise ConfigError(f"{name} must be a number or array of numbers >= 0, got {getattr(self, name)!r}.")
 
-    def _family(self):
+    def _em_family(self):
         em = P.PoissonEmission(self.lambdas_prior, self.lambdas_weight, self.params)
         return BaumWelch(em, H.TransitionPriors(self.startprob_prior, self.transmat_prior), self.params)
-
-    def _em_family(self):
-        return self._family()
 
     @classmethod
     def _contract_example(cls, rng: np.random.Generator):
@@ -118,6 +111,31 @@ class PoissonHMM(BaseDriverHMM, _BaseHMM):
         X = np.concatenate([H.sample_sequence(truth, n, rng)[0] for n in lengths]).astype(np.float64)
         return (X, lengths), {"n_components": 2, "random_state": 0, "tol": 0.0}
 
+    # hand-set parameters (hmmlearn's _check)
+    def _param_attrs(self) -> tuple[str, ...]:
+        return ("startprob_", "transmat_", "lambdas_")
+
+    def _emission_scalars(self, d: int) -> dict[str, int]:
+        return {"l": self.n_components * d}
+
+    def _check_emissions(self) -> None:
+        K = self.n_components
+        try:
+            lam = np.atleast_2d(np.array(self.lambdas_, dtype=np.float64))
+        except (TypeError, ValueError):
+            raise ConfigError("lambdas_ must be an array of shape (n_components, n_features).") from None
+        if lam.ndim != 2 or lam.shape[0] != K or lam.shape[1] < 1:
+            raise ConfigError(f"lambdas_ must have shape (n_components, n_features) = ({K}, d), got {lam.shape}.")
+        if not np.all(np.isfinite(lam) & (lam >= 0)):
+            raise ConfigError("lambdas_ must hold finite rates >= 0.")
+        self.lambdas_ = lam
+        self.n_features = self.n_features_in_ = int(lam.shape[1])
+
+    def _sampler(self):
+        p, em = self._get_parameters(), P.PoissonEmission()
+        return lambda k, rs: em.sample(k, rs, p)
+
+    # data and the start
     def _prepare_data(self, engine, loaded):
         K, d = self.n_components, loaded.data.n_features
         for name in ("lambdas_prior", "lambdas_weight"):
@@ -136,42 +154,27 @@ class PoissonHMM(BaseDriverHMM, _BaseHMM):
 
     def _initial_params(self, engine, loaded, rng) -> P.PoissonHMMParams:
         K, d = self.n_components, loaded.data.n_features
-        sp, tm = self._transition_init(rng, K)
-        sp = sp if sp is not None else self._current("startprob_", "s")
-        tm = tm if tm is not None else self._current("transmat_", "t")
-        if "l" in self.init_params:
+        sp, tm = self._transition_init(rng)
+        if self._needs_init("l", "lambdas_"):
             n, s1, s2 = engine.map_reduce(_count_moments, loaded)
             require_finite((n, s1, s2), "Poisson HMM initial rates")
             mean = s1 / n
             lam = P.initial_lambdas(mean, max(s2 / n - mean * mean, 0.0), K, d, rng)
         else:
-            lam = np.atleast_2d(self._current("lambdas_", "l"))
-        self._check_prob("startprob_", np.asarray(sp), (K,))
-        self._check_prob("transmat_", np.asarray(tm), (K, K))
-        if lam.shape != (K, d):
-            raise ConfigError(f"lambdas_ must have shape (n_components, n_features) = {(K, d)}, got {lam.shape}.")
-        if not np.all(np.isfinite(lam) & (lam >= 0)):
-            raise ConfigError("lambdas_ must hold finite rates >= 0.")
-        return P.PoissonHMMParams(np.asarray(sp, dtype=np.float64), np.asarray(tm, dtype=np.float64), lam)
+            lam = self.lambdas_
+        self._warn_if_degenerate(loaded.data.n_rows * d, d)
+        self.startprob_, self.transmat_, self.lambdas_ = sp, tm, lam
+        self._check()
+        if self.n_features_in_ != d:
+            raise FeatureMismatchError(f"lambdas_ has {self.n_features_in_} feature(s) but the sequences have {d}. "
+                                       "Set lambdas_ for these data, or add 'l' to init_params.")
+        return self._get_parameters()
 
-    def _params(self) -> P.PoissonHMMParams:
-        return P.PoissonHMMParams(np.asarray(self.startprob_, dtype=np.float64),
-                                  np.asarray(self.transmat_, dtype=np.float64),
-                                  np.asarray(self.lambdas_, dtype=np.float64))
-
-    def _set_params(self, p: P.PoissonHMMParams):
-        self.startprob_, self.transmat_, self.lambdas_ = p.startprob, p.transmat, p.lambdas
-        self.n_features = int(p.lambdas.shape[1])
-
-    def _n_parameters(self) -> int:
-        return self._family().n_free(self.n_components, self.lambdas_.shape[1])
-
-    def _arrays(self):
-        return {"startprob": self.startprob_, "transmat": self.transmat_, "lambdas": self.lambdas_}
+    def _set_parameters(self, p: P.PoissonHMMParams) -> None:
+        super()._set_parameters(p)
+        self.n_features = self.n_features_in_ = int(np.shape(p.lambdas)[1])
 
     @staticmethod
-    def _emission_spec(meta, K, d):
+    def _emission_spec(meta, K):
+        d = int(meta["fitted"]["n_features_in"])
         return {"lambdas": ((K, d), ["nonnegative"])}
-
-    def _restore(self, arrays, fitted):
-        self._set_params(P.PoissonHMMParams(arrays["startprob"], arrays["transmat"], arrays["lambdas"]))

@@ -147,12 +147,12 @@ def _state_view(params: GMMHMMParams, k: int) -> G.GMMParams:
     """State ``k``'s mixture as a scikit-learn-type GMM (tied: one matrix for its components)."""
     ct = params.covariance_type
     cov = np.asarray(params.covars[k], dtype=np.float64)
-    try:
-        pc = G.precisions_cholesky_from_covariances(cov, ct)
+    try:  # as hmmlearn's densities: a failed Cholesky retried with 1e-7 I, variances floored
+        pc = H._precisions_cholesky(cov, ct)
     except FitFailedError:
         raise FitFailedError(
-            f"The covariance of state {k} is not positive definite (a mixture component collapsed onto "
-            "too few distinct points). Use fewer states or mixture components, a larger covars_prior, "
+            f"The covariance of state {k} is not positive definite, even with {H.FULL_COVAR_JITTER:g} added to "
+            "its diagonal (a mixture component collapsed onto too few distinct points). Use fewer states or mixture components, a larger covars_prior, "
             "or scale the data.") from None
     w = np.asarray(params.weights[k], dtype=np.float64)
     return G.GMMParams(w, np.asarray(params.means[k], dtype=np.float64), cov, pc, ct)
