@@ -118,9 +118,31 @@ class EMEstimator(BaseEstimator):
     def __sklearn_is_fitted__(self) -> bool:
         return self._is_fitted()
 
+    # -- parameter validation -----------------------------------------------------------------
+    _param_rules: ClassVar[dict] = {}
+    """``{parameter: emflow.checks rule}``; a subclass's table extends its parents'."""
+
+    @classmethod
+    def _rules(cls) -> dict:
+        table: dict = {}
+        for klass in reversed(cls.__mro__):
+            table.update(klass.__dict__.get("_param_rules", {}))
+        return table
+
+    def _validate_params(self) -> None:
+        """Raise a ConfigError naming the first invalid constructor parameter: the declared
+        rules, then the execution parameters every estimator has, then the family's own
+        cross-parameter checks (:meth:`_validate_more`)."""
+        from ..checks import check_execution, check_rules
+
+        check_rules(self, self._rules())
+        check_execution(self)
+        self._validate_more()
+
+    def _validate_more(self) -> None:
+        """Checks that involve several parameters (a family overrides it)."""
+
     # -- hooks (a family overrides these) --------------------------------------------------
-    def _validate_params(self) -> None:  # noqa: D401 - scikit-learn's name for it
-        """Raise a ConfigError naming the first invalid constructor parameter."""
 
     def _open(self, engine, data, *fit_args):
         raise NotImplementedError

@@ -21,7 +21,7 @@ from typing import Callable, Iterable, NamedTuple
 import numpy as np
 
 from ..storage import store as _store
-from ..checks import check_choice, check_execution, check_int, check_real, rng_from
+from ..checks import Choice, Int, Real, rng_from
 from ..execution.cluster import engine_for
 from ..storage.data import DEFAULT_PARTITION_BYTES, SQUARE_LIMIT, is_zarr_path
 from .em import IterationEvent
@@ -176,6 +176,11 @@ class LinearGaussianSSM(EMEstimator):
     array_params = _INIT_NAMES
     objective_name = "log-likelihood per step"
     size_param = ("state_dim", "state dimension")
+    _param_rules = {
+        "state_dim": Int(1), "transition_covariance_type": Choice(*COVARIANCE_TYPES),
+        "observation_covariance_type": Choice(*COVARIANCE_TYPES), "tol": Real(0),
+        "reg_covar": Real(0, finite=True), "max_iter": Int(0),
+    }
 
     def __init__(
         self,
@@ -220,17 +225,10 @@ class LinearGaussianSSM(EMEstimator):
         self.split_every = split_every
         self.partition_bytes = partition_bytes
 
-    def _validate_params(self) -> None:
+    def _validate_more(self) -> None:
         self._em_vars()
 
     def _em_vars(self) -> frozenset:
-        check_int("state_dim", self.state_dim, 1)
-        for name in ("transition_covariance_type", "observation_covariance_type"):
-            check_choice(name, getattr(self, name), COVARIANCE_TYPES)
-        check_real("tol", self.tol, 0)
-        check_real("reg_covar", self.reg_covar, 0, finite=True)
-        check_int("max_iter", self.max_iter, 0)
-        check_execution(self)
         return M.normalize_em_vars(self.em_vars)
 
     def _initial_params(self, engine, loaded, rng) -> M.LGSSMParams:
