@@ -316,15 +316,9 @@ class _BaseHMM(EMEstimator):
         """Total log-likelihood of all sequences (hmmlearn's ``score``; not a mean per step)."""
         return float(self._totals(X, lengths)[0])
 
-    def bic(self, X, lengths=None) -> float:
-        """Bayesian information criterion, ``-2 log L + p log(n_samples)`` (lower is better)."""
+    def _loglik_count(self, X, lengths=None) -> tuple[float, float]:
         tot = self._totals(X, lengths)
-        return self._information(float(tot[0]), float(tot[2]), "bic")
-
-    def aic(self, X, lengths=None) -> float:
-        """Akaike information criterion, ``-2 log L + 2 p`` (lower is better)."""
-        tot = self._totals(X, lengths)
-        return self._information(float(tot[0]), float(tot[2]), "aic")
+        return float(tot[0]), float(tot[2])
 
     def get_stationary_distribution(self) -> np.ndarray:
         """Stationary distribution of the states: the left eigenvector of ``transmat_`` for

@@ -430,6 +430,18 @@ class EMEstimator(BaseEstimator):
             setattr(self, a, arrays[a.strip("_")])
 
     # -- scores every family shares -----------------------------------------------------------
-    def _information(self, loglik: float, n: float, penalty: str) -> float:
-        k = self._n_parameters()
-        return -2 * loglik + k * (np.log(n) if penalty == "bic" else 2.0)
+    def _loglik_count(self, data, *args) -> tuple[float, float]:
+        """``(total log-likelihood, number of observations)`` of ``data`` under the fitted
+        parameters (rows, steps), one pass on the engine."""
+        raise NotImplementedError
+
+    def bic(self, X, *args) -> float:
+        """Bayesian information criterion ``-2 log L + p log(n)`` on the data (lower is better);
+        ``p`` counts the free parameters (:meth:`_n_parameters`), ``n`` the rows or steps."""
+        loglik, n = self._loglik_count(X, *args)
+        return -2.0 * loglik + self._n_parameters() * np.log(n)
+
+    def aic(self, X, *args) -> float:
+        """Akaike information criterion ``-2 log L + 2 p`` on the data (lower is better)."""
+        loglik, _ = self._loglik_count(X, *args)
+        return -2.0 * loglik + 2.0 * self._n_parameters()

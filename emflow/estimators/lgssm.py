@@ -414,22 +414,28 @@ class LinearGaussianSSM(EMEstimator):
             "kind": {"filter": "filtered_states", "smooth": "smoothed_states"}[kind], "model_family": FAMILY,
         })
 
+    def _loglik_count(self, X, lengths=None) -> tuple[float, float]:
+        tot = self._loglik_stats(X, lengths)
+        return float(tot[0]), float(tot[1])
+
     def score(self, X, lengths=None) -> float:
         """Total log-likelihood ``sum log p(y_obs)`` of the sequences (pykalman's ``loglikelihood``).
 
         Computed by the prediction-error decomposition of the Kalman filter, on the engine
         (``X`` may be a Zarr sequences group of any size).
         """
+        return float(self._loglik_stats(X, lengths)[0])
+
+    def _loglik_stats(self, X, lengths) -> np.ndarray:
         params = self._params
         with engine_for(self.scheduler, split_every=self.split_every) as engine:
             seqs = self._sequences(engine, X, lengths)
             self._check_features(seqs.n_features)
             loaded = engine.load(seqs, persist=False)
             try:
-                tot = engine.map_reduce(M.loglik_stats, loaded, params)
+                return engine.map_reduce(M.loglik_stats, loaded, params)
             finally:
                 loaded.release()
-        return float(tot[0])
 
     loglikelihood = score
 

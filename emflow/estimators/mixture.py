@@ -477,15 +477,9 @@ class GaussianMixture(EMEstimator):
         s, wsum, _ = self._loglik_total(data, sample_weight)
         return s / wsum
 
-    def bic(self, data) -> float:
-        """Bayesian information criterion on ``data`` (lower is better)."""
+    def _loglik_count(self, data) -> tuple[float, float]:
         s, _, n = self._loglik_total(data)
-        return -2 * s + self._n_parameters() * np.log(n)
-
-    def aic(self, data) -> float:
-        """Akaike information criterion on ``data`` (lower is better)."""
-        s, _, _ = self._loglik_total(data)
-        return -2 * s + 2 * self._n_parameters()
+        return s, n
 
     def sample(self, n_samples: int = 1):
         """Draw samples: ``(X, y)`` with X of shape (n_samples, n_features) and labels y."""
