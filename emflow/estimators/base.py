@@ -118,9 +118,31 @@ class EMEstimator(BaseEstimator):
     def __sklearn_is_fitted__(self) -> bool:
         return self._is_fitted()
 
+    # -- parameter validation -----------------------------------------------------------------
+    _param_rules: ClassVar[dict] = {}
+    """``{parameter: emflow.checks rule}``; a subclass's table extends its parents'."""
+
+    @classmethod
+    def _rules(cls) -> dict:
+        table: dict = {}
+        for klass in reversed(cls.__mro__):
+            table.update(klass.__dict__.get("_param_rules", {}))
+        return table
+
+    def _validate_params(self) -> None:
+        """Raise a ConfigError naming the first invalid constructor parameter: the declared
+        rules, then the execution parameters every estimator has, then the family's own
+        cross-parameter checks (:meth:`_validate_more`)."""
+        from ..checks import check_execution, check_rules
+
+        check_rules(self, self._rules())
+        check_execution(self)
+        self._validate_more()
+
+    def _validate_more(self) -> None:
+        """Checks that involve several parameters (a family overrides it)."""
+
     # -- hooks (a family overrides these) --------------------------------------------------
-    def _validate_params(self) -> None:  # noqa: D401 - scikit-learn's name for it
-        """Raise a ConfigError naming the first invalid constructor parameter."""
 
     def _open(self, engine, data, *fit_args):
         raise NotImplementedError
@@ -408,6 +430,18 @@ class EMEstimator(BaseEstimator):
             setattr(self, a, arrays[a.strip("_")])
 
     # -- scores every family shares -----------------------------------------------------------
-    def _information(self, loglik: float, n: float, penalty: str) -> float:
-        k = self._n_parameters()
-        return -2 * loglik + k * (np.log(n) if penalty == "bic" else 2.0)
+    def _loglik_count(self, data, *args) -> tuple[float, float]:
+        """``(total log-likelihood, number of observations)`` of ``data`` under the fitted
+        parameters (rows, steps), one pass on the engine."""
+        raise NotImplementedError
+
+    def bic(self, X, *args) -> float:
+        """Bayesian information criterion ``-2 log L + p log(n)`` on the data (lower is better);
+        ``p`` counts the free parameters (:meth:`_n_parameters`), ``n`` the rows or steps."""
+        loglik, n = self._loglik_count(X, *args)
+        return -2.0 * loglik + self._n_parameters() * np.log(n)
+
+    def aic(self, X, *args) -> float:
+        """Akaike information criterion ``-2 log L + 2 p`` on the data (lower is better)."""
+        loglik, _ = self._loglik_count(X, *args)
+        return -2.0 * loglik + 2.0 * self._n_parameters()

@@ -40,7 +40,7 @@ from ._hmm_base import _BaseHMM
 from ._hmm_work import (MAX_EMISSION_BYTES, SAMPLE_STEPS, KMEANS_MAX_ITER, KMEANS_TOL, CategoricalHMMFamily,
                         ConvergenceMonitor, GaussianHMMFamily, _km_e_step, _moments, _stored_covars,
                         _symbol_range, _take_steps)
-from ..checks import check_choice, check_int, check_real
+from ..checks import Choice, Int, Real, check_choice
 from ..storage.data import SQUARE_LIMIT
 from ..errors import ConfigError, DataError, FeatureMismatchError
 from ..models import hmm as H
@@ -150,10 +150,7 @@ class GaussianHMM(_BaseHMM):
         check_choice("covariance_type", self.covariance_type, H.COVARIANCE_TYPES)
         self._covars_ = _stored_covars(covars, self.covariance_type, self.n_components)
 
-    def _validate_params(self):
-        self._validate_common()
-        check_choice("covariance_type", self.covariance_type, H.COVARIANCE_TYPES)
-        check_real("min_covar", self.min_covar, 0, finite=True)
+    _param_rules = {"covariance_type": Choice(*H.COVARIANCE_TYPES), "min_covar": Real(0, finite=True)}
 
     def _em_family(self):
         pri = H.GaussianPriors(self.means_prior, self.means_weight, self.covars_prior, self.covars_weight)
@@ -330,9 +327,7 @@ class CategoricalHMM(_BaseHMM):
         self.split_every = split_every
         self.partition_bytes = partition_bytes
 
-    def _validate_params(self):
-        self._validate_common()
-        check_int("n_features", self.n_features, 1, allow_none=True)
+    _param_rules = {"n_features": Int(1, allow_none=True)}
 
     def _param_attrs(self) -> tuple[str, ...]:
         return ("startprob_", "transmat_", "emissionprob_")

@@ -10,7 +10,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from ..storage import store as _store
-from ..checks import check_choice, check_execution, check_int, check_real
+from ..checks import Choice, Flag, Int, Real
 from ..execution.cluster import engine_for
 from ..storage.data import is_zarr_path
 from .em import IterationEvent
@@ -156,6 +156,11 @@ class GaussianMixture(EMEstimator):
                "log_likelihood": Output("score_samples")}
     array_params = _INIT_ARRAYS
     summary_arrays = {"weights": "weights_"}
+    _param_rules = {
+        "n_components": Int(1), "covariance_type": Choice(*G.COVARIANCE_TYPES), "tol": Real(0),
+        "reg_covar": Real(0, finite=True), "max_iter": Int(0), "n_init": Int(1),
+        "init_params": Choice(*INIT_PARAMS), "compute_dtype": Choice("float64", "float32"), "warm_start": Flag(),
+    }
 
     def __init__(
         self,
@@ -199,19 +204,6 @@ class GaussianMixture(EMEstimator):
         self.compute_dtype = compute_dtype
 
     # -- validation ------------------------------------------------------------------
-    def _validate_params(self) -> None:
-        check_int("n_components", self.n_components, 1)
-        check_choice("covariance_type", self.covariance_type, G.COVARIANCE_TYPES)
-        check_real("tol", self.tol, 0)
-        check_real("reg_covar", self.reg_covar, 0, finite=True)
-        check_int("max_iter", self.max_iter, 0)
-        check_int("n_init", self.n_init, 1)
-        check_choice("init_params", self.init_params, INIT_PARAMS)
-        check_execution(self)
-        check_choice("compute_dtype", self.compute_dtype, ("float64", "float32"))
-        if not isinstance(self.warm_start, (bool, np.bool_)):
-            raise ConfigError(f"warm_start must be True or False, got {self.warm_start!r}.")
-
     def _check_inits(self, d: int) -> None:
         K, ct = self.n_components, self.covariance_type
         if self.weights_init is not None:
@@ -485,15 +477,9 @@ class GaussianMixture(EMEstimator):
         s, wsum, _ = self._loglik_total(data, sample_weight)
         return s / wsum
 
-    def bic(self, data) -> float:
-        """Bayesian information criterion on ``data`` (lower is better)."""
+    def _loglik_count(self, data) -> tuple[float, float]:
         s, _, n = self._loglik_total(data)
-        return -2 * s + self._n_parameters() * np.log(n)
-
-    def aic(self, data) -> float:
-        """Akaike information criterion on ``data`` (lower is better)."""
-        s, _, _ = self._loglik_total(data)
-        return -2 * s + 2 * self._n_parameters()
+        return s, n
 
     def sample(self, n_samples: int = 1):
         """Draw samples: ``(X, y)`` with X of shape (n_samples, n_features) and labels y."""
