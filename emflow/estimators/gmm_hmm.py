@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..checks import check_choice, check_int, check_real
+from ..checks import Choice, Int, Real
 from ..storage.data import SQUARE_LIMIT
 from ..errors import DataError, FeatureMismatchError, ConfigError
 from ._hmm_base import _BaseHMM
@@ -114,11 +114,7 @@ class GMMHMM(_BaseHMM):
         self.split_every = split_every
         self.partition_bytes = partition_bytes
 
-    def _validate_params(self):
-        self._validate_common()
-        check_int("n_mix", self.n_mix, 1)
-        check_choice("covariance_type", self.covariance_type, H.COVARIANCE_TYPES)
-        check_real("min_covar", self.min_covar, 0, finite=True)
+    _param_rules = {"n_mix": Int(1), "covariance_type": Choice(*H.COVARIANCE_TYPES), "min_covar": Real(0, finite=True)}
 
     def _priors(self) -> GH.GMMHMMPriors:
         return GH.GMMHMMPriors(self.weights_prior, self.means_prior, self.means_weight, self.covars_prior,

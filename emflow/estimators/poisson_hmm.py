@@ -91,8 +91,8 @@ class PoissonHMM(_BaseHMM):
         self.split_every = split_every
         self.partition_bytes = partition_bytes
 
-    def _validate_params(self):
-        self._validate_common()
+    def _validate_more(self):
+        super()._validate_more()
         for name in ("lambdas_prior", "lambdas_weight"):
             v = np.asarray(getattr(self, name), dtype=np.float64)
             if not np.all(np.isfinite(v)) or np.any(v < 0):
