@@ -284,7 +284,7 @@ def test_fit_flow_rejects_bad_parameters_before_running(prefect_server, gmm_data
 # --- model selection and scoring ----------------------------------------------------------
 
 def test_select_flow_picks_true_k_and_reports_io(prefect_server, gmm_data, tmp_path):
-    from flows.select import select_flow
+    from flows.model_selection import select_flow
 
     out = str(tmp_path / "best.zarr")
     state = select_flow(gmm_data, out, n_components=[1, 2, 3, 4], covariance_types=["full", "spherical"],
