@@ -576,3 +576,40 @@ def test_built_wheel_holds_only_emflow(tmp_path):
     with zipfile.ZipFile(tmp_path / "dist" / whl) as z:
         top = {n.split("/")[0] for n in z.namelist()}
     assert top == {"emflow", whl.split("-py3")[0] + ".dist-info"}, top
+
+
+# --- the demo lives with the flows ------------------------------------------------------------
+
+@pytest.mark.parametrize("args, text", [
+    (["--workers", "0"], "--workers must be an integer >= 1, got 0."),
+    (["--samples", "0"], "--samples must be an integer >= 1, got 0."),
+    (["--components", "-1"], "--components must be an integer >= 1, got -1."),
+])
+def test_demo_rejects_bad_options_before_any_work(args, text, tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.demo import app
+
+    out = tmp_path / "demo"
+    r = CliRunner().invoke(app, ["--out", str(out), *args])
+    assert r.exit_code == 2, r.output
+    assert [line for line in r.output.splitlines() if line.startswith("error:")] == [f"error: {text}"]
+    assert not out.exists()
+
+
+def test_emflow_demo_says_how_to_run_the_demo_and_the_library_never_imports_flows():
+    """The library has no Prefect and no ``flows`` in it: ``emflow demo`` names what to run."""
+    from typer.testing import CliRunner
+
+    from emflow.cli import app
+
+    r = CliRunner().invoke(app, ["demo", "--out", "x"])
+    assert r.exit_code == 2
+    assert "make demo" in r.output and "python -m flows.demo --out demo-output" in r.output
+    code = ("import sys, emflow, emflow.cli; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('prefect', 'flows')))")
+    p = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": ROOT})
+    assert p.returncode == 0 and p.stdout.strip() == "[]", p.stdout + p.stderr
+    makefile = open(os.path.join(ROOT, "Makefile")).read()
+    assert "$(BIN)/python -m flows.demo --out demo-output" in makefile
