@@ -63,6 +63,7 @@ def _sequential_restart(adapter, est, data, init: int):
     initialisation drawn from one Generator (as its restart loop does)."""
     from emflow.cluster import engine_for
 
+    est._validate_params()
     with engine_for(est.scheduler, split_every=est.split_every) as engine:
         loaded = engine.open(data, *adapter.fit_args, min_rows=est.n_components, persist=False,
                              **est._partitioning())
