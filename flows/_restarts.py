@@ -37,7 +37,7 @@ def restart_seed(random_state: int | None, init: int) -> int | None:
     itself for the first restart, a derived one after it."""
     if random_state is None or init == 0:
         return random_state
-    return int(np.random.SeedSequence([random_state, init]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    return int(np.random.SeedSequence([random_state, init]).generate_state(1, dtype=np.uint32)[0])  # a valid seed
 
 
 def restart_params(adapter, est, data: Any, init: int):
