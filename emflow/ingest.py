@@ -9,7 +9,7 @@ temporary sibling name and renamed into place only when complete
 (:class:`emflow.store.atomic_dir`), so an interrupted ingest leaves nothing that looks
 like a dataset.
 
-Layouts written (see ``shared/DESIGN.md``)::
+Layouts written::
 
     rows                         sequences (sequence_column=...)
     out.zarr/                    out.zarr/

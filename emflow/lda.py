@@ -23,10 +23,11 @@ import numpy as np
 
 from . import __version__
 from . import store as _store
-from .base import (MAX_SEED, ParamsMixin, check_choice, check_execution, check_int, check_random_state,
+from .base import (MAX_SEED, check_choice, check_execution, check_int, check_random_state,
                    check_real)
 from .cluster import engine_for
 from .corpus import CorpusData, open_corpus
+from .estimator import EMEstimator, Output
 from .data import DEFAULT_PARTITION_BYTES
 from .em import IterationEvent
 from .engine import Engine, Loaded
@@ -70,7 +71,7 @@ def _transform_part(entries, indptr, params: M.LDAParams, cfg: LDAConfig, normal
     return None
 
 
-class LatentDirichletAllocation(ParamsMixin):
+class LatentDirichletAllocation(EMEstimator):
     """Latent Dirichlet allocation fitted by batch variational EM over a partitioned corpus.
 
     Parameters and fitted attributes follow
@@ -135,6 +136,18 @@ class LatentDirichletAllocation(ParamsMixin):
         The corpus's terms when it stores them.
     fit_info_ : dict
     """
+
+    family = FAMILY
+    data_kind = "corpus"
+    params_type = M.LDAParams
+    fitted = {"components": "components_"}
+    outputs = {"topics": Output("transform", True)}
+    objective_name = "bound per word"
+    size_param = ("n_components", "topics")
+    summary_arrays = {"doc-topic prior": "doc_topic_prior_"}
+
+    def _summary(self) -> dict[str, str]:
+        return {**super()._summary(), "perplexity (training)": f"{np.exp(-self.lower_bound_):.6g}"}
 
     def __init__(
         self,
