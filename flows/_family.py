@@ -46,6 +46,7 @@ from emflow.checkpoint import (
     checkpoint_path,
     config_hash,
     dataset_fingerprint,
+    restore_fitted,
     write_checkpoint,
 )
 
@@ -160,8 +161,10 @@ class FamilyAdapter:
         """Fix up what a resumed fit reports only for the iterations it ran."""
 
     def restore(self, est, ck: Checkpoint, info: dict) -> None:
-        """Give ``est`` the fitted state of a finished checkpoint without recomputing."""
-        raise NotImplementedError
+        """Give ``est`` the fitted state of a finished checkpoint without recomputing (any
+        estimator on the base: its parameters through ``_set_parameters``)."""
+        restore_fitted(est, ck, {k: info[k] for k in _DATASET_KEYS if k in info})
+        est.fit_info_.update(resumed_from_iteration=len(ck.history), engine=info.get("engine"))
 
     def evaluate(self, model, data: str, heldout: str | None) -> dict:
         return {}
@@ -177,6 +180,10 @@ class FamilyAdapter:
 
     def publish(self, est) -> None:
         """Family-specific artifacts, after the model is saved."""
+
+
+# what a restored model's fit_info_ keeps of the validated dataset's facts
+_DATASET_KEYS = ("source", "n_samples", "n_sequences", "n_docs", "nnz", "n_features", "dtype", "partitions")
 
 
 def _set_fitted(est, ck: Checkpoint, info: dict) -> None:
@@ -350,6 +357,7 @@ def run_family_fit(adapter: FamilyAdapter, cfg: dict, data: str, out: str, *, n_
         for est in fitted[1:]:
             if est.lower_bound_ > best.lower_bound_:
                 best = est
+        best.fit_info_["n_init"] = n_init  # the fit as a whole, as the estimator's own records it
         path = save(best, out)
         metrics = evaluate(adapter, path, data, heldout, sched)
     create_markdown_artifact(_summary(adapter, best, metrics, info, path, cfg, [e.lower_bound_ for e in fitted]),

@@ -29,7 +29,7 @@ from pydantic import Field
 import emflow
 import emflow.data
 from emflow import GaussianMixture
-from emflow.checkpoint import config_hash, data_fingerprint, gmm_trajectory_config, restore_fitted
+from emflow.checkpoint import config_hash, data_fingerprint, gmm_trajectory_config
 
 from ._family import FamilyAdapter, run_family_fit
 
@@ -88,10 +88,6 @@ class GMMAdapter(FamilyAdapter):
     def fit(self, est, data, callbacks, params, history):
         return est.fit(data, sample_weight=self.sample_weight, callbacks=callbacks, initial_params=params,
                        history=history)
-
-    def restore(self, est, ck, info):
-        restore_fitted(est, ck, {k: info[k] for k in ("source", "n_samples", "n_features", "dtype")})
-        est.fit_info_["resumed_from_iteration"] = len(ck.history)
 
     def evaluate(self, model, data, heldout):
         """BIC and AIC on the training data (one pass) and the held-out mean log-likelihood."""

@@ -45,6 +45,7 @@ class HMMAdapter(FamilyAdapter):
     prefix = "hmm"
     max_iter_key = "n_iter"
     record = ("log_prob",)  # the total log-likelihood, which monitor_.history shows
+    fit_args = (None,)  # lengths: a Zarr group of sequences carries its own offsets
 
     def open(self, data):
         return open_sequences(data)

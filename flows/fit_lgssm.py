@@ -22,7 +22,7 @@ import emflow
 from emflow import LinearGaussianSSM
 from emflow.sequences import open_sequences
 
-from ._family import FamilyAdapter, _set_fitted, run_family_fit
+from ._family import FamilyAdapter, run_family_fit
 
 __all__ = ["lgssm_fit_flow", "LGSSMAdapter"]
 
@@ -47,17 +47,12 @@ class LGSSMAdapter(FamilyAdapter):
     def open(self, data):
         return open_sequences(data, allow_nan=True)  # NaN: a missing observation
 
-    def start_params(self, est):  # TRANSITIONAL (flows/_restarts.py)
-        return est._params
-
     def start_text(self, cfg, params):
         return f"state dimension {cfg['state_dim']}, learning {cfg['em_vars']}"
 
     def restore(self, est, ck, info):
-        est._set_params(ck.params)
-        est.n_features_in_ = int(info["n_features"])
-        _set_fitted(est, ck, info)
-        est.fit_info_.update(n_sequences=info["n_sequences"], n_steps=info["n_rows"])
+        super().restore(est, ck, info)
+        est.fit_info_["n_steps"] = info["n_rows"]
 
     def evaluate(self, model, data, heldout):
         if not heldout:
