@@ -21,7 +21,7 @@ Restarts: ``n_init=R`` runs R restarts, restart ``r`` from the parameters the es
 ``fit(n_init=R)`` starts restart ``r`` from (flows/_restarts.py), and keeps the best final
 objective (the first of equals), so the flow's model is the library's.
 
-Lock: the run holds ``OUT.lock`` (:mod:`emflow.locking`) from start to end, so a second
+Lock: the run holds ``OUT.lock`` (:mod:`emflow.storage.locking`) from start to end, so a second
 run writing the same ``out`` fails at once, naming the first.
 
 Checkpoints: after every iteration the parameters are written next to ``out``
@@ -40,7 +40,7 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
 import emflow
-from emflow.checkpoint import (
+from emflow.storage.checkpoint import (
     Checkpoint,
     CheckpointWriter,
     checkpoint_path,
@@ -75,7 +75,7 @@ class FamilyAdapter:
 
     ``cfg`` is always the estimator's constructor keywords minus ``scheduler``, ``persist``
     and ``n_init`` (the flow runs the restarts); ``info`` is :meth:`fingerprint`'s dict
-    (:func:`emflow.checkpoint.dataset_fingerprint`'s by default).
+    (:func:`emflow.storage.checkpoint.dataset_fingerprint`'s by default).
     """
 
     prefix: str = ""                      # artifact keys: <prefix>-fit-...; "" -> fit-...

@@ -24,8 +24,8 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from emflow.base import check_int
-from emflow.cli import _check_workers, _errors, _print_model, console, out_console
+from emflow.checks import check_int
+from emflow.cli.main import _check_workers, _errors, _print_model, console, out_console
 from emflow.errors import EmflowError
 
 __all__ = ["app", "demo", "ensure_prefect_server"]
@@ -43,8 +43,8 @@ def demo(
                                           help="Worker processes of the local cluster (default: one per core)."),
 ):
     """Generate a dataset, fit it with the Prefect fit flow on a local Dask cluster, show the result."""
-    from emflow.store import check_destination
-    from emflow.synthetic import write_gmm
+    from emflow.storage.store import check_destination
+    from emflow.storage.synthetic import write_gmm
 
     with _errors(out):
         for name, value in (("--samples", samples), ("--components", components), ("--features", features)):
@@ -75,7 +75,7 @@ def demo(
         if workers is None:
             state = fit_flow(**kwargs, scheduler="local")
         else:
-            from emflow.cluster import local_cluster
+            from emflow.execution.cluster import local_cluster
 
             with local_cluster(workers, silence_logs=40) as cluster:
                 state = fit_flow(**kwargs, scheduler=cluster.scheduler_address)

@@ -12,7 +12,7 @@ ends with the same model as an uninterrupted run. The EM task is retried (resumi
 checkpoint) when a cluster is lost. ``n_init=R`` with ``random_state=s`` gives the model of
 ``GaussianMixture(n_init=R, random_state=s).fit(data)``.
 
-A run holds the lock ``OUT.lock`` (:mod:`emflow.locking`) from start to end: a second run
+A run holds the lock ``OUT.lock`` (:mod:`emflow.storage.locking`) from start to end: a second run
 writing the same ``out`` fails at once with a LockHeldError naming the first (pid, host,
 since, flow run id); a lock left by a dead run is taken over with a warning.
 """
@@ -27,9 +27,9 @@ from prefect import flow
 from pydantic import Field
 
 import emflow
-import emflow.data
+import emflow.storage.data
 from emflow import GaussianMixture
-from emflow.checkpoint import config_hash, data_fingerprint, gmm_trajectory_config
+from emflow.storage.checkpoint import config_hash, data_fingerprint, gmm_trajectory_config
 
 from ._family import FamilyAdapter, run_family_fit
 
@@ -44,8 +44,8 @@ def check_heldout_rows(data: str, heldout: str | None) -> int | None:
     FeatureMismatchError when their features differ from the data's. Returns their features."""
     if not heldout:
         return None
-    held = emflow.data.open_rows(heldout)
-    train = emflow.data.open_rows(data)
+    held = emflow.storage.data.open_rows(heldout)
+    train = emflow.storage.data.open_rows(data)
     if held.n_features != train.n_features:
         raise emflow.FeatureMismatchError(
             f"The held-out data {heldout!r} have {held.n_features} features, the training data {data!r} "
@@ -66,7 +66,7 @@ class GMMAdapter(FamilyAdapter):
         self.fit_args = (sample_weight,)
 
     def open(self, data):
-        return emflow.data.open_rows(data)
+        return emflow.storage.data.open_rows(data)
 
     def check_heldout(self, data, heldout):
         check_heldout_rows(data, heldout)
@@ -91,7 +91,7 @@ class GMMAdapter(FamilyAdapter):
 
     def evaluate(self, model, data, heldout):
         """BIC and AIC on the training data (one pass) and the held-out mean log-likelihood."""
-        n = emflow.data.open_rows(data).n_rows  # metadata only
+        n = emflow.storage.data.open_rows(data).n_rows  # metadata only
         mean_ll = float(model.score(data))  # one pass; BIC and AIC both follow from it
         total, p = mean_ll * n, model._n_parameters()
         out = {"log_likelihood": total, "mean_log_likelihood": mean_ll, "n_samples": int(n),

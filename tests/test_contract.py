@@ -120,7 +120,7 @@ class TestGaussianHMM(ModelContract):
     iter_param = "n_iter"
 
     def data(self):
-        from emflow.synthetic import make_hmm_params, sample_hmm
+        from emflow.storage.synthetic import make_hmm_params, sample_hmm
 
         p = make_hmm_params(3, 2, "gaussian", "diag", seed=1)
         lengths = [40, 25, 60, 33]
@@ -151,7 +151,7 @@ class TestLinearGaussianSSM(ModelContract):
     family = "linear_gaussian_ssm"
 
     def data(self):
-        from emflow.synthetic import make_lgssm_params, sample_lgssm
+        from emflow.storage.synthetic import make_lgssm_params, sample_lgssm
 
         p = make_lgssm_params(2, 3, seed=0)
         lengths = [30, 45, 20]

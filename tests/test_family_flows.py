@@ -17,13 +17,13 @@ import pytest
 pytest.importorskip("prefect")
 
 import emflow  # noqa: E402
-from emflow.checkpoint import (  # noqa: E402
+from emflow.storage.checkpoint import (  # noqa: E402
     Checkpoint,
     checkpoint_path,
     read_checkpoint,
     write_checkpoint,
 )
-from emflow.synthetic import write_hmm, write_lda, write_lgssm  # noqa: E402
+from emflow.storage.synthetic import write_hmm, write_lda, write_lgssm  # noqa: E402
 
 from test_flows import _artifacts, _crash_after, _logs, _rel  # noqa: E402
 
@@ -88,7 +88,7 @@ def _check_monitoring(run_id, prefix, model, column="log_likelihood", label="mea
 
 def test_checkpoint_round_trip_every_family(tmp_path):
     from emflow.models.lda import make_params
-    from emflow.synthetic import make_hmm_params, make_lgssm_params
+    from emflow.storage.synthetic import make_hmm_params, make_lgssm_params
 
     rng = np.random.default_rng(0)
     for i, p in enumerate([make_hmm_params(3, 2, "gaussian", covariance_type="full"),
@@ -164,7 +164,7 @@ def test_hmm_flow_restarts_keep_the_best(prefect_server, family_data, tmp_path):
     """``n_init`` in a family's flow: one checkpoint per restart, the best final log-likelihood
     kept. Once the estimator runs the base's fit driver the model is its own ``fit(n_init=2)``'s;
     restart 0 is always the estimator's single fit."""
-    from emflow.checkpoint import checkpoint_path
+    from emflow.storage.checkpoint import checkpoint_path
     from flows._restarts import on_base_driver
     from flows.fit_hmm import hmm_fit_flow
 

@@ -11,11 +11,11 @@ from sklearn.decomposition._lda import _update_doc_distribution
 from sklearn.decomposition._online_lda_fast import _dirichlet_expectation_2d
 from sklearn.feature_extraction.text import CountVectorizer
 
-from emflow.corpus import ingest_text, open_corpus, read_corpus, write_corpus
+from emflow.storage.corpus import ingest_text, open_corpus, read_corpus, write_corpus
 from emflow.errors import ConfigError, DataError, FeatureMismatchError, NonFiniteDataError, NotFittedError
-from emflow.lda import LatentDirichletAllocation
+from emflow.estimators.lda import LatentDirichletAllocation
 from emflow.models import lda as M
-from emflow.synthetic.lda import write_lda
+from emflow.storage.synthetic.lda import write_lda
 
 
 def rel(a, b):

@@ -21,19 +21,19 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from . import __version__
-from . import store as _store
-from .base import (MAX_SEED, check_choice, check_execution, check_int, check_random_state,
+from .. import __version__
+from ..storage import store as _store
+from ..checks import (MAX_SEED, check_choice, check_execution, check_int, check_random_state,
                    check_real)
-from .cluster import engine_for
-from .corpus import CorpusData, open_corpus
-from .estimator import EMEstimator, Output
-from .data import DEFAULT_PARTITION_BYTES
+from ..execution.cluster import engine_for
+from ..storage.corpus import CorpusData, open_corpus
+from .base import EMEstimator, Output
+from ..storage.data import DEFAULT_PARTITION_BYTES
 from .em import IterationEvent
-from .engine import Engine, Loaded
-from .errors import (ConfigError, DataError, EmflowConvergenceWarning, FeatureMismatchError, ModelFormatError,
+from ..execution.engine import Engine, Loaded
+from ..errors import (ConfigError, DataError, EmflowConvergenceWarning, FeatureMismatchError, ModelFormatError,
                      NotFittedError)
-from .models import lda as M
+from ..models import lda as M
 
 __all__ = ["LatentDirichletAllocation", "LDAConfig"]
 
@@ -111,7 +111,7 @@ class LatentDirichletAllocation(EMEstimator):
         An int gives the same initial ``components_`` as scikit-learn with that int.
     verbose : int, default 0
     scheduler : None, "threads", "local", address string or distributed.Client
-        Where to run (see :mod:`emflow.cluster`).
+        Where to run (see :mod:`emflow.execution.cluster`).
     persist : "auto", True or False, default "auto"
         Keep the corpus in worker memory between iterations.
     split_every : int, default 8
@@ -247,11 +247,11 @@ class LatentDirichletAllocation(EMEstimator):
         Parameters
         ----------
         data : str, PathLike, CorpusData, scipy sparse matrix or array-like of shape (n_docs, n_terms)
-            A Zarr corpus (see :mod:`emflow.corpus`), an opened corpus (to choose the
+            A Zarr corpus (see :mod:`emflow.storage.corpus`), an opened corpus (to choose the
             partitioning: ``open_corpus(..., partition_bytes=...)``) or counts in memory.
         y : ignored
         callbacks : iterable of callables
-            Called with an :class:`~emflow.em.IterationEvent` after every iteration
+            Called with an :class:`~emflow.estimators.em.IterationEvent` after every iteration
             (``log_likelihood`` is the bound per word).
 
         initial_params : ndarray of shape (n_components, n_terms) or LDAParams, optional

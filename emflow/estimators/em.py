@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Protocol
 
-from .engine import Engine, Loaded
+from ..execution.engine import Engine, Loaded
 
 __all__ = ["Family", "IterationEvent", "EMResult", "run_em"]
 
