@@ -22,7 +22,7 @@ FORBIDDEN = ("dask", "distributed", "zarr", "prefect", "prefect_dask")
 ALLOWED_INTERNAL = {"errors", "models", "stats"}
 
 ROOT_MODULES = {"errors", "stats", "checks"}
-RANK = {"root": 0, "models": 1, "execution": 2, "storage": 2, "estimators": 3, "api": 4, "cli": 5}
+RANK = {"root": 0, "models": 1, "execution": 2, "storage": 2, "estimators": 3, "api": 4, "cli": 5, "testing": 5}
 REPO_PACKAGES = ("flows", "datasets", "deploy", "benchmarks", "tests")
 # (module, imported name): the only imports that break a rule, each with its reason
 ALLOWED = {
