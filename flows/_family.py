@@ -80,7 +80,6 @@ class FamilyAdapter:
 
     prefix: str = ""                      # artifact keys: <prefix>-fit-...; "" -> fit-...
     estimator_cls: type | None = None     # the estimator (or override estimator_class)
-    max_iter_key: str = "max_iter"        # the budget's name, when the class declares no iter_param
     label: str = "mean log-likelihood per step"
     column: str = "log_likelihood"
     record: tuple[str, ...] = ()          # report keys the checkpoint keeps per iteration
@@ -117,7 +116,7 @@ class FamilyAdapter:
 
     def iter_param(self, cls: type) -> str:
         """The estimator's name for its iteration budget (its declared ``iter_param``)."""
-        return getattr(cls, "iter_param", None) or self.max_iter_key
+        return cls.iter_param
 
     def budget(self, cfg: dict) -> int:
         return int(cfg[self.iter_param(self.estimator_class(cfg))])

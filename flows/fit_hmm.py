@@ -43,7 +43,6 @@ class HMMAdapter(FamilyAdapter):
     """Gaussian or categorical HMMs (``cfg["emission"]`` picks the estimator)."""
 
     prefix = "hmm"
-    max_iter_key = "n_iter"
     record = ("log_prob",)  # the total log-likelihood, which monitor_.history shows
     fit_args = (None,)  # lengths: a Zarr group of sequences carries its own offsets
 
