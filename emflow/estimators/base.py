@@ -219,8 +219,8 @@ class EMEstimator(BaseEstimator):
     def _check_fitted(self) -> None:
         if not self._is_fitted():
             raise NotFittedError(
-                f"This {type(self).__name__} is not fitted yet. Call fit(data) first, or load a saved "
-                "model with emflow.load(path)."
+                f"This {type(self).__name__} instance is not fitted yet. Call 'fit' with appropriate "
+                "arguments before using this estimator (or load a saved model with emflow.load(path))."
             )
 
     def _get_parameters(self):
@@ -313,9 +313,9 @@ class EMEstimator(BaseEstimator):
         assert best is not None
         if not best.converged and max_iter > 0:
             warnings.warn(
-                f"{type(self).__name__}: the best of {restarts} initialisation(s) did not converge in "
-                f"{self.iter_param}={max_iter} iterations (the last change was above tol={self.tol}). "
-                f"Increase {self.iter_param} or tol, or check the data.",
+                f"Best performing initialization did not converge. Try different init parameters, or "
+                f"increase {self.iter_param}, tol, or check for degenerate data. ({type(self).__name__}: "
+                f"{restarts} initialisation(s), {self.iter_param}={max_iter}, tol={self.tol})",
                 EmflowConvergenceWarning, stacklevel=4,
             )
         return self._set_fit_result(best, loaded, engine, restarts=restarts)

@@ -205,32 +205,39 @@ class GaussianMixture(EMEstimator):
 
     # -- validation ------------------------------------------------------------------
     def _check_inits(self, d: int) -> None:
+        """scikit-learn's checks of ``weights_init``, ``means_init``, ``precisions_init``
+        (its wording, which its users' code and tests match)."""
         K, ct = self.n_components, self.covariance_type
+
+        def shape_error(name, got, want):
+            return ConfigError(f"The parameter '{name}' should have the shape of {want}, but got {got}.")
+
         if self.weights_init is not None:
             w = np.asarray(self.weights_init, dtype=np.float64)
             if w.shape != (K,):
-                raise ConfigError(f"weights_init has shape {w.shape}; expected ({K},).")
-            if np.any(w < 0) or np.any(w > 1) or not np.isclose(w.sum(), 1.0, rtol=0, atol=1e-6):
-                raise ConfigError(
-                    f"weights_init must be in [0, 1] and sum to 1 (sum is {w.sum():.6g}). "
-                    "Normalise it: w / w.sum()."
-                )
+                raise shape_error("weights", w.shape, (K,))
+            if np.any(w < 0) or np.any(w > 1):
+                raise ConfigError(f"The parameter 'weights' should be in the range [0, 1], but got max value "
+                                  f"{np.max(w):.5f}, min value {np.min(w):.5f}")
+            if not np.isclose(w.sum(), 1.0, rtol=0, atol=1e-6):
+                raise ConfigError(f"The parameter 'weights' should be normalized, but got sum(weights) = "
+                                  f"{w.sum():.5f}. Normalise it: w / w.sum().")
         if self.means_init is not None:
             m = np.asarray(self.means_init, dtype=np.float64)
             if m.shape != (K, d):
-                raise ConfigError(f"means_init has shape {m.shape}; expected ({K}, {d}) for data with {d} features.")
+                raise shape_error("means", m.shape, (K, d))
         if self.precisions_init is not None:
             p = np.asarray(self.precisions_init, dtype=np.float64)
             shape = {"full": (K, d, d), "tied": (d, d), "diag": (K, d), "spherical": (K,)}[ct]
             if p.shape != shape:
-                raise ConfigError(f"precisions_init has shape {p.shape}; expected {shape} for covariance_type={ct!r}.")
+                raise shape_error(f"{ct} precision", p.shape, shape)
             if ct in ("full", "tied"):
                 mats = p[None] if ct == "tied" else p
-                for k, mtx in enumerate(mats):
+                for mtx in mats:
                     if not np.allclose(mtx, mtx.T) or np.any(np.linalg.eigvalsh(mtx) <= 0):
-                        raise ConfigError(f"precisions_init[{k}] is not symmetric positive definite.")
+                        raise ConfigError(f"'{ct} precision' should be symmetric, positive-definite")
             elif np.any(p <= 0):
-                raise ConfigError("precisions_init must be positive.")
+                raise ConfigError(f"'{ct} precision' should be positive")
 
     def _partitioning(self) -> dict:
         return {} if self.partition_bytes is None else {"partition_bytes": int(self.partition_bytes)}
