@@ -50,7 +50,7 @@ class _BaseHMM(EMEstimator):
     _emission_letters = ""
     _max_magnitude: float | None = None  # values beyond it: "scale the data", before any arithmetic
 
-    _param_rules = {"n_components": Int(1), "n_iter": Int(0), "tol": Real(0),
+    _param_rules = {"n_components": Int(1), "n_iter": Int(0), "n_init": Int(1), "tol": Real(0),
                     "algorithm": Choice(*DECODER_ALGORITHMS), "implementation": Choice(*IMPLEMENTATIONS)}
 
     def _validate_more(self):

@@ -88,7 +88,7 @@ class GMMHMM(_BaseHMM):
                  transmat_prior=1.0, weights_prior=1.0, means_prior=0.0, means_weight=0.0, covars_prior=None,
                  covars_weight=None, algorithm: str = "viterbi", covariance_type: str = "diag", random_state=None,
                  n_iter: int = 10, tol: float = 1e-2, verbose: bool = False, params: str = "stmcw",
-                 init_params: str = "stmcw", implementation: str = "log", *, scheduler=None, persist="auto",
+                 init_params: str = "stmcw", implementation: str = "log", *, n_init: int = 1, scheduler=None, persist="auto",
                  split_every: int = 8, partition_bytes: int | None = None):
         self.n_components = n_components
         self.n_mix = n_mix
@@ -103,6 +103,7 @@ class GMMHMM(_BaseHMM):
         self.algorithm = algorithm
         self.covariance_type = covariance_type
         self.random_state = random_state
+        self.n_init = n_init
         self.n_iter = n_iter
         self.tol = tol
         self.verbose = verbose

@@ -75,6 +75,9 @@ class GaussianHMM(_BaseHMM):
     random_state : int, Generator or None
     n_iter : int, default 10
         Maximum number of EM iterations.
+    n_init : int, default 1
+        Initialisations (keyword only; an emflow addition to hmmlearn's API): the one with the
+        best log-likelihood is kept, as scikit-learn's mixtures do.
     tol : float, default 1e-2
         Stop when the gain in total log-likelihood falls below ``tol``.
     verbose : bool, default False
@@ -117,7 +120,7 @@ class GaussianHMM(_BaseHMM):
                  startprob_prior=1.0, transmat_prior=1.0, means_prior=0, means_weight=0,
                  covars_prior=1e-2, covars_weight=1, algorithm: str = "viterbi", random_state=None,
                  n_iter: int = 10, tol: float = 1e-2, verbose: bool = False, params: str = "stmc",
-                 init_params: str = "stmc", implementation: str = "log", *, scheduler=None, persist="auto",
+                 init_params: str = "stmc", implementation: str = "log", *, n_init: int = 1, scheduler=None, persist="auto",
                  split_every: int = 8, partition_bytes: int | None = None):
         self.n_components = n_components
         self.covariance_type = covariance_type
@@ -130,6 +133,7 @@ class GaussianHMM(_BaseHMM):
         self.covars_weight = covars_weight
         self.algorithm = algorithm
         self.random_state = random_state
+        self.n_init = n_init
         self.n_iter = n_iter
         self.tol = tol
         self.verbose = verbose
@@ -307,8 +311,8 @@ class CategoricalHMM(_BaseHMM):
     def __init__(self, n_components: int = 1, startprob_prior=1.0, transmat_prior=1.0, *,
                  emissionprob_prior=1.0, n_features: int | None = None, algorithm: str = "viterbi",
                  random_state=None, n_iter: int = 10, tol: float = 1e-2, verbose: bool = False,
-                 params: str = "ste", init_params: str = "ste", implementation: str = "log", scheduler=None,
-                 persist="auto", split_every: int = 8, partition_bytes: int | None = None):
+                 params: str = "ste", init_params: str = "ste", implementation: str = "log", n_init: int = 1,
+                 scheduler=None, persist="auto", split_every: int = 8, partition_bytes: int | None = None):
         self.n_components = n_components
         self.startprob_prior = startprob_prior
         self.transmat_prior = transmat_prior
@@ -316,6 +320,7 @@ class CategoricalHMM(_BaseHMM):
         self.n_features = n_features
         self.algorithm = algorithm
         self.random_state = random_state
+        self.n_init = n_init
         self.n_iter = n_iter
         self.tol = tol
         self.verbose = verbose

@@ -71,7 +71,7 @@ class PoissonHMM(_BaseHMM):
     def __init__(self, n_components: int = 1, startprob_prior=1.0, transmat_prior=1.0, lambdas_prior=0.0,
                  lambdas_weight=0.0, algorithm: str = "viterbi", random_state=None, n_iter: int = 10,
                  tol: float = 1e-2, verbose: bool = False, params: str = "stl", init_params: str = "stl",
-                 implementation: str = "log", *, scheduler=None, persist="auto", split_every: int = 8,
+                 implementation: str = "log", *, n_init: int = 1, scheduler=None, persist="auto", split_every: int = 8,
                  partition_bytes: int | None = None):
         self.n_components = n_components
         self.startprob_prior = startprob_prior
@@ -80,6 +80,7 @@ class PoissonHMM(_BaseHMM):
         self.lambdas_weight = lambdas_weight
         self.algorithm = algorithm
         self.random_state = random_state
+        self.n_init = n_init
         self.n_iter = n_iter
         self.tol = tol
         self.verbose = verbose
