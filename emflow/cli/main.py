@@ -71,7 +71,7 @@ def _fail(message: str) -> None:
                   soft_wrap=True, highlight=False)
 
 
-# a temporary sibling that emflow writes before renaming into place (emflow.storage.store.atomic_dir)
+# a temporary sibling that emflow writes before renaming into place (emflow.storage.destinations.atomic_dir)
 _TMP_NAME = re.compile(r"(^|[/\\])\.([^/\\]+)\.(?:tmp|old)-[0-9a-f]{12}(?=[/\\]|$).*$")
 _OS_HINTS = {
     errno.ENOSPC: "Free some space, or write to another location.",
@@ -221,7 +221,7 @@ def fit(
         )
         gm._validate_params()
         from ..storage.data import open_rows
-        from ..storage.store import check_destination
+        from ..storage.destinations import check_destination
 
         # before any work: --out may not be DATA (or hold it), nor replace anything unasked
         weights_path = weights if weights and os.path.exists(weights) else None
@@ -258,7 +258,7 @@ def predict(
     from .. import load
     from ..estimators.outputs import check_outputs, write_output
 
-    from ..storage.store import check_destination
+    from ..storage.destinations import check_destination
 
     with _errors(out):
         _check_workers(workers)
@@ -283,7 +283,7 @@ def info(path: str = typer.Argument(..., help="A saved model or a Zarr dataset (
         try:
             meta = read_model_attrs(path)
         except EmflowError:
-            from ..storage.store import destination_kind
+            from ..storage.destinations import destination_kind
 
             if destination_kind(path)[0] == "model":
                 raise  # a damaged model is reported as such, not described as a dataset
@@ -416,7 +416,7 @@ def demo(
         console.print(Text(f"dataset: {data}"), highlight=False)
         import shutil
 
-        from ..storage.store import check_destination
+        from ..storage.destinations import check_destination
 
         # a demo starts afresh: no model or checkpoint from an earlier demo run (only an
         # emflow model is removed; anything else at that path stops the demo here)

@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from .. import __version__
+from ..storage import destinations as _dest
 from ..storage import store as _store
 from ..checks import check_execution, check_int, check_real, rng_from
 from ..execution.cluster import engine_for
@@ -313,7 +314,7 @@ class _BaseHMM(EMEstimator):
     def _apply(self, X, lengths, kind: str, out=None, overwrite: bool = False):
         self._check_fitted()
         if out is not None:  # refuse before any work: nothing is replaced unasked
-            _store.check_destination(out, "output", overwrite=overwrite, inputs=_store.output_inputs(self, X))
+            _dest.check_destination(out, "output", overwrite=overwrite, inputs=_dest.output_inputs(self, X))
         params = self._params()
         with engine_for(self.scheduler, split_every=self.split_every) as engine:
             loaded = self._open(engine, X, lengths)

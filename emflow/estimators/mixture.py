@@ -10,7 +10,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from .. import __version__
-from ..storage import store as _store
+from ..storage import destinations as _dest
 from ..checks import check_choice, check_execution, check_int, check_real
 from ..execution.cluster import engine_for
 from ..storage.data import is_zarr_path
@@ -399,7 +399,7 @@ class GaussianMixture(EMEstimator):
     def _apply(self, data, kind: str, out=None, overwrite: bool = False):
         self._check_fitted()
         if out is not None:  # refuse before any work: nothing is replaced unasked
-            _store.check_destination(out, "output", overwrite=overwrite, inputs=_store.output_inputs(self, data))
+            _dest.check_destination(out, "output", overwrite=overwrite, inputs=_dest.output_inputs(self, data))
         import dask.array as da
         import zarr
 
@@ -449,8 +449,8 @@ class GaussianMixture(EMEstimator):
         bounds = loaded.data.bounds
         # output chunks = the partitions' common step, so no two tasks write one chunk
         chunk = _m.gcd(*[a for a, _ in bounds if a > 0]) or n
-        with _store.atomic_dir(out) as tmp:
-            _store.check_destination(out, "output", overwrite=overwrite, inputs=_store.output_inputs(self, data))
+        with _dest.atomic_dir(out) as tmp:
+            _dest.check_destination(out, "output", overwrite=overwrite, inputs=_dest.output_inputs(self, data))
             arr = zarr.create_array(tmp, shape=shape, dtype=dtype, chunks=(chunk,) + shape[1:], config={"write_empty_chunks": True})
             arr.attrs["emflow"] = {
                 "kind": kind, "model_family": FAMILY, "source": loaded.data.source,

@@ -52,7 +52,7 @@ def write_output(model, kind: str, data, out, *, overwrite: bool = False) -> tup
 
     An emflow output already at ``out`` is replaced only with ``overwrite=True``; a path that
     holds anything else, or is (inside, or contains) ``data`` or the model's own path, is
-    refused with a ConfigError (see :func:`emflow.storage.store.check_destination`).
+    refused with a ConfigError (see :func:`emflow.storage.destinations.check_destination`).
 
     Returns ``(written, array)``: what the method returned (a Zarr array, or a group for
     sequence families) and its main array (the group's ``values``).

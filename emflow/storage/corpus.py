@@ -452,7 +452,7 @@ def write_corpus(path, X, vocabulary: Iterable[str] | None = None, *, chunk_docs
     Duplicate entries are summed and term ids sorted within each document. Returns the
     absolute path.
     """
-    from .store import atomic_dir
+    from .destinations import atomic_dir
 
     X = _as_csr(X)
     X.sort_indices()
@@ -567,7 +567,7 @@ def ingest_text(
     str
         The absolute path of the corpus.
     """
-    from .store import atomic_dir
+    from .destinations import atomic_dir
 
     if max_features is not None and (not isinstance(max_features, (int, np.integer)) or max_features < 1):
         raise ConfigError(f"max_features must be a positive integer or None, got {max_features!r}.")

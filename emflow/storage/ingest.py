@@ -6,7 +6,7 @@ is accumulated (per-column count, min, max, mean and standard deviation merged b
 block with Chan et al.'s parallel update, NaN and infinity counts) and stored in the
 dataset's attributes with a content fingerprint. The whole dataset is written under a
 temporary sibling name and renamed into place only when complete
-(:class:`emflow.storage.store.atomic_dir`), so an interrupted ingest leaves nothing that looks
+(:class:`emflow.storage.destinations.atomic_dir`), so an interrupted ingest leaves nothing that looks
 like a dataset.
 
 Layouts written::
@@ -640,7 +640,8 @@ def ingest(
     """
     import zarr
 
-    from .store import _json_safe, atomic_dir, check_destination
+    from .destinations import atomic_dir, check_destination
+    from .store import _json_safe
 
     t0 = time.perf_counter()
     path = os.fspath(source)

@@ -262,7 +262,7 @@ def write_sequences(path, values: np.ndarray, offsets: np.ndarray, *, chunk_step
     """
     import zarr
 
-    from .store import atomic_dir
+    from .destinations import atomic_dir
 
     values = np.asarray(values)
     if values.ndim == 1:
@@ -314,7 +314,7 @@ def write_step_outputs(out, loaded, arrays: dict[str, tuple[tuple[int, ...], str
     import zarr
 
     from .. import __version__
-    from .store import atomic_dir
+    from .destinations import atomic_dir
 
     data = loaded.data
     n = data.n_rows
