@@ -27,6 +27,7 @@ from typing import Any, Callable, Literal, Sequence
 import numpy as np
 
 from ..storage import data as _data
+from ..storage import fingerprint as _fp
 from ..errors import ClusterError, ClusterWarning, ConfigError
 from ..stats import add
 
@@ -107,7 +108,7 @@ def _apply_reduce(fn: Callable, handles: list, args: tuple, extras: list | None,
 
 
 def _scan_batch(handles: list, checks: list, weighted: bool, starts: list) -> list:
-    return [_data.scan_partition(h, c, weighted, r0) for h, c, r0 in zip(handles, checks, starts)]
+    return [_fp.scan_partition(h, c, weighted, r0) for h, c, r0 in zip(handles, checks, starts)]
 
 
 def _batch_width(n_partitions: int, max_tasks: int, split_every: int) -> tuple[int, int]:
@@ -533,17 +534,17 @@ class Engine:
         release: Callable[[], None] | None = None
         rescatter: Callable[[list[int]], None] | None = None
         # the scan reads every partition once: values checked over the whole dataset,
-        # fingerprint; errors come back as values (emflow.storage.data.scan_partition)
+        # fingerprint; errors come back as values (emflow.storage.fingerprint.scan_partition)
         starts = _element_starts(rows)
         checks = [getattr(ld, "checks", None) for ld in rows.loaders]
         if self.client is None:
             if resident and not rows.in_memory:
-                handles = list(self._threads().map(_data.read_quiet, rows.loaders))
+                handles = list(self._threads().map(_fp.read_quiet, rows.loaders))
             elif rows.in_memory:
-                handles = [_data.read_quiet(ld) for ld in rows.loaders]  # arrays are views
+                handles = [_fp.read_quiet(ld) for ld in rows.loaders]  # arrays are views
             else:
                 handles = list(rows.loaders)
-            scans = list(self._threads().map(lambda a: _data.scan_partition(a[0], a[1], rows.weighted, a[2]),
+            scans = list(self._threads().map(lambda a: _fp.scan_partition(a[0], a[1], rows.weighted, a[2]),
                                              zip(handles, checks, starts)))
         else:
             t0 = time.monotonic()
@@ -553,7 +554,7 @@ class Engine:
                 if rows.in_memory:
                     # the client holds the values: ship them once (not inside task specs,
                     # which the scheduler would keep a copy of)
-                    handles = self.client.scatter([_data.read_quiet(ld) for ld in rows.loaders], hash=False)
+                    handles = self.client.scatter([_fp.read_quiet(ld) for ld in rows.loaders], hash=False)
 
                     def rescatter(idx: list[int]) -> None:
                         new = self.client.scatter([rows.loaders[i]() for i in idx], hash=False)
@@ -562,7 +563,7 @@ class Engine:
                 elif resident:
                     # a task per partition: if a worker dies, the scheduler recomputes its
                     # partitions from the loaders on another worker
-                    handles = self.client.map(_data.read_quiet, rows.loaders, pure=False)
+                    handles = self.client.map(_fp.read_quiet, rows.loaders, pure=False)
                 else:
                     handles = list(rows.loaders)
                 # many partitions: several per scan task (a task costs the scheduler ~0.5 ms)
@@ -591,13 +592,13 @@ class Engine:
                         f.release()
 
         try:
-            fingerprint, weight_sum = _data.finish_scan(rows, scans)
+            fingerprint, weight_sum = _fp.finish_scan(rows, scans)
         except Exception:
             if release is not None:
                 release()
             raise
         if not resident:  # streamed: every later read is checked against the scan's digest
-            handles = _data.checked_handles(rows.loaders, scans, rows.weighted, starts)
+            handles = _fp.checked_handles(rows.loaders, scans, rows.weighted, starts)
         loaded = Loaded(rows, handles, resident, fingerprint, weight_sum, release, rescatter)
         if self.client is not None:
             # the scan read every partition: the first measure of how long a pass takes

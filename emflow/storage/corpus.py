@@ -35,8 +35,8 @@ from typing import Any, Callable, ClassVar, Iterable, Iterator
 
 import numpy as np
 
-from .data import (DEFAULT_PARTITION_BYTES, CheckedLoader, Finding, _url, check_pointer, is_zarr_path, raise_findings,
-                   read_chunked)
+from .chunks import _url, check_pointer, read_chunked
+from .data import DEFAULT_PARTITION_BYTES, CheckedLoader, Finding, is_zarr_path, raise_findings
 from ..errors import ConfigError, DataError, DataNotFoundError
 
 __all__ = [
