@@ -304,7 +304,7 @@ def open_corpus(
         if "://" not in url and not os.path.exists(url):
             raise DataNotFoundError(
                 f"No corpus at {url!r}. Check the path, or write one with emflow.storage.corpus.write_corpus "
-                "or emflow.storage.corpus.ingest_text."
+                "or emflow.storage.text.ingest_text."
             )
         try:
             g = zarr.open_group(url, mode="r")
