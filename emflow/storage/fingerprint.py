@@ -58,6 +58,8 @@ def _scan_check(parts: tuple, hashed: int, row0: int, head: tuple) -> tuple:
 
 
 class Scan(NamedTuple):
+    """What the opening scan learnt of one partition (see :func:`scan_partition`)."""
+
     rows: int
     weight_sum: float
     h1: int

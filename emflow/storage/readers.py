@@ -104,6 +104,7 @@ def _parse_field(s: str) -> float:
 
 
 def csv_source(path, columns, seq_col, *, delimiter, header, skip_rows, on_bad_rows) -> _Source:
+    """A CSV (or TSV, gzipped or not) file as blocks; bad rows refused or skipped per ``on_bad_rows``."""
     f = _open_text(path)
     try:
         reader = csv.reader(f, delimiter=delimiter, strict=True)
@@ -220,6 +221,7 @@ def _arrow_numpy_dtype(t):
 
 
 def parquet_source(path, columns, seq_col) -> _Source:
+    """A Parquet file as blocks (record batches of the selected columns)."""
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -286,6 +288,7 @@ def _array_source(arr, where: str, columns, seq_col, *, close=lambda: None) -> _
 
 
 def npy_source(path, columns, seq_col) -> _Source:
+    """A ``.npy`` file (memory-mapped) as blocks."""
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except Exception as exc:
@@ -296,6 +299,7 @@ def npy_source(path, columns, seq_col) -> _Source:
 
 
 def hdf5_source(path, columns, seq_col, *, key) -> _Source:
+    """The dataset ``key`` of an HDF5 file as blocks."""
     try:
         import h5py
     except ImportError:
