@@ -3,7 +3,7 @@
 A streamed fit (``persist=False``) re-reads every partition each iteration; emflow
 recomputes a 64-bit positional hash of the partition (one of the two the opening scan
 computed for the fingerprint) and compares, so data that change during the fit stop it. This script times
-the same fit with the check and with it switched off (``emflow.storage.data.checked_handles``
+the same fit with the check and with it switched off (``emflow.storage.fingerprint.checked_handles``
 replaced by the bare loaders), in alternating runs, and prints the median seconds per
 iteration of each, plus the digest's own throughput on one partition.
 
@@ -21,21 +21,22 @@ import numpy as np
 
 import emflow
 import emflow.storage.data as D
+import emflow.storage.fingerprint as FP
 from emflow.storage.synthetic.gmm import write_gmm
 
 
 def fit_seconds(path, args, check: bool) -> list[float]:
     secs: list[float] = []
-    original = D.checked_handles
+    original = FP.checked_handles
     if not check:
-        D.checked_handles = lambda loaders, scans, weighted, starts: list(loaders)
+        FP.checked_handles = lambda loaders, scans, weighted, starts: list(loaders)
     try:
         emflow.GaussianMixture(args.components, max_iter=args.iters, tol=0, random_state=0, persist=False,
                                partition_bytes=args.partition_mib * 2**20, scheduler=args.scheduler,
                                init_params="random_from_data").fit(
             path, callbacks=[lambda ev: secs.append(ev.seconds)])
     finally:
-        D.checked_handles = original
+        FP.checked_handles = original
     return secs
 
 
@@ -58,7 +59,7 @@ def main() -> None:
         X, _ = ld.read()
         t_read = time.perf_counter() - t
         t = time.perf_counter()
-        D._check_digest((X, None), ld.start)  # what each streamed re-read computes
+        FP._check_digest((X, None), ld.start)  # what each streamed re-read computes
         t_hash = time.perf_counter() - t
         print(f"partition 0: {X.nbytes / 2**20:.0f} MiB; read+decompress {t_read:.3f} s, check digest {t_hash:.3f} s "
               f"({X.nbytes / t_hash / 1e9:.2f} GB/s on one core)")

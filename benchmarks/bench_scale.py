@@ -345,7 +345,8 @@ def costs(results: dict) -> dict:
 
 def model(results: dict) -> list[dict]:
     """Seconds per iteration of the engine's work on MODEL's cluster, per config and mode."""
-    from emflow.execution.engine import BATCH_MIN_TASKS, TASKS_PER_THREAD, _batch_width, _reduce_tasks
+    from emflow.execution.engine import BATCH_MIN_TASKS, TASKS_PER_THREAD
+    from emflow.execution.tasks import _batch_width, _reduce_tasks
 
     k = costs(results)
     M = MODEL

@@ -43,7 +43,7 @@ def demo(
                                           help="Worker processes of the local cluster (default: one per core)."),
 ):
     """Generate a dataset, fit it with the Prefect fit flow on a local Dask cluster, show the result."""
-    from emflow.storage.store import check_destination
+    from emflow.storage.destinations import check_destination
     from emflow.storage.synthetic import write_gmm
 
     with _errors(out):

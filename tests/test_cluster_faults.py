@@ -425,9 +425,9 @@ class StopScheduler(FaultAt):
 def test_hung_scheduler_is_reported_and_the_fit_goes_on(tmp_path, proc_cluster, monkeypatch):
     """The scheduler SIGSTOPped mid-pass: the stall warning says it does not answer; once
     it is continued the fit finishes with the undisturbed result."""
-    import emflow.execution.engine
+    import emflow.execution.watch
 
-    monkeypatch.setattr(emflow.execution.engine, "PROBE_TIMEOUT", 1.0)
+    monkeypatch.setattr(emflow.execution.watch, "PROBE_TIMEOUT", 1.0)
     data = _data(tmp_path, "zarr")
     ref, n_parts = _reference(data)
     cluster = proc_cluster()

@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import emflow
-from emflow.execution.engine import Engine, tree_reduce
+from emflow.execution.engine import Engine
+from emflow.execution.tasks import _batch_width, _reduce_tasks, tree_reduce
 from emflow.models import gmm as G
 from emflow.stats import add
 from emflow.storage.synthetic import write_gmm
@@ -124,7 +125,7 @@ def test_partitions_reduced_inside_a_task_give_the_same_bits(zdata, dask_client,
     assert info["partitions"] == P and info["partitions_per_task"] == width
     assert info["depth"] == threads.last_reduction["depth"]
     batches = -(-P // width)
-    assert info["tasks"] == batches + emflow.execution.engine._reduce_tasks(batches, split_every)
+    assert info["tasks"] == batches + _reduce_tasks(batches, split_every)
     assert info["tasks"] < threads.last_reduction["tasks"]
     for a, b in zip(total, local):
         np.testing.assert_array_equal(a, b)
@@ -180,7 +181,7 @@ def test_a_batched_scan_reports_bad_values_as_one_task_per_partition_does(zdata,
 
 
 def test_partitions_per_task_auto_batches_only_many_partitions(dask_client):
-    from emflow.execution.engine import BATCH_MIN_TASKS, _batch_width
+    from emflow.execution.engine import BATCH_MIN_TASKS
 
     engine = Engine(dask_client)
     assert engine._batch(BATCH_MIN_TASKS) == (1, 0)

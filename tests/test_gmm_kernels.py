@@ -12,6 +12,7 @@ from scipy.stats import multivariate_normal
 import emflow
 from emflow.errors import ConfigError, EmflowConvergenceWarning
 from emflow.models import gmm as G
+from emflow.models import gmm_kernel as GK
 from emflow.storage.synthetic.gmm import make_gmm_params, sample_gmm
 
 COV_TYPES = ["full", "tied", "diag", "spherical"]
@@ -59,8 +60,8 @@ def _rel(a, b):
 @pytest.mark.parametrize("weighted", [False, True])
 def test_e_step_matches_brute_force(ct, route, weighted, monkeypatch):
     # "route" only changes the kernel of full covariances; the others run twice (cheap)
-    monkeypatch.setattr(G, "_use_quadratic_features", lambda K, d: route == "features")
-    monkeypatch.setattr(G, "_QUAD_BLOCK_BYTES", 40_000)  # several blocks, a ragged last one
+    monkeypatch.setattr(GK, "_use_quadratic_features", lambda K, d: route == "features")
+    monkeypatch.setattr(GK, "_QUAD_BLOCK_BYTES", 40_000)  # several blocks, a ragged last one
     rng = np.random.default_rng(7)
     K, d = 4, 5
     truth = make_gmm_params(K, d, ct, seed=1)
@@ -73,7 +74,7 @@ def test_e_step_matches_brute_force(ct, route, weighted, monkeypatch):
     for name, a, b in zip(G.GMMStats._fields, got, want):
         assert _rel(a, b) < 1e-10, (name, _rel(a, b))
     # the two routes and every block size give the same numbers up to rounding
-    monkeypatch.setattr(G, "_QUAD_BLOCK_BYTES", 1 << 22)
+    monkeypatch.setattr(GK, "_QUAD_BLOCK_BYTES", 1 << 22)
     again = G.e_step(X, w, params)
     for a, b in zip(got, again):
         assert _rel(a, b) < 1e-12

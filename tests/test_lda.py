@@ -11,7 +11,8 @@ from sklearn.decomposition._lda import _update_doc_distribution
 from sklearn.decomposition._online_lda_fast import _dirichlet_expectation_2d
 from sklearn.feature_extraction.text import CountVectorizer
 
-from emflow.storage.corpus import ingest_text, open_corpus, read_corpus, write_corpus
+from emflow.storage.corpus import open_corpus, read_corpus, write_corpus
+from emflow.storage.text import ingest_text
 from emflow.errors import ConfigError, DataError, FeatureMismatchError, NonFiniteDataError, NotFittedError
 from emflow.estimators.lda import LatentDirichletAllocation
 from emflow.models import lda as M

@@ -12,6 +12,7 @@ from scipy import stats as sps
 from emflow.errors import ConfigError, FeatureMismatchError, NonFiniteDataError, NotFittedError
 from emflow.estimators.lgssm import LinearGaussianSSM
 from emflow.models import lgssm as M
+from emflow.models import lgssm_stats as MS
 from emflow.stats import add
 from emflow.storage.synthetic.lgssm import make_lgssm_params, sample_lgssm, write_lgssm
 
@@ -112,7 +113,7 @@ def test_filter_smoother_and_stats_match_joint_gaussian(case):
             np.testing.assert_allclose(sm.lag_covariances[t], pc[sl, prev], rtol=1e-9, atol=1e-11)
 
     # the E-step statistics, with missing y components in conditional expectation, from the joint posterior
-    st = M.sequence_stats(Y, params)
+    st = MS.sequence_stats(Y, params)
     second = pc + np.outer(pm, pm)  # E[x x^T | y_obs] over (z, y)
     zz = lambda t, s: second[t * k:(t + 1) * k, s * k:(s + 1) * k]  # noqa: E731
     yzb = lambda t: second[T * k + t * p:T * k + (t + 1) * p, t * k:(t + 1) * k]  # noqa: E731
@@ -184,7 +185,7 @@ def own_em(params, seqs, em_vars, n_iter, **kw):
     """Reference EM over many sequences: single-sequence statistics summed in a plain loop."""
     lls = []
     for _ in range(n_iter):
-        st = [M.sequence_stats(Y, params) for Y in seqs]
+        st = [MS.sequence_stats(Y, params) for Y in seqs]
         tot = M.LGSSMStats(*(sum(f) for f in zip(*st)))
         lls.append(float(tot.loglik))
         params, _ = M.m_step(tot, params, M.normalize_em_vars(em_vars), **kw)
@@ -221,7 +222,7 @@ def test_many_sequences_match_summed_single_sequence_em_and_pykalman_loglik():
     m1 = np.array([s.means[0] for s in sm])
     mu0 = m1.mean(axis=0)
     V0 = np.mean([s.covariances[0] + np.outer(m - mu0, m - mu0) for s, m in zip(sm, m1)], axis=0)
-    one, _ = M.m_step(M.LGSSMStats(*(sum(f) for f in zip(*[M.sequence_stats(Y, start) for Y in seqs]))),
+    one, _ = M.m_step(M.LGSSMStats(*(sum(f) for f in zip(*[MS.sequence_stats(Y, start) for Y in seqs]))),
                       start, M.normalize_em_vars(["mu0", "V0"]))
     np.testing.assert_allclose(one.mu0, mu0, rtol=1e-12)
     np.testing.assert_allclose(one.V0, V0, rtol=1e-10)
@@ -446,7 +447,7 @@ def test_bad_input_errors(tmp_path):
 def test_vectorised_e_step_matches_per_sequence_reference(monkeypatch, batch_floats):
     # the E-step filters and smooths the sequences of a partition together (padded, masked);
     # it must equal the per-sequence filter/smoother summed, whatever the batching
-    monkeypatch.setattr(M, "_BATCH_FLOATS", batch_floats)
+    monkeypatch.setattr(MS, "_BATCH_FLOATS", batch_floats)
     truth = small_params()
     lengths = np.random.default_rng(1).integers(1, 25, size=30)
     lengths[3] = 60
@@ -454,8 +455,8 @@ def test_vectorised_e_step_matches_per_sequence_reference(monkeypatch, batch_flo
     X[5:9] = np.nan  # whole missing steps
     off = np.concatenate([[0], np.cumsum(lengths)])
     got = M.e_step(X, off, truth)
-    want = M.LGSSMStats(*(sum(f) for f in zip(*[M.sequence_stats(X[a:b], truth) for a, b in zip(off[:-1], off[1:])])))
+    want = M.LGSSMStats(*(sum(f) for f in zip(*[MS.sequence_stats(X[a:b], truth) for a, b in zip(off[:-1], off[1:])])))
     for name, g, w in zip(M.LGSSMStats._fields, got, want):
         np.testing.assert_allclose(g, w, rtol=1e-11, atol=1e-11 * max(1.0, np.abs(w).max()), err_msg=name)
     if batch_floats == 300:
-        assert len(list(M._batches(np.diff(off), np.argsort(-np.diff(off)), 2, 3))) > 1
+        assert len(list(MS._batches(np.diff(off), np.argsort(-np.diff(off)), 2, 3))) > 1

@@ -31,7 +31,9 @@ import zarr
 from typer.testing import CliRunner
 
 import emflow
+import emflow.storage.destinations as D
 import emflow.storage.store as S
+import emflow.storage.validation as V
 from emflow.cli.main import app
 from emflow.errors import ConfigError, ModelFormatError
 
@@ -289,10 +291,10 @@ def test_live_writers_temporaries_are_kept_dead_ones_removed(models, tmp_path):
     path = a.save(tmp_path / "m.zarr")
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        live = S._tag().replace(f"_{os.getpid()}_", f"_{sleeper.pid}_")
+        live = D.temp_tag().replace(f"_{os.getpid()}_", f"_{sleeper.pid}_")
         dead_proc = subprocess.Popen([sys.executable, "-c", "pass"])
         dead_proc.wait()
-        dead = S._tag().replace(f"_{os.getpid()}_", f"_{dead_proc.pid}_")
+        dead = D.temp_tag().replace(f"_{os.getpid()}_", f"_{dead_proc.pid}_")
         for tag in (live, dead):
             os.mkdir(tmp_path / f".m.zarr.tmp-{tag}")
             os.mkdir(os.path.join(path, f"v-{tag}"))
@@ -315,7 +317,7 @@ def test_checkpoint_writer_cleans_dead_temporaries(tmp_path):
     ck = tmp_path / "m.zarr.checkpoint.npz"
     dead_proc = subprocess.Popen([sys.executable, "-c", "pass"])
     dead_proc.wait()
-    stale = tmp_path / f".m.zarr.checkpoint.npz.tmp-{S._tag().replace(f'_{os.getpid()}_', f'_{dead_proc.pid}_')}"
+    stale = tmp_path / f".m.zarr.checkpoint.npz.tmp-{D.temp_tag().replace(f'_{os.getpid()}_', f'_{dead_proc.pid}_')}"
     stale.write_bytes(b"half")
     legacy = tmp_path / ".m.zarr.checkpoint.npz.tmp-0123456789ab"  # an older emflow's name, an hour old
     legacy.write_bytes(b"half")
@@ -335,7 +337,7 @@ def test_a_replacement_killed_between_its_renames_is_put_back(tmp_path):
     arr.attrs["emflow"] = {"kind": "labels", "model_family": "gaussian_mixture"}
     dead_proc = subprocess.Popen([sys.executable, "-c", "pass"])
     dead_proc.wait()
-    tag = S._tag().replace(f"_{os.getpid()}_", f"_{dead_proc.pid}_")
+    tag = D.temp_tag().replace(f"_{os.getpid()}_", f"_{dead_proc.pid}_")
     os.replace(out, tmp_path / f".labels.zarr.old-{tag}")
     os.mkdir(tmp_path / f".labels.zarr.tmp-{tag}")
     model = emflow.GaussianMixture(1, max_iter=1, scheduler="threads").fit(X)
@@ -509,7 +511,7 @@ def test_cli_info_and_predict_report_a_damaged_model_in_one_error(models, tmp_pa
 
 
 def test_every_family_declares_its_arrays_to_the_one_validator():
-    """The table each family gives store.validate_arrays: a valid set passes, a broken one names the array."""
+    """The table each family gives validation.validate_arrays: a valid set passes, a broken one names the array."""
     K, d, k = 2, 3, 2
     eye = np.eye(d)
     cases = [
@@ -528,11 +530,11 @@ def test_every_family_declares_its_arrays_to_the_one_validator():
     ]
     for cls, meta, arrays, (name, bad, why) in cases:
         meta = {**meta, "family": cls.__name__}
-        S.validate_arrays("p", arrays, meta, cls._array_spec)
+        V.validate_arrays("p", arrays, meta, cls._array_spec)
         with pytest.raises(ModelFormatError, match=rf"array '{name}' .*{why}"):
-            S.validate_arrays("p", {**arrays, name: bad}, meta, cls._array_spec)
+            V.validate_arrays("p", {**arrays, name: bad}, meta, cls._array_spec)
         with pytest.raises(ModelFormatError, match=rf"missing {name}"):
-            S.validate_arrays("p", {n: v for n, v in arrays.items() if n != name}, meta, cls._array_spec)
+            V.validate_arrays("p", {n: v for n, v in arrays.items() if n != name}, meta, cls._array_spec)
 
 
 # -- 4. no stored scheduler ----------------------------------------------------------------------

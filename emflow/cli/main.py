@@ -220,7 +220,7 @@ def fit(
         )
         gm._validate_params()
         from ..storage.data import open_rows
-        from ..storage.store import check_destination
+        from ..storage.destinations import check_destination
 
         # before any work: --out may not be DATA (or hold it), nor replace anything unasked
         weights_path = weights if weights and os.path.exists(weights) else None
@@ -257,7 +257,7 @@ def predict(
     from .. import load
     from ..estimators.outputs import check_outputs, write_output
 
-    from ..storage.store import check_destination
+    from ..storage.destinations import check_destination
 
     with _errors(out):
         _check_workers(workers)
@@ -282,7 +282,7 @@ def info(path: str = typer.Argument(..., help="A saved model or a Zarr dataset (
         try:
             meta = read_model_attrs(path)
         except EmflowError:
-            from ..storage.store import destination_kind
+            from ..storage.destinations import destination_kind
 
             if destination_kind(path)[0] == "model":
                 raise  # a damaged model is reported as such, not described as a dataset

@@ -12,7 +12,7 @@ from typing import Callable, Iterable
 import numpy as np
 from sklearn.utils import check_random_state as _legacy_random_state
 
-from ..storage import store as _store
+from ..storage import destinations as _dest
 from ._hmm_work import DECODER_ALGORITHMS, IMPLEMENTATIONS, ConvergenceMonitor, _posterior_part, _score_part
 from ..checks import Choice, Int, Letters, Real, check_choice, check_int, check_random_state
 from ..execution.cluster import engine_for
@@ -235,7 +235,7 @@ class _BaseHMM(EMEstimator):
     def _apply(self, X, lengths, kind: str, out=None, overwrite: bool = False):
         self._check_fitted()
         if out is not None:  # refuse before any work: nothing is replaced unasked
-            _store.check_destination(out, "output", overwrite=overwrite, inputs=_store.output_inputs(self, X))
+            _dest.check_destination(out, "output", overwrite=overwrite, inputs=_dest.output_inputs(self, X))
         params = self._get_parameters()
         with engine_for(self.scheduler, split_every=self.split_every) as engine:
             loaded = self._open(engine, X, lengths)

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from .. import __version__
+from ..storage import destinations as _dest
 from ..storage import store as _store
 from ..checks import (MAX_SEED, check_choice, check_execution, check_int, check_random_state,
                    check_real)
@@ -384,7 +385,7 @@ class LatentDirichletAllocation(EMEstimator):
         """
         self._check_fitted()
         if out is not None:  # refuse before any work: nothing is replaced unasked
-            _store.check_destination(out, "output", overwrite=overwrite, inputs=_store.output_inputs(self, data))
+            _dest.check_destination(out, "output", overwrite=overwrite, inputs=_dest.output_inputs(self, data))
         params = M.make_params(self.components_)
         with engine_for(self.scheduler, split_every=self.split_every) as engine:
             loaded = self._open(engine, data, False)
@@ -399,9 +400,9 @@ class LatentDirichletAllocation(EMEstimator):
                 import zarr
 
                 shape = (corpus.n_docs, int(self.n_components))
-                with _store.atomic_dir(out) as tmp:
-                    _store.check_destination(out, "output", overwrite=overwrite,
-                                             inputs=_store.output_inputs(self, data))
+                with _dest.atomic_dir(out) as tmp:
+                    _dest.check_destination(out, "output", overwrite=overwrite,
+                                            inputs=_dest.output_inputs(self, data))
                     arr = zarr.create_array(tmp, shape=shape, dtype="float64", chunks=(corpus.chunk_rows, shape[1]), config={"write_empty_chunks": True})
                     arr.attrs["emflow"] = {
                         "kind": "doc_topic", "normalized": bool(normalize), "model_family": FAMILY,

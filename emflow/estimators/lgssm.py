@@ -20,7 +20,7 @@ from typing import Callable, Iterable, NamedTuple
 
 import numpy as np
 
-from ..storage import store as _store
+from ..storage import destinations as _dest
 from ..checks import Choice, Int, Real, rng_from
 from ..execution.cluster import engine_for
 from ..storage.data import DEFAULT_PARTITION_BYTES, SQUARE_LIMIT, is_zarr_path
@@ -389,7 +389,7 @@ class LinearGaussianSSM(EMEstimator):
     def _states(self, X, lengths, kind: str, out, overwrite: bool = False):
         params = self._params
         if out is not None:  # refuse before any work: nothing is replaced unasked
-            _store.check_destination(out, "output", overwrite=overwrite, inputs=_store.output_inputs(self, X))
+            _dest.check_destination(out, "output", overwrite=overwrite, inputs=_dest.output_inputs(self, X))
         with engine_for(self.scheduler, split_every=self.split_every) as engine:
             seqs = self._sequences(engine, X, lengths)
             self._check_features(seqs.n_features)

@@ -9,7 +9,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from ..storage import store as _store
+from ..storage import destinations as _dest
 from ..checks import Choice, Flag, Int, Real
 from ..execution.cluster import engine_for
 from ..storage.data import is_zarr_path
@@ -401,7 +401,7 @@ class GaussianMixture(EMEstimator):
     def _apply(self, data, kind: str, out=None, overwrite: bool = False):
         self._check_fitted()
         if out is not None:  # refuse before any work: nothing is replaced unasked
-            _store.check_destination(out, "output", overwrite=overwrite, inputs=_store.output_inputs(self, data))
+            _dest.check_destination(out, "output", overwrite=overwrite, inputs=_dest.output_inputs(self, data))
         import dask.array as da
         import zarr
 

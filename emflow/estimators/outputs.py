@@ -53,7 +53,7 @@ def write_output(model, kind: str, data, out, *, overwrite: bool = False) -> tup
 
     An emflow output already at ``out`` is replaced only with ``overwrite=True``; a path that
     holds anything else, or is (inside, or contains) ``data`` or the model's own path, is
-    refused with a ConfigError (see :func:`emflow.storage.store.check_destination`).
+    refused with a ConfigError (see :func:`emflow.storage.destinations.check_destination`).
 
     Returns ``(written, array)``: what the method returned (a Zarr array, or a group for
     sequence families) and its main array (the group's ``values``).
@@ -77,10 +77,10 @@ def write_rows(out, loaded, model, *, kind: str, shape: tuple, dtype: str, chunk
     import zarr
 
     from .. import __version__
-    from ..storage import store as _store
+    from ..storage import destinations as _dest
 
-    with _store.atomic_dir(out) as tmp:
-        _store.check_destination(out, "output", overwrite=overwrite, inputs=_store.output_inputs(model, data))
+    with _dest.atomic_dir(out) as tmp:
+        _dest.check_destination(out, "output", overwrite=overwrite, inputs=_dest.output_inputs(model, data))
         arr = zarr.create_array(tmp, shape=shape, dtype=dtype, chunks=(chunk, *shape[1:]),
                                 config={"write_empty_chunks": True})
         arr.attrs["emflow"] = {"kind": kind, **attrs, "model_family": model.family, "source": loaded.data.source,

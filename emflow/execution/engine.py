@@ -9,7 +9,9 @@ It maps a function over the partitions of a dataset and tree-reduces the results
 * in-process threads (no cluster), for in-memory work and small data.
 
 Both reduce in the same fixed tree, so the answer does not depend on the backend or the
-number of workers.
+number of workers. What runs inside the tasks and the tree's shape are in
+:mod:`emflow.execution.tasks`; watching the cluster during a pass (lost scheduler, lost
+workers, stalls) is in :mod:`emflow.execution.watch`.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import logging
 import os
 import statistics
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Sequence
@@ -27,10 +28,14 @@ from typing import Any, Callable, Literal, Sequence
 import numpy as np
 
 from ..storage import data as _data
-from ..errors import ClusterError, ClusterWarning, ConfigError
+from ..storage import fingerprint as _fp
+from ..errors import ClusterError, ConfigError
 from ..stats import add
+from .tasks import (_apply, _apply_indexed, _apply_reduce, _batch_width, _element_starts, _reduce_tasks, _scan_batch,
+                    tree_reduce)
+from .watch import ClusterWatch, _cancelled, _comm_failed, _warn
 
-__all__ = ["Engine", "Loaded", "tree_reduce", "WORKER_WAIT_TIMEOUT", "STALL_FACTOR", "STALL_FLOOR"]
+__all__ = ["Engine", "Loaded", "sample_rows", "take_rows"]
 
 logger = logging.getLogger("emflow.execution.engine")
 
@@ -47,104 +52,8 @@ MAX_RESCATTERS = 3
 BATCH_MIN_TASKS = 512
 TASKS_PER_THREAD = 4
 
-# Dask config keys (``dask.config.set({...})``, a Dask YAML file, or environment variables
-# such as ``DASK_EMFLOW__WORKER_WAIT_TIMEOUT=10m``); Engine arguments override them.
-# How long a fit whose every worker was lost waits for one to join the scheduler:
-WORKER_WAIT_TIMEOUT = "emflow.worker-wait-timeout"
-# A pass taking more than max(factor x the median of the previous passes, floor) is
-# reported (once per pass) as stalled; the wait goes on.
-STALL_FACTOR = "emflow.stall-factor"
-STALL_FLOOR = "emflow.stall-floor"
-_DEFAULTS = {WORKER_WAIT_TIMEOUT: "300s", STALL_FACTOR: 10.0, STALL_FLOOR: "60s"}
-# while waiting for a pass, look at the cluster this often (seconds)
-POLL_SECONDS = 0.5
-# how long the scheduler may take to answer a question about its workers (seconds)
-PROBE_TIMEOUT = 5.0
 # passes remembered for the usual duration of a pass
 PASS_HISTORY = 20
-
-
-def _partition_data(handle):
-    """Return (X, w) for a partition handle: a loader (streaming) or loaded data (resident)."""
-    if isinstance(handle, tuple):
-        return handle
-    if isinstance(handle, BaseException):  # a resident partition whose (re)read failed
-        raise handle
-    return handle()
-
-
-def _apply(fn: Callable, handle, args: tuple):
-    X, w = _partition_data(handle)
-    return fn(X, w, *args)
-
-
-def _apply_indexed(fn: Callable, handle, args: tuple, extra):
-    X, w = _partition_data(handle)
-    return fn(X, w, *args, extra)
-
-
-def _subtree(leaf: Callable[[int], Any], lo: int, n: int, width: int, split_every: int):
-    """The node of :func:`tree_reduce`'s tree over leaves ``lo .. lo + width - 1`` (those
-    below ``n``; ``width`` a power of ``split_every``), evaluated depth first: at most
-    ``split_every`` partial results per level are alive at once."""
-    if width == 1:
-        return leaf(lo)
-    sub = width // split_every
-    kids = [_subtree(leaf, c, n, sub, split_every) for c in range(lo, min(n, lo + width), sub)]
-    return add(*kids) if len(kids) > 1 else kids[0]
-
-
-def _apply_reduce(fn: Callable, handles: list, args: tuple, extras: list | None, width: int,
-                  split_every: int):
-    """``fn`` over a batch of ``width`` (a power of ``split_every``; fewer in the last batch)
-    consecutive partitions, reduced in the same tree :func:`tree_reduce` would build over
-    them, so the answer is the same bits as one task per partition."""
-    def leaf(i):
-        X, w = _partition_data(handles[i])
-        return fn(X, w, *args) if extras is None else fn(X, w, *args, extras[i])
-
-    return _subtree(leaf, 0, len(handles), width, split_every)
-
-
-def _scan_batch(handles: list, checks: list, weighted: bool, starts: list) -> list:
-    return [_data.scan_partition(h, c, weighted, r0) for h, c, r0 in zip(handles, checks, starts)]
-
-
-def _batch_width(n_partitions: int, max_tasks: int, split_every: int) -> tuple[int, int]:
-    """(partitions per task, levels of the tree inside a task): the smallest power of
-    ``split_every`` that runs the partitions in at most ``max_tasks`` tasks."""
-    width, levels = 1, 0
-    while -(-n_partitions // width) > max_tasks:
-        width *= split_every
-        levels += 1
-    return width, levels
-
-
-def _element_starts(rows) -> list[int]:
-    """Global index of each partition's first element of its first array."""
-    starts = getattr(rows, "element_starts", None)
-    return list(starts) if starts is not None else [a for a, _ in rows.bounds]
-
-
-def tree_reduce(items: list, combine: Callable, split_every: int, submit: Callable) -> tuple[Any, int]:
-    """Reduce ``items`` with ``combine`` in a tree of fan-in ``split_every``.
-
-    ``submit(combine, *group)`` returns the (possibly future) combined item. Returns the
-    root and the depth of the tree (0 for a single item).
-    """
-    if split_every < 2:
-        raise ConfigError(f"split_every must be at least 2, got {split_every}.")
-    if not items:
-        raise ValueError("nothing to reduce")
-    depth = 0
-    level = list(items)
-    while len(level) > 1:
-        level = [
-            submit(combine, *level[i : i + split_every]) if len(level[i : i + split_every]) > 1 else level[i]
-            for i in range(0, len(level), split_every)
-        ]
-        depth += 1
-    return level[0], depth
 
 
 @dataclass
@@ -187,51 +96,7 @@ class Loaded:
         self.handles = []
 
 
-def _cancelled(exc: BaseException) -> bool:
-    """Futures cancelled: data they needed left the cluster (or the scheduler connection did)."""
-    from concurrent.futures import CancelledError
-
-    return isinstance(exc, CancelledError)
-
-
-def _comm_failed(exc: BaseException) -> bool:
-    from distributed.comm.core import CommClosedError
-
-    return isinstance(exc, (CommClosedError, OSError, TimeoutError))
-
-
-def _secs(x: float) -> str:
-    return f"{x:.0f} s" if x >= 100 else f"{x:.1f} s" if x >= 10 else f"{x:.2f} s"
-
-
-def _warn(message: str) -> None:
-    """A ClusterWarning, and the same text as a warning on the ``emflow`` logger (which a
-    Prefect flow's run log, a log file or a console handler picks up)."""
-    logger.warning("%s", message)
-    warnings.warn(message, ClusterWarning, stacklevel=5)
-
-
-def _setting(key: str, value, seconds: bool) -> float:
-    """An engine setting: the argument, else the Dask config key, else the default."""
-    import dask
-    from dask.utils import parse_timedelta
-
-    if value is None:
-        value = dask.config.get(key, _DEFAULTS[key])
-    try:
-        if seconds and not isinstance(value, (int, float)):  # "5 minutes", a timedelta
-            out = float(parse_timedelta(value, default="seconds"))
-        else:
-            out = float(value)
-    except (TypeError, ValueError, KeyError) as exc:
-        kind = "a duration (seconds, or a string such as '5 minutes')" if seconds else "a number"
-        raise ConfigError(f"{key} must be {kind}, got {value!r}.") from exc
-    if not out > 0 or not np.isfinite(out):
-        raise ConfigError(f"{key} must be positive and finite, got {value!r}.")
-    return out
-
-
-class Engine:
+class Engine(ClusterWatch):
     """Execution of partition-wise map and tree reduction.
 
     Parameters
@@ -297,19 +162,6 @@ class Engine:
         self._pool: ThreadPoolExecutor | None = None
         self.last_reduction: dict = {}
 
-    # -- settings -------------------------------------------------------------------
-    @property
-    def worker_wait_timeout(self) -> float:
-        return _setting(WORKER_WAIT_TIMEOUT, self._worker_wait_timeout, seconds=True)
-
-    @property
-    def stall_factor(self) -> float:
-        return _setting(STALL_FACTOR, self._stall_factor, seconds=False)
-
-    @property
-    def stall_floor(self) -> float:
-        return _setting(STALL_FLOOR, self._stall_floor, seconds=True)
-
     # -- facts about where we run ---------------------------------------------------
     @property
     def total_threads(self) -> int:
@@ -342,152 +194,6 @@ class Engine:
             return f"in-process, {self.n_threads} thread(s)"
         info = self.client.scheduler_info(n_workers=-1)
         return f"Dask cluster at {info.get('address', '?')}, {len(info['workers'])} worker(s), {self.total_threads} thread(s)"
-
-    # -- what became of the cluster ---------------------------------------------------
-    def _connected(self) -> bool:
-        """The client is connected to the scheduler. Once the connection drops, the client
-        cancels every future and tries to reconnect ("connecting"), then closes: either
-        way the work it held is gone."""
-        return getattr(self.client, "status", "running") == "running"
-
-    def _ask(self, method: str, **kwargs):
-        """A scheduler RPC answered within PROBE_TIMEOUT, or None (no answer: the scheduler
-        is gone, hung or overloaded)."""
-        try:
-            return self.client.sync(getattr(self.client.scheduler, method), callback_timeout=PROBE_TIMEOUT,
-                                    **kwargs)
-        except Exception:
-            return None
-
-    def _workers(self) -> dict | None:
-        """Worker address -> threads, as the scheduler sees them now; None when it does not answer."""
-        if not self._connected():
-            return None
-        return self._ask("ncores")
-
-    def _scheduler_gone(self, exc: BaseException | None = None) -> bool:
-        if not self._connected():
-            return True
-        # a failed connection: gone if it no longer answers either
-        return exc is not None and _comm_failed(exc) and self._workers() is None
-
-    def _lost_scheduler_error(self, when: str, exc: BaseException | None = None) -> ClusterError:
-        why = f" ({type(exc).__name__}: {exc})" if exc is not None else ""
-        return ClusterError(
-            f"Lost the Dask scheduler at {self.address} {when}{why}. "
-            "Checkpoints already written are intact: check the cluster and run the same "
-            "command again to resume."
-        )
-
-    def _raise_if_lost(self, exc: BaseException, when: str) -> None:
-        """Turn a lost connection to the scheduler into a ClusterError that names it."""
-        if self.client is not None and self._scheduler_gone(exc):
-            raise self._lost_scheduler_error(when, exc) from exc
-
-    def _await_workers(self, when: str, healthy: bool = False) -> bool:
-        """If the scheduler answers that it has no worker: warn, and wait (at most
-        ``worker_wait_timeout``) for one to join. Returns whether it had to wait; raises
-        ClusterError when none joined in time, or when the scheduler is lost meanwhile.
-
-        ``healthy``: nothing has gone wrong yet (before a pass), so the workers there now
-        are the ones "all N workers were lost" counts."""
-        workers = self._workers()
-        if workers is None or workers:
-            if workers and healthy:
-                self._workers_seen = len(workers)
-            return False  # workers there (or the scheduler did not answer: nothing to decide)
-        timeout = self.worker_wait_timeout
-        n = self._workers_seen
-        _warn(f"All {n or 'the'} Dask workers were lost {when} (the scheduler at {self.address} is still up); "
-              f"waiting up to {timeout:g} s for workers to join (start new ones on this scheduler), "
-              "then the fit goes on.")
-        deadline = time.monotonic() + timeout
-        while True:
-            time.sleep(min(POLL_SECONDS, max(0.0, deadline - time.monotonic())))
-            if not self._connected():
-                raise self._lost_scheduler_error("while waiting for workers to join")
-            workers = self._workers()
-            if workers:
-                logger.warning("%d Dask worker(s) joined the scheduler at %s; going on with the fit.",
-                               len(workers), self.address)
-                return True
-            if time.monotonic() >= deadline:
-                raise ClusterError(
-                    f"All {n or 'the'} Dask workers were lost {when} and none joined the scheduler at "
-                    f"{self.address} within {timeout:g} s (the scheduler is still up). Start workers on "
-                    f"that scheduler (`dask worker {self.address}`), or allow them longer with the Dask "
-                    f"config key {WORKER_WAIT_TIMEOUT}, and run the same command again: checkpoints "
-                    "already written are intact."
-                )
-
-    def _check_new_workers(self) -> None:
-        """Workers that joined since the last look go through ``worker_check`` (once each)."""
-        if self.worker_check is None:
-            return
-        new = sorted(set(self._workers() or ()) - self.checked_workers)
-        if new:
-            self.worker_check(new)
-            self.checked_workers.update(new)
-
-    def _lost_partitions(self, loaded: Loaded) -> list[int]:
-        """Scattered partitions gone from the cluster: those whose future says so, and those
-        no worker holds by the scheduler's count (the client learns of lost data a little
-        later than the scheduler does: after every worker died, some futures still look fine)."""
-        lost = set(loaded.lost_partitions())
-        if loaded._rescatter is not None:
-            keys = [h.key for h in loaded.handles]
-            held = self._ask("who_has", keys=keys)
-            if held is not None:
-                lost.update(i for i, k in enumerate(keys) if not held.get(k))
-        return sorted(lost)
-
-    def _wait(self, futures: list, keys: list, started: float, usual: float | None) -> None:
-        """Wait until ``futures`` are done (or erred or cancelled), watching the cluster:
-        all workers lost -> :meth:`_await_workers`; a pass far slower than ``usual`` ->
-        one stall warning. Results are not fetched here."""
-        from distributed import wait
-
-        stall_after = None if usual is None else max(self.stall_factor * usual, self.stall_floor)
-        warned = False
-        while True:
-            try:
-                with self.client.as_current():
-                    wait(futures, timeout=POLL_SECONDS)
-                return
-            except TimeoutError:
-                pass
-            except Exception:
-                return  # cancelled futures: their result() raises what the caller reports
-            if not self._connected():
-                return  # the futures are cancelled now; the caller reports the lost scheduler
-            if self._await_workers("during a pass over the data"):
-                started = time.monotonic()  # the time waiting for workers is accounted for
-                continue
-            elapsed = time.monotonic() - started
-            if not warned and stall_after is not None and elapsed > stall_after:
-                warned = True
-                _warn(self._stall_message(keys, elapsed, usual))
-
-    def _stall_message(self, keys: list, elapsed: float, usual: float) -> str:
-        head = (f"A pass over the data has taken {_secs(elapsed)} so far, against a usual {_secs(usual)} "
-                "(median of the previous passes). ")
-        processing = self._ask("processing")
-        if processing is None:
-            where = (f"The Dask scheduler at {self.address} did not answer within {PROBE_TIMEOUT:g} s either: "
-                     "a hung scheduler (stopped with SIGSTOP, swapping) or an overloaded one is likely. ")
-        else:
-            mine = set(keys)
-            held = {w: sum(k in mine for k in ks) for w, ks in processing.items()}
-            held = {w: n for w, n in sorted(held.items()) if n}
-            if held:
-                where = ("Its unfinished tasks are held by " + ", ".join(
-                    f"worker {w} ({n} task{'s' * (n > 1)})" for w, n in held.items())
-                         + ": a hung worker (stopped with SIGSTOP, swapping) or an overloaded cluster are likely. ")
-            else:
-                where = (f"No worker of the {len(processing)} at the scheduler {self.address} is running its "
-                         "tasks: they wait for a free worker (an overloaded cluster, or workers that cannot "
-                         "take them) or for data held by a hung worker. ")
-        return head + where + "Still waiting: the fit goes on when they finish."
 
     def _one_blas_thread(self):
         """With several task threads, BLAS runs single-threaded inside them (as Dask's
@@ -533,17 +239,17 @@ class Engine:
         release: Callable[[], None] | None = None
         rescatter: Callable[[list[int]], None] | None = None
         # the scan reads every partition once: values checked over the whole dataset,
-        # fingerprint; errors come back as values (emflow.storage.data.scan_partition)
+        # fingerprint; errors come back as values (emflow.storage.fingerprint.scan_partition)
         starts = _element_starts(rows)
         checks = [getattr(ld, "checks", None) for ld in rows.loaders]
         if self.client is None:
             if resident and not rows.in_memory:
-                handles = list(self._threads().map(_data.read_quiet, rows.loaders))
+                handles = list(self._threads().map(_fp.read_quiet, rows.loaders))
             elif rows.in_memory:
-                handles = [_data.read_quiet(ld) for ld in rows.loaders]  # arrays are views
+                handles = [_fp.read_quiet(ld) for ld in rows.loaders]  # arrays are views
             else:
                 handles = list(rows.loaders)
-            scans = list(self._threads().map(lambda a: _data.scan_partition(a[0], a[1], rows.weighted, a[2]),
+            scans = list(self._threads().map(lambda a: _fp.scan_partition(a[0], a[1], rows.weighted, a[2]),
                                              zip(handles, checks, starts)))
         else:
             t0 = time.monotonic()
@@ -553,7 +259,7 @@ class Engine:
                 if rows.in_memory:
                     # the client holds the values: ship them once (not inside task specs,
                     # which the scheduler would keep a copy of)
-                    handles = self.client.scatter([_data.read_quiet(ld) for ld in rows.loaders], hash=False)
+                    handles = self.client.scatter([_fp.read_quiet(ld) for ld in rows.loaders], hash=False)
 
                     def rescatter(idx: list[int]) -> None:
                         new = self.client.scatter([rows.loaders[i]() for i in idx], hash=False)
@@ -562,7 +268,7 @@ class Engine:
                 elif resident:
                     # a task per partition: if a worker dies, the scheduler recomputes its
                     # partitions from the loaders on another worker
-                    handles = self.client.map(_data.read_quiet, rows.loaders, pure=False)
+                    handles = self.client.map(_fp.read_quiet, rows.loaders, pure=False)
                 else:
                     handles = list(rows.loaders)
                 # many partitions: several per scan task (a task costs the scheduler ~0.5 ms)
@@ -591,13 +297,13 @@ class Engine:
                         f.release()
 
         try:
-            fingerprint, weight_sum = _data.finish_scan(rows, scans)
+            fingerprint, weight_sum = _fp.finish_scan(rows, scans)
         except Exception:
             if release is not None:
                 release()
             raise
         if not resident:  # streamed: every later read is checked against the scan's digest
-            handles = _data.checked_handles(rows.loaders, scans, rows.weighted, starts)
+            handles = _fp.checked_handles(rows.loaders, scans, rows.weighted, starts)
         loaded = Loaded(rows, handles, resident, fingerprint, weight_sum, release, rescatter)
         if self.client is not None:
             # the scan read every partition: the first measure of how long a pass takes
@@ -772,15 +478,6 @@ class Engine:
             return self.client.gather(parts)
 
         return self._pass(loaded, run)
-
-
-def _reduce_tasks(n: int, split_every: int) -> int:
-    """``add`` calls :func:`tree_reduce` makes over ``n`` items."""
-    calls = 0
-    while n > 1:
-        calls += n // split_every + (n % split_every > 1)
-        n = -(-n // split_every)
-    return calls
 
 
 def take_rows(X, w, rows: np.ndarray):

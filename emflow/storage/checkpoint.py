@@ -224,10 +224,10 @@ def write_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> str:
     buf = io.BytesIO()
     np.savez(buf, header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8), **arrays)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    from .store import _tag, clean_checkpoint_leftovers
+    from .destinations import clean_checkpoint_leftovers, temp_tag
 
     clean_checkpoint_leftovers(path)  # temporaries of crashed writers (never of one still running)
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{_tag()}")
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{temp_tag()}")
     try:
         with open(tmp, "wb") as f:
             f.write(buf.getbuffer())

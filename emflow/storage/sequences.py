@@ -21,8 +21,8 @@ from typing import Any, Callable, ClassVar
 
 import numpy as np
 
-from .data import (DEFAULT_PARTITION_BYTES, CheckedLoader, _check_dtype, _url, check_pointer, is_zarr_path,
-                   read_chunked, value_findings)
+from .chunks import _check_dtype, _url, check_pointer, read_chunked
+from .data import DEFAULT_PARTITION_BYTES, CheckedLoader, is_zarr_path, value_findings
 from ..errors import DataError, DataNotFoundError
 
 __all__ = ["SequenceData", "open_sequences", "check_offsets", "write_sequences", "write_owned", "write_step_outputs"]
@@ -262,7 +262,7 @@ def write_sequences(path, values: np.ndarray, offsets: np.ndarray, *, chunk_step
     """
     import zarr
 
-    from .store import atomic_dir
+    from .destinations import atomic_dir
 
     values = np.asarray(values)
     if values.ndim == 1:
@@ -314,7 +314,7 @@ def write_step_outputs(out, loaded, arrays: dict[str, tuple[tuple[int, ...], str
     import zarr
 
     from .. import __version__
-    from .store import atomic_dir
+    from .destinations import atomic_dir
 
     data = loaded.data
     n = data.n_rows

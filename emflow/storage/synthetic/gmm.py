@@ -85,7 +85,7 @@ def write_gmm(path, n_samples: int, n_components: int, n_features: int, covarian
     import zarr
     from zarr.codecs import BloscCodec, BloscShuffle
 
-    from ..store import atomic_dir
+    from ..destinations import atomic_dir
 
     if n_samples < 1:
         raise ConfigError(f"n_samples must be >= 1, got {n_samples}.")

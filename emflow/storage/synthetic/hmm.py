@@ -91,7 +91,7 @@ def write_hmm(path, n_sequences: int, n_components: int, n_features: int, emissi
     """
     import zarr
 
-    from ..store import atomic_dir
+    from ..destinations import atomic_dir
 
     if n_sequences < 1:
         raise ConfigError(f"n_sequences must be >= 1, got {n_sequences}.")

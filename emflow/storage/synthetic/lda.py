@@ -55,7 +55,7 @@ def write_lda(path, n_docs: int, n_terms: int, n_components: int, *, doc_topic_p
     import zarr
 
     from ..corpus import _CorpusWriter
-    from ..store import atomic_dir
+    from ..destinations import atomic_dir
 
     if n_docs < 1 or chunk_docs < 1:
         raise ConfigError("n_docs and chunk_docs must be >= 1.")

@@ -66,7 +66,7 @@ def write_lgssm(path, n_sequences: int, state_dim: int, n_features: int, *, min_
     """
     import zarr
 
-    from ..store import atomic_dir
+    from ..destinations import atomic_dir
 
     if n_sequences < 1:
         raise ConfigError(f"n_sequences must be >= 1, got {n_sequences}.")
