@@ -157,6 +157,14 @@ def _site_dir(package):
 
 
 def _emflow_root():
+    """The emflow under test: the first on ``PYTHONPATH``, else this interpreter's.
+
+    (``python -m`` puts the working directory before ``PYTHONPATH``; the caller's
+    ``PYTHONPATH`` names the emflow meant.)
+    """
+    for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+        if entry and (Path(entry) / "emflow" / "__init__.py").is_file():
+            return Path(entry).resolve()
     spec = importlib.util.find_spec("emflow")
     if spec is None or spec.origin is None:
         raise RuntimeError("emflow is not importable from this interpreter")
