@@ -183,14 +183,14 @@ def _environment(suite, workdir):
     return env
 
 
-def _missing_names(suite, env):
+def _missing_names(suite, env, workdir):
     """The names of ``suite.requires`` that the emflow under test lacks."""
     if not suite.requires:
         return []
     code = ("import json, emflow; print(json.dumps([n for n in %r if not hasattr(emflow, n)]))"
             % (list(suite.requires),))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                         text=True, timeout=300)
+                         text=True, timeout=300, cwd=workdir)
     if out.returncode != 0:
         raise RuntimeError(f"importing emflow failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -287,7 +287,7 @@ def run_suite(suite: Suite, workdir=None, reference=False, timeout=SUITE_TIMEOUT
     try:
         env = _environment(suite, workdir)
         if not reference:
-            missing = _missing_names(suite, env)
+            missing = _missing_names(suite, env, workdir)
             if missing:
                 result.status = "missing"
                 result.problems.append(f"emflow has no {', '.join(missing)}")
