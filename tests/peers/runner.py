@@ -293,6 +293,11 @@ def _parse_junit(path, module):
         for child in case:
             tag = child.tag
             text = child.get("message") or (child.text or "")
+            # the assertion's own lines ("E   Expected regex: ...", "E   Actual message: ...")
+            e_lines = [ln[1:].strip() for ln in (child.text or "").splitlines()
+                       if ln.startswith("E ")]
+            if e_lines:
+                text = " | ".join(ln for ln in e_lines[:3] if ln)
             if tag == "failure":
                 outcome, message = "failed", text
             elif tag == "error":
@@ -303,7 +308,7 @@ def _parse_junit(path, module):
                 message = text
             if outcome != "passed":
                 break
-        message = " ".join(message.strip().split("\n")[0].split())[:400]
+        message = " ".join(message.strip().split("\n")[0].split())[:600]
         tests.append(TestOutcome(tid, outcome, message, float(case.get("time") or 0.0)))
     return tests
 
