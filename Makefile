@@ -29,6 +29,12 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow
 
+# scikit-learn's and hmmlearn's own test files, copied out of the installed packages with only
+# the estimator import changed to emflow's (tests/peers/; results in tests/peers/STATUS.md)
+.PHONY: test-peers
+test-peers: $(STAMP)
+	$(BIN)/python -m tests.peers.runner
+
 # the dashboard end-to-end test: headless Debian chromium against a loopback Prefect server
 e2e: $(STAMP)
 	@command -v chromium >/dev/null 2>&1 || { \
