@@ -315,7 +315,7 @@ def _describe_dataset(path: str) -> tuple[str, str, list[tuple[str, str]], dict]
     """(kind, url, [(field, value)], attrs) of a Zarr dataset in any of emflow's layouts."""
     import zarr
 
-    from ..storage.data import _url, open_zarr_array
+    from ..storage.chunks import _url, open_zarr_array
 
     url = _url(path)
     node = None

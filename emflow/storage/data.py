@@ -373,9 +373,9 @@ def open_rows(
     if n_rows == 0 or n_features == 0:
         raise DataError(f"{where} are empty (shape {shape}); there is nothing to fit.")
     if n_rows < min_rows:
-        raise DataError(
-            f"{where} have {n_rows} row(s) but at least {min_rows} are needed "
-            "(one per mixture component). Use fewer components or more data."
+        raise DataError(  # scikit-learn's words first: its users match them
+            f"Expected n_samples >= n_components but got n_components = {min_rows}, n_samples = {n_rows}: "
+            f"{where} have {n_rows} row(s), one per mixture component is needed. Use fewer components or more data."
         )
 
     w_arr, w_url = _as_weights(sample_weight, n_rows, url)
