@@ -126,9 +126,18 @@ def test_degenerate_component_is_reported_not_nan(rng):
 
 
 def test_singular_covariance_is_repaired_and_reported(rng):
+    """With regularisation on, a covariance that is not positive definite gets the smallest
+    jitter that repairs it, reported; with reg_covar=0 it is scikit-learn's error instead."""
+    from emflow.models import gmm as G
+
+    cov = np.array([[[1.0, 1.0], [1.0, 1.0 - 1e-9]]])  # not positive definite
+    pc, fixed, repaired = G._precisions_cholesky_repairing(cov.copy(), "full", 1e-12)
+    assert list(repaired) == [0] and repaired[0] >= 1e-12
+    assert np.all(np.isfinite(pc)) and np.all(np.linalg.eigvalsh(fixed[0]) > 0)
     X = np.column_stack([rng.normal(size=400), np.full(400, 3.0)])  # a constant column
-    with pytest.warns(E.DegenerateComponentWarning, match="not positive definite"):
-        gm = emflow.GaussianMixture(2, reg_covar=0.0, random_state=0, scheduler="threads").fit(X)
+    with pytest.raises(E.FitFailedError, match="increase reg_covar"):
+        emflow.GaussianMixture(2, reg_covar=0.0, random_state=0, scheduler="threads").fit(X)
+    gm = emflow.GaussianMixture(2, random_state=0, scheduler="threads").fit(X)  # the default reg_covar
     assert np.all(np.isfinite(gm.precisions_cholesky_))
 
 
@@ -268,3 +277,18 @@ def test_missing_or_corrupt_chunk_is_named(tmp_path):
         f.write(b"not a chunk")
     with pytest.raises(E.DataError, match=r"Chunk \(1, 0\) \(rows 100-200\).*corrupt"):
         emflow.GaussianMixture(2, scheduler="threads").fit(path)
+
+
+@pytest.mark.parametrize("ct", ["full", "tied", "diag", "spherical"])
+def test_reg_covar_zero_on_collapsed_data_is_scikit_learns_error(ct):
+    """With regularisation turned off, a covariance that is singular is scikit-learn's
+    ValueError and words for every covariance type (never repaired behind the caller's back);
+    badly scaled but regular data still fit."""
+    X = np.vstack((np.ones((5, 2)), np.zeros((5, 2))))
+    with pytest.raises(ValueError, match="ill-defined empirical covariance.*increase reg_covar"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            emflow.GaussianMixture(10, reg_covar=0, covariance_type=ct, random_state=0).fit(X)
+    rng = np.random.default_rng(0)
+    scaled = np.c_[rng.normal(size=400) * 1e-6, rng.normal(size=400) * 1e6]
+    assert emflow.GaussianMixture(2, reg_covar=0, covariance_type=ct, random_state=0).fit(scaled).converged_

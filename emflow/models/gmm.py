@@ -389,6 +389,16 @@ _ILL_DEFINED = (
 )
 
 
+def _singular_to_rounding(cov: np.ndarray) -> bool:
+    """Whether a covariance is singular to rounding, whatever the features' scales: a zero
+    variance, or a correlation matrix whose smallest eigenvalue is within rounding of 0."""
+    sd = np.sqrt(np.diag(cov))
+    if not np.all(sd > 0):
+        return True
+    corr = cov / np.outer(sd, sd)
+    return float(np.linalg.eigvalsh(corr)[0]) <= 100 * cov.shape[0] * np.finfo(np.float64).eps
+
+
 def _chol_upper_precision(cov: np.ndarray) -> np.ndarray:
     L = linalg.cholesky(cov, lower=True)
     d = cov.shape[0]
@@ -396,7 +406,12 @@ def _chol_upper_precision(cov: np.ndarray) -> np.ndarray:
 
 
 def _precisions_cholesky_repairing(cov, covariance_type, reg_covar):
-    """Precision Cholesky factors; a non-PD covariance gets growing jitter, and is reported."""
+    """Precision Cholesky factors; a non-PD covariance gets growing jitter, and is reported.
+
+    With ``reg_covar == 0`` the caller turned regularisation off: a covariance that is not
+    positive definite, or singular to rounding, is an error (scikit-learn's ValueError and
+    words), never repaired behind the caller's back.
+    """
     repaired: dict[int, float] = {}
     if covariance_type in ("full", "tied"):
         mats = cov[None] if covariance_type == "tied" else cov
@@ -404,9 +419,12 @@ def _precisions_cholesky_repairing(cov, covariance_type, reg_covar):
         for k, c in enumerate(mats):
             try:
                 out[k] = _chol_upper_precision(c)
+                if reg_covar <= 0 and _singular_to_rounding(c):
+                    raise FitFailedError(_ILL_DEFINED)
                 continue
-            except (linalg.LinAlgError, ValueError):
-                pass
+            except (linalg.LinAlgError, ValueError) as exc:
+                if reg_covar <= 0:
+                    raise FitFailedError(_ILL_DEFINED) from exc
             d = c.shape[0]
             scale = max(float(np.trace(np.abs(c))) / d, np.finfo(float).tiny)
             jitter = max(reg_covar, 1e-12 * scale)
