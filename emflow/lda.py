@@ -14,54 +14,47 @@ from __future__ import annotations
 
 import math
 import os
-import time
 import warnings
-from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import numpy as np
+import scipy.sparse as sp
+from sklearn.base import ClassNamePrefixFeaturesOutMixin
+from sklearn.utils import check_random_state as _sk_random_state
 
 from . import __version__
 from . import store as _store
-from .base import (MAX_SEED, ParamsMixin, check_choice, check_execution, check_int, check_random_state,
-                   check_real)
+from .base import MAX_SEED, ParamsMixin, check_choice, check_execution, check_int, check_random_state, check_real
 from .cluster import engine_for
 from .corpus import CorpusData, open_corpus
-from .data import DEFAULT_PARTITION_BYTES
-from .em import IterationEvent
+from .data import DEFAULT_PARTITION_BYTES, is_zarr_path
+from .em import IterationEvent, partition_starts, run_em
 from .engine import Engine, Loaded
 from .errors import (ConfigError, DataError, EmflowConvergenceWarning, FeatureMismatchError, ModelFormatError,
                      NotFittedError)
 from .models import lda as M
 
-__all__ = ["LatentDirichletAllocation", "LDAConfig"]
+__all__ = ["LatentDirichletAllocation"]
 
 FAMILY = "latent_dirichlet_allocation"
 DOC_INITS = ("random", "ones")
-
-
-@dataclass(frozen=True)
-class LDAConfig:
-    """What the workers need besides the topics (picklable)."""
-
-    doc_topic_prior: float | np.ndarray  # an array of shape (K,) once estimated
-    max_doc_update_iter: int
-    mean_change_tol: float
+LEARNING_METHODS = ("batch", "online")
 
 
 def _prior(alpha) -> float | np.ndarray:
     return np.asarray(alpha, dtype=np.float64) if np.ndim(alpha) else float(alpha)
 
 
-def _estep_part(entries, indptr, params: M.LDAParams, cfg: LDAConfig, seed, doc_start: int) -> M.LDAStats:
-    return M.e_step(entries, indptr, params, cfg.doc_topic_prior, cfg.max_doc_update_iter,
-                    cfg.mean_change_tol, seed, doc_start)
+def _bound_part(entries, indptr, params: M.LDAParams, fam: M.LDAFamily, doc_start: int) -> M.LDAStats:
+    """Statistics of the fitted topics on one partition (ones initialisation, as transform)."""
+    return M.e_step(entries, indptr, params, fam.prior(params), fam.max_doc_update_iter, fam.mean_change_tol,
+                    None, doc_start)
 
 
-def _transform_part(entries, indptr, params: M.LDAParams, cfg: LDAConfig, normalize: bool,
+def _transform_part(entries, indptr, params: M.LDAParams, fam: M.LDAFamily, normalize: bool,
                     out_url: str | None, doc_start: int):
-    gamma = M.transform(entries, indptr, params, cfg.doc_topic_prior, cfg.max_doc_update_iter,
-                        cfg.mean_change_tol, normalize)
+    gamma = M.transform(entries, indptr, params, fam.prior(params), fam.max_doc_update_iter,
+                        fam.mean_change_tol, normalize)
     if out_url is None:
         return gamma
     import zarr
@@ -70,11 +63,12 @@ def _transform_part(entries, indptr, params: M.LDAParams, cfg: LDAConfig, normal
     return None
 
 
-class LatentDirichletAllocation(ParamsMixin):
+class LatentDirichletAllocation(ClassNamePrefixFeaturesOutMixin, ParamsMixin):
     """Latent Dirichlet allocation fitted by batch variational EM over a partitioned corpus.
 
     Parameters and fitted attributes follow
-    :class:`sklearn.decomposition.LatentDirichletAllocation` with ``learning_method="batch"``.
+    :class:`sklearn.decomposition.LatentDirichletAllocation` with ``learning_method="batch"``
+    (its default): started from the same ``random_state`` the two agree to rounding.
 
     Parameters
     ----------
@@ -84,18 +78,40 @@ class LatentDirichletAllocation(ParamsMixin):
         ``alpha``; None means ``1 / n_components``.
     topic_word_prior : float or None, default None
         ``eta``; None means ``1 / n_components``.
+    learning_method : {"batch"}, default "batch"
+        Batch variational EM: one pass over the corpus per iteration. ``"online"``
+        (scikit-learn's mini-batch updates) comes with the online-EM issue; until then it is
+        a ConfigError.
+    learning_decay : float in [0, 1], default 0.7
+        Online learning only (see ``learning_method``); checked, unused in batch.
+    learning_offset : float >= 1, default 10.0
+        Online learning only; checked, unused in batch.
     max_iter : int, default 10
         Passes over the corpus (EM iterations).
+    batch_size : int >= 1, default 128
+        Online learning only; checked, unused in batch.
     evaluate_every : int, default -1
         Check convergence every this many iterations (<= 0: never; run ``max_iter``).
-        The perplexity is known at every iteration at no cost; this only sets when the
-        ``perp_tol`` test is made.
+        The perplexity of the topics entering each iteration comes from that iteration's
+        own E-step at no cost (scikit-learn makes one more pass per check, for the topics
+        after it); this only sets when the ``perp_tol`` test is made.
+    total_samples : float > 0, default 1e6
+        The number of documents the corpus stands for: used by
+        ``perplexity(X, sub_sampling=True)`` (and by online learning).
     perp_tol : float, default 0.1
         Stop when the perplexity changed by less than this between two checks.
     mean_change_tol : float, default 1e-3
         Per-document stopping tolerance of the E-step.
     max_doc_update_iter : int, default 100
         Most E-step iterations per document.
+    n_jobs : int or None, default None
+        Accepted for scikit-learn compatibility and unused: the work is spread by
+        ``scheduler`` (threads by default use every core).
+    verbose : int, default 0
+        Print one line per iteration (scikit-learn's, with the perplexity on evaluated ones).
+    random_state : int, numpy RandomState or None
+        An int gives the same initial ``components_`` as scikit-learn with that int; None
+        draws from NumPy's global RandomState (honours ``np.random.seed``), as scikit-learn.
     doc_topic_init : {"random", "ones"}, default "random"
         Initial document-topic parameters of each training E-step: Gamma(100, 0.01) draws
         as scikit-learn's training E-step makes (here keyed by document, so the same for
@@ -106,9 +122,6 @@ class LatentDirichletAllocation(ParamsMixin):
         ``alpha="auto"`` aims at), starting from ``doc_topic_prior``. The statistic it needs
         (``sum_d E[log theta_d]``) comes from the same pass. ``doc_topic_prior_`` is then an
         array. scikit-learn has no such option; with False the prior stays fixed as there.
-    random_state : int, numpy RandomState or None
-        An int gives the same initial ``components_`` as scikit-learn with that int.
-    verbose : int, default 0
     scheduler : None, "threads", "local", address string or distributed.Client
         Where to run (see :mod:`emflow.cluster`).
     persist : "auto", True or False, default "auto"
@@ -119,11 +132,19 @@ class LatentDirichletAllocation(ParamsMixin):
     Attributes
     ----------
     components_ : ndarray of shape (n_components, n_features)
-        Topic-word variational parameters ``lambda``.
+        Topic-word variational parameters ``lambda`` (float32 for float32 counts, as
+        scikit-learn; computed in float64).
     exp_dirichlet_component_ : ndarray of shape (n_components, n_features)
+        ``exp(E[log beta])``.
     doc_topic_prior_ : float, or ndarray of shape (n_components,) with ``learn_doc_topic_prior``
     topic_word_prior_ : float
     n_iter_ : int
+        EM iterations done (scikit-learn does not count the iteration whose check stopped it).
+    n_batch_iter_ : int
+        ``n_iter_ + 1``, as scikit-learn's batch learning counts its update steps.
+    bound_ : float
+        Perplexity of the fitted topics on the training corpus (one pass at the end of fit,
+        as scikit-learn); equals ``perplexity(training corpus)``.
     converged_ : bool
         Stopped by ``perp_tol`` before ``max_iter``.
     history_ : list of float
@@ -142,15 +163,21 @@ class LatentDirichletAllocation(ParamsMixin):
         *,
         doc_topic_prior: float | None = None,
         topic_word_prior: float | None = None,
+        learning_method: str = "batch",
+        learning_decay: float = 0.7,
+        learning_offset: float = 10.0,
         max_iter: int = 10,
+        batch_size: int = 128,
         evaluate_every: int = -1,
+        total_samples: float = 1e6,
         perp_tol: float = 0.1,
         mean_change_tol: float = 1e-3,
         max_doc_update_iter: int = 100,
+        n_jobs: int | None = None,
+        verbose: int = 0,
+        random_state=None,
         doc_topic_init: str = "random",
         learn_doc_topic_prior: bool = False,
-        random_state=None,
-        verbose: int = 0,
         scheduler=None,
         persist="auto",
         split_every: int = 8,
@@ -158,15 +185,21 @@ class LatentDirichletAllocation(ParamsMixin):
         self.n_components = n_components
         self.doc_topic_prior = doc_topic_prior
         self.topic_word_prior = topic_word_prior
+        self.learning_method = learning_method
+        self.learning_decay = learning_decay
+        self.learning_offset = learning_offset
         self.max_iter = max_iter
+        self.batch_size = batch_size
         self.evaluate_every = evaluate_every
+        self.total_samples = total_samples
         self.perp_tol = perp_tol
         self.mean_change_tol = mean_change_tol
         self.max_doc_update_iter = max_doc_update_iter
+        self.n_jobs = n_jobs
+        self.verbose = verbose
+        self.random_state = random_state
         self.doc_topic_init = doc_topic_init
         self.learn_doc_topic_prior = learn_doc_topic_prior
-        self.random_state = random_state
-        self.verbose = verbose
         self.scheduler = scheduler
         self.persist = persist
         self.split_every = split_every
@@ -176,44 +209,62 @@ class LatentDirichletAllocation(ParamsMixin):
         for name in ("doc_topic_prior", "topic_word_prior"):
             check_real(name, getattr(self, name), 0, strict=True, finite=True, allow_none=True,
                        hint=" (None is 1 / n_components)")
+        check_choice("learning_method", self.learning_method, LEARNING_METHODS)
+        if self.learning_method == "online":
+            raise ConfigError("learning_method='online' (mini-batch variational Bayes, partial_fit) is not "
+                              "available yet: it comes with the online-EM issue. Use learning_method='batch'.")
+        check_real("learning_decay", self.learning_decay, 0, finite=True)
+        if self.learning_decay > 1:
+            raise ConfigError(f"learning_decay must be a real number in [0, 1], got {self.learning_decay!r}.")
+        check_real("learning_offset", self.learning_offset, 1.0, finite=True)
         check_int("max_iter", self.max_iter, 0)
+        check_int("batch_size", self.batch_size, 1)
         check_int("evaluate_every", self.evaluate_every)
+        check_real("total_samples", self.total_samples, 0, strict=True, finite=True)
         for name in ("perp_tol", "mean_change_tol"):
             check_real(name, getattr(self, name), 0)
         check_int("max_doc_update_iter", self.max_doc_update_iter, 0)
+        check_int("n_jobs", self.n_jobs, allow_none=True)
         if not isinstance(self.learn_doc_topic_prior, (bool, np.bool_)):
             raise ConfigError(f"learn_doc_topic_prior must be True or False, got {self.learn_doc_topic_prior!r}.")
         check_choice("doc_topic_init", self.doc_topic_init, DOC_INITS)
         check_execution(self)
 
     def _random_state(self) -> np.random.RandomState:
-        """The RandomState drawing the initial topics (scikit-learn's, for an int seed)."""
+        """The RandomState drawing the initial topics (scikit-learn's, for an int seed or None)."""
         rs = self.random_state
         check_random_state(rs)
-        if isinstance(rs, np.random.RandomState):
-            return rs
         if isinstance(rs, np.random.Generator):
             return np.random.RandomState(int(rs.integers(MAX_SEED, endpoint=True)))
-        return np.random.RandomState(rs)
+        return _sk_random_state(rs)
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "components_"):
             raise NotFittedError(
-                "This LatentDirichletAllocation is not fitted yet. Call fit(corpus) first, or load a "
-                "saved model with emflow.load(path)."
+                "This LatentDirichletAllocation instance is not fitted yet. Call 'fit' with appropriate "
+                "arguments before using this estimator (or load a saved model with emflow.load(path))."
             )
 
-    @property
-    def _config_obj(self) -> LDAConfig:
-        return LDAConfig(_prior(self.doc_topic_prior_), int(self.max_doc_update_iter), float(self.mean_change_tol))
+    def _family(self, alpha=None, random_doc_init: bool = False) -> M.LDAFamily:
+        """The EM family; ``alpha`` defaults to the fitted prior (an estimated one too)."""
+        alpha = _prior(self.doc_topic_prior_) if alpha is None else alpha
+        return M.LDAFamily(alpha, float(self.topic_word_prior_), int(self.max_doc_update_iter),
+                           float(self.mean_change_tol), random_doc_init, bool(self.learn_doc_topic_prior))
 
     @property
     def exp_dirichlet_component_(self) -> np.ndarray:
         self._check_fitted()
-        return M.make_params(self.components_).exp_elog_beta
+        return M.make_params(self.components_).exp_elog_beta.astype(self.components_.dtype, copy=False)
+
+    @property
+    def _n_features_out(self) -> int:
+        """Number of transformed output features (``get_feature_names_out``)."""
+        return self.components_.shape[0]
 
     # -- data ------------------------------------------------------------------------
-    def _open(self, engine: Engine, data, persist) -> Loaded:
+    def _open(self, engine: Engine, data, persist, whom: str = "fit") -> Loaded:
+        if not isinstance(data, CorpusData) and not is_zarr_path(data):
+            _check_non_negative(data, f"LatentDirichletAllocation.{whom}")
         corpus = data if isinstance(data, CorpusData) else open_corpus(
             data, partition_bytes=DEFAULT_PARTITION_BYTES, min_partitions=2 * engine.total_threads,
         )
@@ -254,7 +305,7 @@ class LatentDirichletAllocation(ParamsMixin):
         self._validate_params()
         callbacks = list(callbacks)
         if self.verbose:
-            callbacks.append(_print_iteration)
+            callbacks.append(self._print_iteration)
         with engine_for(self.scheduler, split_every=self.split_every) as engine:
             loaded = self._open(engine, data, self.persist)
             try:
@@ -262,14 +313,13 @@ class LatentDirichletAllocation(ParamsMixin):
             finally:
                 loaded.release()
 
-    def _fit_loaded(self, engine: Engine, loaded: Loaded, callbacks, initial_params, history):
-        corpus: CorpusData = loaded.data
-        K, V = int(self.n_components), corpus.n_terms
-        alpha = 1.0 / K if self.doc_topic_prior is None else float(self.doc_topic_prior)
-        eta = 1.0 / K if self.topic_word_prior is None else float(self.topic_word_prior)
-        rs = self._random_state()
+    def partial_fit(self, X, y=None):
+        """Online (mini-batch) learning: not available yet; it comes with the online-EM issue."""
+        raise NotImplementedError("LatentDirichletAllocation.partial_fit (online variational Bayes) comes with "
+                                  "the online-EM issue; use fit (batch variational EM) meanwhile.")
+
+    def _start(self, initial_params, K: int, V: int, rs) -> M.LDAParams:
         lam = M.init_components(K, V, rs)
-        seed = int(rs.randint(2**31 - 1))
         learned = None
         if isinstance(initial_params, M.LDAParams):  # a checkpoint's parameters
             initial_params, learned = initial_params.components, initial_params.doc_topic_prior
@@ -281,55 +331,38 @@ class LatentDirichletAllocation(ParamsMixin):
                 raise ConfigError("initial_params must be finite and > 0 (they are Dirichlet parameters).")
         if learned is not None and not self.learn_doc_topic_prior:
             raise ConfigError("initial_params holds an estimated doc_topic_prior but learn_doc_topic_prior is False.")
-        self.topic_word_prior_ = eta
-        max_doc_iter, mean_tol = int(self.max_doc_update_iter), float(self.mean_change_tol)
-        starts = [a for a, _ in corpus.bounds]
-        params = M.make_params(lam, learned)
-        history = [float(v) for v in (history or [])]
-        seconds: list[float] = []
-        converged = False
-        last_perp = None
-        if self.evaluate_every > 0 and len(history) >= self.evaluate_every:
-            # resuming: the perplexity of the last evaluated iteration, as an uninterrupted fit has it
-            last_perp = math.exp(-history[(len(history) // self.evaluate_every) * self.evaluate_every - 1])
-        for it in range(len(history) + 1, int(self.max_iter) + 1):
-            t0 = time.perf_counter()
-            it_seed = None if self.doc_topic_init == "ones" else (seed, it)
-            prior = alpha if params.doc_topic_prior is None else params.doc_topic_prior
-            cfg = LDAConfig(prior, max_doc_iter, mean_tol)
-            stats = engine.map_reduce(_estep_part, loaded, params, cfg, it_seed, per_partition=starts)
-            if it == len(history) + 1 and not float(stats.n_words) > 0:
-                raise DataError(f"The corpus ({corpus.source}) holds no words (all counts are zero); there is nothing to fit.")
-            per_word = M.bound(stats, params, eta) / float(stats.n_words)
-            params, report = M.m_step(stats, params, eta, prior if self.learn_doc_topic_prior else None)
-            change = per_word - history[-1] if history else math.inf
-            history.append(per_word)
-            perp = math.exp(-per_word) if -per_word < 709.0 else math.inf  # exp overflows past ~709
-            if self.evaluate_every > 0 and it % self.evaluate_every == 0:
-                if last_perp is not None and abs(last_perp - perp) < self.perp_tol:
-                    converged = True
-                last_perp = perp
-            dt = time.perf_counter() - t0
-            seconds.append(dt)
-            report = {**report, "perplexity": perp}
-            event = IterationEvent(it, per_word, change, dt, converged, params, report)
-            for cb in callbacks:
-                cb(event)
-            if converged:
-                break
-        if self.evaluate_every > 0 and not converged and self.max_iter > 0:
+        return M.make_params(lam, learned)
+
+    def _fit_loaded(self, engine: Engine, loaded: Loaded, callbacks, initial_params, history):
+        corpus: CorpusData = loaded.data
+        K, V = int(self.n_components), corpus.n_terms
+        alpha = 1.0 / K if self.doc_topic_prior is None else float(self.doc_topic_prior)
+        self.topic_word_prior_ = 1.0 / K if self.topic_word_prior is None else float(self.topic_word_prior)
+        rs = self._random_state()
+        params = self._start(initial_params, K, V, rs)  # draws the topics first, as scikit-learn
+        seed = int(rs.randint(2**31 - 1))
+        family = self._family(alpha, self.doc_topic_init == "random")
+        stop = M.PerplexityStop(int(self.evaluate_every), float(self.perp_tol))
+        result = run_em(engine, loaded, family, params, max_iter=int(self.max_iter), stop=stop, seed=seed,
+                        callbacks=callbacks, history=history)
+        if self.evaluate_every > 0 and not result.converged and self.max_iter > 0:
             warnings.warn(
                 f"LDA did not reach perp_tol={self.perp_tol} in {self.max_iter} iterations. Increase max_iter "
                 "or perp_tol.", EmflowConvergenceWarning, stacklevel=3,
             )
-        self.components_ = params.components
+        params = result.params
+        dtype = np.float32 if corpus.dtype == np.float32 else np.float64
+        self.components_ = params.components.astype(dtype, copy=False)
         self.doc_topic_prior_ = alpha if params.doc_topic_prior is None else params.doc_topic_prior
-        self.n_iter_ = len(history)
-        self.converged_ = converged
-        self.history_ = history
-        self.lower_bound_ = history[-1] if history else -math.inf
+        self.n_iter_ = result.n_iter
+        self.n_batch_iter_ = result.n_iter + 1
+        self.converged_ = result.converged
+        self.history_ = [float(v) for v in result.history]
+        self.lower_bound_ = result.lower_bound
         self.n_features_in_ = V
         self.vocabulary_ = corpus.vocabulary
+        bound, words, _ = self._bound_loaded(engine, loaded, params)
+        self.bound_ = float(np.exp(-bound / words)) if words > 0 else math.nan
         self.fit_info_ = {
             "fingerprint": loaded.fingerprint,
             "source": corpus.source,
@@ -340,7 +373,7 @@ class LatentDirichletAllocation(ParamsMixin):
             "partitions": corpus.n_partitions,
             "resident": bool(loaded.resident),
             "engine": engine.describe(),
-            "seconds_per_iteration": seconds,
+            "seconds_per_iteration": result.seconds,
             "reduction": dict(engine.last_reduction),
         }
         return self
@@ -348,6 +381,13 @@ class LatentDirichletAllocation(ParamsMixin):
     def fit_transform(self, data, y=None, *, normalize: bool = True, **kwargs):
         """Fit, then return the document-topic distribution of ``data``."""
         return self.fit(data, **kwargs).transform(data, normalize=normalize)
+
+    def _print_iteration(self, event: IterationEvent) -> None:
+        """scikit-learn's verbose line, with the perplexity on iterations where it is checked."""
+        line = f"iteration: {event.iteration} of max_iter: {self.max_iter}"
+        if M.PerplexityStop(int(self.evaluate_every), float(self.perp_tol)).evaluated(event.iteration):
+            line += f", perplexity: {event.report.get('perplexity', math.nan):.4f}"
+        print(f"{line}  (bound per word {event.log_likelihood:.10g}, {event.seconds:.3f}s)", flush=True)
 
     # -- applying a fitted model -----------------------------------------------------
     def transform(self, data, *, normalize: bool = True, out=None, overwrite: bool = False):
@@ -374,13 +414,13 @@ class LatentDirichletAllocation(ParamsMixin):
             _store.check_destination(out, "output", overwrite=overwrite, inputs=_store.output_inputs(self, data))
         params = M.make_params(self.components_)
         with engine_for(self.scheduler, split_every=self.split_every) as engine:
-            loaded = self._open(engine, data, False)
+            loaded = self._open(engine, data, False, "transform")
             try:
                 corpus: CorpusData = loaded.data
                 self._check_features(corpus.n_terms)
-                starts = [a for a, _ in corpus.bounds]
+                starts = partition_starts(loaded)
                 if out is None:
-                    parts = engine.map(_transform_part, loaded, params, self._config_obj, normalize, None,
+                    parts = engine.map(_transform_part, loaded, params, self._family(), normalize, None,
                                        per_partition=starts)
                     return np.concatenate(parts)
                 import zarr
@@ -394,33 +434,57 @@ class LatentDirichletAllocation(ParamsMixin):
                         "kind": "doc_topic", "normalized": bool(normalize), "model_family": FAMILY,
                         "source": corpus.source, "fingerprint": loaded.fingerprint, "version": __version__,
                     }
-                    engine.map(_transform_part, loaded, params, self._config_obj, normalize, os.path.abspath(tmp),
+                    engine.map(_transform_part, loaded, params, self._family(), normalize, os.path.abspath(tmp),
                                per_partition=starts)
                 return zarr.open_array(os.fspath(out), mode="r")
             finally:
                 loaded.release()
 
-    def _bound_stats(self, data) -> tuple[float, float]:
-        """(bound, total words) of ``data`` under the fitted topics (ones initialisation)."""
+    def _bound_loaded(self, engine: Engine, loaded: Loaded, params: M.LDAParams) -> tuple[float, float, M.LDAStats]:
+        """(bound, total words, statistics) of the loaded corpus under ``params`` (ones initialisation)."""
+        fam = self._family()
+        stats = engine.map_reduce(_bound_part, loaded, params, fam, per_partition=partition_starts(loaded))
+        return M.bound(stats, params, fam.topic_word_prior), float(stats.n_words), stats
+
+    def _bound_stats(self, data, whom: str, sub_sampling: bool = False) -> tuple[float, float]:
+        """(bound, total words) of ``data`` under the fitted topics, scaled to ``total_samples``
+        documents with ``sub_sampling`` (as scikit-learn's ``_approx_bound``)."""
         self._check_fitted()
         params = M.make_params(self.components_)
         with engine_for(self.scheduler, split_every=self.split_every) as engine:
-            loaded = self._open(engine, data, False)
+            loaded = self._open(engine, data, False, whom)
             try:
                 self._check_features(loaded.data.n_terms)
-                starts = [a for a, _ in loaded.data.bounds]
-                stats = engine.map_reduce(_estep_part, loaded, params, self._config_obj, None, per_partition=starts)
+                bound, words, stats = self._bound_loaded(engine, loaded, params)
             finally:
                 loaded.release()
-        return M.bound(stats, params, float(self.topic_word_prior_)), float(stats.n_words)
+        if sub_sampling:
+            ratio = float(self.total_samples) / float(stats.n_docs)
+            topic = M.topic_bound(params, float(self.topic_word_prior_))
+            return (bound - topic) * ratio + topic, words * ratio
+        return bound, words
 
     def score(self, data, y=None) -> float:
         """Approximate log-likelihood (the variational bound) of ``data``, as scikit-learn's ``score``."""
-        return self._bound_stats(data)[0]
+        return self._bound_stats(data, "score")[0]
 
-    def perplexity(self, data) -> float:
-        """``exp(-bound / total words)`` of ``data``, as scikit-learn's ``perplexity``."""
-        b, n = self._bound_stats(data)
+    def perplexity(self, data, sub_sampling: bool = False) -> float:
+        """``exp(-bound / total words)`` of ``data``, as scikit-learn's ``perplexity``.
+
+        Parameters
+        ----------
+        data : corpus (see :meth:`fit`)
+        sub_sampling : bool, default False
+            Treat ``data`` as a sample of ``total_samples`` documents: the documents' part
+            of the bound and the word count are scaled by ``total_samples / n_docs``.
+
+        Returns
+        -------
+        float
+        """
+        if not isinstance(sub_sampling, (bool, np.bool_)):
+            raise ConfigError(f"sub_sampling must be True or False, got {sub_sampling!r}.")
+        b, n = self._bound_stats(data, "perplexity", bool(sub_sampling))
         if not n > 0:
             raise DataError("The corpus holds no words, so its perplexity is undefined.")
         return float(np.exp(-b / n))
@@ -512,9 +576,15 @@ class LatentDirichletAllocation(ParamsMixin):
         return model
 
 
-def _print_iteration(event: IterationEvent) -> None:
-    print(
-        f"iter {event.iteration:4d}  bound/word {event.log_likelihood:.10g}  perplexity "
-        f"{event.report.get('perplexity', float('nan')):.6g}  {event.seconds:.3f}s",
-        flush=True,
-    )
+def _check_non_negative(X, whom: str) -> None:
+    """scikit-learn's check (and message) on counts given in memory, before anything is read."""
+    if sp.issparse(X):
+        values = np.asarray(X.data) if X.format in ("csr", "csc", "coo", "bsr") else sp.csr_matrix(X).data
+    else:
+        values = np.asarray(X)
+        if values.dtype.kind not in "fiub":
+            return  # open_corpus names the bad dtype
+    neg = values < 0
+    if np.any(neg):
+        raise DataError(f"Negative values in data passed to {whom} ({int(np.count_nonzero(neg))} negative "
+                        "count(s)); a corpus holds counts >= 0.")
