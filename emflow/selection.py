@@ -17,42 +17,20 @@ Only ``init_params="kmeans"`` (the default) is shared this way.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
 from .cluster import engine_for
+from .em import EMRun, run_em_group
 from .engine import take_rows
 from .errors import ConfigError
 from .mixture import KMEANS_MAX_ITER, KMEANS_TOL, SAMPLE_ROWS, GaussianMixture, GMMFamily
 from .models import gmm as G
 from .models import kmeans as KM
 
-__all__ = ["FamilyGroup", "SelectionResult", "select_gaussian_mixture"]
-
-
-@dataclass(frozen=True)
-class FamilyGroup:
-    """Several EM families evaluated on one read of each partition.
-
-    ``e_step(X, w, params_tuple)`` runs ``families[i].e_step`` on the same partition for
-    every ``i`` and returns the tuple of their statistics (tuples add field-wise, so the
-    engine reduces them like any statistics bundle).
-    """
-
-    families: tuple
-
-    def e_step(self, X, w, params: tuple) -> tuple:
-        return tuple(f.e_step(X, w, p) for f, p in zip(self.families, params))
-
-    def m_step(self, stats: tuple, params: tuple):
-        out = [f.m_step(s, p) for f, s, p in zip(self.families, stats, params)]
-        return tuple(o[0] for o in out), [o[1] for o in out]
-
-    def objective(self, stats: tuple) -> list[float]:
-        return [f.objective(s) for f, s in zip(self.families, stats)]
+__all__ = ["SelectionResult", "select_gaussian_mixture"]
 
 
 def _take_many(X, w, rows_per_unit: list):
@@ -244,33 +222,22 @@ def _select(engine, loaded, proto, n_init, tol, reg, max_iter, callbacks) -> Sel
     for u, st, shift in zip(units, stats, shifts):
         u.params, _ = G.m_step(st, shift, u.ct, reg)
 
-    # -- EM in lockstep: one read per pass serves every unit still running
-    em_pass = 0
-    while True:
-        active = [u for u in units if not u.done]
-        if not active or max_iter == 0:
-            break
-        group = FamilyGroup(tuple(GMMFamily(u.ct, float(reg)) for u in active))
-        t0 = time.perf_counter()
-        stats = engine.map_reduce(group.e_step, loaded, tuple(u.params for u in active))
-        passes += 1
-        em_pass += 1
-        lls = group.objective(stats)
-        new_params, _reports = group.m_step(stats, tuple(u.params for u in active))
-        dt = time.perf_counter() - t0
-        for u, ll, p in zip(active, lls, new_params):
-            change = ll - u.lower_bound
-            u.lower_bound = ll
-            u.history.append(float(ll))
-            u.seconds.append(dt)
-            u.params = p
-            u.converged = abs(change) < tol
-            if u.converged or len(u.history) >= max_iter:
-                u.done = True
-        info = {"pass": em_pass, "active": sum(not u.done for u in units),
-                "units": [(u.K, u.ct, u.restart, len(u.history), u.history[-1]) for u in active]}
+    # -- EM in lockstep (emflow.em.run_em_group): one read per pass serves every unit still running
+    em_passes = [0]
+
+    def on_pass(n: int, events) -> None:
+        em_passes[0] = n
+        info = {"pass": n, "active": sum(not ev.converged and ev.iteration < max_iter for _, ev in events),
+                "units": [(units[i].K, units[i].ct, units[i].restart, ev.iteration, ev.log_likelihood)
+                          for i, ev in events]}
         for cb in callbacks:
             cb(info)
+
+    runs = [EMRun(GMMFamily(u.ct, float(reg)), u.params, tol=tol, max_iter=max_iter, init=u.restart) for u in units]
+    for u, res in zip(units, run_em_group(engine, loaded, runs, on_pass=on_pass)):
+        u.params, u.history, u.seconds = res.params, list(res.history), list(res.seconds)
+        u.converged, u.lower_bound, u.done = bool(res.converged), float(res.lower_bound), True
+    passes += em_passes[0]
 
     # -- best restart per candidate (the first of equal bounds, as GaussianMixture does)
     best_units = []
