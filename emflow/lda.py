@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 import scipy.sparse as sp
-from sklearn.base import ClassNamePrefixFeaturesOutMixin
+from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin
 from sklearn.utils import check_random_state as _sk_random_state
 
 from . import __version__
@@ -63,7 +63,7 @@ def _transform_part(entries, indptr, params: M.LDAParams, fam: M.LDAFamily, norm
     return None
 
 
-class LatentDirichletAllocation(ClassNamePrefixFeaturesOutMixin, ParamsMixin):
+class LatentDirichletAllocation(ClassNamePrefixFeaturesOutMixin, ParamsMixin, BaseEstimator):
     """Latent Dirichlet allocation fitted by batch variational EM over a partitioned corpus.
 
     Parameters and fitted attributes follow
