@@ -257,6 +257,11 @@ class LatentDirichletAllocation(ClassNamePrefixFeaturesOutMixin, ParamsMixin, Ba
         return M.make_params(self.components_).exp_elog_beta.astype(self.components_.dtype, copy=False)
 
     @property
+    def n_batch_iter_(self) -> int:
+        """``n_iter_ + 1``, as scikit-learn's batch learning counts its update steps."""
+        return self.n_iter_ + 1
+
+    @property
     def _n_features_out(self) -> int:
         """Number of transformed output features (``get_feature_names_out``)."""
         return self.components_.shape[0]
@@ -355,7 +360,6 @@ class LatentDirichletAllocation(ClassNamePrefixFeaturesOutMixin, ParamsMixin, Ba
         self.components_ = params.components.astype(dtype, copy=False)
         self.doc_topic_prior_ = alpha if params.doc_topic_prior is None else params.doc_topic_prior
         self.n_iter_ = result.n_iter
-        self.n_batch_iter_ = result.n_iter + 1
         self.converged_ = result.converged
         self.history_ = [float(v) for v in result.history]
         self.lower_bound_ = result.lower_bound
@@ -543,6 +547,7 @@ class LatentDirichletAllocation(ClassNamePrefixFeaturesOutMixin, ParamsMixin, Ba
                 "n_features_in": self.n_features_in_,
                 "doc_topic_prior_": "array" if np.ndim(self.doc_topic_prior_) else self.doc_topic_prior_,
                 "topic_word_prior_": self.topic_word_prior_,
+                "bound_": _finite_or_none(getattr(self, "bound_", None)),
             },
             "history": self.history_,
             "vocabulary": getattr(self, "vocabulary_", None),
@@ -564,6 +569,8 @@ class LatentDirichletAllocation(ClassNamePrefixFeaturesOutMixin, ParamsMixin, Ba
             model.doc_topic_prior_ = (arrays["doc_topic_prior"] if "doc_topic_prior" in arrays
                                       else float(meta["fitted"]["doc_topic_prior_"]))
             model.topic_word_prior_ = float(meta["fitted"]["topic_word_prior_"])
+            if meta["fitted"].get("bound_") is not None:  # models saved before bound_ have none
+                model.bound_ = float(meta["fitted"]["bound_"])
             if not (np.all(np.isfinite(model.doc_topic_prior_)) and np.all(np.asarray(model.doc_topic_prior_) > 0)
                     and np.isfinite(model.topic_word_prior_) and model.topic_word_prior_ > 0):
                 raise ModelFormatError(f"The model at {os.fspath(path)!r}: its priors are not positive and finite; "
@@ -574,6 +581,10 @@ class LatentDirichletAllocation(ClassNamePrefixFeaturesOutMixin, ParamsMixin, Ba
                                        "per feature; the file is damaged. Refit or re-save it.")
             model.vocabulary_ = vocab
         return model
+
+
+def _finite_or_none(x):
+    return float(x) if x is not None and np.isfinite(x) else None
 
 
 def _check_non_negative(X, whom: str) -> None:

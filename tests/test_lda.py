@@ -291,6 +291,7 @@ def test_save_load_roundtrip(lda_corpus, tmp_path):
     assert m2.history_ == m.history_ and m2.get_params()["random_state"] == 0
     assert m2.top_words(3) == m.top_words(3)
     assert m2.perplexity(lda_corpus) == m.perplexity(lda_corpus)
+    assert m2.bound_ == m.bound_ == m.perplexity(lda_corpus) and m2.n_batch_iter_ == m.n_batch_iter_ == 3
 
 
 # -- bad input -----------------------------------------------------------------------
