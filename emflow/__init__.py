@@ -34,13 +34,7 @@ from .lgssm import LinearGaussianSSM  # noqa: E402
 from .mixture import GaussianMixture  # noqa: E402
 from .store import read_model_attrs  # noqa: E402
 
-_FAMILIES = {
-    "gaussian_mixture": GaussianMixture,
-    "gaussian_hmm": GaussianHMM,
-    "categorical_hmm": CategoricalHMM,
-    "latent_dirichlet_allocation": LatentDirichletAllocation,
-    "linear_gaussian_ssm": LinearGaussianSSM,
-}
+from .estimator import REGISTRY, EMEstimator  # noqa: E402  (filled by the imports above)
 
 
 def load(path):
@@ -52,7 +46,7 @@ def load(path):
     """
     meta = read_model_attrs(path)  # a ModelFormatError unless the attributes are usable
     try:
-        cls = _FAMILIES[meta["family"]]
+        cls = REGISTRY[meta["family"]]
     except KeyError:
         raise ModelFormatError(
             f"The model at {str(path)!r} is of family {meta['family']!r}, which this emflow "
@@ -68,6 +62,8 @@ __all__ = [
     "LatentDirichletAllocation",
     "LinearGaussianSSM",
     "load",
+    "EMEstimator",
+    "REGISTRY",
     "ingest",
     "EmflowError",
     "ConfigError",

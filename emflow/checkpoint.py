@@ -7,10 +7,11 @@ determines the EM trajectory, and a digest of every array. It is written to a te
 name in the same directory and moved into place with :func:`os.replace`, so a crash leaves
 the previous checkpoint or the new one, never half of one.
 
-Every family whose estimator's ``fit`` takes ``initial_params`` and ``history`` can be
-checkpointed: Gaussian mixtures, Gaussian and categorical HMMs, linear-Gaussian
-state-space models and LDA (the parameter NamedTuples listed in ``_PARAM_KINDS``).
-Resuming passes ``initial_params=ckpt.params, history=ckpt.history`` to the estimator's
+Every family can be checkpointed, with no table to keep: the header names the family's
+parameter NamedTuple (``module:qualname``, only emflow's own modules are accepted on
+reading), its array fields are stored as arrays and its other fields (strings, numbers,
+None) in the header. Format-1 checkpoints (emflow before the estimator contract) still
+resume. Resuming passes ``initial_params=ckpt.params, history=ckpt.history`` to the estimator's
 ``fit`` (for LDA ``ckpt.params.components``); because iteration ``i + 1`` depends only on the parameters after
 iteration ``i`` (and the history for the convergence test), the resumed fit reaches the
 same result as one that was never interrupted.
@@ -37,7 +38,6 @@ from .em import IterationEvent
 from .errors import StorageError
 from .models.gmm import GMMParams
 from .models.hmm import CategoricalHMMParams, GaussianHMMParams
-from .models.lda import LDAParams
 from .models.lda import make_params as _lda_params
 from .models.lgssm import LGSSMParams
 
@@ -57,39 +57,65 @@ __all__ = [
     "write_checkpoint",
 ]
 
-CHECKPOINT_FORMAT = 1
-_PARAM_FIELDS = ("weights", "means", "covariances", "precisions_cholesky")
+CHECKPOINT_FORMAT = 2
+_READABLE_FORMATS = (1, 2)
 
 
 def _rebuild(cls, arrays_fields):
     return lambda arrays, attrs: cls(**{f: arrays[f] for f in arrays_fields}, **attrs)
 
 
-# parameter type -> (family name in the header, array fields stored, string fields kept in
-# the header, how to rebuild the NamedTuple from them). LDA stores only lambda (the
-# Dirichlet expectations are recomputed from it exactly as the M-step computes them) and
-# the document-topic prior when it is estimated.
-_PARAM_KINDS: dict[type, tuple[str, tuple[str, ...], tuple[str, ...], Any]] = {
-    GMMParams: ("gaussian_mixture", _PARAM_FIELDS, ("covariance_type",), _rebuild(GMMParams, _PARAM_FIELDS)),
-    GaussianHMMParams: ("gaussian_hmm", ("startprob", "transmat", "means", "covars"), ("covariance_type",),
-                        _rebuild(GaussianHMMParams, ("startprob", "transmat", "means", "covars"))),
-    CategoricalHMMParams: ("categorical_hmm", ("startprob", "transmat", "emissionprob"), (),
-                           _rebuild(CategoricalHMMParams, ("startprob", "transmat", "emissionprob"))),
-    LGSSMParams: ("linear_gaussian_ssm", LGSSMParams._fields, (), _rebuild(LGSSMParams, LGSSMParams._fields)),
-    LDAParams: ("latent_dirichlet_allocation", ("components", "doc_topic_prior"), (),
-                lambda arrays, attrs: _lda_params(arrays["components"], arrays.get("doc_topic_prior"))),
+_GMM_FIELDS = ("weights", "means", "covariances", "precisions_cholesky")
+# Format 1 (emflow before the estimator contract) named the family and kept a hand-written
+# table of fields per parameter type. Frozen: only read, so that those checkpoints still resume.
+_LEGACY_KINDS: dict[str, tuple[tuple[str, ...], tuple[str, ...], Any]] = {
+    "gaussian_mixture": (_GMM_FIELDS, ("covariance_type",), _rebuild(GMMParams, _GMM_FIELDS)),
+    "gaussian_hmm": (("startprob", "transmat", "means", "covars"), ("covariance_type",),
+                     _rebuild(GaussianHMMParams, ("startprob", "transmat", "means", "covars"))),
+    "categorical_hmm": (("startprob", "transmat", "emissionprob"), (),
+                        _rebuild(CategoricalHMMParams, ("startprob", "transmat", "emissionprob"))),
+    "linear_gaussian_ssm": (LGSSMParams._fields, (), _rebuild(LGSSMParams, LGSSMParams._fields)),
+    "latent_dirichlet_allocation": (("components", "doc_topic_prior"), (),
+                                    lambda arrays, attrs: _lda_params(arrays["components"],
+                                                                      arrays.get("doc_topic_prior"))),
 }
-# array fields that a checkpoint holds only when they are not None
-_OPTIONAL_FIELDS = {"doc_topic_prior"}
-_BY_FAMILY = {v[0]: v for v in _PARAM_KINDS.values()}
 
 
-def _kind_of(params) -> tuple:
+def _type_path(params) -> str:
+    t = type(params)
+    if not (hasattr(t, "_fields") and t.__module__.startswith("emflow.")):
+        raise TypeError(f"cannot checkpoint parameters of type {t.__name__}: a checkpoint holds an emflow "
+                        "family's parameter NamedTuple")
+    return f"{t.__module__}:{t.__qualname__}"
+
+
+def _resolve_type(path: str):
+    """The parameter NamedTuple named in a checkpoint header (only emflow's own modules)."""
+    import importlib
+
+    module, _, name = str(path).partition(":")
+    if not module.startswith("emflow.") or not name:
+        raise ValueError(f"parameter type {path!r} is not an emflow family's")
     try:
-        return _PARAM_KINDS[type(params)]
-    except KeyError:
-        raise TypeError(f"cannot checkpoint parameters of type {type(params).__name__}; known: "
-                        f"{sorted(t.__name__ for t in _PARAM_KINDS)}") from None
+        t = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"parameter type {path!r} is unknown to this emflow ({exc})") from None
+    if not hasattr(t, "_fields"):
+        raise ValueError(f"{path!r} is not a parameter NamedTuple")
+    return t
+
+
+def _encode_params(p) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Array fields to arrays, the other fields (strings, numbers, None) to the header."""
+    arrays, attrs = {}, {}
+    for name, value in zip(p._fields, p):
+        if isinstance(value, np.ndarray):
+            arrays[name] = np.asarray(value, dtype=np.float64)
+        elif value is None or isinstance(value, (str, bool, int, float, np.generic)):
+            attrs[name] = value.item() if isinstance(value, np.generic) else value
+        else:
+            raise TypeError(f"cannot checkpoint field {name!r} of type {type(value).__name__}")
+    return arrays, attrs
 
 
 class CheckpointWarning(UserWarning):
@@ -180,15 +206,14 @@ def write_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> str:
     """Write ``ckpt`` to ``path`` atomically (temporary file, fsync, ``os.replace``)."""
     path = os.path.abspath(os.fspath(path))
     p = ckpt.params
-    family, fields, attrs, _ = _kind_of(p)
-    arrays = {name: np.asarray(getattr(p, name), dtype=np.float64) for name in fields
-              if not (name in _OPTIONAL_FIELDS and getattr(p, name) is None)}
+    params_type = _type_path(p)
+    arrays, attrs = _encode_params(p)
     arrays["history"] = np.asarray(ckpt.history, dtype=np.float64)
     arrays["seconds"] = np.asarray(ckpt.seconds, dtype=np.float64)
     header = {
         "format": CHECKPOINT_FORMAT,
-        "family": family,
-        **{a: str(getattr(p, a)) for a in attrs},
+        "params_type": params_type,
+        "fields": attrs,
         "iteration": ckpt.iteration,
         "converged": bool(ckpt.converged),
         "fingerprint": ckpt.fingerprint,
@@ -233,23 +258,35 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     try:
         with np.load(os.fspath(path), allow_pickle=False) as z:
             header = json.loads(bytes(z["header"]).decode())
-            kind = _BY_FAMILY.get(header.get("family", "gaussian_mixture"))
-            if kind is None:
-                raise ValueError(f"unknown model family {header.get('family')!r}")
-            arrays = {name: np.array(z[name]) for name in (*kind[1], "history", "seconds")
-                      if not (name in _OPTIONAL_FIELDS and name not in z.files)}
+            if header.get("format") not in _READABLE_FORMATS:
+                raise ValueError(f"format {header.get('format')!r}, this emflow reads {_READABLE_FORMATS}")
+            if header["format"] == 1:
+                kind = _LEGACY_KINDS.get(header.get("family", "gaussian_mixture"))
+                if kind is None:
+                    raise ValueError(f"unknown model family {header.get('family')!r}")
+                names = kind[0]
+            else:
+                kind, names = None, [n for n in z.files if n not in ("header", "history", "seconds")]
+            arrays = {name: np.array(z[name]) for name in (*names, "history", "seconds")
+                      if not (name == "doc_topic_prior" and name not in z.files)}
     except (OSError, ValueError, KeyError, EOFError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"unreadable or truncated ({type(exc).__name__}: {exc})") from exc
     except Exception as exc:  # zipfile.BadZipFile and friends
         raise ValueError(f"unreadable or truncated ({type(exc).__name__}: {exc})") from exc
-    if header.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"format {header.get('format')!r}, this emflow reads {CHECKPOINT_FORMAT}")
     if _digest(arrays) != header.get("digest"):
         raise ValueError("its arrays do not match their recorded digest (the file was altered or damaged)")
     history = [float(v) for v in arrays["history"]]
     if len(history) != header.get("iteration") or not all(math.isfinite(v) for v in history):
         raise ValueError("its iteration history is inconsistent")
-    params = kind[3](arrays, {a: str(header[a]) for a in kind[2]})
+    if kind is not None:
+        params = kind[2](arrays, {a: str(header[a]) for a in kind[1]})
+    else:
+        t = _resolve_type(header.get("params_type"))
+        given = {**{k: v for k, v in arrays.items() if k not in ("history", "seconds")}, **header.get("fields", {})}
+        missing = [f for f in t._fields if f not in given]
+        if missing:
+            raise ValueError(f"it lacks the parameter field(s) {missing}")
+        params = t(**{f: given[f] for f in t._fields})
     return Checkpoint(params, history, [float(s) for s in arrays["seconds"]], bool(header["converged"]),
                       str(header["fingerprint"]), str(header["config_hash"]), int(header.get("init", 0)),
                       dict(header.get("extra") or {}))
@@ -426,19 +463,20 @@ def dataset_fingerprint(dataset, *, scheduler: Any = None) -> dict:
 
 
 def restore_fitted(model, ckpt: Checkpoint, fit_info: Mapping[str, Any] | None = None):
-    """Give ``model`` (a ``GaussianMixture``) the fitted state recorded in a finished checkpoint.
+    """Give ``model`` (any emflow estimator) the fitted state recorded in a finished checkpoint.
 
     Used when a fit was killed after its last iteration but before the model was saved:
     nothing is recomputed, and the attributes are those the uninterrupted fit had.
+    ``fit_info`` (the dataset facts) gives ``n_features_in_``.
     """
-    p = ckpt.params
-    model.weights_, model.means_ = p.weights, p.means
-    model.covariances_, model.precisions_cholesky_ = p.covariances, p.precisions_cholesky
+    model._set_parameters(ckpt.params)
     model.converged_, model.n_iter_ = bool(ckpt.converged), len(ckpt.history)
     model.lower_bound_ = float(ckpt.history[-1]) if ckpt.history else -math.inf
     model.history_ = list(ckpt.history)
-    model.n_features_in_ = int(p.means.shape[1])
+    model.lower_bounds_ = list(ckpt.history)
     info = dict(fit_info or {})
+    if "n_features" in info:
+        model.n_features_in_ = int(info["n_features"])
     info.setdefault("fingerprint", ckpt.fingerprint)
     info["seconds_per_iteration"] = list(ckpt.seconds)
     info["resumed_from_checkpoint"] = True

@@ -524,21 +524,8 @@ def _print_model(gm, title) -> None:
     t.add_column("field")
     t.add_column("value")
     _row(t, "family", name)
-    if hasattr(gm, "state_dim"):
-        _row(t, "state dimension", str(gm.state_dim))
-    else:
-        _row(t, "topics" if name == "LatentDirichletAllocation" else "components", str(gm.n_components))
-    if getattr(gm, "covariance_type", None):
-        _row(t, "covariance", gm.covariance_type)
-    _row(t, "converged", f"{gm.converged_} after {gm.n_iter_} iterations")
-    objective = {"GaussianMixture": "mean log-likelihood", "LatentDirichletAllocation": "bound per word"}
-    _row(t, objective.get(name, "log-likelihood per step"), f"{gm.lower_bound_:.10g}")
-    for label, attr in [("weights", "weights_"), ("start probabilities", "startprob_"),
-                        ("doc-topic prior", "doc_topic_prior_")]:
-        if hasattr(gm, attr):
-            _row(t, label, np.array2string(np.asarray(getattr(gm, attr)), precision=4))
-    if name == "LatentDirichletAllocation":
-        _row(t, "perplexity (training)", f"{np.exp(-gm.lower_bound_):.6g}")
+    for field, value in gm._summary().items():
+        _row(t, field, value)
     if info:
         secs = info.get("seconds_per_iteration") or []
         if secs:

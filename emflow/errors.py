@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import warnings
 
+from sklearn.exceptions import ConvergenceWarning as _SkConvergenceWarning
+from sklearn.exceptions import NotFittedError as _SkNotFittedError
+
 __all__ = [
     "EmflowError",
     "ConfigError",
@@ -55,7 +58,7 @@ class FeatureMismatchError(DataError):
     """A model is applied to data with a different number of features."""
 
 
-class NotFittedError(EmflowError, AttributeError):
+class NotFittedError(EmflowError, _SkNotFittedError):
     """A method that needs a fitted model was called before ``fit``."""
 
 
@@ -63,7 +66,7 @@ class ModelFormatError(EmflowError, ValueError):
     """A stored model cannot be read (another family, corrupt, or a newer format)."""
 
 
-class FitFailedError(EmflowError, RuntimeError):
+class FitFailedError(EmflowError, ValueError, RuntimeError):
     """EM cannot continue (for example a covariance that no regularisation repairs)."""
 
 
@@ -82,7 +85,7 @@ class DegenerateComponentWarning(UserWarning):
     """A mixture component lost its points or its covariance had to be repaired."""
 
 
-class EmflowConvergenceWarning(UserWarning):
+class EmflowConvergenceWarning(_SkConvergenceWarning):
     """EM stopped at ``max_iter`` before the change in log-likelihood fell below ``tol``."""
 
 

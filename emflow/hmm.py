@@ -31,11 +31,12 @@ import numpy as np
 
 from . import __version__
 from . import store as _store
-from .base import ParamsMixin, check_execution, check_int, check_real, rng_from
+from .base import check_execution, check_int, check_real, rng_from
 from .cluster import engine_for
 from .data import DEFAULT_PARTITION_BYTES, SQUARE_LIMIT, is_zarr_path
 from .em import EMResult, IterationEvent, run_em
 from .stats import require_finite
+from .estimator import EMEstimator, Output
 from .errors import (
     ConfigError,
     DataError,
@@ -160,8 +161,13 @@ def _score_part(values, offsets, params):
 
 
 # -- the estimators ------------------------------------------------------------------
-class _BaseHMM(ParamsMixin):
+class _BaseHMM(EMEstimator):
     _family_name = ""
+    data_kind = "sequences"
+    iter_param = "n_iter"
+    objective_name = "log-likelihood per step"
+    summary_arrays = {"start probabilities": "startprob_"}
+    outputs = {"labels": Output("predict", True), "proba": Output("predict_proba", True)}
     _emission_letters = ""
     _max_magnitude: float | None = None  # values beyond it: "scale the data", before any arithmetic
 
@@ -512,7 +518,9 @@ class GaussianHMM(_BaseHMM):
     n_features : int
     """
 
-    _family_name = "gaussian_hmm"
+    _family_name = family = "gaussian_hmm"
+    params_type = H.GaussianHMMParams
+    fitted = {"startprob": "startprob_", "transmat": "transmat_", "means": "means_", "covars": "_covars_"}
     _emission_letters = "mc"
     _max_magnitude = SQUARE_LIMIT
 
@@ -683,7 +691,9 @@ class CategoricalHMM(_BaseHMM):
     monitor_, history_, converged_, n_iter_, lower_bound_, fit_info_
     """
 
-    _family_name = "categorical_hmm"
+    _family_name = family = "categorical_hmm"
+    params_type = H.CategoricalHMMParams
+    fitted = {"startprob": "startprob_", "transmat": "transmat_", "emissionprob": "emissionprob_"}
     _emission_letters = "e"
 
     def __init__(self, n_components: int = 1, startprob_prior=1.0, transmat_prior=1.0, *,

@@ -15,20 +15,21 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import scipy.sparse as sp
-from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin
+from sklearn.base import ClassNamePrefixFeaturesOutMixin
 from sklearn.utils import check_random_state as _sk_random_state
 
 from . import __version__
 from . import store as _store
-from .base import MAX_SEED, ParamsMixin, check_choice, check_execution, check_int, check_random_state, check_real
+from .base import MAX_SEED, check_choice, check_execution, check_int, check_random_state, check_real
 from .cluster import engine_for
 from .corpus import CorpusData, open_corpus
 from .data import DEFAULT_PARTITION_BYTES, is_zarr_path
-from .em import IterationEvent, partition_starts, run_em
+from .em import EMResult, IterationEvent, partition_starts
+from .estimator import EMEstimator, Output
 from .engine import Engine, Loaded
 from .errors import (ConfigError, DataError, EmflowConvergenceWarning, FeatureMismatchError, ModelFormatError,
                      NotFittedError)
@@ -63,7 +64,7 @@ def _transform_part(entries, indptr, params: M.LDAParams, fam: M.LDAFamily, norm
     return None
 
 
-class LatentDirichletAllocation(ClassNamePrefixFeaturesOutMixin, ParamsMixin, BaseEstimator):
+class LatentDirichletAllocation(ClassNamePrefixFeaturesOutMixin, EMEstimator):
     """Latent Dirichlet allocation fitted by batch variational EM over a partitioned corpus.
 
     Parameters and fitted attributes follow
@@ -157,6 +158,18 @@ class LatentDirichletAllocation(ClassNamePrefixFeaturesOutMixin, ParamsMixin, Ba
     fit_info_ : dict
     """
 
+    family = FAMILY
+    data_kind = "corpus"
+    params_type = M.LDAParams
+    fitted = {"components": "components_"}
+    outputs = {"topics": Output("transform", True)}
+    objective_name = "bound per word"
+    size_param = ("n_components", "topics")
+    summary_arrays = {"doc-topic prior": "doc_topic_prior_"}
+
+    def _summary(self) -> dict[str, str]:
+        return {**super()._summary(), "perplexity (training)": f"{np.exp(-self.lower_bound_):.6g}"}
+
     def __init__(
         self,
         n_components: int = 10,
@@ -239,7 +252,7 @@ class LatentDirichletAllocation(ClassNamePrefixFeaturesOutMixin, ParamsMixin, Ba
         return _sk_random_state(rs)
 
     def _check_fitted(self) -> None:
-        if not hasattr(self, "components_"):
+        if not self._is_fitted():
             raise NotFittedError(
                 "This LatentDirichletAllocation instance is not fitted yet. Call 'fit' with appropriate "
                 "arguments before using this estimator (or load a saved model with emflow.load(path))."
@@ -267,7 +280,8 @@ class LatentDirichletAllocation(ClassNamePrefixFeaturesOutMixin, ParamsMixin, Ba
         return self.components_.shape[0]
 
     # -- data ------------------------------------------------------------------------
-    def _open(self, engine: Engine, data, persist, whom: str = "fit") -> Loaded:
+    def _open(self, engine: Engine, data, persist=None, whom: str = "fit") -> Loaded:
+        persist = self.persist if persist is None else persist
         if not isinstance(data, CorpusData) and not is_zarr_path(data):
             _check_non_negative(data, f"LatentDirichletAllocation.{whom}")
         corpus = data if isinstance(data, CorpusData) else open_corpus(
@@ -307,79 +321,80 @@ class LatentDirichletAllocation(ClassNamePrefixFeaturesOutMixin, ParamsMixin, Ba
         -------
         self
         """
-        self._validate_params()
-        callbacks = list(callbacks)
-        if self.verbose:
-            callbacks.append(self._print_iteration)
-        with engine_for(self.scheduler, split_every=self.split_every) as engine:
-            loaded = self._open(engine, data, self.persist)
-            try:
-                return self._fit_loaded(engine, loaded, callbacks, initial_params, history)
-            finally:
-                loaded.release()
+        return self._fit(data, callbacks=callbacks, initial_params=initial_params, history=history)
 
     def partial_fit(self, X, y=None):
         """Online (mini-batch) learning: not available yet; it comes with the online-EM issue."""
         raise NotImplementedError("LatentDirichletAllocation.partial_fit (online variational Bayes) comes with "
                                   "the online-EM issue; use fit (batch variational EM) meanwhile.")
 
-    def _start(self, initial_params, K: int, V: int, rs) -> M.LDAParams:
-        lam = M.init_components(K, V, rs)
+    # -- the hooks of the estimator contract (emflow.estimator) ---------------------------
+    def _priors(self) -> tuple[float, float]:
+        K = int(self.n_components)
+        alpha = 1.0 / K if self.doc_topic_prior is None else float(self.doc_topic_prior)
+        return alpha, 1.0 / K if self.topic_word_prior is None else float(self.topic_word_prior)
+
+    def _em_family(self) -> M.LDAFamily:
+        alpha, eta = self._priors()
+        return M.LDAFamily(alpha, eta, int(self.max_doc_update_iter), float(self.mean_change_tol),
+                           self.doc_topic_init == "random", bool(self.learn_doc_topic_prior))
+
+    def _em_stop(self, loaded) -> M.PerplexityStop:
+        return M.PerplexityStop(int(self.evaluate_every), float(self.perp_tol))
+
+    def _initial_params(self, engine, loaded, rng) -> M.LDAParams:
+        # scikit-learn's draw from random_state itself (not the restart's rng): an int gives
+        # scikit-learn's initial topics
+        return M.make_params(M.init_components(int(self.n_components), loaded.data.n_terms, self._random_state()))
+
+    def _check_start(self, params, loaded) -> M.LDAParams:
+        K, V = int(self.n_components), loaded.data.n_terms
         learned = None
-        if isinstance(initial_params, M.LDAParams):  # a checkpoint's parameters
-            initial_params, learned = initial_params.components, initial_params.doc_topic_prior
-        if initial_params is not None:
-            lam = np.array(initial_params, dtype=np.float64)
-            if lam.shape != (K, V):
-                raise ConfigError(f"initial_params has shape {lam.shape}; expected ({K}, {V}).")
-            if not np.all(np.isfinite(lam)) or np.any(lam <= 0):
-                raise ConfigError("initial_params must be finite and > 0 (they are Dirichlet parameters).")
+        if isinstance(params, M.LDAParams):  # a checkpoint's parameters
+            params, learned = params.components, params.doc_topic_prior
+        lam = np.array(params, dtype=np.float64)
+        if lam.shape != (K, V):
+            raise ConfigError(f"initial_params has shape {lam.shape}; expected ({K}, {V}).")
+        if not np.all(np.isfinite(lam)) or np.any(lam <= 0):
+            raise ConfigError("initial_params must be finite and > 0 (they are Dirichlet parameters).")
         if learned is not None and not self.learn_doc_topic_prior:
             raise ConfigError("initial_params holds an estimated doc_topic_prior but learn_doc_topic_prior is False.")
         return M.make_params(lam, learned)
 
-    def _fit_loaded(self, engine: Engine, loaded: Loaded, callbacks, initial_params, history):
-        corpus: CorpusData = loaded.data
-        K, V = int(self.n_components), corpus.n_terms
-        alpha = 1.0 / K if self.doc_topic_prior is None else float(self.doc_topic_prior)
-        self.topic_word_prior_ = 1.0 / K if self.topic_word_prior is None else float(self.topic_word_prior)
-        rs = self._random_state()
-        params = self._start(initial_params, K, V, rs)  # draws the topics first, as scikit-learn
-        seed = int(rs.randint(2**31 - 1))
-        family = self._family(alpha, self.doc_topic_init == "random")
-        stop = M.PerplexityStop(int(self.evaluate_every), float(self.perp_tol))
-        result = run_em(engine, loaded, family, params, max_iter=int(self.max_iter), stop=stop, seed=seed,
-                        callbacks=callbacks, history=history)
-        if self.evaluate_every > 0 and not result.converged and self.max_iter > 0:
-            warnings.warn(
-                f"LDA did not reach perp_tol={self.perp_tol} in {self.max_iter} iterations. Increase max_iter "
-                "or perp_tol.", EmflowConvergenceWarning, stacklevel=3,
-            )
-        params = result.params
-        dtype = np.float32 if corpus.dtype == np.float32 else np.float64
-        self.components_ = params.components.astype(dtype, copy=False)
+    def _get_parameters(self) -> M.LDAParams:
+        learned = self.doc_topic_prior_ if np.ndim(self.doc_topic_prior_) else None
+        return M.make_params(self.components_, learned)
+
+    def _set_parameters(self, params: M.LDAParams) -> None:
+        self.components_ = params.components
+        alpha, self.topic_word_prior_ = self._priors()
         self.doc_topic_prior_ = alpha if params.doc_topic_prior is None else params.doc_topic_prior
-        self.n_iter_ = result.n_iter
-        self.converged_ = result.converged
-        self.history_ = [float(v) for v in result.history]
-        self.lower_bound_ = result.lower_bound
-        self.n_features_in_ = V
-        self.vocabulary_ = corpus.vocabulary
-        bound, words, _ = self._bound_loaded(engine, loaded, params)
+
+    def _n_parameters(self) -> int:
+        """Free parameters: K topics on the (V - 1)-simplex, and K prior weights if estimated."""
+        K, V = int(self.n_components), int(self.n_features_in_)
+        return K * (V - 1) + (K if self.learn_doc_topic_prior else 0)
+
+    def _warn_unconverged(self, restarts: int, max_iter: int) -> None:
+        if self.evaluate_every > 0:
+            warnings.warn(f"LDA did not reach perp_tol={self.perp_tol} in {self.max_iter} iterations. Increase "
+                          "max_iter or perp_tol.", EmflowConvergenceWarning, stacklevel=6)
+
+    def _fit_info_extra(self, loaded, result: EMResult) -> dict:
+        corpus: CorpusData = loaded.data
+        return {"n_docs": corpus.n_docs, "nnz": corpus.nnz}
+
+    def _after_fit(self, loaded, result: EMResult) -> None:
+        if loaded.data.dtype == np.float32:  # scikit-learn keeps float32 (computed in float64 here)
+            self.components_ = self.components_.astype(np.float32)
+        self.vocabulary_ = loaded.data.vocabulary
+
+    def _fit_loaded(self, engine: Engine, loaded: Loaded, callbacks, initial_params=None, history=None):
+        super()._fit_loaded(engine, loaded, callbacks, initial_params, history)
+        self.fit_info_["reduction"] = dict(engine.last_reduction)
+        # scikit-learn's bound_: the perplexity of the fitted topics (one more pass)
+        bound, words, _ = self._bound_loaded(engine, loaded, self._get_parameters())
         self.bound_ = float(np.exp(-bound / words)) if words > 0 else math.nan
-        self.fit_info_ = {
-            "fingerprint": loaded.fingerprint,
-            "source": corpus.source,
-            "n_docs": corpus.n_docs,
-            "n_features": V,
-            "nnz": corpus.nnz,
-            "dtype": str(corpus.dtype),
-            "partitions": corpus.n_partitions,
-            "resident": bool(loaded.resident),
-            "engine": engine.describe(),
-            "seconds_per_iteration": result.seconds,
-            "reduction": dict(engine.last_reduction),
-        }
         return self
 
     def fit_transform(self, data, y=None, *, normalize: bool = True, **kwargs):
@@ -518,69 +533,46 @@ class LatentDirichletAllocation(ClassNamePrefixFeaturesOutMixin, ParamsMixin, Ba
         order = np.argsort(-self.components_, axis=1, kind="stable")[:, :n]
         return [[vocab[j] for j in row] for row in order]
 
-    # -- persistence -----------------------------------------------------------------
-    def _config(self) -> dict[str, Any]:
-        cfg = _store.saved_config(self.get_params())
-        if not (cfg["random_state"] is None or isinstance(cfg["random_state"], (int, np.integer))):
-            cfg["random_state"] = None
-        return cfg
-
+    # -- persistence (the base's save/load; these add LDA's priors, bound_ and vocabulary) ----
     @staticmethod
     def _array_spec(meta: dict) -> dict:
         """The arrays a saved LDA model holds: shapes and constraints (see store.RULES)."""
         K, V = int(meta["config"]["n_components"]), int(meta["fitted"]["n_features_in"])
         return {"components": ((K, V), ["positive"]), "doc_topic_prior": ((K,), ["positive"], True)}
 
-    def save(self, path, *, overwrite: bool = False) -> str:
-        """Save the fitted model as a Zarr group at ``path``; returns the path.
-
-        A model already at ``path`` is replaced only with ``overwrite=True`` (atomically);
-        anything else there, and the corpus it was fitted on, never are.
-        """
-        self._check_fitted()
-        meta = {
-            "version": __version__,
-            "class": "LatentDirichletAllocation",
-            "config": self._config(),
-            "fitted": {
-                "converged": self.converged_, "n_iter": self.n_iter_, "lower_bound": self.lower_bound_,
-                "n_features_in": self.n_features_in_,
-                "doc_topic_prior_": "array" if np.ndim(self.doc_topic_prior_) else self.doc_topic_prior_,
-                "topic_word_prior_": self.topic_word_prior_,
-                "bound_": _finite_or_none(getattr(self, "bound_", None)),
-            },
-            "history": self.history_,
-            "vocabulary": getattr(self, "vocabulary_", None),
-            "dataset": getattr(self, "fit_info_", {}),
-        }
+    def _arrays(self) -> dict[str, np.ndarray]:
         arrays = {"components": self.components_}
         if np.ndim(self.doc_topic_prior_):
             arrays["doc_topic_prior"] = np.asarray(self.doc_topic_prior_)
-        return _store.save_model(path, FAMILY, arrays, meta, overwrite=overwrite, inputs=_store.fit_inputs(self))
+        return arrays
 
-    @classmethod
-    def load(cls, path) -> "LatentDirichletAllocation":
-        """Load a model saved by :meth:`save`; ``components_`` comes back bit-identical, validated."""
-        arrays, meta = _store.load_model(path, FAMILY, cls._array_spec)
-        with _store.loading(path):
-            model = cls(**{k: v for k, v in meta["config"].items() if k in cls._param_names()})
-            model.components_ = arrays["components"]
-            _store.restore_fit_record(model, meta)
-            model.doc_topic_prior_ = (arrays["doc_topic_prior"] if "doc_topic_prior" in arrays
-                                      else float(meta["fitted"]["doc_topic_prior_"]))
-            model.topic_word_prior_ = float(meta["fitted"]["topic_word_prior_"])
-            if meta["fitted"].get("bound_") is not None:  # models saved before bound_ have none
-                model.bound_ = float(meta["fitted"]["bound_"])
-            if not (np.all(np.isfinite(model.doc_topic_prior_)) and np.all(np.asarray(model.doc_topic_prior_) > 0)
-                    and np.isfinite(model.topic_word_prior_) and model.topic_word_prior_ > 0):
-                raise ModelFormatError(f"The model at {os.fspath(path)!r}: its priors are not positive and finite; "
-                                       "the file is damaged. Refit or re-save it.")
-            vocab = meta.get("vocabulary")
-            if vocab is not None and (not isinstance(vocab, list) or len(vocab) != model.n_features_in_):
-                raise ModelFormatError(f"The model at {os.fspath(path)!r}: its vocabulary does not have one term "
-                                       "per feature; the file is damaged. Refit or re-save it.")
-            model.vocabulary_ = vocab
-        return model
+    def _meta_extra(self) -> dict:
+        return {"vocabulary": getattr(self, "vocabulary_", None), "lda": {
+            "doc_topic_prior_": "array" if np.ndim(self.doc_topic_prior_) else self.doc_topic_prior_,
+            "topic_word_prior_": self.topic_word_prior_,
+            "bound_": _finite_or_none(getattr(self, "bound_", None)),
+        }}
+
+    def _restore_arrays(self, arrays: dict[str, np.ndarray], meta: dict) -> None:
+        extra = meta.get("lda") or meta["fitted"]  # models saved before the estimator base: in "fitted"
+        self.components_ = arrays["components"]
+        self.doc_topic_prior_ = (arrays["doc_topic_prior"] if "doc_topic_prior" in arrays
+                                 else float(extra["doc_topic_prior_"]))
+        self.topic_word_prior_ = float(extra["topic_word_prior_"])
+        if extra.get("bound_") is not None:  # models saved before bound_ have none
+            self.bound_ = float(extra["bound_"])
+
+    def _after_load(self, meta: dict) -> None:
+        path = meta.get("_loaded_from", "?")
+        if not (np.all(np.isfinite(self.doc_topic_prior_)) and np.all(np.asarray(self.doc_topic_prior_) > 0)
+                and np.isfinite(self.topic_word_prior_) and self.topic_word_prior_ > 0):
+            raise ModelFormatError(f"The model at {path!r}: its priors are not positive and finite; "
+                                   "the file is damaged. Refit or re-save it.")
+        vocab = meta.get("vocabulary")
+        if vocab is not None and (not isinstance(vocab, list) or len(vocab) != self.n_features_in_):
+            raise ModelFormatError(f"The model at {path!r}: its vocabulary does not have one term "
+                                   "per feature; the file is damaged. Refit or re-save it.")
+        self.vocabulary_ = vocab
 
 
 def _finite_or_none(x):

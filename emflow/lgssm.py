@@ -14,26 +14,19 @@ emflow's common estimator surface.
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, NamedTuple
+from typing import Callable, Iterable, NamedTuple
 
 import numpy as np
 
-from . import __version__
 from . import store as _store
-from .base import ParamsMixin, check_choice, check_execution, check_int, check_real, rng_from
+from .base import check_choice, check_execution, check_int, check_real, rng_from
 from .cluster import engine_for
 from .data import DEFAULT_PARTITION_BYTES, SQUARE_LIMIT, is_zarr_path
-from .em import EMResult, IterationEvent, run_em
-from .errors import (
-    ConfigError,
-    DegenerateComponentWarning,
-    EmflowConvergenceWarning,
-    FeatureMismatchError,
-    NotFittedError,
-)
+from .em import IterationEvent
+from .errors import ConfigError, DegenerateComponentWarning, FeatureMismatchError
+from .estimator import EMEstimator, Output
 from .models import lgssm as M
 from .sequences import open_sequences, write_owned, write_step_outputs
 
@@ -103,7 +96,7 @@ def _state_part(values, offsets, params: M.LGSSMParams, out_url: str | None, kin
     return write_owned(out_url + "/values", m, start), write_owned(out_url + "/covariances", c, start)
 
 
-class LinearGaussianSSM(ParamsMixin):
+class LinearGaussianSSM(EMEstimator):
     """Linear-Gaussian state-space model (Kalman filter and smoother) fitted by EM.
 
     ``z_1 ~ N(mu0, V0)``, ``z_t = A z_{t-1} + w_t`` with ``w_t ~ N(0, Q)``, and
@@ -175,6 +168,15 @@ class LinearGaussianSSM(ParamsMixin):
         iteration, repaired covariances.
     """
 
+    family = FAMILY
+    data_kind = "sequences"
+    params_type = M.LGSSMParams
+    fitted = {f: f"{n}_" for f, n in zip(M.LGSSMParams._fields, _INIT_NAMES)}
+    outputs = {"smoothed_states": Output("smooth", True), "filtered_states": Output("filter")}
+    array_params = _INIT_NAMES
+    objective_name = "log-likelihood per step"
+    size_param = ("state_dim", "state dimension")
+
     def __init__(
         self,
         state_dim: int = 1,
@@ -218,7 +220,10 @@ class LinearGaussianSSM(ParamsMixin):
         self.split_every = split_every
         self.partition_bytes = partition_bytes
 
-    def _validate(self) -> frozenset:
+    def _validate_params(self) -> None:
+        self._em_vars()
+
+    def _em_vars(self) -> frozenset:
         check_int("state_dim", self.state_dim, 1)
         for name in ("transition_covariance_type", "observation_covariance_type"):
             check_choice(name, getattr(self, name), COVARIANCE_TYPES)
@@ -228,8 +233,8 @@ class LinearGaussianSSM(ParamsMixin):
         check_execution(self)
         return M.normalize_em_vars(self.em_vars)
 
-    def _initial_params(self, p: int) -> M.LGSSMParams:
-        k = int(self.state_dim)
+    def _initial_params(self, engine, loaded, rng) -> M.LGSSMParams:
+        k, p = int(self.state_dim), loaded.data.n_features
         defaults = (np.eye(k), np.eye(p, k), np.eye(k), np.eye(p), np.zeros(k), np.eye(k))
         given = [getattr(self, n) for n in _INIT_NAMES]
         vals = [d if g is None else np.asarray(g, dtype=np.float64) for g, d in zip(given, defaults)]
@@ -239,28 +244,19 @@ class LinearGaussianSSM(ParamsMixin):
                 raise ConfigError(f"{name} has shape {v.shape}; expected {d.shape}{where}.")
         return M.check_params(M.LGSSMParams(*vals))
 
-    def _check_fitted(self) -> None:
-        if not hasattr(self, "transition_matrix_"):
-            raise NotFittedError(
-                "This LinearGaussianSSM is not fitted yet. Call fit(X, lengths) first, or load a "
-                "saved model with emflow.load(path)."
-            )
-
     @property
     def _params(self) -> M.LGSSMParams:
         self._check_fitted()
-        return M.LGSSMParams(self.transition_matrix_, self.observation_matrix_, self.transition_covariance_,
-                             self.observation_covariance_, self.initial_state_mean_, self.initial_state_covariance_)
-
-    def _set_params(self, params: M.LGSSMParams) -> None:
-        (self.transition_matrix_, self.observation_matrix_, self.transition_covariance_,
-         self.observation_covariance_, self.initial_state_mean_, self.initial_state_covariance_) = params
+        return self._get_parameters()
 
     def _rng(self) -> np.random.Generator:
         return rng_from(self.random_state)
 
     # -- data ------------------------------------------------------------------------
-    def _open(self, engine, X, lengths):
+    def _open(self, engine, X, lengths=None):
+        return engine.load(self._sequences(engine, X, lengths), persist=self.persist)
+
+    def _sequences(self, engine, X, lengths):
         if is_zarr_path(X) and lengths is not None:
             raise ConfigError(
                 "lengths is for in-memory data only; a Zarr sequences group carries its own offsets."
@@ -293,76 +289,44 @@ class LinearGaussianSSM(ParamsMixin):
         -------
         self
         """
-        em_vars = self._validate()
-        callbacks = list(callbacks)
-        if self.verbose:
-            callbacks.append(_print_iteration)
-        with engine_for(self.scheduler, split_every=self.split_every) as engine:
-            seqs = self._open(engine, X, lengths)
-            loaded = engine.load(seqs, persist=self.persist)
-            try:
-                return self._fit_loaded(engine, loaded, em_vars, callbacks, initial_params, history)
-            finally:
-                loaded.release()
+        return self._fit(X, lengths, callbacks=callbacks, initial_params=initial_params, history=history)
 
-    def _fit_loaded(self, engine, loaded, em_vars, callbacks, initial_params, history):
+    def _check_start(self, params, loaded):
+        params = M.check_params(params)
         p = loaded.data.n_features
-        params = M.check_params(initial_params) if initial_params is not None else self._initial_params(p)
         if params.C.shape[0] != p:
             raise FeatureMismatchError(f"initial_params are for {params.C.shape[0]} feature(s) but the data have {p}.")
-        family = LGSSMFamily(em_vars, self.transition_covariance_type, self.observation_covariance_type,
-                             float(self.reg_covar))
-        warned: set = set()
+        return params
 
-        def watch(event: IterationEvent):
-            for name, jitter in event.report.get("repaired_covariances", {}).items():
-                if name not in warned:
-                    warned.add(name)
-                    warnings.warn(
-                        f"The learned {name} was not positive definite at iteration {event.iteration}; "
-                        f"added {jitter:.3g} to its diagonal. Consider reg_covar > 0, a smaller state_dim, "
-                        "or holding that parameter fixed.", DegenerateComponentWarning, stacklevel=2,
-                    )
-            for name in event.report.get("skipped", []):
-                if ("skip", name) not in warned:
-                    warned.add(("skip", name))
-                    warnings.warn(
-                        f"{name} was not updated: the data carry no information about it (every "
-                        "sequence has one step, or no value is observed). It keeps its given value.",
-                        DegenerateComponentWarning, stacklevel=2,
-                    )
+    def _em_family(self) -> LGSSMFamily:
+        return LGSSMFamily(self._em_vars(), self.transition_covariance_type, self.observation_covariance_type,
+                           float(self.reg_covar))
 
-        if self.max_iter == 0:
-            result = EMResult(params, [], False, 0, -math.inf)
-        else:
-            result = run_em(engine, loaded, family, params, tol=self.tol, max_iter=self.max_iter,
-                            callbacks=[watch, *callbacks], history=history)
-        if not result.converged and self.max_iter > 0:
-            warnings.warn(
-                f"EM did not converge in {self.max_iter} iterations (last change above tol={self.tol}). "
-                "Try increasing max_iter or tol.", EmflowConvergenceWarning, stacklevel=3,
-            )
-        self._set_params(result.params)
-        self.converged_, self.n_iter_ = bool(result.converged), int(result.n_iter)
-        self.lower_bound_ = float(result.lower_bound)
-        self.history_ = [float(v) for v in result.history]
-        self.n_features_in_ = p
-        repaired = sorted({k for r in result.reports for k in r.get("repaired_covariances", {})})
-        self.fit_info_ = {
-            "fingerprint": loaded.fingerprint,
-            "source": loaded.data.source,
+    def _watch(self, event: IterationEvent, warned: set) -> None:
+        for name, jitter in event.report.get("repaired_covariances", {}).items():
+            if name not in warned:
+                warned.add(name)
+                warnings.warn(
+                    f"The learned {name} was not positive definite at iteration {event.iteration}; "
+                    f"added {jitter:.3g} to its diagonal. Consider reg_covar > 0, a smaller state_dim, "
+                    "or holding that parameter fixed.", DegenerateComponentWarning, stacklevel=2,
+                )
+        for name in event.report.get("skipped", []):
+            if ("skip", name) not in warned:
+                warned.add(("skip", name))
+                warnings.warn(
+                    f"{name} was not updated: the data carry no information about it (every "
+                    "sequence has one step, or no value is observed). It keeps its given value.",
+                    DegenerateComponentWarning, stacklevel=2,
+                )
+
+    def _fit_info_extra(self, loaded, result) -> dict:
+        return {
             "n_sequences": int(loaded.data.n_sequences),
             "n_steps": int(loaded.data.n_rows),
-            "n_features": p,
-            "dtype": str(loaded.data.dtype),
-            "partitions": loaded.data.n_partitions,
-            "resident": bool(loaded.resident),
-            "engine": engine.describe(),
-            "em_vars": sorted(em_vars),
-            "seconds_per_iteration": [float(s) for s in result.seconds],
-            "repaired_covariances": repaired,
+            "em_vars": sorted(self._em_vars()),
+            "repaired_covariances": sorted({k for r in result.reports for k in r.get("repaired_covariances", {})}),
         }
-        return self
 
     # -- applying a fitted model -----------------------------------------------------
     def _check_features(self, p: int) -> None:
@@ -416,7 +380,7 @@ class LinearGaussianSSM(ParamsMixin):
         if out is not None:  # refuse before any work: nothing is replaced unasked
             _store.check_destination(out, "output", overwrite=overwrite, inputs=_store.output_inputs(self, X))
         with engine_for(self.scheduler, split_every=self.split_every) as engine:
-            seqs = self._open(engine, X, lengths)
+            seqs = self._sequences(engine, X, lengths)
             self._check_features(seqs.n_features)
             loaded = engine.load(seqs, persist=False)
             try:
@@ -447,7 +411,7 @@ class LinearGaussianSSM(ParamsMixin):
         """
         params = self._params
         with engine_for(self.scheduler, split_every=self.split_every) as engine:
-            seqs = self._open(engine, X, lengths)
+            seqs = self._sequences(engine, X, lengths)
             self._check_features(seqs.n_features)
             loaded = engine.load(seqs, persist=False)
             try:
@@ -499,18 +463,6 @@ class LinearGaussianSSM(ParamsMixin):
         return Forecast(*M.forecast(params, filt.filtered_means[-1], filt.filtered_covariances[-1], int(n_steps)))
 
     # -- persistence -----------------------------------------------------------------
-    def _config(self) -> dict[str, Any]:
-        cfg = {}
-        for k, v in _store.saved_config(self.get_params()).items():
-            if k in _INIT_NAMES and v is not None:
-                v = np.asarray(v, dtype=np.float64).tolist()
-            if k == "em_vars" and not isinstance(v, str):
-                v = list(v)
-            if isinstance(v, np.random.Generator | np.random.RandomState):
-                v = None
-            cfg[k] = v
-        return cfg
-
     @staticmethod
     def _array_spec(meta: dict) -> dict:
         """The arrays a saved state-space model holds: shapes and constraints (see store.RULES)."""
@@ -519,44 +471,3 @@ class LinearGaussianSSM(ParamsMixin):
                   "transition_covariance": ((k, k), ["psd"]), "observation_covariance": ((d, d), ["psd"]),
                   "initial_state_mean": ((k,), []), "initial_state_covariance": ((k, k), ["psd"])}
         return {n: shapes[n] for n in _INIT_NAMES}
-
-    def save(self, path, *, overwrite: bool = False) -> str:
-        """Save the fitted model as a Zarr group at ``path``; returns the path.
-
-        A model already at ``path`` is replaced only with ``overwrite=True`` (atomically);
-        anything else there, and the data it was fitted on, never are.
-        """
-        self._check_fitted()
-        arrays = dict(zip(_INIT_NAMES, self._params))
-        meta = {
-            "version": __version__,
-            "class": "LinearGaussianSSM",
-            "config": self._config(),
-            "fitted": {"converged": self.converged_, "n_iter": self.n_iter_, "lower_bound": self.lower_bound_,
-                       "n_features_in": self.n_features_in_},
-            "history": self.history_,
-            "dataset": getattr(self, "fit_info_", {}),
-        }
-        return _store.save_model(path, FAMILY, arrays, meta, overwrite=overwrite, inputs=_store.fit_inputs(self))
-
-    @classmethod
-    def load(cls, path) -> "LinearGaussianSSM":
-        """Load a model saved by :meth:`save`; arrays come back bit-identical, validated (scheduler None)."""
-        arrays, meta = _store.load_model(path, FAMILY, cls._array_spec)
-        with _store.loading(path):
-            cfg = dict(meta["config"])
-            for k in _INIT_NAMES:
-                if cfg.get(k) is not None:
-                    cfg[k] = np.asarray(cfg[k], dtype=np.float64)
-            model = cls(**{k: v for k, v in cfg.items() if k in cls._param_names()})
-            model._set_params(M.LGSSMParams(*(arrays[n] for n in _INIT_NAMES)))
-            _store.restore_fit_record(model, meta)
-        return model
-
-
-def _print_iteration(event: IterationEvent) -> None:
-    print(
-        f"iter {event.iteration:4d}  log-likelihood/step {event.log_likelihood:.10g}  "
-        f"change {event.change:.3g}  {event.seconds:.3f}s",
-        flush=True,
-    )

@@ -2,28 +2,22 @@
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 
 from . import __version__
 from . import store as _store
-from .base import ParamsMixin, check_choice, check_execution, check_int, check_real, rng_from
+from .base import check_choice, check_execution, check_int, check_real
 from .cluster import engine_for
 from .data import is_zarr_path
-from .em import EMResult, IterationEvent, run_em
+from .em import IterationEvent
 from .engine import Engine, Loaded, sample_rows
-from .errors import (
-    ConfigError,
-    DegenerateComponentWarning,
-    EmflowConvergenceWarning,
-    FeatureMismatchError,
-    NotFittedError,
-)
+from .errors import ConfigError, DegenerateComponentWarning, FeatureMismatchError
+from .estimator import EMEstimator, Output
 from .models import gmm as G
 from .models import kmeans as KM
 
@@ -89,7 +83,7 @@ def _predict_part(X, w, params, kind: str, out_url: str | None, start: int):
     return None
 
 
-class GaussianMixture(ParamsMixin):
+class GaussianMixture(EMEstimator):
     """Gaussian mixture model fitted by EM over partitions of a (possibly huge) dataset.
 
     Parameters follow :class:`sklearn.mixture.GaussianMixture`.
@@ -112,7 +106,11 @@ class GaussianMixture(ParamsMixin):
     means_init : array-like of shape (n_components, n_features), optional
     precisions_init : array-like, optional
         Shape (K, d, d) full, (d, d) tied, (K, d) diag, (K,) spherical.
-    random_state : int, numpy Generator or None
+    random_state : int, RandomState, numpy Generator or None
+        None draws from NumPy's global state (``np.random.seed`` makes it repeatable).
+    warm_start : bool, default False
+        Start each ``fit`` from the previous fit's parameters (one initialisation, ``n_init``
+        ignored), as scikit-learn's.
     verbose : int, default 0
         1 prints a line per iteration.
     scheduler : None, "threads", "local", address string or distributed.Client
@@ -143,13 +141,23 @@ class GaussianMixture(ParamsMixin):
     n_iter_ : int
     lower_bound_ : float
         Mean log-likelihood of the best fit's last E-step.
-    history_ : list of float
+    history_, lower_bounds_ : list of float
         Mean log-likelihood per iteration of the best fit.
     n_features_in_ : int
     fit_info_ : dict
         Dataset fingerprint and source, rows, time per iteration, where it ran, reports
         of degenerate components.
     """
+
+    family = FAMILY
+    data_kind = "rows"
+    params_type = G.GMMParams
+    fitted = {"weights": "weights_", "means": "means_", "covariances": "covariances_",
+              "precisions_cholesky": "precisions_cholesky_"}
+    outputs = {"labels": Output("predict", True), "proba": Output("predict_proba", True),
+               "log_likelihood": Output("score_samples")}
+    array_params = _INIT_ARRAYS
+    summary_arrays = {"weights": "weights_"}
 
     def __init__(
         self,
@@ -165,6 +173,7 @@ class GaussianMixture(ParamsMixin):
         means_init=None,
         precisions_init=None,
         random_state=None,
+        warm_start: bool = False,
         verbose: int = 0,
         scheduler=None,
         persist="auto",
@@ -183,6 +192,7 @@ class GaussianMixture(ParamsMixin):
         self.means_init = means_init
         self.precisions_init = precisions_init
         self.random_state = random_state
+        self.warm_start = warm_start
         self.verbose = verbose
         self.scheduler = scheduler
         self.persist = persist
@@ -201,6 +211,8 @@ class GaussianMixture(ParamsMixin):
         check_choice("init_params", self.init_params, INIT_PARAMS)
         check_execution(self)
         check_choice("compute_dtype", self.compute_dtype, ("float64", "float32"))
+        if not isinstance(self.warm_start, (bool, np.bool_)):
+            raise ConfigError(f"warm_start must be True or False, got {self.warm_start!r}.")
 
     def _check_inits(self, d: int) -> None:
         K, ct = self.n_components, self.covariance_type
@@ -233,16 +245,12 @@ class GaussianMixture(ParamsMixin):
     def _partitioning(self) -> dict:
         return {} if self.partition_bytes is None else {"partition_bytes": int(self.partition_bytes)}
 
-    def _check_fitted(self) -> None:
-        if not hasattr(self, "means_"):
-            raise NotFittedError(
-                "This GaussianMixture is not fitted yet. Call fit(data) first, or load a saved "
-                "model with emflow.load(path)."
-            )
+    def _parameter_settings(self) -> dict:
+        return {"covariance_type": self.covariance_type}
 
     @property
     def _params(self) -> G.GMMParams:
-        return G.GMMParams(self.weights_, self.means_, self.covariances_, self.precisions_cholesky_, self.covariance_type)
+        return self._get_parameters()
 
     @property
     def precisions_(self) -> np.ndarray:
@@ -255,9 +263,6 @@ class GaussianMixture(ParamsMixin):
         return pc**2
 
     # -- initialisation --------------------------------------------------------------
-    def _rng(self) -> np.random.Generator:
-        return rng_from(self.random_state)
-
     def _initial_params(self, engine: Engine, loaded: Loaded, rng: np.random.Generator) -> G.GMMParams:
         K, ct, reg = self.n_components, self.covariance_type, self.reg_covar
         d = loaded.data.n_features
@@ -341,87 +346,43 @@ class GaussianMixture(ParamsMixin):
         -------
         self
         """
-        self._validate_params()
-        callbacks = list(callbacks)
-        if self.verbose:
-            callbacks.append(_print_iteration)
-        with engine_for(self.scheduler, split_every=self.split_every) as engine:
-            loaded = engine.open(data, sample_weight, min_rows=self.n_components, persist=self.persist,
-                                 **self._partitioning())
-            try:
-                return self._fit_loaded(engine, loaded, callbacks, initial_params, history)
-            finally:
-                loaded.release()
+        return self._fit(data, sample_weight, callbacks=callbacks, initial_params=initial_params, history=history)
 
-    def _fit_loaded(self, engine, loaded, callbacks, initial_params=None, history=None):
-        d = loaded.data.n_features
-        self._check_inits(d)
-        family = GMMFamily(self.covariance_type, float(self.reg_covar), self.compute_dtype)
-        rng = self._rng()
-        best: EMResult | None = None
-        warned: set = set()
+    def _open(self, engine, data, sample_weight=None):
+        return engine.open(data, sample_weight, min_rows=self.n_components, persist=self.persist,
+                           **self._partitioning())
 
-        def watch(event: IterationEvent):
-            for k in event.report.get("empty_components", []):
-                if ("empty", k) not in warned:
-                    warned.add(("empty", k))
-                    warnings.warn(
-                        f"Component {k} lost all its points at iteration {event.iteration}; it keeps a "
-                        "weight of ~0. Use fewer components or another random_state.",
-                        DegenerateComponentWarning, stacklevel=2,
-                    )
-            for k, jitter in event.report.get("repaired_covariances", {}).items():
-                if ("cov", k) not in warned:
-                    warned.add(("cov", k))
-                    warnings.warn(
-                        f"Covariance of component {k} was not positive definite at iteration "
-                        f"{event.iteration}; added {jitter:.3g} to its diagonal. Consider increasing "
-                        "reg_covar or scaling the data.", DegenerateComponentWarning, stacklevel=2,
-                    )
+    def _prepare(self, engine, loaded) -> None:
+        self._check_inits(loaded.data.n_features)
 
-        if initial_params is not None and self.n_init != 1:
-            raise ConfigError("Resuming from initial_params needs n_init=1.")
-        for init in range(self.n_init):
-            params = initial_params if initial_params is not None else self._initial_params(engine, loaded, rng)
-            if self.max_iter == 0:
-                result = EMResult(params, [], False, 0, -math.inf)
-            else:
-                result = run_em(
-                    engine, loaded, family, params, tol=self.tol, max_iter=self.max_iter,
-                    callbacks=[watch, *callbacks], init=init, history=history,
+    def _em_family(self) -> GMMFamily:
+        return GMMFamily(self.covariance_type, float(self.reg_covar), self.compute_dtype)
+
+    def _watch(self, event: IterationEvent, warned: set) -> None:
+        for k in event.report.get("empty_components", []):
+            if ("empty", k) not in warned:
+                warned.add(("empty", k))
+                warnings.warn(
+                    f"Component {k} lost all its points at iteration {event.iteration}; it keeps a "
+                    "weight of ~0. Use fewer components or another random_state.",
+                    DegenerateComponentWarning, stacklevel=2,
                 )
-            if best is None or result.lower_bound > best.lower_bound:
-                best = result
-        assert best is not None
-        if not best.converged and self.max_iter > 0:
-            warnings.warn(
-                f"Best of {self.n_init} initialisation(s) did not converge in {self.max_iter} iterations "
-                f"(last change above tol={self.tol}). Try increasing max_iter or tol, or check the data.",
-                EmflowConvergenceWarning, stacklevel=3,
-            )
-        p = best.params
-        self.weights_, self.means_ = p.weights, p.means
-        self.covariances_, self.precisions_cholesky_ = p.covariances, p.precisions_cholesky
-        self.converged_, self.n_iter_ = bool(best.converged), int(best.n_iter)
-        self.lower_bound_ = float(best.lower_bound)
-        self.history_ = [float(v) for v in best.history]
-        self.n_features_in_ = d
-        degenerate = sorted({k for r in best.reports for k in r.get("empty_components", [])})
-        self.fit_info_ = {
-            "fingerprint": loaded.fingerprint,
-            "source": loaded.data.source,
+        for k, jitter in event.report.get("repaired_covariances", {}).items():
+            if ("cov", k) not in warned:
+                warned.add(("cov", k))
+                warnings.warn(
+                    f"Covariance of component {k} was not positive definite at iteration "
+                    f"{event.iteration}; added {jitter:.3g} to its diagonal. Consider increasing "
+                    "reg_covar or scaling the data.", DegenerateComponentWarning, stacklevel=2,
+                )
+
+    def _fit_info_extra(self, loaded, result) -> dict:
+        return {
             "n_samples": loaded.data.n_rows,
-            "n_features": d,
-            "dtype": str(loaded.data.dtype),
             "weight_sum": loaded.weight_sum,
             "weighted": bool(loaded.data.weighted),
-            "partitions": loaded.data.n_partitions,
-            "resident": bool(loaded.resident),
-            "engine": engine.describe(),
-            "seconds_per_iteration": [float(s) for s in best.seconds],
-            "empty_components": degenerate,
+            "empty_components": sorted({k for r in result.reports for k in r.get("empty_components", [])}),
         }
-        return self
 
     def fit_predict(self, data, y=None, sample_weight=None, **kwargs):
         """Fit, then return the component label of each row (in-memory result)."""
@@ -548,7 +509,7 @@ class GaussianMixture(ParamsMixin):
         self._check_fitted()
         if n_samples < 1:
             raise ConfigError(f"n_samples must be >= 1, got {n_samples}.")
-        rng = self._rng()
+        rng = np.random.default_rng(self._seed())
         counts = rng.multinomial(n_samples, self.weights_ / self.weights_.sum())
         d = self.means_.shape[1]
         ct = self.covariance_type
@@ -569,16 +530,6 @@ class GaussianMixture(ParamsMixin):
         return np.vstack(Xs), np.concatenate(ys)
 
     # -- persistence -----------------------------------------------------------------
-    def _config(self) -> dict[str, Any]:
-        cfg = {}
-        for k, v in _store.saved_config(self.get_params()).items():
-            if isinstance(v, np.ndarray) or k in _INIT_ARRAYS and v is not None:
-                v = np.asarray(v, dtype=np.float64).tolist()
-            if isinstance(v, np.random.Generator | np.random.RandomState):
-                v = None
-            cfg[k] = v
-        return cfg
-
     @staticmethod
     def _array_spec(meta: dict) -> dict:
         """The arrays a saved mixture holds: shapes from its configuration, constraints (see store.RULES)."""
@@ -592,60 +543,3 @@ class GaussianMixture(ParamsMixin):
             "covariances": (cov, ["spd"] if matrix else ["positive"]),
             "precisions_cholesky": (cov, ["cholesky"] if matrix else ["positive"]),
         }
-
-    def save(self, path, *, overwrite: bool = False) -> str:
-        """Save the fitted model as a Zarr group at ``path``; returns the path.
-
-        A model already at ``path`` is replaced only with ``overwrite=True`` (atomically:
-        readers see the old model or the new one); anything else there (a dataset, other
-        files) is never replaced, nor the data the model was fitted on.
-        """
-        self._check_fitted()
-        arrays = {
-            "weights": self.weights_, "means": self.means_, "covariances": self.covariances_,
-            "precisions_cholesky": self.precisions_cholesky_,
-        }
-        meta = {
-            "version": __version__,
-            "class": "GaussianMixture",
-            "config": self._config(),
-            "fitted": {
-                "converged": self.converged_, "n_iter": self.n_iter_, "lower_bound": self.lower_bound_,
-                "n_features_in": self.n_features_in_,
-            },
-            "history": self.history_,
-            "dataset": getattr(self, "fit_info_", {}),
-        }
-        return _store.save_model(path, FAMILY, arrays, meta, overwrite=overwrite, inputs=_store.fit_inputs(self))
-
-    @classmethod
-    def load(cls, path) -> "GaussianMixture":
-        """Load a model saved by :meth:`save`; arrays come back bit-identical, validated.
-
-        The model computes where the caller says (``scheduler=None`` unless set): a saved
-        model never carries a scheduler.
-        """
-        arrays, meta = _store.load_model(path, FAMILY, cls._array_spec)
-        with _store.loading(path):
-            cfg = dict(meta["config"])
-            for k in _INIT_ARRAYS:
-                if cfg.get(k) is not None:
-                    cfg[k] = np.asarray(cfg[k])
-            if isinstance(cfg.get("n_init"), float) and cfg["n_init"].is_integer():
-                cfg["n_init"] = int(cfg["n_init"])  # format-1 files stored it as a float
-            model = cls(**{k: v for k, v in cfg.items() if k in cls._param_names()})
-            model._validate_params()
-            model.weights_ = arrays["weights"]
-            model.means_ = arrays["means"]
-            model.covariances_ = arrays["covariances"]
-            model.precisions_cholesky_ = arrays["precisions_cholesky"]
-            _store.restore_fit_record(model, meta)
-        return model
-
-
-def _print_iteration(event: IterationEvent) -> None:
-    print(
-        f"init {event.init} iter {event.iteration:4d}  log-likelihood {event.log_likelihood:.10g}  "
-        f"change {event.change:.3g}  {event.seconds:.3f}s",
-        flush=True,
-    )

@@ -1,7 +1,8 @@
 """What a fitted model writes when applied to a dataset, for every family.
 
-``emflow predict`` and the scoring flow (flows/score.py) both go through this table, so a
-family's outputs are named the same everywhere. Every output is written to Zarr chunk by
+``emflow predict`` and the scoring flow (flows/score.py) both read the family's declared
+``outputs`` (a class attribute of its estimator), so a family's outputs are named the same
+everywhere and a new family needs no entry here. Every output is written to Zarr chunk by
 chunk by the estimator's own method (``out=``); sequence families write a sequence store
 (a group: per-step ``values`` beside the input's ``offsets``).
 """
@@ -12,29 +13,22 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["OUTPUTS", "outputs_of", "check_outputs", "write_output"]
+__all__ = ["outputs_of", "check_outputs", "write_output"]
 
-_MIXTURE = {"labels": "predict", "proba": "predict_proba", "log_likelihood": "score_samples"}
-_HMM = {"labels": "predict", "proba": "predict_proba"}
-
-# estimator class -> ({output: the method that writes it}, default outputs)
-OUTPUTS: dict[str, tuple[dict[str, str], list[str]]] = {
-    "GaussianMixture": (_MIXTURE, ["labels", "proba"]),
-    "GaussianHMM": (_HMM, ["labels", "proba"]),
-    "CategoricalHMM": (_HMM, ["labels", "proba"]),
-    "LatentDirichletAllocation": ({"topics": "transform"}, ["topics"]),
-    "LinearGaussianSSM": ({"smoothed_states": "smooth", "filtered_states": "filter"}, ["smoothed_states"]),
-}
 # earlier names still accepted
 _ALIASES = {"score": "log_likelihood"}
 
 
 def outputs_of(model) -> tuple[dict[str, str], list[str]]:
-    """``({output: method}, default outputs)`` of a fitted estimator."""
-    name = type(model).__name__
-    if name not in OUTPUTS:
-        raise ConfigError(f"A {name} has no outputs to write to Zarr (emflow writes those of {', '.join(OUTPUTS)}).")
-    return OUTPUTS[name]
+    """``({output: method}, default outputs)`` of a fitted estimator, from its family's
+    declared ``outputs`` (see :class:`emflow.estimator.Output`)."""
+    declared = getattr(type(model), "outputs", None)
+    if not declared:
+        from .estimator import REGISTRY
+
+        names = ", ".join(c.__name__ for c in REGISTRY.values() if c.outputs)
+        raise ConfigError(f"A {type(model).__name__} has no outputs to write to Zarr (emflow writes those of {names}).")
+    return {k: o.method for k, o in declared.items()}, [k for k, o in declared.items() if o.default]
 
 
 def check_outputs(model, wanted: list[str] | None, where: str = "the model") -> list[str]:

@@ -179,12 +179,14 @@ def _select(engine, loaded, proto, n_init, tol, reg, max_iter, callbacks) -> Sel
     N, d = loaded.data.n_rows, loaded.data.n_features
     bytes_per_pass = loaded.data.nbytes + (8 * N if loaded.data.weighted else 0)
     passes = 1  # the opening scan (validation + fingerprint)
-    rngs = [gm._rng() for gm in proto]
+    # restart r of candidate c draws from the rng GaussianMixture.fit gives its restart r
+    seeds = [gm._seed() for gm in proto]
     units: list[_Unit] = []
 
     # -- initialisation: shared sampling pass per restart round, joint k-means, joint hard stats
     for r in range(n_init):
         round_units = [_Unit(c, r, gm.n_components, gm.covariance_type) for c, gm in enumerate(proto)]
+        rngs = [gm._restart_rng(seeds[c], r) for c, gm in enumerate(proto)]
         idx = []
         for u in round_units:
             n = min(max(SAMPLE_ROWS, 50 * u.K), N)

@@ -397,7 +397,7 @@ class LDAFamily:
     """Batch variational LDA as an EM family (for :func:`emflow.em.run_em`).
 
     Takes the E-step context: the training E-step starts each document at Gamma(100, 0.01)
-    draws keyed by ``(context.seed, context.iteration)`` and the document's global index
+    draws keyed by ``(*context.seed, context.iteration)`` and the document's global index
     (``context.start + i``), so the same for any partitioning; ``random_doc_init=False``
     starts every document at ones. The objective is the bound per word of the parameters
     the E-step ran with (its topic-prior term depends on the parameters only).
@@ -427,7 +427,7 @@ class LDAFamily:
         return self.doc_topic_prior if params.doc_topic_prior is None else params.doc_topic_prior
 
     def e_step(self, entries, indptr, params: LDAParams, context) -> LDAStats:
-        seed = (context.seed, context.iteration) if self.random_doc_init else None
+        seed = (*np.atleast_1d(context.seed).tolist(), context.iteration) if self.random_doc_init else None
         return e_step(entries, indptr, params, self.prior(params), self.max_doc_update_iter,
                       self.mean_change_tol, seed, context.start)
 

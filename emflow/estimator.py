@@ -1,0 +1,415 @@
+"""The estimator contract: one base class for every EM family, and the registry of families.
+
+A family's estimator declares what it is (class attributes) and fills a few hooks; this base
+owns everything every family shares, as scikit-learn's ``BaseMixture`` does for its mixtures:
+
+========================  ================================================================
+declared by the family    ``family`` (registry key, stored in models and checkpoints),
+                          ``data_kind`` ("rows", "sequences", "corpus"), ``params_type``
+                          (the parameter NamedTuple of its math module), ``fitted``
+                          (parameter field -> fitted attribute), ``outputs`` (what ``out=``
+                          writes), ``iter_param`` (``max_iter``; hmmlearn says ``n_iter``),
+                          ``array_params`` (constructor parameters that hold arrays)
+hooks it fills            ``_validate_params``, ``_open``, ``_em_family``,
+                          ``_initial_params``, ``_n_parameters``, ``_array_spec``;
+                          optionally ``_prepare``, ``_watch``, ``_em_tol``,
+                          ``_fit_info_extra``, ``_after_fit``, ``_meta_extra``,
+                          ``_after_load``, ``_contract_example``
+the base provides         the fit driver (engine session, ``n_init`` restarts with the best
+                          lower bound, ``warm_start``, ``max_iter == 0``, one convergence
+                          warning, fitted attributes, ``lower_bounds_``, one ``fit_info_``
+                          schema), ``init_params_for`` (the start of restart r, for the
+                          flows), ``_get_parameters``/``_set_parameters``,
+                          ``_check_fitted``, ``save``/``load`` through one config codec,
+                          and registration in :data:`REGISTRY`, which ``emflow.load``,
+                          checkpoints, outputs and the command line read
+========================  ================================================================
+
+Restart ``r`` of a fit draws its initialisation from ``numpy.random.default_rng([seed, r])``
+where ``seed`` is drawn once per fit from ``random_state`` with scikit-learn's
+``check_random_state`` (so ``random_state=None`` honours ``np.random.seed``). A flow that runs
+the restarts as separate tasks therefore reproduces ``fit(n_init=R)`` exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Iterable
+
+import numpy as np
+from sklearn.base import BaseEstimator
+from sklearn.utils import check_random_state
+
+from . import __version__
+from . import store as _store
+from .em import EMResult, IterationEvent, run_em
+from .errors import ConfigError, EmflowConvergenceWarning, NotFittedError
+
+__all__ = ["EMEstimator", "Output", "REGISTRY", "family_of", "print_iteration"]
+
+REGISTRY: dict[str, type["EMEstimator"]] = {}
+"""Every registered family: ``family`` name -> estimator class (filled by subclassing)."""
+
+
+@dataclass(frozen=True)
+class Output:
+    """One output a fitted model writes to Zarr (``out=``): the method that computes it and
+    whether ``emflow predict`` / the scoring flow write it when none is named."""
+
+    method: str
+    default: bool = False
+
+
+def family_of(name: str) -> type["EMEstimator"]:
+    """The estimator class registered under ``name`` (a KeyError naming the known ones)."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"No emflow family {name!r}; known: {', '.join(sorted(REGISTRY))}.") from None
+
+
+def print_iteration(event: IterationEvent) -> None:
+    """The per-iteration line ``verbose=1`` prints, the same for every family."""
+    print(
+        f"init {event.init} iter {event.iteration:4d}  objective {event.log_likelihood:.10g}  "
+        f"change {event.change:.3g}  {event.seconds:.3f}s",
+        flush=True,
+    )
+
+
+class EMEstimator(BaseEstimator):
+    """Base class of every emflow estimator (see the module docstring for the contract)."""
+
+    family: ClassVar[str] = ""
+    data_kind: ClassVar[str] = "rows"
+    params_type: ClassVar[type | None] = None
+    fitted: ClassVar[dict[str, str]] = {}
+    outputs: ClassVar[dict[str, Output]] = {}
+    iter_param: ClassVar[str] = "max_iter"
+    array_params: ClassVar[tuple[str, ...]] = ()
+    # how `emflow info` / `emflow fit` describe a fitted model
+    objective_name: ClassVar[str] = "mean log-likelihood"
+    size_param: ClassVar[tuple[str, str]] = ("n_components", "components")
+    summary_arrays: ClassVar[dict[str, str]] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        name = cls.__dict__.get("family")
+        if name:
+            known = REGISTRY.get(name)
+            if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
+                raise TypeError(f"Family {name!r} is already registered by {known.__module__}.{known.__qualname__}.")
+            REGISTRY[name] = cls
+
+    # -- scikit-learn plumbing -------------------------------------------------------------
+    @classmethod
+    def _param_names(cls) -> list[str]:
+        return cls._get_param_names()
+
+    def set_params(self, **params):
+        valid = self._get_param_names()
+        bad = [k for k in params if k.split("__")[0] not in valid]
+        if bad:
+            raise ConfigError(f"Unknown parameter {bad[0]!r} for {type(self).__name__}; valid: {valid}.")
+        return super().set_params(**params)
+
+    def __sklearn_is_fitted__(self) -> bool:
+        return self._is_fitted()
+
+    # -- hooks (a family overrides these) --------------------------------------------------
+    def _validate_params(self) -> None:  # noqa: D401 - scikit-learn's name for it
+        """Raise a ConfigError naming the first invalid constructor parameter."""
+
+    def _open(self, engine, data, *fit_args):
+        raise NotImplementedError
+
+    def _em_family(self):
+        raise NotImplementedError
+
+    def _initial_params(self, engine, loaded, rng: np.random.Generator):
+        raise NotImplementedError
+
+    def _n_parameters(self) -> int:
+        raise NotImplementedError
+
+    def _prepare(self, engine, loaded) -> None:
+        """Checks and data-derived settings before the first E-step (feature counts...)."""
+
+    def _watch(self, event: IterationEvent, warned: set) -> None:
+        """Warn (once per cause) about what the M-step report says (degenerate states...)."""
+
+    def _check_start(self, params, loaded):
+        """Check (and normalise) parameters given to resume from (``initial_params``)."""
+        return params
+
+    def _em_tol(self, loaded) -> float:
+        return float(self.tol)
+
+    def _em_stop(self, loaded):
+        """Another stop rule for run_em (``stop(history) -> bool``); None: ``_em_tol``'s."""
+        return None
+
+    def _print_iteration(self, event: IterationEvent) -> None:
+        """The line ``verbose`` prints after each iteration."""
+        print_iteration(event)
+
+    def _warn_unconverged(self, restarts: int, max_iter: int) -> None:
+        warnings.warn(
+            f"{type(self).__name__}: the best of {restarts} initialisation(s) did not converge in "
+            f"{self.iter_param}={max_iter} iterations (the last change was above tol={self.tol}). "
+            f"Increase {self.iter_param} or tol, or check the data.",
+            EmflowConvergenceWarning, stacklevel=5,
+        )
+
+    def _fit_info_extra(self, loaded, result: EMResult) -> dict:
+        return {}
+
+    def _after_fit(self, loaded, result: EMResult) -> None:
+        pass
+
+    def _meta_extra(self) -> dict:
+        return {}
+
+    def _after_load(self, meta: dict) -> None:
+        pass
+
+    def _summary(self) -> dict[str, str]:
+        """Rows (label -> text) describing the fitted model, for the command line."""
+        param, label = self.size_param
+        rows = {label: str(getattr(self, param))}
+        if getattr(self, "covariance_type", None):
+            rows["covariance"] = str(self.covariance_type)
+        rows["converged"] = f"{self.converged_} after {self.n_iter_} iterations"
+        rows[self.objective_name] = f"{self.lower_bound_:.10g}"
+        for lab, attr in self.summary_arrays.items():
+            if getattr(self, attr, None) is not None:
+                rows[lab] = np.array2string(np.asarray(getattr(self, attr)), precision=4)
+        return rows
+
+    @classmethod
+    def _contract_example(cls, rng: np.random.Generator) -> tuple[tuple, dict]:
+        """``(fit_args, init_kwargs)``: a small dataset and constructor keywords for the
+        shipped contract test (:mod:`emflow.testing`)."""
+        raise NotImplementedError
+
+    # -- parameters <-> fitted attributes --------------------------------------------------
+    def _is_fitted(self) -> bool:
+        return all(hasattr(self, attr) for attr in self.fitted.values())
+
+    def _check_fitted(self) -> None:
+        if not self._is_fitted():
+            raise NotFittedError(
+                f"This {type(self).__name__} is not fitted yet. Call fit(data) first, or load a saved "
+                "model with emflow.load(path)."
+            )
+
+    def _get_parameters(self):
+        values = {f: getattr(self, a) for f, a in self.fitted.items()}
+        return self.params_type(**values, **self._parameter_settings())
+
+    def _parameter_settings(self) -> dict:
+        """Non-array fields of the parameter NamedTuple (e.g. ``covariance_type``)."""
+        return {}
+
+    def _set_parameters(self, params) -> None:
+        for f, a in self.fitted.items():
+            setattr(self, a, getattr(params, f))
+
+    # -- the fit driver ----------------------------------------------------------------------
+    def _seed(self) -> int:
+        rs = self.random_state
+        if isinstance(rs, np.random.Generator):
+            return int(rs.integers(2**32))
+        return int(check_random_state(rs).randint(2**32 - 1, dtype=np.int64))
+
+    @staticmethod
+    def _restart_rng(seed: int, init: int) -> np.random.Generator:
+        return np.random.default_rng([seed, init])
+
+    def _session(self):
+        from .cluster import engine_for
+
+        return engine_for(self.scheduler, split_every=self.split_every)
+
+    def _fit(self, data, *fit_args, callbacks: Iterable[Callable[[IterationEvent], None]] = (),
+             initial_params=None, history: list[float] | None = None):
+        """What every family's ``fit`` does: open the data, run EM, set the fitted state."""
+        self._validate_params()
+        callbacks = list(callbacks)
+        if getattr(self, "verbose", 0):
+            callbacks.append(self._print_iteration)
+        with self._session() as engine:
+            loaded = self._open(engine, data, *fit_args)
+            try:
+                return self._fit_loaded(engine, loaded, callbacks, initial_params, history)
+            finally:
+                loaded.release()
+
+    def init_params_for(self, data, *fit_args, init: int = 0, seed: int | None = None):
+        """The starting parameters of restart ``init`` of ``fit(data, ...)`` (what
+        ``fit(n_init=R)`` starts restart ``init`` from, for the same ``random_state`` or
+        ``seed``): the flows run each restart as its own checkpointed task with these."""
+        self._validate_params()
+        seed = self._seed() if seed is None else int(seed)
+        with self._session() as engine:
+            loaded = self._open(engine, data, *fit_args)
+            try:
+                self._prepare(engine, loaded)
+                return self._initial_params(engine, loaded, self._restart_rng(seed, init))
+            finally:
+                loaded.release()
+
+    def _fit_loaded(self, engine, loaded, callbacks, initial_params=None, history=None):
+        self._prepare(engine, loaded)
+        n_init = int(getattr(self, "n_init", 1))
+        warm = bool(getattr(self, "warm_start", False)) and self._is_fitted()
+        if initial_params is not None and n_init != 1 and not warm:
+            raise ConfigError("Resuming from initial_params needs n_init=1.")
+        max_iter = int(getattr(self, self.iter_param))
+        family = self._em_family()
+        warned: set = set()
+
+        def watch(event):
+            self._watch(event, warned)
+
+        restarts = 1 if (initial_params is not None or warm) else n_init
+        # drawn when resuming too: the E-step context's seed ((seed, restart)) must be the same
+        seed = self._seed()
+        best: EMResult | None = None
+        for init in range(restarts):
+            if initial_params is not None:
+                params = self._check_start(initial_params, loaded)
+            elif warm:
+                params = self._get_parameters()
+            else:
+                params = self._initial_params(engine, loaded, self._restart_rng(seed, init))
+            if max_iter == 0:
+                past = list(history or [])
+                result = EMResult(params, past, False, len(past), past[-1] if past else -math.inf)
+            else:
+                stop = self._em_stop(loaded)
+                result = run_em(engine, loaded, family, params, tol=None if stop is not None else self._em_tol(loaded),
+                                stop=stop, max_iter=max_iter, callbacks=[watch, *callbacks], init=init,
+                                history=history, seed=(seed, init))
+            if best is None or result.lower_bound > best.lower_bound:
+                best = result
+        assert best is not None
+        if not best.converged and max_iter > 0:
+            self._warn_unconverged(restarts, max_iter)
+        return self._set_fit_result(best, loaded, engine, restarts=restarts)
+
+    def _set_fit_result(self, result: EMResult, loaded, engine, *, restarts: int = 1, **info):
+        """The fitted state from an EM result, the same for every family and every caller
+        (the fit driver, model selection, the flows): parameters, ``converged_``,
+        ``n_iter_``, ``lower_bound_``, ``history_``, ``lower_bounds_``, ``n_features_in_`` and
+        ``fit_info_`` (common keys, then the family's, then ``info``)."""
+        self._set_parameters(result.params)
+        self.converged_ = bool(result.converged)
+        self.n_iter_ = int(result.n_iter)
+        self.lower_bound_ = float(result.lower_bound)
+        self.history_ = [float(v) for v in result.history]
+        self.lower_bounds_ = list(self.history_)
+        self.n_features_in_ = int(loaded.data.n_features)
+        self.fit_info_ = {
+            "fingerprint": loaded.fingerprint,
+            "source": loaded.data.source,
+            "n_features": int(loaded.data.n_features),
+            "dtype": str(loaded.data.dtype),
+            "partitions": loaded.data.n_partitions,
+            "resident": bool(loaded.resident),
+            "engine": engine.describe(),
+            "n_init": int(restarts),
+            "seconds_per_iteration": [float(s) for s in result.seconds],
+            **self._fit_info_extra(loaded, result),
+            **info,
+        }
+        self._after_fit(loaded, result)
+        return self
+
+    # -- persistence -------------------------------------------------------------------------
+    def _arrays(self) -> dict[str, np.ndarray]:
+        """The arrays a saved model holds, named after their fitted attributes (``means_``
+        is stored as ``means``)."""
+        return {a.strip("_"): np.asarray(getattr(self, a)) for a in self.fitted.values()}
+
+    def _config(self) -> dict[str, Any]:
+        """The constructor parameters, JSON-ready: arrays as ``{"__array__": list}``, a
+        Generator or RandomState as None (it cannot be stored), execution keys dropped."""
+        cfg = {}
+        for k, v in _store.saved_config(self.get_params(deep=False)).items():
+            if isinstance(v, (np.random.Generator, np.random.RandomState)):
+                v = None
+            elif isinstance(v, np.ndarray) or (k in self.array_params and v is not None):
+                v = {"__array__": np.asarray(v, dtype=np.float64).tolist()}
+            elif isinstance(v, tuple):
+                v = list(v)
+            cfg[k] = v
+        return cfg
+
+    @classmethod
+    def _decode_config(cls, config: dict) -> dict[str, Any]:
+        names = cls._get_param_names()
+        cfg = {}
+        for k, v in config.items():
+            if k not in names:
+                continue
+            if isinstance(v, dict) and "__array__" in v:
+                v = np.asarray(v["__array__"], dtype=np.float64)
+            elif k in cls.array_params and isinstance(v, list):  # format 1 stored plain lists
+                v = np.asarray(v, dtype=np.float64)
+            elif isinstance(v, float) and v.is_integer() and k in ("n_init", "n_components"):
+                v = int(v)  # format-1 files stored some counts as floats
+            cfg[k] = v
+        return cfg
+
+    def save(self, path, *, overwrite: bool = False) -> str:
+        """Save the fitted model as a Zarr group at ``path``; returns the path.
+
+        A model already at ``path`` is replaced only with ``overwrite=True`` (atomically:
+        readers see the old model or the new one); anything else there (a dataset, other
+        files) is never replaced, nor the data the model was fitted on.
+        """
+        self._check_fitted()
+        meta = {
+            "version": __version__,
+            "class": type(self).__name__,
+            "config": self._config(),
+            "fitted": {"converged": self.converged_, "n_iter": self.n_iter_, "lower_bound": self.lower_bound_,
+                       "n_features_in": int(self.n_features_in_)},
+            "history": self.history_,
+            "dataset": getattr(self, "fit_info_", {}),
+            **self._meta_extra(),
+        }
+        return _store.save_model(path, self.family, self._arrays(), meta, overwrite=overwrite,
+                                 inputs=_store.fit_inputs(self))
+
+    @classmethod
+    def load(cls, path):
+        """Load a model saved by :meth:`save`; arrays come back bit-identical, validated.
+
+        The model computes where the caller says (``scheduler=None`` unless set): a saved
+        model never carries a scheduler.
+        """
+        arrays, meta = _store.load_model(path, cls.family, cls._array_spec)
+        with _store.loading(path):
+            fitted = meta["fitted"]
+            if "n_features_in" not in fitted and "n_features" in fitted:  # older HMM models
+                fitted["n_features_in"] = fitted["n_features"]
+            model = cls(**cls._decode_config(meta["config"]))
+            model._validate_params()
+            model._restore_arrays(arrays, meta)
+            _store.restore_fit_record(model, meta)
+            model.lower_bounds_ = list(model.history_)
+            model._after_load(meta)
+        return model
+
+    def _restore_arrays(self, arrays: dict[str, np.ndarray], meta: dict) -> None:
+        for a in self.fitted.values():
+            setattr(self, a, arrays[a.strip("_")])
+
+    # -- scores every family shares -----------------------------------------------------------
+    def _information(self, loglik: float, n: float, penalty: str) -> float:
+        k = self._n_parameters()
+        return -2 * loglik + k * (np.log(n) if penalty == "bic" else 2.0)
