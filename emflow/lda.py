@@ -12,6 +12,7 @@ the perplexity) of the topics entering iteration ``i + 1``.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import warnings
@@ -342,10 +343,16 @@ class LatentDirichletAllocation(ClassNamePrefixFeaturesOutMixin, EMEstimator):
     def _em_stop(self, loaded) -> M.PerplexityStop:
         return M.PerplexityStop(int(self.evaluate_every), float(self.perp_tol))
 
+    def _seed(self) -> int:
+        # scikit-learn draws the initial topics first from random_state (random_state_); the
+        # seed of the E-step's document starts is drawn from a copy, so the topics drawn
+        # next are scikit-learn's for an int, a RandomState or None (np.random.seed) alike
+        self.random_state_ = self._random_state()
+        return int(copy.deepcopy(self.random_state_).randint(MAX_SEED, dtype=np.int64))
+
     def _initial_params(self, engine, loaded, rng) -> M.LDAParams:
-        # scikit-learn's draw from random_state itself (not the restart's rng): an int gives
-        # scikit-learn's initial topics
-        return M.make_params(M.init_components(int(self.n_components), loaded.data.n_terms, self._random_state()))
+        # from random_state_ (see _seed), not the restart's rng: LDA has no restarts
+        return M.make_params(M.init_components(int(self.n_components), loaded.data.n_terms, self.random_state_))
 
     def _check_start(self, params, loaded) -> M.LDAParams:
         K, V = int(self.n_components), loaded.data.n_terms
