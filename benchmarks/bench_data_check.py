@@ -3,7 +3,7 @@
 A streamed fit (``persist=False``) re-reads every partition each iteration; emflow
 recomputes a 64-bit positional hash of the partition (one of the two the opening scan
 computed for the fingerprint) and compares, so data that change during the fit stop it. This script times
-the same fit with the check and with it switched off (``emflow.data.checked_handles``
+the same fit with the check and with it switched off (``emflow.storage.data.checked_handles``
 replaced by the bare loaders), in alternating runs, and prints the median seconds per
 iteration of each, plus the digest's own throughput on one partition.
 
@@ -20,8 +20,8 @@ import time
 import numpy as np
 
 import emflow
-import emflow.data as D
-from emflow.synthetic.gmm import write_gmm
+import emflow.storage.data as D
+from emflow.storage.synthetic.gmm import write_gmm
 
 
 def fit_seconds(path, args, check: bool) -> list[float]:

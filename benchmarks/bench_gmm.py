@@ -9,7 +9,7 @@ One command regenerates ``benchmarks/RESULTS.md``, ``benchmarks/results.json`` a
     python benchmarks/bench_gmm.py --grid full      # up to 10 million rows (long; needs ~10 GB)
 
 For every case (rows n, features d, components K, covariance type) the data are generated
-once into Zarr (``emflow.synthetic.write_gmm``); scikit-learn reads the same values into
+once into Zarr (``emflow.storage.synthetic.write_gmm``); scikit-learn reads the same values into
 memory and Spark reads the same values from a raw binary copy. All systems start from the
 same parameters (the true ones, perturbed) with ``reg_covar=0`` (Spark MLlib has none) and
 run the same number of iterations. Each system runs in its own subprocess, so its peak
@@ -223,7 +223,7 @@ def run_emflow(case: dict, out: str, variant: str):
     import emflow
     from distributed import Client
 
-    from emflow.cluster import local_cluster
+    from emflow.execution.cluster import local_cluster
 
     g, truth = _load_case(case)
     ct, K, N = case["ct"], case["K"], case["iters"] + 1
@@ -345,7 +345,7 @@ def run_tiny(system: str, out: str, iters: int):
         import emflow
         from distributed import Client
 
-        from emflow.cluster import local_cluster
+        from emflow.execution.cluster import local_cluster
 
         t0 = time.perf_counter()
         with local_cluster(silence_logs=40) as cluster, Client(cluster) as client:
@@ -470,7 +470,7 @@ def java_version() -> str:
 
 
 def prepare_case(case: dict, datadir: str, need_raw: bool) -> dict:
-    from emflow.synthetic.gmm import write_gmm
+    from emflow.storage.synthetic.gmm import write_gmm
 
     path = os.path.join(datadir, case_id(case) + ".zarr")
     if not os.path.exists(path):

@@ -28,8 +28,8 @@ def main(argv=None):
 
     from hmmlearn import hmm as hl
 
-    from emflow.hmm import CategoricalHMM, GaussianHMM
-    from emflow.synthetic.hmm import make_hmm_params, sample_hmm
+    from emflow.estimators.hmm import CategoricalHMM, GaussianHMM
+    from emflow.storage.synthetic.hmm import make_hmm_params, sample_hmm
 
     rng = np.random.default_rng(0)
     lengths = rng.integers(args.min_length, args.max_length + 1, size=args.sequences)

@@ -1,6 +1,6 @@
 """Benchmark: emflow LatentDirichletAllocation against scikit-learn's batch LDA (and gensim if installed).
 
-Writes a synthetic LDA corpus (emflow.synthetic.lda.write_lda), fits each library for the
+Writes a synthetic LDA corpus (emflow.storage.synthetic.lda.write_lda), fits each library for the
 same number of batch iterations from the same settings, and prints a markdown table of
 wall time, seconds per iteration and training perplexity (every system's topics scored by
 one evaluator: emflow's ``perplexity``, whose E-step starts from ones). emflow starts from
@@ -40,9 +40,9 @@ def main(argv=None) -> str:
 
     from sklearn.decomposition import LatentDirichletAllocation as SkLDA
 
-    from emflow.corpus import open_corpus, read_corpus
-    from emflow.lda import LatentDirichletAllocation
-    from emflow.synthetic.lda import write_lda
+    from emflow.storage.corpus import open_corpus, read_corpus
+    from emflow.estimators.lda import LatentDirichletAllocation
+    from emflow.storage.synthetic.lda import write_lda
 
     root = args.out or tempfile.mkdtemp(prefix="bench-lda-")
     path = os.path.join(root, "corpus.zarr")

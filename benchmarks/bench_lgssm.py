@@ -29,9 +29,9 @@ def main(argv=None):
     ap.add_argument("--scheduler", default="threads")
     args = ap.parse_args(argv)
 
-    from emflow.lgssm import LinearGaussianSSM
+    from emflow.estimators.lgssm import LinearGaussianSSM
     from emflow.models import lgssm as M
-    from emflow.synthetic.lgssm import make_lgssm_params, sample_lgssm
+    from emflow.storage.synthetic.lgssm import make_lgssm_params, sample_lgssm
 
     k, p = args.state_dim, args.features
     truth = make_lgssm_params(k, p, seed=0)

@@ -58,8 +58,8 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
 import emflow  # noqa: E402
-from emflow import data as _data  # noqa: E402
-from emflow.engine import Engine  # noqa: E402
+from emflow.storage import data as _data  # noqa: E402
+from emflow.execution.engine import Engine  # noqa: E402
 from emflow.models import gmm as G  # noqa: E402
 
 ROWS_PER_PARTITION = 4
@@ -345,7 +345,7 @@ def costs(results: dict) -> dict:
 
 def model(results: dict) -> list[dict]:
     """Seconds per iteration of the engine's work on MODEL's cluster, per config and mode."""
-    from emflow.engine import BATCH_MIN_TASKS, TASKS_PER_THREAD, _batch_width, _reduce_tasks
+    from emflow.execution.engine import BATCH_MIN_TASKS, TASKS_PER_THREAD, _batch_width, _reduce_tasks
 
     k = costs(results)
     M = MODEL

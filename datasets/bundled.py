@@ -2,7 +2,7 @@
 
 scikit-learn keeps a few classic datasets as plain CSV files in ``sklearn/datasets/data``.
 This recipe finds that folder in the installed package (no download, and no scikit-learn
-code is imported) and streams the chosen file through :func:`emflow.ingest.ingest`::
+code is imported) and streams the chosen file through :func:`emflow.storage.ingest.ingest`::
 
     python -m datasets.bundled wine data/wine.zarr
 
@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass
 
 from emflow.errors import DataNotFoundError
-from emflow.ingest import ingest
+from emflow.storage.ingest import ingest
 
 __all__ = ["BUNDLED", "bundled_path", "ingest_bundled"]
 

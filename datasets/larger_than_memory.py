@@ -3,7 +3,7 @@
 The script
 
 1. writes a Gaussian-mixture dataset of ``--size`` bytes to Zarr with
-   :func:`emflow.synthetic.write_gmm` (one chunk in memory at a time);
+   :func:`emflow.storage.synthetic.write_gmm` (one chunk in memory at a time);
 2. starts a ``LocalCluster`` of ``--workers`` single-threaded worker processes, each
    limited to ``--memory-limit`` (Dask's nanny pauses a worker at 80 % of it, spills at
    70 %, and kills it at 95 %);
@@ -122,7 +122,7 @@ def _warm_up() -> int:
     import scipy.special  # noqa: F401
     import zarr  # noqa: F401
 
-    import emflow.mixture  # noqa: F401
+    import emflow.estimators.mixture  # noqa: F401
 
     return psutil.Process().memory_info().rss
 
@@ -160,7 +160,7 @@ def run(workdir, *, size="1.5GiB", n_workers: int = 2, memory_limit="256MiB", pa
     from distributed import Client, LocalCluster
 
     import emflow
-    from emflow.synthetic import write_gmm
+    from emflow.storage.synthetic import write_gmm
 
     size_b, limit_b = parse_size(size), parse_size(memory_limit)
     row_bytes = n_features * 8

@@ -1,6 +1,6 @@
 """Synthetic Gaussian-mixture data of any size, with the true parameters stored beside it.
 
-A thin command around :func:`emflow.synthetic.write_gmm` (seeded, written chunk by chunk,
+A thin command around :func:`emflow.storage.synthetic.write_gmm` (seeded, written chunk by chunk,
 memory bounded by one chunk)::
 
     python -m datasets.synthetic data/gmm.zarr --size 8GiB --features 16 --components 5
@@ -16,7 +16,7 @@ import argparse
 
 import numpy as np
 
-from emflow.synthetic import write_gmm
+from emflow.storage.synthetic import write_gmm
 
 from .larger_than_memory import parse_size
 

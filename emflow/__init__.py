@@ -27,14 +27,20 @@ from .errors import (  # noqa: E402
     NotFittedError,
     StorageError,
 )
-from .hmm import CategoricalHMM, GaussianHMM  # noqa: E402
-from .ingest import ingest  # noqa: E402
-from .lda import LatentDirichletAllocation  # noqa: E402
-from .lgssm import LinearGaussianSSM  # noqa: E402
-from .mixture import GaussianMixture  # noqa: E402
-from .store import read_model_attrs  # noqa: E402
+from .estimators.hmm import CategoricalHMM, GaussianHMM  # noqa: E402
+from .storage.ingest import ingest  # noqa: E402
+from .estimators.lda import LatentDirichletAllocation  # noqa: E402
+from .estimators.lgssm import LinearGaussianSSM  # noqa: E402
+from .estimators.mixture import GaussianMixture  # noqa: E402
+from .storage.store import read_model_attrs  # noqa: E402
 
-from .estimator import REGISTRY, EMEstimator  # noqa: E402  (filled by the imports above)
+from .estimators import REGISTRY, EMEstimator, discover  # noqa: E402
+
+# every family registers itself when its module is imported; export each by its class name
+# (a new family's module is found without an edit here)
+for _cls in discover().values():
+    globals().setdefault(_cls.__name__, _cls)
+del _cls
 
 
 def load(path):
@@ -56,11 +62,7 @@ def load(path):
 
 
 __all__ = [
-    "GaussianMixture",
-    "GaussianHMM",
-    "CategoricalHMM",
-    "LatentDirichletAllocation",
-    "LinearGaussianSSM",
+    *sorted(_c.__name__ for _c in REGISTRY.values()),
     "load",
     "EMEstimator",
     "REGISTRY",

@@ -97,7 +97,7 @@ def compute(scheduler: str | None) -> Iterator[tuple[str | None, str | None]]:
     """
     scheduler = resolve_scheduler(scheduler)
     if scheduler == "local":
-        from emflow.cluster import local_cluster
+        from emflow.execution.cluster import local_cluster
 
         cluster = local_cluster(silence_logs=40)
         try:
@@ -108,7 +108,7 @@ def compute(scheduler: str | None) -> Iterator[tuple[str | None, str | None]]:
     if scheduler is None or scheduler in ("threads", "sync", "synchronous"):
         yield scheduler, None
         return
-    from emflow.cluster import engine_for
+    from emflow.execution.cluster import engine_for
 
     with engine_for(scheduler) as engine:
         link = engine.dashboard_link
@@ -214,11 +214,11 @@ def dask_performance_report(address: str | None, dashboard: str | None, out: str
 
 @contextlib.contextmanager
 def output_locked(out: str, what: str) -> Iterator[Any]:
-    """Hold :func:`emflow.locking.output_lock` on ``out`` (with this flow run's id) for the block.
+    """Hold :func:`emflow.storage.locking.output_lock` on ``out`` (with this flow run's id) for the block.
 
     A stale lock taken over is also reported in the run log; a live holder fails the run at
-    once with :class:`emflow.locking.LockHeldError` naming it."""
-    from emflow.locking import StaleLockWarning, output_lock
+    once with :class:`emflow.storage.locking.LockHeldError` naming it."""
+    from emflow.storage.locking import StaleLockWarning, output_lock
 
     try:
         from prefect.runtime import flow_run
@@ -239,9 +239,9 @@ def output_locked(out: str, what: str) -> Iterator[Any]:
 
 def load_checkpoint_logged(ckpt_path: str, fingerprint: str, chash: str, *, tol: float, max_iter: int,
                            stop_rule=None):
-    """:func:`emflow.checkpoint.load_resumable`, with its warnings also sent to the run log
+    """:func:`emflow.storage.checkpoint.load_resumable`, with its warnings also sent to the run log
     (visible in the dashboard)."""
-    from emflow.checkpoint import CheckpointWarning, load_resumable
+    from emflow.storage.checkpoint import CheckpointWarning, load_resumable
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CheckpointWarning)

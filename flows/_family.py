@@ -16,7 +16,7 @@ flows/_common.py's, so every family gets the same log lines and artifacts:
 
 plus whatever the adapter publishes (LDA: ``lda-top-words``).
 
-Lock: the run holds ``OUT.lock`` (:mod:`emflow.locking`) from start to end, so a second
+Lock: the run holds ``OUT.lock`` (:mod:`emflow.storage.locking`) from start to end, so a second
 run writing the same ``out`` fails at once, naming the first.
 
 Checkpoints: after every iteration the parameters are written next to ``out``
@@ -35,7 +35,7 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
 import emflow
-from emflow.checkpoint import (
+from emflow.storage.checkpoint import (
     Checkpoint,
     CheckpointWriter,
     checkpoint_path,
@@ -66,7 +66,7 @@ class FamilyAdapter:
     """What the generic fit needs to know about one family. Subclass and fill in.
 
     ``cfg`` is always the estimator's constructor keywords minus ``scheduler`` and
-    ``persist``; ``info`` is :func:`emflow.checkpoint.dataset_fingerprint`'s dict.
+    ``persist``; ``info`` is :func:`emflow.storage.checkpoint.dataset_fingerprint`'s dict.
     """
 
     prefix: str = ""                      # artifact keys: <prefix>-fit-...

@@ -8,7 +8,7 @@ Killed and started again with the same arguments, the flow resumes from the chec
 next to ``out`` (``OUT.checkpoint.npz``) and ends with the same model as an uninterrupted
 run. The EM task is retried (resuming from its checkpoint) when a cluster is lost.
 
-A run holds the lock ``OUT.lock`` (:mod:`emflow.locking`) from start to end: a second run
+A run holds the lock ``OUT.lock`` (:mod:`emflow.storage.locking`) from start to end: a second run
 writing the same ``out`` fails at once with a LockHeldError naming the first (pid, host,
 since, flow run id); a lock left by a dead run is taken over with a warning.
 """
@@ -25,9 +25,9 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import Field
 
 import emflow
-import emflow.data
+import emflow.storage.data
 from emflow import GaussianMixture
-from emflow.checkpoint import (
+from emflow.storage.checkpoint import (
     Checkpoint,
     CheckpointWriter,
     checkpoint_path,
@@ -69,8 +69,8 @@ def check_heldout_rows(data: str, heldout: str | None) -> int | None:
     FeatureMismatchError when their features differ from the data's. Returns their features."""
     if not heldout:
         return None
-    held = emflow.data.open_rows(heldout)
-    train = emflow.data.open_rows(data)
+    held = emflow.storage.data.open_rows(heldout)
+    train = emflow.storage.data.open_rows(data)
     if held.n_features != train.n_features:
         raise emflow.FeatureMismatchError(
             f"The held-out data {heldout!r} have {held.n_features} features, the training data {data!r} "
@@ -182,7 +182,7 @@ def evaluate(model_path: str, data: str, heldout: str | None, scheduler: str | N
     gm = emflow.load(model_path)
     gm.scheduler = scheduler
     d = gm.means_.shape[1]
-    n = emflow.data.open_rows(data).n_rows  # metadata only
+    n = emflow.storage.data.open_rows(data).n_rows  # metadata only
     mean_ll = float(gm.score(data))  # one pass; BIC and AIC both follow from it
     total = mean_ll * n
     p = n_parameters(gm.n_components, d, gm.covariance_type)

@@ -18,8 +18,8 @@ from prefect import flow
 from pydantic import Field
 
 from emflow import CategoricalHMM, GaussianHMM
-from emflow.hmm import ConvergenceMonitor
-from emflow.sequences import open_sequences
+from emflow.estimators.hmm import ConvergenceMonitor
+from emflow.storage.sequences import open_sequences
 
 from ._family import FamilyAdapter, _set_fitted, run_family_fit
 

@@ -22,7 +22,7 @@ from prefect.artifacts import create_table_artifact
 from pydantic import Field
 
 from emflow import LatentDirichletAllocation
-from emflow.corpus import open_corpus
+from emflow.storage.corpus import open_corpus
 from emflow.models.lda import make_params
 
 from ._family import FamilyAdapter, _set_fitted, run_family_fit

@@ -20,7 +20,7 @@ from pydantic import Field
 
 import emflow
 from emflow import LinearGaussianSSM
-from emflow.sequences import open_sequences
+from emflow.storage.sequences import open_sequences
 
 from ._family import FamilyAdapter, _set_fitted, run_family_fit
 

@@ -22,7 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import Field
 
 import emflow
-from emflow import outputs as _outputs
+from emflow.estimators import outputs as _outputs
 
 from ._common import compute, retry_if_transient
 
@@ -38,15 +38,15 @@ def open_input(model, data: str):
     the model's, a FeatureMismatchError."""
     name = type(model).__name__
     if name == "GaussianMixture":
-        from emflow.data import open_rows
+        from emflow.storage.data import open_rows
 
         opened = open_rows(data)
     elif name == "LatentDirichletAllocation":
-        from emflow.corpus import open_corpus
+        from emflow.storage.corpus import open_corpus
 
         opened = open_corpus(data)
     else:
-        from emflow.sequences import open_sequences
+        from emflow.storage.sequences import open_sequences
 
         opened = open_sequences(data, allow_nan=name == "LinearGaussianSSM")
     expected = getattr(model, "n_features_in_", None)
@@ -81,7 +81,7 @@ def check_outputs(model_path: str, outputs: list[str] | None) -> list[str]:
 @task(name="score", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_if_transient,
       cache_policy=NO_CACHE)
 def score_output(model: str, data: str, kind: str, out: str, scheduler: str | None) -> dict:
-    """One of the model's outputs (see :mod:`emflow.outputs`) written to ``out``.
+    """One of the model's outputs (see :mod:`emflow.estimators.outputs`) written to ``out``.
 
     Safe to retry: the array is written under a temporary name and replaces ``out`` only when whole.
     """

@@ -1,7 +1,7 @@
 """Model selection flow: a grid of components x covariance types, best by BIC.
 
 The candidates (and their ``n_init`` restarts) are fitted together by
-:func:`emflow.selection.select_gaussian_mixture`: one read of a chunk serves the E-step of
+:func:`emflow.estimators.selection.select_gaussian_mixture`: one read of a chunk serves the E-step of
 every candidate still running. The flow reports the passes and bytes read against fitting
 the candidates one after another, saves the best model, and publishes the comparison.
 """
@@ -15,8 +15,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import Field
 
-import emflow.data
-from emflow.selection import SelectionResult, select_gaussian_mixture
+import emflow.storage.data
+from emflow.estimators.selection import SelectionResult, select_gaussian_mixture
 
 from ._common import (
     compute,
@@ -35,7 +35,7 @@ __all__ = ["select_flow", "validate_inputs"]
 def validate_inputs(data: str, sample_weight: str | None, max_components: int) -> dict:
     """Open the data and the weights before any work (metadata only): a missing path is a
     DataNotFoundError naming it; too few rows for the largest candidate, a DataError."""
-    rows = emflow.data.open_rows(data, sample_weight, min_rows=max_components)
+    rows = emflow.storage.data.open_rows(data, sample_weight, min_rows=max_components)
     get_run_logger().info("data %s: %d rows x %d features (%s)%s", data, rows.n_rows, rows.n_features, rows.dtype,
                           f", weights {sample_weight}" if sample_weight else "")
     return {"n_rows": int(rows.n_rows), "n_features": int(rows.n_features)}

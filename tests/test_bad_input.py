@@ -31,7 +31,7 @@ from typer.testing import CliRunner
 
 import emflow
 from emflow import errors as E
-from emflow.cli import app
+from emflow.cli.main import app
 
 RNG = np.random.default_rng(20240601)
 CONT = RNG.normal(size=(60, 2))  # a valid continuous dataset (GMM, Gaussian HMM, LGSSM)
@@ -192,7 +192,7 @@ BAD_PARAMS = [
     ("lda", dict(perp_tol=-1.0), "perp_tol"), ("lda", dict(n_components=0), "n_components"),
     ("lda", dict(max_iter=-1), "max_iter"),
     # counts are ints and never bools (as in scikit-learn); seeds are what NumPy takes; a
-    # partition is at least 1 KiB (emflow.base.MIN_PARTITION_BYTES)
+    # partition is at least 1 KiB (emflow.checks.MIN_PARTITION_BYTES)
     *[(name, dict(random_state=rs), "random_state") for name in FAMILIES if name != "gmm_diag"
       for rs in (-1, "x", 2**32, 1.5)],
     *[(name, {"state_dim" if name == "lgssm" else "n_components": True}, "state_dim" if name == "lgssm" else

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from emflow.checkpoint import (
+from emflow.storage.checkpoint import (
     Checkpoint,
     CheckpointWarning,
     checkpoint_path,

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 import emflow
 from emflow import errors as E
-from emflow.cli import app
+from emflow.cli.main import app
 
 ROOT = Path(__file__).resolve().parent.parent
 X = np.random.default_rng(5).normal(size=(120, 2))
@@ -108,12 +108,12 @@ def test_predict_onto_a_full_disk_is_one_line(model, tmp_path, monkeypatch):
 
 
 def test_ctrl_c_is_one_line_with_status_130(model, tmp_path, monkeypatch):
-    import emflow.outputs
+    import emflow.estimators.outputs
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(emflow.outputs, "write_output", interrupted)
+    monkeypatch.setattr(emflow.estimators.outputs, "write_output", interrupted)
     r = run("predict", model, _rows(tmp_path / "d.zarr"), "-o", tmp_path / "p.zarr", "-s", "threads")
     assert r.exit_code == 130, r.output
     [line] = _error_lines(r.output)
@@ -121,12 +121,12 @@ def test_ctrl_c_is_one_line_with_status_130(model, tmp_path, monkeypatch):
 
 
 def test_out_of_memory_is_one_line(model, tmp_path, monkeypatch):
-    import emflow.outputs
+    import emflow.estimators.outputs
 
     def oom(*a, **k):
         raise MemoryError
 
-    monkeypatch.setattr(emflow.outputs, "write_output", oom)
+    monkeypatch.setattr(emflow.estimators.outputs, "write_output", oom)
     r = run("predict", model, _rows(tmp_path / "d.zarr"), "-o", tmp_path / "p.zarr", "-s", "threads")
     assert r.exit_code == 2, r.output
     [line] = _error_lines(r.output)
@@ -134,12 +134,12 @@ def test_out_of_memory_is_one_line(model, tmp_path, monkeypatch):
 
 
 def test_a_bug_still_shows_its_traceback(model, tmp_path, monkeypatch):
-    import emflow.outputs
+    import emflow.estimators.outputs
 
     def bug(*a, **k):
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(emflow.outputs, "write_output", bug)
+    monkeypatch.setattr(emflow.estimators.outputs, "write_output", bug)
     r = run("predict", model, _rows(tmp_path / "d.zarr"), "-o", tmp_path / "p.zarr", "-s", "threads")
     assert r.exit_code == 1 and isinstance(r.exception, ZeroDivisionError)
 
@@ -188,7 +188,7 @@ def test_ingest_keeps_the_source_dtype_unless_told(source_dtype, option, stored,
 
 
 def test_ingest_csv_stays_float64_and_parquet_float32_stays(tmp_path):
-    from emflow.ingest import ingest
+    from emflow.storage.ingest import ingest
 
     (tmp_path / "t.csv").write_text("a,b\n1.5,2\n3,4\n")
     assert zarr.open_group(ingest(tmp_path / "t.csv", tmp_path / "c.zarr"))["X"].dtype == np.float64
@@ -231,7 +231,7 @@ def test_info_rows_array_and_group(tmp_path):
 
 
 def test_info_sequences_group(tmp_path):
-    from emflow.synthetic import write_hmm
+    from emflow.storage.synthetic import write_hmm
 
     path = write_hmm(tmp_path / "h.zarr", 7, 2, 3, min_length=5, max_length=9, seed=0)
     offsets = zarr.open_group(path, mode="r")["offsets"][...]
@@ -243,7 +243,7 @@ def test_info_sequences_group(tmp_path):
 
 
 def test_info_corpus_group(tmp_path):
-    from emflow.synthetic import write_lda
+    from emflow.storage.synthetic import write_lda
 
     path = write_lda(tmp_path / "c.zarr", 40, 25, 3, seed=0)
     g = zarr.open_group(path, mode="r")
@@ -280,10 +280,10 @@ def _script(tmp_path, body: str) -> subprocess.CompletedProcess:
     print("fitted")
     """, 6),
     ("""
-    import emflow.cluster
+    import emflow.execution.cluster
 
     def main():
-        emflow.cluster.local_cluster(1).close()
+        emflow.execution.cluster.local_cluster(1).close()
 
     main()
     if __name__ == "__main__":
@@ -291,22 +291,22 @@ def _script(tmp_path, body: str) -> subprocess.CompletedProcess:
     """, 7),
 ])
 def test_script_without_main_guard_gets_one_line(body, line, tmp_path):
-    import emflow.cluster
+    import emflow.execution.cluster
 
     p = _script(tmp_path, body)
     assert p.returncode == 1
     assert p.stderr.strip().splitlines() == [
-        f"emflow.errors.ClusterError: {emflow.cluster.NO_MAIN_GUARD} (line {line} of {tmp_path / 'script.py'})."
+        f"emflow.errors.ClusterError: {emflow.execution.cluster.NO_MAIN_GUARD} (line {line} of {tmp_path / 'script.py'})."
     ], p.stderr
     assert "fitted" not in p.stdout
 
 
 def test_script_with_main_guard_starts_its_cluster(tmp_path):
     p = _script(tmp_path, """
-    import emflow.cluster
+    import emflow.execution.cluster
 
     def main():
-        cluster = emflow.cluster.local_cluster(1, silence_logs=40)
+        cluster = emflow.execution.cluster.local_cluster(1, silence_logs=40)
         print("workers", len(cluster.workers))
         cluster.close()
 
@@ -322,7 +322,7 @@ def test_spawned_child_importing_the_script_is_refused(monkeypatch):
     bootstrapping phase), local_cluster raises the same one-line ClusterError."""
     import multiprocessing
 
-    from emflow.cluster import NO_MAIN_GUARD, local_cluster
+    from emflow.execution.cluster import NO_MAIN_GUARD, local_cluster
 
     monkeypatch.setattr(multiprocessing.current_process(), "_inheriting", True, raising=False)
     with pytest.raises(E.ClusterError, match=re.escape(NO_MAIN_GUARD)):
@@ -330,7 +330,7 @@ def test_spawned_child_importing_the_script_is_refused(monkeypatch):
 
 
 def test_local_cluster_rejects_zero_workers():
-    from emflow.cluster import local_cluster
+    from emflow.execution.cluster import local_cluster
 
     with pytest.raises(E.ConfigError, match=r"n_workers must be an integer >= 1 or None .*got 0"):
         local_cluster(0)

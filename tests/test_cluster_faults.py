@@ -25,10 +25,10 @@ import numpy as np
 import pytest
 
 import emflow
-from emflow.em import run_em
-from emflow.engine import Engine
-from emflow.mixture import GMMFamily
-from emflow.synthetic import write_gmm
+from emflow.estimators.em import run_em
+from emflow.execution.engine import Engine
+from emflow.estimators.mixture import GMMFamily
+from emflow.storage.synthetic import write_gmm
 
 from _faults import FaultAt, gmm_start
 
@@ -259,7 +259,7 @@ class KillScheduler(FaultAt):
 def test_scheduler_killed_mid_pass_names_it_and_keeps_the_checkpoint(tmp_path, proc_cluster):
     """The scheduler SIGKILLed in the middle of the third pass: a ClusterError naming its
     address at once (not a wait for workers), and the checkpoint of iteration 2 intact."""
-    from emflow.checkpoint import CheckpointWriter, read_checkpoint
+    from emflow.storage.checkpoint import CheckpointWriter, read_checkpoint
 
     data = _data(tmp_path, "zarr")
     ref, n_parts = _reference(data)
@@ -374,7 +374,7 @@ def test_library_warnings_reach_the_flow_run_log(prefect_server):
 
     @task
     def meets_a_stall():
-        logging.getLogger("emflow.engine").warning("%s", text)
+        logging.getLogger("emflow.execution.engine").warning("%s", text)
 
     @flow
     def stalled():
@@ -382,7 +382,7 @@ def test_library_warnings_reach_the_flow_run_log(prefect_server):
         return str(get_run_context().flow_run.id)
 
     flow_run_id = stalled()
-    logging.getLogger("emflow.engine").warning("outside any run: %s", text)  # dropped, no error
+    logging.getLogger("emflow.execution.engine").warning("outside any run: %s", text)  # dropped, no error
     deadline = time.monotonic() + 15
     while True:
         with get_client(sync_client=True) as client:
@@ -391,7 +391,7 @@ def test_library_warnings_reach_the_flow_run_log(prefect_server):
         if mine or time.monotonic() > deadline:
             break
         time.sleep(0.3)
-    assert mine == [("emflow.engine", logging.WARNING, text)]
+    assert mine == [("emflow.execution.engine", logging.WARNING, text)]
     assert all(lg.task_run_id is not None for lg in logs if text in lg.message)  # the task's log
 
 
@@ -409,9 +409,9 @@ class StopScheduler(FaultAt):
 def test_hung_scheduler_is_reported_and_the_fit_goes_on(tmp_path, proc_cluster, monkeypatch):
     """The scheduler SIGSTOPped mid-pass: the stall warning says it does not answer; once
     it is continued the fit finishes with the undisturbed result."""
-    import emflow.engine
+    import emflow.execution.engine
 
-    monkeypatch.setattr(emflow.engine, "PROBE_TIMEOUT", 1.0)
+    monkeypatch.setattr(emflow.execution.engine, "PROBE_TIMEOUT", 1.0)
     data = _data(tmp_path, "zarr")
     ref, n_parts = _reference(data)
     cluster = proc_cluster()

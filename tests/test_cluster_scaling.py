@@ -24,9 +24,9 @@ import numpy as np
 import pytest
 
 import emflow
-from emflow.cluster import check_worker_versions, engine_for
-from emflow.em import run_em
-from emflow.engine import Engine
+from emflow.execution.cluster import check_worker_versions, engine_for
+from emflow.estimators.em import run_em
+from emflow.execution.engine import Engine
 
 from _faults import FaultAt, gmm_start
 from test_cluster_faults import FAMILY, ITERS, ProcCluster, _data, proc_cluster  # noqa: F401 (fixture)
@@ -225,7 +225,7 @@ def test_every_worker_stopped_mid_fit_is_a_clear_error_after_the_wait_and_the_ch
     checkpoint of iteration 2 is intact and equals the undisturbed fit's."""
     import dask
 
-    from emflow.checkpoint import CheckpointWriter, read_checkpoint
+    from emflow.storage.checkpoint import CheckpointWriter, read_checkpoint
 
     data = _data(tmp_path, "zarr")
     ref = reference(data)
@@ -359,7 +359,7 @@ def test_a_broken_emflow_joining_before_the_data_are_loaded_is_refused(tmp_path,
 def test_a_worker_of_another_version_joining_mid_fit_stops_it_before_the_next_pass(tmp_path, proc_cluster, env):
     """A worker with emflow 9.9.9 (or none) joins after iteration 2: the next pass does not
     start (a ClusterError naming it, it ran nothing) and the checkpoint of iteration 2 is intact."""
-    from emflow.checkpoint import CheckpointWriter, read_checkpoint
+    from emflow.storage.checkpoint import CheckpointWriter, read_checkpoint
 
     data = _data(tmp_path, "zarr")
     ref = reference(data)

@@ -22,9 +22,9 @@ from zarr.codecs import BloscCodec, BloscShuffle
 
 import emflow
 from emflow import errors as E
-from emflow.checkpoint import data_fingerprint
-from emflow.corpus import open_corpus, write_corpus
-from emflow.sequences import write_sequences
+from emflow.storage.checkpoint import data_fingerprint
+from emflow.storage.corpus import open_corpus, write_corpus
+from emflow.storage.sequences import write_sequences
 
 BLOSC = BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.bitshuffle)
 RNG = np.random.default_rng(7)
@@ -312,7 +312,7 @@ def _every_chunk_stored(path):
 def test_every_emflow_writer_stores_chunks_of_fill_values(tmp_path):
     """Outputs and generated datasets are read back as inputs, where a missing chunk is an
     error: every writer stores chunks that hold only zeros (Zarr's default leaves them out)."""
-    from emflow.synthetic import write_hmm, write_lda, write_lgssm
+    from emflow.storage.synthetic import write_hmm, write_lda, write_lgssm
 
     X = np.random.default_rng(0).normal(size=(200, 2))
     gm = emflow.GaussianMixture(1, scheduler="threads", random_state=0).fit(X)

@@ -12,7 +12,7 @@ import zarr
 
 import emflow
 from datasets.bundled import BUNDLED, ingest_bundled
-from emflow.ingest import read_report
+from emflow.storage.ingest import read_report
 
 sk_datasets = pytest.importorskip("sklearn.datasets")
 sk_mixture = pytest.importorskip("sklearn.mixture")

@@ -208,7 +208,7 @@ class Chromium:
 
 FLOW_SCRIPT = textwrap.dedent("""
     import json, sys
-    from emflow.synthetic import write_gmm
+    from emflow.storage.synthetic import write_gmm
     from flows.fit import fit_flow
 
     data = write_gmm(sys.argv[1], 2000, 3, 2, "full", seed=3, chunk_rows=500, separation=6.0)

@@ -13,10 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import emflow
-from emflow.engine import Engine, tree_reduce
+from emflow.execution.engine import Engine, tree_reduce
 from emflow.models import gmm as G
 from emflow.stats import add
-from emflow.synthetic import write_gmm
+from emflow.storage.synthetic import write_gmm
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def test_tree_reduce_shape():
 
 def test_dask_reduction_is_a_tree(zdata, dask_client):
     engine = Engine(dask_client, split_every=2)
-    rows = emflow.data.open_rows(zdata["small"], partition_bytes=1)  # one chunk per partition: 24
+    rows = emflow.storage.data.open_rows(zdata["small"], partition_bytes=1)  # one chunk per partition: 24
     loaded = engine.load(rows)
     params = G.GMMParams(np.full(3, 1 / 3), np.eye(3), np.stack([np.eye(3)] * 3), np.stack([np.eye(3)] * 3), "full")
     total = engine.map_reduce(G.e_step, loaded, params)
@@ -110,7 +110,7 @@ def test_dask_reduction_is_a_tree(zdata, dask_client):
 def test_partitions_reduced_inside_a_task_give_the_same_bits(zdata, dask_client, split_every, width):
     """Several partitions per task (each task reducing its own): the same tree, the same bits
     as the in-process pass of one task per partition; fewer tasks for the scheduler."""
-    rows = emflow.data.open_rows(zdata["X"], zdata["w"], partition_bytes=24 * 7)  # 7 rows: 858 partitions
+    rows = emflow.storage.data.open_rows(zdata["X"], zdata["w"], partition_bytes=24 * 7)  # 7 rows: 858 partitions
     P = len(rows.loaders)
     params = G.GMMParams(np.full(3, 1 / 3), np.eye(3), np.stack([np.eye(3)] * 3), np.stack([np.eye(3)] * 3), "full")
     threads = Engine(None, split_every=split_every)
@@ -124,7 +124,7 @@ def test_partitions_reduced_inside_a_task_give_the_same_bits(zdata, dask_client,
     assert info["partitions"] == P and info["partitions_per_task"] == width
     assert info["depth"] == threads.last_reduction["depth"]
     batches = -(-P // width)
-    assert info["tasks"] == batches + emflow.engine._reduce_tasks(batches, split_every)
+    assert info["tasks"] == batches + emflow.execution.engine._reduce_tasks(batches, split_every)
     assert info["tasks"] < threads.last_reduction["tasks"]
     for a, b in zip(total, local):
         np.testing.assert_array_equal(a, b)
@@ -140,7 +140,7 @@ def test_a_pass_holds_only_the_root_of_its_reduction(zdata, dask_client, width):
     """While a pass runs, the client holds the future of the tree's root only: each map task's
     statistics are freed on its worker once the partial sum above it is done (holding every
     leaf kept P bundles of statistics in the workers' memory until the pass ended)."""
-    rows = emflow.data.open_rows(zdata["small"], partition_bytes=1)  # 24 partitions
+    rows = emflow.storage.data.open_rows(zdata["small"], partition_bytes=1)  # 24 partitions
     engine = Engine(dask_client, split_every=2, partitions_per_task=width)
     loaded = engine.load(rows)
     params = G.GMMParams(np.full(3, 1 / 3), np.eye(3), np.stack([np.eye(3)] * 3), np.stack([np.eye(3)] * 3), "full")
@@ -170,7 +170,7 @@ def test_a_batched_scan_reports_bad_values_as_one_task_per_partition_does(zdata,
     X = zdata["X"].copy()
     X[3500, 1] = np.nan
     X[5000:5003, 0] = np.inf
-    rows = emflow.data.open_rows(X, partition_bytes=24 * 7)
+    rows = emflow.storage.data.open_rows(X, partition_bytes=24 * 7)
     with pytest.raises(emflow.DataError) as alone:
         Engine(dask_client, partitions_per_task=1).load(rows)
     with pytest.raises(emflow.DataError) as batched:
@@ -180,7 +180,7 @@ def test_a_batched_scan_reports_bad_values_as_one_task_per_partition_does(zdata,
 
 
 def test_partitions_per_task_auto_batches_only_many_partitions(dask_client):
-    from emflow.engine import BATCH_MIN_TASKS, _batch_width
+    from emflow.execution.engine import BATCH_MIN_TASKS, _batch_width
 
     engine = Engine(dask_client)
     assert engine._batch(BATCH_MIN_TASKS) == (1, 0)
@@ -232,7 +232,7 @@ def test_predict_writes_zarr_chunk_by_chunk(zdata, tmp_path, dask_client):
     # no temporary directories left behind
     assert sorted(os.listdir(tmp_path)) == ["labels.zarr", "proba.zarr", "score.zarr"]
     # a result too big for memory must go to Zarr
-    import emflow.mixture as M
+    import emflow.estimators.mixture as M
 
     old, M.MAX_IN_MEMORY_RESULT = M.MAX_IN_MEMORY_RESULT, 1000
     try:
@@ -244,10 +244,10 @@ def test_predict_writes_zarr_chunk_by_chunk(zdata, tmp_path, dask_client):
 
 def test_resident_is_chosen_by_size(zdata):
     engine = Engine(None)
-    rows = emflow.data.open_rows(zdata["big"])
+    rows = emflow.storage.data.open_rows(zdata["big"])
     assert engine.load(rows, persist="auto").resident
     assert not engine.load(rows, persist=False).resident
-    import emflow.engine as E
+    import emflow.execution.engine as E
 
     old = E.RESIDENT_FRACTION
     try:

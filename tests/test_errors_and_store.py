@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 import emflow
 from emflow import errors as E
-from emflow.cli import app
-from emflow.synthetic import write_gmm
+from emflow.cli.main import app
+from emflow.storage.synthetic import write_gmm
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +164,7 @@ def test_load_refuses_other_things(dataset, tmp_path):
 def test_failed_save_keeps_previous_model(fitted, tmp_path, monkeypatch):
     path = fitted.save(tmp_path / "model.zarr")
     before = emflow.load(path).means_.copy()
-    import emflow.store as S
+    import emflow.storage.store as S
 
     def boom(*a, **k):
         raise OSError("disk full (simulated)")
@@ -198,7 +198,7 @@ def test_cli_fit_predict_info(dataset, tmp_path, dask_client):
 def test_cli_predict_and_info_for_every_family(tmp_path):
     """`emflow predict` writes each family's default output (or the one asked for) and
     `emflow info` describes every family's model; a wrong output is an error that lists them."""
-    from emflow.synthetic import write_hmm, write_lda, write_lgssm
+    from emflow.storage.synthetic import write_hmm, write_lda, write_lgssm
 
     runner = CliRunner()
     hmm_data = write_hmm(tmp_path / "h.zarr", 20, 2, 2, "gaussian", "diag", min_length=10, max_length=30, seed=1)

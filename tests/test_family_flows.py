@@ -17,13 +17,13 @@ import pytest
 pytest.importorskip("prefect")
 
 import emflow  # noqa: E402
-from emflow.checkpoint import (  # noqa: E402
+from emflow.storage.checkpoint import (  # noqa: E402
     Checkpoint,
     checkpoint_path,
     read_checkpoint,
     write_checkpoint,
 )
-from emflow.synthetic import write_hmm, write_lda, write_lgssm  # noqa: E402
+from emflow.storage.synthetic import write_hmm, write_lda, write_lgssm  # noqa: E402
 
 from test_flows import _artifacts, _crash_after, _logs, _rel  # noqa: E402
 
@@ -88,7 +88,7 @@ def _check_monitoring(run_id, prefix, model, column="log_likelihood", label="mea
 
 def test_checkpoint_round_trip_every_family(tmp_path):
     from emflow.models.lda import make_params
-    from emflow.synthetic import make_hmm_params, make_lgssm_params
+    from emflow.storage.synthetic import make_hmm_params, make_lgssm_params
 
     rng = np.random.default_rng(0)
     for i, p in enumerate([make_hmm_params(3, 2, "gaussian", covariance_type="full"),

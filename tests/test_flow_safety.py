@@ -16,8 +16,8 @@ import time
 import pytest
 
 import emflow
-from emflow.checkpoint import checkpoint_path
-from emflow.locking import (
+from emflow.storage.checkpoint import checkpoint_path
+from emflow.storage.locking import (
     EXPIRY_ENV,
     LockHeldError,
     StaleLockWarning,
@@ -25,7 +25,7 @@ from emflow.locking import (
     output_lock,
     read_lock,
 )
-from emflow.synthetic import write_gmm
+from emflow.storage.synthetic import write_gmm
 
 pytestmark = pytest.mark.filterwarnings("ignore::emflow.EmflowConvergenceWarning")
 
@@ -62,7 +62,7 @@ def holder(tmp_path):
     def start(out, run_id="run-of-the-holder"):
         script = textwrap.dedent(f"""
             import sys
-            from emflow.locking import output_lock
+            from emflow.storage.locking import output_lock
             with output_lock({str(out)!r}, run_id={run_id!r}, what="emflow-fit"):
                 print("held", flush=True)
                 sys.stdin.read()
@@ -129,7 +129,7 @@ def test_stale_lock_of_a_dead_process_is_taken_over_with_a_warning(tmp_path):
 
 def test_stale_lock_of_a_reused_pid_is_taken_over(tmp_path):
     """The recorded pid runs, but it is another process (started at another time)."""
-    from emflow.locking import _process_start
+    from emflow.storage.locking import _process_start
 
     out = tmp_path / "model.zarr"
     _write_lock(out, pid=os.getpid(), process_start=_process_start(os.getpid()) - 1)
@@ -217,7 +217,7 @@ def test_every_family_fit_takes_the_lock_first(prefect_server, tmp_path, holder,
 
 def test_fit_holds_the_lock_while_it_runs_and_releases_it(prefect_server, small_data, tmp_path, monkeypatch):
     import flows.fit as F
-    from emflow.checkpoint import CheckpointWriter
+    from emflow.storage.checkpoint import CheckpointWriter
 
     out = str(tmp_path / "model.zarr")
     seen = []
@@ -279,7 +279,7 @@ def test_fit_flow_checks_heldout_before_any_work(prefect_server, small_data, tmp
 
 
 def test_family_fit_checks_heldout_before_any_work(prefect_server, tmp_path):
-    from emflow.synthetic import write_hmm
+    from emflow.storage.synthetic import write_hmm
     from flows.fit_hmm import hmm_fit_flow
 
     data = write_hmm(tmp_path / "hmm.zarr", 10, 2, 2, "gaussian", "diag", min_length=10, max_length=20, seed=4,
@@ -412,7 +412,7 @@ def test_python_m_flows_fit_runs_the_flow_without_a_traceback(small_data, tmp_pa
 # --- the model-selection table is ranked by BIC --------------------------------------------------
 
 def test_selection_ranking_is_by_bic_stable_with_nan_last():
-    from emflow.selection import SelectionResult
+    from emflow.estimators.selection import SelectionResult
 
     bics = [30.0, 10.0, math.nan, 10.0, 20.0]
     table = [{"n_components": k, "covariance_type": "full", "bic": b} for k, b in enumerate(bics, 1)]
@@ -489,7 +489,7 @@ def test_data_changed_after_validation_fails_and_keeps_no_checkpoint(prefect_ser
     (before, a warning was logged and the model saved)."""
     import flows._family as family
     import flows.fit as fit_mod
-    from emflow.synthetic import write_hmm
+    from emflow.storage.synthetic import write_hmm
     from flows.fit_hmm import hmm_fit_flow
 
     def stale(real):

@@ -19,8 +19,8 @@ import pytest
 pytest.importorskip("prefect")
 
 import emflow  # noqa: E402
-from emflow.checkpoint import CheckpointWarning, CheckpointWriter, checkpoint_path, read_checkpoint  # noqa: E402
-from emflow.synthetic import write_gmm  # noqa: E402
+from emflow.storage.checkpoint import CheckpointWarning, CheckpointWriter, checkpoint_path, read_checkpoint  # noqa: E402
+from emflow.storage.synthetic import write_gmm  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::emflow.EmflowConvergenceWarning")
 
@@ -100,7 +100,7 @@ def _library_fit(data, kw, checkpoint=None):
     """The same fit through the library alone (optionally writing a checkpoint)."""
     import warnings
 
-    from emflow.checkpoint import config_hash, data_fingerprint, gmm_trajectory_config
+    from emflow.storage.checkpoint import config_hash, data_fingerprint, gmm_trajectory_config
 
     gm = emflow.GaussianMixture(**kw, scheduler="threads")
     cbs = []
@@ -216,7 +216,7 @@ def test_fit_resumes_after_sigkill(prefect_server, gmm_data, tmp_path):
     ck = checkpoint_path(out)
     script = textwrap.dedent(f"""
         import time, emflow
-        from emflow.checkpoint import CheckpointWriter, config_hash, data_fingerprint, gmm_trajectory_config
+        from emflow.storage.checkpoint import CheckpointWriter, config_hash, data_fingerprint, gmm_trajectory_config
         gm = emflow.GaussianMixture(3, covariance_type="tied", tol=0.0, max_iter=12, random_state=5)
         info = data_fingerprint({gmm_data!r}, min_rows=3)
         writer = CheckpointWriter({ck!r}, fingerprint=info["fingerprint"],

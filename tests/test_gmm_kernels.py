@@ -12,7 +12,7 @@ from scipy.stats import multivariate_normal
 import emflow
 from emflow.errors import ConfigError, EmflowConvergenceWarning
 from emflow.models import gmm as G
-from emflow.synthetic.gmm import make_gmm_params, sample_gmm
+from emflow.storage.synthetic.gmm import make_gmm_params, sample_gmm
 
 COV_TYPES = ["full", "tied", "diag", "spherical"]
 

@@ -11,11 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from emflow.errors import ConfigError, DataError
-from emflow.hmm import CategoricalHMM, GaussianHMM
+from emflow.estimators.hmm import CategoricalHMM, GaussianHMM
 from emflow.models import hmm as H
-from emflow.sequences import write_sequences
+from emflow.storage.sequences import write_sequences
 from emflow.stats import add
-from emflow.synthetic.hmm import make_hmm_params, write_hmm
+from emflow.storage.synthetic.hmm import make_hmm_params, write_hmm
 
 hl = pytest.importorskip("hmmlearn.hmm")
 

@@ -15,10 +15,10 @@ import zarr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from emflow.data import open_rows
+from emflow.storage.data import open_rows
 from emflow.errors import ConfigError, DataError
-from emflow.ingest import ColumnStats, ingest, read_report
-from emflow.sequences import open_sequences
+from emflow.storage.ingest import ColumnStats, ingest, read_report
+from emflow.storage.sequences import open_sequences
 
 
 def write_csv(path, X, names=None, fmt=repr):
@@ -281,7 +281,7 @@ def test_cli_command(tmp_path):
     typer = pytest.importorskip("typer")
     from typer.testing import CliRunner
 
-    from emflow.cli_ingest import ingest_command
+    from emflow.cli.ingest import ingest_command
 
     app = typer.Typer()
     app.command("ingest")(ingest_command)

@@ -115,7 +115,7 @@ def test_gmm_save_load_identical(drawn, ct, K):
 @settings(max_examples=6, deadline=None, derandomize=True)
 @given(st.integers(0, 2**32 - 1), st.sampled_from(["diag", "full", "spherical", "tied"]), st.integers(1, 3))
 def test_gaussian_hmm_monotone_and_round_trip(seed, ct, K):
-    from emflow.synthetic import make_hmm_params, sample_hmm
+    from emflow.storage.synthetic import make_hmm_params, sample_hmm
 
     p = make_hmm_params(K, 2, "gaussian", ct, seed=seed % 1000)
     rng = np.random.default_rng(seed)
@@ -135,7 +135,7 @@ def test_gaussian_hmm_monotone_and_round_trip(seed, ct, K):
 @settings(max_examples=5, deadline=None, derandomize=True)
 @given(st.integers(0, 2**32 - 1), st.integers(1, 2), st.integers(1, 3))
 def test_lgssm_monotone_and_round_trip(seed, state_dim, obs_dim):
-    from emflow.synthetic import make_lgssm_params, sample_lgssm
+    from emflow.storage.synthetic import make_lgssm_params, sample_lgssm
 
     p = make_lgssm_params(state_dim, obs_dim, seed=seed % 1000)
     _, y = sample_lgssm(p, [25, 30], seed=seed % 997)

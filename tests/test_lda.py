@@ -11,11 +11,11 @@ from sklearn.decomposition._lda import _update_doc_distribution
 from sklearn.decomposition._online_lda_fast import _dirichlet_expectation_2d
 from sklearn.feature_extraction.text import CountVectorizer
 
-from emflow.corpus import ingest_text, open_corpus, read_corpus, write_corpus
+from emflow.storage.corpus import ingest_text, open_corpus, read_corpus, write_corpus
 from emflow.errors import ConfigError, DataError, FeatureMismatchError, NonFiniteDataError, NotFittedError
-from emflow.lda import LatentDirichletAllocation
+from emflow.estimators.lda import LatentDirichletAllocation
 from emflow.models import lda as M
-from emflow.synthetic.lda import write_lda
+from emflow.storage.synthetic.lda import write_lda
 
 
 def rel(a, b):
@@ -426,8 +426,8 @@ def test_perplexity_stop_rule_is_sklearns_check_on_the_history():
 def test_lda_runs_in_a_lockstep_group_as_alone(lda_corpus):
     """Two LDA fits (other priors, other seeds for the random document starts) share each pass
     and each gives the fit it gives alone, on another partitioning too."""
-    from emflow.cluster import engine_for
-    from emflow.em import EMRun, run_em, run_em_group
+    from emflow.execution.cluster import engine_for
+    from emflow.estimators.em import EMRun, run_em, run_em_group
 
     fams = [M.LDAFamily(0.25, 0.25, 100, 1e-3, True), M.LDAFamily(0.5, 0.1, 50, 1e-3, True, True)]
     starts = [M.make_params(M.init_components(4, 120, s)) for s in (1, 2)]

@@ -10,10 +10,10 @@ import pytest
 from scipy import stats as sps
 
 from emflow.errors import ConfigError, FeatureMismatchError, NonFiniteDataError, NotFittedError
-from emflow.lgssm import LinearGaussianSSM
+from emflow.estimators.lgssm import LinearGaussianSSM
 from emflow.models import lgssm as M
 from emflow.stats import add
-from emflow.synthetic.lgssm import make_lgssm_params, sample_lgssm, write_lgssm
+from emflow.storage.synthetic.lgssm import make_lgssm_params, sample_lgssm, write_lgssm
 
 PK_NAMES = {
     "transition_matrix": "transition_matrices",

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 import emflow
-from emflow.cluster import engine_for
-from emflow.em import run_em
-from emflow.mixture import GMMFamily
-from emflow.synthetic import write_gmm
+from emflow.execution.cluster import engine_for
+from emflow.estimators.em import run_em
+from emflow.estimators.mixture import GMMFamily
+from emflow.storage.synthetic import write_gmm
 
 from _faults import FaultAt, gmm_start
 

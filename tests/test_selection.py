@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 import emflow
-from emflow.cluster import engine_for
-from emflow.em import EMRun, run_em, run_em_group
-from emflow.mixture import GMMFamily
-from emflow.selection import select_gaussian_mixture
-from emflow.synthetic import write_gmm
+from emflow.execution.cluster import engine_for
+from emflow.estimators.em import EMRun, run_em, run_em_group
+from emflow.estimators.mixture import GMMFamily
+from emflow.estimators.selection import select_gaussian_mixture
+from emflow.storage.synthetic import write_gmm
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,7 @@ def test_selection_equals_separate_fits_and_reads_less(sep_data):
 
 def test_selection_counts_the_passes_it_makes(sep_data, monkeypatch):
     """passes_shared is the number of map / map_reduce calls actually made (plus the opening scan)."""
-    from emflow.engine import Engine
+    from emflow.execution.engine import Engine
 
     calls = {"n": 0}
     for name in ("map", "map_reduce"):

@@ -184,7 +184,7 @@ def make_slurm_cluster(slurm, tmp_path):
 @pytest.fixture(scope="module")
 def slurm_data(tmp_path_factory):
     """Four overlapping 4-D components (EM keeps moving for many iterations), 60,000 rows in 30 partitions."""
-    from emflow.synthetic import write_gmm
+    from emflow.storage.synthetic import write_gmm
 
     d = tmp_path_factory.mktemp("slurmdata")
     return write_gmm(d / "train.zarr", 60_000, 4, 4, "full", seed=7, chunk_rows=2_000, separation=1.5)
@@ -227,7 +227,7 @@ def test_fit_flow_on_slurm_survives_scancel_of_a_worker_job(make_slurm_cluster, 
     scancel mid-fit: the fit ends with the same model as an undisturbed fit on the same cluster."""
     from distributed import Client
 
-    from emflow.checkpoint import checkpoint_path, read_checkpoint
+    from emflow.storage.checkpoint import checkpoint_path, read_checkpoint
     from flows.fit import fit_flow
 
     cluster = make_slurm_cluster(2)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import emflow
-from emflow.synthetic import write_gmm
+from emflow.storage.synthetic import write_gmm
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::emflow.EmflowConvergenceWarning")]
 

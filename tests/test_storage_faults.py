@@ -19,7 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 import emflow
-from emflow.checkpoint import Checkpoint, CheckpointWriter, read_checkpoint, write_checkpoint
+from emflow.storage.checkpoint import Checkpoint, CheckpointWriter, read_checkpoint, write_checkpoint
 from emflow.errors import StorageError
 from emflow.models.gmm import GMMParams
 
@@ -111,7 +111,7 @@ def test_cli_fit_onto_full_disk(models, tiny_fs, tmp_path):
     """`emflow fit` into a full location: exit 2, a clear message, the previous model untouched."""
     import zarr
 
-    from emflow.cli import app
+    from emflow.cli.main import app
 
     a, _ = models
     mnt, _ = tiny_fs
@@ -156,7 +156,7 @@ def test_store_write_failing_mid_save(models, tmp_path, monkeypatch):
 @pytest.mark.parametrize("fail_at", [1])
 def test_rename_failing_keeps_previous_model(models, tmp_path, monkeypatch, fail_at):
     """os.replace fails when swapping in the new version's pointer (the one rename a replacement takes)."""
-    import emflow.store as S
+    import emflow.storage.store as S
 
     a, b = models
     path = a.save(tmp_path / "m.zarr")
@@ -182,7 +182,7 @@ def test_rename_failing_keeps_previous_model(models, tmp_path, monkeypatch, fail
 
 def test_checkpoint_write_failing_keeps_previous(models, tmp_path, monkeypatch):
     """fsync fails (as on a full disk) while the writer checkpoints iteration 4: iteration 3 stays."""
-    import emflow.checkpoint as C
+    import emflow.storage.checkpoint as C
 
     a, _ = models
     ck = str(tmp_path / "m.zarr.checkpoint.npz")

@@ -31,8 +31,8 @@ import zarr
 from typer.testing import CliRunner
 
 import emflow
-import emflow.store as S
-from emflow.cli import app
+import emflow.storage.store as S
+from emflow.cli.main import app
 from emflow.errors import ConfigError, ModelFormatError
 
 RNG = np.random.default_rng(3)
@@ -141,7 +141,7 @@ def test_outputs_replace_only_outputs_and_never_inputs(models, tmp_path):
             model.predict(data, out=target, overwrite=True)
     assert _tree(mpath) == model_tree and _tree(data) == data_tree
     # the shared writer used by `emflow predict` and the scoring flow has the same rule
-    from emflow.outputs import write_output
+    from emflow.estimators.outputs import write_output
 
     with pytest.raises(ConfigError, match="overwrite=True"):
         write_output(model, "labels", data, out)
@@ -309,7 +309,7 @@ def test_live_writers_temporaries_are_kept_dead_ones_removed(models, tmp_path):
 
 
 def test_checkpoint_writer_cleans_dead_temporaries(tmp_path):
-    from emflow.checkpoint import Checkpoint, write_checkpoint
+    from emflow.storage.checkpoint import Checkpoint, write_checkpoint
     from emflow.models.gmm import GMMParams
 
     ck = tmp_path / "m.zarr.checkpoint.npz"
@@ -573,10 +573,10 @@ def test_dataset_writers_replace_only_emflow_datasets_and_only_when_asked(tmp_pa
     import scipy.sparse as sp
     from typer.testing import CliRunner
 
-    from emflow.cli import app
-    from emflow.corpus import write_corpus
-    from emflow.sequences import write_sequences
-    from emflow.synthetic import write_gmm, write_hmm, write_lda, write_lgssm
+    from emflow.cli.main import app
+    from emflow.storage.corpus import write_corpus
+    from emflow.storage.sequences import write_sequences
+    from emflow.storage.synthetic import write_gmm, write_hmm, write_lda, write_lgssm
 
     writers = {
         "gmm": lambda p, **kw: write_gmm(p, 100, 2, 2, **kw),

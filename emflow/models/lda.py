@@ -10,7 +10,7 @@ depend on which documents share a block or a partition.
 
 A partition of a corpus is ``(entries, indptr)``: ``entries`` a structured array of the
 partition's non-zeros with fields ``term`` (int) and ``count`` (float), ``indptr`` of shape
-(n_docs + 1,) with ``indptr[0] == 0`` (see :mod:`emflow.corpus`).
+(n_docs + 1,) with ``indptr[0] == 0`` (see :mod:`emflow.storage.corpus`).
 
 Notation: K topics, V terms, ``lambda`` = ``components_`` (K, V), ``gamma`` the document-topic
 variational parameters (n_docs, K), ``alpha`` = ``doc_topic_prior``, ``eta`` =

@@ -8,7 +8,7 @@ surface (``scheduler``, ``persist``, ``split_every``, ``callbacks``, ``history_`
 ``fit_info_``, ``save`` / ``load``).
 
 Data: in memory as hmmlearn's ``(X, lengths)``, or a Zarr group with ``values``
-(total_steps, n_features) and ``offsets`` (n_sequences + 1) (see :mod:`emflow.sequences`).
+(total_steps, n_features) and ``offsets`` (n_sequences + 1) (see :mod:`emflow.storage.sequences`).
 A partition is a run of whole sequences; the E-step of each partition runs on a worker
 and returns additive statistics (:mod:`emflow.models.hmm`).
 
@@ -29,15 +29,15 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from . import __version__
-from . import store as _store
-from .base import check_execution, check_int, check_real, rng_from
-from .cluster import engine_for
-from .data import DEFAULT_PARTITION_BYTES, SQUARE_LIMIT, is_zarr_path
+from .. import __version__
+from ..storage import store as _store
+from ..checks import check_execution, check_int, check_real, rng_from
+from ..execution.cluster import engine_for
+from ..storage.data import DEFAULT_PARTITION_BYTES, SQUARE_LIMIT, is_zarr_path
 from .em import EMResult, IterationEvent, run_em
-from .stats import require_finite
-from .estimator import EMEstimator, Output
-from .errors import (
+from ..stats import require_finite
+from .base import EMEstimator, Output
+from ..errors import (
     ConfigError,
     DataError,
     DegenerateComponentWarning,
@@ -45,9 +45,9 @@ from .errors import (
     FeatureMismatchError,
     NotFittedError,
 )
-from .models import hmm as H
-from .models import kmeans as KM
-from .sequences import open_sequences, write_owned, write_step_outputs
+from ..models import hmm as H
+from ..models import kmeans as KM
+from ..storage.sequences import open_sequences, write_owned, write_step_outputs
 
 __all__ = ["GaussianHMM", "CategoricalHMM", "ConvergenceMonitor", "GaussianHMMFamily", "CategoricalHMMFamily"]
 
@@ -61,7 +61,7 @@ MAX_EMISSION_BYTES = 2**30
 # -- family objects (shipped to workers) ----------------------------------------------
 @dataclass(frozen=True, eq=False)
 class GaussianHMMFamily:
-    """EM family of Gaussian-emission HMMs (for :func:`emflow.em.run_em`)."""
+    """EM family of Gaussian-emission HMMs (for :func:`emflow.estimators.em.run_em`)."""
 
     priors: H.GaussianPriors
     trans_priors: H.TransitionPriors
@@ -79,7 +79,7 @@ class GaussianHMMFamily:
 
 @dataclass(frozen=True, eq=False)
 class CategoricalHMMFamily:
-    """EM family of categorical-emission HMMs (for :func:`emflow.em.run_em`)."""
+    """EM family of categorical-emission HMMs (for :func:`emflow.estimators.em.run_em`)."""
 
     emissionprob_prior: Any
     trans_priors: H.TransitionPriors
@@ -240,7 +240,7 @@ class _BaseHMM(EMEstimator):
             Lengths of the in-memory sequences (hmmlearn's convention); ``None`` means one
             sequence.
         callbacks : iterable of callables
-            Each is called with an :class:`~emflow.em.IterationEvent` after every iteration.
+            Each is called with an :class:`~emflow.estimators.em.IterationEvent` after every iteration.
         initial_params, history
             Resume from a checkpoint: EM starts from these parameters (a
             ``GaussianHMMParams`` / ``CategoricalHMMParams``) with the iterations already

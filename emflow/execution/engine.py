@@ -26,13 +26,13 @@ from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 
-from . import data as _data
-from .errors import ClusterError, ClusterWarning, ConfigError
-from .stats import add
+from ..storage import data as _data
+from ..errors import ClusterError, ClusterWarning, ConfigError
+from ..stats import add
 
 __all__ = ["Engine", "Loaded", "tree_reduce", "WORKER_WAIT_TIMEOUT", "STALL_FACTOR", "STALL_FLOOR"]
 
-logger = logging.getLogger("emflow.engine")
+logger = logging.getLogger("emflow.execution.engine")
 
 Persist = Literal["auto"] | bool
 
@@ -281,7 +281,7 @@ class Engine:
         # bad values fail here (the config is read again at each use, so dask.config.set applies)
         _ = (self.worker_wait_timeout, self.stall_factor, self.stall_floor)
         self._workers_seen = 0  # workers at the latest look: "all N workers were lost"
-        # set by emflow.cluster on a cluster it connected to: called before each pass with the
+        # set by emflow.execution.cluster on a cluster it connected to: called before each pass with the
         # workers not checked yet (ones that joined), raises ClusterError for unfit ones
         self.worker_check: Callable[[list[str]], Any] | None = None
         self.checked_workers: set[str] = set()
@@ -533,7 +533,7 @@ class Engine:
         release: Callable[[], None] | None = None
         rescatter: Callable[[list[int]], None] | None = None
         # the scan reads every partition once: values checked over the whole dataset,
-        # fingerprint; errors come back as values (emflow.data.scan_partition)
+        # fingerprint; errors come back as values (emflow.storage.data.scan_partition)
         starts = _element_starts(rows)
         checks = [getattr(ld, "checks", None) for ld in rows.loaders]
         if self.client is None:

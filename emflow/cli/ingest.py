@@ -1,8 +1,8 @@
-"""``emflow ingest``: the command-line face of :func:`emflow.ingest.ingest`.
+"""``emflow ingest``: the command-line face of :func:`emflow.storage.ingest.ingest`.
 
 The lead wires it into the main application with::
 
-    from .cli_ingest import ingest_command
+    from .ingest import ingest_command
     app.command("ingest")(ingest_command)
 """
 
@@ -53,8 +53,8 @@ def ingest_command(
     from rich.table import Table
     from rich.text import Text
 
-    from .cli import _errors
-    from .ingest import ingest, read_report
+    from .main import _errors
+    from ..storage.ingest import ingest, read_report
 
     console = Console(stderr=True)
     seq_col = sequence_column  # a name, or a position when no column has that name

@@ -20,15 +20,15 @@ from typing import Callable, Iterable, NamedTuple
 
 import numpy as np
 
-from . import store as _store
-from .base import check_choice, check_execution, check_int, check_real, rng_from
-from .cluster import engine_for
-from .data import DEFAULT_PARTITION_BYTES, SQUARE_LIMIT, is_zarr_path
+from ..storage import store as _store
+from ..checks import check_choice, check_execution, check_int, check_real, rng_from
+from ..execution.cluster import engine_for
+from ..storage.data import DEFAULT_PARTITION_BYTES, SQUARE_LIMIT, is_zarr_path
 from .em import IterationEvent
-from .errors import ConfigError, DegenerateComponentWarning, FeatureMismatchError
-from .estimator import EMEstimator, Output
-from .models import lgssm as M
-from .sequences import open_sequences, write_owned, write_step_outputs
+from ..errors import ConfigError, DegenerateComponentWarning, FeatureMismatchError
+from .base import EMEstimator, Output
+from ..models import lgssm as M
+from ..storage.sequences import open_sequences, write_owned, write_step_outputs
 
 __all__ = ["LinearGaussianSSM", "LGSSMFamily", "Forecast"]
 
@@ -139,7 +139,7 @@ class LinearGaussianSSM(EMEstimator):
     verbose : int, default 0
         1 prints a line per iteration.
     scheduler : None, "threads", "local", address string or distributed.Client
-        Where to run (see :mod:`emflow.cluster`).
+        Where to run (see :mod:`emflow.execution.cluster`).
     persist : "auto", True or False, default "auto"
         Keep the sequences in worker memory between iterations.
     split_every : int, default 8
@@ -275,12 +275,12 @@ class LinearGaussianSSM(EMEstimator):
         ----------
         X : str, PathLike or array-like of shape (total_steps, n_features)
             A Zarr sequences group (``values`` + ``offsets``, see
-            :func:`emflow.sequences.write_sequences`) or the concatenated sequences in
+            :func:`emflow.storage.sequences.write_sequences`) or the concatenated sequences in
             memory. NaN entries are missing observations.
         lengths : array-like of shape (n_sequences,), optional
             Lengths of the in-memory sequences (hmmlearn's convention); ``None`` is one sequence.
         callbacks : iterable of callables
-            Called with an :class:`~emflow.em.IterationEvent` after every iteration.
+            Called with an :class:`~emflow.estimators.em.IterationEvent` after every iteration.
         initial_params, history
             Resume from a checkpoint: start from these :class:`~emflow.models.lgssm.LGSSMParams`
             with the iterations already recorded in ``history``.

@@ -34,12 +34,11 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .em import IterationEvent
-from .errors import StorageError
-from .models.gmm import GMMParams
-from .models.hmm import CategoricalHMMParams, GaussianHMMParams
-from .models.lda import make_params as _lda_params
-from .models.lgssm import LGSSMParams
+from ..errors import StorageError
+from ..models.gmm import GMMParams
+from ..models.hmm import CategoricalHMMParams, GaussianHMMParams
+from ..models.lda import make_params as _lda_params
+from ..models.lgssm import LGSSMParams
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -376,7 +375,8 @@ class CheckpointWriter:
             self.extra["records"] = {k: [float(v) for v in old.get(k, [])] for k in self.record}
         self.last: Checkpoint | None = None
 
-    def __call__(self, event: IterationEvent) -> None:
+    def __call__(self, event) -> None:
+        # event: an emflow.estimators.em.IterationEvent (duck-typed: storage imports no estimator)
         self.history.append(float(event.log_likelihood))
         self.seconds.append(float(event.seconds))
         for k in self.record:
@@ -419,7 +419,7 @@ def data_fingerprint(data, sample_weight: Any = None, *, scheduler: Any = None, 
     when run on the same scheduler. Returns a dict with ``fingerprint``, ``source``,
     ``n_samples``, ``n_features``, ``dtype``, ``nbytes``, ``partitions``, ``weight_sum``.
     """
-    from .cluster import engine_for
+    from ..execution.cluster import engine_for
 
     with engine_for(scheduler) as engine:
         loaded = engine.open(data, sample_weight, min_rows=min_rows, persist=False)
@@ -438,14 +438,14 @@ def data_fingerprint(data, sample_weight: Any = None, *, scheduler: Any = None, 
 def dataset_fingerprint(dataset, *, scheduler: Any = None) -> dict:
     """Validate and fingerprint an opened dataset (rows, sequences or a corpus) in one pass.
 
-    ``dataset`` is what :func:`emflow.sequences.open_sequences` or
-    :func:`emflow.corpus.open_corpus` returns. The fingerprint does not depend on the
+    ``dataset`` is what :func:`emflow.storage.sequences.open_sequences` or
+    :func:`emflow.storage.corpus.open_corpus` returns. The fingerprint does not depend on the
     partitioning, so it equals ``fit_info_["fingerprint"]`` of an estimator fitted on the
     same data. Returns a dict with ``fingerprint``, ``source``, ``n_rows`` (steps, or
     documents), ``n_features`` (features, or terms), ``dtype``, ``partitions``, ``engine``,
     and ``n_sequences`` / ``nnz`` where they apply.
     """
-    from .cluster import engine_for
+    from ..execution.cluster import engine_for
 
     with engine_for(scheduler) as engine:
         loaded = engine.load(dataset, persist=False)

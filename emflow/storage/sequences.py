@@ -23,7 +23,7 @@ import numpy as np
 
 from .data import (DEFAULT_PARTITION_BYTES, CheckedLoader, _check_dtype, _url, check_pointer, is_zarr_path,
                    read_chunked, value_findings)
-from .errors import DataError, DataNotFoundError
+from ..errors import DataError, DataNotFoundError
 
 __all__ = ["SequenceData", "open_sequences", "check_offsets", "write_sequences", "write_owned", "write_step_outputs"]
 
@@ -193,7 +193,7 @@ def open_sequences(
         Values beyond this magnitude are an error (a ``FitFailedError`` that says to scale
         the data), found by the opening scan before any arithmetic. Models that square
         the values (Gaussian emissions, state-space models) pass
-        :data:`emflow.data.SQUARE_LIMIT`.
+        :data:`emflow.storage.data.SQUARE_LIMIT`.
     """
     if is_zarr_path(data):
         import zarr
@@ -208,7 +208,7 @@ def open_sequences(
         if "values" not in g or "offsets" not in g:
             raise DataError(
                 f"The Zarr group at {url!r} needs arrays 'values' and 'offsets' (found "
-                f"{sorted(g.array_keys())}). Write sequences with emflow.sequences.write_sequences."
+                f"{sorted(g.array_keys())}). Write sequences with emflow.storage.sequences.write_sequences."
             )
         values = g["values"]
         if values.ndim != 2:
@@ -313,7 +313,7 @@ def write_step_outputs(out, loaded, arrays: dict[str, tuple[tuple[int, ...], str
     """
     import zarr
 
-    from . import __version__
+    from .. import __version__
     from .store import atomic_dir
 
     data = loaded.data

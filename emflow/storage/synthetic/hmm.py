@@ -7,8 +7,8 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import ConfigError
-from ..models import hmm as H
+from ...errors import ConfigError
+from ...models import hmm as H
 
 __all__ = ["make_hmm_params", "sample_hmm", "write_hmm"]
 
@@ -137,6 +137,6 @@ def write_hmm(path, n_sequences: int, n_components: int, n_features: int, emissi
         g.attrs.update({
             "kind": "sequences", "n_sequences": int(n_sequences), "total_steps": total,
             "n_features": width, "dtype": vdtype,
-            "source": f"emflow.synthetic.hmm.write_hmm(seed={seed})", "truth": truth,
+            "source": f"emflow.storage.synthetic.hmm.write_hmm(seed={seed})", "truth": truth,
         })
     return os.path.abspath(os.fspath(path))

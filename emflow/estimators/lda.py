@@ -23,18 +23,18 @@ import scipy.sparse as sp
 from sklearn.base import ClassNamePrefixFeaturesOutMixin
 from sklearn.utils import check_random_state as _sk_random_state
 
-from . import __version__
-from . import store as _store
-from .base import MAX_SEED, check_choice, check_execution, check_int, check_random_state, check_real
-from .cluster import engine_for
-from .corpus import CorpusData, open_corpus
-from .data import DEFAULT_PARTITION_BYTES, is_zarr_path
+from .. import __version__
+from ..storage import store as _store
+from ..checks import MAX_SEED, check_choice, check_execution, check_int, check_random_state, check_real
+from ..execution.cluster import engine_for
+from ..storage.corpus import CorpusData, open_corpus
+from ..storage.data import DEFAULT_PARTITION_BYTES, is_zarr_path
 from .em import EMResult, IterationEvent, partition_starts
-from .estimator import EMEstimator, Output
-from .engine import Engine, Loaded
-from .errors import (ConfigError, DataError, EmflowConvergenceWarning, FeatureMismatchError, ModelFormatError,
+from .base import EMEstimator, Output
+from ..execution.engine import Engine, Loaded
+from ..errors import (ConfigError, DataError, EmflowConvergenceWarning, FeatureMismatchError, ModelFormatError,
                      NotFittedError)
-from .models import lda as M
+from ..models import lda as M
 
 __all__ = ["LatentDirichletAllocation"]
 
@@ -125,11 +125,14 @@ class LatentDirichletAllocation(ClassNamePrefixFeaturesOutMixin, EMEstimator):
         (``sum_d E[log theta_d]``) comes from the same pass. ``doc_topic_prior_`` is then an
         array. scikit-learn has no such option; with False the prior stays fixed as there.
     scheduler : None, "threads", "local", address string or distributed.Client
-        Where to run (see :mod:`emflow.cluster`).
+        Where to run (see :mod:`emflow.execution.cluster`).
     persist : "auto", True or False, default "auto"
         Keep the corpus in worker memory between iterations.
     split_every : int, default 8
         Fan-in of the tree reduction of statistics.
+    partition_bytes : int or None
+        Target bytes of a partition's entries (whole document chunks; 12 bytes per non-zero);
+        default 64 MiB. Ignored for an opened corpus (``open_corpus(...)``).
 
     Attributes
     ----------
@@ -195,6 +198,7 @@ class LatentDirichletAllocation(ClassNamePrefixFeaturesOutMixin, EMEstimator):
         scheduler=None,
         persist="auto",
         split_every: int = 8,
+        partition_bytes: int | None = None,
     ):
         self.n_components = n_components
         self.doc_topic_prior = doc_topic_prior
@@ -217,6 +221,7 @@ class LatentDirichletAllocation(ClassNamePrefixFeaturesOutMixin, EMEstimator):
         self.scheduler = scheduler
         self.persist = persist
         self.split_every = split_every
+        self.partition_bytes = partition_bytes
 
     def _validate_params(self) -> None:
         check_int("n_components", self.n_components, 1)
@@ -286,7 +291,8 @@ class LatentDirichletAllocation(ClassNamePrefixFeaturesOutMixin, EMEstimator):
         if not isinstance(data, CorpusData) and not is_zarr_path(data):
             _check_non_negative(data, f"LatentDirichletAllocation.{whom}")
         corpus = data if isinstance(data, CorpusData) else open_corpus(
-            data, partition_bytes=DEFAULT_PARTITION_BYTES, min_partitions=2 * engine.total_threads,
+            data, partition_bytes=self.partition_bytes or DEFAULT_PARTITION_BYTES,
+            min_partitions=2 * engine.total_threads,
         )
         return engine.load(corpus, persist=persist)
 
@@ -305,11 +311,11 @@ class LatentDirichletAllocation(ClassNamePrefixFeaturesOutMixin, EMEstimator):
         Parameters
         ----------
         data : str, PathLike, CorpusData, scipy sparse matrix or array-like of shape (n_docs, n_terms)
-            A Zarr corpus (see :mod:`emflow.corpus`), an opened corpus (to choose the
+            A Zarr corpus (see :mod:`emflow.storage.corpus`), an opened corpus (to choose the
             partitioning: ``open_corpus(..., partition_bytes=...)``) or counts in memory.
         y : ignored
         callbacks : iterable of callables
-            Called with an :class:`~emflow.em.IterationEvent` after every iteration
+            Called with an :class:`~emflow.estimators.em.IterationEvent` after every iteration
             (``log_likelihood`` is the bound per word).
 
         initial_params : ndarray of shape (n_components, n_terms) or LDAParams, optional
@@ -378,9 +384,9 @@ class LatentDirichletAllocation(ClassNamePrefixFeaturesOutMixin, EMEstimator):
         self.doc_topic_prior_ = alpha if params.doc_topic_prior is None else params.doc_topic_prior
 
     def _n_parameters(self) -> int:
-        """Free parameters: K topics on the (V - 1)-simplex, and K prior weights if estimated."""
+        """Free parameters: the K x V positive variational ``lambda``, and K prior weights if estimated."""
         K, V = int(self.n_components), int(self.n_features_in_)
-        return K * (V - 1) + (K if self.learn_doc_topic_prior else 0)
+        return K * V + (K if self.learn_doc_topic_prior else 0)
 
     def _warn_unconverged(self, restarts: int, max_iter: int) -> None:
         if self.evaluate_every > 0:

@@ -22,11 +22,11 @@ import contextlib
 import os
 from typing import Any, Iterator
 
-from .base import is_int
+from ..checks import is_int
 from .engine import Engine
-from .errors import ClusterError, ConfigError
+from ..errors import ClusterError, ConfigError
 
-__all__ = ["engine_for", "local_cluster", "check_worker_versions"]
+__all__ = ["engine_for", "local_cluster", "local_client", "check_worker_versions"]
 
 
 NO_MAIN_GUARD = ("emflow started a local Dask cluster from a script without an `if __name__ == '__main__':` "
@@ -142,6 +142,19 @@ def local_cluster(n_workers: int | None = None, threads_per_worker: int = 1, **k
     return cluster
 
 
+@contextlib.contextmanager
+def local_client(n_workers: int | None = None, **kwargs) -> Iterator[Any]:
+    """A ``distributed.Client`` of a :func:`local_cluster` started here; both closed on exit."""
+    from distributed import Client
+
+    cluster = local_cluster(n_workers, **kwargs)
+    try:
+        with Client(cluster) as client:
+            yield client
+    finally:
+        cluster.close()
+
+
 def _version_probe():
     """A function that reports the emflow a worker imports. Made inside a function so that
     cloudpickle sends it by value: a worker that cannot import emflow can still run it."""
@@ -165,7 +178,7 @@ def check_worker_versions(client, workers: list[str] | None = None, *, joined: b
     unpickle emflow's functions and data loaders, so they need the same emflow as the
     client). ``joined``: the workers joined during a fit (the message says so).
     """
-    from . import __version__ as mine
+    from .. import __version__ as mine
 
     if workers is not None and not workers:
         return []

@@ -7,8 +7,8 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import ConfigError
-from ..models.gmm import COVARIANCE_TYPES
+from ...errors import ConfigError
+from ...models.gmm import COVARIANCE_TYPES
 
 __all__ = ["make_gmm_params", "sample_gmm", "write_gmm"]
 
@@ -117,7 +117,7 @@ def write_gmm(path, n_samples: int, n_components: int, n_features: int, covarian
                 progress(b - a)
         g.attrs.update({
             "kind": "rows", "rows": "X", "n_samples": n_samples, "n_features": n_features,
-            "dtype": dtype, "source": f"emflow.synthetic.write_gmm(seed={seed})",
+            "dtype": dtype, "source": f"emflow.storage.synthetic.write_gmm(seed={seed})",
             "truth": {
                 "family": "gaussian_mixture", "covariance_type": covariance_type,
                 "weights": params["weights"].tolist(), "means": params["means"].tolist(),

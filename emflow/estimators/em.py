@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Protocol, Sequence
 
-from .engine import Engine, Loaded
+from ..execution.engine import Engine, Loaded
 
 __all__ = ["Family", "EStepContext", "IterationEvent", "EMResult", "EMRun", "ChangeBelow", "run_em",
            "run_em_group", "partition_starts"]

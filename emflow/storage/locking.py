@@ -43,7 +43,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from .errors import EmflowError, StorageError
+from ..errors import EmflowError, StorageError
 
 __all__ = ["LockHeldError", "StaleLockWarning", "OutputLock", "lock_path", "output_lock", "read_lock",
            "HEARTBEAT_SECONDS", "DEFAULT_EXPIRY_SECONDS", "EXPIRY_ENV"]

@@ -21,7 +21,7 @@ from typing import Any, Callable, ClassVar, NamedTuple
 
 import numpy as np
 
-from .errors import ConfigError, DataError, DataNotFoundError, EmflowError, FitFailedError, NonFiniteDataError
+from ..errors import ConfigError, DataError, DataNotFoundError, EmflowError, FitFailedError, NonFiniteDataError
 
 __all__ = ["RowData", "open_rows", "open_zarr_array", "is_zarr_path", "DEFAULT_PARTITION_BYTES"]
 
@@ -55,7 +55,7 @@ def open_zarr_array(path: Any, *, role: str = "data"):
     if "://" not in url and os.path.isfile(url):
         raise DataError(
             f"{url!r} is a file, not a Zarr dataset (a folder). Convert it first: "
-            f"`emflow ingest {os.fspath(path)} --out DATA.zarr` (or emflow.ingest.ingest) reads CSV, "
+            f"`emflow ingest {os.fspath(path)} --out DATA.zarr` (or emflow.storage.ingest.ingest) reads CSV, "
             "Parquet, .npy and HDF5 files; then use DATA.zarr."
         )
     try:

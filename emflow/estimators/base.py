@@ -42,10 +42,10 @@ import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.utils import check_random_state
 
-from . import __version__
-from . import store as _store
+from .. import __version__
+from ..storage import store as _store
 from .em import EMResult, IterationEvent, run_em
-from .errors import ConfigError, EmflowConvergenceWarning, NotFittedError
+from ..errors import ConfigError, EmflowConvergenceWarning, NotFittedError
 
 __all__ = ["EMEstimator", "Output", "REGISTRY", "family_of", "print_iteration"]
 
@@ -229,7 +229,7 @@ class EMEstimator(BaseEstimator):
         return np.random.default_rng([seed, init])
 
     def _session(self):
-        from .cluster import engine_for
+        from ..execution.cluster import engine_for
 
         return engine_for(self.scheduler, split_every=self.split_every)
 

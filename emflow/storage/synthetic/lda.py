@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from ..errors import ConfigError
+from ...errors import ConfigError
 
 __all__ = ["make_lda_params", "sample_lda", "write_lda"]
 
@@ -45,7 +45,7 @@ def write_lda(path, n_docs: int, n_terms: int, n_components: int, *, doc_topic_p
               chunk_docs: int = 1024, overwrite: bool = False) -> str:
     """Write an LDA corpus to a Zarr group, one chunk of documents at a time.
 
-    The group is a corpus (see :mod:`emflow.corpus`) with vocabulary ``t00000, t00001...``;
+    The group is a corpus (see :mod:`emflow.storage.corpus`) with vocabulary ``t00000, t00001...``;
     ``attrs["truth"]`` holds the true ``topics`` (K, V), ``doc_topic_prior`` and the other
     settings, and the array ``theta`` (n_docs, K) the true proportions. Chunk ``i`` is drawn
     from ``default_rng([seed, i])``, so the corpus depends only on the arguments.
@@ -75,7 +75,7 @@ def write_lda(path, n_docs: int, n_terms: int, n_components: int, *, doc_topic_p
             w.append(X.indptr, X.indices, X.data)
             theta_arr[a:b] = theta
         w.finish(vocab, {
-            "source": f"emflow.synthetic.write_lda(seed={seed})",
+            "source": f"emflow.storage.synthetic.write_lda(seed={seed})",
             "truth": {
                 "family": "latent_dirichlet_allocation", "topics": topics.tolist(),
                 "doc_topic_prior": doc_topic_prior, "topic_word_concentration": topic_word_concentration,

@@ -6,10 +6,10 @@ is accumulated (per-column count, min, max, mean and standard deviation merged b
 block with Chan et al.'s parallel update, NaN and infinity counts) and stored in the
 dataset's attributes with a content fingerprint. The whole dataset is written under a
 temporary sibling name and renamed into place only when complete
-(:class:`emflow.store.atomic_dir`), so an interrupted ingest leaves nothing that looks
+(:class:`emflow.storage.store.atomic_dir`), so an interrupted ingest leaves nothing that looks
 like a dataset.
 
-Layouts written (see ``shared/DESIGN.md``)::
+Layouts written::
 
     rows                         sequences (sequence_column=...)
     out.zarr/                    out.zarr/
@@ -17,8 +17,8 @@ Layouts written (see ``shared/DESIGN.md``)::
                  columns, report, fingerprint         values   (total_steps, n_features)
       X  (n_samples, n_features)                      offsets  (n_sequences + 1,) int64
 
-The first is what :func:`emflow.data.open_rows` reads, the second
-:func:`emflow.sequences.open_sequences`.
+The first is what :func:`emflow.storage.data.open_rows` reads, the second
+:func:`emflow.storage.sequences.open_sequences`.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from .errors import ConfigError, DataError, DataNotFoundError
+from ..errors import ConfigError, DataError, DataNotFoundError
 
 __all__ = ["ingest", "ColumnStats", "FORMATS", "COMPRESSIONS", "DEFAULT_CHUNK_BYTES", "read_report"]
 
@@ -735,7 +735,7 @@ def ingest(
             }
             if seq is not None:
                 report["sequences"] = len(offsets) - 1
-            from . import __version__
+            from .. import __version__
 
             attrs.update({
                 "source": f"{info['path']} ({fmt})", "fingerprint": fingerprint,

@@ -22,13 +22,13 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from .cluster import engine_for
+from ..execution.cluster import engine_for
 from .em import EMRun, run_em_group
-from .engine import take_rows
-from .errors import ConfigError
+from ..execution.engine import take_rows
+from ..errors import ConfigError
 from .mixture import KMEANS_MAX_ITER, KMEANS_TOL, SAMPLE_ROWS, GaussianMixture, GMMFamily
-from .models import gmm as G
-from .models import kmeans as KM
+from ..models import gmm as G
+from ..models import kmeans as KM
 
 __all__ = ["SelectionResult", "select_gaussian_mixture"]
 
@@ -145,7 +145,7 @@ def select_gaussian_mixture(
     n_init, tol, reg_covar, max_iter, random_state
         As in :class:`GaussianMixture`; every candidate uses ``random_state``.
     scheduler, persist, split_every
-        Where to run (see :mod:`emflow.cluster`).
+        Where to run (see :mod:`emflow.execution.cluster`).
     callbacks : iterable of callables
         Each called after every shared EM pass with ``{"pass": i, "active": n_units_running,
         "units": [(n_components, covariance_type, restart, iteration, log_likelihood), ...]}``.

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["outputs_of", "check_outputs", "write_output"]
 
@@ -21,10 +21,10 @@ _ALIASES = {"score": "log_likelihood"}
 
 def outputs_of(model) -> tuple[dict[str, str], list[str]]:
     """``({output: method}, default outputs)`` of a fitted estimator, from its family's
-    declared ``outputs`` (see :class:`emflow.estimator.Output`)."""
+    declared ``outputs`` (see :class:`emflow.estimators.base.Output`)."""
     declared = getattr(type(model), "outputs", None)
     if not declared:
-        from .estimator import REGISTRY
+        from .base import REGISTRY
 
         names = ", ".join(c.__name__ for c in REGISTRY.values() if c.outputs)
         raise ConfigError(f"A {type(model).__name__} has no outputs to write to Zarr (emflow writes those of {names}).")
@@ -52,7 +52,7 @@ def write_output(model, kind: str, data, out, *, overwrite: bool = False) -> tup
 
     An emflow output already at ``out`` is replaced only with ``overwrite=True``; a path that
     holds anything else, or is (inside, or contains) ``data`` or the model's own path, is
-    refused with a ConfigError (see :func:`emflow.store.check_destination`).
+    refused with a ConfigError (see :func:`emflow.storage.store.check_destination`).
 
     Returns ``(written, array)``: what the method returned (a Zarr array, or a group for
     sequence families) and its main array (the group's ``values``).

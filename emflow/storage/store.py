@@ -47,7 +47,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from .errors import ConfigError, DataNotFoundError, ModelFormatError, StorageError
+from ..errors import ConfigError, DataNotFoundError, ModelFormatError, StorageError
 
 __all__ = [
     "FORMAT_VERSION", "save_model", "load_model", "read_model_attrs", "atomic_dir", "check_destination",

@@ -9,17 +9,17 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from . import __version__
-from . import store as _store
-from .base import check_choice, check_execution, check_int, check_real
-from .cluster import engine_for
-from .data import is_zarr_path
+from .. import __version__
+from ..storage import store as _store
+from ..checks import check_choice, check_execution, check_int, check_real
+from ..execution.cluster import engine_for
+from ..storage.data import is_zarr_path
 from .em import IterationEvent
-from .engine import Engine, Loaded, sample_rows
-from .errors import ConfigError, DegenerateComponentWarning, FeatureMismatchError
-from .estimator import EMEstimator, Output
-from .models import gmm as G
-from .models import kmeans as KM
+from ..execution.engine import Engine, Loaded, sample_rows
+from ..errors import ConfigError, DegenerateComponentWarning, FeatureMismatchError
+from .base import EMEstimator, Output
+from ..models import gmm as G
+from ..models import kmeans as KM
 
 __all__ = ["GaussianMixture", "GMMFamily"]
 
@@ -114,7 +114,7 @@ class GaussianMixture(EMEstimator):
     verbose : int, default 0
         1 prints a line per iteration.
     scheduler : None, "threads", "local", address string or distributed.Client
-        Where to run (see :mod:`emflow.cluster`). ``None`` uses the active Dask client if
+        Where to run (see :mod:`emflow.execution.cluster`). ``None`` uses the active Dask client if
         there is one, otherwise threads in this process.
     persist : "auto", True or False, default "auto"
         Keep the data in worker memory between iterations (True), stream them from storage
@@ -336,7 +336,7 @@ class GaussianMixture(EMEstimator):
             Non-negative weight per row (a weight of 2 counts a row twice). A bare name
             such as ``"weights"`` reads the array of that name beside the data.
         callbacks : iterable of callables
-            Each is called with an :class:`~emflow.em.IterationEvent` after every
+            Each is called with an :class:`~emflow.estimators.em.IterationEvent` after every
             iteration (monitoring, checkpoints).
         initial_params, history
             Resume from a checkpoint: start EM from these parameters with the iterations
@@ -406,15 +406,15 @@ class GaussianMixture(EMEstimator):
         if not (is_zarr_path(data) or isinstance(data, (zarr.Array, da.Array))):
             X = np.asarray(data)
             if X.ndim != 2:
-                from .errors import DataError
+                from ..errors import DataError
 
                 raise DataError(f"The data have shape {X.shape}; expected 2-D (n_samples, n_features).")
             self._check_features(X.shape[1])
             if X.dtype.kind not in "fiu":
-                from .errors import DataError
+                from ..errors import DataError
 
                 raise DataError(f"The data have dtype {X.dtype}; convert to float64 first.")
-            from .data import _check_finite
+            from ..storage.data import _check_finite
 
             _check_finite(X, None, "The data", 0)
             if out is None:

@@ -6,8 +6,8 @@ import os
 
 import numpy as np
 
-from ..errors import ConfigError
-from ..models import lgssm as M
+from ...errors import ConfigError
+from ...models import lgssm as M
 
 __all__ = ["make_lgssm_params", "sample_lgssm", "write_lgssm"]
 
@@ -97,7 +97,7 @@ def write_lgssm(path, n_sequences: int, state_dim: int, n_features: int, *, min_
         g.attrs.update({
             "kind": "sequences", "n_sequences": int(n_sequences), "total_steps": total,
             "n_features": p, "dtype": "float64",
-            "source": f"emflow.synthetic.lgssm.write_lgssm(seed={seed})",
+            "source": f"emflow.storage.synthetic.lgssm.write_lgssm(seed={seed})",
             "truth": {"family": "linear_gaussian_ssm", "missing_fraction": float(missing_fraction),
                       **{n: np.asarray(v).tolist() for n, v in zip(M.LGSSMParams._fields, params)}},
         })

@@ -37,7 +37,7 @@ import numpy as np
 
 from .data import (DEFAULT_PARTITION_BYTES, CheckedLoader, Finding, _url, check_pointer, is_zarr_path, raise_findings,
                    read_chunked)
-from .errors import ConfigError, DataError, DataNotFoundError
+from ..errors import ConfigError, DataError, DataNotFoundError
 
 __all__ = [
     "CorpusData", "open_corpus", "write_corpus", "read_corpus", "read_vocabulary", "ingest_text",
@@ -168,7 +168,7 @@ class ArrayCorpusLoader:
 class CorpusData:
     """A document-term corpus split into partitions of whole document chunks.
 
-    Engine-compatible like :class:`emflow.data.RowData`: ``n_rows`` is the number of
+    Engine-compatible like :class:`emflow.storage.data.RowData`: ``n_rows`` is the number of
     documents and ``n_features`` the number of terms.
 
     Attributes
@@ -306,8 +306,8 @@ def open_corpus(
         url = _url(data)
         if "://" not in url and not os.path.exists(url):
             raise DataNotFoundError(
-                f"No corpus at {url!r}. Check the path, or write one with emflow.corpus.write_corpus "
-                "or emflow.corpus.ingest_text."
+                f"No corpus at {url!r}. Check the path, or write one with emflow.storage.corpus.write_corpus "
+                "or emflow.storage.corpus.ingest_text."
             )
         try:
             g = zarr.open_group(url, mode="r")
@@ -317,7 +317,7 @@ def open_corpus(
         if missing:
             raise DataError(
                 f"The Zarr group at {url!r} is not a corpus: it lacks {missing} (found "
-                f"{sorted(g.array_keys())}). Write corpora with emflow.corpus.write_corpus or ingest_text."
+                f"{sorted(g.array_keys())}). Write corpora with emflow.storage.corpus.write_corpus or ingest_text."
             )
         n_terms = g.attrs.get("n_terms")
         if not isinstance(n_terms, int) or n_terms < 1:
@@ -463,7 +463,7 @@ def write_corpus(path, X, vocabulary: Iterable[str] | None = None, *, chunk_docs
             b = min(X.shape[0], a + chunk_docs)
             lo, hi = X.indptr[a], X.indptr[b]
             w.append(X.indptr[a : b + 1] - lo, X.indices[lo:hi], X.data[lo:hi])
-        w.finish(vocab, {"source": "emflow.corpus.write_corpus", **(attrs or {})})
+        w.finish(vocab, {"source": "emflow.storage.corpus.write_corpus", **(attrs or {})})
     return os.path.abspath(os.fspath(path))
 
 
@@ -624,7 +624,7 @@ def ingest_text(
                 flush()
         flush()
         w.finish(terms, {
-            "source": f"emflow.corpus.ingest_text({os.fspath(source) if isinstance(source, (str, os.PathLike)) else 'files'})",
+            "source": f"emflow.storage.corpus.ingest_text({os.fspath(source) if isinstance(source, (str, os.PathLike)) else 'files'})",
             "tokenizer": {"lowercase": lowercase, "token_pattern": token_pattern},
             "pruning": {"min_df": min_df, "max_df": max_df, "max_features": max_features},
         })

@@ -1,0 +1,12 @@
+"""Test helpers shipped with emflow: the estimator contract every family passes.
+
+>>> from emflow.testing import EstimatorContract
+>>> class TestMyFamily(EstimatorContract):   # doctest: +SKIP
+...     cls = MyFamilyEstimator
+
+pytest is needed to run it (it is not a dependency of emflow itself).
+"""
+
+from .contract import NEEDS_BASE, PENDING_BASE, EstimatorContract, registry
+
+__all__ = ["EstimatorContract", "NEEDS_BASE", "PENDING_BASE", "registry"]
