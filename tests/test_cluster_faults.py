@@ -66,10 +66,26 @@ class ProcCluster:
         self.all += new
         return new
 
+    def wait_listening(self, timeout: float = 90.0) -> None:
+        """Until the scheduler accepts connections (a loaded machine takes seconds to start it)."""
+        host, port = self.address.removeprefix("tcp://").rsplit(":", 1)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.scheduler.poll() is not None:
+                raise RuntimeError(f"the test's scheduler exited with {self.scheduler.returncode}")
+            try:
+                with socket.create_connection((host, int(port)), timeout=1):
+                    return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
     def client(self, n_workers: int):
         from distributed import Client
 
-        client = Client(self.address, timeout=10)
+        self.wait_listening()
+        client = Client(self.address, timeout=30)
         client.wait_for_workers(n_workers, timeout=60)
         return client
 

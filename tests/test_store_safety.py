@@ -477,7 +477,7 @@ def test_format_1_models_still_load_and_are_checked(models, tmp_path):
     (lambda m: m.pop("fitted"), "no 'fitted' attribute"),
     (lambda m: m.__setitem__("format", "2"), "format '2', not an integer"),
     (lambda m: m.__setitem__("format", 2.0), "not an integer"),
-    (lambda m: m.__setitem__("family", "gaussian_hmm"), r"family \('gaussian_hmm'\) cannot use"),
+    (lambda m: m.__setitem__("family", "gaussian_hmm"), "is a .gaussian_hmm. model but its arrays do not match"),
     (lambda m: m.__setitem__("family", "latent_dirichlet_allocation"), "arrays do not match that family"),
     (lambda m: m["config"].__setitem__("n_components", 3), r"array 'weights' has shape \(2,\)"),
     (lambda m: m["config"].__setitem__("covariance_type", "bogus"), "configuration its family .* cannot use"),

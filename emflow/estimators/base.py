@@ -131,8 +131,20 @@ class EMEstimator(BaseEstimator):
     def _initial_params(self, engine, loaded, rng: np.random.Generator):
         raise NotImplementedError
 
+    def param_spec(self):
+        """The :class:`~emflow.models.family.ParamSpec` of this estimator's parameters (which
+        fields are learned and their constraints); the parameter type's own by default, narrowed
+        by a family whose configuration holds some parameters fixed."""
+        from ..models.family import spec_of
+
+        return spec_of(self.params_type)
+
     def _n_parameters(self) -> int:
-        raise NotImplementedError
+        """Free scalars of the fitted parameters (what BIC and AIC count), from :meth:`param_spec`."""
+        from ..models.family import n_free
+
+        self._check_fitted()
+        return int(n_free(self.param_spec(), self._get_parameters()))
 
     def _prepare(self, engine, loaded) -> None:
         """Checks and data-derived settings before the first E-step (feature counts...)."""

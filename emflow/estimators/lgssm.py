@@ -298,6 +298,19 @@ class LinearGaussianSSM(EMEstimator):
             raise FeatureMismatchError(f"initial_params are for {params.C.shape[0]} feature(s) but the data have {p}.")
         return params
 
+    def param_spec(self):
+        from ..models.family import lgssm_spec
+
+        return lgssm_spec(self._em_vars(), self.transition_covariance_type, self.observation_covariance_type)
+
+    @classmethod
+    def _contract_example(cls, rng):
+        from ..storage.synthetic import make_lgssm_params, sample_lgssm
+
+        lengths = [40, 60, 30, 50]
+        _, y = sample_lgssm(make_lgssm_params(2, 3, seed=0), lengths, seed=int(rng.integers(2**31)))
+        return (y, lengths), {"state_dim": 2, "random_state": 0, "tol": 0.0}
+
     def _em_family(self) -> LGSSMFamily:
         return LGSSMFamily(self._em_vars(), self.transition_covariance_type, self.observation_covariance_type,
                            float(self.reg_covar))

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import numpy as np
 
-from .. import __version__
 from ..storage import store as _store
 from ..checks import check_choice, check_execution, check_int, check_real
 from ..execution.cluster import engine_for
@@ -18,6 +17,7 @@ from .em import IterationEvent
 from ..execution.engine import Engine, Loaded, sample_rows
 from ..errors import ConfigError, DegenerateComponentWarning, FeatureMismatchError
 from .base import EMEstimator, Output
+from .outputs import write_rows, write_rows_at
 from ..models import gmm as G
 from ..models import kmeans as KM
 
@@ -77,9 +77,7 @@ def _predict_part(X, w, params, kind: str, out_url: str | None, start: int):
     result = {"labels": lambda: resp.argmax(axis=1), "proba": lambda: resp, "score": lambda: lse}[kind]()
     if out_url is None:
         return result
-    import zarr
-
-    zarr.open_array(out_url, mode="r+").with_config({"write_empty_chunks": True})[start : start + len(X)] = result
+    write_rows_at(out_url, start, result)
     return None
 
 
@@ -355,6 +353,11 @@ class GaussianMixture(EMEstimator):
     def _prepare(self, engine, loaded) -> None:
         self._check_inits(loaded.data.n_features)
 
+    @classmethod
+    def _contract_example(cls, rng):
+        X = np.vstack([rng.normal(0, 1, (200, 2)), rng.normal(2.5, 0.7, (200, 2))])
+        return (X,), {"n_components": 2, "random_state": 0, "tol": 0.0}
+
     def _em_family(self) -> GMMFamily:
         return GMMFamily(self.covariance_type, float(self.reg_covar), self.compute_dtype)
 
@@ -439,25 +442,16 @@ class GaussianMixture(EMEstimator):
                 loaded.release()
 
     def _write_output(self, engine, loaded, kind, out, starts, overwrite=False, data=None):
-        import math as _m
-
-        import zarr
-
-        n = loaded.data.n_rows
-        K = self.n_components
+        n, K = loaded.data.n_rows, self.n_components
         shape, dtype = {"labels": ((n,), "int64"), "proba": ((n, K), "float64"), "score": ((n,), "float64")}[kind]
-        bounds = loaded.data.bounds
         # output chunks = the partitions' common step, so no two tasks write one chunk
-        chunk = _m.gcd(*[a for a, _ in bounds if a > 0]) or n
-        with _store.atomic_dir(out) as tmp:
-            _store.check_destination(out, "output", overwrite=overwrite, inputs=_store.output_inputs(self, data))
-            arr = zarr.create_array(tmp, shape=shape, dtype=dtype, chunks=(chunk,) + shape[1:], config={"write_empty_chunks": True})
-            arr.attrs["emflow"] = {
-                "kind": kind, "model_family": FAMILY, "source": loaded.data.source,
-                "fingerprint": loaded.fingerprint, "version": __version__,
-            }
-            engine.map(_predict_part, loaded, self._params, kind, os.path.abspath(tmp), per_partition=starts)
-        return zarr.open_array(os.fspath(out), mode="r")
+        chunk = math.gcd(*[a for a, _ in loaded.data.bounds if a > 0]) or n
+
+        def fill(url):
+            engine.map(_predict_part, loaded, self._params, kind, url, per_partition=starts)
+
+        return write_rows(out, loaded, self, kind=kind, shape=shape, dtype=dtype, chunk=chunk, fill=fill,
+                          overwrite=overwrite, data=data)
 
     def predict(self, data, *, out=None, overwrite: bool = False):
         """Component label of each row: ndarray of shape (n_samples,), or a Zarr array written to ``out``.
@@ -490,9 +484,6 @@ class GaussianMixture(EMEstimator):
         """Mean (weighted) log-likelihood per row."""
         s, wsum, _ = self._loglik_total(data, sample_weight)
         return s / wsum
-
-    def _n_parameters(self) -> int:
-        return G.n_parameters(self.n_components, self.means_.shape[1], self.covariance_type)
 
     def bic(self, data) -> float:
         """Bayesian information criterion on ``data`` (lower is better)."""

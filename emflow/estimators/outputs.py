@@ -9,11 +9,12 @@ chunk by the estimator's own method (``out=``); sequence families write a sequen
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from typing import Any, Callable
 
 from ..errors import ConfigError
 
-__all__ = ["outputs_of", "check_outputs", "write_output"]
+__all__ = ["outputs_of", "check_outputs", "write_output", "write_rows", "write_rows_at"]
 
 # earlier names still accepted
 _ALIASES = {"score": "log_likelihood"}
@@ -60,3 +61,36 @@ def write_output(model, kind: str, data, out, *, overwrite: bool = False) -> tup
     [kind] = check_outputs(model, [kind])
     written = getattr(model, outputs_of(model)[0][kind])(data, out=out, overwrite=overwrite)
     return written, (written["values"] if hasattr(written, "array_keys") else written)
+
+
+def write_rows(out, loaded, model, *, kind: str, shape: tuple, dtype: str, chunk: int,
+               fill: Callable[[str], Any], overwrite: bool = False, data=None, **attrs):
+    """Write an output with one row per input row (a mixture's labels, LDA's topic mixtures)
+    to a Zarr array at ``out``, atomically, and return it opened read-only.
+
+    ``fill(url)`` runs the partitions on the engine, each writing its own rows with
+    :func:`write_rows_at` (``chunk`` must divide every partition's first row, so that no two
+    tasks write one chunk). The array's ``emflow`` attribute records the output's kind, the
+    family, the data's source and fingerprint and the version (plus ``attrs``). What is at
+    ``out`` is replaced only as :func:`emflow.storage.store.check_destination` allows.
+    """
+    import zarr
+
+    from .. import __version__
+    from ..storage import store as _store
+
+    with _store.atomic_dir(out) as tmp:
+        _store.check_destination(out, "output", overwrite=overwrite, inputs=_store.output_inputs(model, data))
+        arr = zarr.create_array(tmp, shape=shape, dtype=dtype, chunks=(chunk, *shape[1:]),
+                                config={"write_empty_chunks": True})
+        arr.attrs["emflow"] = {"kind": kind, **attrs, "model_family": model.family, "source": loaded.data.source,
+                               "fingerprint": loaded.fingerprint, "version": __version__}
+        fill(os.path.abspath(tmp))
+    return zarr.open_array(os.fspath(out), mode="r")
+
+
+def write_rows_at(url: str, start: int, values) -> None:
+    """On a worker: rows ``start .. start + len(values)`` of the output array at ``url``."""
+    import zarr
+
+    zarr.open_array(url, mode="r+").with_config({"write_empty_chunks": True})[start : start + len(values)] = values

@@ -441,10 +441,43 @@ def shift_of(params: GaussianHMMParams) -> np.ndarray:
     return np.asarray(params.means, dtype=np.float64).mean(axis=0)
 
 
+# hmmlearn's Gaussian log density retries a full (or tied) covariance whose Cholesky
+# factorisation fails with ``Sigma + 1e-7 I`` (its ``_log_multivariate_normal_density_full``),
+# and floors diagonal variances at the smallest positive double; the stored covariance is
+# left as the M-step made it. Doing the same keeps near-degenerate fits going as hmmlearn's do.
+FULL_COVAR_JITTER = 1e-7
+
+
+def _precisions_cholesky(cov: np.ndarray, ct: str) -> np.ndarray:
+    """Precision factors as hmmlearn's density sees the covariances (FitFailedError if even
+    the jittered matrix is not positive definite, or a variance is not finite)."""
+    msg = ("The covariance of the {what} is not positive definite, even with {jitter:g} added to its "
+           "diagonal (a state collapsed onto too few distinct points). Use fewer states, a larger "
+           "covars_prior, or scale the data.")
+    if ct in ("full", "tied"):
+        mats = cov[None] if ct == "tied" else cov
+        out = np.empty_like(mats)
+        for k, c in enumerate(mats):
+            for jitter in (0.0, FULL_COVAR_JITTER):
+                try:
+                    out[k] = G._chol_upper_precision(c + jitter * np.eye(len(c)) if jitter else c)
+                    break
+                except (linalg.LinAlgError, ValueError):
+                    continue
+            else:
+                raise FitFailedError(msg.format(what="tied states" if ct == "tied" else f"state {k}",
+                                                jitter=FULL_COVAR_JITTER))
+        return out[0] if ct == "tied" else out
+    if not np.all(np.isfinite(cov)):
+        k = int(np.flatnonzero(~np.all(np.reshape(np.isfinite(cov), (len(cov), -1)), axis=1))[0])
+        raise FitFailedError(msg.format(what=f"state {k}", jitter=0.0))
+    return 1.0 / np.sqrt(np.maximum(cov, np.finfo(np.float64).tiny))
+
+
 def _gmm_view(params: GaussianHMMParams) -> G.GMMParams:
     ct = params.covariance_type
     cov = np.asarray(params.covars, dtype=np.float64)
-    pc = G.precisions_cholesky_from_covariances(cov, ct)
+    pc = _precisions_cholesky(cov, ct)
     K = len(params.startprob)
     return G.GMMParams(np.ones(K), np.asarray(params.means, dtype=np.float64), cov, pc, ct)
 
@@ -684,18 +717,7 @@ def m_step_gaussian(stats: GaussianHMMStats, params: GaussianHMMParams, priors: 
 
 
 def _check_covars(covars: np.ndarray, ct: str) -> None:
-    msg = ("The re-estimated covariance of the {what} is not positive definite (a state collapsed "
-           "onto too few distinct points). Use fewer states, a larger covars_prior, or scale the data.")
-    if ct in ("full", "tied"):
-        mats = covars[None] if ct == "tied" else covars
-        for k, cmat in enumerate(mats):
-            try:
-                linalg.cholesky(cmat, lower=True)
-            except (linalg.LinAlgError, ValueError):
-                raise FitFailedError(msg.format(what="tied states" if ct == "tied" else f"state {k}")) from None
-    elif not np.all(np.isfinite(covars) & (covars > 0)):
-        k = int(np.flatnonzero(~np.all(np.reshape(np.isfinite(covars) & (covars > 0), (len(covars), -1)), axis=1))[0])
-        raise FitFailedError(msg.format(what=f"state {k}"))
+    _precisions_cholesky(np.asarray(covars, dtype=np.float64), ct)  # what the next E-step will need
 
 
 def m_step_categorical(stats: CategoricalHMMStats, params: CategoricalHMMParams, emissionprob_prior,

@@ -2,7 +2,8 @@
 
 STAND-IN (issue 14): once a family's estimator defines the classmethod
 ``_contract_example(rng) -> (fit_args, init_kwargs)``, the contract uses that and the entry
-here is dead; these five are kept until the estimator faces define theirs.
+here is removed; the mixture and the state-space model define theirs, these remain until
+the other faces do.
 
 ``fit_args`` are the in-memory arguments of ``fit`` (``(X,)``, ``(X, lengths)``, ``(corpus,)``);
 Each holds a few KiB, so that partitionings down to the 1 KiB minimum of ``partition_bytes``
@@ -15,11 +16,6 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = ["EXAMPLES", "DATA_KINDS", "example_for"]
-
-
-def _gaussian_mixture(rng):
-    X = np.vstack([rng.normal(0, 1, (200, 2)), rng.normal(2.5, 0.7, (200, 2))])
-    return (X,), {"n_components": 2, "random_state": 0, "tol": 0.0}
 
 
 def _gaussian_hmm(rng):
@@ -37,15 +33,6 @@ def _categorical_hmm(rng):
         "n_components": 2, "n_features": 4, "random_state": 0, "tol": 0.0}
 
 
-def _linear_gaussian_ssm(rng):
-    from ..storage.synthetic import make_lgssm_params, sample_lgssm
-
-    p = make_lgssm_params(2, 3, seed=0)
-    lengths = [40, 60, 30, 50]
-    _, y = sample_lgssm(p, lengths, seed=int(rng.integers(2**31)))
-    return (y, lengths), {"state_dim": 2, "random_state": 0, "tol": 0.0}
-
-
 def _latent_dirichlet_allocation(rng):
     import scipy.sparse as sp
 
@@ -55,10 +42,8 @@ def _latent_dirichlet_allocation(rng):
 
 
 EXAMPLES = {
-    "gaussian_mixture": _gaussian_mixture,
     "gaussian_hmm": _gaussian_hmm,
     "categorical_hmm": _categorical_hmm,
-    "linear_gaussian_ssm": _linear_gaussian_ssm,
     "latent_dirichlet_allocation": _latent_dirichlet_allocation,
 }
 

@@ -1,0 +1,192 @@
+"""The HMM estimators' work shipped to workers: EM family objects, per-partition passes,
+hmmlearn's ``ConvergenceMonitor`` record and the checks of hand-set covariances."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError, DataError
+from ..models import hmm as H
+from ..models import kmeans as KM
+from ..storage.sequences import write_owned
+
+__all__ = ["GaussianHMMFamily", "CategoricalHMMFamily", "ConvergenceMonitor"]
+
+SAMPLE_STEPS = 20_000
+KMEANS_MAX_ITER = 100
+KMEANS_TOL = 1e-4
+# An inferred emission matrix larger than this means the symbols are not codes 0..M-1.
+MAX_EMISSION_BYTES = 2**30
+IMPLEMENTATIONS = ("log", "scaling")
+DECODER_ALGORITHMS = ("viterbi", "map")
+
+
+
+
+# -- family objects (shipped to workers) ----------------------------------------------
+@dataclass(frozen=True, eq=False)
+class GaussianHMMFamily:
+    """EM family of Gaussian-emission HMMs (for :func:`emflow.em.run_em`)."""
+
+    priors: H.GaussianPriors
+    trans_priors: H.TransitionPriors
+    params: str
+    scaling: bool = False
+
+    def e_step(self, values, offsets, p: H.GaussianHMMParams) -> H.GaussianHMMStats:
+        if self.scaling:
+            _check_scaling(values, p)
+        return H.e_step_gaussian(values, offsets, p)
+
+    def m_step(self, stats: H.GaussianHMMStats, p: H.GaussianHMMParams):
+        return H.m_step_gaussian(stats, p, self.priors, self.trans_priors, self.params)
+
+    def objective(self, stats) -> float:
+        return float(stats.loglik) / float(stats.n_steps)
+
+
+@dataclass(frozen=True, eq=False)
+class CategoricalHMMFamily:
+    """EM family of categorical-emission HMMs (for :func:`emflow.em.run_em`)."""
+
+    emissionprob_prior: Any
+    trans_priors: H.TransitionPriors
+    params: str
+    scaling: bool = False
+
+    def e_step(self, values, offsets, p: H.CategoricalHMMParams) -> H.CategoricalHMMStats:
+        if self.scaling:
+            _check_scaling(values, p)
+        return H.e_step_categorical(values, offsets, p)
+
+    def m_step(self, stats: H.CategoricalHMMStats, p: H.CategoricalHMMParams):
+        return H.m_step_categorical(stats, p, self.emissionprob_prior, self.trans_priors, self.params)
+
+    def objective(self, stats) -> float:
+        return float(stats.loglik) / float(stats.n_steps)
+
+
+class ConvergenceMonitor:
+    """hmmlearn-like record of a fit.
+
+    Attributes
+    ----------
+    tol : float
+    n_iter : int
+    history : list of float
+        Total log-likelihood of all sequences, per iteration (as hmmlearn records it).
+    iter : int
+    converged : bool
+    """
+
+    def __init__(self, tol: float, n_iter: int, history=(), converged: bool = False):
+        self.tol, self.n_iter = tol, n_iter
+        self.history = list(history)
+        self.iter = len(self.history)
+        self.converged = converged
+
+    def __repr__(self) -> str:
+        return f"ConvergenceMonitor(tol={self.tol}, n_iter={self.n_iter}, iter={self.iter}, history={self.history})"
+
+
+# -- per-partition work --------------------------------------------------------------
+def _check_scaling(values, params, log_b=None) -> None:
+    """hmmlearn's ``implementation="scaling"`` works on emission probabilities in linear
+    scale, and its forward pass fails (ValueError) on a step where they all underflow to 0;
+    emflow's recursions never underflow, so it checks for such steps to fail as hmmlearn does."""
+    if log_b is None:
+        log_b = H.frame_log_prob(np.asarray(values), params)
+    with np.errstate(under="ignore"):
+        dead = ~np.any(np.exp(log_b) > 0, axis=1)
+    if np.any(dead):
+        raise DataError(
+            f"Forward pass failed with underflow: {int(dead.sum())} step(s) have emission probability 0 "
+            "under every state in linear scale (implementation='scaling'). Consider using "
+            "implementation='log' instead.")
+
+
+def _km_e_step(values, offsets, centers, shift):
+    return KM.e_step(np.asarray(values, dtype=np.float64), None, centers, shift)
+
+
+def _moments(values, offsets, shift):
+    Xc = np.asarray(values, dtype=np.float64) - shift
+    return (np.asarray(float(len(Xc))), Xc.sum(axis=0), Xc.T @ Xc)
+
+
+def _take_steps(values, offsets, rows):
+    return np.asarray(values[rows], dtype=np.float64)
+
+
+def _symbol_range(values, offsets, n_symbols, start):
+    sym = H.check_symbols(values, n_symbols, "The sequences", start)
+    return int(sym.min()), int(sym.max())
+
+
+def _posterior_part(values, offsets, params, out_url: str | None, kind: str, scaling: bool, start: int):
+    layout = H.Layout(offsets)
+    log_b = H.frame_log_prob(np.asarray(values)[layout.perm], params)
+    if scaling and kind != "states":
+        _check_scaling(values, params, log_b)
+    if kind == "states":
+        logprob, res = H.viterbi(log_b, layout, params.startprob, params.transmat)
+    else:
+        fb = H.forward_backward(log_b, layout, params.startprob, params.transmat, want_trans=False)
+        logprob, res = fb.loglik, layout.to_original(fb.gamma)
+        if kind == "map":
+            res = res.argmax(axis=1)
+    total = float(logprob.sum())
+    if out_url is None:
+        return total, res
+    return total, write_owned(out_url + "/values", res, start)
+
+
+def _score_part(values, offsets, params, scaling: bool = False):
+    layout = H.Layout(offsets)
+    log_b = H.frame_log_prob(np.asarray(values)[layout.perm], params)
+    if scaling:
+        _check_scaling(values, params, log_b)
+    fb = H.forward_backward(log_b, layout, params.startprob, params.transmat, want_trans=False)
+    return np.array([fb.loglik.sum(), layout.n_sequences, layout.n_steps], dtype=np.float64)
+
+
+def _stored_covars(covars, ct: str, K: int, strict: bool = True) -> np.ndarray:
+    """Covariances as assigned to ``covars_``, checked as hmmlearn's setter checks them
+    (ConfigError), in the stored shape of ``ct``: spherical (K,), diag (K, d), full
+    (K, d, d), tied (d, d). A spherical value may come as hmmlearn's (K, d) tiled form (or
+    any (K, ...) array constant per state). ``strict=False`` checks shapes only (what an
+    M-step made may be singular to rounding, which the density's jitter absorbs)."""
+    try:
+        cv = np.array(covars, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ConfigError(f"covars_ must be an array of covariances for covariance_type={ct!r}.") from None
+    if not np.all(np.isfinite(cv)):
+        raise ConfigError("covars_ must be finite.")
+    if ct == "spherical":
+        if cv.ndim == 0 or len(cv) != K:
+            raise ConfigError("'spherical' covars have length n_components")
+        flat = cv.reshape(K, -1)
+        if flat.shape[1] == 0 or (strict and np.any(flat <= 0)):
+            raise ConfigError("'spherical' covars must be positive")
+        if not np.all(flat == flat[:, :1]):
+            raise ConfigError("'spherical' covars hold one variance per state: shape (n_components,), or "
+                              "(n_components, n_features) with equal entries in each row")
+        return flat[:, 0].copy()
+    if ct == "diag":
+        if cv.ndim != 2:
+            raise ConfigError("'diag' covars must have shape (n_components, n_dim)")
+        if strict and np.any(cv <= 0):
+            raise ConfigError("'diag' covars must be positive")
+        return cv
+    mats = cv[None] if ct == "tied" and cv.ndim == 2 else cv
+    if mats.ndim != 3 or mats.shape[1] != mats.shape[2]:
+        raise ConfigError("'tied' covars must have shape (n_dim, n_dim)" if ct == "tied"
+                          else "'full' covars must have shape (n_components, n_dim, n_dim)")
+    for k, c in enumerate(mats if strict else ()):
+        if not np.allclose(c, c.T) or np.any(np.linalg.eigvalsh(c) <= 0):
+            raise ConfigError("'tied' covars must be symmetric, positive-definite" if ct == "tied"
+                              else f"component {k} of 'full' covars must be symmetric, positive-definite")
+    return cv
