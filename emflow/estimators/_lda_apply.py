@@ -6,12 +6,9 @@ scikit-learn's ``transform`` does.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import scipy.sparse as sp
 
-from .. import __version__
 from ..errors import ConfigError, DataError, FeatureMismatchError
 from ..execution.cluster import engine_for
 from ..execution.engine import Engine, Loaded
@@ -20,11 +17,9 @@ from ..storage import store as _store
 from ..storage.corpus import CorpusData, open_corpus
 from ..storage.data import DEFAULT_PARTITION_BYTES, is_zarr_path
 from .em import partition_starts
+from .outputs import write_rows, write_rows_at
 
 __all__ = ["LDAApplyMixin"]
-
-FAMILY = "latent_dirichlet_allocation"
-
 
 def _prior(alpha) -> float | np.ndarray:
     return np.asarray(alpha, dtype=np.float64) if np.ndim(alpha) else float(alpha)
@@ -42,9 +37,7 @@ def _transform_part(entries, indptr, params: M.LDAParams, fam: M.LDAFamily, norm
                         fam.mean_change_tol, normalize)
     if out_url is None:
         return gamma
-    import zarr
-
-    zarr.open_array(out_url, mode="r+").with_config({"write_empty_chunks": True})[doc_start : doc_start + len(gamma)] = gamma
+    write_rows_at(out_url, doc_start, gamma)
     return None
 
 
@@ -119,20 +112,14 @@ class LDAApplyMixin:
                     parts = engine.map(_transform_part, loaded, params, self._family(), normalize, None,
                                        per_partition=starts)
                     return np.concatenate(parts)
-                import zarr
+                fam = self._family()
 
-                shape = (corpus.n_docs, int(self.n_components))
-                with _store.atomic_dir(out) as tmp:
-                    _store.check_destination(out, "output", overwrite=overwrite,
-                                             inputs=_store.output_inputs(self, data))
-                    arr = zarr.create_array(tmp, shape=shape, dtype="float64", chunks=(corpus.chunk_rows, shape[1]), config={"write_empty_chunks": True})
-                    arr.attrs["emflow"] = {
-                        "kind": "doc_topic", "normalized": bool(normalize), "model_family": FAMILY,
-                        "source": corpus.source, "fingerprint": loaded.fingerprint, "version": __version__,
-                    }
-                    engine.map(_transform_part, loaded, params, self._family(), normalize, os.path.abspath(tmp),
-                               per_partition=starts)
-                return zarr.open_array(os.fspath(out), mode="r")
+                def fill(url):
+                    engine.map(_transform_part, loaded, params, fam, normalize, url, per_partition=starts)
+
+                return write_rows(out, loaded, self, kind="doc_topic", shape=(corpus.n_docs, int(self.n_components)),
+                                  dtype="float64", chunk=corpus.chunk_rows, fill=fill, overwrite=overwrite,
+                                  data=data, normalized=bool(normalize))
             finally:
                 loaded.release()
 

@@ -25,12 +25,13 @@ from ..checks import MAX_SEED, check_choice, check_execution, check_int, check_r
 from ..errors import ConfigError, EmflowConvergenceWarning, ModelFormatError, NotFittedError
 from ..execution.engine import Engine, Loaded
 from ..models import lda as M
-from ._lda_apply import FAMILY, LDAApplyMixin
+from ._lda_apply import LDAApplyMixin
 from .base import EMEstimator, Output
 from .em import EMResult, IterationEvent
 
 __all__ = ["LatentDirichletAllocation"]
 
+FAMILY = "latent_dirichlet_allocation"
 DOC_INITS = ("random", "ones")
 LEARNING_METHODS = ("batch", "online")
 
@@ -319,10 +320,15 @@ class LatentDirichletAllocation(LDAApplyMixin, ClassNamePrefixFeaturesOutMixin, 
         alpha, self.topic_word_prior_ = self._priors()
         self.doc_topic_prior_ = alpha if params.doc_topic_prior is None else params.doc_topic_prior
 
-    def _n_parameters(self) -> int:
-        """Free parameters: the K x V positive variational ``lambda``, and K prior weights if estimated."""
-        K, V = int(self.n_components), int(self.n_features_in_)
-        return K * V + (K if self.learn_doc_topic_prior else 0)
+    def param_spec(self):
+        """``lambda`` positive (K x V free scalars); ``alpha`` learned only with
+        ``learn_doc_topic_prior`` (otherwise the configured prior, fixed)."""
+        from ..models.family import ParamSpec, lda_spec
+
+        spec = lda_spec()
+        if self.learn_doc_topic_prior:
+            return spec
+        return ParamSpec({**spec.fields, "doc_topic_prior": "fixed"}, spec.derive)
 
     def _warn_unconverged(self, restarts: int, max_iter: int) -> None:
         if self.evaluate_every > 0:
