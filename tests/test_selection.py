@@ -78,6 +78,8 @@ def test_selection_equals_separate_fits_and_reads_less(sep_data):
             for name in ("weights_", "means_", "covariances_", "precisions_cholesky_"):
                 assert _rel(getattr(model, name), getattr(ref, name)) <= 1e-10, (row, name)
             assert model.n_iter_ == ref.n_iter_ and _rel(model.history_, ref.history_) <= 1e-10
+            assert model.converged_ == ref.converged_ and model.lower_bounds_ == model.history_
+            assert set(model.fit_info_) - {"selection"} == set(ref.fit_info_)  # one fit_info_ schema
             assert abs(row["bic"] - ref.bic(sep_data)) <= 1e-10 * abs(row["bic"])
             assert abs(row["aic"] - ref.aic(sep_data)) <= 1e-10 * abs(row["aic"])
     io = res.io

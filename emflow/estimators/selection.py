@@ -65,7 +65,7 @@ class _Unit:
     kmeans_iters: int = 0
     params: Any = None
     history: list = field(default_factory=list)
-    seconds: list = field(default_factory=list)
+    result: Any = None
     converged: bool = False
     done: bool = False
     lower_bound: float = -math.inf
@@ -176,7 +176,7 @@ def select_gaussian_mixture(
 
 
 def _select(engine, loaded, proto, n_init, tol, reg, max_iter, callbacks) -> SelectionResult:
-    N, d = loaded.data.n_rows, loaded.data.n_features
+    N = loaded.data.n_rows
     bytes_per_pass = loaded.data.nbytes + (8 * N if loaded.data.weighted else 0)
     passes = 1  # the opening scan (validation + fingerprint)
     # restart r of candidate c draws from the rng GaussianMixture.fit gives its restart r
@@ -237,7 +237,7 @@ def _select(engine, loaded, proto, n_init, tol, reg, max_iter, callbacks) -> Sel
 
     runs = [EMRun(GMMFamily(u.ct, float(reg)), u.params, tol=tol, max_iter=max_iter, init=u.restart) for u in units]
     for u, res in zip(units, run_em_group(engine, loaded, runs, on_pass=on_pass)):
-        u.params, u.history, u.seconds = res.params, list(res.history), list(res.seconds)
+        u.result, u.params, u.history = res, res.params, list(res.history)
         u.converged, u.lower_bound, u.done = bool(res.converged), float(res.lower_bound), True
     passes += em_passes[0]
 
@@ -254,8 +254,10 @@ def _select(engine, loaded, proto, n_init, tol, reg, max_iter, callbacks) -> Sel
 
     models, table = [], []
     for c, (gm, u, tot) in enumerate(zip(proto, best_units, totals)):
-        _set_fitted(gm, u, loaded, engine)
-        p = G.n_parameters(u.K, d, u.ct)
+        # the fitted state exactly as GaussianMixture.fit sets it (the estimator base's)
+        gm._set_fit_result(u.result, loaded, engine, restarts=n_init,
+                           selection={"restart": u.restart, "shared_passes": True})
+        p = gm._n_parameters()
         total = float(tot)
         table.append({
             "n_components": u.K, "covariance_type": u.ct, "n_parameters": int(p),
@@ -276,23 +278,3 @@ def _select(engine, loaded, proto, n_init, tol, reg, max_iter, callbacks) -> Sel
         "units": len(units),
     }
     return SelectionResult(models, table, best, io)
-
-
-def _set_fitted(gm: GaussianMixture, u: _Unit, loaded, engine) -> None:
-    p = u.params
-    gm.weights_, gm.means_ = p.weights, p.means
-    gm.covariances_, gm.precisions_cholesky_ = p.covariances, p.precisions_cholesky
-    gm.converged_, gm.n_iter_ = bool(u.converged), len(u.history)
-    gm.lower_bound_ = float(u.lower_bound)
-    gm.history_ = list(u.history)
-    gm.n_features_in_ = loaded.data.n_features
-    gm.fit_info_ = {
-        "fingerprint": loaded.fingerprint, "source": loaded.data.source, "n_samples": loaded.data.n_rows,
-        "n_features": loaded.data.n_features, "dtype": str(loaded.data.dtype),
-        "weight_sum": loaded.weight_sum, "weighted": bool(loaded.data.weighted),
-        "partitions": loaded.data.n_partitions, "resident": bool(loaded.resident),
-        "engine": engine.describe(), "seconds_per_iteration": list(u.seconds),
-        "selection": {"restart": u.restart, "shared_passes": True},
-    }
-
-
