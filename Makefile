@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/emflow demo --out demo-output
+	$(BIN)/python -m flows.demo --out demo-output
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -16,7 +16,7 @@ from flows.fit_hmm import hmm_fit_flow
 from flows.fit_lda import lda_fit_flow
 from flows.fit_lgssm import lgssm_fit_flow
 from flows.score import score_flow
-from flows.select import select_flow
+from flows.model_selection import select_flow
 
 
 @dataclass(frozen=True)

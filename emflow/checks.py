@@ -10,7 +10,8 @@ import numpy as np
 from .errors import ConfigError
 
 __all__ = ["ParamsMixin", "MIN_PARTITION_BYTES", "MAX_SEED", "check_int", "check_real", "check_choice",
-           "check_random_state", "check_partition_bytes", "check_execution", "rng_from"]
+           "check_random_state", "check_partition_bytes", "check_execution", "rng_from",
+           "Rule", "Int", "Real", "Choice", "Flag", "Letters", "check_rules"]
 
 
 class ParamsMixin:
@@ -158,3 +159,74 @@ def rng_from(random_state) -> np.random.Generator:
     if isinstance(random_state, np.random.RandomState):
         return np.random.default_rng(random_state.randint(2**31 - 1))
     return np.random.default_rng(random_state)
+
+
+# -- declarative constraints (scikit-learn's ``_parameter_constraints`` habit) ---------------
+#
+# An estimator declares ``_param_rules = {"n_components": Int(1), "tol": Real(0), ...}``;
+# subclasses extend their parents' table, and :meth:`emflow.estimators.base.EMEstimator.
+# _validate_params` checks every entry (then the execution parameters every estimator has,
+# then the family's cross-parameter checks), before anything is opened or written.
+
+
+class Rule:
+    """One parameter's constraint; ``check(name, value)`` raises a ConfigError naming it."""
+
+    def check(self, name: str, value: Any) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class Int(Rule):
+    """An int (not a bool) in ``[low, high]``, or None with ``allow_none``."""
+
+    def __init__(self, low: int | None = None, high: int | None = None, *, allow_none: bool = False):
+        self.low, self.high, self.allow_none = low, high, allow_none
+
+    def check(self, name, value):
+        check_int(name, value, self.low, self.high, allow_none=self.allow_none)
+
+
+class Real(Rule):
+    """A real number >= ``low`` (> with ``strict``), finite with ``finite``, or None with ``allow_none``."""
+
+    def __init__(self, low: float | None = None, *, strict: bool = False, finite: bool = False,
+                 allow_none: bool = False):
+        self.low, self.strict, self.finite, self.allow_none = low, strict, finite, allow_none
+
+    def check(self, name, value):
+        check_real(name, value, self.low, strict=self.strict, finite=self.finite, allow_none=self.allow_none)
+
+
+class Choice(Rule):
+    """One of ``options``."""
+
+    def __init__(self, *options):
+        self.options = tuple(options)
+
+    def check(self, name, value):
+        check_choice(name, value, self.options)
+
+
+class Flag(Rule):
+    """True or False."""
+
+    def check(self, name, value):
+        if not isinstance(value, (bool, np.bool_)):
+            raise _config_error(name, f"{name} must be True or False, got {value!r}.")
+
+
+class Letters(Rule):
+    """A string of letters from ``letters`` (hmmlearn's ``params`` / ``init_params``)."""
+
+    def __init__(self, letters: str):
+        self.letters = letters
+
+    def check(self, name, value):
+        if not isinstance(value, str) or set(value) - set(self.letters):
+            raise _config_error(name, f"{name} must be a string of letters from {self.letters!r}, got {value!r}.")
+
+
+def check_rules(est, rules: dict[str, Rule]) -> None:
+    """Check every ``name: rule`` of ``rules`` against ``est``'s attribute of that name."""
+    for name, rule in rules.items():
+        rule.check(name, getattr(est, name))

@@ -1,8 +1,12 @@
-"""Prefect 3 flows around the emflow library: fit, model selection, scoring, ingestion.
+"""Prefect 3 flows around the emflow library: fit (every family), model selection, scoring, the demo.
 
-Each flow file holds a few coarse tasks (a whole stage, or a checkpointed run of EM
-iterations) that call the library; the per-partition work stays in Dask. Deployments
-point at ``flows/<file>.py:<flow>`` (see deploy/prefect.yaml).
+Every family's fit flow is the one checkpointed flow of ``flows/_family.py`` (coarse tasks:
+a whole stage, or a checkpointed run of EM iterations) with a small adapter per family; the
+per-partition work stays in Dask. Deployments point at ``flows/<file>.py:<flow>`` (see
+deploy/prefect.yaml). This folder is run from the repository (or the worker image's working
+directory), never installed: the emflow distribution holds the library only. No file here
+may be named like a standard-library module (Prefect puts this folder first on ``sys.path``
+when it loads an entrypoint).
 
 Importing this package (any flow module) sets two Prefect settings for the process,
 unless they are already set in the environment:

@@ -1,7 +1,7 @@
 """Run a flow module from the shell: ``python -m flows.<module> [--param] KEY=VALUE ...``.
 
     python -m flows.fit --param data=train.zarr --param out=model.zarr --param n_components=4
-    python -m flows.select data=train.zarr out=best.zarr 'n_components=[2, 3, 4]'
+    python -m flows.model_selection data=train.zarr out=best.zarr 'n_components=[2, 3, 4]'
     python -m flows.score --params '{"model": "m.zarr", "data": "new.zarr", "out_dir": "scores"}'
 
 Each VALUE is read as JSON when it parses (``4``, ``[2, 3]``, ``null``, ``true``), else

@@ -2,9 +2,9 @@
 
 ``hmm_fit_flow("seqs.zarr", "hmm.zarr", n_components=3)`` or as a deployment
 (deploy/prefect.yaml). Stages, checkpoints and artifacts as every family's fit
-(flows/_family.py): ``hmm-fit-progress``, ``hmm-fit-log-likelihood`` (mean log-likelihood
-per step, per iteration), ``hmm-fit-summary`` (with the convergence plot and the learned
-transition matrix), ``dask-dashboard``.
+(flows/_family.py), ``n_init`` restarts included: ``hmm-fit-progress``,
+``hmm-fit-log-likelihood`` (mean log-likelihood per step, per iteration), ``hmm-fit-summary``
+(with the convergence plot and the learned transition matrix), ``dask-dashboard``.
 
 ``tol`` is hmmlearn's: on the *total* log-likelihood of all sequences.
 """
@@ -43,16 +43,18 @@ class HMMAdapter(FamilyAdapter):
     """Gaussian or categorical HMMs (``cfg["emission"]`` picks the estimator)."""
 
     prefix = "hmm"
-    max_iter_key = "n_iter"
     record = ("log_prob",)  # the total log-likelihood, which monitor_.history shows
+    fit_args = (None,)  # lengths: a Zarr group of sequences carries its own offsets
 
     def open(self, data):
         return open_sequences(data)
 
-    def estimator(self, cfg, scheduler, persist="auto"):
-        cfg = dict(cfg)
-        cls = GaussianHMM if cfg.pop("emission") == "gaussian" else CategoricalHMM
-        return cls(**cfg, scheduler=scheduler, persist=persist)
+    def estimator_class(self, cfg):
+        return GaussianHMM if cfg["emission"] == "gaussian" else CategoricalHMM
+
+    def estimator(self, cfg, scheduler, persist="auto", **overrides):
+        kwargs = {k: v for k, v in cfg.items() if k != "emission"}
+        return self.estimator_class(cfg)(**kwargs, **overrides, scheduler=scheduler, persist=persist)
 
     def tol(self, cfg, info):
         return cfg["tol"] / info["n_rows"]  # exactly what GaussianHMM.fit hands run_em
@@ -60,8 +62,12 @@ class HMMAdapter(FamilyAdapter):
     def tol_text(self, cfg):
         return f"tol {cfg['tol']:g} on the total log-likelihood"
 
-    def start_params(self, est):
+    def start_params(self, est):  # TRANSITIONAL (flows/_restarts.py)
         return est._params()
+
+    def start_text(self, cfg, params):
+        return f"{cfg['n_components']} states ({cfg['emission']} emissions); start probabilities " \
+               f"{np.round(params.startprob, 4).tolist()}"
 
     def after_fit(self, est, ck, records):
         # the estimator's monitor_ holds the totals of the iterations this run did; the
@@ -129,6 +135,7 @@ def hmm_fit_flow(
     = "",
     init_params: Annotated[str, Field(description="letters of what is initialised (as params)")] = "",
     random_state: int | None = 0,
+    n_init: Annotated[int, Field(ge=1, description="restarts; the best log-likelihood is kept")] = 1,
     heldout: Annotated[str | None, Field(description="held-out sequences (Zarr) to score")] = None,
     scheduler: Annotated[str | None, Field(
         description="None: $EMFLOW_DASK_SCHEDULER or the Prefect variable emflow_dask_scheduler, else "
@@ -148,7 +155,8 @@ def hmm_fit_flow(
         cfg.update(covariance_type=covariance_type, min_covar=min_covar)
     else:
         cfg.update(n_features=n_features)
-    return run_family_fit(HMMAdapter(), cfg, data, out, heldout=heldout, scheduler=scheduler, persist=persist,
+    return run_family_fit(HMMAdapter(), cfg, data, out, n_init=n_init,
+                          heldout=heldout, scheduler=scheduler, persist=persist,
                           resume=resume)
 
 

@@ -42,6 +42,7 @@ def top_words_rows(model: LatentDirichletAllocation, n: int) -> list[dict]:
 
 class LDAAdapter(FamilyAdapter):
     prefix = "lda"
+    estimator_cls = LatentDirichletAllocation
     label = "bound per word"
     column = "bound_per_word"
     units = "documents"
@@ -54,9 +55,6 @@ class LDAAdapter(FamilyAdapter):
 
     def open(self, data):
         return open_corpus(data)
-
-    def estimator(self, cfg, scheduler, persist="auto"):
-        return LatentDirichletAllocation(**cfg, scheduler=scheduler, persist=persist)
 
     def trajectory(self, cfg):
         # evaluate_every and perp_tol only decide where the sequence of topics stops
@@ -79,12 +77,12 @@ class LDAAdapter(FamilyAdapter):
             return f"perp_tol {cfg['perp_tol']:g} every {cfg['evaluate_every']} iteration(s)"
         return "evaluate_every <= 0: runs max_iter iterations"
 
-    def start_params(self, est):
+    def start_params(self, est):  # TRANSITIONAL (flows/_restarts.py)
         # an estimated prior is an array; the configured one (a float) is not part of the parameters
         return make_params(est.components_, est.doc_topic_prior_ if np.ndim(est.doc_topic_prior_) else None)
 
-    def fit(self, est, data, callbacks, params, history):
-        return est.fit(data, callbacks=callbacks, initial_params=params, history=history)
+    def start_text(self, cfg, params):
+        return f"{cfg['n_components']} topics over {params.components.shape[1]} terms"
 
     def restore(self, est, ck, info):
         K = int(est.n_components)
@@ -143,6 +141,7 @@ def lda_fit_flow(
     learn_doc_topic_prior: Annotated[bool, Field(
         description="also estimate an asymmetric doc-topic prior (one alpha per topic) in every M-step")] = False,
     random_state: int | None = 0,
+    n_init: Annotated[int, Field(ge=1, description="restarts; the best final bound is kept")] = 1,
     n_top_words: Annotated[int, Field(ge=1, description="words per topic in the top-words table")] = 10,
     heldout: Annotated[str | None, Field(description="held-out corpus (Zarr, same vocabulary) for its perplexity")]
     = None,
@@ -157,7 +156,8 @@ def lda_fit_flow(
                max_iter=max_iter, evaluate_every=evaluate_every, perp_tol=perp_tol, mean_change_tol=mean_change_tol,
                max_doc_update_iter=max_doc_update_iter, doc_topic_init=doc_topic_init,
                learn_doc_topic_prior=learn_doc_topic_prior, random_state=random_state)
-    return run_family_fit(LDAAdapter(n_top_words), cfg, data, out, heldout=heldout, scheduler=scheduler,
+    return run_family_fit(LDAAdapter(n_top_words), cfg, data, out, n_init=n_init,
+                          heldout=heldout, scheduler=scheduler,
                           persist=persist, resume=resume)
 
 

@@ -22,7 +22,7 @@ import emflow
 from emflow import LinearGaussianSSM
 from emflow.storage.sequences import open_sequences
 
-from ._family import FamilyAdapter, _set_fitted, run_family_fit
+from ._family import FamilyAdapter, run_family_fit
 
 __all__ = ["lgssm_fit_flow", "LGSSMAdapter"]
 
@@ -42,21 +42,17 @@ def _fmt(a: np.ndarray, limit: int = 6) -> str:
 
 class LGSSMAdapter(FamilyAdapter):
     prefix = "lgssm"
+    estimator_cls = LinearGaussianSSM
 
     def open(self, data):
         return open_sequences(data, allow_nan=True)  # NaN: a missing observation
 
-    def estimator(self, cfg, scheduler, persist="auto"):
-        return LinearGaussianSSM(**cfg, scheduler=scheduler, persist=persist)
-
-    def start_params(self, est):
-        return est._params
+    def start_text(self, cfg, params):
+        return f"state dimension {cfg['state_dim']}, learning {cfg['em_vars']}"
 
     def restore(self, est, ck, info):
-        est._set_params(ck.params)
-        est.n_features_in_ = int(info["n_features"])
-        _set_fitted(est, ck, info)
-        est.fit_info_.update(n_sequences=info["n_sequences"], n_steps=info["n_rows"])
+        super().restore(est, ck, info)
+        est.fit_info_["n_steps"] = info["n_rows"]
 
     def evaluate(self, model, data, heldout):
         if not heldout:
@@ -102,6 +98,7 @@ def lgssm_fit_flow(
     reg_covar: Annotated[float, Field(ge=0, description="added to the diagonal of learned covariances")] = 0.0,
     initial_model: Annotated[str | None, Field(
         description="a saved LinearGaussianSSM whose parameters are the starting (and held) values")] = None,
+    n_init: Annotated[int, Field(ge=1, description="restarts; the best log-likelihood is kept")] = 1,
     heldout: Annotated[str | None, Field(description="held-out sequences (Zarr) to score")] = None,
     scheduler: Annotated[str | None, Field(
         description="None: $EMFLOW_DASK_SCHEDULER or the Prefect variable emflow_dask_scheduler, else "
@@ -120,7 +117,8 @@ def lgssm_fit_flow(
             raise emflow.ConfigError(f"initial_model {initial_model!r} is a {type(start).__name__}, not a "
                                      "LinearGaussianSSM.")
         cfg.update({name: np.asarray(getattr(start, name + "_")) for name in _INIT})
-    return run_family_fit(LGSSMAdapter(), cfg, data, out, heldout=heldout, scheduler=scheduler, persist=persist,
+    return run_family_fit(LGSSMAdapter(), cfg, data, out, n_init=n_init,
+                          heldout=heldout, scheduler=scheduler, persist=persist,
                           resume=resume)
 
 

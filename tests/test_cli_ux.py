@@ -349,7 +349,6 @@ def test_local_cluster_rejects_zero_workers():
     (["generate", "{out}", "--chunk-rows", "0"], "--chunk-rows must be an integer >= 1, got 0."),
     (["generate", "{out}", "--samples", "0"], "--samples must be an integer >= 1, got 0."),
     (["generate", "{out}", "--separation", "-1"], "--separation must be a finite number >= 0, got -1.0."),
-    (["demo", "--out", "{out}", "--workers", "0"], "--workers must be an integer >= 1, got 0."),
 ])
 def test_bad_cli_options(args, text, model, tmp_path):
     data = _rows(tmp_path / "d.zarr")

@@ -301,7 +301,7 @@ def test_dockerfile_environment_builds(tmp_path):
         assert req.specifier.contains(version, prereleases=True), f"{req.name} {version} does not satisfy {r}"
     check = subprocess.run(
         [py, "-c", "import emflow, flows.fit, dask_kubernetes.operator, prefect_kubernetes, s3fs, gcsfs; "
-                   "print(emflow.__version__)"], cwd=tmp_path, env=env, capture_output=True, text=True)
+                   "print(emflow.__version__)"], cwd=workdir, env=env, capture_output=True, text=True)
     assert check.returncode == 0, check.stderr[-3000:]
     for cmd in (["dask", "worker", "--help"], ["dask", "scheduler", "--help"], ["prefect", "worker", "start", "--help"]):
         proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)

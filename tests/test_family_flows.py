@@ -160,6 +160,34 @@ def test_categorical_hmm_flow_resumes_after_crash(prefect_server, family_data, t
     assert "resumed from checkpoint at iteration | 3" in arts["hmm-fit-summary"][-1].data
 
 
+def test_hmm_flow_restarts_keep_the_best(prefect_server, family_data, tmp_path):
+    """``n_init`` in a family's flow: one checkpoint per restart, the best final log-likelihood
+    kept. Once the estimator runs the base's fit driver the model is its own ``fit(n_init=2)``'s;
+    restart 0 is always the estimator's single fit."""
+    from emflow.storage.checkpoint import checkpoint_path
+    from flows._restarts import on_base_driver
+    from flows.fit_hmm import hmm_fit_flow
+
+    kw = dict(n_components=3, covariance_type="diag", n_iter=6, tol=0.0)
+    out = str(tmp_path / "hmm.zarr")
+    state = hmm_fit_flow(family_data["hmm"], out, **kw, n_init=2, random_state=3, return_state=True)
+    assert state.is_completed(), state
+    model = emflow.load(out)
+    runs = [read_checkpoint(checkpoint_path(out, r)) for r in range(2)]
+    finals = [ck.history[-1] for ck in runs]
+    assert finals[0] != finals[1] and model.lower_bound_ == max(finals)
+    assert model.history_ == runs[int(np.argmax(finals))].history
+    single = _quiet(emflow.GaussianHMM(**kw, random_state=3, scheduler="threads").fit, family_data["hmm"])
+    assert _rel(runs[0].history, single.history_) <= 1e-12
+    if on_base_driver(emflow.GaussianHMM):
+        ref = _quiet(emflow.GaussianHMM(**kw, n_init=2, random_state=3, scheduler="threads").fit,
+                     family_data["hmm"])
+        for name in ("startprob_", "transmat_", "means_", "covars_"):
+            assert _rel(getattr(model, name), getattr(ref, name)) <= 1e-12, name
+    arts = _artifacts(state.state_details.flow_run_id)
+    assert "restarts (final mean log-likelihood per step)" in arts["hmm-fit-summary"][-1].data
+
+
 # --- linear-Gaussian SSM -----------------------------------------------------------------------
 
 def test_lgssm_flow_equals_library(prefect_server, family_data, tmp_path):

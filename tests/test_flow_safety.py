@@ -202,7 +202,7 @@ def test_second_fit_on_a_locked_output_fails_fast_and_writes_nothing(prefect_ser
 
 
 @pytest.mark.parametrize("module,flow_name", [("flows.fit_hmm", "hmm_fit_flow"), ("flows.fit_lgssm", "lgssm_fit_flow"),
-                                              ("flows.fit_lda", "lda_fit_flow"), ("flows.select", "select_flow")])
+                                              ("flows.fit_lda", "lda_fit_flow"), ("flows.model_selection", "select_flow")])
 def test_every_family_fit_takes_the_lock_first(prefect_server, tmp_path, holder, module, flow_name):
     """The lock comes before anything else: even the (missing) data are not looked at."""
     import importlib
@@ -294,7 +294,7 @@ def test_family_fit_checks_heldout_before_any_work(prefect_server, tmp_path):
 
 def test_select_and_score_check_their_inputs_first(prefect_server, small_data, tmp_path):
     from flows.score import score_flow
-    from flows.select import select_flow
+    from flows.model_selection import select_flow
 
     out = str(tmp_path / "best.zarr")
     state = select_flow(small_data, out, n_components=[1, 2], covariance_types=["diag"],
@@ -347,7 +347,7 @@ def test_flow_modules_without_parameters_print_usage_and_exit_2(tmp_path):
     code = textwrap.dedent("""
         import contextlib, io, json, runpy, sys
         out = {}
-        for module, argv in [("flows.fit", []), ("flows.select", []), ("flows.score", []), ("flows.fit_hmm", []),
+        for module, argv in [("flows.fit", []), ("flows.model_selection", []), ("flows.score", []), ("flows.fit_hmm", []),
                              ("flows.fit_lgssm", []), ("flows.fit_lda", []), ("flows.fit", ["nonsense=1", "data=x"])]:
             sys.argv = [module, *argv]
             err = io.StringIO()
@@ -426,7 +426,7 @@ def test_selection_ranking_is_by_bic_stable_with_nan_last():
 
 
 def test_select_flow_table_artifact_is_ranked_by_bic(prefect_server, small_data, tmp_path):
-    from flows.select import select_flow
+    from flows.model_selection import select_flow
 
     from test_flows import _artifacts
 
@@ -513,3 +513,103 @@ def test_data_changed_after_validation_fails_and_keeps_no_checkpoint(prefect_ser
     with pytest.raises(emflow.DataError, match="changed while the flow ran"):
         state.result()
     assert not os.path.exists(out) and not os.path.exists(checkpoint_path(out))
+
+
+# --- what installing the distribution creates; flow files' names ------------------------------
+
+def test_no_flow_module_shadows_the_standard_library():
+    """Prefect loads a deployment's entrypoint with its folder (flows/) first on sys.path, so a
+    flows/select.py would be what a later ``import select`` finds."""
+    names = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "flows")) if f.endswith(".py"))
+    assert "fit" in names and "model_selection" in names
+    assert [n for n in names if n in sys.stdlib_module_names] == []
+
+
+def _pyproject() -> dict:
+    import tomllib
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        return tomllib.load(f)
+
+
+def test_distribution_packages_are_only_emflow():
+    """setuptools' discovery with pyproject's settings finds emflow and its subpackages only:
+    flows/, datasets/ and deploy/ (at the top of the repository) are never installed."""
+    from setuptools import find_packages
+
+    found = find_packages(where=ROOT, **_pyproject()["tool"]["setuptools"]["packages"]["find"])
+    assert "emflow" in found and "emflow.models" in found
+    assert {p.split(".")[0] for p in found} == {"emflow"}
+
+
+def test_built_wheel_holds_only_emflow(tmp_path):
+    """A wheel built from the project (a copy of its sources, so the build leaves nothing in the
+    repository) has top-level names ``emflow`` and its dist-info only: no ``flows``, ``datasets``
+    or ``deploy``. Offline with ``--no-build-isolation`` when the installed setuptools meets
+    pyproject's build requirement; otherwise pip fetches it (skipped when it cannot)."""
+    import shutil
+    import zipfile
+
+    import setuptools
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(os.path.join(ROOT, name), src / name)
+    for name in ("emflow", "flows", "datasets", "deploy"):
+        shutil.copytree(os.path.join(ROOT, name), src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    reqs = [Requirement(r) for r in _pyproject()["build-system"]["requires"]]
+    offline = all(r.name != "setuptools" or r.specifier.contains(Version(setuptools.__version__)) for r in reqs)
+    try:
+        import wheel  # noqa: F401
+    except ImportError:
+        offline = False
+    cmd = [PY, "-m", "pip", "wheel", "--no-deps", "--no-cache-dir", str(src), "-w", str(tmp_path / "dist")]
+    r = subprocess.run(cmd + (["--no-build-isolation"] if offline else []), capture_output=True, text=True,
+                       timeout=600, cwd=tmp_path)
+    if r.returncode != 0 and not offline and ("Could not find a version" in r.stderr or "network" in r.stderr.lower()):
+        pytest.skip(f"setuptools {setuptools.__version__} here is older than the build needs and pip cannot fetch it")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    [whl] = os.listdir(tmp_path / "dist")
+    with zipfile.ZipFile(tmp_path / "dist" / whl) as z:
+        top = {n.split("/")[0] for n in z.namelist()}
+    assert top == {"emflow", whl.split("-py3")[0] + ".dist-info"}, top
+
+
+# --- the demo lives with the flows ------------------------------------------------------------
+
+@pytest.mark.parametrize("args, text", [
+    (["--workers", "0"], "--workers must be an integer >= 1, got 0."),
+    (["--samples", "0"], "--samples must be an integer >= 1, got 0."),
+    (["--components", "-1"], "--components must be an integer >= 1, got -1."),
+])
+def test_demo_rejects_bad_options_before_any_work(args, text, tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.demo import app
+
+    out = tmp_path / "demo"
+    r = CliRunner().invoke(app, ["--out", str(out), *args])
+    assert r.exit_code == 2, r.output
+    assert [line for line in r.output.splitlines() if line.startswith("error:")] == [f"error: {text}"]
+    assert not out.exists()
+
+
+def test_emflow_demo_says_how_to_run_the_demo_and_the_library_never_imports_flows():
+    """The library has no Prefect and no ``flows`` in it: ``emflow demo`` names what to run."""
+    from typer.testing import CliRunner
+
+    from emflow.cli import app
+
+    r = CliRunner().invoke(app, ["demo", "--out", "x"])
+    assert r.exit_code == 2
+    assert "make demo" in r.output and "python -m flows.demo --out demo-output" in r.output
+    code = ("import sys, emflow, emflow.cli; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('prefect', 'flows')))")
+    p = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": ROOT})
+    assert p.returncode == 0 and p.stdout.strip() == "[]", p.stdout + p.stderr
+    makefile = open(os.path.join(ROOT, "Makefile")).read()
+    assert "$(BIN)/python -m flows.demo --out demo-output" in makefile

@@ -160,9 +160,43 @@ def test_fit_flow_on_dask_cluster_artifacts_and_model(prefect_server, gmm_data, 
         assert any(m.startswith(f"iteration {i}: mean log-likelihood") for m in logs), i
 
 
+def test_fit_flow_n_init_equals_the_estimators_restarts(prefect_server, tmp_path):
+    """``fit_flow(n_init=3, random_state=2)`` is ``GaussianMixture(n_init=3, random_state=2).fit``:
+    each restart starts where the estimator's restart starts, the best final mean log-likelihood
+    is kept (here the second restart's: the three end apart). Run again, every restart is
+    restored from its finished checkpoint, to the same model."""
+    from flows.fit import fit_flow
+
+    data = write_gmm(tmp_path / "overlap.zarr", 1200, 3, 2, "full", seed=3, chunk_rows=400, separation=1.5)
+    out = str(tmp_path / "model.zarr")
+    kw = dict(n_components=3, n_init=3, random_state=2)
+    state = fit_flow(data, out, **kw, return_state=True)
+    assert state.is_completed(), state
+    gm = emflow.load(out)
+    ref = _library_fit(data, kw)
+    _assert_same_model(gm, ref, rtol=1e-12)
+    assert gm.lower_bound_ == ref.lower_bound_
+    finals = [read_checkpoint(checkpoint_path(out, r)).history[-1] for r in range(3)]
+    assert len(set(finals)) == 3 and int(np.argmax(finals)) == 1, finals
+    assert gm.lower_bound_ == max(finals)
+
+    run_id = state.state_details.flow_run_id
+    summary = _artifacts(run_id)["fit-summary"][-1].data
+    assert "restarts (final mean log-likelihood) | " + ", ".join(f"{v:.8g}" for v in finals) in summary
+    logs = _logs(run_id, "restart 3/3 iteration 1:")
+    assert all(any(m.startswith(f"restart {r}/3 iteration 1: mean log-likelihood") for m in logs) for r in (1, 2, 3))
+
+    again = fit_flow(data, out, **kw, return_state=True)
+    assert again.is_completed()
+    _assert_same_model(emflow.load(out), ref, rtol=1e-12)
+    logs = _logs(again.state_details.flow_run_id, "restart 3/3: checkpoint at iteration")
+    assert sum("checkpoint at iteration" in m and "is final" in m for m in logs) == 3
+
+
 def test_fit_flow_resumes_after_failure_mid_fit(prefect_server, gmm_data, tmp_path, monkeypatch):
     """A fit that dies after iteration 3 and is run again ends exactly as an uninterrupted one."""
-    import flows.fit as F
+    import flows._family as F
+    from flows.fit import fit_flow
 
     kw = dict(n_components=3, covariance_type="diag", tol=0.0, max_iter=8, random_state=7)
     ref = _library_fit(gmm_data, kw)  # the flow equals the library (first test)
@@ -170,14 +204,14 @@ def test_fit_flow_resumes_after_failure_mid_fit(prefect_server, gmm_data, tmp_pa
 
     out = str(tmp_path / "model.zarr")
     stop_crashing = _crash_after(monkeypatch, F, 3)
-    state = F.fit_flow(gmm_data, out, **kw, return_state=True)
+    state = fit_flow(gmm_data, out, **kw, return_state=True)
     assert state.is_failed()
     assert "simulated crash" in str(state.message) or "simulated crash" in repr(state.result(raise_on_failure=False))
     assert read_checkpoint(checkpoint_path(out)).iteration == 3
     assert not os.path.exists(out)
 
     stop_crashing()
-    state = F.fit_flow(gmm_data, out, **kw, return_state=True)
+    state = fit_flow(gmm_data, out, **kw, return_state=True)
     assert state.is_completed()
     gm = emflow.load(out)
     assert gm.fit_info_["resumed_from_iteration"] == 3
@@ -186,7 +220,8 @@ def test_fit_flow_resumes_after_failure_mid_fit(prefect_server, gmm_data, tmp_pa
 
 def test_em_task_retry_resumes_from_checkpoint(prefect_server, gmm_data, tmp_path, monkeypatch):
     """A transient error inside EM is retried by Prefect and the retry continues from the checkpoint."""
-    import flows.fit as F
+    import flows._family as F
+    from flows.fit import fit_flow
 
     kw = dict(n_components=3, covariance_type="spherical", tol=0.0, max_iter=6, random_state=1)
     ref = _library_fit(gmm_data, kw)
@@ -201,7 +236,7 @@ def test_em_task_retry_resumes_from_checkpoint(prefect_server, gmm_data, tmp_pat
 
     monkeypatch.setattr(CheckpointWriter, "__call__", flaky)
     monkeypatch.setattr(F, "em_iterations", F.em_iterations.with_options(retry_delay_seconds=0))
-    out = F.fit_flow(gmm_data, str(tmp_path / "m.zarr"), **kw)
+    out = fit_flow(gmm_data, str(tmp_path / "m.zarr"), **kw)
     gm = emflow.load(out)
     assert calls["n"] == 6  # 4 iterations, then the retry did the last 2, not all 6 again
     assert gm.fit_info_["resumed_from_iteration"] == 4
@@ -284,7 +319,7 @@ def test_fit_flow_rejects_bad_parameters_before_running(prefect_server, gmm_data
 # --- model selection and scoring ----------------------------------------------------------
 
 def test_select_flow_picks_true_k_and_reports_io(prefect_server, gmm_data, tmp_path):
-    from flows.select import select_flow
+    from flows.model_selection import select_flow
 
     out = str(tmp_path / "best.zarr")
     state = select_flow(gmm_data, out, n_components=[1, 2, 3, 4], covariance_types=["full", "spherical"],

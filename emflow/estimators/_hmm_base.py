@@ -14,7 +14,7 @@ from sklearn.utils import check_random_state as _legacy_random_state
 
 from ..storage import store as _store
 from ._hmm_work import DECODER_ALGORITHMS, IMPLEMENTATIONS, ConvergenceMonitor, _posterior_part, _score_part
-from ..checks import check_choice, check_execution, check_int, check_random_state, check_real
+from ..checks import Choice, Int, Letters, Real, check_choice, check_int, check_random_state
 from ..execution.cluster import engine_for
 from ..storage.data import DEFAULT_PARTITION_BYTES, is_zarr_path
 from .em import EMResult, IterationEvent
@@ -50,18 +50,13 @@ class _BaseHMM(EMEstimator):
     _emission_letters = ""
     _max_magnitude: float | None = None  # values beyond it: "scale the data", before any arithmetic
 
-    def _validate_common(self):
-        check_int("n_components", self.n_components, 1)
-        check_int("n_iter", self.n_iter, 0)
-        check_real("tol", self.tol, 0)
-        check_execution(self)
-        check_choice("algorithm", self.algorithm, DECODER_ALGORITHMS)
-        check_choice("implementation", self.implementation, IMPLEMENTATIONS)
-        letters = "st" + self._emission_letters
+    _param_rules = {"n_components": Int(1), "n_iter": Int(0), "n_init": Int(1), "tol": Real(0),
+                    "algorithm": Choice(*DECODER_ALGORITHMS), "implementation": Choice(*IMPLEMENTATIONS)}
+
+    def _validate_more(self):
+        letters = Letters("st" + self._emission_letters)
         for name in ("params", "init_params"):
-            v = getattr(self, name)
-            if not isinstance(v, str) or set(v) - set(letters):
-                raise ConfigError(f"{name} must be a string of letters from {letters!r}, got {v!r}.")
+            letters.check(name, getattr(self, name))
 
     # hand-set parameters (hmmlearn's pattern: assign startprob_, transmat_, ... then use)
     def _needs_init(self, code: str, name: str, attr: str | None = None) -> bool:
@@ -321,15 +316,9 @@ class _BaseHMM(EMEstimator):
         """Total log-likelihood of all sequences (hmmlearn's ``score``; not a mean per step)."""
         return float(self._totals(X, lengths)[0])
 
-    def bic(self, X, lengths=None) -> float:
-        """Bayesian information criterion, ``-2 log L + p log(n_samples)`` (lower is better)."""
+    def _loglik_count(self, X, lengths=None) -> tuple[float, float]:
         tot = self._totals(X, lengths)
-        return self._information(float(tot[0]), float(tot[2]), "bic")
-
-    def aic(self, X, lengths=None) -> float:
-        """Akaike information criterion, ``-2 log L + 2 p`` (lower is better)."""
-        tot = self._totals(X, lengths)
-        return self._information(float(tot[0]), float(tot[2]), "aic")
+        return float(tot[0]), float(tot[2])
 
     def get_stationary_distribution(self) -> np.ndarray:
         """Stationary distribution of the states: the left eigenvector of ``transmat_`` for

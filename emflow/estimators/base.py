@@ -118,9 +118,31 @@ class EMEstimator(BaseEstimator):
     def __sklearn_is_fitted__(self) -> bool:
         return self._is_fitted()
 
+    # -- parameter validation -----------------------------------------------------------------
+    _param_rules: ClassVar[dict] = {}
+    """``{parameter: emflow.checks rule}``; a subclass's table extends its parents'."""
+
+    @classmethod
+    def _rules(cls) -> dict:
+        table: dict = {}
+        for klass in reversed(cls.__mro__):
+            table.update(klass.__dict__.get("_param_rules", {}))
+        return table
+
+    def _validate_params(self) -> None:
+        """Raise a ConfigError naming the first invalid constructor parameter: the declared
+        rules, then the execution parameters every estimator has, then the family's own
+        cross-parameter checks (:meth:`_validate_more`)."""
+        from ..checks import check_execution, check_rules
+
+        check_rules(self, self._rules())
+        check_execution(self)
+        self._validate_more()
+
+    def _validate_more(self) -> None:
+        """Checks that involve several parameters (a family overrides it)."""
+
     # -- hooks (a family overrides these) --------------------------------------------------
-    def _validate_params(self) -> None:  # noqa: D401 - scikit-learn's name for it
-        """Raise a ConfigError naming the first invalid constructor parameter."""
 
     def _open(self, engine, data, *fit_args):
         raise NotImplementedError
@@ -168,10 +190,11 @@ class EMEstimator(BaseEstimator):
         print_iteration(event)
 
     def _warn_unconverged(self, restarts: int, max_iter: int) -> None:
+        """The one convergence warning (scikit-learn's wording); a family with another stop rule words its own."""
         warnings.warn(
-            f"{type(self).__name__}: the best of {restarts} initialisation(s) did not converge in "
-            f"{self.iter_param}={max_iter} iterations (the last change was above tol={self.tol}). "
-            f"Increase {self.iter_param} or tol, or check the data.",
+            f"Best performing initialization did not converge. Try different init parameters, or "
+            f"increase {self.iter_param}, tol, or check for degenerate data. ({type(self).__name__}: "
+            f"{restarts} initialisation(s), {self.iter_param}={max_iter}, tol={self.tol})",
             EmflowConvergenceWarning, stacklevel=5,
         )
 
@@ -213,8 +236,8 @@ class EMEstimator(BaseEstimator):
     def _check_fitted(self) -> None:
         if not self._is_fitted():
             raise NotFittedError(
-                f"This {type(self).__name__} is not fitted yet. Call fit(data) first, or load a saved "
-                "model with emflow.load(path)."
+                f"This {type(self).__name__} instance is not fitted yet. Call 'fit' with appropriate "
+                "arguments before using this estimator (or load a saved model with emflow.load(path))."
             )
 
     def _get_parameters(self):
@@ -422,6 +445,18 @@ class EMEstimator(BaseEstimator):
             setattr(self, a, arrays[a.strip("_")])
 
     # -- scores every family shares -----------------------------------------------------------
-    def _information(self, loglik: float, n: float, penalty: str) -> float:
-        k = self._n_parameters()
-        return -2 * loglik + k * (np.log(n) if penalty == "bic" else 2.0)
+    def _loglik_count(self, data, *args) -> tuple[float, float]:
+        """``(total log-likelihood, number of observations)`` of ``data`` under the fitted
+        parameters (rows, steps), one pass on the engine."""
+        raise NotImplementedError
+
+    def bic(self, X, *args) -> float:
+        """Bayesian information criterion ``-2 log L + p log(n)`` on the data (lower is better);
+        ``p`` counts the free parameters (:meth:`_n_parameters`), ``n`` the rows or steps."""
+        loglik, n = self._loglik_count(X, *args)
+        return -2.0 * loglik + self._n_parameters() * np.log(n)
+
+    def aic(self, X, *args) -> float:
+        """Akaike information criterion ``-2 log L + 2 p`` on the data (lower is better)."""
+        loglik, _ = self._loglik_count(X, *args)
+        return -2.0 * loglik + 2.0 * self._n_parameters()

@@ -40,7 +40,7 @@ from ._hmm_base import _BaseHMM
 from ._hmm_work import (MAX_EMISSION_BYTES, SAMPLE_STEPS, KMEANS_MAX_ITER, KMEANS_TOL, CategoricalHMMFamily,
                         ConvergenceMonitor, GaussianHMMFamily, _km_e_step, _moments, _stored_covars,
                         _symbol_range, _take_steps)
-from ..checks import check_choice, check_int, check_real
+from ..checks import Choice, Int, Real, check_choice
 from ..storage.data import SQUARE_LIMIT
 from ..errors import ConfigError, DataError, FeatureMismatchError
 from ..models import hmm as H
@@ -75,6 +75,9 @@ class GaussianHMM(_BaseHMM):
     random_state : int, Generator or None
     n_iter : int, default 10
         Maximum number of EM iterations.
+    n_init : int, default 1
+        Initialisations (keyword only; an emflow addition to hmmlearn's API): the one with the
+        best log-likelihood is kept, as scikit-learn's mixtures do.
     tol : float, default 1e-2
         Stop when the gain in total log-likelihood falls below ``tol``.
     verbose : bool, default False
@@ -117,7 +120,7 @@ class GaussianHMM(_BaseHMM):
                  startprob_prior=1.0, transmat_prior=1.0, means_prior=0, means_weight=0,
                  covars_prior=1e-2, covars_weight=1, algorithm: str = "viterbi", random_state=None,
                  n_iter: int = 10, tol: float = 1e-2, verbose: bool = False, params: str = "stmc",
-                 init_params: str = "stmc", implementation: str = "log", *, scheduler=None, persist="auto",
+                 init_params: str = "stmc", implementation: str = "log", *, n_init: int = 1, scheduler=None, persist="auto",
                  split_every: int = 8, partition_bytes: int | None = None):
         self.n_components = n_components
         self.covariance_type = covariance_type
@@ -130,6 +133,7 @@ class GaussianHMM(_BaseHMM):
         self.covars_weight = covars_weight
         self.algorithm = algorithm
         self.random_state = random_state
+        self.n_init = n_init
         self.n_iter = n_iter
         self.tol = tol
         self.verbose = verbose
@@ -150,10 +154,7 @@ class GaussianHMM(_BaseHMM):
         check_choice("covariance_type", self.covariance_type, H.COVARIANCE_TYPES)
         self._covars_ = _stored_covars(covars, self.covariance_type, self.n_components)
 
-    def _validate_params(self):
-        self._validate_common()
-        check_choice("covariance_type", self.covariance_type, H.COVARIANCE_TYPES)
-        check_real("min_covar", self.min_covar, 0, finite=True)
+    _param_rules = {"covariance_type": Choice(*H.COVARIANCE_TYPES), "min_covar": Real(0, finite=True)}
 
     def _em_family(self):
         pri = H.GaussianPriors(self.means_prior, self.means_weight, self.covars_prior, self.covars_weight)
@@ -310,8 +311,8 @@ class CategoricalHMM(_BaseHMM):
     def __init__(self, n_components: int = 1, startprob_prior=1.0, transmat_prior=1.0, *,
                  emissionprob_prior=1.0, n_features: int | None = None, algorithm: str = "viterbi",
                  random_state=None, n_iter: int = 10, tol: float = 1e-2, verbose: bool = False,
-                 params: str = "ste", init_params: str = "ste", implementation: str = "log", scheduler=None,
-                 persist="auto", split_every: int = 8, partition_bytes: int | None = None):
+                 params: str = "ste", init_params: str = "ste", implementation: str = "log", n_init: int = 1,
+                 scheduler=None, persist="auto", split_every: int = 8, partition_bytes: int | None = None):
         self.n_components = n_components
         self.startprob_prior = startprob_prior
         self.transmat_prior = transmat_prior
@@ -319,6 +320,7 @@ class CategoricalHMM(_BaseHMM):
         self.n_features = n_features
         self.algorithm = algorithm
         self.random_state = random_state
+        self.n_init = n_init
         self.n_iter = n_iter
         self.tol = tol
         self.verbose = verbose
@@ -330,9 +332,7 @@ class CategoricalHMM(_BaseHMM):
         self.split_every = split_every
         self.partition_bytes = partition_bytes
 
-    def _validate_params(self):
-        self._validate_common()
-        check_int("n_features", self.n_features, 1, allow_none=True)
+    _param_rules = {"n_features": Int(1, allow_none=True)}
 
     def _param_attrs(self) -> tuple[str, ...]:
         return ("startprob_", "transmat_", "emissionprob_")

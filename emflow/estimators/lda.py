@@ -22,7 +22,7 @@ from sklearn.base import ClassNamePrefixFeaturesOutMixin
 from sklearn.utils import check_random_state as _sk_random_state
 
 from ..checks import MAX_SEED, check_choice, check_execution, check_int, check_random_state, check_real
-from ..errors import ConfigError, EmflowConvergenceWarning, ModelFormatError, NotFittedError
+from ..errors import ConfigError, EmflowConvergenceWarning, ModelFormatError
 from ..execution.engine import Engine, Loaded
 from ..models import lda as M
 from ._lda_apply import LDAApplyMixin
@@ -228,14 +228,6 @@ class LatentDirichletAllocation(LDAApplyMixin, ClassNamePrefixFeaturesOutMixin, 
             return np.random.RandomState(int(rs.integers(MAX_SEED, endpoint=True)))
         return _sk_random_state(rs)
 
-    def _check_fitted(self) -> None:
-        if not self._is_fitted():
-            raise NotFittedError(
-                "This LatentDirichletAllocation instance is not fitted yet. Call 'fit' with appropriate "
-                "arguments before using this estimator (or load a saved model with emflow.load(path))."
-            )
-
-    @property
     def n_batch_iter_(self) -> int:
         """``n_iter_ + 1``, as scikit-learn's batch learning counts its update steps."""
         return self.n_iter_ + 1

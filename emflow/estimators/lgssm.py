@@ -21,7 +21,7 @@ from typing import Callable, Iterable, NamedTuple
 import numpy as np
 
 from ..storage import store as _store
-from ..checks import check_choice, check_execution, check_int, check_real, rng_from
+from ..checks import Choice, Int, Real, rng_from
 from ..execution.cluster import engine_for
 from ..storage.data import DEFAULT_PARTITION_BYTES, SQUARE_LIMIT, is_zarr_path
 from .em import IterationEvent
@@ -176,6 +176,11 @@ class LinearGaussianSSM(EMEstimator):
     array_params = _INIT_NAMES
     objective_name = "log-likelihood per step"
     size_param = ("state_dim", "state dimension")
+    _param_rules = {
+        "state_dim": Int(1), "transition_covariance_type": Choice(*COVARIANCE_TYPES),
+        "observation_covariance_type": Choice(*COVARIANCE_TYPES), "tol": Real(0),
+        "reg_covar": Real(0, finite=True), "max_iter": Int(0),
+    }
 
     def __init__(
         self,
@@ -220,17 +225,10 @@ class LinearGaussianSSM(EMEstimator):
         self.split_every = split_every
         self.partition_bytes = partition_bytes
 
-    def _validate_params(self) -> None:
+    def _validate_more(self) -> None:
         self._em_vars()
 
     def _em_vars(self) -> frozenset:
-        check_int("state_dim", self.state_dim, 1)
-        for name in ("transition_covariance_type", "observation_covariance_type"):
-            check_choice(name, getattr(self, name), COVARIANCE_TYPES)
-        check_real("tol", self.tol, 0)
-        check_real("reg_covar", self.reg_covar, 0, finite=True)
-        check_int("max_iter", self.max_iter, 0)
-        check_execution(self)
         return M.normalize_em_vars(self.em_vars)
 
     def _initial_params(self, engine, loaded, rng) -> M.LGSSMParams:
@@ -416,22 +414,28 @@ class LinearGaussianSSM(EMEstimator):
             "kind": {"filter": "filtered_states", "smooth": "smoothed_states"}[kind], "model_family": FAMILY,
         })
 
+    def _loglik_count(self, X, lengths=None) -> tuple[float, float]:
+        tot = self._loglik_stats(X, lengths)
+        return float(tot[0]), float(tot[1])
+
     def score(self, X, lengths=None) -> float:
         """Total log-likelihood ``sum log p(y_obs)`` of the sequences (pykalman's ``loglikelihood``).
 
         Computed by the prediction-error decomposition of the Kalman filter, on the engine
         (``X`` may be a Zarr sequences group of any size).
         """
+        return float(self._loglik_stats(X, lengths)[0])
+
+    def _loglik_stats(self, X, lengths) -> np.ndarray:
         params = self._params
         with engine_for(self.scheduler, split_every=self.split_every) as engine:
             seqs = self._sequences(engine, X, lengths)
             self._check_features(seqs.n_features)
             loaded = engine.load(seqs, persist=False)
             try:
-                tot = engine.map_reduce(M.loglik_stats, loaded, params)
+                return engine.map_reduce(M.loglik_stats, loaded, params)
             finally:
                 loaded.release()
-        return float(tot[0])
 
     loglikelihood = score
 

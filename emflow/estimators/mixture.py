@@ -10,7 +10,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from ..storage import store as _store
-from ..checks import check_choice, check_execution, check_int, check_real
+from ..checks import Choice, Flag, Int, Real
 from ..execution.cluster import engine_for
 from ..storage.data import is_zarr_path
 from .em import IterationEvent
@@ -156,6 +156,11 @@ class GaussianMixture(EMEstimator):
                "log_likelihood": Output("score_samples")}
     array_params = _INIT_ARRAYS
     summary_arrays = {"weights": "weights_"}
+    _param_rules = {
+        "n_components": Int(1), "covariance_type": Choice(*G.COVARIANCE_TYPES), "tol": Real(0),
+        "reg_covar": Real(0, finite=True), "max_iter": Int(0), "n_init": Int(1),
+        "init_params": Choice(*INIT_PARAMS), "compute_dtype": Choice("float64", "float32"), "warm_start": Flag(),
+    }
 
     def __init__(
         self,
@@ -199,46 +204,40 @@ class GaussianMixture(EMEstimator):
         self.compute_dtype = compute_dtype
 
     # -- validation ------------------------------------------------------------------
-    def _validate_params(self) -> None:
-        check_int("n_components", self.n_components, 1)
-        check_choice("covariance_type", self.covariance_type, G.COVARIANCE_TYPES)
-        check_real("tol", self.tol, 0)
-        check_real("reg_covar", self.reg_covar, 0, finite=True)
-        check_int("max_iter", self.max_iter, 0)
-        check_int("n_init", self.n_init, 1)
-        check_choice("init_params", self.init_params, INIT_PARAMS)
-        check_execution(self)
-        check_choice("compute_dtype", self.compute_dtype, ("float64", "float32"))
-        if not isinstance(self.warm_start, (bool, np.bool_)):
-            raise ConfigError(f"warm_start must be True or False, got {self.warm_start!r}.")
-
     def _check_inits(self, d: int) -> None:
+        """scikit-learn's checks of ``weights_init``, ``means_init``, ``precisions_init``
+        (its wording, which its users' code and tests match)."""
         K, ct = self.n_components, self.covariance_type
+
+        def shape_error(name, got, want):
+            return ConfigError(f"The parameter '{name}' should have the shape of {want}, but got {got}.")
+
         if self.weights_init is not None:
             w = np.asarray(self.weights_init, dtype=np.float64)
             if w.shape != (K,):
-                raise ConfigError(f"weights_init has shape {w.shape}; expected ({K},).")
-            if np.any(w < 0) or np.any(w > 1) or not np.isclose(w.sum(), 1.0, rtol=0, atol=1e-6):
-                raise ConfigError(
-                    f"weights_init must be in [0, 1] and sum to 1 (sum is {w.sum():.6g}). "
-                    "Normalise it: w / w.sum()."
-                )
+                raise shape_error("weights", w.shape, (K,))
+            if np.any(w < 0) or np.any(w > 1):
+                raise ConfigError(f"The parameter 'weights' should be in the range [0, 1], but got max value "
+                                  f"{np.max(w):.5f}, min value {np.min(w):.5f}")
+            if not np.isclose(w.sum(), 1.0, rtol=0, atol=1e-6):
+                raise ConfigError(f"The parameter 'weights' should be normalized, but got sum(weights) = "
+                                  f"{w.sum():.5f}. Normalise it: w / w.sum().")
         if self.means_init is not None:
             m = np.asarray(self.means_init, dtype=np.float64)
             if m.shape != (K, d):
-                raise ConfigError(f"means_init has shape {m.shape}; expected ({K}, {d}) for data with {d} features.")
+                raise shape_error("means", m.shape, (K, d))
         if self.precisions_init is not None:
             p = np.asarray(self.precisions_init, dtype=np.float64)
             shape = {"full": (K, d, d), "tied": (d, d), "diag": (K, d), "spherical": (K,)}[ct]
             if p.shape != shape:
-                raise ConfigError(f"precisions_init has shape {p.shape}; expected {shape} for covariance_type={ct!r}.")
+                raise shape_error(f"{ct} precision", p.shape, shape)
             if ct in ("full", "tied"):
                 mats = p[None] if ct == "tied" else p
-                for k, mtx in enumerate(mats):
+                for mtx in mats:
                     if not np.allclose(mtx, mtx.T) or np.any(np.linalg.eigvalsh(mtx) <= 0):
-                        raise ConfigError(f"precisions_init[{k}] is not symmetric positive definite.")
+                        raise ConfigError(f"'{ct} precision' should be symmetric, positive-definite")
             elif np.any(p <= 0):
-                raise ConfigError("precisions_init must be positive.")
+                raise ConfigError(f"'{ct} precision' should be positive")
 
     def _partitioning(self) -> dict:
         return {} if self.partition_bytes is None else {"partition_bytes": int(self.partition_bytes)}
@@ -485,15 +484,9 @@ class GaussianMixture(EMEstimator):
         s, wsum, _ = self._loglik_total(data, sample_weight)
         return s / wsum
 
-    def bic(self, data) -> float:
-        """Bayesian information criterion on ``data`` (lower is better)."""
+    def _loglik_count(self, data) -> tuple[float, float]:
         s, _, n = self._loglik_total(data)
-        return -2 * s + self._n_parameters() * np.log(n)
-
-    def aic(self, data) -> float:
-        """Akaike information criterion on ``data`` (lower is better)."""
-        s, _, _ = self._loglik_total(data)
-        return -2 * s + 2 * self._n_parameters()
+        return s, n
 
     def sample(self, n_samples: int = 1):
         """Draw samples: ``(X, y)`` with X of shape (n_samples, n_features) and labels y."""

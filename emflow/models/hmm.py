@@ -6,6 +6,13 @@ Nothing here knows about Dask, Zarr or Prefect. One EM iteration is::
     total  = add(stats_1, ..., stats_P)              # field-wise sums (emflow.stats.add)
     params = m_step_*(total, params, config)
 
+The emissions are components (:mod:`emflow.models.hmm_emissions`: Gaussian and
+categorical there, Poisson in :mod:`~emflow.models.poisson_hmm`, Gaussian mixtures in
+:mod:`~emflow.models.gmm_hmm`); the E-step, the transition M-step, decoding and sampling
+here are written once over them. This module keeps the Gaussian and categorical
+parameter, statistics and M-step code and the ``e_step_*`` / ``frame_log_prob`` /
+``sample_sequence`` entry points, which now go through the components.
+
 Forward-backward runs in scaled form (Rabiner's normalised alpha and beta) over *all the
 sequences of a partition at once*: the sequences are sorted by length (longest first) and
 their steps laid out time-major, so step ``t`` of every sequence still running is one
@@ -523,13 +530,18 @@ def categorical_log_prob(X: np.ndarray, params: CategoricalHMMParams) -> np.ndar
 
 
 def frame_log_prob(X: np.ndarray, params) -> np.ndarray:
-    """Log emission densities of each step under each state: ndarray of shape (n, K)."""
-    if isinstance(params, GaussianHMMParams):
-        return gaussian_log_prob(X, params)
-    return categorical_log_prob(X, params)
+    """Log emission densities of each step under each state: ndarray of shape (n, K).
+
+    The emission component is the one registered for ``type(params)``
+    (:func:`emflow.models.hmm_emissions.emission_for`).
+    """
+    from .hmm_emissions import emission_for
+
+    em = emission_for(params)
+    return em.log_likelihood(em.observations(X, params), params)
 
 
-# -- E-steps -------------------------------------------------------------------------
+# -- E-steps (Baum-Welch over an emission component: emflow.models.hmm_emissions) -----
 def e_step_gaussian(values: np.ndarray, offsets: np.ndarray, params: GaussianHMMParams) -> GaussianHMMStats:
     """Baum-Welch E-step over one partition of whole sequences.
 
@@ -545,25 +557,9 @@ def e_step_gaussian(values: np.ndarray, offsets: np.ndarray, params: GaussianHMM
     GaussianHMMStats
         Moments about ``shift_of(params)``.
     """
-    layout = Layout(offsets)
-    g = shift_of(params)
-    Xc = np.asarray(values, dtype=np.float64)[layout.perm] - g
-    mc = np.asarray(params.means, dtype=np.float64) - g
-    log_b = G.log_gaussian_density(Xc, mc, _gmm_view(params))
-    fb = forward_backward(log_b, layout, params.startprob, params.transmat)
-    gam = fb.gamma
-    post = gam.sum(axis=0)
-    s1 = gam.T @ Xc
-    if params.covariance_type in ("full", "tied"):
-        K, d = mc.shape
-        s2 = np.empty((K, d, d))
-        for k in range(K):
-            s2[k] = (Xc * gam[:, k : k + 1]).T @ Xc
-    else:
-        s2 = gam.T @ (Xc * Xc)
-    f = lambda v: np.asarray(float(v))  # noqa: E731
-    return GaussianHMMStats(fb.start, fb.trans, post, s1, s2, f(fb.loglik.sum()),
-                            f(layout.n_sequences), f(layout.n_steps))
+    from .hmm_emissions import GaussianEmission, e_step
+
+    return e_step(values, offsets, params, GaussianEmission.for_params(params))
 
 
 def e_step_categorical(values: np.ndarray, offsets: np.ndarray, params: CategoricalHMMParams) -> CategoricalHMMStats:
@@ -575,18 +571,9 @@ def e_step_categorical(values: np.ndarray, offsets: np.ndarray, params: Categori
     offsets : ndarray of shape (S + 1,)
     params : CategoricalHMMParams
     """
-    layout = Layout(offsets)
-    E = np.asarray(params.emissionprob, dtype=np.float64)
-    K, M = E.shape
-    sym = check_symbols(values, M)[layout.perm]
-    with np.errstate(divide="ignore"):
-        log_b = np.log(E[:, sym].T)
-    fb = forward_backward(log_b, layout, params.startprob, params.transmat)
-    obs = np.zeros((M, K))
-    np.add.at(obs, sym, fb.gamma)
-    f = lambda v: np.asarray(float(v))  # noqa: E731
-    return CategoricalHMMStats(fb.start, fb.trans, obs.T.copy(), f(fb.loglik.sum()),
-                               f(layout.n_sequences), f(layout.n_steps))
+    from .hmm_emissions import CategoricalEmission, e_step
+
+    return e_step(values, offsets, params, CategoricalEmission())
 
 
 # -- M-steps (hmmlearn's, from summed statistics) ------------------------------------
@@ -752,40 +739,16 @@ def full_covars(covars: np.ndarray, ct: str, K: int, d: int) -> np.ndarray:
 
 def n_free_parameters(K: int, d_or_m: int, kind: str, ct: str | None = None) -> int:
     """Number of free scalar parameters (for AIC/BIC)."""
-    base = (K - 1) + K * (K - 1)
-    if kind == "categorical":
-        return base + K * (d_or_m - 1)
-    d = d_or_m
-    cov = {"spherical": K, "diag": K * d, "full": K * d * (d + 1) // 2, "tied": d * (d + 1) // 2}[ct]
-    return base + K * d + cov
+    from .hmm_emissions import CategoricalEmission, GaussianEmission, n_free
+
+    em = CategoricalEmission() if kind == "categorical" else GaussianEmission(covariance_type=ct)
+    return n_free(K, d_or_m, em)
 
 
 def sample_sequence(params, n_steps: int, rng: np.random.Generator, currstate: int | None = None):
-    """Draw one sequence: ``(X, states)``, X of shape (n_steps, d) (Gaussian) or (n_steps, 1) ints."""
-    sp = np.asarray(params.startprob, dtype=np.float64)
-    A = np.asarray(params.transmat, dtype=np.float64)
-    K = len(sp)
-    states = np.empty(n_steps, dtype=np.int64)
-    u = rng.random(n_steps)
-    cdfA = np.cumsum(A, axis=1)
-    s = int(np.searchsorted(np.cumsum(sp), u[0] * sp.sum(), side="right")) if currstate is None else int(currstate)
-    states[0] = min(s, K - 1)
-    for t in range(1, n_steps):
-        states[t] = min(int(np.searchsorted(cdfA[states[t - 1]], u[t] * cdfA[states[t - 1], -1], side="right")), K - 1)
-    if isinstance(params, GaussianHMMParams):
-        means = np.asarray(params.means, dtype=np.float64)
-        d = means.shape[1]
-        full = full_covars(params.covars, params.covariance_type, K, d)
-        Z = rng.standard_normal((n_steps, d))
-        X = np.empty((n_steps, d))
-        for k in range(K):
-            idx = states == k
-            if idx.any():
-                X[idx] = means[k] + Z[idx] @ np.linalg.cholesky(full[k]).T
-        return X, states
-    E = np.asarray(params.emissionprob, dtype=np.float64)
-    cdfE = np.cumsum(E, axis=1)
-    v = rng.random(n_steps)
-    sym = np.array([min(int(np.searchsorted(cdfE[k], x * cdfE[k, -1], side="right")), E.shape[1] - 1)
-                    for k, x in zip(states, v)], dtype=np.int64)
-    return sym[:, None], states
+    """Draw one sequence ``(X, states)``: X of shape (n_steps, d) (Gaussian: float, categorical:
+    (n_steps, 1) ints), from the emission component registered for ``type(params)``."""
+    from .hmm_emissions import emission_for, sample_states
+
+    states = sample_states(params.startprob, params.transmat, n_steps, rng, currstate)
+    return emission_for(params).sample_many(states, rng, params), states

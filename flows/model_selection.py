@@ -128,4 +128,4 @@ if __name__ == "__main__":
 
     from flows._main import main
 
-    sys.exit(main(select_flow, module="flows.select"))
+    sys.exit(main(select_flow, module="flows.model_selection"))
