@@ -228,6 +228,7 @@ class LatentDirichletAllocation(LDAApplyMixin, ClassNamePrefixFeaturesOutMixin, 
             return np.random.RandomState(int(rs.integers(MAX_SEED, endpoint=True)))
         return _sk_random_state(rs)
 
+    @property
     def n_batch_iter_(self) -> int:
         """``n_iter_ + 1``, as scikit-learn's batch learning counts its update steps."""
         return self.n_iter_ + 1
