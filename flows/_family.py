@@ -145,10 +145,6 @@ class FamilyAdapter:
         base = {"adapter": type(self).__name__, **self.trajectory(cfg)}
         return config_hash(base if init == 0 else {**base, "restart": int(init)})
 
-    def start_params(self, est):
-        """TRANSITIONAL (flows/_restarts.py): the parameters of an estimator fitted with no iteration."""
-        raise NotImplementedError
-
     def start_text(self, cfg: dict, params) -> str:
         """What the initialise task logs about the starting parameters."""
         return type(params).__name__

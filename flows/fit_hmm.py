@@ -62,9 +62,6 @@ class HMMAdapter(FamilyAdapter):
     def tol_text(self, cfg):
         return f"tol {cfg['tol']:g} on the total log-likelihood"
 
-    def start_params(self, est):  # TRANSITIONAL (flows/_restarts.py)
-        return est._params()
-
     def start_text(self, cfg, params):
         return f"{cfg['n_components']} states ({cfg['emission']} emissions); start probabilities " \
                f"{np.round(params.startprob, 4).tolist()}"

@@ -23,7 +23,6 @@ from pydantic import Field
 
 from emflow import LatentDirichletAllocation
 from emflow.storage.corpus import open_corpus
-from emflow.models.lda import make_params
 
 from ._family import FamilyAdapter, _set_fitted, run_family_fit
 
@@ -76,10 +75,6 @@ class LDAAdapter(FamilyAdapter):
         if cfg["evaluate_every"] > 0:
             return f"perp_tol {cfg['perp_tol']:g} every {cfg['evaluate_every']} iteration(s)"
         return "evaluate_every <= 0: runs max_iter iterations"
-
-    def start_params(self, est):  # TRANSITIONAL (flows/_restarts.py)
-        # an estimated prior is an array; the configured one (a float) is not part of the parameters
-        return make_params(est.components_, est.doc_topic_prior_ if np.ndim(est.doc_topic_prior_) else None)
 
     def start_text(self, cfg, params):
         return f"{cfg['n_components']} topics over {params.components.shape[1]} terms"

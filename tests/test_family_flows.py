@@ -162,10 +162,8 @@ def test_categorical_hmm_flow_resumes_after_crash(prefect_server, family_data, t
 
 def test_hmm_flow_restarts_keep_the_best(prefect_server, family_data, tmp_path):
     """``n_init`` in a family's flow: one checkpoint per restart, the best final log-likelihood
-    kept. Once the estimator runs the base's fit driver the model is its own ``fit(n_init=2)``'s;
-    restart 0 is always the estimator's single fit."""
+    kept; the model is the estimator's own ``fit(n_init=2)``'s, and restart 0 its single fit."""
     from emflow.storage.checkpoint import checkpoint_path
-    from flows._restarts import on_base_driver
     from flows.fit_hmm import hmm_fit_flow
 
     kw = dict(n_components=3, covariance_type="diag", n_iter=6, tol=0.0)
@@ -179,11 +177,9 @@ def test_hmm_flow_restarts_keep_the_best(prefect_server, family_data, tmp_path):
     assert model.history_ == runs[int(np.argmax(finals))].history
     single = _quiet(emflow.GaussianHMM(**kw, random_state=3, scheduler="threads").fit, family_data["hmm"])
     assert _rel(runs[0].history, single.history_) <= 1e-12
-    if on_base_driver(emflow.GaussianHMM):
-        ref = _quiet(emflow.GaussianHMM(**kw, n_init=2, random_state=3, scheduler="threads").fit,
-                     family_data["hmm"])
-        for name in ("startprob_", "transmat_", "means_", "covars_"):
-            assert _rel(getattr(model, name), getattr(ref, name)) <= 1e-12, name
+    ref = _quiet(emflow.GaussianHMM(**kw, n_init=2, random_state=3, scheduler="threads").fit, family_data["hmm"])
+    for name in ("startprob_", "transmat_", "means_", "covars_"):
+        assert _rel(getattr(model, name), getattr(ref, name)) <= 1e-12, name
     arts = _artifacts(state.state_details.flow_run_id)
     assert "restarts (final mean log-likelihood per step)" in arts["hmm-fit-summary"][-1].data
 
@@ -365,3 +361,33 @@ def test_family_flow_forms_are_typed():
     p = props(lda_fit_flow)
     assert p["max_iter"]["minimum"] == 1 and p["n_top_words"]["minimum"] == 1
     assert '"ones"' in json.dumps(p)
+
+
+# --- any registered family, by name -------------------------------------------------------------
+
+def test_model_fit_flow_fits_a_family_no_flow_file_names(prefect_server, tmp_path):
+    """flows/fit_model.py fits any family of the registry from its declarations: a Poisson HMM
+    (added with no edit to the flows) with two restarts equals PoissonHMM(n_init=2).fit, and a
+    rerun restores the saved restarts without recomputing; an unknown family is refused."""
+    from emflow.storage.sequences import write_sequences
+    from flows.fit_model import model_fit_flow
+
+    rng = np.random.default_rng(3)
+    lengths = [40, 60, 50, 70]
+    states = rng.integers(0, 2, size=sum(lengths))
+    X = rng.poisson(np.where(states[:, None] == 0, 1.0, 6.0), size=(sum(lengths), 2))
+    data = write_sequences(tmp_path / "counts.zarr", X, np.concatenate([[0], np.cumsum(lengths)]), chunk_steps=64)
+    out = str(tmp_path / "poisson.zarr")
+    kw = dict(n_components=2, n_iter=8, tol=0.0, random_state=5)
+    state = model_fit_flow(data, out, family="poisson_hmm", params=kw, n_init=2, return_state=True)
+    assert state.is_completed(), state
+    model = emflow.load(out)
+    ref = _quiet(emflow.PoissonHMM(**kw, n_init=2, scheduler="threads").fit, X, lengths)
+    assert type(model) is emflow.PoissonHMM
+    for name in ("startprob_", "transmat_", "lambdas_"):
+        assert _rel(getattr(model, name), getattr(ref, name)) <= 1e-12, name
+    assert _rel(model.history_, ref.history_) <= 1e-12
+    arts = _artifacts(state.state_details.flow_run_id)
+    assert "poisson-hmm-fit-summary" in arts
+    with pytest.raises(emflow.ConfigError, match="family must be one of"):
+        model_fit_flow(data, str(tmp_path / "x.zarr"), family="no_such_family")

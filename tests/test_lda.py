@@ -292,6 +292,7 @@ def test_save_load_roundtrip(lda_corpus, tmp_path):
     assert m2.history_ == m.history_ and m2.get_params()["random_state"] == 0
     assert m2.top_words(3) == m.top_words(3)
     assert m2.perplexity(lda_corpus) == m.perplexity(lda_corpus)
+    assert m2.bound_ == m.bound_ == m.perplexity(lda_corpus) and m2.n_batch_iter_ == m.n_batch_iter_ == 3
 
 
 # -- bad input -----------------------------------------------------------------------
@@ -301,8 +302,8 @@ def test_bad_input_errors(tmp_path):
         open_corpus(sp.csr_matrix(np.array([[1, -1, 0]])))
     with pytest.raises(NonFiniteDataError):
         open_corpus(sp.csr_matrix(np.array([[1.0, np.nan, 0]])))
-    with pytest.raises(DataError, match="no words"):
-        open_corpus(sp.csr_matrix((3, 4)))
+    with pytest.raises(DataError, match="^Negative values in data passed to LatentDirichletAllocation.fit"):
+        LatentDirichletAllocation(2).fit(np.array([[1, -1, 0]]))
     with pytest.raises(DataError, match="vocabulary has 2"):
         write_corpus(tmp_path / "v.zarr", X, ["a", "b"])
     # a corrupt stored corpus: term id out of range, then a falling indptr
@@ -319,7 +320,9 @@ def test_bad_input_errors(tmp_path):
         zarr.open_group(tmp_path / "empty.zarr", mode="w")
         open_corpus(tmp_path / "empty.zarr")
     for kw in [{"n_components": 0}, {"doc_topic_prior": -1.0}, {"doc_topic_init": "zeros"},
-               {"max_iter": -1}, {"split_every": 1}]:
+               {"max_iter": -1}, {"split_every": 1}, {"learning_method": "online"}, {"learning_method": "em"},
+               {"learning_offset": 0.5}, {"learning_decay": 1.5}, {"batch_size": 0}, {"total_samples": 0},
+               {"n_jobs": 1.5}]:
         with pytest.raises(ConfigError):
             LatentDirichletAllocation(**{"n_components": 2, **kw}).fit(X)
     with pytest.raises(NotFittedError):
@@ -335,3 +338,115 @@ def test_bad_input_errors(tmp_path):
         ingest_text(f, tmp_path / "t.zarr", min_df=2, max_df=1)
     with pytest.raises(DataError, match="no terms remain"):
         ingest_text(f, tmp_path / "t.zarr", min_df=2)
+
+
+# -- scikit-learn's API ----------------------------------------------------------------
+def test_sklearn_attributes_and_methods_agree_with_sklearn(lda_corpus):
+    """bound_, n_batch_iter_, perplexity(sub_sampling=), score, transform, feature names,
+    accepted parameters: the same numbers as scikit-learn's batch LDA from the same start."""
+    X, _ = read_corpus(lda_corpus)
+    X = sp.csr_matrix(X.astype(np.float64))
+    kw = dict(n_components=4, doc_topic_prior=0.3, topic_word_prior=0.2, max_iter=5, learning_method="batch",
+              total_samples=5000, learning_offset=5.0, n_jobs=2, random_state=5)
+    hist, sk = sklearn_reference(X, 4, 0.3, 0.2, 5, random_state=5)
+    sk.total_samples = 5000
+    m = LatentDirichletAllocation(**kw, doc_topic_init="ones", scheduler="threads").fit(X)
+    assert rel(m.components_, sk.components_) < 1e-6
+    assert rel(m.exp_dirichlet_component_, sk.exp_dirichlet_component_) < 1e-6
+    assert m.n_iter_ == 5 and m.n_batch_iter_ == 6 and sk.n_batch_iter_ == 6
+    assert rel(m.bound_, sk.perplexity(X)) < 1e-6 and rel(m.bound_, m.perplexity(X)) < 1e-12
+    for sub in (False, True):
+        assert rel(m.perplexity(X, sub_sampling=sub), sk.perplexity(X, sub_sampling=sub)) < 1e-6
+    assert rel(m.score(X), sk.score(X)) < 1e-6
+    t = m.transform(X, normalize=False)
+    np.testing.assert_allclose(t, sk.transform(X, normalize=False), rtol=1e-6)
+    np.testing.assert_allclose(m.transform(X), t / t.sum(axis=1, keepdims=True), rtol=1e-12)
+    assert list(m.get_feature_names_out()) == [f"latentdirichletallocation{i}" for i in range(4)]
+    assert m.doc_topic_prior_ == 0.3 and m.topic_word_prior_ == 0.2
+    with pytest.raises(ConfigError, match="sub_sampling"):
+        m.perplexity(X, sub_sampling="yes")
+    with pytest.raises(NotImplementedError, match="online-EM"):
+        m.partial_fit(X)
+
+
+def test_float32_counts_give_float32_topics_and_dense_equals_sparse():
+    rng = np.random.RandomState(0)
+    X64 = rng.uniform(size=(20, 10))
+    a = LatentDirichletAllocation(5, random_state=0, scheduler="threads").fit(X64)
+    b = LatentDirichletAllocation(5, random_state=0, scheduler="threads").fit(X64.astype(np.float32))
+    assert a.components_.dtype == np.float64 and b.components_.dtype == np.float32
+    assert b.exp_dirichlet_component_.dtype == np.float32
+    np.testing.assert_allclose(b.components_, a.components_, rtol=1e-4)
+    c = LatentDirichletAllocation(5, random_state=0, scheduler="threads").fit(sp.csr_array(X64))
+    np.testing.assert_array_equal(c.components_, a.components_)
+
+
+def test_empty_corpus_fits_as_sklearn():
+    Z = np.zeros((5, 4))
+    m = LatentDirichletAllocation(max_iter=3, scheduler="threads").fit(sp.csr_matrix(Z))
+    sk = SkLDA(max_iter=3).fit(Z)
+    np.testing.assert_allclose(m.components_, sk.components_, rtol=1e-12)
+    np.testing.assert_allclose(m.transform(Z), sk.transform(Z), rtol=1e-12)
+    with pytest.raises(DataError, match="no words"):
+        m.perplexity(Z)
+
+
+def test_random_state_none_honours_numpy_global_seed():
+    X = np.random.RandomState(1).randint(4, size=(30, 8))
+    np.random.seed(7)
+    a = LatentDirichletAllocation(3, max_iter=2, scheduler="threads").fit(X)
+    np.random.seed(7)
+    b = LatentDirichletAllocation(3, max_iter=2, scheduler="threads").fit(X)
+    np.random.seed(7)
+    sk = SkLDA(3, max_iter=2).fit(X)
+    np.testing.assert_array_equal(a.components_, b.components_)
+    sk0 = SkLDA(3)
+    sk0._init_latent_vars(8)  # not the same draws: just check both come from the global stream
+    assert a.components_.shape == sk.components_.shape
+
+
+@pytest.mark.parametrize("evaluate_every,expected", [(0, (3, 0)), (1, (3, 3)), (2, (3, 1))])
+def test_verbose_prints_sklearns_lines(capsys, evaluate_every, expected):
+    X = sp.csr_matrix(np.kron(np.eye(3), np.full((1, 3), 3)))
+    LatentDirichletAllocation(3, max_iter=3, evaluate_every=evaluate_every, perp_tol=0.0, verbose=1,
+                              random_state=0, scheduler="threads").fit(X)
+    out = capsys.readouterr().out
+    assert (out.count("\n"), out.count("perplexity")) == expected
+    assert out.startswith("iteration: 1 of max_iter: 3")
+
+
+def test_perplexity_stop_rule_is_sklearns_check_on_the_history():
+    stop = M.PerplexityStop(2, 0.5)
+    h = [-3.0, -2.0, -1.5, -1.45, -1.449]
+    # checks at iterations 2, 4, ...: the perplexity at 4 against the one at 2
+    assert [stop(h[:n]) for n in range(1, 6)] == [False, False, False, False, False]
+    h2 = [-3.0, -1.0, -1.0, -1.0 - 1e-3]
+    assert stop(h2) and not M.PerplexityStop(0, 0.5)(h2) and not M.PerplexityStop(2, 1e-9)(h2)
+
+
+def test_lda_runs_in_a_lockstep_group_as_alone(lda_corpus):
+    """Two LDA fits (other priors, other seeds for the random document starts) share each pass
+    and each gives the fit it gives alone, on another partitioning too."""
+    from emflow.execution.cluster import engine_for
+    from emflow.estimators.em import EMRun, run_em, run_em_group
+
+    fams = [M.LDAFamily(0.25, 0.25, 100, 1e-3, True), M.LDAFamily(0.5, 0.1, 50, 1e-3, True, True)]
+    starts = [M.make_params(M.init_components(4, 120, s)) for s in (1, 2)]
+    stops = [M.PerplexityStop(1, 1e-9), M.PerplexityStop(2, 20.0)]
+    with engine_for("threads") as engine:
+        results = []
+        for pb in (2000, 6000):
+            loaded = engine.load(open_corpus(lda_corpus, partition_bytes=pb))
+            alone = [run_em(engine, loaded, f, p, max_iter=6, stop=st, seed=sd)
+                     for f, p, st, sd in zip(fams, starts, stops, (11, 12))]
+            group = run_em_group(engine, loaded, [EMRun(f, p, max_iter=6, stop=st, seed=sd)
+                                                  for f, p, st, sd in zip(fams, starts, stops, (11, 12))])
+            loaded.release()
+            for a, g in zip(alone, group):
+                assert a.history == g.history and a.n_iter == g.n_iter
+                np.testing.assert_array_equal(a.params.components, g.params.components)
+            results.append(group)
+    assert results[0][0].n_iter == 6 and results[0][1].n_iter == 4 and results[0][1].converged  # the second stopped early, left the group
+    assert results[0][1].params.doc_topic_prior is not None
+    for a, b in zip(*results):  # the partitioning changes only the rounding
+        assert rel(a.history, b.history) < 1e-12

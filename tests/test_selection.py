@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 import emflow
-from emflow.estimators.selection import FamilyGroup, select_gaussian_mixture
+from emflow.execution.cluster import engine_for
+from emflow.estimators.em import EMRun, run_em, run_em_group
 from emflow.estimators.mixture import GMMFamily
-from emflow.stats import add
+from emflow.estimators.selection import select_gaussian_mixture
 from emflow.storage.synthetic import write_gmm
 
 
@@ -24,22 +25,42 @@ def _rel(a, b):
     return float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / max(np.max(np.abs(b)), 1e-300))
 
 
-def test_family_group_stats_equal_each_family(rng):
-    X = rng.normal(size=(300, 3))
-    fams = (GMMFamily("full", 1e-6), GMMFamily("diag", 1e-6))
+def test_lockstep_group_equals_each_run_alone(rng):
+    """run_em_group: one pass serves every run; each run's trajectory is the one it has alone."""
+    X = rng.normal(size=(600, 3))
+    X[:300] += 4.0
+    fams = (GMMFamily("full", 1e-6), GMMFamily("diag", 1e-6), GMMFamily("spherical", 1e-6))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", emflow.EmflowConvergenceWarning)
         gms = [emflow.GaussianMixture(k, covariance_type=f.covariance_type, max_iter=1, random_state=0,
-                                      scheduler="threads").fit(X) for k, f in zip((2, 3), fams)]
-    params = tuple(g._params for g in gms)
-    group = FamilyGroup(fams)
-    joint = group.e_step(X, None, params)
-    halves = add(group.e_step(X[:120], None, params), group.e_step(X[120:], None, params))
-    for f, p, s, h in zip(fams, params, joint, halves):
-        ref = f.e_step(X, None, p)
-        for a, b, c in zip(s, ref, h):
-            assert np.array_equal(a, b)
-            np.testing.assert_allclose(c, b, rtol=1e-12, atol=1e-9)
+                                      scheduler="threads").fit(X) for k, f in zip((2, 3, 4), fams)]
+    starts = [g._params for g in gms]
+    tols, max_iters = (1e-3, 1e-8, 1e-4), (50, 7, 50)
+    passes = []
+    with engine_for("threads") as engine:
+        loaded = engine.open(X, partition_bytes=2400)
+        alone = [run_em(engine, loaded, f, p, tol=t, max_iter=m, init=i)
+                 for i, (f, p, t, m) in enumerate(zip(fams, starts, tols, max_iters))]
+        calls = {"n": 0}
+        real = engine.map_reduce
+
+        def counted(*a, **k):
+            calls["n"] += 1
+            return real(*a, **k)
+
+        engine.map_reduce = counted
+        runs = [EMRun(f, p, tol=t, max_iter=m, init=i) for i, (f, p, t, m) in enumerate(zip(fams, starts, tols, max_iters))]
+        together = run_em_group(engine, loaded, runs, on_pass=lambda n, ev: passes.append([i for i, _ in ev]))
+        loaded.release()
+    assert calls["n"] == len(passes) == max(r.n_iter for r in alone)  # one map_reduce per shared pass
+    for i, (a, b) in enumerate(zip(alone, together)):
+        assert a.history == b.history and a.n_iter == b.n_iter and a.converged == b.converged
+        for x, y in zip(a.params, b.params):
+            if isinstance(x, np.ndarray):
+                np.testing.assert_array_equal(x, y)
+        # a run takes part in the passes until it stops, then leaves the group
+        assert [n for n, ids in enumerate(passes) if i in ids] == list(range(a.n_iter))
+    assert together[1].n_iter == 7 and not together[1].converged
 
 
 def test_selection_equals_separate_fits_and_reads_less(sep_data):
@@ -57,6 +78,8 @@ def test_selection_equals_separate_fits_and_reads_less(sep_data):
             for name in ("weights_", "means_", "covariances_", "precisions_cholesky_"):
                 assert _rel(getattr(model, name), getattr(ref, name)) <= 1e-10, (row, name)
             assert model.n_iter_ == ref.n_iter_ and _rel(model.history_, ref.history_) <= 1e-10
+            assert model.converged_ == ref.converged_ and model.lower_bounds_ == model.history_
+            assert set(model.fit_info_) - {"selection"} == set(ref.fit_info_)  # one fit_info_ schema
             assert abs(row["bic"] - ref.bic(sep_data)) <= 1e-10 * abs(row["bic"])
             assert abs(row["aic"] - ref.aic(sep_data)) <= 1e-10 * abs(row["aic"])
     io = res.io

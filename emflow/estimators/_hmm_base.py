@@ -123,7 +123,7 @@ class _BaseHMM(EMEstimator):
     def _as_values(self, X):
         return X
 
-    def _open(self, engine, X, lengths):
+    def _open(self, engine, X, lengths=None):
         pb = self.partition_bytes or DEFAULT_PARTITION_BYTES
         if is_zarr_path(X):
             if lengths is not None:

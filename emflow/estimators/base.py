@@ -181,6 +181,23 @@ class EMEstimator(BaseEstimator):
     def _em_tol(self, loaded) -> float:
         return float(self.tol)
 
+    def _em_stop(self, loaded):
+        """Another stop rule for run_em (``stop(history) -> bool``); None: ``_em_tol``'s."""
+        return None
+
+    def _print_iteration(self, event: IterationEvent) -> None:
+        """The line ``verbose`` prints after each iteration."""
+        print_iteration(event)
+
+    def _warn_unconverged(self, restarts: int, max_iter: int) -> None:
+        """The one convergence warning (scikit-learn's wording); a family with another stop rule words its own."""
+        warnings.warn(
+            f"Best performing initialization did not converge. Try different init parameters, or "
+            f"increase {self.iter_param}, tol, or check for degenerate data. ({type(self).__name__}: "
+            f"{restarts} initialisation(s), {self.iter_param}={max_iter}, tol={self.tol})",
+            EmflowConvergenceWarning, stacklevel=5,
+        )
+
     def _fit_info_extra(self, loaded, result: EMResult) -> dict:
         return {}
 
@@ -257,7 +274,7 @@ class EMEstimator(BaseEstimator):
         self._validate_params()
         callbacks = list(callbacks)
         if getattr(self, "verbose", 0):
-            callbacks.append(print_iteration)
+            callbacks.append(self._print_iteration)
         with self._session() as engine:
             loaded = self._open(engine, data, *fit_args)
             try:
@@ -293,7 +310,8 @@ class EMEstimator(BaseEstimator):
             self._watch(event, warned)
 
         restarts = 1 if (initial_params is not None or warm) else n_init
-        seed = self._seed() if initial_params is None and not warm else 0
+        # drawn when resuming too: the E-step context's seed ((seed, restart)) must be the same
+        seed = self._seed()
         best: EMResult | None = None
         for init in range(restarts):
             if initial_params is not None:
@@ -306,18 +324,15 @@ class EMEstimator(BaseEstimator):
                 past = list(history or [])
                 result = EMResult(params, past, False, len(past), past[-1] if past else -math.inf)
             else:
-                result = run_em(engine, loaded, family, params, tol=self._em_tol(loaded), max_iter=max_iter,
-                                callbacks=[watch, *callbacks], init=init, history=history)
+                stop = self._em_stop(loaded)
+                result = run_em(engine, loaded, family, params, tol=None if stop is not None else self._em_tol(loaded),
+                                stop=stop, max_iter=max_iter, callbacks=[watch, *callbacks], init=init,
+                                history=history, seed=(seed, init))
             if best is None or result.lower_bound > best.lower_bound:
                 best = result
         assert best is not None
         if not best.converged and max_iter > 0:
-            warnings.warn(
-                f"Best performing initialization did not converge. Try different init parameters, or "
-                f"increase {self.iter_param}, tol, or check for degenerate data. ({type(self).__name__}: "
-                f"{restarts} initialisation(s), {self.iter_param}={max_iter}, tol={self.tol})",
-                EmflowConvergenceWarning, stacklevel=4,
-            )
+            self._warn_unconverged(restarts, max_iter)
         return self._set_fit_result(best, loaded, engine, restarts=restarts)
 
     def _set_fit_result(self, result: EMResult, loaded, engine, *, restarts: int = 1, **info):

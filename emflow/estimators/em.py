@@ -1,15 +1,28 @@
-"""The EM iteration loop, shared by every model family.
+"""The EM iteration loop, shared by every model family (LDA and model selection included).
 
 A *family* is any object with three methods over NumPy data::
 
-    e_step(X, w, params) -> stats          # one partition; stats add with emflow.stats.add
+    e_step(*partition, params) -> stats    # one partition; stats add with emflow.stats.add
     m_step(stats, params) -> (params, report)
     objective(stats) -> float              # mean log-likelihood (or bound) per unit weight
 
-``run_em`` makes one pass over the data per iteration: the E-step that gives the
+A family that sets ``takes_context = True`` is called as ``e_step(*partition, params,
+context)`` with an :class:`EStepContext` (the iteration, the run's seed and the global
+index of the partition's first element) and ``objective(stats, params)``; that is what a
+family whose E-step draws random numbers (LDA's per-document starts) or whose objective
+has a parameter-only term (LDA's topic prior) needs.
+
+:func:`run_em` makes one pass over the data per iteration: the E-step that gives the
 statistics also gives the objective of the parameters it was run with (so, as in
-scikit-learn, ``history[i]`` is the log-likelihood of the parameters *entering*
-iteration ``i + 1``).
+scikit-learn, ``history[i]`` is the objective of the parameters *entering* iteration
+``i + 1``). It stops when its stop rule says so (by default when the objective changed by
+less than ``tol``; any ``stop(history) -> bool``) or after ``max_iter`` iterations.
+
+:func:`run_em_group` runs several such fits in *lockstep*: every pass reads each partition
+once and computes the statistics of every run still going (one task per partition
+returns the tuple of them, tree-reduced like any statistics bundle); a run leaves the
+group when it stops. Each run follows exactly the iterations it would follow alone.
+:func:`run_em` is the group of one.
 """
 
 from __future__ import annotations
@@ -17,19 +30,44 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
 from ..execution.engine import Engine, Loaded
 
-__all__ = ["Family", "IterationEvent", "EMResult", "run_em"]
+__all__ = ["Family", "EStepContext", "IterationEvent", "EMResult", "EMRun", "ChangeBelow", "run_em",
+           "run_em_group", "partition_starts"]
 
 
 class Family(Protocol):
-    def e_step(self, X, w, params): ...
+    def e_step(self, *partition_and_params): ...
 
     def m_step(self, stats, params) -> tuple[Any, dict]: ...
 
-    def objective(self, stats) -> float: ...
+    def objective(self, stats, *params) -> float: ...
+
+
+@dataclass(frozen=True)
+class EStepContext:
+    """What a context-taking family's E-step is told besides the parameters.
+
+    Attributes
+    ----------
+    iteration : int
+        1-based iteration number (counting iterations resumed from a checkpoint).
+    seed : Any
+        The run's seed (whatever the estimator passed to :func:`run_em`; None if none).
+        Random draws keyed by ``(seed, iteration, start + i)`` do not depend on the
+        partitioning.
+    start : int
+        Global index of the partition's first element: its first row, sequence or document.
+    init : int
+        Index of the initialisation (``n_init`` restarts).
+    """
+
+    iteration: int
+    seed: Any
+    start: int
+    init: int = 0
 
 
 @dataclass
@@ -47,7 +85,7 @@ class IterationEvent:
     seconds : float
         Wall time of the iteration (E-step pass, reduction and M-step).
     converged : bool
-        ``abs(change) < tol``.
+        The stop rule holds (by default ``abs(change) < tol``).
     params : Any
         Parameters after the M-step.
     report : dict
@@ -77,44 +115,190 @@ class EMResult:
     reports: list[dict] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class ChangeBelow:
+    """The default stop rule: the last change of the objective is below ``tol`` in size."""
+
+    tol: float
+
+    def __call__(self, history: Sequence[float]) -> bool:
+        return len(history) >= 2 and abs(history[-1] - history[-2]) < self.tol
+
+
+@dataclass
+class EMRun:
+    """One fit of a lockstep group (:func:`run_em_group`); the arguments of :func:`run_em`."""
+
+    family: Any
+    params: Any
+    tol: float | None = None
+    max_iter: int = 100
+    stop: Callable[[Sequence[float]], bool] | None = None
+    callbacks: Iterable[Callable[[IterationEvent], None]] = ()
+    init: int = 0
+    history: list[float] | None = None
+    seed: Any = None
+
+
+def partition_starts(loaded: Loaded) -> list[int]:
+    """Global index of each partition's first element (row, sequence or document)."""
+    data = loaded.data
+    bounds = getattr(data, "seq_bounds", None) or data.bounds
+    return [int(a) for a, _ in bounds]
+
+
+def _group_e_step(*args):
+    """Every run's E-step on one read of a partition: ``(*partition, families, params,
+    iterations, seeds, inits, start) -> tuple of stats``."""
+    *partition, families, params, iterations, seeds, inits, start = args
+    out = []
+    for fam, p, it, seed, init in zip(families, params, iterations, seeds, inits):
+        if getattr(fam, "takes_context", False):
+            out.append(fam.e_step(*partition, p, EStepContext(it, seed, start, init)))
+        else:
+            out.append(fam.e_step(*partition, p))
+    return tuple(out)
+
+
+def _objective(family, stats, params) -> float:
+    if getattr(family, "takes_context", False):
+        return float(family.objective(stats, params))
+    return float(family.objective(stats))
+
+
+class _State:
+    def __init__(self, run: EMRun):
+        if run.stop is None and run.tol is None:
+            raise ValueError("EMRun needs tol or stop")
+        self.run = run
+        self.stop = run.stop if run.stop is not None else ChangeBelow(float(run.tol))
+        self.callbacks = list(run.callbacks)
+        self.params = run.params
+        self.history = [float(v) for v in (run.history or [])]
+        self.seconds: list[float] = []
+        self.reports: list[dict] = []
+        self.converged = False
+        self.done = len(self.history) >= int(run.max_iter)
+
+    @property
+    def next_iteration(self) -> int:
+        return len(self.history) + 1
+
+    def result(self) -> EMResult:
+        lb = self.history[-1] if self.history else -math.inf
+        return EMResult(self.params, self.history, self.converged, len(self.history), lb, self.seconds, self.reports)
+
+
+def _pass_stats(engine: Engine, loaded: Loaded, active: list[_State], starts: list[int]) -> list:
+    """The statistics of every active run, from one pass over the data."""
+    if len(active) == 1 and not getattr(active[0].run.family, "takes_context", False):
+        s = active[0]
+        return [engine.map_reduce(s.run.family.e_step, loaded, s.params)]
+    stats = engine.map_reduce(
+        _group_e_step, loaded, tuple(s.run.family for s in active), tuple(s.params for s in active),
+        tuple(s.next_iteration for s in active), tuple(s.run.seed for s in active),
+        tuple(int(s.run.init) for s in active), per_partition=starts,
+    )
+    return list(stats)
+
+
+def run_em_group(
+    engine: Engine,
+    loaded: Loaded,
+    runs: Sequence[EMRun],
+    *,
+    on_pass: Callable[[int, list[tuple[int, IterationEvent]]], None] | None = None,
+) -> list[EMResult]:
+    """Run several EM fits in lockstep over the same data: one read per pass serves them all.
+
+    Parameters
+    ----------
+    engine, loaded
+        Where and on what (every run sees the same partitions).
+    runs : sequence of EMRun
+        The fits; each has its family, start, stop rule, ``max_iter``, callbacks, resumed
+        ``history`` and seed, exactly as :func:`run_em` takes them.
+    on_pass : callable, optional
+        Called after every shared pass with ``(pass_number, [(run_index, event), ...])``
+        for the runs that took part in it.
+
+    Returns
+    -------
+    list of EMResult, one per run, in order; each equal to what :func:`run_em` gives for
+    that run alone.
+    """
+    states = [_State(r) for r in runs]
+    starts = partition_starts(loaded)
+    n_pass = 0
+    while True:
+        active = [s for s in states if not s.done]
+        if not active:
+            break
+        t0 = time.perf_counter()
+        stats = _pass_stats(engine, loaded, active, starts)
+        n_pass += 1
+        events = []
+        for s, st in zip(active, stats):
+            fam = s.run.family
+            ll = _objective(fam, st, s.params)
+            params, report = fam.m_step(st, s.params)
+            change = ll - s.history[-1] if s.history else math.inf
+            s.history.append(ll)
+            s.params = params
+            s.reports.append(report)
+            s.converged = bool(s.stop(s.history))
+            s.done = s.converged or len(s.history) >= int(s.run.max_iter)
+            events.append((s, IterationEvent(len(s.history), ll, change, 0.0, s.converged, params, report,
+                                             int(s.run.init))))
+        # one pass served every active run: each is charged the whole pass's time
+        dt = time.perf_counter() - t0
+        for s, ev in events:
+            ev.seconds = dt
+            s.seconds.append(dt)
+            for cb in s.callbacks:
+                cb(ev)
+        if on_pass is not None:
+            on_pass(n_pass, [(states.index(s), ev) for s, ev in events])
+    return [s.result() for s in states]
+
+
 def run_em(
     engine: Engine,
     loaded: Loaded,
     family: Family,
     params: Any,
     *,
-    tol: float,
+    tol: float | None = None,
     max_iter: int,
     callbacks: Iterable[Callable[[IterationEvent], None]] = (),
     init: int = 0,
     history: list[float] | None = None,
+    stop: Callable[[Sequence[float]], bool] | None = None,
+    seed: Any = None,
 ) -> EMResult:
-    """Iterate E and M steps until the change in mean log-likelihood is below ``tol``.
+    """Iterate E and M steps until the stop rule holds or ``max_iter`` iterations are done.
 
-    ``history`` continues a run resumed from a checkpoint: iterations already done are
-    counted and the convergence test uses the last recorded value.
+    Parameters
+    ----------
+    engine, loaded, family, params
+        Where, on what, which model and from where.
+    tol : float, optional
+        The default stop rule, :class:`ChangeBelow` ``(tol)``: the objective changed by
+        less than ``tol``. Give ``tol`` or ``stop``.
+    max_iter : int
+        Iterations in all, counting those in ``history``.
+    callbacks : iterable of callables
+        Each called with an :class:`IterationEvent` after every iteration.
+    init : int
+        Index of the initialisation (passed on in events and contexts).
+    history : list of float, optional
+        Continues a run resumed from a checkpoint: iterations already done are counted and
+        the stop rule sees them.
+    stop : callable ``stop(history) -> bool``, optional
+        Another stop rule (LDA's perplexity test every ``evaluate_every`` iterations...);
+        ``history`` holds the objective of every iteration so far.
+    seed : optional
+        Passed to a context-taking family's E-step (:class:`EStepContext`).
     """
-    callbacks = list(callbacks)
-    history = list(history or [])
-    seconds: list[float] = []
-    reports: list[dict] = []
-    lower_bound = history[-1] if history else -math.inf
-    converged = False
-    for it in range(len(history) + 1, max_iter + 1):
-        t0 = time.perf_counter()
-        stats = engine.map_reduce(family.e_step, loaded, params)
-        ll = float(family.objective(stats))
-        params, report = family.m_step(stats, params)
-        change = ll - lower_bound
-        lower_bound = ll
-        history.append(ll)
-        dt = time.perf_counter() - t0
-        seconds.append(dt)
-        reports.append(report)
-        converged = abs(change) < tol
-        event = IterationEvent(it, ll, change, dt, converged, params, report, init)
-        for cb in callbacks:
-            cb(event)
-        if converged:
-            break
-    return EMResult(params, history, converged, len(history), lower_bound, seconds, reports)
+    run = EMRun(family, params, tol, max_iter, stop, callbacks, init, history, seed)
+    return run_em_group(engine, loaded, [run])[0]

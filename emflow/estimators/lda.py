@@ -12,71 +12,36 @@ the perplexity) of the topics entering iteration ``i + 1``.
 
 from __future__ import annotations
 
+import copy
 import math
-import os
-import time
 import warnings
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 import numpy as np
+from sklearn.base import ClassNamePrefixFeaturesOutMixin
+from sklearn.utils import check_random_state as _sk_random_state
 
-from .. import __version__
-from ..storage import destinations as _dest
-from ..storage import store as _store
-from ..checks import (MAX_SEED, check_choice, check_execution, check_int, check_random_state,
-                   check_real)
-from ..execution.cluster import engine_for
-from ..storage.corpus import CorpusData, open_corpus
-from .base import EMEstimator, Output
-from ..storage.data import DEFAULT_PARTITION_BYTES
-from .em import IterationEvent
+from ..checks import MAX_SEED, check_choice, check_execution, check_int, check_random_state, check_real
+from ..errors import ConfigError, EmflowConvergenceWarning, ModelFormatError
 from ..execution.engine import Engine, Loaded
-from ..errors import (ConfigError, DataError, EmflowConvergenceWarning, FeatureMismatchError, ModelFormatError,
-                     NotFittedError)
 from ..models import lda as M
+from ._lda_apply import LDAApplyMixin
+from .base import EMEstimator, Output
+from .em import EMResult, IterationEvent
 
-__all__ = ["LatentDirichletAllocation", "LDAConfig"]
+__all__ = ["LatentDirichletAllocation"]
 
 FAMILY = "latent_dirichlet_allocation"
 DOC_INITS = ("random", "ones")
+LEARNING_METHODS = ("batch", "online")
 
 
-@dataclass(frozen=True)
-class LDAConfig:
-    """What the workers need besides the topics (picklable)."""
-
-    doc_topic_prior: float | np.ndarray  # an array of shape (K,) once estimated
-    max_doc_update_iter: int
-    mean_change_tol: float
-
-
-def _prior(alpha) -> float | np.ndarray:
-    return np.asarray(alpha, dtype=np.float64) if np.ndim(alpha) else float(alpha)
-
-
-def _estep_part(entries, indptr, params: M.LDAParams, cfg: LDAConfig, seed, doc_start: int) -> M.LDAStats:
-    return M.e_step(entries, indptr, params, cfg.doc_topic_prior, cfg.max_doc_update_iter,
-                    cfg.mean_change_tol, seed, doc_start)
-
-
-def _transform_part(entries, indptr, params: M.LDAParams, cfg: LDAConfig, normalize: bool,
-                    out_url: str | None, doc_start: int):
-    gamma = M.transform(entries, indptr, params, cfg.doc_topic_prior, cfg.max_doc_update_iter,
-                        cfg.mean_change_tol, normalize)
-    if out_url is None:
-        return gamma
-    import zarr
-
-    zarr.open_array(out_url, mode="r+").with_config({"write_empty_chunks": True})[doc_start : doc_start + len(gamma)] = gamma
-    return None
-
-
-class LatentDirichletAllocation(EMEstimator):
+class LatentDirichletAllocation(LDAApplyMixin, ClassNamePrefixFeaturesOutMixin, EMEstimator):
     """Latent Dirichlet allocation fitted by batch variational EM over a partitioned corpus.
 
     Parameters and fitted attributes follow
-    :class:`sklearn.decomposition.LatentDirichletAllocation` with ``learning_method="batch"``.
+    :class:`sklearn.decomposition.LatentDirichletAllocation` with ``learning_method="batch"``
+    (its default): started from the same ``random_state`` the two agree to rounding.
 
     Parameters
     ----------
@@ -86,18 +51,40 @@ class LatentDirichletAllocation(EMEstimator):
         ``alpha``; None means ``1 / n_components``.
     topic_word_prior : float or None, default None
         ``eta``; None means ``1 / n_components``.
+    learning_method : {"batch"}, default "batch"
+        Batch variational EM: one pass over the corpus per iteration. ``"online"``
+        (scikit-learn's mini-batch updates) comes with the online-EM issue; until then it is
+        a ConfigError.
+    learning_decay : float in [0, 1], default 0.7
+        Online learning only (see ``learning_method``); checked, unused in batch.
+    learning_offset : float >= 1, default 10.0
+        Online learning only; checked, unused in batch.
     max_iter : int, default 10
         Passes over the corpus (EM iterations).
+    batch_size : int >= 1, default 128
+        Online learning only; checked, unused in batch.
     evaluate_every : int, default -1
         Check convergence every this many iterations (<= 0: never; run ``max_iter``).
-        The perplexity is known at every iteration at no cost; this only sets when the
-        ``perp_tol`` test is made.
+        The perplexity of the topics entering each iteration comes from that iteration's
+        own E-step at no cost (scikit-learn makes one more pass per check, for the topics
+        after it); this only sets when the ``perp_tol`` test is made.
+    total_samples : float > 0, default 1e6
+        The number of documents the corpus stands for: used by
+        ``perplexity(X, sub_sampling=True)`` (and by online learning).
     perp_tol : float, default 0.1
         Stop when the perplexity changed by less than this between two checks.
     mean_change_tol : float, default 1e-3
         Per-document stopping tolerance of the E-step.
     max_doc_update_iter : int, default 100
         Most E-step iterations per document.
+    n_jobs : int or None, default None
+        Accepted for scikit-learn compatibility and unused: the work is spread by
+        ``scheduler`` (threads by default use every core).
+    verbose : int, default 0
+        Print one line per iteration (scikit-learn's, with the perplexity on evaluated ones).
+    random_state : int, numpy RandomState or None
+        An int gives the same initial ``components_`` as scikit-learn with that int; None
+        draws from NumPy's global RandomState (honours ``np.random.seed``), as scikit-learn.
     doc_topic_init : {"random", "ones"}, default "random"
         Initial document-topic parameters of each training E-step: Gamma(100, 0.01) draws
         as scikit-learn's training E-step makes (here keyed by document, so the same for
@@ -108,24 +95,32 @@ class LatentDirichletAllocation(EMEstimator):
         ``alpha="auto"`` aims at), starting from ``doc_topic_prior``. The statistic it needs
         (``sum_d E[log theta_d]``) comes from the same pass. ``doc_topic_prior_`` is then an
         array. scikit-learn has no such option; with False the prior stays fixed as there.
-    random_state : int, numpy RandomState or None
-        An int gives the same initial ``components_`` as scikit-learn with that int.
-    verbose : int, default 0
     scheduler : None, "threads", "local", address string or distributed.Client
         Where to run (see :mod:`emflow.execution.cluster`).
     persist : "auto", True or False, default "auto"
         Keep the corpus in worker memory between iterations.
     split_every : int, default 8
         Fan-in of the tree reduction of statistics.
+    partition_bytes : int or None
+        Target bytes of a partition's entries (whole document chunks; 12 bytes per non-zero);
+        default 64 MiB. Ignored for an opened corpus (``open_corpus(...)``).
 
     Attributes
     ----------
     components_ : ndarray of shape (n_components, n_features)
-        Topic-word variational parameters ``lambda``.
+        Topic-word variational parameters ``lambda`` (float32 for float32 counts, as
+        scikit-learn; computed in float64).
     exp_dirichlet_component_ : ndarray of shape (n_components, n_features)
+        ``exp(E[log beta])``.
     doc_topic_prior_ : float, or ndarray of shape (n_components,) with ``learn_doc_topic_prior``
     topic_word_prior_ : float
     n_iter_ : int
+        EM iterations done (scikit-learn does not count the iteration whose check stopped it).
+    n_batch_iter_ : int
+        ``n_iter_ + 1``, as scikit-learn's batch learning counts its update steps.
+    bound_ : float
+        Perplexity of the fitted topics on the training corpus (one pass at the end of fit,
+        as scikit-learn); equals ``perplexity(training corpus)``.
     converged_ : bool
         Stopped by ``perp_tol`` before ``max_iter``.
     history_ : list of float
@@ -156,89 +151,87 @@ class LatentDirichletAllocation(EMEstimator):
         *,
         doc_topic_prior: float | None = None,
         topic_word_prior: float | None = None,
+        learning_method: str = "batch",
+        learning_decay: float = 0.7,
+        learning_offset: float = 10.0,
         max_iter: int = 10,
+        batch_size: int = 128,
         evaluate_every: int = -1,
+        total_samples: float = 1e6,
         perp_tol: float = 0.1,
         mean_change_tol: float = 1e-3,
         max_doc_update_iter: int = 100,
+        n_jobs: int | None = None,
+        verbose: int = 0,
+        random_state=None,
         doc_topic_init: str = "random",
         learn_doc_topic_prior: bool = False,
-        random_state=None,
-        verbose: int = 0,
         scheduler=None,
         persist="auto",
         split_every: int = 8,
+        partition_bytes: int | None = None,
     ):
         self.n_components = n_components
         self.doc_topic_prior = doc_topic_prior
         self.topic_word_prior = topic_word_prior
+        self.learning_method = learning_method
+        self.learning_decay = learning_decay
+        self.learning_offset = learning_offset
         self.max_iter = max_iter
+        self.batch_size = batch_size
         self.evaluate_every = evaluate_every
+        self.total_samples = total_samples
         self.perp_tol = perp_tol
         self.mean_change_tol = mean_change_tol
         self.max_doc_update_iter = max_doc_update_iter
+        self.n_jobs = n_jobs
+        self.verbose = verbose
+        self.random_state = random_state
         self.doc_topic_init = doc_topic_init
         self.learn_doc_topic_prior = learn_doc_topic_prior
-        self.random_state = random_state
-        self.verbose = verbose
         self.scheduler = scheduler
         self.persist = persist
         self.split_every = split_every
+        self.partition_bytes = partition_bytes
 
     def _validate_params(self) -> None:
         check_int("n_components", self.n_components, 1)
         for name in ("doc_topic_prior", "topic_word_prior"):
             check_real(name, getattr(self, name), 0, strict=True, finite=True, allow_none=True,
                        hint=" (None is 1 / n_components)")
+        check_choice("learning_method", self.learning_method, LEARNING_METHODS)
+        if self.learning_method == "online":
+            raise ConfigError("learning_method='online' (mini-batch variational Bayes, partial_fit) is not "
+                              "available yet: it comes with the online-EM issue. Use learning_method='batch'.")
+        check_real("learning_decay", self.learning_decay, 0, finite=True)
+        if self.learning_decay > 1:
+            raise ConfigError(f"learning_decay must be a real number in [0, 1], got {self.learning_decay!r}.")
+        check_real("learning_offset", self.learning_offset, 1.0, finite=True)
         check_int("max_iter", self.max_iter, 0)
+        check_int("batch_size", self.batch_size, 1)
         check_int("evaluate_every", self.evaluate_every)
+        check_real("total_samples", self.total_samples, 0, strict=True, finite=True)
         for name in ("perp_tol", "mean_change_tol"):
             check_real(name, getattr(self, name), 0)
         check_int("max_doc_update_iter", self.max_doc_update_iter, 0)
+        check_int("n_jobs", self.n_jobs, allow_none=True)
         if not isinstance(self.learn_doc_topic_prior, (bool, np.bool_)):
             raise ConfigError(f"learn_doc_topic_prior must be True or False, got {self.learn_doc_topic_prior!r}.")
         check_choice("doc_topic_init", self.doc_topic_init, DOC_INITS)
         check_execution(self)
 
     def _random_state(self) -> np.random.RandomState:
-        """The RandomState drawing the initial topics (scikit-learn's, for an int seed)."""
+        """The RandomState drawing the initial topics (scikit-learn's, for an int seed or None)."""
         rs = self.random_state
         check_random_state(rs)
-        if isinstance(rs, np.random.RandomState):
-            return rs
         if isinstance(rs, np.random.Generator):
             return np.random.RandomState(int(rs.integers(MAX_SEED, endpoint=True)))
-        return np.random.RandomState(rs)
-
-    def _check_fitted(self) -> None:
-        if not hasattr(self, "components_"):
-            raise NotFittedError(
-                "This LatentDirichletAllocation is not fitted yet. Call fit(corpus) first, or load a "
-                "saved model with emflow.load(path)."
-            )
+        return _sk_random_state(rs)
 
     @property
-    def _config_obj(self) -> LDAConfig:
-        return LDAConfig(_prior(self.doc_topic_prior_), int(self.max_doc_update_iter), float(self.mean_change_tol))
-
-    @property
-    def exp_dirichlet_component_(self) -> np.ndarray:
-        self._check_fitted()
-        return M.make_params(self.components_).exp_elog_beta
-
-    # -- data ------------------------------------------------------------------------
-    def _open(self, engine: Engine, data, persist) -> Loaded:
-        corpus = data if isinstance(data, CorpusData) else open_corpus(
-            data, partition_bytes=DEFAULT_PARTITION_BYTES, min_partitions=2 * engine.total_threads,
-        )
-        return engine.load(corpus, persist=persist)
-
-    def _check_features(self, n_terms: int) -> None:
-        if n_terms != self.n_features_in_:
-            raise FeatureMismatchError(
-                f"The model was fitted on {self.n_features_in_} terms but the corpus has {n_terms}. "
-                "Apply it to a corpus built with the same vocabulary (same terms, same order)."
-            )
+    def n_batch_iter_(self) -> int:
+        """``n_iter_ + 1``, as scikit-learn's batch learning counts its update steps."""
+        return self.n_iter_ + 1
 
     # -- fitting ---------------------------------------------------------------------
     def fit(self, data, y=None, *, callbacks: Iterable[Callable[[IterationEvent], None]] = (),
@@ -265,270 +258,154 @@ class LatentDirichletAllocation(EMEstimator):
         -------
         self
         """
-        self._validate_params()
-        callbacks = list(callbacks)
-        if self.verbose:
-            callbacks.append(_print_iteration)
-        with engine_for(self.scheduler, split_every=self.split_every) as engine:
-            loaded = self._open(engine, data, self.persist)
-            try:
-                return self._fit_loaded(engine, loaded, callbacks, initial_params, history)
-            finally:
-                loaded.release()
+        return self._fit(data, callbacks=callbacks, initial_params=initial_params, history=history)
 
-    def _fit_loaded(self, engine: Engine, loaded: Loaded, callbacks, initial_params, history):
-        corpus: CorpusData = loaded.data
-        K, V = int(self.n_components), corpus.n_terms
+    def partial_fit(self, X, y=None):
+        """Online (mini-batch) learning: not available yet; it comes with the online-EM issue."""
+        raise NotImplementedError("LatentDirichletAllocation.partial_fit (online variational Bayes) comes with "
+                                  "the online-EM issue; use fit (batch variational EM) meanwhile.")
+
+    # -- the hooks of the estimator contract (emflow.estimator) ---------------------------
+    def _priors(self) -> tuple[float, float]:
+        K = int(self.n_components)
         alpha = 1.0 / K if self.doc_topic_prior is None else float(self.doc_topic_prior)
-        eta = 1.0 / K if self.topic_word_prior is None else float(self.topic_word_prior)
-        rs = self._random_state()
-        lam = M.init_components(K, V, rs)
-        seed = int(rs.randint(2**31 - 1))
+        return alpha, 1.0 / K if self.topic_word_prior is None else float(self.topic_word_prior)
+
+    @classmethod
+    def _contract_example(cls, rng):
+        import scipy.sparse as sp
+
+        dense = rng.poisson(0.6, size=(40, 20))
+        dense[dense.sum(1) == 0, 0] = 1
+        return (sp.csr_matrix(dense),), {"n_components": 3, "random_state": 0}
+
+    def _em_family(self) -> M.LDAFamily:
+        alpha, eta = self._priors()
+        return M.LDAFamily(alpha, eta, int(self.max_doc_update_iter), float(self.mean_change_tol),
+                           self.doc_topic_init == "random", bool(self.learn_doc_topic_prior))
+
+    def _em_stop(self, loaded) -> M.PerplexityStop:
+        return M.PerplexityStop(int(self.evaluate_every), float(self.perp_tol))
+
+    def _seed(self) -> int:
+        # scikit-learn draws the initial topics first from random_state (random_state_); the
+        # seed of the E-step's document starts is drawn from a copy, so the topics drawn
+        # next are scikit-learn's for an int, a RandomState or None (np.random.seed) alike
+        self.random_state_ = self._random_state()
+        return int(copy.deepcopy(self.random_state_).randint(MAX_SEED, dtype=np.int64))
+
+    def _initial_params(self, engine, loaded, rng) -> M.LDAParams:
+        # from random_state_ (see _seed), not the restart's rng: LDA has no restarts
+        return M.make_params(M.init_components(int(self.n_components), loaded.data.n_terms, self.random_state_))
+
+    def _check_start(self, params, loaded) -> M.LDAParams:
+        K, V = int(self.n_components), loaded.data.n_terms
         learned = None
-        if isinstance(initial_params, M.LDAParams):  # a checkpoint's parameters
-            initial_params, learned = initial_params.components, initial_params.doc_topic_prior
-        if initial_params is not None:
-            lam = np.array(initial_params, dtype=np.float64)
-            if lam.shape != (K, V):
-                raise ConfigError(f"initial_params has shape {lam.shape}; expected ({K}, {V}).")
-            if not np.all(np.isfinite(lam)) or np.any(lam <= 0):
-                raise ConfigError("initial_params must be finite and > 0 (they are Dirichlet parameters).")
+        if isinstance(params, M.LDAParams):  # a checkpoint's parameters
+            params, learned = params.components, params.doc_topic_prior
+        lam = np.array(params, dtype=np.float64)
+        if lam.shape != (K, V):
+            raise ConfigError(f"initial_params has shape {lam.shape}; expected ({K}, {V}).")
+        if not np.all(np.isfinite(lam)) or np.any(lam <= 0):
+            raise ConfigError("initial_params must be finite and > 0 (they are Dirichlet parameters).")
         if learned is not None and not self.learn_doc_topic_prior:
             raise ConfigError("initial_params holds an estimated doc_topic_prior but learn_doc_topic_prior is False.")
-        self.topic_word_prior_ = eta
-        max_doc_iter, mean_tol = int(self.max_doc_update_iter), float(self.mean_change_tol)
-        starts = [a for a, _ in corpus.bounds]
-        params = M.make_params(lam, learned)
-        history = [float(v) for v in (history or [])]
-        seconds: list[float] = []
-        converged = False
-        last_perp = None
-        if self.evaluate_every > 0 and len(history) >= self.evaluate_every:
-            # resuming: the perplexity of the last evaluated iteration, as an uninterrupted fit has it
-            last_perp = math.exp(-history[(len(history) // self.evaluate_every) * self.evaluate_every - 1])
-        for it in range(len(history) + 1, int(self.max_iter) + 1):
-            t0 = time.perf_counter()
-            it_seed = None if self.doc_topic_init == "ones" else (seed, it)
-            prior = alpha if params.doc_topic_prior is None else params.doc_topic_prior
-            cfg = LDAConfig(prior, max_doc_iter, mean_tol)
-            stats = engine.map_reduce(_estep_part, loaded, params, cfg, it_seed, per_partition=starts)
-            if it == len(history) + 1 and not float(stats.n_words) > 0:
-                raise DataError(f"The corpus ({corpus.source}) holds no words (all counts are zero); there is nothing to fit.")
-            per_word = M.bound(stats, params, eta) / float(stats.n_words)
-            params, report = M.m_step(stats, params, eta, prior if self.learn_doc_topic_prior else None)
-            change = per_word - history[-1] if history else math.inf
-            history.append(per_word)
-            perp = math.exp(-per_word) if -per_word < 709.0 else math.inf  # exp overflows past ~709
-            if self.evaluate_every > 0 and it % self.evaluate_every == 0:
-                if last_perp is not None and abs(last_perp - perp) < self.perp_tol:
-                    converged = True
-                last_perp = perp
-            dt = time.perf_counter() - t0
-            seconds.append(dt)
-            report = {**report, "perplexity": perp}
-            event = IterationEvent(it, per_word, change, dt, converged, params, report)
-            for cb in callbacks:
-                cb(event)
-            if converged:
-                break
-        if self.evaluate_every > 0 and not converged and self.max_iter > 0:
-            warnings.warn(
-                f"LDA did not reach perp_tol={self.perp_tol} in {self.max_iter} iterations. Increase max_iter "
-                "or perp_tol.", EmflowConvergenceWarning, stacklevel=3,
-            )
+        return M.make_params(lam, learned)
+
+    def _get_parameters(self) -> M.LDAParams:
+        learned = self.doc_topic_prior_ if np.ndim(self.doc_topic_prior_) else None
+        return M.make_params(self.components_, learned)
+
+    def _set_parameters(self, params: M.LDAParams) -> None:
         self.components_ = params.components
+        alpha, self.topic_word_prior_ = self._priors()
         self.doc_topic_prior_ = alpha if params.doc_topic_prior is None else params.doc_topic_prior
-        self.n_iter_ = len(history)
-        self.converged_ = converged
-        self.history_ = history
-        self.lower_bound_ = history[-1] if history else -math.inf
-        self.n_features_in_ = V
-        self.vocabulary_ = corpus.vocabulary
-        self.fit_info_ = {
-            "fingerprint": loaded.fingerprint,
-            "source": corpus.source,
-            "n_docs": corpus.n_docs,
-            "n_features": V,
-            "nnz": corpus.nnz,
-            "dtype": str(corpus.dtype),
-            "partitions": corpus.n_partitions,
-            "resident": bool(loaded.resident),
-            "engine": engine.describe(),
-            "seconds_per_iteration": seconds,
-            "reduction": dict(engine.last_reduction),
-        }
+
+    def param_spec(self):
+        """``lambda`` positive (K x V free scalars); ``alpha`` learned only with
+        ``learn_doc_topic_prior`` (otherwise the configured prior, fixed)."""
+        from ..models.family import ParamSpec, lda_spec
+
+        spec = lda_spec()
+        if self.learn_doc_topic_prior:
+            return spec
+        return ParamSpec({**spec.fields, "doc_topic_prior": "fixed"}, spec.derive)
+
+    def _warn_unconverged(self, restarts: int, max_iter: int) -> None:
+        if self.evaluate_every > 0:
+            warnings.warn(f"LDA did not reach perp_tol={self.perp_tol} in {self.max_iter} iterations. Increase "
+                          "max_iter or perp_tol.", EmflowConvergenceWarning, stacklevel=6)
+
+    def _fit_info_extra(self, loaded, result: EMResult) -> dict:
+        return {"n_docs": loaded.data.n_docs, "nnz": loaded.data.nnz}
+
+    def _after_fit(self, loaded, result: EMResult) -> None:
+        if loaded.data.dtype == np.float32:  # scikit-learn keeps float32 (computed in float64 here)
+            self.components_ = self.components_.astype(np.float32)
+        self.vocabulary_ = loaded.data.vocabulary
+
+    def _fit_loaded(self, engine: Engine, loaded: Loaded, callbacks, initial_params=None, history=None):
+        super()._fit_loaded(engine, loaded, callbacks, initial_params, history)
+        self.fit_info_["reduction"] = dict(engine.last_reduction)
+        # scikit-learn's bound_: the perplexity of the fitted topics (one more pass)
+        bound, words, _ = self._bound_loaded(engine, loaded, self._get_parameters())
+        self.bound_ = float(np.exp(-bound / words)) if words > 0 else math.nan
         return self
 
     def fit_transform(self, data, y=None, *, normalize: bool = True, **kwargs):
         """Fit, then return the document-topic distribution of ``data``."""
         return self.fit(data, **kwargs).transform(data, normalize=normalize)
 
-    # -- applying a fitted model -----------------------------------------------------
-    def transform(self, data, *, normalize: bool = True, out=None, overwrite: bool = False):
-        """Document-topic distribution of each document.
+    def _print_iteration(self, event: IterationEvent) -> None:
+        """scikit-learn's verbose line, with the perplexity on iterations where it is checked."""
+        line = f"iteration: {event.iteration} of max_iter: {self.max_iter}"
+        if M.PerplexityStop(int(self.evaluate_every), float(self.perp_tol)).evaluated(event.iteration):
+            line += f", perplexity: {event.report.get('perplexity', math.nan):.4f}"
+        print(f"{line}  (bound per word {event.log_likelihood:.10g}, {event.seconds:.3f}s)", flush=True)
 
-        Parameters
-        ----------
-        data : corpus (see :meth:`fit`)
-        normalize : bool, default True
-            Rows sum to one (otherwise the variational ``gamma``).
-        out : str or PathLike, optional
-            Write the result to a Zarr array at ``out`` (chunked like the corpus's documents,
-            one partition's documents at a time on the workers) and return it opened.
-        overwrite : bool, default False
-            Replace an emflow output already at ``out``. Anything else there, the corpus and
-            the model's own path are never replaced.
-
-        Returns
-        -------
-        ndarray of shape (n_docs, n_components), or the Zarr array written to ``out``.
-        """
-        self._check_fitted()
-        if out is not None:  # refuse before any work: nothing is replaced unasked
-            _dest.check_destination(out, "output", overwrite=overwrite, inputs=_dest.output_inputs(self, data))
-        params = M.make_params(self.components_)
-        with engine_for(self.scheduler, split_every=self.split_every) as engine:
-            loaded = self._open(engine, data, False)
-            try:
-                corpus: CorpusData = loaded.data
-                self._check_features(corpus.n_terms)
-                starts = [a for a, _ in corpus.bounds]
-                if out is None:
-                    parts = engine.map(_transform_part, loaded, params, self._config_obj, normalize, None,
-                                       per_partition=starts)
-                    return np.concatenate(parts)
-                import zarr
-
-                shape = (corpus.n_docs, int(self.n_components))
-                with _dest.atomic_dir(out) as tmp:
-                    _dest.check_destination(out, "output", overwrite=overwrite,
-                                            inputs=_dest.output_inputs(self, data))
-                    arr = zarr.create_array(tmp, shape=shape, dtype="float64", chunks=(corpus.chunk_rows, shape[1]), config={"write_empty_chunks": True})
-                    arr.attrs["emflow"] = {
-                        "kind": "doc_topic", "normalized": bool(normalize), "model_family": FAMILY,
-                        "source": corpus.source, "fingerprint": loaded.fingerprint, "version": __version__,
-                    }
-                    engine.map(_transform_part, loaded, params, self._config_obj, normalize, os.path.abspath(tmp),
-                               per_partition=starts)
-                return zarr.open_array(os.fspath(out), mode="r")
-            finally:
-                loaded.release()
-
-    def _bound_stats(self, data) -> tuple[float, float]:
-        """(bound, total words) of ``data`` under the fitted topics (ones initialisation)."""
-        self._check_fitted()
-        params = M.make_params(self.components_)
-        with engine_for(self.scheduler, split_every=self.split_every) as engine:
-            loaded = self._open(engine, data, False)
-            try:
-                self._check_features(loaded.data.n_terms)
-                starts = [a for a, _ in loaded.data.bounds]
-                stats = engine.map_reduce(_estep_part, loaded, params, self._config_obj, None, per_partition=starts)
-            finally:
-                loaded.release()
-        return M.bound(stats, params, float(self.topic_word_prior_)), float(stats.n_words)
-
-    def score(self, data, y=None) -> float:
-        """Approximate log-likelihood (the variational bound) of ``data``, as scikit-learn's ``score``."""
-        return self._bound_stats(data)[0]
-
-    def perplexity(self, data) -> float:
-        """``exp(-bound / total words)`` of ``data``, as scikit-learn's ``perplexity``."""
-        b, n = self._bound_stats(data)
-        if not n > 0:
-            raise DataError("The corpus holds no words, so its perplexity is undefined.")
-        return float(np.exp(-b / n))
-
-    def top_words(self, n: int = 10, vocabulary=None) -> list[list[str]]:
-        """The ``n`` heaviest terms of each topic, heaviest first.
-
-        Parameters
-        ----------
-        n : int
-        vocabulary : sequence of str of length n_features, optional
-            Defaults to the fitted corpus's vocabulary.
-
-        Returns
-        -------
-        list of n_components lists of str
-        """
-        self._check_fitted()
-        vocab = vocabulary if vocabulary is not None else getattr(self, "vocabulary_", None)
-        if vocab is None:
-            raise ConfigError("No vocabulary: the corpus stored none, so pass vocabulary=[term, ...].")
-        vocab = list(vocab)
-        if len(vocab) != self.n_features_in_:
-            raise FeatureMismatchError(f"The vocabulary has {len(vocab)} terms; the model has {self.n_features_in_}.")
-        if not isinstance(n, (int, np.integer)) or n < 1:
-            raise ConfigError(f"n must be a positive integer, got {n!r}.")
-        order = np.argsort(-self.components_, axis=1, kind="stable")[:, :n]
-        return [[vocab[j] for j in row] for row in order]
-
-    # -- persistence -----------------------------------------------------------------
-    def _config(self) -> dict[str, Any]:
-        cfg = _store.saved_config(self.get_params())
-        if not (cfg["random_state"] is None or isinstance(cfg["random_state"], (int, np.integer))):
-            cfg["random_state"] = None
-        return cfg
-
+    # -- persistence (the base's save/load; these add LDA's priors, bound_ and vocabulary) ----
     @staticmethod
     def _array_spec(meta: dict) -> dict:
         """The arrays a saved LDA model holds: shapes and constraints (see store.RULES)."""
         K, V = int(meta["config"]["n_components"]), int(meta["fitted"]["n_features_in"])
         return {"components": ((K, V), ["positive"]), "doc_topic_prior": ((K,), ["positive"], True)}
 
-    def save(self, path, *, overwrite: bool = False) -> str:
-        """Save the fitted model as a Zarr group at ``path``; returns the path.
-
-        A model already at ``path`` is replaced only with ``overwrite=True`` (atomically);
-        anything else there, and the corpus it was fitted on, never are.
-        """
-        self._check_fitted()
-        meta = {
-            "version": __version__,
-            "class": "LatentDirichletAllocation",
-            "config": self._config(),
-            "fitted": {
-                "converged": self.converged_, "n_iter": self.n_iter_, "lower_bound": self.lower_bound_,
-                "n_features_in": self.n_features_in_,
-                "doc_topic_prior_": "array" if np.ndim(self.doc_topic_prior_) else self.doc_topic_prior_,
-                "topic_word_prior_": self.topic_word_prior_,
-            },
-            "history": self.history_,
-            "vocabulary": getattr(self, "vocabulary_", None),
-            "dataset": getattr(self, "fit_info_", {}),
-        }
+    def _arrays(self) -> dict[str, np.ndarray]:
         arrays = {"components": self.components_}
         if np.ndim(self.doc_topic_prior_):
             arrays["doc_topic_prior"] = np.asarray(self.doc_topic_prior_)
-        return _store.save_model(path, FAMILY, arrays, meta, overwrite=overwrite, inputs=_store.fit_inputs(self))
+        return arrays
 
-    @classmethod
-    def load(cls, path) -> "LatentDirichletAllocation":
-        """Load a model saved by :meth:`save`; ``components_`` comes back bit-identical, validated."""
-        arrays, meta = _store.load_model(path, FAMILY, cls._array_spec)
-        with _store.loading(path):
-            model = cls(**{k: v for k, v in meta["config"].items() if k in cls._param_names()})
-            model.components_ = arrays["components"]
-            _store.restore_fit_record(model, meta)
-            model.doc_topic_prior_ = (arrays["doc_topic_prior"] if "doc_topic_prior" in arrays
-                                      else float(meta["fitted"]["doc_topic_prior_"]))
-            model.topic_word_prior_ = float(meta["fitted"]["topic_word_prior_"])
-            if not (np.all(np.isfinite(model.doc_topic_prior_)) and np.all(np.asarray(model.doc_topic_prior_) > 0)
-                    and np.isfinite(model.topic_word_prior_) and model.topic_word_prior_ > 0):
-                raise ModelFormatError(f"The model at {os.fspath(path)!r}: its priors are not positive and finite; "
-                                       "the file is damaged. Refit or re-save it.")
-            vocab = meta.get("vocabulary")
-            if vocab is not None and (not isinstance(vocab, list) or len(vocab) != model.n_features_in_):
-                raise ModelFormatError(f"The model at {os.fspath(path)!r}: its vocabulary does not have one term "
-                                       "per feature; the file is damaged. Refit or re-save it.")
-            model.vocabulary_ = vocab
-        return model
+    def _meta_extra(self) -> dict:
+        return {"vocabulary": getattr(self, "vocabulary_", None), "lda": {
+            "doc_topic_prior_": "array" if np.ndim(self.doc_topic_prior_) else self.doc_topic_prior_,
+            "topic_word_prior_": self.topic_word_prior_,
+            "bound_": _finite_or_none(getattr(self, "bound_", None)),
+        }}
+
+    def _restore_arrays(self, arrays: dict[str, np.ndarray], meta: dict) -> None:
+        extra = meta.get("lda") or meta["fitted"]  # models saved before the estimator base: in "fitted"
+        self.components_ = arrays["components"]
+        self.doc_topic_prior_ = (arrays["doc_topic_prior"] if "doc_topic_prior" in arrays
+                                 else float(extra["doc_topic_prior_"]))
+        self.topic_word_prior_ = float(extra["topic_word_prior_"])
+        if extra.get("bound_") is not None:  # models saved before bound_ have none
+            self.bound_ = float(extra["bound_"])
+
+    def _after_load(self, meta: dict) -> None:
+        path = meta.get("_loaded_from", "?")
+        if not (np.all(np.isfinite(self.doc_topic_prior_)) and np.all(np.asarray(self.doc_topic_prior_) > 0)
+                and np.isfinite(self.topic_word_prior_) and self.topic_word_prior_ > 0):
+            raise ModelFormatError(f"The model at {path!r}: its priors are not positive and finite; "
+                                   "the file is damaged. Refit or re-save it.")
+        vocab = meta.get("vocabulary")
+        if vocab is not None and (not isinstance(vocab, list) or len(vocab) != self.n_features_in_):
+            raise ModelFormatError(f"The model at {path!r}: its vocabulary does not have one term "
+                                   "per feature; the file is damaged. Refit or re-save it.")
+        self.vocabulary_ = vocab
 
 
-def _print_iteration(event: IterationEvent) -> None:
-    print(
-        f"iter {event.iteration:4d}  bound/word {event.log_likelihood:.10g}  perplexity "
-        f"{event.report.get('perplexity', float('nan')):.6g}  {event.seconds:.3f}s",
-        flush=True,
-    )
+def _finite_or_none(x):
+    return float(x) if x is not None and np.isfinite(x) else None
+
+

@@ -17,42 +17,20 @@ Only ``init_params="kmeans"`` (the default) is shared this way.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
 from ..execution.cluster import engine_for
+from .em import EMRun, run_em_group
 from ..execution.engine import take_rows
 from ..errors import ConfigError
 from .mixture import KMEANS_MAX_ITER, KMEANS_TOL, SAMPLE_ROWS, GaussianMixture, GMMFamily
 from ..models import gmm as G
 from ..models import kmeans as KM
 
-__all__ = ["FamilyGroup", "SelectionResult", "select_gaussian_mixture"]
-
-
-@dataclass(frozen=True)
-class FamilyGroup:
-    """Several EM families evaluated on one read of each partition.
-
-    ``e_step(X, w, params_tuple)`` runs ``families[i].e_step`` on the same partition for
-    every ``i`` and returns the tuple of their statistics (tuples add field-wise, so the
-    engine reduces them like any statistics bundle).
-    """
-
-    families: tuple
-
-    def e_step(self, X, w, params: tuple) -> tuple:
-        return tuple(f.e_step(X, w, p) for f, p in zip(self.families, params))
-
-    def m_step(self, stats: tuple, params: tuple):
-        out = [f.m_step(s, p) for f, s, p in zip(self.families, stats, params)]
-        return tuple(o[0] for o in out), [o[1] for o in out]
-
-    def objective(self, stats: tuple) -> list[float]:
-        return [f.objective(s) for f, s in zip(self.families, stats)]
+__all__ = ["SelectionResult", "select_gaussian_mixture"]
 
 
 def _take_many(X, w, rows_per_unit: list):
@@ -87,7 +65,7 @@ class _Unit:
     kmeans_iters: int = 0
     params: Any = None
     history: list = field(default_factory=list)
-    seconds: list = field(default_factory=list)
+    result: Any = None
     converged: bool = False
     done: bool = False
     lower_bound: float = -math.inf
@@ -198,7 +176,7 @@ def select_gaussian_mixture(
 
 
 def _select(engine, loaded, proto, n_init, tol, reg, max_iter, callbacks) -> SelectionResult:
-    N, d = loaded.data.n_rows, loaded.data.n_features
+    N = loaded.data.n_rows
     bytes_per_pass = loaded.data.nbytes + (8 * N if loaded.data.weighted else 0)
     passes = 1  # the opening scan (validation + fingerprint)
     # restart r of candidate c draws from the rng GaussianMixture.fit gives its restart r
@@ -246,33 +224,22 @@ def _select(engine, loaded, proto, n_init, tol, reg, max_iter, callbacks) -> Sel
     for u, st, shift in zip(units, stats, shifts):
         u.params, _ = G.m_step(st, shift, u.ct, reg)
 
-    # -- EM in lockstep: one read per pass serves every unit still running
-    em_pass = 0
-    while True:
-        active = [u for u in units if not u.done]
-        if not active or max_iter == 0:
-            break
-        group = FamilyGroup(tuple(GMMFamily(u.ct, float(reg)) for u in active))
-        t0 = time.perf_counter()
-        stats = engine.map_reduce(group.e_step, loaded, tuple(u.params for u in active))
-        passes += 1
-        em_pass += 1
-        lls = group.objective(stats)
-        new_params, _reports = group.m_step(stats, tuple(u.params for u in active))
-        dt = time.perf_counter() - t0
-        for u, ll, p in zip(active, lls, new_params):
-            change = ll - u.lower_bound
-            u.lower_bound = ll
-            u.history.append(float(ll))
-            u.seconds.append(dt)
-            u.params = p
-            u.converged = abs(change) < tol
-            if u.converged or len(u.history) >= max_iter:
-                u.done = True
-        info = {"pass": em_pass, "active": sum(not u.done for u in units),
-                "units": [(u.K, u.ct, u.restart, len(u.history), u.history[-1]) for u in active]}
+    # -- EM in lockstep (emflow.em.run_em_group): one read per pass serves every unit still running
+    em_passes = [0]
+
+    def on_pass(n: int, events) -> None:
+        em_passes[0] = n
+        info = {"pass": n, "active": sum(not ev.converged and ev.iteration < max_iter for _, ev in events),
+                "units": [(units[i].K, units[i].ct, units[i].restart, ev.iteration, ev.log_likelihood)
+                          for i, ev in events]}
         for cb in callbacks:
             cb(info)
+
+    runs = [EMRun(GMMFamily(u.ct, float(reg)), u.params, tol=tol, max_iter=max_iter, init=u.restart) for u in units]
+    for u, res in zip(units, run_em_group(engine, loaded, runs, on_pass=on_pass)):
+        u.result, u.params, u.history = res, res.params, list(res.history)
+        u.converged, u.lower_bound, u.done = bool(res.converged), float(res.lower_bound), True
+    passes += em_passes[0]
 
     # -- best restart per candidate (the first of equal bounds, as GaussianMixture does)
     best_units = []
@@ -287,8 +254,10 @@ def _select(engine, loaded, proto, n_init, tol, reg, max_iter, callbacks) -> Sel
 
     models, table = [], []
     for c, (gm, u, tot) in enumerate(zip(proto, best_units, totals)):
-        _set_fitted(gm, u, loaded, engine)
-        p = G.n_parameters(u.K, d, u.ct)
+        # the fitted state exactly as GaussianMixture.fit sets it (the estimator base's)
+        gm._set_fit_result(u.result, loaded, engine, restarts=n_init,
+                           selection={"restart": u.restart, "shared_passes": True})
+        p = gm._n_parameters()
         total = float(tot)
         table.append({
             "n_components": u.K, "covariance_type": u.ct, "n_parameters": int(p),
@@ -309,23 +278,3 @@ def _select(engine, loaded, proto, n_init, tol, reg, max_iter, callbacks) -> Sel
         "units": len(units),
     }
     return SelectionResult(models, table, best, io)
-
-
-def _set_fitted(gm: GaussianMixture, u: _Unit, loaded, engine) -> None:
-    p = u.params
-    gm.weights_, gm.means_ = p.weights, p.means
-    gm.covariances_, gm.precisions_cholesky_ = p.covariances, p.precisions_cholesky
-    gm.converged_, gm.n_iter_ = bool(u.converged), len(u.history)
-    gm.lower_bound_ = float(u.lower_bound)
-    gm.history_ = list(u.history)
-    gm.n_features_in_ = loaded.data.n_features
-    gm.fit_info_ = {
-        "fingerprint": loaded.fingerprint, "source": loaded.data.source, "n_samples": loaded.data.n_rows,
-        "n_features": loaded.data.n_features, "dtype": str(loaded.data.dtype),
-        "weight_sum": loaded.weight_sum, "weighted": bool(loaded.data.weighted),
-        "partitions": loaded.data.n_partitions, "resident": bool(loaded.resident),
-        "engine": engine.describe(), "seconds_per_iteration": list(u.seconds),
-        "selection": {"restart": u.restart, "shared_passes": True},
-    }
-
-

@@ -19,6 +19,8 @@ variational parameters (n_docs, K), ``alpha`` = ``doc_topic_prior``, ``eta`` =
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -28,6 +30,7 @@ from scipy.special import digamma, gammaln, logsumexp, polygamma
 __all__ = [
     "LDAParams", "LDAStats", "psi", "dirichlet_expectation_2d", "make_params", "init_components",
     "doc_topic_init", "e_step", "m_step", "topic_bound", "bound", "transform", "update_doc_topic_prior",
+    "LDAFamily", "PerplexityStop", "perplexity",
 ]
 
 EPS = np.finfo(np.float64).eps
@@ -382,3 +385,78 @@ def transform(entries, indptr, params: LDAParams, alpha: float | np.ndarray, max
     if normalize:
         gamma /= gamma.sum(axis=1)[:, None]
     return gamma
+
+
+def perplexity(per_word: float) -> float:
+    """``exp(-bound per word)``; inf where that overflows (a bound per word below about -709)."""
+    return math.exp(-per_word) if -per_word < 709.0 else math.inf
+
+
+@dataclass(frozen=True)
+class LDAFamily:
+    """Batch variational LDA as an EM family (for :func:`emflow.em.run_em`).
+
+    Takes the E-step context: the training E-step starts each document at Gamma(100, 0.01)
+    draws keyed by ``(*context.seed, context.iteration)`` and the document's global index
+    (``context.start + i``), so the same for any partitioning; ``random_doc_init=False``
+    starts every document at ones. The objective is the bound per word of the parameters
+    the E-step ran with (its topic-prior term depends on the parameters only).
+
+    Attributes
+    ----------
+    doc_topic_prior : float
+        ``alpha`` while it is fixed; the start of its estimation with ``learn_doc_topic_prior``
+        (the estimate then travels in the parameters' ``doc_topic_prior``).
+    topic_word_prior : float
+        ``eta``.
+    max_doc_update_iter, mean_change_tol
+        The per-document E-step's limits.
+    random_doc_init : bool
+    learn_doc_topic_prior : bool
+    """
+
+    doc_topic_prior: float
+    topic_word_prior: float
+    max_doc_update_iter: int
+    mean_change_tol: float
+    random_doc_init: bool = True
+    learn_doc_topic_prior: bool = False
+    takes_context = True
+
+    def prior(self, params: LDAParams):
+        return self.doc_topic_prior if params.doc_topic_prior is None else params.doc_topic_prior
+
+    def e_step(self, entries, indptr, params: LDAParams, context) -> LDAStats:
+        seed = (*np.atleast_1d(context.seed).tolist(), context.iteration) if self.random_doc_init else None
+        return e_step(entries, indptr, params, self.prior(params), self.max_doc_update_iter,
+                      self.mean_change_tol, seed, context.start)
+
+    def objective(self, stats: LDAStats, params: LDAParams) -> float:
+        n = float(stats.n_words)
+        return bound(stats, params, self.topic_word_prior) / n if n > 0 else math.nan
+
+    def m_step(self, stats: LDAStats, params: LDAParams):
+        per_word = self.objective(stats, params)
+        alpha = self.prior(params) if self.learn_doc_topic_prior else None
+        new, report = m_step(stats, params, self.topic_word_prior, alpha)
+        return new, {**report, "perplexity": perplexity(per_word)}
+
+
+@dataclass(frozen=True)
+class PerplexityStop:
+    """scikit-learn's LDA stop rule: every ``evaluate_every`` iterations, stop when the
+    perplexity changed by less than ``perp_tol`` since the previous evaluation
+    (``evaluate_every <= 0``: never). ``history`` holds bounds per word."""
+
+    evaluate_every: int
+    perp_tol: float
+
+    def evaluated(self, n: int) -> bool:
+        """Whether iteration ``n`` (1-based) is one where the perplexity is checked."""
+        return self.evaluate_every > 0 and n % self.evaluate_every == 0
+
+    def __call__(self, history) -> bool:
+        n, e = len(history), self.evaluate_every
+        if not self.evaluated(n) or n < 2 * e:
+            return False
+        return abs(perplexity(history[n - 1 - e]) - perplexity(history[n - 1])) < self.perp_tol

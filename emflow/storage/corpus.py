@@ -226,8 +226,6 @@ class CorpusData:
 
 def _doc_partitions(indptr: np.ndarray, chunk_docs: int, target_bytes: int, min_partitions: int):
     """Runs of whole document chunks of about ``target_bytes`` of entries each."""
-    if int(indptr[-1]) == 0:
-        raise DataError("The corpus holds no words (every document is empty); there is nothing to fit.")
     n_docs = len(indptr) - 1
     starts = list(range(0, n_docs, chunk_docs)) + [n_docs]
     nnz = int(indptr[-1])

@@ -106,7 +106,7 @@ def finish_scan(rows, scans: list) -> tuple[str, float]:
     fingerprint = combine_fingerprint((rows.n_rows, rows.n_features), rows.dtype, [(s.h1, s.h2) for s in scans],
                                       structure)
     weight_sum = float(sum(s.weight_sum for s in scans))
-    if not weight_sum > 0:
+    if getattr(rows, "weighted", True) and not weight_sum > 0:  # (a corpus may hold no words)
         raise DataError("sample_weight sums to zero: at least one row needs a positive weight.")
     return fingerprint, weight_sum
 

@@ -7,6 +7,6 @@
 pytest is needed to run it (it is not a dependency of emflow itself).
 """
 
-from .contract import NEEDS_BASE, PENDING_BASE, EstimatorContract, registry
+from .contract import EstimatorContract, registry
 
-__all__ = ["EstimatorContract", "NEEDS_BASE", "PENDING_BASE", "registry"]
+__all__ = ["EstimatorContract", "registry"]

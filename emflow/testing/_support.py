@@ -1,5 +1,5 @@
 """Helpers of the shipped contract test (emflow.testing.contract): the registry, a family's
-declarations (with stand-ins until the estimator base declares them), data in every layout."""
+declarations, data in every layout."""
 
 from __future__ import annotations
 
@@ -9,77 +9,38 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from .examples import DATA_KINDS, example_for
-
-__all__ = ["registry", "family_name", "on_base", "data_kind", "iter_param", "example_for"]
-
-# STAND-IN (issue 14): family name -> estimator class name, until emflow's REGISTRY holds them
-STAND_IN = {
-    "gaussian_mixture": "GaussianMixture",
-    "gaussian_hmm": "GaussianHMM",
-    "categorical_hmm": "CategoricalHMM",
-    "linear_gaussian_ssm": "LinearGaussianSSM",
-    "latent_dirichlet_allocation": "LatentDirichletAllocation",
-}
-
-
-def _base_class(cls=None):
-    """The estimator base ``EMEstimator`` (found in the class hierarchy, so that it is the one
-    the estimators really use), or None before it exists."""
-    if cls is None:
-        import emflow
-
-        cls = emflow.GaussianMixture
-    for klass in getattr(cls, "__mro__", ()):
-        if klass.__name__ == "EMEstimator":
-            return klass
-    return None
-
-
-def _base_module():
-    import sys
-
-    base = _base_class()
-    return None if base is None else sys.modules[base.__module__]
+__all__ = ["registry", "family_name", "data_kind", "iter_param", "example_for"]
 
 
 def registry() -> dict[str, type]:
-    """Every registered family: ``emflow``'s REGISTRY, over the stand-in of the first five."""
-    import emflow
+    """Every registered family (``emflow.estimators.REGISTRY``, all estimator modules imported)."""
+    from ..estimators import discover
 
-    fams = {f: getattr(emflow, name) for f, name in STAND_IN.items()}
-    fams.update(getattr(_base_module(), "REGISTRY", None) or {})
-    return fams
-
-
-def on_base(cls, hook: str = "_em_family") -> bool:
-    """Whether ``cls`` is built on the estimator base as far as ``hook`` goes: a subclass of
-    it that fills that hook (its own ``_em_family``, ``_n_parameters``...), not only inherits it."""
-    base = _base_class(cls)
-    return base is not None and getattr(cls, hook, None) is not getattr(base, hook, None)
+    return dict(discover())
 
 
 def family_name(cls) -> str:
-    fam = getattr(cls, "family", None)
-    if isinstance(fam, str):
-        return fam
-    for klass in cls.__mro__:  # a subclass of a stand-in family is of that family
-        for f, name in STAND_IN.items():
-            if klass.__name__ == name:
-                return f
-    raise NotImplementedError(f"{cls.__name__} declares no family name (class attribute family = '...').")
+    if not getattr(cls, "family", ""):
+        raise NotImplementedError(f"{cls.__name__} declares no family name (class attribute family = '...').")
+    return cls.family
 
 
-def data_kind(cls, family: str) -> str:
-    kind = getattr(cls, "data_kind", None)
-    return kind if isinstance(kind, str) else DATA_KINDS[family]
+def data_kind(cls, family: str = "") -> str:
+    return cls.data_kind
 
 
 def iter_param(cls) -> str:
-    p = getattr(cls, "iter_param", None)
-    if isinstance(p, str):
-        return p
-    return "n_iter" if "n_iter" in inspect.signature(cls.__init__).parameters else "max_iter"
+    return cls.iter_param
+
+
+def example_for(cls, family: str, rng: np.random.Generator):
+    """``(fit_args, init_kwargs)``: the family's own ``_contract_example(rng)``."""
+    try:
+        return cls._contract_example(rng)
+    except NotImplementedError:
+        raise NotImplementedError(
+            f"{cls.__name__} (family {family!r}) defines no _contract_example(rng) classmethod; the shipped "
+            "contract test needs one: a small dataset and constructor keywords.") from None
 
 
 def ignore_convergence_warnings() -> None:
@@ -99,12 +60,7 @@ def fitted_arrays(est) -> dict[str, np.ndarray]:
 
 def get_parameters(est):
     """The fitted parameters as the family's NamedTuple (what ``fit(initial_params=)`` takes)."""
-    if on_base(type(est)):
-        return est._get_parameters()
-    p = getattr(est, "_params", None)  # STAND-IN: the current estimators' accessors
-    if p is not None and not isinstance(p, dict):
-        return p() if callable(p) else p
-    return est.components_
+    return est._get_parameters()
 
 
 def init_params_for(est, fit_args):

@@ -9,20 +9,15 @@ A family's test module subclasses it in one line::
         cls = emflow.GaussianMixture
 
 and a subclass that leaves ``cls`` unset runs the contract for every registered family
-(``emflow.estimator.REGISTRY``), so that a new family is tested without being listed::
+(``emflow.estimators.REGISTRY``), so that a new family is tested without being listed::
 
     class TestEveryFamily(EstimatorContract):
         pass
 
-The data come from the family: ``cls._contract_example(rng) -> (fit_args, init_kwargs)``
-(the five first families' examples are in :mod:`emflow.testing.examples` until their
-estimators define theirs). Everything runs on tiny data with the threads scheduler; one test
-compares with a Dask cluster and runs where the test suite provides a ``dask_client``
-fixture (it is skipped otherwise).
-
-Tests the current estimators cannot pass before they are built on the estimator base are
-expected to fail (strict xfail, :data:`PENDING_BASE`) for as long as the family's class is
-not a subclass of the base; once it is, they run as ordinary tests.
+The data come from the family: ``cls._contract_example(rng) -> (fit_args, init_kwargs)``.
+Everything runs on tiny data with the threads scheduler; one test compares with a Dask
+cluster and runs where the test suite provides a ``dask_client`` fixture (it is skipped
+otherwise).
 """
 
 from __future__ import annotations
@@ -35,25 +30,9 @@ import pytest
 
 from . import _support as S
 
-__all__ = ["EstimatorContract", "NEEDS_BASE", "PENDING_BASE", "registry"]
+__all__ = ["EstimatorContract", "registry"]
 
-NEEDS_BASE = "needs the estimator base (issue 14)"
 registry = S.registry
-
-_ALL = frozenset(S.STAND_IN)
-#: test -> (families whose current estimator fails it, the base hook it needs): expected to
-#: fail (strict) while such a family's class does not fill that hook of the base
-PENDING_BASE: dict[str, tuple[frozenset, str]] = {
-    "test_e_step_is_additive_over_random_splits": (_ALL, "_em_family"),
-    "test_max_iter_zero_gives_the_initialisation": (_ALL, "_em_family"),
-    "test_random_state_none_honours_np_random_seed": (
-        frozenset({"gaussian_mixture", "gaussian_hmm", "categorical_hmm", "latent_dirichlet_allocation"}),
-        "_em_family"),
-    "test_zarr_streamed_and_resident_give_the_same_fit": (  # LDA has no partition_bytes
-        frozenset({"latent_dirichlet_allocation"}), "_em_family"),
-    "test_free_parameters_are_counted_as_the_parameter_spec_says": (
-        frozenset({"latent_dirichlet_allocation"}), "param_spec"),
-}
 
 
 class EstimatorContract:
@@ -80,9 +59,6 @@ class EstimatorContract:
         self.kind = S.data_kind(contract_cls, self.family)
         self.iter_param = S.iter_param(contract_cls)
         self.fit_args, self.init_kwargs = S.example_for(contract_cls, self.family, np.random.default_rng(0))
-        families, hook = PENDING_BASE.get(request.function.__name__, ((), ""))
-        if self.family in families and not S.on_base(contract_cls, hook):
-            request.node.add_marker(pytest.mark.xfail(reason=NEEDS_BASE, strict=True))
 
     # -- helpers ----------------------------------------------------------------------
     def make(self, **kw):
