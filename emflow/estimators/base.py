@@ -79,6 +79,19 @@ def print_iteration(event: IterationEvent) -> None:
     )
 
 
+@dataclass(frozen=True)
+class _WarmStop:
+    """The default stop rule of a warm-started fit: as :class:`~emflow.estimators.em.ChangeBelow`,
+    with the previous fit's lower bound standing before the first iteration."""
+
+    previous: float
+    tol: float
+
+    def __call__(self, history) -> bool:
+        last = history[-2] if len(history) >= 2 else self.previous
+        return bool(history) and abs(history[-1] - last) < self.tol
+
+
 class EMEstimator(BaseEstimator):
     """Base class of every emflow estimator (see the module docstring for the contract)."""
 
@@ -325,6 +338,9 @@ class EMEstimator(BaseEstimator):
                 result = EMResult(params, past, False, len(past), past[-1] if past else -math.inf)
             else:
                 stop = self._em_stop(loaded)
+                if warm and stop is None and initial_params is None and np.isfinite(self.lower_bound_):
+                    # scikit-learn's warm start: the first change is measured from the last fit's bound
+                    stop = _WarmStop(float(self.lower_bound_), self._em_tol(loaded))
                 result = run_em(engine, loaded, family, params, tol=None if stop is not None else self._em_tol(loaded),
                                 stop=stop, max_iter=max_iter, callbacks=[watch, *callbacks], init=init,
                                 history=history, seed=(seed, init))
