@@ -83,3 +83,46 @@ def test_config_hash_ignores_order_and_sees_values():
     b = config_hash({"means_init": np.zeros((2, 2)), "reg_covar": 1e-6, "n_components": 3})
     assert a == b
     assert a != config_hash({"n_components": 3, "reg_covar": 1.0000001e-6, "means_init": np.zeros((2, 2))})
+
+
+def _format1(path, family, arrays, attrs, history):
+    """A checkpoint exactly as emflow wrote it before the estimator contract (format 1: the
+    family named, a hand-kept table of fields)."""
+    import io
+    import json
+
+    from emflow.storage.checkpoint import _digest
+
+    arrays = {**{k: np.asarray(v, dtype=np.float64) for k, v in arrays.items()},
+              "history": np.asarray(history, dtype=np.float64), "seconds": np.full(len(history), 0.1)}
+    header = {"format": 1, "family": family, **attrs, "iteration": len(history), "converged": False,
+              "fingerprint": "fp", "config_hash": "c", "init": 0, "extra": {}, "digest": _digest(arrays)}
+    buf = io.BytesIO()
+    np.savez(buf, header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8), **arrays)
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+def test_format_1_checkpoints_still_resume(tmp_path):
+    """Checkpoints written before the estimator contract (format 1) are read into the same
+    parameters; new ones (format 2) name the parameter type and round-trip every family's."""
+    from emflow.models.hmm import CategoricalHMMParams
+    from emflow.models.lda import make_params
+
+    p = _ckpt().params
+    old = read_checkpoint(_format1(tmp_path / "gmm.npz", "gaussian_mixture",
+                                   {f: getattr(p, f) for f in ("weights", "means", "covariances",
+                                                               "precisions_cholesky")},
+                                   {"covariance_type": "full"}, [-3.0, -2.5]))
+    assert isinstance(old.params, GMMParams) and old.params.covariance_type == "full"
+    assert all(np.array_equal(a, b) for a, b in zip(old.params[:4], p[:4])) and old.history == [-3.0, -2.5]
+    cat = CategoricalHMMParams(np.array([0.5, 0.5]), np.eye(2), np.full((2, 3), 1 / 3))
+    back = read_checkpoint(_format1(tmp_path / "cat.npz", "categorical_hmm", cat._asdict(), {}, [-1.0]))
+    assert all(np.array_equal(a, b) for a, b in zip(back.params, cat))
+    lam = np.random.default_rng(0).gamma(1.0, size=(2, 5)) + 0.1
+    lda = read_checkpoint(_format1(tmp_path / "lda.npz", "latent_dirichlet_allocation", {"components": lam}, {},
+                                   [-7.0]))
+    assert np.array_equal(lda.params.exp_elog_beta, make_params(lam).exp_elog_beta)
+    new = write_checkpoint(tmp_path / "new.npz", Checkpoint(make_params(lam), [-7.0], [0.1], False, "fp", "c"))
+    again = read_checkpoint(new)
+    assert again.params.doc_topic_prior is None and np.array_equal(again.params.components, lam)
