@@ -17,7 +17,7 @@ import os
 import statistics
 import time
 import warnings
-from typing import Any, Callable, Iterator, Sequence
+from typing import Annotated, Any, Callable, Iterator, Literal, Sequence
 
 from prefect import get_run_logger
 from prefect.artifacts import (
@@ -27,8 +27,16 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.logging.handlers import APILogHandler
+from pydantic import Field
 
 from emflow.errors import ClusterError, EmflowError
+
+# The run-form fields every fit flow shares (Prefect builds the form from these annotations).
+SchedulerParam = Annotated[str | None, Field(
+    description="None: $EMFLOW_DASK_SCHEDULER or the Prefect variable emflow_dask_scheduler, else "
+                "threads; 'local': a LocalCluster for this run; or a scheduler address")]
+RestartsParam = Annotated[int, Field(ge=1, description="restarts (n_init); the best final objective is kept")]
+PersistParam = bool | Literal["auto"]
 
 SCHEDULER_ENV = "EMFLOW_DASK_SCHEDULER"
 

@@ -31,6 +31,7 @@ import emflow.storage.data
 from emflow import GaussianMixture
 from emflow.storage.checkpoint import config_hash, data_fingerprint, gmm_trajectory_config
 
+from ._common import PersistParam, RestartsParam, SchedulerParam
 from ._family import FamilyAdapter, run_family_fit
 
 __all__ = ["fit_flow", "GMMAdapter", "check_heldout_rows"]
@@ -126,15 +127,13 @@ def fit_flow(
     tol: Annotated[float, Field(ge=0, description="stop when the mean log-likelihood changes less")] = 1e-3,
     reg_covar: Annotated[float, Field(ge=0)] = 1e-6,
     max_iter: Annotated[int, Field(ge=1)] = 100,
-    n_init: Annotated[int, Field(ge=1, description="restarts; the best log-likelihood is kept")] = 1,
+    n_init: RestartsParam = 1,
     init_params: InitParams = "kmeans",
     random_state: int | None = 0,
     sample_weight: Annotated[str | None, Field(description="Zarr path, or a name beside the data")] = None,
     heldout: Annotated[str | None, Field(description="held-out Zarr dataset to score")] = None,
-    scheduler: Annotated[str | None, Field(
-        description="None: $EMFLOW_DASK_SCHEDULER or the Prefect variable emflow_dask_scheduler, else "
-                    "threads; 'local': a LocalCluster for this run; or a scheduler address")] = None,
-    persist: bool | Literal["auto"] = "auto",
+    scheduler: SchedulerParam = None,
+    persist: PersistParam = "auto",
     resume: bool = True,
 ) -> str:
     """Fit a Gaussian mixture to a Zarr dataset and save it; returns the model path.

@@ -21,6 +21,7 @@ from emflow import CategoricalHMM, GaussianHMM
 from emflow.estimators.hmm import ConvergenceMonitor
 from emflow.storage.sequences import open_sequences
 
+from ._common import PersistParam, RestartsParam, SchedulerParam
 from ._family import FamilyAdapter, _set_fitted, run_family_fit
 
 __all__ = ["hmm_fit_flow", "HMMAdapter"]
@@ -132,12 +133,10 @@ def hmm_fit_flow(
     = "",
     init_params: Annotated[str, Field(description="letters of what is initialised (as params)")] = "",
     random_state: int | None = 0,
-    n_init: Annotated[int, Field(ge=1, description="restarts; the best log-likelihood is kept")] = 1,
+    n_init: RestartsParam = 1,
     heldout: Annotated[str | None, Field(description="held-out sequences (Zarr) to score")] = None,
-    scheduler: Annotated[str | None, Field(
-        description="None: $EMFLOW_DASK_SCHEDULER or the Prefect variable emflow_dask_scheduler, else "
-                    "threads; 'local': a LocalCluster for this run; or a scheduler address")] = None,
-    persist: bool | Literal["auto"] = "auto",
+    scheduler: SchedulerParam = None,
+    persist: PersistParam = "auto",
     resume: bool = True,
 ) -> str:
     """Fit a hidden Markov model to the sequences in a Zarr group and save it; returns the model path.

@@ -24,6 +24,7 @@ from pydantic import Field
 from emflow import LatentDirichletAllocation
 from emflow.storage.corpus import open_corpus
 
+from ._common import PersistParam, RestartsParam, SchedulerParam
 from ._family import FamilyAdapter, _set_fitted, run_family_fit
 
 __all__ = ["lda_fit_flow", "LDAAdapter", "top_words_rows"]
@@ -136,14 +137,12 @@ def lda_fit_flow(
     learn_doc_topic_prior: Annotated[bool, Field(
         description="also estimate an asymmetric doc-topic prior (one alpha per topic) in every M-step")] = False,
     random_state: int | None = 0,
-    n_init: Annotated[int, Field(ge=1, description="restarts; the best final bound is kept")] = 1,
+    n_init: RestartsParam = 1,
     n_top_words: Annotated[int, Field(ge=1, description="words per topic in the top-words table")] = 10,
     heldout: Annotated[str | None, Field(description="held-out corpus (Zarr, same vocabulary) for its perplexity")]
     = None,
-    scheduler: Annotated[str | None, Field(
-        description="None: $EMFLOW_DASK_SCHEDULER or the Prefect variable emflow_dask_scheduler, else "
-                    "threads; 'local': a LocalCluster for this run; or a scheduler address")] = None,
-    persist: bool | Literal["auto"] = "auto",
+    scheduler: SchedulerParam = None,
+    persist: PersistParam = "auto",
     resume: bool = True,
 ) -> str:
     """Fit an LDA topic model to a Zarr corpus and save it; returns the model path."""

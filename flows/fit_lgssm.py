@@ -22,6 +22,7 @@ import emflow
 from emflow import LinearGaussianSSM
 from emflow.storage.sequences import open_sequences
 
+from ._common import PersistParam, RestartsParam, SchedulerParam
 from ._family import FamilyAdapter, run_family_fit
 
 __all__ = ["lgssm_fit_flow", "LGSSMAdapter"]
@@ -98,12 +99,10 @@ def lgssm_fit_flow(
     reg_covar: Annotated[float, Field(ge=0, description="added to the diagonal of learned covariances")] = 0.0,
     initial_model: Annotated[str | None, Field(
         description="a saved LinearGaussianSSM whose parameters are the starting (and held) values")] = None,
-    n_init: Annotated[int, Field(ge=1, description="restarts; the best log-likelihood is kept")] = 1,
+    n_init: RestartsParam = 1,
     heldout: Annotated[str | None, Field(description="held-out sequences (Zarr) to score")] = None,
-    scheduler: Annotated[str | None, Field(
-        description="None: $EMFLOW_DASK_SCHEDULER or the Prefect variable emflow_dask_scheduler, else "
-                    "threads; 'local': a LocalCluster for this run; or a scheduler address")] = None,
-    persist: bool | Literal["auto"] = "auto",
+    scheduler: SchedulerParam = None,
+    persist: PersistParam = "auto",
     resume: bool = True,
 ) -> str:
     """Fit a linear-Gaussian state-space model (Kalman smoother EM) and save it; returns the model path."""

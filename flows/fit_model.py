@@ -13,7 +13,7 @@ after each one, save, evaluate. Artifacts: ``<family>-fit-progress``,
 # No `from __future__ import annotations`: Prefect builds the run form's schema from the
 # evaluated annotations, also when a deployment loads this file by path.
 from types import SimpleNamespace
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from prefect import flow
 from pydantic import Field
@@ -21,6 +21,7 @@ from pydantic import Field
 from emflow.errors import ConfigError
 from emflow.estimators import REGISTRY, discover
 
+from ._common import PersistParam, RestartsParam, SchedulerParam
 from ._family import FamilyAdapter, run_family_fit
 
 __all__ = ["model_fit_flow", "RegistryAdapter"]
@@ -82,12 +83,10 @@ def model_fit_flow(
     out: Annotated[str, Field(description="where the fitted model is saved (a Zarr group)")],
     family: Annotated[str, Field(description=f"a registered family: {', '.join(sorted(REGISTRY))}")],
     params: Annotated[dict[str, Any], Field(description="the estimator's constructor parameters")] = {},  # noqa: B006
-    n_init: Annotated[int, Field(ge=1, description="restarts; the best objective is kept")] = 1,
+    n_init: RestartsParam = 1,
     heldout: Annotated[str | None, Field(description="held-out data (Zarr) to score")] = None,
-    scheduler: Annotated[str | None, Field(
-        description="None: $EMFLOW_DASK_SCHEDULER or the Prefect variable emflow_dask_scheduler, else "
-                    "threads; 'local': a LocalCluster for this run; or a scheduler address")] = None,
-    persist: bool | Literal["auto"] = "auto",
+    scheduler: SchedulerParam = None,
+    persist: PersistParam = "auto",
     resume: bool = True,
 ) -> str:
     """Fit a model of any registered family to a Zarr dataset and save it; returns the model path.

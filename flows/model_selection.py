@@ -19,6 +19,7 @@ import emflow.storage.data
 from emflow.estimators.selection import SelectionResult, select_gaussian_mixture
 
 from ._common import (
+    PersistParam,
     compute,
     dask_performance_report,
     output_locked,
@@ -85,7 +86,7 @@ def select_flow(
     random_state: int | None = 0,
     sample_weight: str | None = None,
     scheduler: str | None = None,
-    persist: bool | Literal["auto"] = "auto",
+    persist: PersistParam = "auto",
 ) -> dict:
     """Fit the grid, save the model with the lowest BIC to ``out``; returns the comparison
     (``table``: the candidates ranked by BIC, lowest first, each with ``rank``, ``grid_index``

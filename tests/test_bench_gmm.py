@@ -34,6 +34,7 @@ def _run(tmp_path, systems, extra=()):
     return out, res
 
 
+@pytest.mark.slow  # 12-27 s: kept out of the default run (make test-slow)
 def test_benchmark_runs_on_a_tiny_grid(tmp_path):
     out, res = _run(tmp_path, "emflow,sklearn")
     rows = res["rows"]

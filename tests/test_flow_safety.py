@@ -395,6 +395,7 @@ def test_importing_flows_sets_quiet_prefect_defaults(tmp_path):
     assert r.stdout.split() == ["true", "120"]
 
 
+@pytest.mark.slow  # 12-27 s: kept out of the default run (make test-slow)
 def test_python_m_flows_fit_runs_the_flow_without_a_traceback(small_data, tmp_path):
     """With a clean environment (no PREFECT_* but a fresh PREFECT_HOME): the flow runs on a
     temporary server and prints its result; no telemetry error, no traceback."""

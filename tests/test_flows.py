@@ -363,6 +363,7 @@ def test_score_flow_writes_zarr_outputs(prefect_server, gmm_data, tmp_path, dask
 
 # --- deployments --------------------------------------------------------------------------
 
+@pytest.mark.slow  # 12-27 s: kept out of the default run (make test-slow)
 def test_served_deployment_runs_on_schedule_trigger(prefect_server, gmm_data, tmp_path):
     """Serve the fit flow as a deployment (with a cron) in a separate process, trigger a run as
     the schedule would, and see it complete through the Prefect API."""

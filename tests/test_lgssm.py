@@ -278,6 +278,7 @@ def _errors(model, truth):
                      np.abs(model.observation_covariance_ - truth.R).max()])
 
 
+@pytest.mark.slow  # 12-27 s: kept out of the default run (make test-slow)
 def test_recovers_known_parameters_as_sequences_are_added(tmp_path):
     # C fixed at the truth (the state is otherwise identifiable only up to a linear map)
     truth = make_lgssm_params(2, 3, seed=2)

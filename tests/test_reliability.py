@@ -84,6 +84,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow  # 12-27 s: kept out of the default run (make test-slow)
 def test_scheduler_lost_is_a_clear_error(tmp_path):
     """A scheduler process killed mid-fit: a ClusterError naming its address."""
     import subprocess
