@@ -217,8 +217,10 @@ class GaussianMixture(EMEstimator):
             if w.shape != (K,):
                 raise shape_error("weights", w.shape, (K,), "weights_init")
             if np.any(w < 0) or np.any(w > 1):
+                # scikit-learn's message, word for word (its "max value" is the minimum)
                 raise ConfigError(f"The parameter 'weights' should be in the range [0, 1], but got max value "
-                                  f"{np.max(w):.5f}, min value {np.min(w):.5f} (weights_init)")
+                                  f"{np.min(w):.5f}, min value {np.max(w):.5f} (weights_init: its values lie in "
+                                  f"[{np.min(w):.5g}, {np.max(w):.5g}])")
             if not np.isclose(w.sum(), 1.0, rtol=0, atol=1e-6):
                 raise ConfigError(f"The parameter 'weights' should be normalized, but got sum(weights) = "
                                   f"{w.sum():.5f} (weights_init). Normalise it: w / w.sum().")
@@ -491,8 +493,9 @@ class GaussianMixture(EMEstimator):
     def sample(self, n_samples: int = 1):
         """Draw samples: ``(X, y)`` with X of shape (n_samples, n_features) and labels y."""
         self._check_fitted()
-        if n_samples < 1:
-            raise ConfigError(f"n_samples must be >= 1, got {n_samples}.")
+        if not (isinstance(n_samples, (int, np.integer)) and n_samples >= 1):
+            raise ConfigError(f"Invalid value for 'n_samples': {n_samples} . The sampling requires at least one "
+                              "sample (n_samples must be an integer >= 1).")
         rng = np.random.default_rng(self._seed())
         counts = rng.multinomial(n_samples, self.weights_ / self.weights_.sum())
         d = self.means_.shape[1]

@@ -180,7 +180,6 @@ SUITES = (
         helpers=_HMM_HELPERS,
         env=_HMM_ENV,
         requires=("PoissonHMM",),
-        expected_missing=True,
     ),
     Suite(
         name="gmm_hmm",
@@ -190,7 +189,6 @@ SUITES = (
         helpers=_HMM_HELPERS,
         env=_HMM_ENV,
         requires=("GMMHMM",),
-        expected_missing=True,
         note="hmmlearn marks this whole file xfail (pytestmark); its maintained GMMHMM tests "
              "are test_gmm_hmm_new.py (suite gmm_hmm_new).",
     ),
@@ -203,7 +201,6 @@ SUITES = (
         helpers=_HMM_HELPERS + ("hmmlearn/tests/test_gmm_hmm.py",),
         env=_HMM_ENV,
         requires=("GMMHMM",),
-        expected_missing=True,
         excluded={
             "*::test_check_good_covariance_type": "calls only hmmlearn's private _check()",
             "*::test_init": "tests hmmlearn's private _init(X, lengths) and _check()",
