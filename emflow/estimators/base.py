@@ -117,10 +117,6 @@ class EMEstimator(BaseEstimator):
             REGISTRY[name] = cls
 
     # -- scikit-learn plumbing -------------------------------------------------------------
-    @classmethod
-    def _param_names(cls) -> list[str]:
-        return cls._get_param_names()
-
     def set_params(self, **params):
         valid = self._get_param_names()
         bad = [k for k in params if k.split("__")[0] not in valid]
