@@ -181,19 +181,6 @@ class FamilyAdapter:
 _DATASET_KEYS = ("source", "n_samples", "n_sequences", "n_docs", "nnz", "n_features", "dtype", "partitions")
 
 
-def _set_fitted(est, ck: Checkpoint, info: dict) -> None:
-    """The fitted attributes every estimator shares, from a finished checkpoint."""
-    import math
-
-    est.converged_, est.n_iter_ = bool(ck.converged), len(ck.history)
-    est.lower_bound_ = float(ck.history[-1]) if ck.history else -math.inf
-    est.history_ = list(ck.history)
-    fit_info = {k: info[k] for k in ("fingerprint", "source", "n_features", "dtype", "partitions") if k in info}
-    fit_info.update(seconds_per_iteration=list(ck.seconds), resumed_from_checkpoint=True,
-                    resumed_from_iteration=len(ck.history), engine=info.get("engine"))
-    est.fit_info_ = fit_info
-
-
 def _restart_text(init: int, n_init: int) -> str:
     return f"restart {init + 1}/{n_init}: " if n_init > 1 else ""
 

@@ -22,7 +22,7 @@ from emflow.estimators.hmm import ConvergenceMonitor
 from emflow.storage.sequences import open_sequences
 
 from ._common import PersistParam, RestartsParam, SchedulerParam
-from ._family import FamilyAdapter, _set_fitted, run_family_fit
+from ._family import FamilyAdapter, run_family_fit
 
 __all__ = ["hmm_fit_flow", "HMMAdapter"]
 
@@ -74,10 +74,8 @@ class HMMAdapter(FamilyAdapter):
             est.monitor_ = ConvergenceMonitor(est.tol, est.n_iter, records["log_prob"], est.converged_)
 
     def restore(self, est, ck, info):
-        est._validate()
-        est._set_params(ck.params)
-        _set_fitted(est, ck, info)
-        est.fit_info_.update(n_sequences=info["n_sequences"], n_steps=info["n_rows"])
+        super().restore(est, ck, info)
+        est.fit_info_.update(n_steps=info["n_rows"])
         est.monitor_ = ConvergenceMonitor(est.tol, est.n_iter, (ck.extra.get("records") or {}).get("log_prob", []),
                                           est.converged_)
 

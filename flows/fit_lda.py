@@ -25,7 +25,7 @@ from emflow import LatentDirichletAllocation
 from emflow.storage.corpus import open_corpus
 
 from ._common import PersistParam, RestartsParam, SchedulerParam
-from ._family import FamilyAdapter, _set_fitted, run_family_fit
+from ._family import FamilyAdapter, run_family_fit
 
 __all__ = ["lda_fit_flow", "LDAAdapter", "top_words_rows"]
 
@@ -81,15 +81,8 @@ class LDAAdapter(FamilyAdapter):
         return f"{cfg['n_components']} topics over {params.components.shape[1]} terms"
 
     def restore(self, est, ck, info):
-        K = int(est.n_components)
-        est.components_ = ck.params.components
-        est.doc_topic_prior_ = (ck.params.doc_topic_prior if ck.params.doc_topic_prior is not None
-                                else 1.0 / K if est.doc_topic_prior is None else float(est.doc_topic_prior))
-        est.topic_word_prior_ = 1.0 / K if est.topic_word_prior is None else float(est.topic_word_prior)
-        est.n_features_in_ = int(info["n_features"])
+        super().restore(est, ck, info)  # the parameters and priors through LDA's _set_parameters
         est.vocabulary_ = open_corpus(info["source"]).vocabulary
-        _set_fitted(est, ck, info)
-        est.fit_info_.update(n_docs=info["n_docs"], nnz=info["nnz"])
 
     def evaluate(self, model, data, heldout):
         return {"heldout_perplexity": float(model.perplexity(heldout))} if heldout else {}

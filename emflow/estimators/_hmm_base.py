@@ -218,19 +218,6 @@ class _BaseHMM(EMEstimator):
         self.monitor_ = ConvergenceMonitor(self.tol, self.n_iter, [float(r["log_prob"]) for r in result.reports],
                                            self.converged_)
 
-    # names the flows use
-    def _validate(self) -> None:
-        self._validate_params()
-
-    def _family(self):
-        return self._em_family()
-
-    def _params(self):
-        return self._get_parameters()
-
-    def _set_params(self, params) -> None:
-        self._set_parameters(params)
-
     # applying a fitted model
     def _apply(self, X, lengths, kind: str, out=None, overwrite: bool = False):
         self._check_fitted()
