@@ -16,25 +16,13 @@ from emflow.models import hmm as H
 from emflow.models.gmm_hmm import GMMEmission, GMMHMMParams, GMMHMMPriors, resolve_priors
 from emflow.models.hmm_emissions import BaumWelch, e_step, emission_for
 from emflow.stats import add
+from test_hmm import _one_blas_thread, rel  # noqa: F401 (an autouse fixture)
 
 hl = pytest.importorskip("hmmlearn.hmm")
 
 K, M, D = 3, 2, 2
 N_ITER = 6
 CTS = ["spherical", "diag", "full", "tied"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_blas_thread():
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(1):
-        yield
-
-
-def rel(a, b):
-    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-300)))
 
 
 def offsets_of(lengths):

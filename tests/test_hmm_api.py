@@ -13,24 +13,12 @@ import pytest
 import emflow
 from emflow.errors import ConfigError, DataError, NotFittedError
 from emflow.estimators.hmm import CategoricalHMM, GaussianHMM
+from test_hmm import _one_blas_thread, rel  # noqa: F401 (an autouse fixture)
 
 hl = pytest.importorskip("hmmlearn.hmm")
 
 K, D = 3, 2
 CTS = ["spherical", "diag", "full", "tied"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_blas_thread():
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(1):
-        yield
-
-
-def rel(a, b):
-    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-300)))
 
 
 def gaussian_start(ct, seed=0):

@@ -19,11 +19,6 @@ hl = pytest.importorskip("hmmlearn.hmm")
 K, D, M = 3, 2, 4
 
 
-def rel(a, b):
-    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-300)))
-
-
 def spd(rng, *shape):
     A = rng.normal(size=(*shape, D, D))
     return A @ np.swapaxes(A, -1, -2) + np.eye(D)
