@@ -96,7 +96,9 @@ def test_synthetic_recipe_recovers_its_truth(tmp_path):
     g = zarr.open_group(out, mode="r")
     truth = g.attrs["truth"]
     assert g["X"].shape == (20000, 3) and g["X"].chunks == (3000, 3)
-    gm = emflow.GaussianMixture(3, random_state=0, scheduler="threads").fit(out)
+    # random_state=0 seeds k-means++ (scikit-learn's stream) into a local optimum that puts two
+    # components on one true one, for scikit-learn's GaussianMixture too; seed 1 does not
+    gm = emflow.GaussianMixture(3, random_state=1, scheduler="threads").fit(out)
     tm = np.asarray(truth["means"])
     order = [int(np.argmin(((tm - m) ** 2).sum(1))) for m in gm.means_]
     assert sorted(order) == [0, 1, 2]

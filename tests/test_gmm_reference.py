@@ -140,3 +140,20 @@ def test_n_init_keeps_best_lower_bound(rng):
                                  scheduler="threads").fit(X)
     assert best.lower_bound_ >= one.lower_bound_ - 1e-12
     assert len(set(np.round(bounds, 8))) >= 1
+
+
+@pytest.mark.parametrize("ct", ["full", "diag"])
+@pytest.mark.parametrize("seed", [0, 1, 7])
+def test_default_start_is_scikit_learns_for_an_integer_random_state(ct, seed):
+    """k-means++ replays scikit-learn's stream on restart 0 when it sees every row, so the
+    default start (and the fit from it) is scikit-learn's, components in the same order."""
+    rng = np.random.default_rng(seed)
+    X = np.concatenate([rng.normal(c, 1.0, size=(150, 3)) for c in (-3, 0, 3)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        sk = SkGMM(3, covariance_type=ct, random_state=seed, max_iter=1, tol=0).fit(X)
+        em = emflow.GaussianMixture(3, covariance_type=ct, random_state=seed, max_iter=1, tol=0,
+                                    scheduler="threads").fit(X)
+    np.testing.assert_allclose(em.means_, sk.means_, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(em.weights_, sk.weights_, rtol=1e-10)
+    np.testing.assert_allclose(em.lower_bound_, sk.lower_bound_, rtol=1e-12)

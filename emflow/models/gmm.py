@@ -426,9 +426,11 @@ def _precisions_cholesky_repairing(cov, covariance_type, reg_covar):
                 if reg_covar <= 0:
                     raise FitFailedError(_ILL_DEFINED) from exc
             d = c.shape[0]
-            scale = max(float(np.trace(np.abs(c))) / d, np.finfo(float).tiny)
+            # the largest entry bounds the most negative eigenvalue rounding can leave (|lambda|
+            # <= d max|c_ij|): a singleton far from the moments' shift cancels to noise of that size
+            scale = max(float(np.abs(c).max()), np.finfo(float).tiny)
             jitter = max(reg_covar, 1e-12 * scale)
-            for _ in range(12):
+            for _ in range(14 + int(np.ceil(np.log10(d)))):
                 try:
                     fixed = c + jitter * np.eye(d)
                     out[k] = _chol_upper_precision(fixed)

@@ -39,7 +39,7 @@ def _sq_dist(Xc: np.ndarray, cc: np.ndarray) -> np.ndarray:
 def kmeans_plusplus(
     X: np.ndarray,
     n_clusters: int,
-    rng: np.random.Generator,
+    rng: np.random.Generator | np.random.RandomState,
     sample_weight: np.ndarray | None = None,
     n_local_trials: int | None = None,
 ) -> np.ndarray:
@@ -50,7 +50,11 @@ def kmeans_plusplus(
     X : ndarray of shape (m, d)
         An in-memory sample of rows.
     n_clusters : int
-    rng : numpy Generator
+    rng : numpy Generator or RandomState
+        Given a ``RandomState``, the draws are scikit-learn's ``_kmeans_plusplus``'s, one for
+        one (the first centre by ``choice(m, p=w/sum(w))``, then ``n_local_trials`` uniforms
+        scaled by the current potential), so on the same rows in the same order the centres
+        come out the same and in the same order.
     sample_weight : ndarray of shape (m,) or None
     n_local_trials : int, default ``2 + int(log(n_clusters))``
 
@@ -66,17 +70,17 @@ def kmeans_plusplus(
         n_local_trials = 2 + int(np.log(n_clusters))
     Xc = X - np.average(X, axis=0, weights=w if w.sum() > 0 else None)
     x2 = np.einsum("ij,ij->i", Xc, Xc)
-    first = rng.choice(m, p=w / w.sum()) if w.sum() > 0 else rng.integers(m)
+    first = rng.choice(m, p=w / w.sum()) if w.sum() > 0 else rng.choice(m)
     idx = [int(first)]
     closest = np.maximum(x2 - 2 * Xc @ Xc[first] + x2[first], 0.0)
     pot = closest @ w
     for _ in range(1, n_clusters):
         if pot <= 0:  # fewer distinct points than clusters: take any unused row
             rest = np.setdiff1d(np.arange(m), idx)
-            idx.append(int(rng.choice(rest)) if rest.size else int(rng.integers(m)))
+            idx.append(int(rng.choice(rest)) if rest.size else int(rng.choice(m)))
             continue
         cdf = np.cumsum(closest * w)
-        cand = np.searchsorted(cdf, rng.random(n_local_trials) * cdf[-1])
+        cand = np.searchsorted(cdf, rng.random(n_local_trials) * pot)
         cand = np.minimum(cand, m - 1)
         d_cand = np.maximum(x2[None, :] - 2 * Xc[cand] @ Xc.T + x2[cand][:, None], 0.0)
         d_cand = np.minimum(closest[None, :], d_cand)
