@@ -19,7 +19,7 @@ from prefect import flow
 from pydantic import Field
 
 from emflow.errors import ConfigError
-from emflow.estimators import REGISTRY, discover
+from emflow.estimators import REGISTRY, family_of
 
 from ._common import PersistParam, RestartsParam, SchedulerParam
 from ._family import FamilyAdapter, run_family_fit
@@ -70,13 +70,6 @@ class RegistryAdapter(FamilyAdapter):
         return [(k, v) for k, v in est._summary().items()]
 
 
-def _family_class(family: str) -> type:
-    fams = discover()
-    if family not in fams:
-        raise ConfigError(f"family must be one of {sorted(fams)}, got {family!r}.")
-    return fams[family]
-
-
 @flow(name="emflow-fit-model", log_prints=True)
 def model_fit_flow(
     data: Annotated[str, Field(description="Zarr dataset in the family's layout (rows, sequences or corpus)")],
@@ -94,7 +87,7 @@ def model_fit_flow(
     ``params`` are the estimator's constructor keywords (checked by the estimator before
     anything is opened); ``scheduler``, ``persist`` and ``n_init`` are the flow's own.
     """
-    cls = _family_class(family)
+    cls = family_of(family)
     bad = sorted(set(params) & {"scheduler", "persist", "n_init"})
     if bad:
         raise ConfigError(f"{', '.join(bad)} are arguments of the flow itself, not params.")

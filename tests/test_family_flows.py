@@ -154,7 +154,7 @@ def test_categorical_hmm_flow_resumes_after_crash(prefect_server, family_data, t
     assert model.fit_info_["resumed_from_iteration"] == 3
     for name in ("startprob_", "transmat_", "emissionprob_"):
         assert _rel(getattr(model, name), getattr(ref, name)) <= 1e-12, name
-    assert model.history_ == ref.history_ and model.n_iter_ == 7
+    assert model.history_ == pytest.approx(ref.history_, rel=1e-13) and model.n_iter_ == 7
     assert model.monitor_.history == ref.monitor_.history  # totals of all 7 iterations, not the last 4
     arts = _check_monitoring(state.state_details.flow_run_id, "hmm", model, resumed_from=3)
     assert "resumed from checkpoint at iteration | 3" in arts["hmm-fit-summary"][-1].data
@@ -200,7 +200,7 @@ def test_lgssm_flow_equals_library(prefect_server, family_data, tmp_path):
                  "initial_state_mean_", "initial_state_covariance_"):
         assert _rel(getattr(model, name), getattr(ref, name)) <= 1e-12, name
     np.testing.assert_array_equal(model.initial_state_mean_, np.zeros(2))  # held, not learned
-    assert model.history_ == ref.history_ and model.n_iter_ == ref.n_iter_
+    assert model.history_ == pytest.approx(ref.history_, rel=1e-13) and model.n_iter_ == ref.n_iter_
     arts = _check_monitoring(state.state_details.flow_run_id, "lgssm", model)
     assert "observation_covariance" in arts["lgssm-fit-summary"][-1].data
 
@@ -218,7 +218,9 @@ def test_lda_flow_equals_library_and_publishes_top_words(prefect_server, family_
     model = emflow.load(out)
     ref = emflow.LatentDirichletAllocation(**kw, scheduler="threads").fit(family_data["lda"])
     assert _rel(model.components_, ref.components_) <= 1e-12
-    assert model.history_ == ref.history_ and model.n_iter_ == 6
+    # the flow's workers and the library's threads agree to rounding, not always to the bit (NumPy's
+    # SIMD sums can round by memory alignment): measured 1 ulp apart once in a loaded run
+    assert model.history_ == pytest.approx(ref.history_, rel=1e-13) and model.n_iter_ == 6
 
     arts = _check_monitoring(state.state_details.flow_run_id, "lda", model, column="bound_per_word",
                              label="bound per word")
@@ -261,7 +263,7 @@ def test_lda_flow_resume_keeps_the_perplexity_stopping_rule(prefect_server, fami
     model = emflow.load(out)
     assert model.fit_info_["resumed_from_iteration"] == 4
     assert model.converged_ and model.n_iter_ == 6
-    assert model.history_ == ref.history_
+    assert model.history_ == pytest.approx(ref.history_, rel=1e-13)
     assert _rel(model.components_, ref.components_) <= 1e-12
     assert np.ndim(ref.doc_topic_prior_) == 1 and _rel(model.doc_topic_prior_, ref.doc_topic_prior_) <= 1e-12
     _check_monitoring(state.state_details.flow_run_id, "lda", model, column="bound_per_word", label="bound per word",

@@ -16,17 +16,13 @@ from emflow.models import hmm as H
 from emflow.models.gmm_hmm import GMMEmission, GMMHMMParams, GMMHMMPriors, resolve_priors
 from emflow.models.hmm_emissions import BaumWelch, e_step, emission_for
 from emflow.stats import add
-from test_hmm import _one_blas_thread, rel  # noqa: F401 (an autouse fixture)
+from test_hmm import _one_blas_thread, offsets_of, rel  # noqa: F401 (an autouse fixture)
 
 hl = pytest.importorskip("hmmlearn.hmm")
 
 K, M, D = 3, 2, 2
 N_ITER = 6
 CTS = ["spherical", "diag", "full", "tied"]
-
-
-def offsets_of(lengths):
-    return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
 
 
 def random_covars(ct, rng, k=K, m=M, d=D):

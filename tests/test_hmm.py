@@ -37,6 +37,11 @@ def rel(a, b):
     return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-300)))
 
 
+def offsets_of(lengths):
+    """Sequence offsets (``[0, cumsum(lengths)]``, int64) from hmmlearn-style lengths."""
+    return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+
+
 @pytest.fixture(scope="module")
 def seqs():
     """Many Gaussian sequences of unequal lengths (some of length 1) from a known HMM."""

@@ -15,16 +15,12 @@ from emflow.models.hmm_emissions import BaumWelch, e_step, emission_for
 from emflow.models.poisson_hmm import PoissonEmission, PoissonHMMParams, initial_lambdas
 from emflow.estimators.poisson_hmm import PoissonHMM
 from emflow.stats import add
-from test_hmm import _one_blas_thread, rel  # noqa: F401 (an autouse fixture)
+from test_hmm import _one_blas_thread, offsets_of, rel  # noqa: F401 (an autouse fixture)
 
 hl = pytest.importorskip("hmmlearn.hmm")
 
 K, D = 3, 4
 N_ITER = 8
-
-
-def offsets_of(lengths):
-    return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
 
 
 def make_data(seed):

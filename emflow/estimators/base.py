@@ -63,11 +63,13 @@ class Output:
 
 
 def family_of(name: str) -> type["EMEstimator"]:
-    """The estimator class registered under ``name`` (a KeyError naming the known ones)."""
-    try:
-        return REGISTRY[name]
-    except KeyError:
-        raise KeyError(f"No emflow family {name!r}; known: {', '.join(sorted(REGISTRY))}.") from None
+    """The estimator class registered under ``name``; a ConfigError naming the known ones."""
+    from . import discover
+
+    fams = discover()
+    if name not in fams:
+        raise ConfigError(f"family must be one of {sorted(fams)}, got {name!r}.")
+    return fams[name]
 
 
 def print_iteration(event: IterationEvent) -> None:
