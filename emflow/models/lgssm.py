@@ -393,9 +393,11 @@ def e_step(values: np.ndarray, offsets: np.ndarray, params: LGSSMParams) -> LGSS
 
 
 def loglik_stats(values: np.ndarray, offsets: np.ndarray, params: LGSSMParams) -> np.ndarray:
-    """``[sum log p(y), n_steps, n_sequences]`` of a partition (filter only)."""
-    ll = sum(kalman_filter(Y, params).loglik for Y in _sequences(values, offsets))
-    return np.array([ll, float(offsets[-1]), float(len(offsets) - 1)])
+    """``[sum log p(y), n_steps, n_sequences]`` of a partition (filter only, the sequences
+    filtered together: :func:`emflow.models.lgssm_stats.partition_loglik`)."""
+    from .lgssm_stats import partition_loglik
+
+    return np.array([partition_loglik(values, offsets, params), float(offsets[-1]), float(len(offsets) - 1)])
 
 
 # -- M-step ----------------------------------------------------------------------------
