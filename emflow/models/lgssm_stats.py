@@ -125,7 +125,7 @@ def _batches(lengths: np.ndarray, order: np.ndarray, k: int, p: int):
 def runs(offsets: np.ndarray, k: int, p: int):
     """Runs ``(i, j)`` of consecutive sequences ``i..j-1`` of at most the step budget each
     (one sequence over it is a run alone): the units whose per-step arrays are held at once."""
-    cap = max(256, _BATCH_FLOATS // (4 * k * k + 3 * k + p + 1))
+    cap = max(16, _BATCH_FLOATS // (4 * k * k + 3 * k + p + 1))
     n = len(offsets) - 1
     i = 0
     while i < n:
