@@ -231,7 +231,13 @@ def _obs_sums(Y0: np.ndarray, obs: np.ndarray, ms: np.ndarray, Ps: np.ndarray, C
     zz_obs = np.tensordot(wa, Ps, axes=1) + (ms * wa[:, None]).T @ ms
     rows = np.flatnonzero(anyo & ~full)
     if len(rows):
-        uniq, inv = np.unique(obs[rows], axis=0, return_inverse=True)
+        pats = obs[rows]
+        if p <= 62:  # a pattern as an integer: np.unique of ints, not of rows (sorting rows is slow)
+            codes = pats @ (np.int64(1) << np.arange(p, dtype=np.int64))
+            _, first_of, inv = np.unique(codes, return_index=True, return_inverse=True)
+            uniq = pats[first_of]
+        else:
+            uniq, inv = np.unique(pats, axis=0, return_inverse=True)
         for u_idx, pat in enumerate(uniq):
             sel = rows[inv.ravel() == u_idx]
             o, u = pat, ~pat
