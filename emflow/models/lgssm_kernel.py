@@ -29,16 +29,18 @@ _jit = numba.njit(cache=True, nogil=True, fastmath=False)
 
 
 @_jit
-def _mm(A, B, out, transpose_b=False, add=None):
-    """``out = A @ B`` (or ``A @ B.T``), plus ``add`` when given; no allocation."""
-    n, r = A.shape
-    c = out.shape[1]
+def _mm(A, B, out, ta, tb, add, use_add):
+    """``out = op(A) @ op(B) (+ add)``, ``op`` the transpose where ``ta`` / ``tb``; no allocation.
+
+    One signature for every call (all C-contiguous 2-D), so it compiles once."""
+    n, c = out.shape
+    r = A.shape[0] if ta else A.shape[1]
     for i in range(n):
         for j in range(c):
-            acc = 0.0
+            acc = add[i, j] if use_add else 0.0
             for q in range(r):
-                acc += A[i, q] * (B[j, q] if transpose_b else B[q, j])
-            out[i, j] = acc if add is None else acc + add[i, j]
+                acc += (A[q, i] if ta else A[i, q]) * (B[j, q] if tb else B[q, j])
+            out[i, j] = acc
 
 
 @_jit
@@ -117,8 +119,8 @@ def _run(values, offsets, A, C, Q, R, mu0, V0, smooth, mp, Pp, mf, Pf, ms, Ps, l
                 _sym_into(V0, P)
             else:
                 _mv(A, mf[t - 1], m)
-                _mm(A, Pf[t - 1], AP)
-                _mm(AP, A, T1, True, Q)
+                _mm(A, Pf[t - 1], AP, False, False, Q, False)
+                _mm(AP, A, T1, False, True, Q, True)
                 _sym_into(T1, P)
             mp[t] = m
             Pp[t] = P
@@ -134,14 +136,14 @@ def _run(values, offsets, A, C, Q, R, mu0, V0, smooth, mp, Pp, mf, Pf, ms, Ps, l
             _mv(Cb, m, Cm)
             for i in range(p):
                 e[i] = 0.0 if np.isnan(values[t, i]) else values[t, i] - Cm[i]
-            _mm(P, Cb, PCt, True)  # P C^T
-            _mm(Cb, PCt, L, False, Rb)
+            _mm(P, Cb, PCt, False, True, Q, False)  # P C^T
+            _mm(Cb, PCt, L, False, False, Rb, True)
             _sym_into(L, S)
             if not _chol(S, L):
                 return t + 1
             _tri_inv(L, Li)
-            _mm(Li, PCt, X1, True)  # Li (P C^T)^T
-            _mm(Li.T, X1, Kt)  # K^T = S^{-1} C P
+            _mm(Li, PCt, X1, False, True, Q, False)  # Li (P C^T)^T
+            _mm(Li, X1, Kt, True, False, Q, False)  # K^T = S^{-1} C P
             _mv(Li, e, w)
             q = 0.0
             for i in range(p):
@@ -153,14 +155,14 @@ def _run(values, offsets, A, C, Q, R, mu0, V0, smooth, mp, Pp, mf, Pf, ms, Ps, l
                     K[i, j] = Kt[j, i]
                     acc += Kt[j, i] * e[j]
                 mf[t, i] = m[i] + acc
-            _mm(K, Cb, IKC)
+            _mm(K, Cb, IKC, False, False, Q, False)
             for i in range(k):
                 for j in range(k):
                     IKC[i, j] = (1.0 if i == j else 0.0) - IKC[i, j]
-            _mm(IKC, P, T1)
-            _mm(K, Rb, KR)
-            _mm(KR, Kt, T2)
-            _mm(T1, IKC, T3, True, T2)
+            _mm(IKC, P, T1, False, False, Q, False)
+            _mm(K, Rb, KR, False, False, Q, False)
+            _mm(KR, Kt, T2, False, False, Q, False)
+            _mm(T1, IKC, T3, False, True, T2, True)
             _sym_into(T3, Pf[t])
         loglik[s] = ll
         if not smooth:
@@ -172,7 +174,7 @@ def _run(values, offsets, A, C, Q, R, mu0, V0, smooth, mp, Pp, mf, Pf, ms, Ps, l
             # J^T = Pp[t+1]^{-1} A Pf[t], by Cholesky (T1 = factor, T2 = A Pf[t], AP = J^T)
             if not _chol(Pp[t + 1], T1):
                 return -(t + 2)
-            _mm(A, Pf[t], T2)
+            _mm(A, Pf[t], T2, False, False, Q, False)
             for j in range(k):
                 for i in range(k):
                     acc = T2[i, j]
@@ -194,10 +196,10 @@ def _run(values, offsets, A, C, Q, R, mu0, V0, smooth, mp, Pp, mf, Pf, ms, Ps, l
             for i in range(k):
                 for j in range(k):
                     P[i, j] = Ps[t + 1, i, j] - Pp[t + 1, i, j]
-            _mm(AP.T, P, T3)  # J (Ps - Pp)
-            _mm(T3, AP, T2, False, Pf[t])
+            _mm(AP, P, T3, True, False, Q, False)  # J (Ps - Pp)
+            _mm(T3, AP, T2, False, False, Pf[t], True)
             _sym_into(T2, Ps[t])
-            _mm(Ps[t + 1], AP, lag[t + 1])
+            _mm(Ps[t + 1], AP, lag[t + 1], False, False, Q, False)
     return 0
 
 
