@@ -15,6 +15,7 @@ from emflow.errors import FitFailedError
 from emflow.estimators.lgssm import LinearGaussianSSM
 from emflow.models import lgssm as M
 from emflow.models import lgssm_stats as MS
+from emflow.storage.sequences import write_sequences
 from emflow.storage.synthetic.lgssm import sample_lgssm
 from test_lgssm import pykalman_em, small_params
 
@@ -93,7 +94,7 @@ def test_compiled_kernel_equals_numpy_path(monkeypatch):
     _close(out["numba"][3], out["numpy"][3])
 
 
-def test_runs_of_sequences_within_the_step_budget(path, monkeypatch):
+def test_runs_of_sequences_within_the_step_budget(path, monkeypatch, tmp_path):
     truth, X, off = _data()
     whole = MS.partition_states(X, off, truth, "smooth")
     monkeypatch.setattr(MS, "_BATCH_FLOATS", 300)  # runs of 16 steps: a few sequences each
@@ -106,6 +107,12 @@ def test_runs_of_sequences_within_the_step_budget(path, monkeypatch):
     m, c = model.smooth(X, np.diff(off))
     _close(m, whole[0])
     _close(c, whole[1])
+    # written run by run (edge pieces of shared chunks back to the client): the same values
+    src = write_sequences(tmp_path / "in.zarr", X, off, chunk_steps=8)
+    g = model.smooth(src, out=tmp_path / "s.zarr")
+    assert g["values"].chunks == (8, 2)
+    np.testing.assert_array_equal(g["values"][...], m)
+    np.testing.assert_array_equal(g["covariances"][...], c)
     assert model.score(X, np.diff(off)) == pytest.approx(MS.partition_loglik(X, off, truth), rel=1e-12)
     f = model.forecast(X[off[4] : off[5]], 3)
     ref = M.kalman_filter(X[off[4] : off[5]], truth)
