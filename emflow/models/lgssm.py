@@ -24,8 +24,9 @@ observed carries no information about ``C`` or ``R`` and is left out of those su
 pykalman does). Both choices are exact EM for their complete data, so the log-likelihood
 never decreases.
 
-The E-step's statistics (one sequence, and a partition's sequences in batches) are in
-:mod:`emflow.models.lgssm_stats`.
+:func:`kalman_filter` and :func:`rts_smoother` here run one sequence (the reference). The
+E-step's statistics and the filtered / smoothed states and log-likelihood of a partition's
+sequences, filtered together or by the compiled kernel, are in :mod:`emflow.models.lgssm_stats`.
 
 Shapes: ``k`` state dimension, ``p`` observation dimension, ``T`` steps of one sequence.
 """
@@ -367,12 +368,6 @@ def rts_smoother(A: np.ndarray, filt: FilterResult) -> SmootherResult:
         Ps[t] = _sym(Pf[t] + Jt @ (Ps[t + 1] - Pp[t + 1]) @ Jt.T)
         lag[t + 1] = Ps[t + 1] @ Jt.T
     return SmootherResult(ms, Ps, lag, J)
-
-
-def _sequences(values: np.ndarray, offsets: np.ndarray):
-    values = np.asarray(values, dtype=np.float64)
-    for a, b in zip(offsets[:-1], offsets[1:]):
-        yield values[a:b]
 
 
 def e_step(values: np.ndarray, offsets: np.ndarray, params: LGSSMParams) -> LGSSMStats:

@@ -90,7 +90,7 @@ def _kernel():
         return None
     try:
         from . import lgssm_kernel
-    except ImportError:
+    except (ImportError, RuntimeError):  # RuntimeError: numba found no writable cache directory
         if KERNEL == "numba":
             raise
         return None
