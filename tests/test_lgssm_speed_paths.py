@@ -69,10 +69,10 @@ def test_states_loglik_and_stats_match_the_per_sequence_reference(path):
 
 
 @pytest.mark.skipif(not HAVE_NUMBA, reason="numba not installed")
-def test_compiled_kernel_equals_numpy_path(monkeypatch):
-    # a larger state and more features than small_params, some values missing
+@pytest.mark.parametrize("k, p", [(3, 4), (1, 1), (2, 1)])
+def test_compiled_kernel_equals_numpy_path(monkeypatch, k, p):
+    # other state and feature sizes than small_params, some values missing
     rng = np.random.default_rng(7)
-    k, p = 3, 4
     A = 0.8 * np.linalg.qr(rng.normal(size=(k, k)))[0]
     B = rng.normal(size=(p, p))
     params = M.LGSSMParams(A, rng.normal(size=(p, k)), 0.2 * np.eye(k) + 0.05, B @ B.T / p + 0.3 * np.eye(p),
