@@ -28,6 +28,7 @@ from .em import IterationEvent
 from ..errors import ConfigError, DegenerateComponentWarning, FeatureMismatchError
 from .base import EMEstimator, Output
 from ..models import lgssm as M
+from ..models import lgssm_stats as MS
 from ..storage.sequences import open_sequences, write_owned, write_step_outputs
 
 __all__ = ["LinearGaussianSSM", "LGSSMFamily", "Forecast"]
@@ -78,22 +79,28 @@ class Forecast(NamedTuple):
 
 
 def _state_part(values, offsets, params: M.LGSSMParams, out_url: str | None, kind: str, start: int):
-    """Filtered or smoothed state means and covariances of one partition's sequences."""
+    """Filtered or smoothed state means and covariances of one partition's sequences.
+
+    The sequences are filtered together (:func:`emflow.models.lgssm_stats.partition_states`),
+    a run of whole sequences within the step budget at a time; with ``out_url`` each run is
+    written as it is done and only the edge pieces of chunks it shares come back.
+    """
     Y = np.asarray(values, dtype=np.float64)
-    means, covs = [], []
-    for a, b in zip(offsets[:-1], offsets[1:]):
-        f = M.kalman_filter(Y[a:b], params)
-        if kind == "smooth":
-            r = M.rts_smoother(params.A, f)
-            means.append(r.means)
-            covs.append(r.covariances)
+    offsets = np.asarray(offsets, dtype=np.int64)
+    k, p = params.A.shape[0], params.C.shape[0]
+    means, covs, edges_m, edges_c = [], [], [], []
+    for i, j in MS.runs(offsets, k, p):
+        a, b = offsets[i], offsets[j]
+        m, c = MS.partition_states(Y[a:b], offsets[i : j + 1] - a, params, kind)
+        if out_url is None:
+            means.append(m)
+            covs.append(c)
         else:
-            means.append(f.filtered_means)
-            covs.append(f.filtered_covariances)
-    m, c = np.concatenate(means), np.concatenate(covs)
+            edges_m += write_owned(out_url + "/values", m, start + int(a))
+            edges_c += write_owned(out_url + "/covariances", c, start + int(a))
     if out_url is None:
-        return m, c
-    return write_owned(out_url + "/values", m, start), write_owned(out_url + "/covariances", c, start)
+        return np.concatenate(means), np.concatenate(covs)
+    return edges_m, edges_c
 
 
 class LinearGaussianSSM(EMEstimator):
@@ -476,8 +483,8 @@ class LinearGaussianSSM(EMEstimator):
                             np.concatenate([(C @ params.mu0)[None], om]),
                             np.concatenate([(C @ params.V0 @ C.T + R)[None], oc]))
         seqs = self._sequences_in_memory(X, None)
-        filt = M.kalman_filter(seqs[0], params)
-        return Forecast(*M.forecast(params, filt.filtered_means[-1], filt.filtered_covariances[-1], int(n_steps)))
+        means, covs = MS.partition_states(seqs[0], np.array([0, len(seqs[0])]), params, "filter")
+        return Forecast(*M.forecast(params, means[-1], covs[-1], int(n_steps)))
 
     # -- persistence -----------------------------------------------------------------
     @staticmethod

@@ -24,8 +24,9 @@ observed carries no information about ``C`` or ``R`` and is left out of those su
 pykalman does). Both choices are exact EM for their complete data, so the log-likelihood
 never decreases.
 
-The E-step's statistics (one sequence, and a partition's sequences in batches) are in
-:mod:`emflow.models.lgssm_stats`.
+:func:`kalman_filter` and :func:`rts_smoother` here run one sequence (the reference). The
+E-step's statistics and the filtered / smoothed states and log-likelihood of a partition's
+sequences, filtered together or by the compiled kernel, are in :mod:`emflow.models.lgssm_stats`.
 
 Shapes: ``k`` state dimension, ``p`` observation dimension, ``T`` steps of one sequence.
 """
@@ -369,12 +370,6 @@ def rts_smoother(A: np.ndarray, filt: FilterResult) -> SmootherResult:
     return SmootherResult(ms, Ps, lag, J)
 
 
-def _sequences(values: np.ndarray, offsets: np.ndarray):
-    values = np.asarray(values, dtype=np.float64)
-    for a, b in zip(offsets[:-1], offsets[1:]):
-        yield values[a:b]
-
-
 def e_step(values: np.ndarray, offsets: np.ndarray, params: LGSSMParams) -> LGSSMStats:
     """Statistics of a partition of whole sequences.
 
@@ -393,9 +388,11 @@ def e_step(values: np.ndarray, offsets: np.ndarray, params: LGSSMParams) -> LGSS
 
 
 def loglik_stats(values: np.ndarray, offsets: np.ndarray, params: LGSSMParams) -> np.ndarray:
-    """``[sum log p(y), n_steps, n_sequences]`` of a partition (filter only)."""
-    ll = sum(kalman_filter(Y, params).loglik for Y in _sequences(values, offsets))
-    return np.array([ll, float(offsets[-1]), float(len(offsets) - 1)])
+    """``[sum log p(y), n_steps, n_sequences]`` of a partition (filter only, the sequences
+    filtered together: :func:`emflow.models.lgssm_stats.partition_loglik`)."""
+    from .lgssm_stats import partition_loglik
+
+    return np.array([partition_loglik(values, offsets, params), float(offsets[-1]), float(len(offsets) - 1)])
 
 
 # -- M-step ----------------------------------------------------------------------------
