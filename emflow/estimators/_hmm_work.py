@@ -159,17 +159,33 @@ def _posterior_part(values, offsets, params, out_url: str | None, kind: str, sca
 
 def _posterior_slice(values, params, out_url, kind, scaling, start, link):
     """:func:`_posterior_part` of one slice of a cut sequence (``kind`` "proba" or "map")."""
+    em = emission_for(params)
     if kind == "states":
-        raise NotImplementedError("Viterbi decoding of a sequence cut across partitions")
-    if scaling:
-        _check_scaling(values, params)
-    total, res = HL.slice_posteriors(values, params, emission_for(params), link)
-    if kind == "map":
-        res = res.argmax(axis=1)
+        total, res = HL.slice_viterbi(values, params, em, link)
+    else:
+        if scaling:
+            _check_scaling(values, params)
+        total, res = HL.slice_posteriors(values, params, em, link)
+        if kind == "map":
+            res = res.argmax(axis=1)
     return total, (res if out_url is None else write_owned(out_url + "/values", res, start))
 
 
-_posterior_part.sweeps = HL.Sweeps()
+@dataclass(frozen=True)
+class _PosteriorSweeps:
+    """Max-product sweeps for Viterbi states, sum-product ones for posteriors."""
+
+    def _pick(self, rest):
+        return HL.ViterbiSweeps() if rest[1] == "states" else HL.Sweeps()  # rest: out_url, kind, ...
+
+    def forward(self, values, offsets, params, *rest):
+        return self._pick(rest).forward(values, offsets, params, *rest)
+
+    def backward(self, values, offsets, params, *rest):
+        return self._pick(rest).backward(values, offsets, params, *rest)
+
+
+_posterior_part.sweeps = _PosteriorSweeps()
 
 
 def _score_part(values, offsets, params, scaling: bool = False, link=None):

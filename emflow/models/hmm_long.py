@@ -42,7 +42,8 @@ import numpy as np
 from . import hmm as H
 
 __all__ = ["ForwardMessage", "forward_message", "backward_message", "slice_e_step", "slice_posteriors",
-           "chain_links", "chain_e_step", "Sweeps", "ForwardSweep"]
+           "chain_links", "chain_e_step", "Sweeps", "ForwardSweep", "ViterbiMessage",
+           "viterbi_forward_message", "viterbi_backward_message", "slice_viterbi", "ViterbiSweeps"]
 
 
 class ForwardMessage(NamedTuple):
@@ -210,6 +211,80 @@ def chain_e_step(slices, params, emission):
     return add(*[slice_e_step(s, params, emission, ln) for s, ln in zip(slices, links)])
 
 
+# -- Viterbi across slices (max-product messages) -----------------------------------
+# Forward: ``delta(k)`` = best log-probability of a path over x_0 .. x_{b-1} ending in
+# state k (scaled to maximum 0; ``offset`` carries the maximum). Backward: ``mu(i)`` = best
+# log-probability of x_a .. x_{T-1} and their states given z_{a-1} = i (maximum 0). Every
+# score folds into the slice's first and last log emission rows, so hmmlearn's compiled
+# Viterbi (through emflow.models.hmm.viterbi) runs on a slice unchanged.
+class ViterbiMessage(NamedTuple):
+    """What a slice sends forward in the Viterbi sweep: ``delta`` (K,), ``offset`` (float)."""
+
+    delta: np.ndarray
+    offset: float
+
+
+def _log_A(params) -> np.ndarray:
+    with np.errstate(divide="ignore"):
+        return np.log(np.asarray(params.transmat, dtype=np.float64))
+
+
+def _entry(params, msg_in: ViterbiMessage | None) -> np.ndarray:
+    """Best score of entering each state at the slice's first step (before its emission)."""
+    if msg_in is None:
+        with np.errstate(divide="ignore"):
+            return np.log(np.asarray(params.startprob, dtype=np.float64))
+    return np.max(np.asarray(msg_in.delta)[:, None] + _log_A(params), axis=0)
+
+
+def _best(log_b: np.ndarray, A: np.ndarray, first: np.ndarray, last: np.ndarray | None = None,
+          mask: int | None = None):
+    """Viterbi of one slice with ``first`` added to its first row and ``last`` to its last
+    (with ``mask``: paths ending in that state only): ``(log-probability, path)``."""
+    lb = log_b.copy()
+    lb[0] += first
+    if last is not None:
+        lb[-1] += last
+    if mask is not None:
+        keep = lb[-1, mask]
+        lb[-1] = -np.inf
+        lb[-1, mask] = keep
+    if not np.any(np.isfinite(lb[-1])) or not np.any(np.isfinite(lb[0])):
+        return -np.inf, None
+    lp, path = H.viterbi(lb, _one(len(lb)), np.ones(len(A)), A)
+    return float(lp[0]), path
+
+
+def viterbi_forward_message(values, params, emission, msg_in: ViterbiMessage | None) -> ViterbiMessage:
+    """The Viterbi forward sweep's step over one slice (``None``: it starts the sequence)."""
+    _, log_b, _ = _frames(values, params, emission)
+    A = np.asarray(params.transmat, dtype=np.float64)
+    first = _entry(params, msg_in)
+    delta = np.array([_best(log_b, A, first, mask=k)[0] for k in range(len(A))])
+    top = float(delta.max())
+    return ViterbiMessage(delta - top, top + (0.0 if msg_in is None else float(msg_in.offset)))
+
+
+def viterbi_backward_message(values, params, emission, mu_in: np.ndarray | None) -> np.ndarray:
+    """The Viterbi backward sweep's step over one slice: ``mu`` for the previous slice."""
+    _, log_b, _ = _frames(values, params, emission)
+    A = np.asarray(params.transmat, dtype=np.float64)
+    log_A = _log_A(params)
+    mu = np.array([_best(log_b, A, log_A[i], mu_in)[0] for i in range(len(A))])
+    return mu - mu.max()
+
+
+def slice_viterbi(values, params, emission, link) -> tuple[float, np.ndarray]:
+    """``(log-probability of the best path if the slice ends the sequence else 0, the
+    slice's states)``; the states are those of the best path of the whole sequence (when
+    it is unique)."""
+    fwd_in, fwd_own, mu_in = link
+    _, log_b, _ = _frames(values, params, emission)
+    A = np.asarray(params.transmat, dtype=np.float64)
+    _, path = _best(log_b, A, _entry(params, fwd_in), mu_in)
+    return (float(fwd_own.offset) if mu_in is None else 0.0), path
+
+
 @dataclass(frozen=True)
 class Sweeps:
     """The two sweeps of a function ``f(values, offsets, params, ...)`` over slices, for the
@@ -241,3 +316,14 @@ class ForwardSweep(Sweeps):
     """Only the forward sweep (what the log-likelihood needs)."""
 
     backward = None
+
+
+@dataclass(frozen=True)
+class ViterbiSweeps(Sweeps):
+    """The max-product sweeps (Viterbi decoding)."""
+
+    def forward(self, values, offsets, params, *rest):
+        return viterbi_forward_message(values, params, self._em(params), rest[-1])
+
+    def backward(self, values, offsets, params, *rest):
+        return viterbi_backward_message(values, params, self._em(params), rest[-1])
