@@ -173,9 +173,10 @@ def test_fit_across_slices_equals_in_memory_and_hmmlearn(kind):
     for n in names:
         assert rel(getattr(cut, n), getattr(whole, n)) < 1e-10, n
     ref = _set(theirs(**kw), start).fit(X)
-    assert rel(cut.monitor_.history, list(ref.monitor_.history)) < 1e-8
+    # hmmlearn works in log space: its smallest probabilities differ in their last digits
+    assert rel(cut.monitor_.history, list(ref.monitor_.history)) < 1e-10
     for n in names:
-        assert rel(getattr(cut, n), getattr(ref, n)) < 1e-7, n
+        assert rel(getattr(cut, n), getattr(ref, n)) < 1e-9, n
 
 
 def test_decoding_and_scoring_across_slices_equal_in_memory():
