@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from emflow.errors import DataError
+from emflow.errors import ConfigError, DataError
 from emflow.estimators.gmm_hmm import GMMHMM
 from emflow.estimators.hmm import CategoricalHMM, GaussianHMM
 from emflow.estimators.poisson_hmm import PoissonHMM
@@ -245,3 +245,38 @@ def test_dask_chain_equals_threads(dask_client):
     assert rel(out[1].monitor_.history, out[0].monitor_.history) < 1e-12
     assert rel(out[1].means_, out[0].means_) < 1e-12
     np.testing.assert_array_equal(out[1].predict(X), out[0].predict(X))
+
+
+# -- the parallel-in-time form: transfer elements and a scan give the same links ----------
+@pytest.mark.parametrize("kind", KINDS)
+def test_transfer_scan_equals_chain(problems, kind):
+    p, X, ref = problems[kind]
+    em = emission_for(p)
+    for edges in ([0, 1, 2, 30, 31, 89, T_PROP], [0, 45, T_PROP], list(range(0, T_PROP + 1, 9))):
+        slices = [X[a:b] for a, b in zip(edges[:-1], edges[1:])]
+        P = len(slices)
+        links = HL.scan_links([HL.transfer(s, p, em, i == 0, i == P - 1) for i, s in enumerate(slices)])
+        for got, want in zip(links, HL.chain_links(slices, p, em)):
+            if want[0] is not None:
+                np.testing.assert_allclose(got[0].alpha, want[0].alpha, rtol=1e-10, atol=1e-14)
+            assert abs(got[1].loglik - want[1].loglik) <= 1e-10 * abs(want[1].total)
+            if want[2] is not None:
+                np.testing.assert_allclose(got[2], want[2], rtol=1e-10, atol=1e-14)
+
+
+def test_fit_with_the_parallel_form_equals_in_memory():
+    import dask
+
+    X = _data("gaussian")
+    start = _start("gaussian", np.random.default_rng(3))
+    kw = dict(init_params="", n_iter=4, tol=0, scheduler="threads")
+    with pytest.warns(Warning):
+        whole = _set(GaussianHMM(K, "full", **kw), start).fit(X)
+    with dask.config.set({"emflow.sweep-form": "scan"}), pytest.warns(Warning):
+        scan = _set(GaussianHMM(K, "full", partition_bytes=X.nbytes // 10 + 1, **kw), start).fit(X)
+    assert scan.fit_info_["partitions"] == 10
+    assert rel(scan.monitor_.history, whole.monitor_.history) < 1e-10
+    for n in ("startprob_", "transmat_", "means_", "covars_"):
+        assert rel(getattr(scan, n), getattr(whole, n)) < 1e-10, n
+    with dask.config.set({"emflow.sweep-form": "tree"}), pytest.raises(ConfigError, match="emflow.sweep-form"):
+        _set(GaussianHMM(K, "full", partition_bytes=X.nbytes // 10 + 1, **kw), start).fit(X)

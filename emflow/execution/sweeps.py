@@ -13,6 +13,13 @@ message in)``; partitions of whole sequences are called as usual. Messages are s
 few K-vectors); the data are read by each task as usual, so a worker holds a few
 partitions at a time whatever the sequence's length.
 
+The *parallel-in-time form* (Dask config key ``emflow.sweep-form`` set to ``"scan"``; the
+default is ``"chain"``) is used for sweeps that also declare ``transfer(*partition, *args,
+(first, last)) -> (forward element, backward element)`` and ``scan(elements) -> links``:
+every partition of a chain reduces itself to its transfer elements in one parallel pass
+(a task each, all at once), and the links follow on the client from those small
+elements; the span of the heavy work is then one pass whatever the number of slices.
+
 A function without ``sweeps`` is taken to be step-local (its result on a slice does not
 depend on the rest of the sequence: moments, samples of steps, symbol ranges).
 """
@@ -22,7 +29,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from ..errors import ConfigError
 from .tasks import _apply_indexed
+
+SWEEP_FORMS = ("chain", "scan")
 
 __all__ = ["sweeps_of", "Linked", "links"]
 
@@ -68,6 +78,8 @@ def links(engine, fn: Callable, loaded, args: tuple) -> tuple[list | None, list]
     sweeps = sweeps_of(fn) if chains else None
     if sweeps is None:
         return None, []
+    if _form() == "scan" and getattr(sweeps, "transfer", None) is not None:
+        return _scan(engine, sweeps, loaded, args, chains), []
     backward = getattr(sweeps, "backward", None)
     handles = loaded.handles
     fwd: dict[int, Any] = {}
@@ -98,3 +110,33 @@ def links(engine, fn: Callable, loaded, args: tuple) -> tuple[list | None, list]
         for j, p in enumerate(ch):
             out[p] = (fwd[ch[j - 1]] if j else None, fwd[p], bwd.get(ch[j + 1]) if j + 1 < len(ch) else None)
     return out, keys
+
+
+def _form() -> str:
+    import dask
+
+    form = dask.config.get("emflow.sweep-form", "chain")
+    if form not in SWEEP_FORMS:
+        raise ConfigError(f"The Dask config key emflow.sweep-form must be one of {SWEEP_FORMS}, got {form!r}.")
+    return form
+
+
+def _scan(engine, sweeps, loaded, args: tuple, chains: list[list[int]]) -> list:
+    """Links of the parallel form: every slice's transfer elements at once, then the scan."""
+    handles = loaded.handles
+    jobs = [(p, (j == 0, j == len(ch) - 1)) for ch in chains for j, p in enumerate(ch)]
+    if engine.client is None:
+        with engine._one_blas_thread():
+            elems = list(engine._threads().map(lambda pe: _apply_indexed(sweeps.transfer, handles[pe[0]], args, pe[1]),
+                                               jobs))
+    else:
+        bargs = engine._broadcast(args)
+        futures = [engine.client.submit(_apply_indexed, sweeps.transfer, handles[p], bargs, ends, pure=False,
+                                        priority=2) for p, ends in jobs]
+        elems = engine.client.gather(futures)
+    by_part = {p: e for (p, _), e in zip(jobs, elems)}
+    out: list = [None] * len(handles)
+    for ch in chains:
+        for p, link in zip(ch, sweeps.scan([by_part[p] for p in ch])):
+            out[p] = link
+    return out

@@ -43,7 +43,7 @@ from . import hmm as H
 
 __all__ = ["ForwardMessage", "forward_message", "backward_message", "slice_e_step", "slice_posteriors",
            "chain_links", "chain_e_step", "Sweeps", "ForwardSweep", "ViterbiMessage",
-           "viterbi_forward_message", "viterbi_backward_message", "slice_viterbi", "ViterbiSweeps"]
+           "viterbi_forward_message", "Transfer", "transfer", "scan_links", "viterbi_backward_message", "slice_viterbi", "ViterbiSweeps"]
 
 
 class ForwardMessage(NamedTuple):
@@ -211,6 +211,81 @@ def chain_e_step(slices, params, emission):
     return add(*[slice_e_step(s, params, emission, ln) for s, ln in zip(slices, links)])
 
 
+# -- the parallel-in-time form: transfer elements and a prefix scan --------------------
+# Each slice reduces itself, independently of the others, to a K x K transfer element:
+# forward, row i = (filtered distribution at the slice's end, log-likelihood) when the
+# step before the slice is in state i; backward, column j = the message it would send
+# when the future's evidence is all on state j. Messages are linear in what comes in, so
+# the exact messages of every slice follow from these elements by a prefix scan of small
+# matrix products (Saerkkae & Garcia-Fernandez's parallel form); each element is scaled to
+# maximum 1 with its log-scale kept aside.
+class Transfer(NamedTuple):
+    """A slice's transfer element: ``matrix`` (K, K) scaled to maximum 1 and ``log_scale``."""
+
+    matrix: np.ndarray
+    log_scale: float
+
+
+def _scaled(rows: np.ndarray, logs: np.ndarray, axis: int) -> Transfer:
+    finite = np.isfinite(logs)
+    if not finite.any():
+        raise H.FitFailedError("A slice of the sequence cannot be reached by any state path with non-zero probability.")
+    c = float(logs[finite].max())
+    w = np.where(finite, np.exp(np.where(finite, logs, 0.0) - c), 0.0)
+    return Transfer(rows * (w[:, None] if axis == 0 else w[None, :]), c)
+
+
+def transfer(values, params, emission, first: bool, last: bool) -> tuple:
+    """``(forward element, backward element)`` of one slice: a :class:`ForwardMessage`
+    for the sequence's first slice (else a :class:`Transfer`), the backward message for its
+    last (else a :class:`Transfer`)."""
+    _, log_b, _ = _frames(values, params, emission)
+    A = np.asarray(params.transmat, dtype=np.float64)
+    K = len(A)
+    if first:
+        alpha, ll = _forward_only(log_b, _prior(params, None), A)
+        fwd = ForwardMessage(alpha, ll, ll)
+    else:
+        rows, logs = np.zeros((K, K)), np.full(K, -np.inf)
+        for i in range(K):
+            try:
+                rows[i], logs[i] = _forward_only(log_b, A[i], A)
+            except H.FitFailedError:  # nothing after state i explains the slice
+                pass
+        fwd = _scaled(rows, logs, 0)
+    if last:
+        return fwd, backward_message(values, params, emission, None)
+    cols, logs = np.zeros((K, K)), np.full(K, -np.inf)
+    uniform = np.full(K, 1.0 / K)
+    for j in range(K):
+        e = np.zeros(K)
+        e[j] = 1.0
+        try:
+            fb = H.forward_backward(_with_future(log_b, e), _one(len(log_b)), uniform, A, want_trans=False)
+        except H.FitFailedError:
+            continue
+        cols[:, j], logs[j] = A @ fb.gamma[0], fb.loglik[0]  # b_a beta_a = K exp(loglik) gamma_a
+    return fwd, _scaled(cols, logs, 1)
+
+
+def scan_links(elements: list[tuple]) -> list[tuple]:
+    """The ``link`` of every slice of one sequence from its slices' :func:`transfer` elements."""
+    P = len(elements)
+    fwd = [elements[0][0]]
+    for p in range(1, P):
+        T = elements[p][0]
+        v = np.asarray(fwd[-1].alpha) @ T.matrix
+        s = float(v.sum())
+        ll = float(np.log(s)) + T.log_scale
+        fwd.append(ForwardMessage(v / s, ll, float(fwd[-1].total) + ll))
+    bwd = [None] * P
+    bwd[P - 1] = elements[P - 1][1]
+    for p in range(P - 2, -1, -1):
+        m = elements[p][1].matrix @ bwd[p + 1]
+        bwd[p] = m / m.max()
+    return [(fwd[p - 1] if p else None, fwd[p], bwd[p + 1] if p + 1 < P else None) for p in range(P)]
+
+
 # -- Viterbi across slices (max-product messages) -----------------------------------
 # Forward: ``delta(k)`` = best log-probability of a path over x_0 .. x_{b-1} ending in
 # state k (scaled to maximum 0; ``offset`` carries the maximum). Backward: ``mu(i)`` = best
@@ -310,17 +385,26 @@ class Sweeps:
     def backward(self, values, offsets, params, *rest):
         return backward_message(values, params, self._em(params), rest[-1])
 
+    def transfer(self, values, offsets, params, *rest):
+        """The parallel form: ``rest[-1]`` is ``(first, last)``; see :func:`transfer`."""
+        return transfer(values, params, self._em(params), *rest[-1])
+
+    scan = staticmethod(scan_links)
+
 
 @dataclass(frozen=True)
 class ForwardSweep(Sweeps):
     """Only the forward sweep (what the log-likelihood needs)."""
 
     backward = None
+    transfer = None
 
 
 @dataclass(frozen=True)
 class ViterbiSweeps(Sweeps):
-    """The max-product sweeps (Viterbi decoding)."""
+    """The max-product sweeps (Viterbi decoding; the chain form only)."""
+
+    transfer = None
 
     def forward(self, values, offsets, params, *rest):
         return viterbi_forward_message(values, params, self._em(params), rest[-1])
