@@ -4,6 +4,9 @@ boundary messages, against the uncut in-memory computation and hmmlearn."""
 from __future__ import annotations
 
 import os
+import signal
+import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -280,3 +283,71 @@ def test_fit_with_the_parallel_form_equals_in_memory():
         assert rel(getattr(scan, n), getattr(whole, n)) < 1e-10, n
     with dask.config.set({"emflow.sweep-form": "tree"}), pytest.raises(ConfigError, match="emflow.sweep-form"):
         _set(GaussianHMM(K, "full", partition_bytes=X.nbytes // 10 + 1, **kw), start).fit(X)
+
+
+# -- a worker killed in the middle of a sweep: the chain is recomputed, same result ---------
+@dataclass(frozen=True)
+class _KillInSweep:
+    """Forward sweep steps that SIGKILL their worker process at the n-th call (over every
+    process, counted in a file)."""
+
+    inner: object
+    counter: str
+    at_call: int
+
+    def forward(self, *a):
+        with open(self.counter, "a") as f:
+            f.write(".")
+        if os.path.getsize(self.counter) == self.at_call:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self.inner.forward(*a)
+
+    def backward(self, *a):
+        return self.inner.backward(*a)
+
+
+@dataclass(frozen=True)
+class _FamilyKilledInSweep:
+    inner: object
+    counter: str
+    at_call: int
+
+    def e_step(self, *a):
+        return self.inner.e_step(*a)
+
+    def m_step(self, stats, params):
+        return self.inner.m_step(stats, params)
+
+    def objective(self, stats):
+        return self.inner.objective(stats)
+
+    @property
+    def sweeps(self):
+        return _KillInSweep(self.inner.sweeps, self.counter, self.at_call)
+
+
+@pytest.mark.slow
+def test_worker_killed_mid_sweep_gives_the_same_result(tmp_path, make_cluster):
+    import emflow
+    from emflow.estimators.em import run_em
+    from emflow.execution.cluster import engine_for
+    from emflow.models.hmm_emissions import BaumWelch
+
+    X = _data("gaussian")
+    path = _zarr(tmp_path, X)
+    s = _start("gaussian", np.random.default_rng(3))
+    p0 = H.GaussianHMMParams(s["startprob_"], s["transmat_"], s["means_"], s["covars_"], "full")
+    family = BaumWelch(emission_for(p0), params="stmc")
+    client = make_cluster(2)
+    with engine_for(client) as engine:
+        loaded = engine.load(open_sequences(path, partition_bytes=X.nbytes // 10, cut_long=True), persist=False)
+        assert len(loaded.data.chains[0]) >= 10
+        ref = run_em(engine, loaded, family, p0, tol=0.0, max_iter=3)
+        killer = _FamilyKilledInSweep(family, str(tmp_path / "calls"), at_call=len(loaded.handles) + 5)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", emflow.ClusterWarning)
+            hit = run_em(engine, loaded, killer, p0, tol=0.0, max_iter=3)
+        loaded.release()
+    assert os.path.getsize(tmp_path / "calls") > len(loaded.handles) + 5  # killed in iteration 2, went on
+    np.testing.assert_allclose(hit.history, ref.history, rtol=1e-12)
+    np.testing.assert_allclose(hit.params.means, ref.params.means, rtol=1e-12)
