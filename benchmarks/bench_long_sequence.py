@@ -9,6 +9,12 @@ the load average beside them (the machine may be shared: say so next to any figu
 
     python benchmarks/bench_long_sequence.py --steps 10000000 --features 4 --states 4 --iters 3
 
+``--span 2,64`` instead measures, in this process on one core, the work of one slice of
+``steps / P`` steps for each P (forward step, backward step, transfer elements, the slice's
+statistics) and prints the span of one iteration on P workers: the chain waits for P
+sweep steps one after the other, the parallel form for one transfer (simulated: the
+figures are one slice's times, not a cluster's).
+
 ``--check`` also fits the same data in memory as one partition (single-sequence path) and
 prints the largest relative difference of the log-likelihood history and the means
 (needs the sequence in memory: use it at 1e6 steps or so).
@@ -85,6 +91,43 @@ class PeakRSS:
         self._t.join()
 
 
+def span(args):
+    from emflow.models import hmm as H
+    from emflow.models import hmm_long as HL
+    from emflow.models.hmm_emissions import emission_for
+
+    n, K, d = int(args.steps), args.states, args.features
+    rng = np.random.default_rng(0)
+    means = rng.normal(size=(K, d)) * 3
+    tm = np.full((K, K), 0.1 / (K - 1)) + np.eye(K) * (0.9 - 0.1 / (K - 1))
+    p = H.GaussianHMMParams(np.full(K, 1.0 / K), tm, means + rng.normal(size=(K, d)), np.full((K, d), 2.0), "diag")
+    em = emission_for(p)
+    print(f"span of one iteration, one sequence of {n} steps x {d} features, K={K} diag (one core, `uptime`: "
+          f"{subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()})\n")
+    print("| slices P | steps/slice | forward step s | backward step s | transfer s | statistics s | chain span s | parallel span s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for P in (int(x) for x in args.span.split(",")):
+        m = n // P
+        z = sticky_states(m, K, 0.95, rng)
+        X = means[z] + rng.normal(size=(m, d))
+
+        def timed(f):
+            ts = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                f()
+                ts.append(time.perf_counter() - t0)
+            return float(np.median(ts))
+
+        f_in = HL.forward_message(X, p, em, None)
+        b_in = HL.backward_message(X, p, em, None)
+        tf = timed(lambda: HL.forward_message(X, p, em, f_in))
+        tb = timed(lambda: HL.backward_message(X, p, em, b_in))
+        tt = timed(lambda: HL.transfer(X, p, em, False, False))
+        te = timed(lambda: HL.slice_e_step(X, p, em, (f_in, f_in, b_in)))
+        print(f"| {P} | {m} | {tf:.3f} | {tb:.3f} | {tt:.3f} | {te:.3f} | {P * max(tf, tb) + te:.2f} | {tt + te:.2f} |")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=float, default=1e7)
@@ -96,9 +139,15 @@ def main(argv=None):
     ap.add_argument("--partition-mib", type=float, default=32)
     ap.add_argument("--chunk-steps", type=int, default=1 << 18)
     ap.add_argument("--path", default=None, help="Zarr path (default: a temporary directory)")
+    ap.add_argument("--sweep-form", choices=("chain", "scan"), default="chain",
+                    help="the Dask config key emflow.sweep-form: the two-sweep chain or the parallel form")
     ap.add_argument("--check", action="store_true")
+    ap.add_argument("--span", default=None, help="comma-separated numbers of slices, e.g. 2,64")
     args = ap.parse_args(argv)
+    if args.span:
+        return span(args)
 
+    import dask
     from distributed import Client, LocalCluster
 
     from emflow.estimators.hmm import GaussianHMM
@@ -120,7 +169,8 @@ def main(argv=None):
         m = GaussianHMM(K, scheduler=client, persist=False, partition_bytes=int(args.partition_mib * 2**20), **kw)
         for k, v in start.items():
             setattr(m, k, v.copy())
-        with warnings.catch_warnings(), PeakRSS(client) as peak:
+        with warnings.catch_warnings(), dask.config.set({"emflow.sweep-form": args.sweep_form}), \
+                PeakRSS(client) as peak:
             warnings.simplefilter("ignore")
             t0 = time.perf_counter()
             m.fit(path, callbacks=[lambda ev: seconds.append(ev.seconds)])
@@ -130,7 +180,7 @@ def main(argv=None):
     nbytes = n * d * 8
     print(f"one sequence of {n} steps x {d} features (float64, {nbytes / 2**30:.2f} GiB), K={K}, diag; "
           f"{m.fit_info_['partitions']} slices of <= {args.partition_mib:g} MiB; {args.workers} workers x 1 thread, "
-          f"memory limit {args.memory_limit} each; streamed from Zarr (persist=False)\n")
+          f"memory limit {args.memory_limit} each; streamed from Zarr (persist=False); sweep form {args.sweep_form}\n")
     print("| s/iteration (median) | s/iteration (all) | fit s (incl. open + scan) | peak worker RSS | write s | load avg before -> after |")
     print("| --- | --- | --- | --- | --- | --- |")
     print(f"| {np.median(seconds):.2f} | {', '.join(f'{s:.2f}' for s in seconds)} | {t_fit:.1f} | "
