@@ -218,6 +218,19 @@ def test_zarr_fit_across_slices_equals_in_memory(tmp_path):
     assert rel(cut.means_, whole.means_) < 1e-10 and rel(cut.covars_, whole.covars_) < 1e-10
 
 
+def test_outputs_written_to_zarr_slice_by_slice(tmp_path):
+    X = _data("gaussian")
+    path = _zarr(tmp_path, X)
+    m = _set(GaussianHMM(K, "full", scheduler="threads", persist=False, partition_bytes=X.nbytes // 7),
+             _start("gaussian", np.random.default_rng(3)))
+    states = m.predict(path, out=tmp_path / "states.zarr")
+    proba = m.predict_proba(path, out=tmp_path / "proba.zarr")
+    whole = _set(GaussianHMM(K, "full", scheduler="threads"), _start("gaussian", np.random.default_rng(3)))
+    np.testing.assert_array_equal(states["values"][:], whole.predict(X))
+    np.testing.assert_allclose(proba["values"][:], whole.predict_proba(X), rtol=1e-9, atol=1e-12)
+    assert rel(states.attrs["emflow"]["log_prob"], whole.decode(X)[0]) < 1e-10
+
+
 @pytest.mark.parametrize("fault", ["missing", "corrupt"])
 def test_bad_middle_chunk_is_named(tmp_path, fault):
     X = _data("gaussian")
@@ -237,13 +250,16 @@ def test_bad_middle_chunk_is_named(tmp_path, fault):
 
 # -- the Dask backend runs the sweeps as chains of tasks ---------------------------------
 @pytest.mark.slow
-def test_dask_chain_equals_threads(dask_client):
+@pytest.mark.parametrize("form", ["chain", "scan"])
+def test_dask_chain_equals_threads(dask_client, form):
+    import dask
+
     X = _data("gaussian")
     start = _start("gaussian", np.random.default_rng(3))
     kw = dict(init_params="", n_iter=3, tol=0, partition_bytes=X.nbytes // 10 + 1)
     out = []
     for sched in ("threads", dask_client):
-        with pytest.warns(Warning):
+        with pytest.warns(Warning), dask.config.set({"emflow.sweep-form": form}):
             out.append(_set(GaussianHMM(K, "full", scheduler=sched, **kw), start).fit(X))
     assert rel(out[1].monitor_.history, out[0].monitor_.history) < 1e-12
     assert rel(out[1].means_, out[0].means_) < 1e-12
