@@ -218,7 +218,9 @@ def chain_e_step(slices, params, emission):
 # when the future's evidence is all on state j. Messages are linear in what comes in, so
 # the exact messages of every slice follow from these elements by a prefix scan of small
 # matrix products (Saerkkae & Garcia-Fernandez's parallel form); each element is scaled to
-# maximum 1 with its log-scale kept aside.
+# maximum 1 with its log-scale kept aside. Unlike the chain, a row (column) whose
+# likelihood is below exp(-745) of the element's best underflows to 0: exact unless the
+# incoming message puts all its mass on such states.
 class Transfer(NamedTuple):
     """A slice's transfer element: ``matrix`` (K, K) scaled to maximum 1 and ``log_scale``."""
 
