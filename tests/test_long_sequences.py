@@ -433,3 +433,31 @@ def test_lgssm_em_across_slices_equals_uncut_and_pykalman():
         lls.append(float(stats.loglik))
         params, _ = LG.m_step(stats, params, em_vars)
     np.testing.assert_allclose(lls, ref_ll, rtol=1e-7)
+
+
+@pytest.mark.filterwarnings("ignore::Warning")
+def test_lgssm_fit_filter_smooth_score_across_slices_equal_in_memory():
+    from test_lgssm import pykalman_em
+
+    from emflow.estimators.lgssm import LinearGaussianSSM
+    from emflow.models import lgssm as LG
+
+    truth, Y = _lgssm_problem()
+    Y = np.concatenate([Y, LG.sample(truth, 720, np.random.default_rng(2))[1]])  # 800 steps
+    Y[5] = np.nan
+    k, p = truth.A.shape[0], truth.C.shape[0]
+    start = LG.LGSSMParams(0.5 * np.eye(k), truth.C + 0.3, np.eye(k), np.eye(p), np.zeros(k), 2.0 * np.eye(k))
+    kw = dict(em_vars=list(LG.EM_VARS), tol=0.0, max_iter=3, scheduler="threads", **dict(zip(LG.EM_VARS, start)))
+    whole = LinearGaussianSSM(k, **kw).fit(Y)
+    cut = LinearGaussianSSM(k, partition_bytes=Y.nbytes // 10 + 1, **kw).fit(Y)
+    assert cut.fit_info_["partitions"] == 10 and whole.fit_info_["partitions"] == 1
+    assert rel(cut.history_, whole.history_) < 1e-10
+    for a, b in zip(cut._params, whole._params):
+        assert np.allclose(a, b, rtol=1e-10, atol=1e-12 * np.abs(b).max())
+    ref_ll, _ = pykalman_em(start, Y, list(LG.EM_VARS), 3)
+    np.testing.assert_allclose(np.array(cut.history_) * len(Y), ref_ll, rtol=1e-9)
+    assert rel(cut.score(Y), whole.score(Y)) < 1e-10
+    for name in ("filter", "smooth"):
+        (m1, c1), (m0, c0) = getattr(cut, name)(Y), getattr(whole, name)(Y)
+        np.testing.assert_allclose(m1, m0, rtol=1e-9, atol=1e-11)
+        np.testing.assert_allclose(c1, c0, rtol=1e-9, atol=1e-11)

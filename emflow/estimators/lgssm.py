@@ -28,6 +28,7 @@ from .em import IterationEvent
 from ..errors import ConfigError, DegenerateComponentWarning, FeatureMismatchError
 from .base import EMEstimator, Output
 from ..models import lgssm as M
+from ..models import lgssm_long as LL
 from ..storage.sequences import open_sequences, write_owned, write_step_outputs
 
 __all__ = ["LinearGaussianSSM", "LGSSMFamily", "Forecast"]
@@ -46,8 +47,12 @@ class LGSSMFamily:
     observation_covariance_type: str = "full"
     reg_covar: float = 0.0
 
-    def e_step(self, values, offsets, params: M.LGSSMParams) -> M.LGSSMStats:
+    def e_step(self, values, offsets, params: M.LGSSMParams, link=None) -> M.LGSSMStats:
+        if link is not None:  # a slice of a sequence cut across partitions
+            return LL.slice_stats(values, params, link)
         return M.e_step(values, offsets, params)
+
+    sweeps = LL.Sweeps()
 
     def m_step(self, stats: M.LGSSMStats, params: M.LGSSMParams):
         return M.m_step(
@@ -77,10 +82,13 @@ class Forecast(NamedTuple):
     observation_covariances: np.ndarray
 
 
-def _state_part(values, offsets, params: M.LGSSMParams, out_url: str | None, kind: str, start: int):
+def _state_part(values, offsets, params: M.LGSSMParams, out_url: str | None, kind: str, start: int, link=None):
     """Filtered or smoothed state means and covariances of one partition's sequences."""
     Y = np.asarray(values, dtype=np.float64)
     means, covs = [], []
+    if link is not None:  # a slice of a cut sequence
+        m, c = LL.slice_states(Y, params, link, kind)
+        means, covs, offsets = [m], [c], []
     for a, b in zip(offsets[:-1], offsets[1:]):
         f = M.kalman_filter(Y[a:b], params)
         if kind == "smooth":
@@ -94,6 +102,9 @@ def _state_part(values, offsets, params: M.LGSSMParams, out_url: str | None, kin
     if out_url is None:
         return m, c
     return write_owned(out_url + "/values", m, start), write_owned(out_url + "/covariances", c, start)
+
+
+_state_part.sweeps = LL.StateSweeps()
 
 
 class LinearGaussianSSM(EMEstimator):
@@ -262,6 +273,7 @@ class LinearGaussianSSM(EMEstimator):
         return open_sequences(
             X, lengths, partition_bytes=self.partition_bytes or DEFAULT_PARTITION_BYTES,
             min_partitions=2 * engine.total_threads, allow_nan=True, max_magnitude=SQUARE_LIMIT,
+            cut_long=True,  # a sequence longer than partition_bytes: slices (emflow.models.lgssm_long)
         )
 
     # -- fitting ---------------------------------------------------------------------
@@ -433,7 +445,7 @@ class LinearGaussianSSM(EMEstimator):
             self._check_features(seqs.n_features)
             loaded = engine.load(seqs, persist=False)
             try:
-                return engine.map_reduce(M.loglik_stats, loaded, params)
+                return engine.map_reduce(LL.loglik_part, loaded, params)
             finally:
                 loaded.release()
 

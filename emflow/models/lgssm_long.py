@@ -24,13 +24,15 @@ NaN values are missing, as in :func:`emflow.models.lgssm.kalman_filter`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 
 from .lgssm import LGSSMParams, LGSSMStats, _sym, kalman_filter, rts_smoother
 
-__all__ = ["KalmanMessage", "forward_message", "backward_message", "slice_stats", "chain_links", "chain_stats"]
+__all__ = ["KalmanMessage", "forward_message", "backward_message", "slice_stats", "slice_states", "chain_links",
+           "chain_stats", "Sweeps", "ForwardSweep", "StateSweeps", "loglik_part"]
 
 
 class KalmanMessage(NamedTuple):
@@ -87,6 +89,28 @@ def _smoothed_last(m: np.ndarray, P: np.ndarray, lam: np.ndarray, eta: np.ndarra
     return m + P2 @ (eta - lam @ m), P2
 
 
+def _smooth(Y, params: LGSSMParams, link):
+    """``(slice prior parameters, filter, smoother)`` of one slice given its link."""
+    fwd_in, _, bwd_in = link
+    p_in = _entry(params, fwd_in)
+    filt = kalman_filter(Y, p_in)
+    if bwd_in is not None:
+        mf, Pf = filt.filtered_means.copy(), filt.filtered_covariances.copy()
+        mf[-1], Pf[-1] = _smoothed_last(mf[-1], Pf[-1], *bwd_in)
+        filt = filt._replace(filtered_means=mf, filtered_covariances=Pf)
+    return p_in, filt, rts_smoother(np.asarray(params.A, dtype=np.float64), filt)
+
+
+def slice_states(Y, params: LGSSMParams, link, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """Filtered (``kind="filter"``) or smoothed state means and covariances of one slice."""
+    Y = np.asarray(Y, dtype=np.float64)
+    if kind != "smooth":
+        f = kalman_filter(Y, _entry(params, link[0]))
+        return f.filtered_means, f.filtered_covariances
+    _, _, sm = _smooth(Y, params, link)
+    return sm.means, sm.covariances
+
+
 def slice_stats(Y, params: LGSSMParams, link) -> LGSSMStats:
     """EM statistics of one slice of a cut sequence; they add over the slices to those of
     the uncut sequence (:func:`emflow.models.lgssm_stats.sequence_stats`)."""
@@ -95,13 +119,7 @@ def slice_stats(Y, params: LGSSMParams, link) -> LGSSMStats:
     fwd_in, _, bwd_in = link
     Y = np.asarray(Y, dtype=np.float64)
     A = np.asarray(params.A, dtype=np.float64)
-    p_in = _entry(params, fwd_in)
-    filt = kalman_filter(Y, p_in)
-    if bwd_in is not None:
-        mf, Pf = filt.filtered_means.copy(), filt.filtered_covariances.copy()
-        mf[-1], Pf[-1] = _smoothed_last(mf[-1], Pf[-1], *bwd_in)
-        filt = filt._replace(filtered_means=mf, filtered_covariances=Pf)
-    sm = rts_smoother(A, filt)
+    p_in, filt, sm = _smooth(Y, params, link)
     st = smoothed_stats(Y, p_in, filt, sm)
     m, P = sm.means, sm.covariances
     first = np.outer(m[0], m[0]) + P[0]
@@ -134,3 +152,43 @@ def chain_stats(slices, params: LGSSMParams) -> LGSSMStats:
     from ..stats import add
 
     return add(*[slice_stats(s, params, ln) for s, ln in zip(slices, chain_links(slices, params))])
+
+
+@dataclass(frozen=True)
+class Sweeps:
+    """The two sweeps of a function ``f(values, offsets, params, ...)`` over slices, for the
+    engine (:mod:`emflow.execution.sweeps`)."""
+
+    def forward(self, values, offsets, params, *rest):
+        return forward_message(values, params, rest[-1])
+
+    def backward(self, values, offsets, params, *rest):
+        return backward_message(values, params, rest[-1])
+
+
+@dataclass(frozen=True)
+class ForwardSweep(Sweeps):
+    """Only the forward sweep (the log-likelihood, filtered states)."""
+
+    backward = None
+
+
+@dataclass(frozen=True)
+class StateSweeps(Sweeps):
+    """For ``f(values, offsets, params, out_url, kind, ...)``: the backward sweep only when
+    ``kind == "smooth"``."""
+
+    def backward(self, values, offsets, params, *rest):
+        return backward_message(values, params, rest[-1]) if rest[1] == "smooth" else None
+
+
+def loglik_part(values, offsets, params: LGSSMParams, link=None) -> np.ndarray:
+    """:func:`emflow.models.lgssm.loglik_stats`, or, with ``link``, one slice's share."""
+    if link is None:
+        from .lgssm import loglik_stats
+
+        return loglik_stats(values, offsets, params)
+    return np.array([float(link[1].loglik), float(len(values)), 0.0 if link[0] is not None else 1.0])
+
+
+loglik_part.sweeps = ForwardSweep()
