@@ -20,6 +20,9 @@ every partition of a chain reduces itself to its transfer elements in one parall
 (a task each, all at once), and the links follow on the client from those small
 elements; the span of the heavy work is then one pass whatever the number of slices.
 
+The HMMs' sweeps are in :mod:`emflow.models.hmm_long`, the LGSSM's in
+:mod:`emflow.models.lgssm_long`.
+
 A function without ``sweeps`` is taken to be step-local (its result on a slice does not
 depend on the rest of the sequence: moments, samples of steps, symbol ranges).
 """

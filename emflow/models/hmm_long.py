@@ -29,7 +29,10 @@ later slice: ``xi(i, j) = alpha_in(i) A_ij gamma_a(j) / (alpha_in @ A)_j`` (the 
 property). ``start`` and ``n_sequences`` count in the first slice only.
 
 :func:`chain_e_step` runs the three steps in-process over a list of slices (the
-reference orchestration; the engine runs the same functions as a chain of tasks).
+reference orchestration; the engine runs the same functions as a chain of tasks:
+:mod:`emflow.execution.sweeps`). Viterbi decoding uses max-product messages the same way,
+and :func:`transfer` / :func:`scan_links` give the same links in the parallel-in-time
+form. The linear-Gaussian counterpart is :mod:`emflow.models.lgssm_long`.
 """
 
 from __future__ import annotations
