@@ -458,3 +458,20 @@ def test_lgssm_fit_filter_smooth_score_across_slices_equal_in_memory():
         (m1, c1), (m0, c0) = getattr(cut, name)(Y), getattr(whole, name)(Y)
         np.testing.assert_allclose(m1, m0, rtol=1e-9, atol=1e-11)
         np.testing.assert_allclose(c1, c0, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::Warning")
+def test_lgssm_dask_chain_equals_threads(dask_client):
+    from emflow.estimators.lgssm import LinearGaussianSSM
+    from emflow.models import lgssm as LG
+
+    truth, Y = _lgssm_problem()
+    Y = np.concatenate([Y, LG.sample(truth, 720, np.random.default_rng(2))[1]])
+    kw = dict(em_vars=list(LG.EM_VARS), tol=0.0, max_iter=3, partition_bytes=Y.nbytes // 10 + 1,
+              **dict(zip(LG.EM_VARS, truth)))
+    a = LinearGaussianSSM(3, scheduler="threads", **kw).fit(Y)
+    b = LinearGaussianSSM(3, scheduler=dask_client, **kw).fit(Y)
+    assert b.fit_info_["partitions"] == 10
+    assert rel(b.history_, a.history_) < 1e-12
+    np.testing.assert_allclose(b.smooth(Y)[0], a.smooth(Y)[0], rtol=1e-12, atol=1e-14)
