@@ -129,12 +129,13 @@ class _BaseHMM(EMEstimator):
             if lengths is not None:
                 raise ConfigError("lengths is for in-memory data; a Zarr sequence group carries its own offsets.")
             seq = open_sequences(X, partition_bytes=pb, min_partitions=2 * engine.total_threads,
-                                 max_magnitude=self._max_magnitude)
+                                 max_magnitude=self._max_magnitude, cut_long=True)
         else:
             if lengths is not None and np.ndim(lengths) == 0:
                 lengths = [lengths]
             seq = open_sequences(self._as_values(X), lengths, partition_bytes=pb,
-                                 min_partitions=2 * engine.total_threads, max_magnitude=self._max_magnitude)
+                                 min_partitions=2 * engine.total_threads, max_magnitude=self._max_magnitude,
+                                 cut_long=True)  # a sequence longer than pb: slices (emflow.models.hmm_long)
         return engine.load(seq, persist=self.persist)
 
     def _transition_init(self, rng: np.random.Generator):

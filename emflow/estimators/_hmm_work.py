@@ -10,7 +10,9 @@ import numpy as np
 
 from ..errors import ConfigError, DataError
 from ..models import hmm as H
+from ..models import hmm_long as HL
 from ..models import kmeans as KM
+from ..models.hmm_emissions import CategoricalEmission, GaussianEmission, emission_for
 from ..storage.sequences import write_owned
 
 __all__ = ["GaussianHMMFamily", "CategoricalHMMFamily", "ConvergenceMonitor"]
@@ -36,10 +38,14 @@ class GaussianHMMFamily:
     params: str
     scaling: bool = False
 
-    def e_step(self, values, offsets, p: H.GaussianHMMParams) -> H.GaussianHMMStats:
+    def e_step(self, values, offsets, p: H.GaussianHMMParams, link=None) -> H.GaussianHMMStats:
         if self.scaling:
             _check_scaling(values, p)
+        if link is not None:  # a slice of a sequence cut across partitions
+            return HL.slice_e_step(values, p, GaussianEmission.for_params(p), link)
         return H.e_step_gaussian(values, offsets, p)
+
+    sweeps = HL.Sweeps()
 
     def m_step(self, stats: H.GaussianHMMStats, p: H.GaussianHMMParams):
         return H.m_step_gaussian(stats, p, self.priors, self.trans_priors, self.params)
@@ -57,10 +63,14 @@ class CategoricalHMMFamily:
     params: str
     scaling: bool = False
 
-    def e_step(self, values, offsets, p: H.CategoricalHMMParams) -> H.CategoricalHMMStats:
+    def e_step(self, values, offsets, p: H.CategoricalHMMParams, link=None) -> H.CategoricalHMMStats:
         if self.scaling:
             _check_scaling(values, p)
+        if link is not None:
+            return HL.slice_e_step(values, p, CategoricalEmission(), link)
         return H.e_step_categorical(values, offsets, p)
+
+    sweeps = HL.Sweeps()
 
     def m_step(self, stats: H.CategoricalHMMStats, p: H.CategoricalHMMParams):
         return H.m_step_categorical(stats, p, self.emissionprob_prior, self.trans_priors, self.params)
@@ -126,7 +136,10 @@ def _symbol_range(values, offsets, n_symbols, start):
     return int(sym.min()), int(sym.max())
 
 
-def _posterior_part(values, offsets, params, out_url: str | None, kind: str, scaling: bool, start: int):
+def _posterior_part(values, offsets, params, out_url: str | None, kind: str, scaling: bool, start: int,
+                    link=None):
+    if link is not None:
+        return _posterior_slice(values, params, out_url, kind, scaling, start, link)
     layout = H.Layout(offsets)
     log_b = H.frame_log_prob(np.asarray(values)[layout.perm], params)
     if scaling and kind != "states":
@@ -144,13 +157,51 @@ def _posterior_part(values, offsets, params, out_url: str | None, kind: str, sca
     return total, write_owned(out_url + "/values", res, start)
 
 
-def _score_part(values, offsets, params, scaling: bool = False):
+def _posterior_slice(values, params, out_url, kind, scaling, start, link):
+    """:func:`_posterior_part` of one slice of a cut sequence (``kind`` "proba" or "map")."""
+    em = emission_for(params)
+    if kind == "states":
+        total, res = HL.slice_viterbi(values, params, em, link)
+    else:
+        if scaling:
+            _check_scaling(values, params)
+        total, res = HL.slice_posteriors(values, params, em, link)
+        if kind == "map":
+            res = res.argmax(axis=1)
+    return total, (res if out_url is None else write_owned(out_url + "/values", res, start))
+
+
+@dataclass(frozen=True)
+class _PosteriorSweeps:
+    """Max-product sweeps for Viterbi states, sum-product ones for posteriors."""
+
+    def _pick(self, rest):
+        return HL.ViterbiSweeps() if rest[1] == "states" else HL.Sweeps()  # rest: out_url, kind, ...
+
+    def forward(self, values, offsets, params, *rest):
+        return self._pick(rest).forward(values, offsets, params, *rest)
+
+    def backward(self, values, offsets, params, *rest):
+        return self._pick(rest).backward(values, offsets, params, *rest)
+
+
+_posterior_part.sweeps = _PosteriorSweeps()
+
+
+def _score_part(values, offsets, params, scaling: bool = False, link=None):
+    if link is not None:  # the forward sweep has the slice's share of the log-likelihood
+        if scaling:
+            _check_scaling(values, params)
+        return np.array([link[1].loglik, 0.0 if link[0] is not None else 1.0, len(values)], dtype=np.float64)
     layout = H.Layout(offsets)
     log_b = H.frame_log_prob(np.asarray(values)[layout.perm], params)
     if scaling:
         _check_scaling(values, params, log_b)
     fb = H.forward_backward(log_b, layout, params.startprob, params.transmat, want_trans=False)
     return np.array([fb.loglik.sum(), layout.n_sequences, layout.n_steps], dtype=np.float64)
+
+
+_score_part.sweeps = HL.ForwardSweep()
 
 
 def _stored_covars(covars, ct: str, K: int, strict: bool = True) -> np.ndarray:

@@ -28,6 +28,7 @@ from .em import IterationEvent
 from ..errors import ConfigError, DegenerateComponentWarning, FeatureMismatchError
 from .base import EMEstimator, Output
 from ..models import lgssm as M
+from ..models import lgssm_long as LL
 from ..models import lgssm_stats as MS
 from ..storage.sequences import open_sequences, write_owned, write_step_outputs
 
@@ -47,8 +48,12 @@ class LGSSMFamily:
     observation_covariance_type: str = "full"
     reg_covar: float = 0.0
 
-    def e_step(self, values, offsets, params: M.LGSSMParams) -> M.LGSSMStats:
+    def e_step(self, values, offsets, params: M.LGSSMParams, link=None) -> M.LGSSMStats:
+        if link is not None:  # a slice of a sequence cut across partitions
+            return LL.slice_stats(values, params, link)
         return M.e_step(values, offsets, params)
+
+    sweeps = LL.Sweeps()
 
     def m_step(self, stats: M.LGSSMStats, params: M.LGSSMParams):
         return M.m_step(
@@ -78,20 +83,24 @@ class Forecast(NamedTuple):
     observation_covariances: np.ndarray
 
 
-def _state_part(values, offsets, params: M.LGSSMParams, out_url: str | None, kind: str, start: int):
+def _state_part(values, offsets, params: M.LGSSMParams, out_url: str | None, kind: str, start: int, link=None):
     """Filtered or smoothed state means and covariances of one partition's sequences.
 
     The sequences are filtered together (:func:`emflow.models.lgssm_stats.partition_states`),
     a run of whole sequences within the step budget at a time; with ``out_url`` each run is
-    written as it is done and only the edge pieces of chunks it shares come back.
+    written as it is done and only the edge pieces of chunks it shares come back. With
+    ``link`` the partition is one slice of a cut sequence, filtered from its boundary messages.
     """
     Y = np.asarray(values, dtype=np.float64)
     offsets = np.asarray(offsets, dtype=np.int64)
     k, p = params.A.shape[0], params.C.shape[0]
+    if link is not None:
+        pieces = [(0, LL.slice_states(Y, params, link, kind))]
+    else:
+        pieces = ((offsets[i], MS.partition_states(Y[offsets[i]:offsets[j]], offsets[i : j + 1] - offsets[i],
+                                                   params, kind)) for i, j in MS.runs(offsets, k, p))
     means, covs, edges_m, edges_c = [], [], [], []
-    for i, j in MS.runs(offsets, k, p):
-        a, b = offsets[i], offsets[j]
-        m, c = MS.partition_states(Y[a:b], offsets[i : j + 1] - a, params, kind)
+    for a, (m, c) in pieces:
         if out_url is None:
             means.append(m)
             covs.append(c)
@@ -101,6 +110,9 @@ def _state_part(values, offsets, params: M.LGSSMParams, out_url: str | None, kin
     if out_url is None:
         return np.concatenate(means), np.concatenate(covs)
     return edges_m, edges_c
+
+
+_state_part.sweeps = LL.StateSweeps()
 
 
 class LinearGaussianSSM(EMEstimator):
@@ -269,6 +281,7 @@ class LinearGaussianSSM(EMEstimator):
         return open_sequences(
             X, lengths, partition_bytes=self.partition_bytes or DEFAULT_PARTITION_BYTES,
             min_partitions=2 * engine.total_threads, allow_nan=True, max_magnitude=SQUARE_LIMIT,
+            cut_long=True,  # a sequence longer than partition_bytes: slices (emflow.models.lgssm_long)
         )
 
     # -- fitting ---------------------------------------------------------------------
@@ -440,7 +453,7 @@ class LinearGaussianSSM(EMEstimator):
             self._check_features(seqs.n_features)
             loaded = engine.load(seqs, persist=False)
             try:
-                return engine.map_reduce(M.loglik_stats, loaded, params)
+                return engine.map_reduce(LL.loglik_part, loaded, params)
             finally:
                 loaded.release()
 

@@ -34,6 +34,7 @@ from ..stats import add
 from .tasks import (_apply, _apply_indexed, _apply_reduce, _batch_width, _element_starts, _reduce_tasks, _scan_batch,
                     tree_reduce)
 from .watch import ClusterWatch, _cancelled, _comm_failed, _warn
+from . import sweeps as _sweeps
 
 __all__ = ["Engine", "Loaded", "sample_rows", "take_rows"]
 
@@ -401,20 +402,31 @@ class Engine(ClusterWatch):
             del past[:-PASS_HISTORY]
             return out
 
+    def _linked(self, fn: Callable, loaded: Loaded, args: tuple, per_partition: Sequence | None):
+        """``(fn, per_partition, sweep keys)``, with the boundary messages of sequences cut
+        across partitions added (:mod:`emflow.execution.sweeps`) when ``fn`` declares sweeps."""
+        links, keys = _sweeps.links(self, fn, loaded, args)
+        if links is None:
+            return fn, per_partition, []
+        extras = [None] * len(links) if per_partition is None else list(per_partition)
+        return _sweeps.Linked(fn, per_partition is not None), list(zip(extras, links)), keys
+
     def map_reduce(self, fn: Callable, loaded: Loaded, *args, per_partition: Sequence | None = None) -> Any:
         """``add`` over partitions of ``fn(X_p, w_p, *args[, per_partition[p]])``, reduced in a tree."""
         t0 = time.perf_counter()
 
         width, levels = self._batch(len(loaded.handles))
+        fn0, per0 = fn, per_partition
 
         def run(wait):
+            fn, per_partition, sweep_keys = self._linked(fn0, loaded, args, per0)
             if width > 1:
                 parts = self._submit_batches(fn, loaded, args, per_partition, width)
             else:
                 parts = self._submit(fn, loaded, args, per_partition)
             if self.client is None:
                 return tree_reduce(parts, add, self.split_every, lambda f, *a: f(*a))
-            keys = [p.key for p in parts]
+            keys = sweep_keys + [p.key for p in parts]
 
             def submit(f, *a):
                 # before the map tasks still queued: a partial sum frees its inputs, so the
@@ -469,12 +481,14 @@ class Engine(ClusterWatch):
 
     def map(self, fn: Callable, loaded: Loaded, *args, per_partition: Sequence | None = None) -> list:
         """``[fn(X_p, w_p, *args[, per_partition[p]]) for each partition]``, gathered in order."""
+        fn0, per0 = fn, per_partition
 
         def run(wait):
+            fn, per_partition, sweep_keys = self._linked(fn0, loaded, args, per0)
             parts = self._submit(fn, loaded, args, per_partition)
             if self.client is None:
                 return parts
-            wait(parts, [p.key for p in parts])
+            wait(parts, sweep_keys + [p.key for p in parts])
             return self.client.gather(parts)
 
         return self._pass(loaded, run)

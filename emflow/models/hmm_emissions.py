@@ -198,8 +198,21 @@ class BaumWelch:
     trans_priors: H.TransitionPriors = field(default_factory=H.TransitionPriors)
     params: str = "st"
 
-    def e_step(self, values, offsets, p):
+    def e_step(self, values, offsets, p, link=None):
+        """Statistics of a partition of whole sequences, or, with ``link`` (its boundary
+        messages), of one slice of a cut sequence (:mod:`emflow.models.hmm_long`)."""
+        if link is not None:
+            from .hmm_long import slice_e_step
+
+            return slice_e_step(values, p, self.emission, link)
         return e_step(values, offsets, p, self.emission)
+
+    @property
+    def sweeps(self):
+        """The boundary-message sweeps of :meth:`e_step` over a cut sequence."""
+        from .hmm_long import Sweeps
+
+        return Sweeps(self.emission)
 
     def m_step(self, stats, p):
         return m_step(stats, p, self.emission, self.trans_priors, self.params)

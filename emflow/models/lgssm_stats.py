@@ -24,16 +24,22 @@ from scipy import linalg
 from .lgssm import _LOG_2PI, LGSSMParams, LGSSMStats, _sym, empty_stats, kalman_filter, rts_smoother
 from ..errors import FitFailedError
 
-__all__ = ["sequence_stats", "partition_stats", "partition_states", "partition_loglik", "batch_filter_smooth", "runs"]
+__all__ = ["sequence_stats", "smoothed_stats", "partition_stats", "partition_states", "partition_loglik",
+           "batch_filter_smooth", "runs"]
 
 
 def sequence_stats(Y: np.ndarray, params: LGSSMParams) -> LGSSMStats:
     """Expected sufficient statistics of one sequence ``Y`` of shape (T, p)."""
     Y = np.asarray(Y, dtype=np.float64)
+    filt = kalman_filter(Y, params)
+    return smoothed_stats(Y, params, filt, rts_smoother(params.A, filt))
+
+
+def smoothed_stats(Y: np.ndarray, params: LGSSMParams, filt, sm) -> LGSSMStats:
+    """:func:`sequence_stats` from a filter's and a smoother's results (also used by
+    :mod:`emflow.models.lgssm_long` for one slice of a cut sequence)."""
     A, C, Q, R, mu0, V0 = params
     T, p = Y.shape
-    filt = kalman_filter(Y, params)
-    sm = rts_smoother(A, filt)
     m, P = sm.means, sm.covariances
     Szz = P + m[:, :, None] * m[:, None, :]
     observed = ~np.isnan(Y)
@@ -73,7 +79,6 @@ def sequence_stats(Y: np.ndarray, params: LGSSMParams) -> LGSSMStats:
         yy=_sym(yy),
         loglik=np.array(filt.loglik),
     )
-
 
 
 # Padded (steps x sequences) cells per batch of the vectorised E-step, scaled by the state size.

@@ -7,10 +7,14 @@ Layout in Zarr (a group)::
                                          offsets[-1] == total_steps
 
 Sequence ``s`` is ``values[offsets[s]:offsets[s + 1]]``. A partition is a run of whole
-sequences (a sequence is never split). In memory, hmmlearn's ``(X, lengths)`` convention
-is accepted as well.
+sequences, or, with ``cut_long=True``, one *slice* of a sequence longer than the partition
+budget: such a sequence is cut along its time axis into slices of about the budget, and
+:attr:`SequenceData.chains` lists the partitions of each cut sequence in time order (the
+models that accept cuts pass boundary messages along them: :mod:`emflow.models.hmm_long`).
+In memory, hmmlearn's ``(X, lengths)`` convention is accepted as well.
 
-A partition loader returns ``(values, local_offsets)`` with ``local_offsets[0] == 0``.
+A partition loader returns ``(values, local_offsets)`` with ``local_offsets[0] == 0`` (a
+slice: ``[0, n_steps]``).
 """
 
 from __future__ import annotations
@@ -100,6 +104,23 @@ class ZarrSeqLoader(CheckedLoader):
         return values, off
 
 
+@dataclass(frozen=True)
+class ZarrSliceLoader(ZarrSeqLoader):
+    """Steps ``step_start .. step_stop`` of sequence ``seq_start``: one slice of a cut sequence."""
+
+    @property
+    def where(self) -> str:
+        return (f"partition {self.index} (steps {self.step_start}-{self.step_stop}, a slice of sequence "
+                f"{self.seq_start}) of {self.url}")
+
+    def read(self):
+        import zarr
+
+        g = zarr.open_group(self.url, mode="r")
+        values = read_chunked(g["values"], self.step_start, self.step_stop, "sequence values",
+                              url=self.url + "/values", unit="steps")
+        return values, np.array([0, len(values)], dtype=np.int64)
+
 
 @dataclass(frozen=True)
 class ArraySeqLoader(CheckedLoader):
@@ -139,6 +160,9 @@ class SequenceData:
     url: str | None
     chunk_rows: int
     weighted: bool = False
+    # partitions of each sequence cut into slices, in time order (none: every partition
+    # holds whole sequences)
+    chains: list[list[int]] = field(default_factory=list)
     what: ClassVar[str] = "The sequence dataset"
 
     @property
@@ -154,19 +178,53 @@ class SequenceData:
         return len(self.loaders)
 
 
-def _seq_partitions(offsets: np.ndarray, row_bytes: int, target_bytes: int, min_partitions: int):
+def _runs(offsets: np.ndarray, target_steps: int, lo: int, hi: int) -> list[tuple[int, int]]:
+    """Sequences ``lo .. hi`` in runs of whole sequences of about ``target_steps`` steps."""
+    cuts = [lo]
+    # cut at the first sequence boundary at or after each multiple of target_steps
+    for goal in range(int(offsets[lo]) + target_steps, int(offsets[hi]), target_steps):
+        s = int(np.searchsorted(offsets, goal, side="left"))
+        if s > cuts[-1] and s < hi:
+            cuts.append(s)
+    cuts.append(hi)
+    return [(cuts[i], cuts[i + 1]) for i in range(len(cuts) - 1)]
+
+
+def _slices(a: int, b: int, budget: int, chunk: int | None) -> list[int]:
+    """Cut points of steps ``a .. b`` into ``ceil((b - a) / budget)`` slices of near-equal
+    length, moved onto Zarr chunk boundaries when the chunks are smaller than a slice."""
+    n = -(-(b - a) // budget)
+    cuts = [a + (k * (b - a)) // n for k in range(n + 1)]
+    if chunk and chunk < (b - a) // n:
+        inner = sorted({max(a + 1, min(b - 1, int(round(c / chunk)) * chunk)) for c in cuts[1:-1]})
+        cuts = [a, *inner, b]
+    return cuts
+
+
+def _seq_partitions(offsets: np.ndarray, row_bytes: int, target_bytes: int, min_partitions: int,
+                    cut_long: bool = False, chunk: int | None = None):
+    """``(parts, steps, chains)``: the sequence range and step range of each partition, and
+    the partitions of each cut sequence. Whole sequences are grouped in runs of about
+    ``target_bytes`` (fewer bytes if that makes at least ``min_partitions``); with
+    ``cut_long``, a sequence of more than ``target_bytes`` is cut into slices of at most
+    that."""
     total = int(offsets[-1])
     n_seq = len(offsets) - 1
-    target_steps = max(1, target_bytes // max(1, row_bytes))
-    target_steps = min(target_steps, max(1, -(-total // max(1, min_partitions))))
-    cuts = [0]
-    # cut at the first sequence boundary at or after each multiple of target_steps
-    for goal in range(target_steps, total, target_steps):
-        s = int(np.searchsorted(offsets, goal, side="left"))
-        if s > cuts[-1] and s < n_seq:
-            cuts.append(s)
-    cuts.append(n_seq)
-    return [(cuts[i], cuts[i + 1]) for i in range(len(cuts) - 1)]
+    budget = max(1, target_bytes // max(1, row_bytes))
+    target_steps = min(budget, max(1, -(-total // max(1, min_partitions))))
+    lengths = np.diff(offsets)
+    long = np.flatnonzero(lengths > budget) if cut_long else np.zeros(0, np.int64)
+    parts, chains = [], []
+    lo = 0
+    for s in [*long.tolist(), n_seq]:
+        if s > lo:
+            parts += [((a, b), (int(offsets[a]), int(offsets[b]))) for a, b in _runs(offsets, target_steps, lo, s)]
+        if s < n_seq:
+            cuts = _slices(int(offsets[s]), int(offsets[s + 1]), budget, chunk)
+            chains.append(list(range(len(parts), len(parts) + len(cuts) - 1)))
+            parts += [((s, s + 1), (cuts[k], cuts[k + 1])) for k in range(len(cuts) - 1)]
+        lo = s + 1
+    return [p for p, _ in parts], [st for _, st in parts], chains
 
 
 def open_sequences(
@@ -177,6 +235,7 @@ def open_sequences(
     min_partitions: int = 1,
     allow_nan: bool = False,
     max_magnitude: float | None = None,
+    cut_long: bool = False,
 ) -> SequenceData:
     """Open ragged sequences.
 
@@ -194,6 +253,11 @@ def open_sequences(
         the data), found by the opening scan before any arithmetic. Models that square
         the values (Gaussian emissions, state-space models) pass
         :data:`emflow.storage.data.SQUARE_LIMIT`.
+    cut_long : bool, default False
+        Cut a sequence longer than ``partition_bytes`` into slices along its time axis
+        (one partition each, listed in :attr:`SequenceData.chains`), for models that pass
+        boundary messages between slices; otherwise a partition always holds whole
+        sequences.
     """
     if is_zarr_path(data):
         import zarr
@@ -220,16 +284,16 @@ def open_sequences(
                                              url=url + "/offsets", unit="entries"),
                                 values.shape[0], f"'offsets' at {url!r}")
         row_bytes = values.shape[1] * np.dtype(values.dtype).itemsize
-        parts = _seq_partitions(offsets, row_bytes, partition_bytes, min_partitions)
+        C = int(values.chunks[0])
+        parts, bounds, chains = _seq_partitions(offsets, row_bytes, partition_bytes, min_partitions, cut_long, C)
+        cut = {i for ch in chains for i in ch}
         loaders = [
-            ZarrSeqLoader(url, a, b, int(offsets[a]), int(offsets[b]), i, allow_nan, int(values.chunks[0]),
-                          max_magnitude)
-            for i, (a, b) in enumerate(parts)
+            (ZarrSliceLoader if i in cut else ZarrSeqLoader)(url, a, b, sa, sb, i, allow_nan, C, max_magnitude)
+            for i, ((a, b), (sa, sb)) in enumerate(zip(parts, bounds))
         ]
-        bounds = [(int(offsets[a]), int(offsets[b])) for a, b in parts]
         return SequenceData(
             values.shape[0], values.shape[1], np.dtype(values.dtype), offsets, loaders, bounds, parts,
-            url, False, url, int(values.chunks[0]),
+            url, False, url, C, chains=chains,
         )
     X = np.asarray(data)
     if X.ndim != 2:
@@ -243,14 +307,16 @@ def open_sequences(
     if lengths.ndim != 1 or lengths.dtype.kind not in "iu":
         raise DataError("lengths must be a 1-D array of integers.")
     offsets = check_offsets(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64), X.shape[0], "lengths")
-    parts = _seq_partitions(offsets, X.shape[1] * X.itemsize, partition_bytes, min_partitions)
+    parts, bounds, chains = _seq_partitions(offsets, X.shape[1] * X.itemsize, partition_bytes, min_partitions,
+                                            cut_long)
+    cut = {i for ch in chains for i in ch}
     loaders = [
-        ArraySeqLoader(X[offsets[a] : offsets[b]], offsets[a : b + 1] - offsets[a], i, allow_nan, int(offsets[a]),
+        ArraySeqLoader(X[sa:sb], np.array([0, sb - sa]) if i in cut else offsets[a : b + 1] - sa, i, allow_nan, sa,
                        max_magnitude)
-        for i, (a, b) in enumerate(parts)
+        for i, ((a, b), (sa, sb)) in enumerate(zip(parts, bounds))
     ]
-    bounds = [(int(offsets[a]), int(offsets[b])) for a, b in parts]
-    return SequenceData(X.shape[0], X.shape[1], X.dtype, offsets, loaders, bounds, parts, "in-memory sequences", True, None, X.shape[0])
+    return SequenceData(X.shape[0], X.shape[1], X.dtype, offsets, loaders, bounds, parts, "in-memory sequences", True,
+                        None, X.shape[0], chains=chains)
 
 
 def write_sequences(path, values: np.ndarray, offsets: np.ndarray, *, chunk_steps: int = 65536, attrs: dict | None = None,
