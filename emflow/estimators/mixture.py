@@ -34,20 +34,6 @@ MAX_IN_MEMORY_RESULT = 1 << 30
 _INIT_ARRAYS = ("weights_init", "means_init", "precisions_init")
 
 
-class _FirstRestart(np.random.Generator):
-    """Restart 0 of an integer ``random_state``: the restart's usual generator, plus
-    scikit-learn's own stream (``RandomState(random_state)``) for the k-means++ seeding, so
-    that on data the seeding sees whole the components come out in scikit-learn's order."""
-
-    sklearn_stream: np.random.RandomState
-
-
-def kmeans_seeding_rng(rng: np.random.Generator, n_sample: int, n_rows: int):
-    """The stream k-means++ seeds from: scikit-learn's when it can be replayed exactly."""
-    replay = isinstance(rng, _FirstRestart) and n_sample >= n_rows
-    return rng.sklearn_stream if replay else rng
-
-
 @dataclass(frozen=True)
 class GMMFamily:
     """The EM family object for Gaussian mixtures (picklable; shipped to workers)."""
@@ -280,7 +266,7 @@ class GaussianMixture(EMEstimator):
         rs = self.random_state
         if init != 0 or isinstance(rs, bool) or not isinstance(rs, (int, np.integer)):
             return super()._restart_rng(seed, init)
-        rng = _FirstRestart(np.random.PCG64([seed, init]))  # the same stream as default_rng([seed, 0])
+        rng = KM.FirstRestart(np.random.PCG64([seed, init]))  # the same stream as default_rng([seed, 0])
         rng.sklearn_stream = np.random.RandomState(int(rs))
         return rng
 
@@ -292,7 +278,7 @@ class GaussianMixture(EMEstimator):
             base = None
         elif self.init_params == "kmeans":
             Xs, ws = sample_rows(engine, loaded, max(SAMPLE_ROWS, 50 * K), rng)
-            centers = Xs[KM.kmeans_plusplus(Xs, K, kmeans_seeding_rng(rng, len(Xs), loaded.data.n_rows), ws)]
+            centers = Xs[KM.kmeans_plusplus(Xs, K, KM.seeding_rng(rng, len(Xs), loaded.data.n_rows), ws)]
             var = np.average((Xs - Xs.mean(0)) ** 2, axis=0, weights=ws).mean() if len(Xs) > 1 else 0.0
             for _ in range(KMEANS_MAX_ITER):
                 shift = centers.mean(axis=0)
@@ -317,7 +303,7 @@ class GaussianMixture(EMEstimator):
         else:  # "k-means++" and "random_from_data": K rows become the means
             if self.init_params == "k-means++":
                 Xs, ws = sample_rows(engine, loaded, max(SAMPLE_ROWS, 50 * K), rng)
-                means = Xs[KM.kmeans_plusplus(Xs, K, kmeans_seeding_rng(rng, len(Xs), loaded.data.n_rows), ws)]
+                means = Xs[KM.kmeans_plusplus(Xs, K, KM.seeding_rng(rng, len(Xs), loaded.data.n_rows), ws)]
             else:
                 means, _ = sample_rows(engine, loaded, K, rng)
                 means = means[rng.permutation(K)]

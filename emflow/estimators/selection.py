@@ -26,7 +26,7 @@ from ..execution.cluster import engine_for
 from .em import EMRun, run_em_group
 from ..execution.engine import take_rows
 from ..errors import ConfigError
-from .mixture import KMEANS_MAX_ITER, KMEANS_TOL, SAMPLE_ROWS, GaussianMixture, GMMFamily, kmeans_seeding_rng
+from .mixture import KMEANS_MAX_ITER, KMEANS_TOL, SAMPLE_ROWS, GaussianMixture, GMMFamily
 from ..models import gmm as G
 from ..models import kmeans as KM
 
@@ -199,7 +199,7 @@ def _select(engine, loaded, proto, n_init, tol, reg, max_iter, callbacks) -> Sel
         for j, u in enumerate(round_units):
             Xs = np.concatenate([p[j][0] for p in parts])
             ws = None if parts[0][j][1] is None else np.concatenate([p[j][1] for p in parts])
-            u.centers = Xs[KM.kmeans_plusplus(Xs, u.K, kmeans_seeding_rng(rngs[u.cand], len(Xs), N), ws)]
+            u.centers = Xs[KM.kmeans_plusplus(Xs, u.K, KM.seeding_rng(rngs[u.cand], len(Xs), N), ws)]
             u.var = np.average((Xs - Xs.mean(0)) ** 2, axis=0, weights=ws).mean() if len(Xs) > 1 else 0.0
         units += round_units
 

@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["KMeansStats", "kmeans_plusplus", "e_step", "m_step"]
+__all__ = ["KMeansStats", "FirstRestart", "seeding_rng", "kmeans_plusplus", "e_step", "m_step"]
 
 
 class KMeansStats(NamedTuple):
@@ -29,6 +29,20 @@ class KMeansStats(NamedTuple):
     counts: np.ndarray
     sums: np.ndarray
     inertia: np.ndarray
+
+
+class FirstRestart(np.random.Generator):
+    """Restart 0 of an integer ``random_state``: the restart's usual generator, plus
+    scikit-learn's own stream (``RandomState(random_state)``) for the k-means++ seeding, so
+    that on data the seeding sees whole the components come out in scikit-learn's order."""
+
+    sklearn_stream: np.random.RandomState
+
+
+def seeding_rng(rng: np.random.Generator, n_sample: int, n_rows: int):
+    """The stream k-means++ seeds from: scikit-learn's when it can be replayed exactly."""
+    replay = isinstance(rng, FirstRestart) and n_sample >= n_rows
+    return rng.sklearn_stream if replay else rng
 
 
 def _sq_dist(Xc: np.ndarray, cc: np.ndarray) -> np.ndarray:
