@@ -121,6 +121,21 @@ SUITES = (
         },
     ),
     Suite(
+        name="bayesian_mixture",
+        peer_file="sklearn/mixture/tests/test_bayesian_mixture.py",
+        rewrites=(("from sklearn.mixture import BayesianGaussianMixture",
+                   "from emflow import BayesianGaussianMixture"),),
+        identity=("BayesianGaussianMixture",),
+        plugins=("sklearn.conftest",),
+        env=_SK_ENV,
+        excluded={
+            "test_log_dirichlet_norm": _PRIVATE_SK.format("_log_dirichlet_norm"),
+            "test_log_wishart_norm": _PRIVATE_SK.format("_log_wishart_norm"),
+            "test_compare_covar_type":
+                "calls the private methods BayesianGaussianMixture._check_parameters and _initialize_parameters",
+        },
+    ),
+    Suite(
         name="online_lda",
         peer_file="sklearn/decomposition/tests/test_online_lda.py",
         rewrites=(("from sklearn.decomposition import LatentDirichletAllocation",
