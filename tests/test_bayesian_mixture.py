@@ -202,3 +202,35 @@ def test_priors_of_the_wrong_size_refused_before_any_pass(X, monkeypatch, kw, wo
     monkeypatch.setattr(M, "_data_moments", no_pass)
     with pytest.raises(ConfigError, match=words):
         emflow.BayesianGaussianMixture(**kw, scheduler="threads").fit(X)
+
+
+# -- model selection in one fit -----------------------------------------------------------
+
+def test_select_by_variational_reports_the_unused_components(X):
+    from emflow.estimators.selection import select_by_variational
+
+    res = _quiet(lambda: select_by_variational(X, 8, "full", weight_concentration_prior=1e-3, random_state=0,
+                                               max_iter=300, scheduler="threads"))
+    assert res.n_components == 3 == sum(r["used"] for r in res.table)
+    assert [r["component"] for r in res.table] == list(range(8))
+    np.testing.assert_allclose([r["weight"] for r in res.table], res.model.weights_)
+    assert res.best_model is res.model
+
+
+@pytest.mark.slow
+def test_select_flow_variational(prefect_server, tmp_path, X):
+    from flows.model_selection import select_flow
+
+    data = str(tmp_path / "x.zarr")
+    zarr.create_array(store=data, data=X, chunks=(100, X.shape[1]))
+    with pytest.raises(ConfigError, match="one covariance type"):
+        select_flow(data, str(tmp_path / "no.zarr"), method="variational", covariance_types=["full", "diag"])
+    out = str(tmp_path / "best.zarr")
+    state = select_flow(data, out, n_components=[2, 8], covariance_types=["full"], method="variational",
+                        max_iter=300, persist=False, return_state=True)
+    assert state.is_completed()
+    res = state.result()
+    assert res["best"]["max_components"] == 8 and len(res["table"]) == 8
+    model = emflow.load(out)
+    assert type(model) is emflow.BayesianGaussianMixture
+    assert res["best"]["n_components"] == model.n_components_used_ >= 3
