@@ -234,3 +234,21 @@ def test_select_flow_variational(prefect_server, tmp_path, X):
     model = emflow.load(out)
     assert type(model) is emflow.BayesianGaussianMixture
     assert res["best"]["n_components"] == model.n_components_used_ >= 3
+
+
+@pytest.mark.slow
+def test_model_fit_flow_fits_the_family_by_name(prefect_server, tmp_path, X):
+    """flows/fit_model.py (any registered family) with two restarts equals fit(n_init=2)."""
+    from flows.fit_model import model_fit_flow
+
+    data = str(tmp_path / "x.zarr")
+    zarr.create_array(store=data, data=X, chunks=(100, X.shape[1]))
+    kw = dict(n_components=4, init_params="random_from_data", max_iter=8, tol=0.0, random_state=5)
+    out = str(tmp_path / "bgmm.zarr")
+    state = model_fit_flow(data, out, family="bayesian_gaussian_mixture", params=kw, n_init=2, return_state=True)
+    assert state.is_completed(), state
+    model = emflow.load(out)
+    ref = _quiet(lambda: emflow.BayesianGaussianMixture(**kw, n_init=2, scheduler="threads").fit(X))
+    np.testing.assert_allclose(model.history_, ref.history_, rtol=1e-12)
+    for name in FITTED:
+        np.testing.assert_allclose(getattr(model, name), getattr(ref, name), rtol=1e-10, atol=1e-12, err_msg=name)

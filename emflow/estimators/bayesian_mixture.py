@@ -394,7 +394,9 @@ class BayesianGaussianMixture(GaussianMixture):
 
     # -- persistence ---------------------------------------------------------------------
     def _meta_extra(self) -> dict:
-        pr = self._priors
+        pr = getattr(self, "_priors", None)
+        if pr is None:  # a fitted state restored without a fit (a flow's final checkpoint)
+            return {}
         return {"priors": {"weight_concentration": pr.weight_concentration, "mean_precision": pr.mean_precision,
                            "mean": np.asarray(pr.mean).tolist(), "degrees_of_freedom": pr.degrees_of_freedom,
                            "covariance": np.asarray(pr.covariance).tolist()}}
