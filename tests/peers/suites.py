@@ -109,16 +109,10 @@ SUITES = (
         name="mixture",
         peer_file="sklearn/mixture/tests/test_mixture.py",
         rewrites=(("from sklearn.mixture import BayesianGaussianMixture, GaussianMixture",
-                   "from sklearn.mixture import BayesianGaussianMixture\n"
-                   "from emflow import GaussianMixture"),),
-        identity=("GaussianMixture",),
+                   "from emflow import BayesianGaussianMixture, GaussianMixture"),),
+        identity=("GaussianMixture", "BayesianGaussianMixture"),
         plugins=("sklearn.conftest",),
         env=_SK_ENV,
-        excluded={
-            # parametrized over [GaussianMixture(), BayesianGaussianMixture()]: ids estimator0/1
-            "test_*[estimator1]":
-                "runs scikit-learn's own BayesianGaussianMixture (emflow has none)",
-        },
     ),
     Suite(
         name="bayesian_mixture",
