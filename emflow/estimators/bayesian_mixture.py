@@ -384,7 +384,8 @@ class BayesianGaussianMixture(GaussianMixture):
         return BGMMFamily(self.covariance_type, float(self.reg_covar), self._priors, self.compute_dtype)
 
     def _print_iteration(self, event: IterationEvent) -> None:
-        if event.iteration % int(self.verbose_interval) == 0 or event.converged or event.iteration == 1:
+        last = event.converged or event.iteration >= int(self.max_iter)
+        if event.iteration % int(self.verbose_interval) == 0 or last or event.iteration == 1:
             print_iteration(event)
 
     @classmethod
