@@ -114,6 +114,21 @@ def test_default_priors_are_sklearns(X):
             np.testing.assert_allclose(getattr(em, name), getattr(sk, name), rtol=1e-12, err_msg=f"{ct} {name}")
 
 
+def test_default_priors_far_from_zero_in_many_partitions(tmp_path):
+    """Each partition's moments are centred on its own mean and merged exactly: the covariance
+    prior of data offset by 1e6 (unit spread) is scikit-learn's (np.cov) to 1e-8."""
+    X = np.random.default_rng(0).normal(size=(400, 3)) @ np.diag([1.0, 2.0, 0.5]) + 1e6
+    path = str(tmp_path / "far.zarr")
+    zarr.create_array(store=path, data=X, chunks=(16, 3))
+    for ct in COV_TYPES:
+        em = emflow.BayesianGaussianMixture(n_components=2, covariance_type=ct, max_iter=0, partition_bytes=1024,
+                                            scheduler="threads").fit(path)
+        assert em.fit_info_["partitions"] > 10
+        sk = SkBGMM(n_components=2, covariance_type=ct, max_iter=0).fit(X)
+        np.testing.assert_allclose(em.covariance_prior_, sk.covariance_prior_, rtol=1e-8, err_msg=ct)
+        np.testing.assert_allclose(em.mean_prior_, sk.mean_prior_, rtol=1e-14, err_msg=ct)
+
+
 def test_zarr_streamed_and_persisted_equal_in_memory(X, tmp_path):
     path = str(tmp_path / "x.zarr")
     zarr.create_array(store=path, data=X, chunks=(32, X.shape[1]))
@@ -194,12 +209,10 @@ def test_bad_priors_refused_before_opening_the_data(tmp_path, kw, words):
     (dict(covariance_type="diag", covariance_prior=np.ones(4)), "shape"),
 ])
 def test_priors_of_the_wrong_size_refused_before_any_pass(X, monkeypatch, kw, words):
-    from emflow.estimators import bayesian_mixture as M
-
     def no_pass(*a, **k):
         raise AssertionError("a pass over the data ran before the check")
 
-    monkeypatch.setattr(M, "_data_moments", no_pass)
+    monkeypatch.setattr(B, "partition_moments", no_pass)
     with pytest.raises(ConfigError, match=words):
         emflow.BayesianGaussianMixture(**kw, scheduler="threads").fit(X)
 

@@ -58,12 +58,6 @@ class BGMMFamily:
         return B.lower_bound(stats, params, self.priors, self.reg_covar)
 
 
-def _data_moments(X, w):
-    """Rows (weighted), sum and second moments of the data about the origin: the priors' pass."""
-    st = G.soft_stats(X, w, np.ones((X.shape[0], 1)), np.zeros(X.shape[1]), "full")
-    return st.n[0], st.s1[0], st.s2[0]
-
-
 def _rows_at(engine: Engine, loaded: Loaded, idx: np.ndarray):
     """The rows at global indices ``idx`` (in that order) and their weights."""
     order = np.argsort(idx, kind="stable")
@@ -265,10 +259,11 @@ class BayesianGaussianMixture(GaussianMixture):
     def _prepare(self, engine, loaded) -> None:
         d = loaded.data.n_features
         self._check_priors(d)
-        n, s1, s2 = engine.map_reduce(_data_moments, loaded)
-        self._moments = (float(n), np.asarray(s1), np.asarray(s2))
+        # one pass; each partition's moments about its own mean, merged exactly here
+        n, mean, scatter = B.combine_moments(engine.map(B.partition_moments, loaded))
+        self._moments = (n, mean, scatter)
         self._set_priors(B.default_priors(
-            self.n_components, self.covariance_type, float(n), s1, s2,
+            self.n_components, self.covariance_type, n, mean, scatter,
             weight_concentration=self.weight_concentration_prior, mean_precision=self.mean_precision_prior,
             mean=self.mean_prior, degrees_of_freedom=self.degrees_of_freedom_prior,
             covariance=self.covariance_prior))
@@ -337,8 +332,8 @@ class BayesianGaussianMixture(GaussianMixture):
 
     def _initial_params(self, engine: Engine, loaded: Loaded, rng: np.random.Generator) -> B.BGMMParams:
         K, ct = self.n_components, self.covariance_type
-        n, s1_all, s2_all = self._moments
-        shift = s1_all / n
+        n, mean, scatter = self._moments
+        shift = mean
         if self.init_params == "kmeans":
             st = self._kmeans_stats(engine, loaded, rng, shift)
         elif self.init_params == "random":
@@ -353,7 +348,7 @@ class BayesianGaussianMixture(GaussianMixture):
             shift = np.zeros(rows.shape[1])
             st = G.soft_stats(rows, wr, np.eye(K), shift, ct)
             if ct == "tied":
-                st = st._replace(s2=s2_all.copy())
+                st = st._replace(s2=scatter + n * np.outer(mean, mean))
         nk, xk, sk = B.moments(st, shift, ct, float(self.reg_covar))
         return B.m_step_from_moments(nk, xk, sk, self._priors, ct, self.weight_concentration_prior_type)
 

@@ -31,7 +31,7 @@ from . import gmm as G
 from .family import ParamSpec, by
 
 __all__ = ["PRIOR_TYPES", "BGMMParams", "BGMMPriors", "as_gmm", "log_weights", "weights",
-           "default_priors", "moments", "m_step", "m_step_from_moments", "lower_bound",
+           "partition_moments", "combine_moments", "default_priors", "moments", "m_step", "m_step_from_moments", "lower_bound",
            "resp_entropy", "log_dirichlet_norm", "log_wishart_norm", "n_used"]
 
 PRIOR_TYPES = ("dirichlet_process", "dirichlet_distribution")
@@ -97,22 +97,47 @@ class BGMMPriors(NamedTuple):
     covariance: np.ndarray
 
 
-def default_priors(K: int, covariance_type: str, n: float, s1: np.ndarray, s2: np.ndarray, *,
+def partition_moments(X: np.ndarray, w: np.ndarray | None) -> tuple[float, np.ndarray, np.ndarray]:
+    """``(n, mean, scatter)`` of one partition: the weight sum, the weighted mean and
+    ``sum_i w_i (x_i - mean)(x_i - mean)^T``, centred in the partition (no cancellation of the
+    data's offset); :func:`combine_moments` merges partitions exactly."""
+    X = np.asarray(X)
+    d = X.shape[1]
+    if X.shape[0] == 0:
+        return 0.0, np.zeros(d), np.zeros((d, d))
+    g = np.asarray(X[0], dtype=np.float64)
+    st = G.soft_stats(X, w, np.ones((X.shape[0], 1)), g, "full")
+    n = float(st.n[0])
+    if n <= 0:
+        return 0.0, np.zeros(d), np.zeros((d, d))
+    delta = st.s1[0] / n
+    return n, g + delta, st.s2[0] - n * np.outer(delta, delta)
+
+
+def combine_moments(parts) -> tuple[float, np.ndarray, np.ndarray]:
+    """Merge :func:`partition_moments` of several partitions (Chan et al.'s pairwise update):
+    ``M = sum_p M_p + n_p (m_p - m)(m_p - m)^T``."""
+    parts = [p for p in parts if p[0] > 0]
+    n = float(sum(p[0] for p in parts))
+    mean = sum(p[0] * p[1] for p in parts) / n
+    scatter = sum(p[2] + p[0] * np.outer(p[1] - mean, p[1] - mean) for p in parts)
+    return n, mean, 0.5 * (scatter + scatter.T)
+
+
+def default_priors(K: int, covariance_type: str, n: float, data_mean: np.ndarray, scatter: np.ndarray, *,
                    weight_concentration=None, mean_precision=None, mean=None, degrees_of_freedom=None,
                    covariance=None) -> BGMMPriors:
     """The priors with scikit-learn's defaults (``_check_parameters``) for those given as None.
 
-    ``n``, ``s1`` (d,), ``s2`` (d, d) are the row count and the first and second moments of the
-    data about the origin (one pass); the default mean prior is the data mean and the default
+    ``n`` (rows, or the weight sum), ``data_mean`` (d,) and ``scatter`` (d, d) describe the
+    data (:func:`combine_moments`); the default mean prior is the data mean and the default
     covariance prior the unbiased sample covariance (its diagonal for ``diag``, the mean of
     that for ``spherical``).
     """
-    s1 = np.asarray(s1, dtype=np.float64)
-    d = s1.shape[0]
-    data_mean = s1 / n
+    data_mean = np.asarray(data_mean, dtype=np.float64)
+    d = data_mean.shape[0]
     if covariance is None:
-        cov = (np.asarray(s2, dtype=np.float64) - n * np.outer(data_mean, data_mean)) / (n - 1.0)
-        cov = 0.5 * (cov + cov.T)
+        cov = np.asarray(scatter, dtype=np.float64) / (n - 1.0)
         cov = {"full": cov, "tied": cov, "diag": np.diag(cov).copy(),
                "spherical": np.asarray(np.diag(cov).mean())}[covariance_type]
     else:
