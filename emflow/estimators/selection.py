@@ -12,6 +12,10 @@ Every unit follows exactly the trajectory ``GaussianMixture(K, covariance_type=c
 random_state=seed, n_init=R).fit(data)`` would follow (same random draws, same k-means
 refinement, same EM iterations), so the selected models equal the ones fitted separately.
 Only ``init_params="kmeans"`` (the default) is shared this way.
+
+:func:`select_by_variational` chooses the number of components in one fit instead: a
+:class:`~emflow.BayesianGaussianMixture` with the most components allowed, whose components
+with an expected weight below a threshold are reported as unused.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from .mixture import KMEANS_MAX_ITER, KMEANS_TOL, SAMPLE_ROWS, GaussianMixture, 
 from ..models import gmm as G
 from ..models import kmeans as KM
 
-__all__ = ["SelectionResult", "select_gaussian_mixture"]
+__all__ = ["SelectionResult", "VariationalSelection", "select_by_variational", "select_gaussian_mixture"]
 
 
 def _take_many(X, w, rows_per_unit: list):
@@ -278,3 +282,59 @@ def _select(engine, loaded, proto, n_init, tol, reg, max_iter, callbacks) -> Sel
         "units": len(units),
     }
     return SelectionResult(models, table, best, io)
+
+
+@dataclass
+class VariationalSelection:
+    """Outcome of :func:`select_by_variational`.
+
+    Attributes
+    ----------
+    model : BayesianGaussianMixture
+        The fit with ``max_components`` components.
+    table : list of dict
+        Per component: ``component``, ``weight`` (expected), ``used`` (weight >= threshold).
+    """
+
+    model: Any
+    table: list
+
+    @property
+    def best_model(self):
+        return self.model
+
+    @property
+    def n_components(self) -> int:
+        """Components in use (``model.n_components_used_``)."""
+        return int(self.model.n_components_used_)
+
+
+def select_by_variational(data, max_components: int, covariance_type: str = "full", *, weight_threshold: float = 0.01,
+                          sample_weight=None, **params) -> VariationalSelection:
+    """Choose the number of components in one variational fit (no grid).
+
+    Parameters
+    ----------
+    data : as in ``BayesianGaussianMixture.fit``
+    max_components : int
+        ``n_components`` of the fit: the most components the data may use.
+    covariance_type : {"full", "tied", "diag", "spherical"}
+    weight_threshold : float
+        A component whose expected weight is below it is reported as unused.
+    sample_weight : as in ``fit``
+    **params
+        Any other :class:`~emflow.BayesianGaussianMixture` parameter (priors, ``random_state``,
+        ``scheduler``...).
+
+    Returns
+    -------
+    VariationalSelection
+    """
+    from .bayesian_mixture import BayesianGaussianMixture
+
+    model = BayesianGaussianMixture(n_components=int(max_components), covariance_type=covariance_type,
+                                    weight_threshold=weight_threshold, **params)
+    model.fit(data, sample_weight=sample_weight)
+    table = [{"component": k, "weight": float(w), "used": bool(u)}
+             for k, (w, u) in enumerate(zip(model.weights_, model.used_components_))]
+    return VariationalSelection(model, table)

@@ -109,15 +109,24 @@ SUITES = (
         name="mixture",
         peer_file="sklearn/mixture/tests/test_mixture.py",
         rewrites=(("from sklearn.mixture import BayesianGaussianMixture, GaussianMixture",
-                   "from sklearn.mixture import BayesianGaussianMixture\n"
-                   "from emflow import GaussianMixture"),),
-        identity=("GaussianMixture",),
+                   "from emflow import BayesianGaussianMixture, GaussianMixture"),),
+        identity=("GaussianMixture", "BayesianGaussianMixture"),
+        plugins=("sklearn.conftest",),
+        env=_SK_ENV,
+    ),
+    Suite(
+        name="bayesian_mixture",
+        peer_file="sklearn/mixture/tests/test_bayesian_mixture.py",
+        rewrites=(("from sklearn.mixture import BayesianGaussianMixture",
+                   "from emflow import BayesianGaussianMixture"),),
+        identity=("BayesianGaussianMixture",),
         plugins=("sklearn.conftest",),
         env=_SK_ENV,
         excluded={
-            # parametrized over [GaussianMixture(), BayesianGaussianMixture()]: ids estimator0/1
-            "test_*[estimator1]":
-                "runs scikit-learn's own BayesianGaussianMixture (emflow has none)",
+            "test_log_dirichlet_norm": _PRIVATE_SK.format("_log_dirichlet_norm"),
+            "test_log_wishart_norm": _PRIVATE_SK.format("_log_wishart_norm"),
+            "test_compare_covar_type":
+                "calls the private methods BayesianGaussianMixture._check_parameters and _initialize_parameters",
         },
     ),
     Suite(
