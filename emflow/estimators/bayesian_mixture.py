@@ -14,7 +14,7 @@ from typing import Callable, ClassVar, Iterable
 
 import numpy as np
 
-from ..checks import Choice, Flag, Int, Real
+from ..checks import Choice, Int, Real
 from ..errors import ConfigError
 from ..execution.engine import Engine, Loaded, sample_rows, take_rows
 from ..models import bgmm as B
@@ -22,8 +22,7 @@ from ..models import gmm as G
 from ..models import kmeans as KM
 from .base import print_iteration
 from .em import IterationEvent
-from .mixture import (KMEANS_MAX_ITER, KMEANS_TOL, SAMPLE_ROWS, GaussianMixture, _FirstRestart,
-                      _random_resp_stats, kmeans_seeding_rng)
+from .mixture import KMEANS_MAX_ITER, KMEANS_TOL, SAMPLE_ROWS, GaussianMixture, _random_resp_stats
 
 __all__ = ["BayesianGaussianMixture", "BGMMFamily"]
 
@@ -306,7 +305,7 @@ class BayesianGaussianMixture(GaussianMixture):
         K, n = self.n_components, loaded.data.n_rows
         if self.init_params == "k-means++":
             Xs, ws = sample_rows(engine, loaded, max(SAMPLE_ROWS, 50 * K), rng)
-            idx = KM.kmeans_plusplus(Xs, K, kmeans_seeding_rng(rng, len(Xs), n), ws)
+            idx = KM.kmeans_plusplus(Xs, K, KM.seeding_rng(rng, len(Xs), n), ws)
             return Xs[idx], None if ws is None else ws[idx]
         rs = self.random_state
         if isinstance(rs, (int, np.integer)) and not isinstance(rs, bool):
@@ -320,7 +319,7 @@ class BayesianGaussianMixture(GaussianMixture):
     def _kmeans_stats(self, engine, loaded, rng, shift):
         K, ct = self.n_components, self.covariance_type
         Xs, ws = sample_rows(engine, loaded, max(SAMPLE_ROWS, 50 * K), rng)
-        centers = Xs[KM.kmeans_plusplus(Xs, K, kmeans_seeding_rng(rng, len(Xs), loaded.data.n_rows), ws)]
+        centers = Xs[KM.kmeans_plusplus(Xs, K, KM.seeding_rng(rng, len(Xs), loaded.data.n_rows), ws)]
         var = np.average((Xs - Xs.mean(0)) ** 2, axis=0, weights=ws).mean() if len(Xs) > 1 else 0.0
         for _ in range(KMEANS_MAX_ITER):
             st = engine.map_reduce(KM.e_step, loaded, centers, centers.mean(axis=0))
@@ -354,7 +353,7 @@ class BayesianGaussianMixture(GaussianMixture):
 
     def _restart_rng(self, seed: int, init: int) -> np.random.Generator:
         rng = super()._restart_rng(seed, init)
-        if not isinstance(rng, _FirstRestart):
+        if not isinstance(rng, KM.FirstRestart):
             rng = _Numbered(np.random.PCG64([seed, init]))
         rng.restart = init  # which of scikit-learn's draws random_from_data replays
         return rng
