@@ -12,7 +12,7 @@ from sklearn.decomposition._online_lda_fast import _dirichlet_expectation_2d
 from sklearn.utils import gen_batches
 
 from emflow import CategoricalHMM, ConfigError, GaussianHMM, GaussianMixture, LatentDirichletAllocation
-from emflow.errors import FeatureMismatchError
+from emflow.errors import DataError, FeatureMismatchError
 from emflow.estimators.online import plan_batches
 from emflow.models import gmm as G
 from emflow.models import lda as M
@@ -89,7 +89,7 @@ def test_online_lda_fit_on_zarr_equals_sklearn_after_every_batch(counts, tmp_pat
     print(f"\nonline LDA vs scikit-learn, 10 batches: max relative difference of components_ {worst:.2e}")
 
 
-def test_online_lda_partial_fit_equals_sklearn_and_counts_batches(counts):
+def test_online_lda_partial_fit_equals_sklearn_and_counts_batches(counts, tmp_path):
     K, V = 3, counts.shape[1]
     sk = SkLDA(K, batch_size=64, total_samples=5000, learning_offset=10.0, random_state=11)
     m = LatentDirichletAllocation(K, batch_size=64, total_samples=5000, learning_offset=10.0, random_state=11,
@@ -105,6 +105,9 @@ def test_online_lda_partial_fit_equals_sklearn_and_counts_batches(counts):
     assert rel(m.perplexity(counts), sk.perplexity(counts)) < 1e-8
     with pytest.raises(FeatureMismatchError):
         m.partial_fit(sp.csr_matrix(np.ones((3, V + 1))))
+    back = LatentDirichletAllocation.load(m.save(tmp_path / "m"))
+    assert back.n_batch_iter_ == 4
+    np.testing.assert_array_equal(back.components_, m.components_)
 
 
 def test_online_lda_perplexity_stop_and_random_starts(counts):
@@ -126,6 +129,10 @@ def test_plan_batches_is_gen_batches_across_partitions():
             [(3, 28, 30)]]
     assert got == want
     assert [b[0][3] for b in plan] == [s.start for s in gen_batches(30, 7)]
+    cut = plan_batches(bounds, 7, split=3)  # pieces of at most 3 units, the same batches
+    assert [[(p[3], p[3] + p[2] - p[1]) for p in b] for b in cut][:2] == [[(0, 3), (3, 5), (5, 7)],
+                                                                            [(7, 10), (10, 12), (12, 13), (13, 14)]]
+    assert all(max(p[2] - p[1] for p in b) <= 3 for b in cut)
 
 
 @pytest.mark.parametrize("kind", ["outer", "elementwise", "total"])
@@ -245,6 +252,8 @@ def test_hmms_online(two_blobs):
     Y = np.random.default_rng(0).integers(0, 3, (400, 1))
     c.partial_fit(Y[:200], [100, 100]).partial_fit(Y[200:], [50] * 4)
     assert c.n_batch_iter_ == 3 and np.allclose(c.emissionprob_.sum(1), 1.0)
+    with pytest.raises(DataError, match="symbol 5"):  # a later batch is checked against the model
+        c.partial_fit(np.full((10, 1), 5))
 
 
 # -- bad input ---------------------------------------------------------------------------

@@ -397,6 +397,7 @@ class LatentDirichletAllocation(LDAOnlineMixin, LDAApplyMixin, ClassNamePrefixFe
             "doc_topic_prior_": "array" if np.ndim(self.doc_topic_prior_) else self.doc_topic_prior_,
             "topic_word_prior_": self.topic_word_prior_,
             "bound_": _finite_or_none(getattr(self, "bound_", None)),
+            "n_batch_iter_": int(self.n_batch_iter_),
         }}
 
     def _restore_arrays(self, arrays: dict[str, np.ndarray], meta: dict) -> None:
@@ -407,6 +408,8 @@ class LatentDirichletAllocation(LDAOnlineMixin, LDAApplyMixin, ClassNamePrefixFe
         self.topic_word_prior_ = float(extra["topic_word_prior_"])
         if extra.get("bound_") is not None:  # models saved before bound_ have none
             self.bound_ = float(extra["bound_"])
+        if extra.get("n_batch_iter_") is not None:  # nor before online learning
+            self._n_batch_iter = int(extra["n_batch_iter_"])
 
     def _after_load(self, meta: dict) -> None:
         path = meta.get("_loaded_from", "?")

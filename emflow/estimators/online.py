@@ -52,6 +52,9 @@ __all__ = ["METHODS", "OnlineSchedule", "OnlineState", "StepwiseEM", "check_meth
            "plan_batches", "run_online", "OnlineEMMixin", "OnlineFitMixin", "check_online_call"]
 
 METHODS = ("batch", "online")
+# a mini-batch's E-step runs as at most this many tasks (pieces of at least MIN_PIECE units)
+BATCH_TASKS = 8
+MIN_PIECE = 256
 
 
 @dataclass(frozen=True)
@@ -235,10 +238,16 @@ class StepwiseEM:
 
 
 # -- mini-batches through the engine -------------------------------------------------------
-def plan_batches(bounds: list[tuple[int, int]], batch_size: int) -> list[list[tuple[int, int, int, int]]]:
-    """scikit-learn's ``gen_batches`` over the global units, each batch as the partitions it
-    overlaps: ``[(partition, local_lo, local_hi, global_lo), ...]``."""
+def plan_batches(bounds: list[tuple[int, int]], batch_size: int, split: int = 1) -> list[list[tuple[int, int, int, int]]]:
+    """scikit-learn's ``gen_batches`` over the global units, each batch as the pieces of the
+    partitions it overlaps: ``[(partition, local_lo, local_hi, global_lo), ...]``.
+
+    ``split`` cuts every batch into pieces of at most ``ceil(batch_size / split)`` units, so
+    that one batch's E-step runs as several tasks; the cut depends on nothing but these
+    arguments (not on the machine), so neither does the answer.
+    """
     n = bounds[-1][1] if bounds else 0
+    step = max(1, -(-batch_size // max(1, split)))
     out = []
     p = 0
     for a in range(0, n, batch_size):
@@ -248,8 +257,8 @@ def plan_batches(bounds: list[tuple[int, int]], batch_size: int) -> list[list[tu
         pieces, q = [], p
         while q < len(bounds) and bounds[q][0] < b:
             lo, hi = max(a, bounds[q][0]), min(b, bounds[q][1])
-            if hi > lo:
-                pieces.append((q, lo - bounds[q][0], hi - bounds[q][0], lo))
+            for c in range(lo, hi, step):
+                pieces.append((q, c - bounds[q][0], min(hi, c + step) - bounds[q][0], c))
             q += 1
         out.append(pieces)
     return out
@@ -303,8 +312,10 @@ def run_online(engine, loaded, stepwise: StepwiseEM, params, state: OnlineState,
     """
     callbacks = list(callbacks)
     bounds = _units_bounds(loaded)
-    size = batch_size or max(1, bounds[-1][1] if bounds else 1)
-    batches = plan_batches(bounds, size)
+    if batch_size is None:  # the data as one batch, in the engine's partitions
+        batches = plan_batches(bounds, max(1, bounds[-1][1] if bounds else 1))
+    else:  # a batch's pieces: at most BATCH_TASKS per batch, none below MIN_PIECE units
+        batches = plan_batches(bounds, batch_size, split=max(1, min(BATCH_TASKS, batch_size // MIN_PIECE)))
     history, seconds, reports = [], [], []
     converged = False
     for p in range(n_passes):
@@ -422,7 +433,10 @@ class OnlineEMMixin:
                         raise FeatureMismatchError(
                             f"X has {d} feature(s), but {type(self).__name__} is being fitted online on {known}: "
                             "every batch of partial_fit needs the same columns, in the same order.")
-                self._prepare(engine, loaded)
+                if state is None:
+                    self._prepare(engine, loaded)
+                elif hasattr(self, "_check_data"):  # a later batch is checked against the model (HMM symbols)
+                    self._check_data(engine, loaded)
                 seed = self._seed()
                 stepwise = StepwiseEM(self._em_family())
                 if state is None:
