@@ -4,6 +4,9 @@ brute-force NumPy update, the gap to the batch optimum, and the bad input."""
 
 from __future__ import annotations
 
+import copy
+import warnings
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -169,6 +172,22 @@ def test_first_partial_fit_on_all_the_data_is_one_batch_em_step(two_blobs, ct):
     online = GaussianMixture(3, covariance_type=ct, scheduler="threads", **init).partial_fit(two_blobs)
     for attr in ("weights_", "means_", "covariances_", "precisions_cholesky_"):
         np.testing.assert_array_equal(getattr(online, attr), getattr(batch, attr))
+    assert online.n_batch_iter_ == 2
+    # after an online fit, partial_fit goes on with its running statistics
+    online.fit(two_blobs, method="online", batch_size=4000, shuffle=False)
+    assert online.n_batch_iter_ == 3
+    assert online.partial_fit(two_blobs[:100]).n_batch_iter_ == 4
+    # after a batch fit, the running statistics start afresh from that fit
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        online.set_params(max_iter=3).fit(two_blobs)
+    stepped = copy.deepcopy(online).set_params(warm_start=True, max_iter=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stepped.fit(two_blobs)  # one EM step from the online fit's parameters
+    online.partial_fit(two_blobs)
+    for attr in ("weights_", "means_", "covariances_"):
+        np.testing.assert_array_equal(getattr(online, attr), getattr(stepped, attr))
     assert online.n_batch_iter_ == 2
 
 

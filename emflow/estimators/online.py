@@ -21,12 +21,16 @@ The estimators' side (:class:`OnlineEMMixin`) is the scikit-learn-like surface:
 
 * ``partial_fit(X, ...)``: one stepwise update with ``X`` as the mini-batch (the first call
   initialises, as ``fit`` would, from ``X``); the schedule's keywords given on the first
-  call are kept for the later ones;
+  call are kept for the later ones. On a model fitted by ``fit`` (or loaded), the running
+  statistics start afresh from its parameters: the first call is one EM step on ``X``;
 * ``fit(data, ..., method="online", batch_size=..., learning_decay=..., learning_offset=...,
   polyak=..., n_passes=..., shuffle=...)``: ``n_passes`` passes over stored (or in-memory)
-  data in mini-batches. ``history_`` then holds, per pass, the mean log-likelihood of the
-  batches under the parameters each batch met (a progressive estimate: no extra pass is
-  made), ``n_iter_`` the passes and ``n_batch_iter_`` the updates plus one.
+  data in mini-batches, from one initialisation (``n_init`` is not used; ``warm_start``
+  starts from the fitted parameters). ``history_`` then holds, per pass, the mean
+  log-likelihood of the batches under the parameters each batch met (a progressive
+  estimate: no extra pass is made), ``n_iter_`` the passes, ``n_batch_iter_`` the updates
+  plus one, and ``converged_`` whether the last two passes' estimates differ by less than
+  ``tol``.
 
 Streamed (not resident) data: each batch reads the partitions it overlaps, so a pass reads
 a partition about ``partition rows / batch_size`` times; keep such data resident
@@ -150,6 +154,7 @@ class OnlineState:
     units: float = 0.0
     n_features: int | None = None
     params: Any = None
+    fit_info: dict | None = None  # the fit_info_ of the fit this state belongs to
 
 
 # -- what a family's statistics need -----------------------------------------------------
@@ -386,12 +391,13 @@ class OnlineEMMixin:
                 result = run_online(engine, loaded, stepwise, params, state, total=self._online_total(loaded),
                                     batch_size=sched.batch_size, n_passes=sched.n_passes, shuffle=sched.shuffle,
                                     rng=rng, seed=(seed, 0), callbacks=[self._watch_online(set()), *callbacks])
-                result.converged = len(result.history) >= 2 and abs(result.history[-1] - result.history[-2]) < float(
-                    getattr(self, "tol", 0.0))
+                h = result.history  # the change between the last two passes' estimates, against tol
+                result.converged = len(h) >= 2 and abs(h[-1] - h[-2]) < self._em_tol(loaded)
                 self._set_fit_result(result, loaded, engine, method="online",
                                      online=dataclasses.asdict(sched), n_batches=len(result.seconds))
             finally:
                 loaded.release()
+        state.fit_info = self.fit_info_
         self._online_state = state
         self.n_batch_iter_ = state.t
         return self
@@ -421,6 +427,8 @@ class OnlineEMMixin:
             ``X`` has another number of features than the first batch.
         """
         state: OnlineState | None = getattr(self, "_online_state", None)
+        if state is not None and state.fit_info is not getattr(self, "fit_info_", None):
+            state = None  # fitted again since (fit, or parameters loaded): start from that fit
         sched = online_schedule(state.schedule if state is not None else None, **online)
         self._validate_params()
         with self._session() as engine:
@@ -453,6 +461,7 @@ class OnlineEMMixin:
                                      n_batches=state.t - 1)
             finally:
                 loaded.release()
+        state.fit_info = self.fit_info_
         self._online_state = state
         self.n_batch_iter_ = state.t
         return self
