@@ -303,3 +303,16 @@ def test_bad_method_and_lda_settings(tmp_path):
             LatentDirichletAllocation(2, **kw).fit(missing)
         with pytest.raises(ConfigError):
             LatentDirichletAllocation(2, **kw).partial_fit(missing)
+
+
+@pytest.mark.slow  # a Dask cluster and many small tasks
+def test_online_fits_on_dask_equal_the_threads_ones(two_blobs, counts, tmp_path, dask_client):
+    kw = dict(method="online", batch_size=700, shuffle=False)
+    a = GaussianMixture(3, random_state=0, scheduler=dask_client).fit(two_blobs, **kw)
+    b = GaussianMixture(3, random_state=0, scheduler="threads").fit(two_blobs, **kw)
+    assert rel(a.means_, b.means_) < 1e-12 and rel(a.covariances_, b.covariances_) < 1e-12
+    path = write_corpus(tmp_path / "c.zarr", counts, chunk_docs=16)
+    lda = dict(learning_method="online", batch_size=40, max_iter=2, random_state=0)
+    la = LatentDirichletAllocation(3, scheduler=dask_client, **lda).fit(path)
+    lb = LatentDirichletAllocation(3, scheduler="threads", **lda).fit(path)
+    assert rel(la.components_, lb.components_) < 1e-12 and la.n_batch_iter_ == lb.n_batch_iter_ == 9
