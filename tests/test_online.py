@@ -263,7 +263,7 @@ def test_hmms_online(two_blobs):
     for attr in ("startprob_", "transmat_", "means_", "_covars_"):
         np.testing.assert_array_equal(getattr(first, attr), getattr(one, attr))
     best = hmm(n_iter=200, tol=1e-8).fit(X, lengths).score(X, lengths)
-    m = hmm().fit(X, lengths, method="online", batch_size=5, n_passes=2)
+    m = hmm().fit(X, lengths=lengths, method="online", batch_size=5, n_passes=2)
     assert 0 <= (best - m.score(X, lengths)) / abs(best) < 1e-2
     with pytest.raises(FeatureMismatchError):
         first.partial_fit(np.zeros((10, 3)))

@@ -471,14 +471,21 @@ class OnlineFitMixin(OnlineEMMixin):
     """:class:`OnlineEMMixin` plus a ``fit`` that takes ``method="online"`` and the schedule's
     keywords, for an estimator whose ``fit`` is inherited (the HMMs)."""
 
-    def fit(self, X, *args, method: str = "batch", callbacks=(), **kwargs):
-        """``method="batch"`` (default): the estimator's own ``fit``; ``"online"``: stepwise EM
-        in mini-batches, with ``batch_size``, ``learning_decay``, ``learning_offset``,
-        ``polyak``, ``n_passes``, ``shuffle`` (see :mod:`emflow.estimators.online`)."""
+    def fit(self, X, lengths=None, *, method: str = "batch", callbacks=(), **kwargs):
+        """Fit by Baum-Welch (``method="batch"``, the default: the estimator's own ``fit``,
+        which takes ``initial_params`` and ``history`` too) or by stepwise EM in mini-batches
+        of ``batch_size`` sequences (``method="online"``, with ``learning_decay``,
+        ``learning_offset``, ``polyak``, ``n_passes``, ``shuffle``: see
+        :mod:`emflow.estimators.online`).
+
+        Returns
+        -------
+        self
+        """
         names = {f.name for f in dataclasses.fields(OnlineSchedule)}
         online = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
         if check_online_call(method, online):
             if kwargs:
                 raise ConfigError(f"{sorted(kwargs)[0]!r} is not an option of fit(method='online').")
-            return self._fit_online(X, *args, callbacks=callbacks, **online)
-        return super().fit(X, *args, callbacks=callbacks, **kwargs)
+            return self._fit_online(X, lengths, callbacks=callbacks, **online)
+        return super().fit(X, lengths, callbacks=callbacks, **kwargs)
