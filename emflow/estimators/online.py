@@ -393,14 +393,18 @@ class OnlineEMMixin:
                                     rng=rng, seed=(seed, 0), callbacks=[self._watch_online(set()), *callbacks])
                 h = result.history  # the change between the last two passes' estimates, against tol
                 result.converged = len(h) >= 2 and abs(h[-1] - h[-2]) < self._em_tol(loaded)
-                self._set_fit_result(result, loaded, engine, method="online",
-                                     online=dataclasses.asdict(sched), n_batches=len(result.seconds))
+                self._finish_online(result, loaded, engine, state)
             finally:
                 loaded.release()
+        return self
+
+    def _finish_online(self, result: EMResult, loaded, engine, state: OnlineState) -> None:
+        """The fitted state of an online fit or update, and the running state kept with it."""
+        self._set_fit_result(result, loaded, engine, method="online", online=dataclasses.asdict(state.schedule),
+                             n_batches=state.t - 1)
         state.fit_info = self.fit_info_
         self._online_state = state
         self.n_batch_iter_ = state.t
-        return self
 
     def partial_fit(self, X, *args, **online):
         """One stepwise-EM update with ``X`` as the mini-batch (in memory or stored).
@@ -457,13 +461,9 @@ class OnlineEMMixin:
                 result = run_online(engine, loaded, stepwise, params, state, total=None, seed=(seed, 0),
                                     callbacks=[self._watch_online(set())])
                 result.converged = False
-                self._set_fit_result(result, loaded, engine, method="online", online=dataclasses.asdict(sched),
-                                     n_batches=state.t - 1)
+                self._finish_online(result, loaded, engine, state)
             finally:
                 loaded.release()
-        state.fit_info = self.fit_info_
-        self._online_state = state
-        self.n_batch_iter_ = state.t
         return self
 
 
