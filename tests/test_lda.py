@@ -320,7 +320,7 @@ def test_bad_input_errors(tmp_path):
         zarr.open_group(tmp_path / "empty.zarr", mode="w")
         open_corpus(tmp_path / "empty.zarr")
     for kw in [{"n_components": 0}, {"doc_topic_prior": -1.0}, {"doc_topic_init": "zeros"},
-               {"max_iter": -1}, {"split_every": 1}, {"learning_method": "online"}, {"learning_method": "em"},
+               {"max_iter": -1}, {"split_every": 1}, {"learning_decay": 0.5}, {"learning_method": "em"},
                {"learning_offset": 0.5}, {"learning_decay": 1.5}, {"batch_size": 0}, {"total_samples": 0},
                {"n_jobs": 1.5}]:
         with pytest.raises(ConfigError):
@@ -365,8 +365,6 @@ def test_sklearn_attributes_and_methods_agree_with_sklearn(lda_corpus):
     assert m.doc_topic_prior_ == 0.3 and m.topic_word_prior_ == 0.2
     with pytest.raises(ConfigError, match="sub_sampling"):
         m.perplexity(X, sub_sampling="yes")
-    with pytest.raises(NotImplementedError, match="online-EM"):
-        m.partial_fit(X)
 
 
 def test_float32_counts_give_float32_topics_and_dense_equals_sparse():

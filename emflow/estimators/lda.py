@@ -28,6 +28,8 @@ from ..models import lda as M
 from ._lda_apply import LDAApplyMixin
 from .base import EMEstimator, Output
 from .em import EMResult, IterationEvent
+from .online import check_decay
+from ._lda_online import LDAOnlineMixin
 
 __all__ = ["LatentDirichletAllocation"]
 
@@ -36,7 +38,7 @@ DOC_INITS = ("random", "ones")
 LEARNING_METHODS = ("batch", "online")
 
 
-class LatentDirichletAllocation(LDAApplyMixin, ClassNamePrefixFeaturesOutMixin, EMEstimator):
+class LatentDirichletAllocation(LDAOnlineMixin, LDAApplyMixin, ClassNamePrefixFeaturesOutMixin, EMEstimator):
     """Latent Dirichlet allocation fitted by batch variational EM over a partitioned corpus.
 
     Parameters and fitted attributes follow
@@ -51,26 +53,30 @@ class LatentDirichletAllocation(LDAApplyMixin, ClassNamePrefixFeaturesOutMixin, 
         ``alpha``; None means ``1 / n_components``.
     topic_word_prior : float or None, default None
         ``eta``; None means ``1 / n_components``.
-    learning_method : {"batch"}, default "batch"
-        Batch variational EM: one pass over the corpus per iteration. ``"online"``
-        (scikit-learn's mini-batch updates) comes with the online-EM issue; until then it is
-        a ConfigError.
-    learning_decay : float in [0, 1], default 0.7
-        Online learning only (see ``learning_method``); checked, unused in batch.
+    learning_method : {"batch", "online"}, default "batch"
+        ``"batch"``: batch variational EM, one pass over the corpus per iteration.
+        ``"online"``: online variational Bayes (Hoffman, Blei & Bach 2010) as scikit-learn's:
+        each iteration is a pass in mini-batches of ``batch_size`` documents in corpus order
+        (scikit-learn's ``gen_batches``); a batch's E-step runs on the workers holding its
+        documents and ``components_`` moves by ``rho_t = (learning_offset + t) **
+        (-learning_decay)`` towards the batch's estimate (:mod:`emflow.models.lda_online`).
+    learning_decay : float in (0.5, 1], default 0.7
+        ``kappa`` of the online step size (online learning and ``partial_fit``).
     learning_offset : float >= 1, default 10.0
-        Online learning only; checked, unused in batch.
+        ``tau`` of the online step size.
     max_iter : int, default 10
         Passes over the corpus (EM iterations).
     batch_size : int >= 1, default 128
-        Online learning only; checked, unused in batch.
+        Documents per mini-batch (online learning and ``partial_fit``).
     evaluate_every : int, default -1
         Check convergence every this many iterations (<= 0: never; run ``max_iter``).
         The perplexity of the topics entering each iteration comes from that iteration's
         own E-step at no cost (scikit-learn makes one more pass per check, for the topics
         after it); this only sets when the ``perp_tol`` test is made.
     total_samples : float > 0, default 1e6
-        The number of documents the corpus stands for: used by
-        ``perplexity(X, sub_sampling=True)`` (and by online learning).
+        The number of documents the corpus stands for: used by ``partial_fit`` (a batch's
+        statistics are scaled by ``total_samples / batch documents``) and by
+        ``perplexity(X, sub_sampling=True)``.
     perp_tol : float, default 0.1
         Stop when the perplexity changed by less than this between two checks.
     mean_change_tol : float, default 1e-3
@@ -115,16 +121,20 @@ class LatentDirichletAllocation(LDAApplyMixin, ClassNamePrefixFeaturesOutMixin, 
     doc_topic_prior_ : float, or ndarray of shape (n_components,) with ``learn_doc_topic_prior``
     topic_word_prior_ : float
     n_iter_ : int
-        EM iterations done (scikit-learn does not count the iteration whose check stopped it).
+        EM iterations (passes) done (scikit-learn does not count the iteration whose check
+        stopped it).
     n_batch_iter_ : int
-        ``n_iter_ + 1``, as scikit-learn's batch learning counts its update steps.
+        Update steps plus one, as scikit-learn: ``n_iter_ + 1`` in batch learning, one per
+        mini-batch in online learning and ``partial_fit``.
     bound_ : float
         Perplexity of the fitted topics on the training corpus (one pass at the end of fit,
         as scikit-learn); equals ``perplexity(training corpus)``.
     converged_ : bool
         Stopped by ``perp_tol`` before ``max_iter``.
     history_ : list of float
-        Bound per word of the topics entering each iteration (perplexity = exp(-value)).
+        Batch learning: bound per word of the topics entering each iteration (perplexity =
+        exp(-value)). Online learning: bound per word of the topics after each evaluated
+        pass (``evaluate_every``), then of the fitted topics (``-log bound_``).
     lower_bound_ : float
         Last entry of ``history_``.
     n_features_in_ : int
@@ -200,12 +210,7 @@ class LatentDirichletAllocation(LDAApplyMixin, ClassNamePrefixFeaturesOutMixin, 
             check_real(name, getattr(self, name), 0, strict=True, finite=True, allow_none=True,
                        hint=" (None is 1 / n_components)")
         check_choice("learning_method", self.learning_method, LEARNING_METHODS)
-        if self.learning_method == "online":
-            raise ConfigError("learning_method='online' (mini-batch variational Bayes, partial_fit) is not "
-                              "available yet: it comes with the online-EM issue. Use learning_method='batch'.")
-        check_real("learning_decay", self.learning_decay, 0, finite=True)
-        if self.learning_decay > 1:
-            raise ConfigError(f"learning_decay must be a real number in [0, 1], got {self.learning_decay!r}.")
+        check_decay("learning_decay", self.learning_decay)
         check_real("learning_offset", self.learning_offset, 1.0, finite=True)
         check_int("max_iter", self.max_iter, 0)
         check_int("batch_size", self.batch_size, 1)
@@ -218,6 +223,9 @@ class LatentDirichletAllocation(LDAApplyMixin, ClassNamePrefixFeaturesOutMixin, 
         if not isinstance(self.learn_doc_topic_prior, (bool, np.bool_)):
             raise ConfigError(f"learn_doc_topic_prior must be True or False, got {self.learn_doc_topic_prior!r}.")
         check_choice("doc_topic_init", self.doc_topic_init, DOC_INITS)
+        if self.learn_doc_topic_prior and self.learning_method == "online":
+            raise ConfigError("learn_doc_topic_prior=True needs learning_method='batch' (online learning keeps "
+                              "the document-topic prior fixed, as scikit-learn).")
         check_execution(self)
 
     def _random_state(self) -> np.random.RandomState:
@@ -230,8 +238,8 @@ class LatentDirichletAllocation(LDAApplyMixin, ClassNamePrefixFeaturesOutMixin, 
 
     @property
     def n_batch_iter_(self) -> int:
-        """``n_iter_ + 1``, as scikit-learn's batch learning counts its update steps."""
-        return self.n_iter_ + 1
+        """Update steps plus one, as scikit-learn counts them (batch learning: ``n_iter_ + 1``)."""
+        return self.__dict__.get("_n_batch_iter") or self.n_iter_ + 1
 
     # -- fitting ---------------------------------------------------------------------
     def fit(self, data, y=None, *, callbacks: Iterable[Callable[[IterationEvent], None]] = (),
@@ -259,11 +267,6 @@ class LatentDirichletAllocation(LDAApplyMixin, ClassNamePrefixFeaturesOutMixin, 
         self
         """
         return self._fit(data, callbacks=callbacks, initial_params=initial_params, history=history)
-
-    def partial_fit(self, X, y=None):
-        """Online (mini-batch) learning: not available yet; it comes with the online-EM issue."""
-        raise NotImplementedError("LatentDirichletAllocation.partial_fit (online variational Bayes) comes with "
-                                  "the online-EM issue; use fit (batch variational EM) meanwhile.")
 
     # -- the hooks of the estimator contract (emflow.estimator) ---------------------------
     def _priors(self) -> tuple[float, float]:
@@ -345,11 +348,24 @@ class LatentDirichletAllocation(LDAApplyMixin, ClassNamePrefixFeaturesOutMixin, 
         self.vocabulary_ = loaded.data.vocabulary
 
     def _fit_loaded(self, engine: Engine, loaded: Loaded, callbacks, initial_params=None, history=None):
-        super()._fit_loaded(engine, loaded, callbacks, initial_params, history)
+        self.__dict__.pop("_n_batch_iter", None)
+        self.__dict__.pop("_online_state", None)
+        if self.learning_method == "online":
+            if history:
+                raise ConfigError("Resuming online learning from a history is not supported; fit again.")
+            self._fit_online_loaded(engine, loaded, callbacks, initial_params)
+        else:
+            super()._fit_loaded(engine, loaded, callbacks, initial_params, history)
         self.fit_info_["reduction"] = dict(engine.last_reduction)
         # scikit-learn's bound_: the perplexity of the fitted topics (one more pass)
         bound, words, _ = self._bound_loaded(engine, loaded, self._get_parameters())
         self.bound_ = float(np.exp(-bound / words)) if words > 0 else math.nan
+        if self.learning_method == "online" and words > 0:
+            final = bound / words
+            if not self.history_ or self.history_[-1] != final:
+                self.history_.append(final)
+            self.lower_bound_ = final
+            self.lower_bounds_ = list(self.history_)
         return self
 
     def fit_transform(self, data, y=None, *, normalize: bool = True, **kwargs):
@@ -381,6 +397,7 @@ class LatentDirichletAllocation(LDAApplyMixin, ClassNamePrefixFeaturesOutMixin, 
             "doc_topic_prior_": "array" if np.ndim(self.doc_topic_prior_) else self.doc_topic_prior_,
             "topic_word_prior_": self.topic_word_prior_,
             "bound_": _finite_or_none(getattr(self, "bound_", None)),
+            "n_batch_iter_": int(self.n_batch_iter_),
         }}
 
     def _restore_arrays(self, arrays: dict[str, np.ndarray], meta: dict) -> None:
@@ -391,6 +408,8 @@ class LatentDirichletAllocation(LDAApplyMixin, ClassNamePrefixFeaturesOutMixin, 
         self.topic_word_prior_ = float(extra["topic_word_prior_"])
         if extra.get("bound_") is not None:  # models saved before bound_ have none
             self.bound_ = float(extra["bound_"])
+        if extra.get("n_batch_iter_") is not None:  # nor before online learning
+            self._n_batch_iter = int(extra["n_batch_iter_"])
 
     def _after_load(self, meta: dict) -> None:
         path = meta.get("_loaded_from", "?")

@@ -17,6 +17,7 @@ from .em import IterationEvent
 from ..execution.engine import Engine, Loaded, sample_rows
 from ..errors import ConfigError, DegenerateComponentWarning, FeatureMismatchError
 from .base import EMEstimator, Output
+from .online import OnlineEMMixin, check_online_call
 from .outputs import write_rows, write_rows_at
 from ..models import gmm as G
 from ..models import kmeans as KM
@@ -81,7 +82,7 @@ def _predict_part(X, w, params, kind: str, out_url: str | None, start: int):
     return None
 
 
-class GaussianMixture(EMEstimator):
+class GaussianMixture(OnlineEMMixin, EMEstimator):
     """Gaussian mixture model fitted by EM over partitions of a (possibly huge) dataset.
 
     Parameters follow :class:`sklearn.mixture.GaussianMixture`.
@@ -329,8 +330,10 @@ class GaussianMixture(EMEstimator):
         return G.GMMParams(weights.copy(), means.copy(), cov, pc, ct)
 
     # -- fitting ---------------------------------------------------------------------
-    def fit(self, data, y=None, sample_weight=None, *, callbacks: Iterable[Callable[[IterationEvent], None]] = (),
-            initial_params: G.GMMParams | None = None, history: list[float] | None = None) -> "GaussianMixture":
+    def fit(self, data, y=None, sample_weight=None, *, method: str = "batch",
+            callbacks: Iterable[Callable[[IterationEvent], None]] = (),
+            initial_params: G.GMMParams | None = None, history: list[float] | None = None,
+            **online) -> "GaussianMixture":
         """Fit the mixture by EM.
 
         Parameters
@@ -348,11 +351,18 @@ class GaussianMixture(EMEstimator):
         initial_params, history
             Resume from a checkpoint: start EM from these parameters with the iterations
             already recorded in ``history`` (``n_init`` must be 1).
+        method : {"batch", "online"}, default "batch"
+            ``"online"``: stepwise EM in mini-batches (:mod:`emflow.estimators.online`).
+        **online
+            With ``method="online"``: ``batch_size``, ``learning_decay``, ``learning_offset``,
+            ``polyak``, ``n_passes``, ``shuffle`` (:class:`~emflow.estimators.online.OnlineSchedule`).
 
         Returns
         -------
         self
         """
+        if check_online_call(method, online):
+            return self._fit_online(data, y, sample_weight, callbacks=callbacks, **online)
         return self._fit(data, sample_weight, callbacks=callbacks, initial_params=initial_params, history=history)
 
     def _open(self, engine, data, sample_weight=None):

@@ -202,9 +202,11 @@ class Engine(ClusterWatch):
         the cores and run many times slower."""
         if self.n_threads <= 1:
             return contextlib.nullcontext()
-        from threadpoolctl import threadpool_limits
+        if getattr(self, "_blas", None) is None:  # scanning the loaded libraries costs ~10 ms: once
+            from threadpoolctl import ThreadpoolController
 
-        return threadpool_limits(limits=1, user_api="blas")
+            self._blas = ThreadpoolController()
+        return self._blas.limit(limits=1, user_api="blas")
 
     def _threads(self) -> ThreadPoolExecutor:
         if self._pool is None:

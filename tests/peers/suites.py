@@ -8,7 +8,7 @@ emflow names it needs, and the tests left out, each with its reason. Two kinds o
     Tests of the peer's private helpers (functions or methods whose name starts with ``_``,
     internal modules): deselected, never run. Allowed for nothing else.
 ``xfail``
-    Run, but expected to fail until a named issue lands (online LDA); reported as XFAIL
+    Run, but expected to fail until a named issue lands; reported as XFAIL
     (or XPASS), never hidden.
 
 Patterns are matched against ``Class::test_name[params]`` (``Class::`` only inside a
@@ -22,8 +22,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 __all__ = ["Suite", "SUITES", "suite_by_name"]
-
-ONLINE_LDA = "expected to fail until the online-EM issue (learning_method='online', partial_fit)"
 
 
 @dataclass(frozen=True)
@@ -142,17 +140,6 @@ SUITES = (
                 _PRIVATE_SK.format("_dirichlet_expectation_1d/_2d (Cython)"),
             "test_lda_preplexity_mismatch":
                 "tests the private method LatentDirichletAllocation._perplexity_precomp_distr",
-        },
-        xfail={
-            "test_lda_fit_online": ONLINE_LDA,
-            "test_lda_partial_fit": ONLINE_LDA,
-            "test_lda_partial_fit_multi_jobs": ONLINE_LDA,
-            "test_lda_fit_transform[*online*]": ONLINE_LDA,
-            "test_lda_multi_jobs[*online*]": ONLINE_LDA,
-            "test_lda_perplexity[*online*]": ONLINE_LDA,
-            "test_lda_score[*online*]": ONLINE_LDA,
-            "test_lda_dtype_match[*online*]": ONLINE_LDA,
-            "test_lda_numerical_consistency[*online*]": ONLINE_LDA,
         },
     ),
     Suite(
