@@ -19,7 +19,9 @@ from ..errors import ConfigError, DegenerateComponentWarning, FeatureMismatchErr
 from .base import EMEstimator, Output
 from .outputs import write_rows, write_rows_at
 from ..models import gmm as G
+from ..models import gmm_missing as GM
 from ..models import kmeans as KM
+from .mixture_missing import MISSING, MissingGMMFamily, MissingValuesMixin, filling_engine
 
 __all__ = ["GaussianMixture", "GMMFamily"]
 
@@ -67,21 +69,24 @@ def _random_resp_stats(X, w, seed: int, K: int, shift, covariance_type: str, sta
 
 
 def _loglik_stats(X, w, params):
-    lse, _ = G.posterior(X, params)
+    lse, _ = GM.posterior(X, params)
     s = lse.sum() if w is None else lse @ np.asarray(w, dtype=np.float64)
     return np.array([s, float(len(X)) if w is None else float(np.sum(w)), float(len(X))])
 
 
 def _predict_part(X, w, params, kind: str, out_url: str | None, start: int):
-    lse, resp = G.posterior(X, params)
-    result = {"labels": lambda: resp.argmax(axis=1), "proba": lambda: resp, "score": lambda: lse}[kind]()
+    if kind == "impute":
+        result = GM.impute(X, params, start)
+    else:
+        lse, resp = GM.posterior(X, params, start)
+        result = {"labels": lambda: resp.argmax(axis=1), "proba": lambda: resp, "score": lambda: lse}[kind]()
     if out_url is None:
         return result
     write_rows_at(out_url, start, result)
     return None
 
 
-class GaussianMixture(EMEstimator):
+class GaussianMixture(MissingValuesMixin, EMEstimator):
     """Gaussian mixture model fitted by EM over partitions of a (possibly huge) dataset.
 
     Parameters follow :class:`sklearn.mixture.GaussianMixture`.
@@ -127,6 +132,11 @@ class GaussianMixture(EMEstimator):
         twice as fast; statistics and log-likelihood are still summed in float64 across
         blocks, partitions and workers (the log-likelihood then agrees with the float64 run
         to ~1e-7 relative on well-scaled data).
+    missing : {"error", "marginalize"}, default "error"
+        What a NaN in the data means. ``"error"``: bad data (NonFiniteDataError). ``"marginalize"``:
+        a value missing at random; EM uses each row's observed values (exact EM, Ghahramani and
+        Jordan 1994), and ``predict``, ``predict_proba``, ``score_samples`` marginalise the
+        missing values; ``impute`` fills them in. A row with no observed value is a DataError.
 
     Attributes
     ----------
@@ -153,13 +163,14 @@ class GaussianMixture(EMEstimator):
     fitted = {"weights": "weights_", "means": "means_", "covariances": "covariances_",
               "precisions_cholesky": "precisions_cholesky_"}
     outputs = {"labels": Output("predict", True), "proba": Output("predict_proba", True),
-               "log_likelihood": Output("score_samples")}
+               "log_likelihood": Output("score_samples"), "imputed": Output("impute")}
     array_params = _INIT_ARRAYS
     summary_arrays = {"weights": "weights_"}
     _param_rules = {
         "n_components": Int(1), "covariance_type": Choice(*G.COVARIANCE_TYPES), "tol": Real(0),
         "reg_covar": Real(0, finite=True), "max_iter": Int(0), "n_init": Int(1),
         "init_params": Choice(*INIT_PARAMS), "compute_dtype": Choice("float64", "float32"), "warm_start": Flag(),
+        "missing": Choice(*MISSING),
     }
 
     def __init__(
@@ -183,6 +194,7 @@ class GaussianMixture(EMEstimator):
         split_every: int = 8,
         partition_bytes: int | None = None,
         compute_dtype: str = "float64",
+        missing: str = "error",
     ):
         self.n_components = n_components
         self.covariance_type = covariance_type
@@ -202,6 +214,7 @@ class GaussianMixture(EMEstimator):
         self.split_every = split_every
         self.partition_bytes = partition_bytes
         self.compute_dtype = compute_dtype
+        self.missing = missing
 
     # -- validation ------------------------------------------------------------------
     def _check_inits(self, d: int) -> None:
@@ -265,6 +278,8 @@ class GaussianMixture(EMEstimator):
     def _initial_params(self, engine: Engine, loaded: Loaded, rng: np.random.Generator) -> G.GMMParams:
         K, ct, reg = self.n_components, self.covariance_type, self.reg_covar
         d = loaded.data.n_features
+        if self.missing == "marginalize":  # the starts see NaN filled with column means
+            engine = filling_engine(engine, loaded)
         given = [self.weights_init, self.means_init, self.precisions_init]
         if all(x is not None for x in given):
             base = None
@@ -349,7 +364,7 @@ class GaussianMixture(EMEstimator):
 
     def _open(self, engine, data, sample_weight=None):
         return engine.open(data, sample_weight, min_rows=self.n_components, persist=self.persist,
-                           **self._partitioning())
+                           **self._partitioning(), allow_nan=self.missing == "marginalize")
 
     def _prepare(self, engine, loaded) -> None:
         self._check_inits(loaded.data.n_features)
@@ -360,7 +375,8 @@ class GaussianMixture(EMEstimator):
         return (X,), {"n_components": 2, "random_state": 0, "tol": 0.0}
 
     def _em_family(self) -> GMMFamily:
-        return GMMFamily(self.covariance_type, float(self.reg_covar), self.compute_dtype)
+        fam = GMMFamily(self.covariance_type, float(self.reg_covar), self.compute_dtype)
+        return MissingGMMFamily(fam) if self.missing == "marginalize" else fam
 
     def _watch(self, event: IterationEvent, warned: set) -> None:
         for k in event.report.get("empty_components", []):
@@ -420,16 +436,16 @@ class GaussianMixture(EMEstimator):
                 raise DataError(f"The data have dtype {X.dtype}; convert to float64 first.")
             from ..storage.data import _check_finite
 
-            _check_finite(X, None, "The data", 0)
+            _check_finite(X, None, "The data", 0, allow_nan=self.missing == "marginalize")
             if out is None:
                 return _predict_part(X, None, self._params, kind, None, 0)
         with engine_for(self.scheduler, split_every=self.split_every) as engine:
-            loaded = engine.open(data, persist=False, **self._partitioning())
+            loaded = engine.open(data, persist=False, **self._partitioning(), allow_nan=self.missing == "marginalize")
             try:
                 self._check_features(loaded.data.n_features)
                 starts = [a for a, _ in loaded.data.bounds]
                 if out is None:
-                    width = self.n_components if kind == "proba" else 1
+                    width = {"proba": self.n_components, "impute": loaded.data.n_features}.get(kind, 1)
                     nbytes = loaded.data.n_rows * width * 8
                     if nbytes > MAX_IN_MEMORY_RESULT:
                         raise ConfigError(
@@ -444,7 +460,8 @@ class GaussianMixture(EMEstimator):
 
     def _write_output(self, engine, loaded, kind, out, starts, overwrite=False, data=None):
         n, K = loaded.data.n_rows, self.n_components
-        shape, dtype = {"labels": ((n,), "int64"), "proba": ((n, K), "float64"), "score": ((n,), "float64")}[kind]
+        shape, dtype = {"labels": ((n,), "int64"), "proba": ((n, K), "float64"), "score": ((n,), "float64"),
+                        "impute": ((n, loaded.data.n_features), "float64")}[kind]
         # output chunks = the partitions' common step, so no two tasks write one chunk
         chunk = math.gcd(*[a for a, _ in loaded.data.bounds if a > 0]) or n
 
@@ -473,7 +490,8 @@ class GaussianMixture(EMEstimator):
     def _loglik_total(self, data, sample_weight=None) -> tuple[float, float, float]:
         self._check_fitted()
         with engine_for(self.scheduler, split_every=self.split_every) as engine:
-            loaded = engine.open(data, sample_weight, persist=False, **self._partitioning())
+            loaded = engine.open(data, sample_weight, persist=False, **self._partitioning(),
+                                 allow_nan=self.missing == "marginalize")
             try:
                 self._check_features(loaded.data.n_features)
                 tot = engine.map_reduce(_loglik_stats, loaded, self._params)
