@@ -146,15 +146,16 @@ def _incomplete(X, miss, w, params: G.GMMParams, *, stats: bool = False, fill: b
                 s.s2[...] += wr.T @ Xb**2 + Nm * (mc**2 + var)
             if fill:
                 xhat[a:b] = g + Xb + (1.0 - Ob) * (r @ mc)
-        _finish(s, n, w)
+        _finish(s, lse, w)
         return lse, resp, s, xhat
     return _incomplete_matrix(Xc, obs, miss, w, params, mc, log_w, lse, resp, s, xhat, g)
 
 
-def _finish(s, n, w):
+def _finish(s, lse, w):
     if s is not None:
-        s.weight_sum[...] = float(n) if w is None else float(np.sum(w))
-        s.n_rows[...] = float(n)
+        s.loglik[...] = lse.sum() if w is None else lse @ w
+        s.weight_sum[...] = float(len(lse)) if w is None else float(np.sum(w))
+        s.n_rows[...] = float(len(lse))
 
 
 def _pattern_terms(O: np.ndarray, Sig: np.ndarray):
@@ -234,5 +235,5 @@ def _incomplete_matrix(Xc, obs, miss, w, params, mc, log_w, lse, resp, s, xhat, 
                 s.s2[...] += np.einsum("p,pij->ij", Npk.sum(axis=1), C[:, 0])
             else:
                 s.s2[...] += np.einsum("pk,pkij->kij", Npk, C)
-    _finish(s, n, w)
+    _finish(s, lse, w)
     return lse, resp, s, xhat
