@@ -21,6 +21,7 @@ from .outputs import write_rows, write_rows_at
 from ..models import gmm as G
 from ..models import gmm_missing as GM
 from ..models import kmeans as KM
+from ._mixture_inits import check_inits
 from .mixture_missing import MISSING, MissingGMMFamily, MissingValuesMixin, filling_engine
 
 __all__ = ["GaussianMixture", "GMMFamily"]
@@ -218,41 +219,7 @@ class GaussianMixture(MissingValuesMixin, EMEstimator):
 
     # -- validation ------------------------------------------------------------------
     def _check_inits(self, d: int) -> None:
-        """scikit-learn's checks of ``weights_init``, ``means_init``, ``precisions_init``
-        (its wording, which its users' code and tests match)."""
-        K, ct = self.n_components, self.covariance_type
-
-        def shape_error(name, got, want, param):
-            return ConfigError(f"The parameter '{name}' should have the shape of {want}, but got {got} ({param}).")
-
-        if self.weights_init is not None:
-            w = np.asarray(self.weights_init, dtype=np.float64)
-            if w.shape != (K,):
-                raise shape_error("weights", w.shape, (K,), "weights_init")
-            if np.any(w < 0) or np.any(w > 1):
-                # scikit-learn's message, word for word (its "max value" is the minimum)
-                raise ConfigError(f"The parameter 'weights' should be in the range [0, 1], but got max value "
-                                  f"{np.min(w):.5f}, min value {np.max(w):.5f} (weights_init: its values lie in "
-                                  f"[{np.min(w):.5g}, {np.max(w):.5g}])")
-            if not np.isclose(w.sum(), 1.0, rtol=0, atol=1e-6):
-                raise ConfigError(f"The parameter 'weights' should be normalized, but got sum(weights) = "
-                                  f"{w.sum():.5f} (weights_init). Normalise it: w / w.sum().")
-        if self.means_init is not None:
-            m = np.asarray(self.means_init, dtype=np.float64)
-            if m.shape != (K, d):
-                raise shape_error("means", m.shape, (K, d), f"means_init, for data with {d} features")
-        if self.precisions_init is not None:
-            p = np.asarray(self.precisions_init, dtype=np.float64)
-            shape = {"full": (K, d, d), "tied": (d, d), "diag": (K, d), "spherical": (K,)}[ct]
-            if p.shape != shape:
-                raise shape_error(f"{ct} precision", p.shape, shape, f"precisions_init, covariance_type={ct!r}")
-            if ct in ("full", "tied"):
-                mats = p[None] if ct == "tied" else p
-                for mtx in mats:
-                    if not np.allclose(mtx, mtx.T) or np.any(np.linalg.eigvalsh(mtx) <= 0):
-                        raise ConfigError(f"'{ct} precision' should be symmetric, positive-definite (precisions_init)")
-            elif np.any(p <= 0):
-                raise ConfigError(f"'{ct} precision' should be positive (precisions_init)")
+        check_inits(self, d)
 
     def _partitioning(self) -> dict:
         return {} if self.partition_bytes is None else {"partition_bytes": int(self.partition_bytes)}

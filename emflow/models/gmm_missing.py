@@ -185,7 +185,6 @@ def _incomplete_matrix(Xc, obs, miss, w, params, mc, log_w, lse, resp, s, xhat, 
     Sig = Sig[None] if ct == "tied" else Sig
     Kc = Sig.shape[0]
     stats, fill = s is not None, xhat is not None
-    n = Xc.shape[0]
     # group rows by missingness pattern
     packed = np.ascontiguousarray(np.packbits(miss, axis=1))
     keys = packed.view(np.dtype((np.void, packed.shape[1]))).ravel()
@@ -229,7 +228,10 @@ def _incomplete_matrix(Xc, obs, miss, w, params, mc, log_w, lse, resp, s, xhat, 
                 WX = Xh * wr.T[:, :, None]
                 M2 = np.matmul(WX.transpose(0, 2, 1), Xh)  # (K, d, d)
                 s.s2[...] += M2.sum(axis=0) if ct == "tied" else M2
-                np.add.at(Npk, pid, wr)
+                # rows are sorted by pattern: one sum per run of equal patterns
+                cut = np.flatnonzero(np.diff(pid)) + 1
+                seg = np.concatenate([[0], cut])
+                Npk[pid[seg]] += np.add.reduceat(wr, seg, axis=0)
         if stats:
             if Kc == 1:
                 s.s2[...] += np.einsum("p,pij->ij", Npk.sum(axis=1), C[:, 0])
