@@ -13,9 +13,9 @@ same shift, the same shapes), so partitions add and :func:`emflow.models.gmm.m_s
 M-step. Complete rows go through the complete-data kernel unchanged: with no NaN the E-step
 *is* :func:`emflow.models.gmm.e_step`.
 
-Full and tied covariances: rows are grouped by their missingness pattern and the per-pattern
-terms (``Sigma_oo^{-1}`` embedded in a d x d matrix, its log-determinant, the conditional
-covariance) are computed once per pattern and component, for many patterns at a time.
+Full and tied covariances: rows are grouped by their missingness pattern; a pattern with
+``t`` missing values costs one t x t factorisation per component (of the precision's missing
+block, see :func:`_incomplete_matrix`), computed for many patterns at a time.
 Diagonal and spherical covariances need no grouping (the coordinates are independent given
 the component). Arithmetic is float64 throughout.
 """
@@ -158,84 +158,109 @@ def _finish(s, lse, w):
         s.n_rows[...] = float(len(lse))
 
 
-def _pattern_terms(O: np.ndarray, Sig: np.ndarray):
-    """Per pattern (rows of the 0/1 observed mask ``O``, shape (P, d)) and covariance
-    (``Sig``, shape (Kc, d, d)): ``Q`` = Sigma_oo^{-1} embedded in d x d (zeros elsewhere),
-    ``log det Sigma_oo`` and ``C`` = the conditional covariance of the missing coordinates
-    embedded in d x d (zeros on observed rows and columns), shapes (P, Kc, d, d), (P, Kc)."""
-    P, d = O.shape
-    oo = O[:, None, :, None] * O[:, None, None, :]  # (P, 1, d, d)
-    # Sigma_oo in the observed block, the identity in the missing block: its inverse is
-    # Sigma_oo^{-1} there and the identity elsewhere, its determinant det Sigma_oo
-    S = oo * Sig[None] + (1.0 - O)[:, None, :, None] * np.eye(d)
-    L = np.linalg.cholesky(S)
-    logdet = 2.0 * np.sum(np.log(np.diagonal(L, axis1=2, axis2=3)), axis=2)
-    Q = np.linalg.inv(S) * oo
-    Q = 0.5 * (Q + np.swapaxes(Q, 2, 3))
-    C = Sig[None] - Sig[None] @ Q @ Sig[None]
-    miss = (1.0 - O)
-    C *= miss[:, None, :, None] * miss[:, None, None, :]  # exact zeros on observed rows/columns
-    return Q, logdet, 0.5 * (C + np.swapaxes(C, 2, 3))
+def _inverse_from_cholesky(L: np.ndarray) -> np.ndarray:
+    """``(L L^T)^{-1}`` for a stack of lower Cholesky factors (..., t, t): forward substitution
+    one row at a time across the whole stack (LAPACK's per-matrix overhead would dominate
+    for the many small matrices here)."""
+    t = L.shape[-1]
+    X = np.zeros_like(L)  # L^{-1}, lower triangular
+    for i in range(t):
+        row = -np.einsum("...j,...jk->...k", L[..., i, :i], X[..., :i, :])
+        row[..., i] += 1.0
+        X[..., i, :] = row / L[..., i, i, None]
+    return np.matmul(np.swapaxes(X, -1, -2), X)
+
+
+def _patterns(miss: np.ndarray):
+    """Rows grouped by missingness pattern, the patterns ordered by their number of missing
+    values: ``(pid, order, ptr, first, t)`` with ``pid[i]`` row i's pattern, ``order`` the rows
+    sorted by pattern, ``ptr[p]:ptr[p+1]`` pattern p's run in ``order``, ``first[p]`` a row of
+    pattern p and ``t[p]`` its number of missing values (non-decreasing)."""
+    packed = np.ascontiguousarray(np.packbits(miss, axis=1))
+    keys = packed.view(np.dtype((np.void, packed.shape[1]))).ravel()
+    _, first, pid = np.unique(keys, return_index=True, return_inverse=True)
+    t = miss[first].sum(axis=1)
+    by_t = np.argsort(t, kind="stable")
+    rank = np.empty_like(by_t)
+    rank[by_t] = np.arange(by_t.size)
+    pid = rank[pid.ravel()]
+    order = np.argsort(pid, kind="stable")
+    ptr = np.searchsorted(pid[order], np.arange(by_t.size + 1))
+    return pid, order, ptr, first[by_t], t[by_t]
 
 
 def _incomplete_matrix(Xc, obs, miss, w, params, mc, log_w, lse, resp, s, xhat, g):
+    """Full and tied covariances, through the precision ``P = Sigma^{-1}``: for a pattern with
+    missing coordinates ``m`` (``t`` of them), ``C = P_mm^{-1}`` is the conditional covariance
+    of ``x_m``, the conditional mean is ``mu_m - C P_mo r_o`` (``r_o = x_o - mu_o``),
+    ``r_o^T Sigma_oo^{-1} r_o = r_o^T P_oo r_o - (P_mo r_o)^T C (P_mo r_o)`` and
+    ``log det Sigma_oo = log det Sigma + log det P_mm`` (Schur complements). So a pattern costs
+    one t x t factorisation per component, and a row products with t-vectors beside one d x d
+    product per component."""
     ct = params.covariance_type
     K, d = mc.shape
-    Sig = np.asarray(params.covariances, dtype=np.float64)
-    Sig = Sig[None] if ct == "tied" else Sig
-    Kc = Sig.shape[0]
+    pc = np.asarray(params.precisions_cholesky, dtype=np.float64)
+    pc = pc[None] if ct == "tied" else pc
+    Kc = pc.shape[0]
+    prec = np.matmul(pc, pc.transpose(0, 2, 1))  # (Kc, d, d)
+    logdet_sig = -2.0 * np.sum(np.log(np.diagonal(pc, axis1=1, axis2=2)), axis=1)  # (Kc,)
     stats, fill = s is not None, xhat is not None
-    # group rows by missingness pattern
-    packed = np.ascontiguousarray(np.packbits(miss, axis=1))
-    keys = packed.view(np.dtype((np.void, packed.shape[1]))).ravel()
-    _, first, inv = np.unique(keys, return_index=True, return_inverse=True)
-    inv = inv.ravel()
-    order = np.argsort(inv, kind="stable")
-    P = first.size
-    ptr = np.searchsorted(inv[order], np.arange(P + 1))
-    Opat = obs[first]  # (P, d)
-    nobs = Opat.sum(axis=1)
-    pstep = max(1, _BLOCK_FLOATS // (3 * Kc * d * d))
-    rstep = max(16, _BLOCK_FLOATS // (2 * K * d * d + 4 * K * d))
-    for p0 in range(0, P, pstep):
-        p1 = min(P, p0 + pstep)
-        Q, logdet, C = _pattern_terms(Opat[p0:p1], Sig)
-        Npk = np.zeros((p1 - p0, K)) if stats else None
-        const = log_w - 0.5 * (nobs[p0:p1, None] * _LOG_2PI + logdet)  # (Pb, K) (Kc broadcasts)
-        for a in range(ptr[p0], ptr[p1], rstep):
-            b = min(ptr[p1], a + rstep)
-            idx = order[a:b]
-            pid = inv[idx] - p0
-            Xb, Ob = Xc[idx], obs[idx]
-            R = (Xb[:, None, :] - mc[None]) * Ob[:, None, :]  # (B, K, d) observed residuals
-            if Kc == 1:
-                QR = np.einsum("nij,nkj->nki", Q[pid, 0], R)
-            else:
-                QR = np.einsum("nkij,nkj->nki", Q[pid], R)
-            maha = np.einsum("nki,nki->nk", R, QR)
-            lse[idx], resp[idx] = G._normalise(const[pid] - 0.5 * maha)
-            if not (stats or fill):
-                continue
-            # conditional mean of the whole row about g: mu_k + Sigma_k Q r (observed part = x_o)
-            Xh = mc[:, None, :] + np.matmul(QR.transpose(1, 0, 2), Sig)  # (K, B, d)
-            r = resp[idx]
-            if fill:
-                xhat[idx] = g + np.einsum("nk,knd->nd", r, Xh)
-            if stats:
-                wr = r if w is None else r * w[idx, None]
-                s.n[...] += wr.sum(axis=0)
-                s.s1[...] += np.einsum("nk,knd->kd", wr, Xh)
-                WX = Xh * wr.T[:, :, None]
-                M2 = np.matmul(WX.transpose(0, 2, 1), Xh)  # (K, d, d)
-                s.s2[...] += M2.sum(axis=0) if ct == "tied" else M2
-                # rows are sorted by pattern: one sum per run of equal patterns
-                cut = np.flatnonzero(np.diff(pid)) + 1
-                seg = np.concatenate([[0], cut])
-                Npk[pid[seg]] += np.add.reduceat(wr, seg, axis=0)
-        if stats:
-            if Kc == 1:
-                s.s2[...] += np.einsum("p,pij->ij", Npk.sum(axis=1), C[:, 0])
-            else:
-                s.s2[...] += np.einsum("pk,pkij->kij", Npk, C)
+    pid_all, order, ptr, first, tpat = _patterns(miss)
+    s2 = np.zeros(K * d * d) if stats else None  # sum of N_pk C_pk, scattered into (K, d, d)
+    for t in np.unique(tpat):
+        t = int(t)
+        lo, hi = np.searchsorted(tpat, [t, t + 1])
+        pstep = max(1, _BLOCK_FLOATS // (4 * Kc * t * t))
+        rstep = max(16, _BLOCK_FLOATS // (6 * K * d + 2 * Kc * t * t))
+        for p0 in range(lo, hi, pstep):
+            p1 = min(hi, p0 + pstep)
+            mi = np.nonzero(miss[first[p0:p1]])[1].reshape(p1 - p0, t)  # (Pq, t) missing coordinates
+            Pmm = prec[:, mi[:, :, None], mi[:, None, :]].transpose(1, 0, 2, 3)  # (Pq, Kc, t, t)
+            Lm = np.linalg.cholesky(Pmm)
+            logdet_mm = 2.0 * np.sum(np.log(np.diagonal(Lm, axis1=2, axis2=3)), axis=2)
+            Cmm = _inverse_from_cholesky(Lm)
+            const = log_w - 0.5 * ((d - t) * _LOG_2PI + logdet_sig + logdet_mm)  # (Pq, K)
+            Npk = np.zeros((p1 - p0, K)) if stats else None
+            for a in range(ptr[p0], ptr[p1], rstep):
+                b = min(ptr[p1], a + rstep)
+                idx = order[a:b]
+                pid = pid_all[idx] - p0
+                R = (Xc[idx][None] - mc[:, None, :]) * obs[idx][None]  # (K, B, d) observed residuals
+                U = np.matmul(R, prec)  # P r: P_oo r_o on o, P_mo r_o on m
+                mrow = np.broadcast_to(mi[pid][None], (K, b - a, t))
+                V = np.take_along_axis(U, mrow, axis=2)  # (K, B, t)
+                if Kc == 1:
+                    Z = np.einsum("bij,kbj->kbi", Cmm[pid, 0], V)
+                else:
+                    Z = np.einsum("bkij,kbj->kbi", Cmm[pid], V)
+                maha = np.einsum("kbd,kbd->bk", R, U) - np.einsum("kbi,kbi->bk", V, Z)
+                lse[idx], resp[idx] = G._normalise(const[pid] - 0.5 * maha)
+                if not (stats or fill):
+                    continue
+                # the row's conditional mean about g: x_o - g observed, mu_m - g - C P_mo r_o missing
+                Xh = R
+                Xh += mc[:, None, :]
+                np.put_along_axis(Xh, mrow, np.take_along_axis(Xh, mrow, axis=2) - Z, axis=2)
+                r = resp[idx]
+                if fill:
+                    xhat[idx] = g + np.einsum("bk,kbd->bd", r, Xh)
+                if stats:
+                    wr = r if w is None else r * w[idx, None]
+                    s.n[...] += wr.sum(axis=0)
+                    s.s1[...] += np.einsum("bk,kbd->kd", wr, Xh)
+                    M2 = np.matmul((Xh * wr.T[:, :, None]).transpose(0, 2, 1), Xh)  # (K, d, d)
+                    s.s2[...] += M2.sum(axis=0) if ct == "tied" else M2
+                    # rows are sorted by pattern: one sum per run of equal patterns
+                    seg = np.concatenate([[0], np.flatnonzero(np.diff(pid)) + 1])
+                    Npk[pid[seg]] += np.add.reduceat(wr, seg, axis=0)
+            if stats:  # the conditional covariances: N_pk C_pk into the missing block of s2_k
+                kk = np.arange(K)[None, :, None, None]
+                flat = (kk * d + mi[:, None, :, None]) * d + mi[:, None, None, :]
+                vals = Npk[:, :, None, None] * (Cmm if Kc == K else Cmm[:, :1])
+                s2 += np.bincount(flat.ravel(), vals.ravel(), minlength=K * d * d)
+    if stats:
+        C = s2.reshape(K, d, d)
+        C = 0.5 * (C + C.transpose(0, 2, 1))
+        s.s2[...] += C.sum(axis=0) if ct == "tied" else C
     _finish(s, lse, w)
     return lse, resp, s, xhat
