@@ -173,7 +173,7 @@ class GaussianMixture(MissingValuesMixin, EMEstimator):
     fitted = {"weights": "weights_", "means": "means_", "covariances": "covariances_",
               "precisions_cholesky": "precisions_cholesky_"}
     outputs = {"labels": Output("predict", True), "proba": Output("predict_proba", True),
-               "log_likelihood": Output("score_samples"), "imputed": Output("impute")}
+               "log_likelihood": Output("score_samples")}
     array_params = _INIT_ARRAYS
     summary_arrays = {"weights": "weights_"}
     _param_rules = {
