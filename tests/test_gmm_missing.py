@@ -283,3 +283,13 @@ def test_on_a_dask_cluster_equals_in_memory(dask_client, tmp_path):
         gm = emflow.GaussianMixture(K, scheduler=dask_client, **kw).fit(str(tmp_path / "x.zarr"))
     np.testing.assert_allclose(gm.history_, ref.history_, rtol=1e-11)
     np.testing.assert_allclose(gm.impute(str(tmp_path / "x.zarr")), ref.impute(Xm), rtol=1e-10, atol=1e-12)
+
+
+def test_save_and_load_keep_the_option(tmp_path):
+    _, Xm = _data(n=90, seed=9)
+    init, _ = _init(Xm, "diag")
+    gm, _ = _fit(Xm, "diag", 3, init)
+    back = emflow.load(gm.save(tmp_path / "m.zarr"))
+    assert back.missing == "marginalize"
+    np.testing.assert_array_equal(back.predict_proba(Xm), gm.predict_proba(Xm))
+    np.testing.assert_array_equal(back.impute(Xm), gm.impute(Xm))

@@ -155,3 +155,15 @@ def test_prior_shapes_and_dof_are_checked_against_the_data(X):
                          ({"scale": np.eye(4)}, "shape")]:
         with pytest.raises(E.ConfigError, match=match):
             emflow.GaussianMixture(K, prior=prior, scheduler="threads").fit(X)
+
+
+def test_given_settings_are_used_and_survive_save_and_load(X, tmp_path):
+    prior = {"mean": [30.0, 30.0, 30.0], "scale": 2.0 * np.eye(3), "shrinkage": 0.1, "dof": 7.0,
+             "weight_concentration": 2.0}
+    gm = _fit(X, "full", prior, n_iter=3)
+    np.testing.assert_array_equal(gm.prior_.mean, prior["mean"])
+    np.testing.assert_array_equal(gm.prior_.scale, prior["scale"])
+    assert (gm.prior_.shrinkage, gm.prior_.dof, gm.prior_.weight_concentration) == (0.1, 7.0, 2.0)
+    back = emflow.load(gm.save(tmp_path / "m.zarr"))
+    again = _fit(X, "full", back.prior, n_iter=3)
+    assert again.history_ == gm.history_

@@ -60,14 +60,15 @@ class ConjugatePrior(NamedTuple):
     strength: float = 1.0
 
 
-def default_prior(mean: np.ndarray, cov: np.ndarray, K: int, covariance_type: str, **given) -> ConjugatePrior:
+def default_prior(data_mean: np.ndarray, data_cov: np.ndarray, K: int, covariance_type: str,
+                  **given) -> ConjugatePrior:
     """mclust's default prior from the data's mean (d,) and covariance (d, d); ``given``
     (any field of :class:`ConjugatePrior`) overrides a default."""
-    d = len(mean)
-    scale = np.asarray(cov, dtype=np.float64) / K ** (2.0 / d)
+    d = len(data_mean)
+    scale = np.asarray(data_cov, dtype=np.float64) / K ** (2.0 / d)
     scale = {"full": scale, "tied": scale, "diag": np.diag(scale).copy(),
              "spherical": np.asarray(np.trace(scale) / d)}[covariance_type]
-    base = dict(mean=np.asarray(mean, dtype=np.float64), shrinkage=0.01, dof=d + 2.0, scale=scale)
+    base = dict(mean=np.asarray(data_mean, dtype=np.float64), shrinkage=0.01, dof=d + 2.0, scale=scale)
     base.update({k: v for k, v in given.items() if v is not None})
     return ConjugatePrior(**base)
 
