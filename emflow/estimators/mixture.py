@@ -359,8 +359,10 @@ class GaussianMixture(MissingValuesMixin, EMEstimator):
     def _em_family(self) -> GMMFamily:
         fam = GMMFamily(self.covariance_type, float(self.reg_covar), self.compute_dtype)
         fam = MissingGMMFamily(fam) if self.missing == "marginalize" else fam
-        prior = getattr(self, "prior_", None) if self.prior is not None else None
-        return fam if prior is None else MAPFamily(fam, self.covariance_type, float(self.reg_covar), prior)
+        if self.prior is None:
+            return fam
+        # the prior's defaults come from the data: _prepare computes them
+        return MAPFamily(fam, self.covariance_type, float(self.reg_covar), self.prior_)
 
     def _watch(self, event: IterationEvent, warned: set) -> None:
         for k in event.report.get("empty_components", []):
