@@ -171,6 +171,23 @@ def _inverse_from_cholesky(L: np.ndarray) -> np.ndarray:
     return np.matmul(np.swapaxes(X, -1, -2), X)
 
 
+def _small_matvec(C: np.ndarray, V: np.ndarray, Kc: int) -> np.ndarray:
+    """``Z[k, b] = C[b, k] @ V[k, b]`` for t x t matrices ``C`` (B, Kc, t, t) (Kc = 1: one per
+    row) and vectors ``V`` (K, B, t): t^2 multiply-adds over whole (K, B) arrays when t is
+    small (a batched matmul pays a call per tiny matrix)."""
+    t = V.shape[2]
+    Ct = np.moveaxis(C, 0, 1)  # (Kc, B, t, t): broadcasts against (K, B)
+    if t > 8:
+        return np.einsum("kbij,kbj->kbi", np.broadcast_to(Ct, (V.shape[0],) + Ct.shape[1:]), V)
+    Z = np.empty_like(V)
+    for i in range(t):
+        z = Ct[:, :, i, 0] * V[:, :, 0]
+        for j in range(1, t):
+            z += Ct[:, :, i, j] * V[:, :, j]
+        Z[:, :, i] = z
+    return Z
+
+
 def _patterns(miss: np.ndarray):
     """Rows grouped by missingness pattern, the patterns ordered by their number of missing
     values: ``(pid, order, ptr, first, t)`` with ``pid[i]`` row i's pattern, ``order`` the rows
@@ -225,14 +242,15 @@ def _incomplete_matrix(Xc, obs, miss, w, params, mc, log_w, lse, resp, s, xhat, 
                 b = min(ptr[p1], a + rstep)
                 idx = order[a:b]
                 pid = pid_all[idx] - p0
-                R = (Xc[idx][None] - mc[:, None, :]) * obs[idx][None]  # (K, B, d) observed residuals
+                B = b - a
+                R = np.empty((K, B, d))  # observed residuals r_o, zeros where missing
+                np.subtract(Xc[idx][None], mc[:, None, :], out=R)
+                R *= obs[idx][None]
                 U = np.matmul(R, prec)  # P r: P_oo r_o on o, P_mo r_o on m
-                mrow = np.broadcast_to(mi[pid][None], (K, b - a, t))
-                V = np.take_along_axis(U, mrow, axis=2)  # (K, B, t)
-                if Kc == 1:
-                    Z = np.einsum("bij,kbj->kbi", Cmm[pid, 0], V)
-                else:
-                    Z = np.einsum("bkij,kbj->kbi", Cmm[pid], V)
+                # flat positions of each row's missing coordinates in a (B, d) slab
+                flat = (np.arange(B)[:, None] * d + mi[pid]).ravel()
+                V = U.reshape(K, B * d)[:, flat].reshape(K, B, t)  # P_mo r_o
+                Z = _small_matvec(Cmm[pid], V, Kc)  # C P_mo r_o, shape (K, B, t)
                 maha = np.einsum("kbd,kbd->bk", R, U) - np.einsum("kbi,kbi->bk", V, Z)
                 lse[idx], resp[idx] = G._normalise(const[pid] - 0.5 * maha)
                 if not (stats or fill):
@@ -240,7 +258,7 @@ def _incomplete_matrix(Xc, obs, miss, w, params, mc, log_w, lse, resp, s, xhat, 
                 # the row's conditional mean about g: x_o - g observed, mu_m - g - C P_mo r_o missing
                 Xh = R
                 Xh += mc[:, None, :]
-                np.put_along_axis(Xh, mrow, np.take_along_axis(Xh, mrow, axis=2) - Z, axis=2)
+                Xh.reshape(K, B * d)[:, flat] -= Z.reshape(K, B * t)
                 r = resp[idx]
                 if fill:
                     xhat[idx] = g + np.einsum("bk,kbd->bd", r, Xh)
