@@ -135,18 +135,14 @@ class GaussianMixture(MissingValuesMixin, EMEstimator):
         blocks, partitions and workers (the log-likelihood then agrees with the float64 run
         to ~1e-7 relative on well-scaled data).
     missing : {"error", "marginalize"}, default "error"
-        What a NaN in the data means. ``"error"``: bad data (NonFiniteDataError). ``"marginalize"``:
-        a value missing at random; EM uses each row's observed values (exact EM, Ghahramani and
-        Jordan 1994), and ``predict``, ``predict_proba``, ``score_samples`` marginalise the
-        missing values; ``impute`` fills them in. A row with no observed value is a DataError.
+        NaN is bad data (NonFiniteDataError), or a value missing at random: exact EM on each
+        row's observed values (Ghahramani and Jordan 1994); ``predict*`` and ``score*``
+        marginalise, ``impute`` fills them in. A row with no observed value is a DataError.
     prior : None, "conjugate" or dict, default None
-        None: maximum likelihood. Otherwise MAP estimation under mclust's conjugate prior
-        (Fraley and Raftery 2007; :mod:`emflow.models.gmm_prior`): a dict overrides its defaults,
-        keys ``mean`` (the data's mean), ``shrinkage`` (0.01), ``dof`` (n_features + 2), ``scale``
-        (the data's covariance / n_components^(2/n_features); diag: its diagonal, spherical:
-        its mean), ``weight_concentration`` (Dirichlet, >= 1; 1) and ``strength`` (a power on
-        the prior, >= 0; 1; 0 is the ML fit). The defaults take one extra pass over the data.
-        ``lower_bound_`` and ``history_`` are then the log posterior per row, up to a constant.
+        MAP under mclust's conjugate prior (:mod:`emflow.models.gmm_prior`; defaults from the
+        data, one extra pass); a dict overrides ``mean``, ``shrinkage`` (0.01), ``dof`` (d + 2),
+        ``scale``, ``weight_concentration`` (1) or ``strength`` (1; 0 is the ML fit).
+        ``lower_bound_`` and ``history_`` are then the log posterior per row (up to a constant).
 
     Attributes
     ----------
@@ -162,6 +158,7 @@ class GaussianMixture(MissingValuesMixin, EMEstimator):
     history_, lower_bounds_ : list of float
         Mean log-likelihood per iteration of the best fit.
     n_features_in_ : int
+    prior_ : emflow.models.gmm_prior.ConjugatePrior or None (the prior with its defaults filled in)
     fit_info_ : dict
         Dataset fingerprint and source, rows, time per iteration, where it ran, reports
         of degenerate components.
