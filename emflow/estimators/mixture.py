@@ -17,10 +17,10 @@ from .em import IterationEvent
 from ..execution.engine import Engine, Loaded, sample_rows
 from ..errors import ConfigError, DegenerateComponentWarning, FeatureMismatchError
 from .base import EMEstimator, Output
-from .outputs import write_rows, write_rows_at
+from .outputs import write_rows
 from ..models import gmm as G
-from ..models import gmm_missing as GM
 from ..models import kmeans as KM
+from ._mixture_apply import loglik_stats as _loglik_stats, predict_part as _predict_part
 from ._mixture_inits import check_inits
 from .mixture_missing import MISSING, MissingGMMFamily, MissingValuesMixin, filling_engine
 from .mixture_prior import MAPFamily, build_prior, check_prior
@@ -68,24 +68,6 @@ def _random_resp_stats(X, w, seed: int, K: int, shift, covariance_type: str, sta
         resp[lo - start : hi - start] = u[lo - b * block : hi - b * block]
     resp /= resp.sum(axis=1, keepdims=True)
     return G.soft_stats(X, w, resp, shift, covariance_type)
-
-
-def _loglik_stats(X, w, params):
-    lse, _ = GM.posterior(X, params)
-    s = lse.sum() if w is None else lse @ np.asarray(w, dtype=np.float64)
-    return np.array([s, float(len(X)) if w is None else float(np.sum(w)), float(len(X))])
-
-
-def _predict_part(X, w, params, kind: str, out_url: str | None, start: int):
-    if kind == "impute":
-        result = GM.impute(X, params, start)
-    else:
-        lse, resp = GM.posterior(X, params, start)
-        result = {"labels": lambda: resp.argmax(axis=1), "proba": lambda: resp, "score": lambda: lse}[kind]()
-    if out_url is None:
-        return result
-    write_rows_at(out_url, start, result)
-    return None
 
 
 class GaussianMixture(MissingValuesMixin, EMEstimator):
