@@ -163,7 +163,7 @@ class GaussianMixture(MissingValuesMixin, EMEstimator):
     }
 
     def _validate_more(self) -> None:
-        check_prior(self.prior, self.covariance_type)
+        check_prior(self._prior_setting, self.covariance_type)
 
     def __init__(
         self,
@@ -238,7 +238,7 @@ class GaussianMixture(MissingValuesMixin, EMEstimator):
     def _initial_params(self, engine: Engine, loaded: Loaded, rng: np.random.Generator) -> G.GMMParams:
         K, ct, reg = self.n_components, self.covariance_type, self.reg_covar
         d = loaded.data.n_features
-        if self.missing == "marginalize":  # the starts see NaN filled with column means
+        if self._marginalize:  # the starts see NaN filled with column means
             engine = filling_engine(engine, loaded)
         given = [self.weights_init, self.means_init, self.precisions_init]
         if all(x is not None for x in given):
@@ -324,7 +324,7 @@ class GaussianMixture(MissingValuesMixin, EMEstimator):
 
     def _open(self, engine, data, sample_weight=None):
         return engine.open(data, sample_weight, min_rows=self.n_components, persist=self.persist,
-                           **self._partitioning(), allow_nan=self.missing == "marginalize")
+                           **self._partitioning(), allow_nan=self._marginalize)
 
     def _prepare(self, engine, loaded) -> None:
         self._check_inits(loaded.data.n_features)
@@ -337,8 +337,8 @@ class GaussianMixture(MissingValuesMixin, EMEstimator):
 
     def _em_family(self) -> GMMFamily:
         fam = GMMFamily(self.covariance_type, float(self.reg_covar), self.compute_dtype)
-        fam = MissingGMMFamily(fam) if self.missing == "marginalize" else fam
-        if self.prior is None:
+        fam = MissingGMMFamily(fam) if self._marginalize else fam
+        if self._prior_setting is None:
             return fam
         # the prior's defaults come from the data: _prepare computes them
         return MAPFamily(fam, self.covariance_type, float(self.reg_covar), self.prior_)
@@ -401,11 +401,11 @@ class GaussianMixture(MissingValuesMixin, EMEstimator):
                 raise DataError(f"The data have dtype {X.dtype}; convert to float64 first.")
             from ..storage.data import _check_finite
 
-            _check_finite(X, None, "The data", 0, allow_nan=self.missing == "marginalize")
+            _check_finite(X, None, "The data", 0, allow_nan=self._marginalize)
             if out is None:
                 return _predict_part(X, None, self._params, kind, None, 0)
         with engine_for(self.scheduler, split_every=self.split_every) as engine:
-            loaded = engine.open(data, persist=False, **self._partitioning(), allow_nan=self.missing == "marginalize")
+            loaded = engine.open(data, persist=False, **self._partitioning(), allow_nan=self._marginalize)
             try:
                 self._check_features(loaded.data.n_features)
                 starts = [a for a, _ in loaded.data.bounds]
@@ -456,7 +456,7 @@ class GaussianMixture(MissingValuesMixin, EMEstimator):
         self._check_fitted()
         with engine_for(self.scheduler, split_every=self.split_every) as engine:
             loaded = engine.open(data, sample_weight, persist=False, **self._partitioning(),
-                                 allow_nan=self.missing == "marginalize")
+                                 allow_nan=self._marginalize)
             try:
                 self._check_features(loaded.data.n_features)
                 tot = engine.map_reduce(_loglik_stats, loaded, self._params)

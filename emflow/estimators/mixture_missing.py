@@ -81,7 +81,17 @@ def filling_engine(engine, loaded):
 
 
 class MissingValuesMixin:
-    """``impute`` for :class:`~emflow.estimators.mixture.GaussianMixture`."""
+    """``impute`` for :class:`~emflow.estimators.mixture.GaussianMixture`, and the two settings
+    its methods read (a subclass without the ``missing`` or ``prior`` parameter gets the
+    defaults)."""
+
+    @property
+    def _marginalize(self) -> bool:
+        return getattr(self, "missing", "error") == "marginalize"
+
+    @property
+    def _prior_setting(self):
+        return getattr(self, "prior", None)
 
     def impute(self, data, *, out=None, overwrite: bool = False):
         """Each missing value (NaN) replaced by its conditional expectation under the fitted

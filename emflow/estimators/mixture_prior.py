@@ -108,7 +108,7 @@ def data_moments(engine, loaded) -> tuple[np.ndarray, np.ndarray]:
 
 def build_prior(est, engine, loaded) -> P.ConjugatePrior | None:
     """The prior of ``est`` for the data ``loaded`` (mclust's defaults where not given)."""
-    cfg = check_prior(est.prior, est.covariance_type, loaded.data.n_features)
+    cfg = check_prior(getattr(est, "prior", None), est.covariance_type, loaded.data.n_features)
     if cfg is None:
         return None
     if getattr(est, "missing", "error") == "marginalize":  # moments of the mean-filled data
