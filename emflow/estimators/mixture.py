@@ -18,9 +18,13 @@ from ..execution.engine import Engine, Loaded, sample_rows
 from ..errors import ConfigError, DegenerateComponentWarning, FeatureMismatchError
 from .base import EMEstimator, Output
 from .online import OnlineEMMixin, check_online_call
-from .outputs import write_rows, write_rows_at
+from .outputs import write_rows
 from ..models import gmm as G
 from ..models import kmeans as KM
+from ._mixture_apply import loglik_stats as _loglik_stats, predict_part as _predict_part
+from ._mixture_inits import check_inits
+from .mixture_missing import MISSING, MissingGMMFamily, MissingValuesMixin, filling_engine
+from .mixture_prior import MAPFamily, build_prior, check_prior
 
 __all__ = ["GaussianMixture", "GMMFamily"]
 
@@ -67,22 +71,7 @@ def _random_resp_stats(X, w, seed: int, K: int, shift, covariance_type: str, sta
     return G.soft_stats(X, w, resp, shift, covariance_type)
 
 
-def _loglik_stats(X, w, params):
-    lse, _ = G.posterior(X, params)
-    s = lse.sum() if w is None else lse @ np.asarray(w, dtype=np.float64)
-    return np.array([s, float(len(X)) if w is None else float(np.sum(w)), float(len(X))])
-
-
-def _predict_part(X, w, params, kind: str, out_url: str | None, start: int):
-    lse, resp = G.posterior(X, params)
-    result = {"labels": lambda: resp.argmax(axis=1), "proba": lambda: resp, "score": lambda: lse}[kind]()
-    if out_url is None:
-        return result
-    write_rows_at(out_url, start, result)
-    return None
-
-
-class GaussianMixture(OnlineEMMixin, EMEstimator):
+class GaussianMixture(OnlineEMMixin, MissingValuesMixin, EMEstimator):
     """Gaussian mixture model fitted by EM over partitions of a (possibly huge) dataset.
 
     Parameters follow :class:`sklearn.mixture.GaussianMixture`.
@@ -128,6 +117,15 @@ class GaussianMixture(OnlineEMMixin, EMEstimator):
         twice as fast; statistics and log-likelihood are still summed in float64 across
         blocks, partitions and workers (the log-likelihood then agrees with the float64 run
         to ~1e-7 relative on well-scaled data).
+    missing : {"error", "marginalize"}, default "error"
+        NaN is bad data (NonFiniteDataError), or a value missing at random: exact EM on each
+        row's observed values (Ghahramani and Jordan 1994); ``predict*`` and ``score*``
+        marginalise, ``impute`` fills them in. A row with no observed value is a DataError.
+    prior : None, "conjugate" or dict, default None
+        MAP under mclust's conjugate prior (:mod:`emflow.models.gmm_prior`; defaults from the
+        data, one extra pass); a dict overrides ``mean``, ``shrinkage`` (0.01), ``dof`` (d + 2),
+        ``scale``, ``weight_concentration`` (1) or ``strength`` (1; 0 is the ML fit).
+        ``lower_bound_`` and ``history_`` are then the log posterior per row (up to a constant).
 
     Attributes
     ----------
@@ -143,6 +141,7 @@ class GaussianMixture(OnlineEMMixin, EMEstimator):
     history_, lower_bounds_ : list of float
         Mean log-likelihood per iteration of the best fit.
     n_features_in_ : int
+    prior_ : emflow.models.gmm_prior.ConjugatePrior or None (the prior with its defaults filled in)
     fit_info_ : dict
         Dataset fingerprint and source, rows, time per iteration, where it ran, reports
         of degenerate components.
@@ -161,7 +160,11 @@ class GaussianMixture(OnlineEMMixin, EMEstimator):
         "n_components": Int(1), "covariance_type": Choice(*G.COVARIANCE_TYPES), "tol": Real(0),
         "reg_covar": Real(0, finite=True), "max_iter": Int(0), "n_init": Int(1),
         "init_params": Choice(*INIT_PARAMS), "compute_dtype": Choice("float64", "float32"), "warm_start": Flag(),
+        "missing": Choice(*MISSING),
     }
+
+    def _validate_more(self) -> None:
+        check_prior(self._prior_setting, self.covariance_type)
 
     def __init__(
         self,
@@ -184,6 +187,8 @@ class GaussianMixture(OnlineEMMixin, EMEstimator):
         split_every: int = 8,
         partition_bytes: int | None = None,
         compute_dtype: str = "float64",
+        missing: str = "error",
+        prior=None,
     ):
         self.n_components = n_components
         self.covariance_type = covariance_type
@@ -203,44 +208,12 @@ class GaussianMixture(OnlineEMMixin, EMEstimator):
         self.split_every = split_every
         self.partition_bytes = partition_bytes
         self.compute_dtype = compute_dtype
+        self.missing = missing
+        self.prior = prior
 
     # -- validation ------------------------------------------------------------------
     def _check_inits(self, d: int) -> None:
-        """scikit-learn's checks of ``weights_init``, ``means_init``, ``precisions_init``
-        (its wording, which its users' code and tests match)."""
-        K, ct = self.n_components, self.covariance_type
-
-        def shape_error(name, got, want, param):
-            return ConfigError(f"The parameter '{name}' should have the shape of {want}, but got {got} ({param}).")
-
-        if self.weights_init is not None:
-            w = np.asarray(self.weights_init, dtype=np.float64)
-            if w.shape != (K,):
-                raise shape_error("weights", w.shape, (K,), "weights_init")
-            if np.any(w < 0) or np.any(w > 1):
-                # scikit-learn's message, word for word (its "max value" is the minimum)
-                raise ConfigError(f"The parameter 'weights' should be in the range [0, 1], but got max value "
-                                  f"{np.min(w):.5f}, min value {np.max(w):.5f} (weights_init: its values lie in "
-                                  f"[{np.min(w):.5g}, {np.max(w):.5g}])")
-            if not np.isclose(w.sum(), 1.0, rtol=0, atol=1e-6):
-                raise ConfigError(f"The parameter 'weights' should be normalized, but got sum(weights) = "
-                                  f"{w.sum():.5f} (weights_init). Normalise it: w / w.sum().")
-        if self.means_init is not None:
-            m = np.asarray(self.means_init, dtype=np.float64)
-            if m.shape != (K, d):
-                raise shape_error("means", m.shape, (K, d), f"means_init, for data with {d} features")
-        if self.precisions_init is not None:
-            p = np.asarray(self.precisions_init, dtype=np.float64)
-            shape = {"full": (K, d, d), "tied": (d, d), "diag": (K, d), "spherical": (K,)}[ct]
-            if p.shape != shape:
-                raise shape_error(f"{ct} precision", p.shape, shape, f"precisions_init, covariance_type={ct!r}")
-            if ct in ("full", "tied"):
-                mats = p[None] if ct == "tied" else p
-                for mtx in mats:
-                    if not np.allclose(mtx, mtx.T) or np.any(np.linalg.eigvalsh(mtx) <= 0):
-                        raise ConfigError(f"'{ct} precision' should be symmetric, positive-definite (precisions_init)")
-            elif np.any(p <= 0):
-                raise ConfigError(f"'{ct} precision' should be positive (precisions_init)")
+        check_inits(self, d)
 
     def _partitioning(self) -> dict:
         return {} if self.partition_bytes is None else {"partition_bytes": int(self.partition_bytes)}
@@ -274,6 +247,8 @@ class GaussianMixture(OnlineEMMixin, EMEstimator):
     def _initial_params(self, engine: Engine, loaded: Loaded, rng: np.random.Generator) -> G.GMMParams:
         K, ct, reg = self.n_components, self.covariance_type, self.reg_covar
         d = loaded.data.n_features
+        if self._marginalize:  # the starts see NaN filled with column means
+            engine = filling_engine(engine, loaded)
         given = [self.weights_init, self.means_init, self.precisions_init]
         if all(x is not None for x in given):
             base = None
@@ -367,10 +342,11 @@ class GaussianMixture(OnlineEMMixin, EMEstimator):
 
     def _open(self, engine, data, sample_weight=None):
         return engine.open(data, sample_weight, min_rows=self.n_components, persist=self.persist,
-                           **self._partitioning())
+                           **self._partitioning(), allow_nan=self._marginalize)
 
     def _prepare(self, engine, loaded) -> None:
         self._check_inits(loaded.data.n_features)
+        self.prior_ = build_prior(self, engine, loaded)
 
     @classmethod
     def _contract_example(cls, rng):
@@ -378,7 +354,12 @@ class GaussianMixture(OnlineEMMixin, EMEstimator):
         return (X,), {"n_components": 2, "random_state": 0, "tol": 0.0}
 
     def _em_family(self) -> GMMFamily:
-        return GMMFamily(self.covariance_type, float(self.reg_covar), self.compute_dtype)
+        fam = GMMFamily(self.covariance_type, float(self.reg_covar), self.compute_dtype)
+        fam = MissingGMMFamily(fam) if self._marginalize else fam
+        if self._prior_setting is None:
+            return fam
+        # the prior's defaults come from the data: _prepare computes them
+        return MAPFamily(fam, self.covariance_type, float(self.reg_covar), self.prior_)
 
     def _watch(self, event: IterationEvent, warned: set) -> None:
         for k in event.report.get("empty_components", []):
@@ -438,16 +419,16 @@ class GaussianMixture(OnlineEMMixin, EMEstimator):
                 raise DataError(f"The data have dtype {X.dtype}; convert to float64 first.")
             from ..storage.data import _check_finite
 
-            _check_finite(X, None, "The data", 0)
+            _check_finite(X, None, "The data", 0, allow_nan=self._marginalize)
             if out is None:
                 return _predict_part(X, None, self._params, kind, None, 0)
         with engine_for(self.scheduler, split_every=self.split_every) as engine:
-            loaded = engine.open(data, persist=False, **self._partitioning())
+            loaded = engine.open(data, persist=False, **self._partitioning(), allow_nan=self._marginalize)
             try:
                 self._check_features(loaded.data.n_features)
                 starts = [a for a, _ in loaded.data.bounds]
                 if out is None:
-                    width = self.n_components if kind == "proba" else 1
+                    width = {"proba": self.n_components, "impute": loaded.data.n_features}.get(kind, 1)
                     nbytes = loaded.data.n_rows * width * 8
                     if nbytes > MAX_IN_MEMORY_RESULT:
                         raise ConfigError(
@@ -462,7 +443,8 @@ class GaussianMixture(OnlineEMMixin, EMEstimator):
 
     def _write_output(self, engine, loaded, kind, out, starts, overwrite=False, data=None):
         n, K = loaded.data.n_rows, self.n_components
-        shape, dtype = {"labels": ((n,), "int64"), "proba": ((n, K), "float64"), "score": ((n,), "float64")}[kind]
+        shape, dtype = {"labels": ((n,), "int64"), "proba": ((n, K), "float64"), "score": ((n,), "float64"),
+                        "impute": ((n, loaded.data.n_features), "float64")}[kind]
         # output chunks = the partitions' common step, so no two tasks write one chunk
         chunk = math.gcd(*[a for a, _ in loaded.data.bounds if a > 0]) or n
 
@@ -491,7 +473,8 @@ class GaussianMixture(OnlineEMMixin, EMEstimator):
     def _loglik_total(self, data, sample_weight=None) -> tuple[float, float, float]:
         self._check_fitted()
         with engine_for(self.scheduler, split_every=self.split_every) as engine:
-            loaded = engine.open(data, sample_weight, persist=False, **self._partitioning())
+            loaded = engine.open(data, sample_weight, persist=False, **self._partitioning(),
+                                 allow_nan=self._marginalize)
             try:
                 self._check_features(loaded.data.n_features)
                 tot = engine.map_reduce(_loglik_stats, loaded, self._params)

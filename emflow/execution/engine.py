@@ -220,11 +220,13 @@ class Engine(ClusterWatch):
 
     # -- preparing data -------------------------------------------------------------
     def open(self, data: Any, sample_weight: Any = None, *, min_rows: int = 1,
-             persist: Persist = "auto", partition_bytes: int = _data.DEFAULT_PARTITION_BYTES) -> Loaded:
-        """Open and validate a dataset, scan it once (fingerprint, finiteness), keep it resident if it fits."""
+             persist: Persist = "auto", partition_bytes: int = _data.DEFAULT_PARTITION_BYTES,
+             allow_nan: bool = False) -> Loaded:
+        """Open and validate a dataset, scan it once (fingerprint, finiteness), keep it resident if it fits
+        (``allow_nan``: NaN marks a missing value, see :func:`emflow.storage.data.open_rows`)."""
         rows = _data.open_rows(
             data, sample_weight, partition_bytes=partition_bytes,
-            min_partitions=2 * self.total_threads, min_rows=min_rows,
+            min_partitions=2 * self.total_threads, min_rows=min_rows, allow_nan=allow_nan,
         )
         return self.load(rows, persist=persist)
 

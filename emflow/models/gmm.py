@@ -33,6 +33,7 @@ __all__ = [
     "GMMStats",
     "e_step",
     "m_step",
+    "scatter",
     "shift_of",
     "hard_stats",
     "soft_stats",
@@ -330,6 +331,25 @@ def soft_stats(
     return _finish(s, X, w, 0.0)
 
 
+def scatter(stats: GMMStats, covariance_type: str):
+    """``(N, nk, delta, W)`` from summed statistics: counts ``N`` (K,), ``nk = N + 10 eps``
+    (scikit-learn's), the component means about the shift ``delta`` (K, d) and the scatter
+    about them ``W``: full (K, d, d), tied (d, d) summed over components, diag and spherical
+    (K, d) per coordinate."""
+    require_finite(stats, "Gaussian mixture")
+    N = np.asarray(stats.n, dtype=np.float64)
+    nk = N + 10 * np.finfo(np.float64).eps
+    delta = stats.s1 / nk[:, None]
+    if covariance_type == "full":
+        outer = delta[:, :, None] * stats.s1[:, None, :]
+        W = (stats.s2 - outer - outer.transpose(0, 2, 1) + N[:, None, None] * delta[:, :, None] * delta[:, None, :])
+    elif covariance_type == "tied":
+        W = stats.s2 - np.einsum("k,ki,kj->ij", nk, delta, delta)
+    else:
+        W = stats.s2 - 2.0 * delta * stats.s1 + N[:, None] * delta**2
+    return N, nk, delta, W
+
+
 def m_step(
     stats: GMMStats,
     shift: np.ndarray,
@@ -349,26 +369,21 @@ def m_step(
         ``repaired_covariances``: {index: jitter added} for covariances that were not
         positive definite after ``reg_covar`` and needed more regularisation.
     """
-    require_finite(stats, "Gaussian mixture")
-    N = np.asarray(stats.n, dtype=np.float64)
+    N, nk, delta, W = scatter(stats, covariance_type)
     K, d = stats.s1.shape
-    nk = N + 10 * np.finfo(np.float64).eps
-    delta = stats.s1 / nk[:, None]
     means = shift + delta
     if covariance_type == "full":
-        S2 = stats.s2
-        outer = delta[:, :, None] * stats.s1[:, None, :]
-        cov = (S2 - outer - outer.transpose(0, 2, 1) + N[:, None, None] * delta[:, :, None] * delta[:, None, :])
+        cov = W
         cov /= nk[:, None, None]
         cov = 0.5 * (cov + cov.transpose(0, 2, 1))
         cov[:, np.arange(d), np.arange(d)] += reg_covar
     elif covariance_type == "tied":
-        cov = stats.s2 - np.einsum("k,ki,kj->ij", nk, delta, delta)
+        cov = W
         cov /= nk.sum()
         cov = 0.5 * (cov + cov.T)
         cov[np.arange(d), np.arange(d)] += reg_covar
     else:
-        var = (stats.s2 - 2.0 * delta * stats.s1 + N[:, None] * delta**2) / nk[:, None]
+        var = W / nk[:, None]
         var = np.maximum(var, 0.0)  # rounding can leave -1e-17 for a collapsed component
         if covariance_type == "diag":
             cov = var + reg_covar

@@ -61,6 +61,8 @@ FINDINGS: dict[str, tuple[type, str, str]] = {
     "term": (DataError, "term id(s) outside [0, n_terms)", "The vocabulary and the term ids do not match."),
     "count_nonfinite": (NonFiniteDataError, "NaN or infinite count(s)", "Counts must be finite."),
     "count_negative": (DataError, "negative count(s)", "Topic models need counts >= 0."),
+    "empty_row": (DataError, "row(s) with every value missing (NaN)", "A row with no observed value says "
+                  "nothing about the model: drop those rows."),
 }
 
 
@@ -128,20 +130,35 @@ def weight_findings(w: np.ndarray | None, row0: int) -> list[Finding]:
     return [Finding("weights", int(badw.sum()), f"at row {row0 + int(np.flatnonzero(badw)[0])}")]
 
 
+def empty_row_findings(X: np.ndarray, row0: int) -> list[Finding]:
+    """Rows whose every value is NaN (where NaN marks a missing value)."""
+    if X.dtype.kind != "f" or X.size == 0:
+        return []
+    empty = np.flatnonzero(np.isnan(X).all(axis=1))
+    return [Finding("empty_row", int(empty.size), f"at row {row0 + int(empty[0])}")] if empty.size else []
+
+
 @dataclass(frozen=True)
 class RowChecks:
-    """What a row partition's values must satisfy: finite, squarable, weights >= 0."""
+    """What a row partition's values must satisfy: finite (with ``allow_nan``, NaN marks a
+    missing value and a row must keep one observed value), squarable, weights >= 0."""
 
     row0: int
     chunk_rows: int | None = None
+    allow_nan: bool = False
 
     def findings(self, parts) -> list[Finding]:
         X, w = parts
-        return value_findings(X, self.row0, "row", self.chunk_rows, SQUARE_LIMIT) + weight_findings(w, self.row0)
+        found = value_findings(X, self.row0, "row", self.chunk_rows, SQUARE_LIMIT, self.allow_nan)
+        if self.allow_nan and not found:
+            found = empty_row_findings(X, self.row0)
+        return found + weight_findings(w, self.row0)
 
 
-def _check_finite(X: np.ndarray, w: np.ndarray | None, where: str, row0: int, chunk_rows: int | None = None) -> None:
-    raise_findings(value_findings(X, row0, "row", chunk_rows) + weight_findings(w, row0), where)
+def _check_finite(X: np.ndarray, w: np.ndarray | None, where: str, row0: int, chunk_rows: int | None = None,
+                  allow_nan: bool = False) -> None:
+    found = value_findings(X, row0, "row", chunk_rows, allow_nan=allow_nan)
+    raise_findings(found or (empty_row_findings(X, row0) if allow_nan else []) + weight_findings(w, row0), where)
 
 
 @dataclass(frozen=True)
@@ -154,6 +171,7 @@ class ZarrLoader(CheckedLoader):
     index: int
     weights_url: str | None = None
     chunk_rows: int | None = None
+    allow_nan: bool = False
 
     @property
     def where(self) -> str:
@@ -161,7 +179,7 @@ class ZarrLoader(CheckedLoader):
 
     @property
     def checks(self) -> RowChecks:
-        return RowChecks(self.start, self.chunk_rows)
+        return RowChecks(self.start, self.chunk_rows, self.allow_nan)
 
     def read(self) -> tuple[np.ndarray, np.ndarray | None]:
         X = read_chunked(self.url, self.start, self.stop, "data", url=self.url)
@@ -180,6 +198,7 @@ class ArrayLoader(CheckedLoader):
     w: np.ndarray | None = field(repr=False)
     start: int
     index: int
+    allow_nan: bool = False
 
     @property
     def where(self) -> str:
@@ -187,7 +206,7 @@ class ArrayLoader(CheckedLoader):
 
     @property
     def checks(self) -> RowChecks:
-        return RowChecks(self.start)
+        return RowChecks(self.start, allow_nan=self.allow_nan)
 
     def read(self):
         return self.X, self.w
@@ -201,6 +220,7 @@ class DaskLoader(CheckedLoader):
     wblock: Any = field(repr=False)
     start: int
     index: int
+    allow_nan: bool = False
 
     @property
     def where(self) -> str:
@@ -208,7 +228,7 @@ class DaskLoader(CheckedLoader):
 
     @property
     def checks(self) -> RowChecks:
-        return RowChecks(self.start)
+        return RowChecks(self.start, allow_nan=self.allow_nan)
 
     def read(self):
         import dask
@@ -310,6 +330,7 @@ def open_rows(
     partition_bytes: int = DEFAULT_PARTITION_BYTES,
     min_partitions: int = 1,
     min_rows: int = 1,
+    allow_nan: bool = False,
 ) -> RowData:
     """Open a row dataset and split it into partitions.
 
@@ -327,6 +348,9 @@ def open_rows(
         Split finer than ``partition_bytes`` when needed to give every worker thread work.
     min_rows : int
         Fewer rows than this is an error (a mixture needs at least ``n_components`` rows).
+    allow_nan : bool, default False
+        NaN marks a missing value (for models that marginalise them); a row of only NaN, and
+        infinities, are still errors.
     """
     import zarr
 
@@ -385,11 +409,11 @@ def open_rows(
         bounds = _bounds(n_rows, chunk_rows, row_bytes, partition_bytes, min_partitions)
         if w_arr is not None:  # in-memory weights beside Zarr data: ship their slices
             loaders = [
-                _ZarrWithWeights(ZarrLoader(url, a, b, i, None, chunk_rows), w_arr[a:b])
+                _ZarrWithWeights(ZarrLoader(url, a, b, i, None, chunk_rows, allow_nan), w_arr[a:b])
                 for i, (a, b) in enumerate(bounds)
             ]
         else:
-            loaders = [ZarrLoader(url, a, b, i, w_url, chunk_rows) for i, (a, b) in enumerate(bounds)]
+            loaders = [ZarrLoader(url, a, b, i, w_url, chunk_rows, allow_nan) for i, (a, b) in enumerate(bounds)]
         return RowData(n_rows, n_features, dtype, loaders, bounds, source, False, url, chunk_rows, w_arr is not None or w_url is not None)
 
     if w_url is not None:
@@ -402,7 +426,7 @@ def open_rows(
         bounds = [(a, min(n_rows, a + rows)) for a in range(0, n_rows, rows)]
         wn = None if w_arr is None else np.asarray(w_arr, dtype=np.float64)
         loaders = [
-            ArrayLoader(arr[a:b], None if wn is None else wn[a:b], a, i) for i, (a, b) in enumerate(bounds)
+            ArrayLoader(arr[a:b], None if wn is None else wn[a:b], a, i, allow_nan) for i, (a, b) in enumerate(bounds)
         ]
         return RowData(n_rows, n_features, dtype, loaders, bounds, source, True, None, rows, wn is not None)
 
@@ -417,7 +441,7 @@ def open_rows(
         w_d = da.asarray(w_arr).rechunk((arr.chunks[0],)).to_delayed().ravel()
     else:
         w_d = [None] * len(blocks)
-    loaders = [DaskLoader(blocks[i], w_d[i], a, i) for i, (a, b) in enumerate(bounds)]
+    loaders = [DaskLoader(blocks[i], w_d[i], a, i, allow_nan) for i, (a, b) in enumerate(bounds)]
     return RowData(n_rows, n_features, dtype, loaders, bounds, source, False, None, int(arr.chunks[0][0]), w_arr is not None)
 
 
