@@ -265,3 +265,10 @@ def test_model_fit_flow_fits_the_family_by_name(prefect_server, tmp_path, X):
     np.testing.assert_allclose(model.history_, ref.history_, rtol=1e-12)
     for name in FITTED:
         np.testing.assert_allclose(getattr(model, name), getattr(ref, name), rtol=1e-10, atol=1e-12, err_msg=name)
+
+
+def test_has_no_partial_fit_as_in_scikit_learn():
+    est = emflow.BayesianGaussianMixture(n_components=2)
+    assert not hasattr(est, "partial_fit") and hasattr(emflow.GaussianMixture(), "partial_fit")
+    with pytest.raises(AttributeError, match="GaussianMixture.partial_fit"):
+        est.partial_fit(np.zeros((4, 2)))

@@ -359,6 +359,13 @@ class BayesianGaussianMixture(GaussianMixture):
         return rng
 
     # -- fitting -------------------------------------------------------------------------
+    @property
+    def partial_fit(self):
+        """Not available (as in scikit-learn): stepwise EM is the maximum-likelihood mixture's
+        (``GaussianMixture.partial_fit``); ``hasattr(est, "partial_fit")`` is False here."""
+        raise AttributeError("BayesianGaussianMixture has no partial_fit (as in scikit-learn); use fit, or "
+                             "GaussianMixture.partial_fit for stepwise EM.")
+
     def fit(self, data, y=None, sample_weight=None, *, callbacks: Iterable[Callable[[IterationEvent], None]] = (),
             initial_params: B.BGMMParams | None = None,
             history: list[float] | None = None) -> "BayesianGaussianMixture":
