@@ -62,6 +62,18 @@ class Output:
     default: bool = False
 
 
+# words of family names the command line shortens, as users write them (gmm, lgssm, lda)
+_CLI_SHORT = {"gaussian-mixture": "gmm", "linear-gaussian-ssm": "lgssm", "latent-dirichlet-allocation": "lda"}
+
+
+def _cli_name(family: str) -> str:
+    """``gaussian_hmm`` -> ``gaussian-hmm``; ``bayesian_gaussian_mixture`` -> ``bayesian-gmm``."""
+    name = family.replace("_", "-")
+    for long, short in _CLI_SHORT.items():
+        name = name.replace(long, short)
+    return name
+
+
 def family_of(name: str) -> type["EMEstimator"]:
     """The estimator class registered under ``name``; a ConfigError naming the known ones."""
     from . import discover
@@ -108,11 +120,16 @@ class EMEstimator(BaseEstimator):
     objective_name: ClassVar[str] = "mean log-likelihood"
     size_param: ClassVar[tuple[str, str]] = ("n_components", "components")
     summary_arrays: ClassVar[dict[str, str]] = {}
+    # the name `emflow fit --model` takes; by default the family's, hyphenated and abbreviated
+    # (see _cli_name), so a new family needs no entry in the command line
+    cli_name: ClassVar[str] = ""
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         name = cls.__dict__.get("family")
         if name:
+            if "cli_name" not in cls.__dict__:
+                cls.cli_name = _cli_name(name)
             known = REGISTRY.get(name)
             if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
                 raise TypeError(f"Family {name!r} is already registered by {known.__module__}.{known.__qualname__}.")
