@@ -150,3 +150,92 @@ def fit(
         est.scheduler = scheduler
         path = est.save(out, overwrite=overwrite)
     _print_model(est, title=Text(f"fitted in {elapsed:.1f}s -> {path}"))
+
+
+def _ints(text: str, name: str) -> list[int]:
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ConfigError(f"{name} must be comma-separated integers (e.g. 2,3,4), got {text!r}.") from None
+    if not values:
+        raise ConfigError(f"{name} must name at least one value (e.g. 2,3,4).")
+    return values
+
+
+@app.command()
+def select(
+    data: str = typer.Argument(..., help="Zarr array of rows (n_samples, n_features)."),
+    components: str = typer.Option("1,2,3,4", "--components", "-k", help="Comma-separated numbers of "
+                                                                         "components to try."),
+    covariance: str = typer.Option("full", "--covariance", "-c", help="Comma-separated covariance types "
+                                                                      "(full, tied, diag, spherical)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Save the model with the lowest BIC here."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an emflow model already at --out."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="Row weights: a Zarr array path, or an "
+                                                                  "array beside the data."),
+    n_init: int = typer.Option(1, "--n-init", help="Initialisations per candidate."),
+    tol: float = typer.Option(1e-3, "--tol", help="Stop a candidate when its mean log-likelihood changes "
+                                                  "less than this."),
+    reg_covar: float = typer.Option(1e-6, "--reg-covar", help="Added to the diagonal of the covariances."),
+    max_iter: int = typer.Option(100, "--max-iter", help="EM iterations per candidate, at most."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (every candidate starts from it)."),
+    persist: Persist = typer.Option(Persist.auto, help="Keep data in worker memory, stream them each "
+                                                       "pass, or decide."),
+    scheduler: Optional[str] = SchedulerOpt,
+    workers: Optional[int] = WorkersOpt,
+):
+    """Fit a grid of Gaussian mixtures with shared passes over DATA; print them ranked by BIC."""
+    from rich.table import Table
+
+    from ..estimators.selection import select_gaussian_mixture
+    from .main import out_console
+
+    options = {"n_components": "--components (-k)", "covariance_type": "--covariance (-c)", "tol": "--tol",
+               "reg_covar": "--reg-covar", "max_iter": "--max-iter", "n_init": "--n-init",
+               "random_state": "--seed"}
+    with _errors(out, options):
+        _check_seed(seed)
+        _check_workers(workers)
+        ks = _ints(components, "--components (-k)")
+        cts = [c.strip() for c in covariance.split(",") if c.strip()]
+        if out is not None:
+            from ..storage.destinations import check_destination
+
+            check_destination(out, "model", overwrite=overwrite, inputs=[("DATA", data)])
+        with _scheduler(scheduler, workers) as client:
+            with console_status("fitting the candidates with shared passes") as status:
+                def on_pass(info):
+                    status.update(f"pass {info['pass']}: {info['active']} of {len(ks) * len(cts) * n_init} "
+                                  "candidate restarts still running")
+
+                result = select_gaussian_mixture(
+                    data, ks, cts, sample_weight=weights, n_init=n_init, tol=tol, reg_covar=reg_covar,
+                    max_iter=max_iter, random_state=seed, scheduler=client, persist=_PERSIST[persist.value],
+                    callbacks=[on_pass])
+        best = result.best_model
+        best.scheduler = None
+        path = best.save(out, overwrite=overwrite) if out is not None else None
+    from rich import box
+
+    header = ("rank", "K", "covariance", "params", "log-lik", "BIC", "AIC", "conv", "iter")
+    rows = [(f"{row['rank']}{' *' if row['chosen'] else ''}", str(row["n_components"]), row["covariance_type"],
+             str(row["n_parameters"]), f"{row['log_likelihood']:.2f}", f"{row['bic']:.2f}", f"{row['aic']:.2f}",
+             str(row["converged"]), str(row["n_iter"])) for row in result.ranked_table()]
+    table = Table(title=Text("candidates ranked by BIC (lower is better; * chosen)"), box=box.SIMPLE_HEAD,
+                  pad_edge=False)
+    for j, col in enumerate(header):
+        width = max(len(col), *(len(r[j]) for r in rows))
+        table.add_column(col, justify="left" if col in ("covariance", "conv") else "right", min_width=width)
+    for r in rows:
+        table.add_row(*r)
+    out_console.print(table)
+    io = result.io
+    out_console.print(Text(f"{io['passes_shared']} passes over the data (fitting each candidate alone: "
+                           f"{io['passes_sequential']})" + (f"; best model saved to {path}" if path else "")),
+                      highlight=False)
+
+
+def console_status(text: str):
+    from .main import console
+
+    return console.status(text)
