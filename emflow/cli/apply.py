@@ -50,8 +50,10 @@ def score(
             with console.status(f"scoring {type(est).__name__} on the data"):
                 rows = [("score", est.score(data))]
                 for name in ("bic", "aic"):
-                    if hasattr(est, name):
+                    try:
                         rows.append((name.upper(), getattr(est, name)(data)))
+                    except NotImplementedError:  # a family without a likelihood to count (LDA)
+                        pass
             written = []
             for kind in kinds:
                 with console.status(f"writing {kind}"):

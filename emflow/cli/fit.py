@@ -76,6 +76,10 @@ class FamilyCommand(TyperCommand):
         help_opts = [p for p in params if p.name == "help"]
         return [p for p in params if p.name != "help"] + list(extra) + help_opts
 
+    def format_epilog(self, ctx, formatter) -> None:
+        self.epilog = f"Models: {model_list()}."  # read now: a family registered later is listed
+        super().format_epilog(ctx, formatter)
+
     def invoke(self, ctx):
         cls = ctx.meta.get(_META)
         family_values = {k: ctx.params.pop(k) for k in list(ctx.params) if k.startswith(O.PREFIX)}
@@ -92,7 +96,7 @@ _FIT_HELP = (
 )
 
 
-@app.command(cls=FamilyCommand, help=_FIT_HELP, epilog=f"Models: {model_list()}.")
+@app.command(cls=FamilyCommand, help=_FIT_HELP)
 def fit(
     data: str = typer.Argument(..., help="Zarr dataset in the family's layout: rows (an array), "
                                          "sequences (values + offsets) or a corpus."),
