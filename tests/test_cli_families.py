@@ -411,3 +411,53 @@ def test_help_is_readable_at_80_columns(args, monkeypatch):
         params, labels, _ = O.family_options(FAMILIES[args[2]], _own_names())
         for label in labels.values():
             assert label.split(" ")[0] in r.output
+
+
+# -- the README's command-line examples run as written -------------------------------------------
+
+def _readme_commands() -> list[list[str]]:
+    import pathlib
+    import shlex
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("## Command line"):]
+    section = section[: section.index("\n## ", 3)]
+    blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
+    return [shlex.split(line, comments=True) for block in blocks for line in block.splitlines() if line.strip()]
+
+
+def test_readme_command_line_examples_run(tmp_path, monkeypatch):
+    """Every `emflow` line of the README's Command line section, in a folder holding the data the
+    second block names (a sequences group, counts, tracks, a corpus, a CSV); Dask runs in
+    threads here (the README's lines start a local cluster, or use the one they name)."""
+    import contextlib
+
+    from emflow.cli import apply, fit as fit_module, main
+    from emflow.storage.corpus import write_corpus
+    from emflow.storage.sequences import write_sequences
+
+    @contextlib.contextmanager
+    def threads(address, workers):
+        yield "threads"
+
+    for module in (main, fit_module, apply):
+        monkeypatch.setattr(module, "_scheduler", threads)
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    (tmp_path / "data.csv").write_text("a,b\n" + "\n".join(f"{x:.4f},{y:.4f}" for x, y in rng.normal(size=(50, 2))))
+    for name in ("gaussian-hmm", "poisson-hmm", "lgssm"):
+        cls = FAMILIES[name]
+        X, lengths = cls._contract_example(rng)[0]
+        write_sequences(tmp_path / {"gaussian-hmm": "steps.zarr", "poisson-hmm": "counts.zarr",
+                                    "lgssm": "tracks.zarr"}[name],
+                        np.asarray(X, dtype=np.float64).reshape(len(X), -1), np.concatenate([[0], np.cumsum(lengths)]))
+    write_corpus(tmp_path / "corpus.zarr", FAMILIES["lda"]._contract_example(rng)[0][0])
+    commands = _readme_commands()
+    assert len(commands) >= 12 and all(c[0] == "emflow" for c in commands)
+    for cmd in commands:
+        r = run(*cmd[1:])
+        assert r.exit_code == 0, (cmd, r.output)
+    assert type(emflow.load(tmp_path / "hmm.zarr")).__name__ == "GaussianHMM"
+    assert emflow.load(tmp_path / "lda.zarr").n_components == 10
+    assert sorted(p.name for p in (tmp_path / "scores").iterdir()) == ["labels.zarr", "log_likelihood.zarr",
+                                                                       "proba.zarr"]
