@@ -333,6 +333,37 @@ def test_select_prints_the_ranked_table_and_saves_the_best(fitted, tmp_path):
     assert all(len(line) <= 80 for line in table.splitlines())
 
 
+def test_select_weights_overwrite_workers(fitted, tmp_path):
+    from emflow.estimators.selection import select_gaussian_mixture
+
+    data = fitted["gmm"][0]
+    w = tmp_path / "w.zarr"
+    zarr.save_array(str(w), np.arange(400) % 3 + 1.0)
+    best = tmp_path / "best.zarr"
+    args = ["select", data, "-k", "2,3", "--weights", w, "--max-iter", "10", "-o", best, "-s", "threads"]
+    assert run(*args).exit_code == 0
+    r = run(*args)
+    assert r.exit_code == 2 and "--overwrite" in r.output  # an existing model is replaced only when asked
+    r = run(*args, "--overwrite")
+    assert r.exit_code == 0, r.output
+    ref = select_gaussian_mixture(data, [2, 3], sample_weight=str(w), max_iter=10, random_state=0, scheduler="threads")
+    assert emflow.load(best).lower_bound_ == pytest.approx(ref.best_model.lower_bound_, rel=1e-12)
+    assert emflow.load(best).fit_info_["weighted"] is True
+    r = run("select", data, "--workers", "0")
+    assert r.exit_code == 2 and "--workers must be an integer >= 1, got 0." in r.output
+
+
+def test_score_overwrite_and_workers(fitted, tmp_path):
+    data, _, _, _, model = fitted["gmm"]
+    args = ["score", model, data, "-o", tmp_path / "s", "--what", "labels", "-s", "threads"]
+    assert run(*args).exit_code == 0
+    r = run(*args)
+    assert r.exit_code == 2 and "--overwrite" in r.output
+    assert run(*args, "--overwrite").exit_code == 0
+    r = run("score", model, data, "--workers", "0")
+    assert r.exit_code == 2 and "--workers must be an integer >= 1, got 0." in r.output
+
+
 def test_select_bad_grid(fitted, tmp_path):
     r = run("select", fitted["gmm"][0], "-k", "2,x", "-s", "threads")
     assert r.exit_code == 2 and "--components (-k) must be comma-separated integers" in r.output

@@ -23,6 +23,7 @@ from rich.text import Text
 from .. import __version__
 from ..checks import MAX_SEED, MIN_PARTITION_BYTES, check_int, check_real
 from ..errors import ConfigError, EmflowError
+from ..estimators import discover
 
 app = typer.Typer(
     name="emflow",
@@ -190,9 +191,10 @@ def predict(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an emflow output already at --out."),
     what: Optional[str] = typer.Option(
         None, "--what",
-        help="Mixtures: labels | proba (responsibilities) | log_likelihood (per row; also 'score'). "
-             "HMMs: labels (Viterbi states) | proba (posteriors). LDA: topics. State-space: smoothed_states | "
-             "filtered_states. Default: the first of the family's."),
+        help="The output to write, one the model's family declares (" + "; ".join(
+            f"{cls.cli_name}: {' | '.join(cls.outputs)}" for cls in sorted(discover().values(),
+                                                                          key=lambda c: c.cli_name)
+            if cls.outputs) + "). Default: the first of the family's."),
     scheduler: Optional[str] = SchedulerOpt,
     workers: Optional[int] = WorkersOpt,
 ):
