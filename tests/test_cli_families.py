@@ -20,6 +20,10 @@ from typer.testing import CliRunner
 
 import emflow
 from emflow.cli import app
+
+# `emflow flows` imports Prefect; imported first under CliRunner, its log handlers would keep
+# the runner's temporary stderr (closed after the command) and break every later flow's logging
+import prefect.main  # noqa: E402,F401  isort: skip (sets up its logging: here, not under CliRunner)
 from emflow.cli import options as O
 from emflow.estimators import REGISTRY
 from emflow.estimators.base import _cli_name
