@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import re
 import sys
-from enum import Enum
 
 import numpy as np
 import pytest

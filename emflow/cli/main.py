@@ -7,7 +7,6 @@ import errno
 import json
 import os
 import re
-import time
 from enum import Enum
 from pathlib import Path
 from typing import Optional

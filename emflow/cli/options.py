@@ -163,13 +163,12 @@ def label(decls: list[str]) -> str:
 
 @lru_cache(maxsize=None)
 def family_options(cls, taken: frozenset = frozenset()) -> tuple[list, dict[str, str], dict]:
-    """``(click options, {parameter: option label}, {option: {shown choice: value}})`` for ``cls``'s constructor parameters,
-    built by typer from a generated signature (so they look and parse as every other option);
-    ``taken`` are the option names the command has already."""
+    """``(options, {parameter: option label}, {option: {shown choice: value}})`` for ``cls``'s
+    constructor parameters, built by typer from a generated signature (so they look and parse
+    as every other option); ``taken`` are the option names the command has already."""
     rules = cls._rules()
     defaults = cls().get_params(deep=False)
     helps = doc_params(cls)
-    panel = f"{cls.cli_name} options ({cls.__name__})"
     sig_params, annotations, labels, convert = [], {}, {}, {}
     for name, default in defaults.items():
         if name in EXECUTION:
@@ -189,14 +188,14 @@ def family_options(cls, taken: frozenset = frozenset()) -> tuple[list, dict[str,
             shown = json.dumps(_jsonable(default))
         else:
             shown = default
-        info = typer.Option(shown, *decls, help=help_text, show_default=default is not None,
-                            rich_help_panel=panel, **extra)
+        info = typer.Option(shown, *decls, help=help_text, show_default=default is not None, **extra)
         key = PREFIX + name
         sig_params.append(inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=annotation))
         annotations[key] = annotation
         labels[name] = label([d.split("/")[0] for d in decls])
         if choices is not None:
             convert[key] = choices
+
     def generated(**kwargs):  # pragma: no cover - never called: only its signature is read
         return kwargs
 
@@ -210,14 +209,7 @@ def family_options(cls, taken: frozenset = frozenset()) -> tuple[list, dict[str,
 
 
 def _jsonable(v):
-    try:
-        import numpy as np
-
-        if isinstance(v, np.ndarray):
-            return v.tolist()
-    except ImportError:  # pragma: no cover
-        pass
-    return list(v) if isinstance(v, tuple) else v
+    return v.tolist() if hasattr(v, "tolist") else list(v) if isinstance(v, tuple) else v
 
 
 def given(ctx, cls, taken: frozenset, values: dict) -> dict:
