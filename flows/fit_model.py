@@ -20,25 +20,12 @@ from pydantic import Field
 
 from emflow.errors import ConfigError
 from emflow.estimators import REGISTRY, family_of
+from emflow.storage.layouts import open_stored
 
 from ._common import PersistParam, RestartsParam, SchedulerParam
 from ._family import FamilyAdapter, run_family_fit
 
 __all__ = ["model_fit_flow", "RegistryAdapter"]
-
-
-def _opener(kind: str):
-    if kind == "rows":
-        from emflow.storage.data import open_rows
-
-        return open_rows
-    if kind == "sequences":
-        from emflow.storage.sequences import open_sequences
-
-        return lambda data: open_sequences(data, allow_nan=True)
-    from emflow.storage.corpus import open_corpus
-
-    return open_corpus
 
 
 class RegistryAdapter(FamilyAdapter):
@@ -52,7 +39,7 @@ class RegistryAdapter(FamilyAdapter):
         self.label = cls.objective_name
 
     def open(self, data: str):
-        return _opener(self.estimator_cls.data_kind)(data)
+        return open_stored(self.estimator_cls.data_kind, data)
 
     def _as_loaded(self, info: dict):
         return SimpleNamespace(data=SimpleNamespace(n_rows=int(info["n_rows"])))

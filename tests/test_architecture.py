@@ -30,6 +30,10 @@ ALLOWED = {
     ("emflow.execution.cluster", "emflow"),
     # TODO: `emflow demo` runs the Prefect fit flow; the demo is moving out of emflow
     ("emflow.cli.main", "flows.fit"),
+    # `emflow flows run / serve` run the repository's flows: imported when that command runs
+    ("emflow.cli.flows_cmd", "prefect"),
+    ("emflow.cli.flows_cmd", "prefect.flows"),
+    ("emflow.cli.flows_cmd", "flows._main"),
 }
 
 

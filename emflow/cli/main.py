@@ -7,7 +7,6 @@ import errno
 import json
 import os
 import re
-import time
 from enum import Enum
 from pathlib import Path
 from typing import Optional
@@ -23,6 +22,7 @@ from rich.text import Text
 from .. import __version__
 from ..checks import MAX_SEED, MIN_PARTITION_BYTES, check_int, check_real
 from ..errors import ConfigError, EmflowError
+from ..estimators import discover
 
 app = typer.Typer(
     name="emflow",
@@ -30,6 +30,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # click's own help layout: at 80 columns it wraps long option names instead of cutting them
+    rich_markup_mode=None,
 )
 console = Console(stderr=True)
 out_console = Console()
@@ -145,14 +147,6 @@ def _partition_bytes(partition_mib: Optional[float]) -> Optional[int]:
     return int(partition_mib * 2**20)
 
 
-# estimator parameter -> the `fit` option that sets it (named in the error)
-_FIT_OPTIONS = {
-    "n_components": "--components (-k)", "covariance_type": "--covariance (-c)", "tol": "--tol",
-    "reg_covar": "--reg-covar", "max_iter": "--max-iter", "n_init": "--n-init", "init_params": "--init",
-    "random_state": "--seed", "persist": "--persist", "partition_bytes": "--partition-mib",
-}
-
-
 @contextlib.contextmanager
 def _scheduler(address: Optional[str], workers: Optional[int]):
     """A Dask client: the given scheduler, or a LocalCluster started (and stopped) here."""
@@ -189,57 +183,6 @@ def _iteration_progress(max_iter: int):
 
 
 @app.command()
-def fit(
-    data: str = typer.Argument(..., help="Zarr array (or group holding one) of shape (n_samples, n_features)."),
-    components: int = typer.Option(..., "--components", "-k", help="Number of mixture components."),
-    out: Path = typer.Option(..., "--out", "-o", help="Where to save the fitted model (a Zarr group)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an emflow model already at --out."),
-    covariance: Covariance = typer.Option(Covariance.full, "--covariance", "-c"),
-    weights: Optional[str] = typer.Option(None, "--weights", help="Row weights: a Zarr array path, or the name of an array beside the data."),
-    tol: float = typer.Option(1e-3, help="Stop when the mean log-likelihood changes less than this."),
-    reg_covar: float = typer.Option(1e-6, "--reg-covar"),
-    max_iter: int = typer.Option(100, "--max-iter"),
-    n_init: int = typer.Option(1, "--n-init"),
-    init: Init = typer.Option(Init.kmeans, "--init"),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for initialisation."),
-    persist: Persist = typer.Option(Persist.auto, help="Keep data in worker memory, stream it each iteration, or decide."),
-    partition_mib: Optional[float] = typer.Option(None, "--partition-mib", help="Target partition size in MiB (default 64); smaller bounds worker memory when streaming."),
-    scheduler: Optional[str] = SchedulerOpt,
-    workers: Optional[int] = WorkersOpt,
-):
-    """Fit a Gaussian mixture to DATA and save it to --out."""
-    from ..estimators.mixture import GaussianMixture
-
-    with _errors(out, _FIT_OPTIONS):
-        _check_seed(seed)
-        _check_workers(workers)
-        gm = GaussianMixture(
-            components, covariance_type=covariance.value, tol=tol, reg_covar=reg_covar, max_iter=max_iter,
-            n_init=n_init, init_params=init.value, random_state=seed, persist=_PERSIST[persist.value],
-            partition_bytes=_partition_bytes(partition_mib),
-        )
-        gm._validate_params()
-        from ..storage.data import open_rows
-        from ..storage.destinations import check_destination
-
-        # before any work: --out may not be DATA (or hold it), nor replace anything unasked
-        weights_path = weights if weights and os.path.exists(weights) else None
-        check_destination(out, "model", overwrite=overwrite, inputs=[("DATA", data), ("--weights", weights_path)])
-
-        open_rows(data, weights, min_rows=components)  # fail fast, before starting a cluster
-        with _scheduler(scheduler, workers) as client:
-            gm.scheduler = client
-            progress, cb = _iteration_progress(max_iter)
-            t0 = time.perf_counter()
-            with progress:
-                gm.fit(data, sample_weight=weights, callbacks=[cb])
-            elapsed = time.perf_counter() - t0
-        gm.scheduler = scheduler
-        path = gm.save(out, overwrite=overwrite)
-    _print_model(gm, title=Text(f"fitted in {elapsed:.1f}s -> {path}"))
-
-
-@app.command()
 def predict(
     model: str = typer.Argument(..., help="A saved model of any family (`emflow fit`, a flow, or .save())."),
     data: str = typer.Argument(..., help="Zarr dataset (array, sequences or corpus) to apply it to."),
@@ -247,9 +190,10 @@ def predict(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an emflow output already at --out."),
     what: Optional[str] = typer.Option(
         None, "--what",
-        help="Mixtures: labels | proba (responsibilities) | log_likelihood (per row; also 'score'). "
-             "HMMs: labels (Viterbi states) | proba (posteriors). LDA: topics. State-space: smoothed_states | "
-             "filtered_states. Default: the first of the family's."),
+        help="The output to write, one the model's family declares (" + "; ".join(
+            f"{cls.cli_name}: {' | '.join(cls.outputs)}" for cls in sorted(discover().values(),
+                                                                          key=lambda c: c.cli_name)
+            if cls.outputs) + "). Default: the first of the family's."),
     scheduler: Optional[str] = SchedulerOpt,
     workers: Optional[int] = WorkersOpt,
 ):
@@ -427,6 +371,10 @@ def _print_model(gm, title) -> None:
 from .ingest import ingest_command  # noqa: E402
 
 app.command("ingest")(ingest_command)
+
+from . import fit as _fit  # noqa: E402,F401  (registers `fit` and `select`)
+from . import apply as _apply  # noqa: E402,F401  (registers `score`)
+from . import flows_cmd as _flows  # noqa: E402,F401  (registers `flows run` and `flows serve`)
 
 
 def _print_version(value: bool) -> None:

@@ -41,6 +41,7 @@ from typing import Any, Callable, ClassVar, Iterable
 import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.utils import check_random_state
+from sklearn.utils._set_output import _SetOutputMixin, _wrap_method_output
 
 from .. import __version__
 from ..storage import store as _store
@@ -60,6 +61,18 @@ class Output:
 
     method: str
     default: bool = False
+
+
+# words of family names the command line shortens, as users write them (gmm, lgssm, lda)
+_CLI_SHORT = {"gaussian-mixture": "gmm", "linear-gaussian-ssm": "lgssm", "latent-dirichlet-allocation": "lda"}
+
+
+def _cli_name(family: str) -> str:
+    """``gaussian_hmm`` -> ``gaussian-hmm``; ``bayesian_gaussian_mixture`` -> ``bayesian-gmm``."""
+    name = family.replace("_", "-")
+    for long, short in _CLI_SHORT.items():
+        name = name.replace(long, short)
+    return name
 
 
 def family_of(name: str) -> type["EMEstimator"]:
@@ -94,8 +107,11 @@ class _WarmStop:
         return bool(history) and abs(history[-1] - last) < self.tol
 
 
-class EMEstimator(BaseEstimator):
-    """Base class of every emflow estimator (see the module docstring for the contract)."""
+class EMEstimator(_SetOutputMixin, BaseEstimator):
+    """Base class of every emflow estimator (see the module docstring for the contract).
+
+    A family with ``transform`` (and ``get_feature_names_out``) gets scikit-learn's
+    ``set_output(transform="pandas")``, as its transformers do."""
 
     family: ClassVar[str] = ""
     data_kind: ClassVar[str] = "rows"
@@ -108,11 +124,21 @@ class EMEstimator(BaseEstimator):
     objective_name: ClassVar[str] = "mean log-likelihood"
     size_param: ClassVar[tuple[str, str]] = ("n_components", "components")
     summary_arrays: ClassVar[dict[str, str]] = {}
+    # the name `emflow fit --model` takes; by default the family's, hyphenated and abbreviated
+    # (see _cli_name), so a new family needs no entry in the command line
+    cli_name: ClassVar[str] = ""
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         name = cls.__dict__.get("family")
         if name:
+            if "cli_name" not in cls.__dict__:
+                cls.cli_name = _cli_name(name)
+            # scikit-learn wraps only a class's own transform; a family may inherit its (LDA)
+            if callable(getattr(cls, "transform", None)) and not hasattr(cls.transform, "__wrapped__"):
+                cls._sklearn_auto_wrap_output_keys = {*getattr(cls, "_sklearn_auto_wrap_output_keys", ()),
+                                                      "transform"}
+                cls.transform = _wrap_method_output(cls.transform, "transform")
             known = REGISTRY.get(name)
             if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
                 raise TypeError(f"Family {name!r} is already registered by {known.__module__}.{known.__qualname__}.")
@@ -128,6 +154,32 @@ class EMEstimator(BaseEstimator):
 
     def __sklearn_is_fitted__(self) -> bool:
         return self._is_fitted()
+
+    def __sklearn_tags__(self):
+        """scikit-learn's tags, from the declarations: no target; a corpus family (LDA) reads
+        sparse, non-negative counts; a family with ``transform`` is a transformer (float64
+        out); one with ``score_samples`` a density estimator, as scikit-learn's mixtures."""
+        from sklearn.utils import TransformerTags
+
+        tags = super().__sklearn_tags__()
+        tags.target_tags.required = False
+        if self.data_kind == "corpus":
+            tags.input_tags.sparse = True
+            tags.input_tags.positive_only = True
+        if callable(getattr(type(self), "transform", None)) and tags.transformer_tags is None:
+            tags.transformer_tags = TransformerTags(preserves_dtype=["float64"])
+        if callable(getattr(type(self), "score_samples", None)) and tags.estimator_type is None:
+            tags.estimator_type = "density_estimator"
+        return tags
+
+    def _check_not_sparse(self, data) -> None:
+        """A scipy sparse matrix given to a family that reads dense data: say so (NumPy would
+        see an object array), as scikit-learn's ``check_array`` does."""
+        if self.data_kind != "corpus" and type(data).__module__.startswith("scipy.sparse"):
+            from ..errors import DataError
+
+            raise DataError(f"{type(self).__name__} does not accept sparse input (a {type(data).__name__}): "
+                            "pass dense data, e.g. X.toarray().")
 
     # -- parameter validation -----------------------------------------------------------------
     _param_rules: ClassVar[dict] = {}
@@ -283,6 +335,7 @@ class EMEstimator(BaseEstimator):
              initial_params=None, history: list[float] | None = None):
         """What every family's ``fit`` does: open the data, run EM, set the fitted state."""
         self._validate_params()
+        self._check_not_sparse(data)
         callbacks = list(callbacks)
         if getattr(self, "verbose", 0):
             callbacks.append(self._print_iteration)

@@ -1,0 +1,5 @@
+"""``python -m emflow.cli``: the ``emflow`` command."""
+
+from . import app
+
+app(prog_name="emflow")
