@@ -20,6 +20,7 @@ from pydantic import Field
 
 from emflow.errors import ConfigError
 from emflow.estimators import REGISTRY, family_of
+from emflow.storage.checkpoint import dataset_fingerprint
 from emflow.storage.layouts import open_stored
 
 from ._common import PersistParam, RestartsParam, SchedulerParam
@@ -38,8 +39,13 @@ class RegistryAdapter(FamilyAdapter):
         self.units = {"rows": "rows", "sequences": "steps", "corpus": "words"}[cls.data_kind]
         self.label = cls.objective_name
 
-    def open(self, data: str):
-        return open_stored(self.estimator_cls.data_kind, data)
+    def open(self, data: str, cfg: dict | None = None):
+        est = self.estimator_cls() if cfg is None else self.estimator(cfg, None)
+        return open_stored(self.estimator_cls.data_kind, data, allow_nan=est._allows_nan())
+
+    def fingerprint(self, data: str, cfg: dict, scheduler) -> dict:
+        # NaN as the configured estimator reads it (e.g. GaussianMixture(missing="marginalize"))
+        return dataset_fingerprint(self.open(data, cfg), scheduler=scheduler)
 
     def _as_loaded(self, info: dict):
         return SimpleNamespace(data=SimpleNamespace(n_rows=int(info["n_rows"])))

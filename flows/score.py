@@ -23,6 +23,7 @@ from pydantic import Field
 
 import emflow
 from emflow.estimators import outputs as _outputs
+from emflow.storage.layouts import open_stored
 
 from ._common import compute, retry_if_transient
 
@@ -32,26 +33,13 @@ Output = Literal["labels", "proba", "log_likelihood", "topics", "filtered_states
 
 
 def open_input(model, data: str):
-    """Open ``data`` as the model's family reads it (structure and metadata, no values): rows
-    for a mixture, sequences for an HMM or a state-space model (NaN allowed there), a corpus
-    for LDA. A missing path is a DataNotFoundError naming it; data with other features than
-    the model's, a FeatureMismatchError."""
-    name = type(model).__name__
-    if name == "GaussianMixture":
-        from emflow.storage.data import open_rows
-
-        opened = open_rows(data)
-    elif name == "LatentDirichletAllocation":
-        from emflow.storage.corpus import open_corpus
-
-        opened = open_corpus(data)
-    else:
-        from emflow.storage.sequences import open_sequences
-
-        opened = open_sequences(data, allow_nan=name == "LinearGaussianSSM")
+    """Open ``data`` as the model's family reads it (its declared ``data_kind``; structure and
+    metadata, no values), NaN allowed where the model handles missing values. A missing path
+    is a DataNotFoundError naming it; data with other features than the model's, a
+    FeatureMismatchError."""
+    opened = open_stored(type(model).data_kind, data, allow_nan=model._allows_nan())
     expected = getattr(model, "n_features_in_", None)
-    if name in ("GaussianMixture", "LinearGaussianSSM") and expected is not None \
-            and int(opened.n_features) != int(expected):
+    if expected is not None and int(opened.n_features) != int(expected):
         raise emflow.FeatureMismatchError(
             f"{data!r} has {opened.n_features} features; the model was fitted on {expected}. Score data with "
             "the features the model was fitted on."

@@ -58,11 +58,7 @@ HMM = {**WORDING, **{c: LENGTHS for c in SEQUENCE_CHECKS},
                               "(after the lengths problem above), not '1 sample'"}
 EXPECTED_FAILURES = {
     "gaussian_mixture": {**WORDING, **APPLY_WORDING},
-    "latent_dirichlet_allocation": {
-        **WORDING, **APPLY_WORDING,
-        "check_fit_score_takes_y": "partial_fit (online variational Bayes) is not there yet: it raises, "
-                                   "pointing to fit (the online-EM issue adds it)",
-    },
+    "latent_dirichlet_allocation": {**WORDING, **APPLY_WORDING},
     "gaussian_hmm": HMM, "categorical_hmm": HMM, "poisson_hmm": HMM, "gmm_hmm": HMM,
     "linear_gaussian_ssm": {**WORDING, **{c: LENGTHS for c in SEQUENCE_CHECKS}},
 }

@@ -137,12 +137,9 @@ def fit(
         # before any work: --out may not be DATA (or hold it), nor replace anything unasked
         weights_path = weights if weights and os.path.exists(weights) else None
         check_destination(out, "model", overwrite=overwrite, inputs=[("DATA", data), ("--weights", weights_path)])
-        if cls.data_kind == "rows":  # fail fast, before starting a cluster
-            from ..storage.data import open_rows
-
-            open_rows(data, weights, min_rows=int(getattr(est, "n_components", 1)))
-        else:
-            open_stored(cls.data_kind, data)
+        # fail fast, before starting a cluster
+        open_stored(cls.data_kind, data, weights, allow_nan=est._allows_nan(),
+                    min_rows=int(getattr(est, "n_components", 1)) if cls.data_kind == "rows" else 1)
         fit_kwargs = {"sample_weight": weights} if weights is not None else {}
         with _scheduler(scheduler, workers) as client:
             est.scheduler = client

@@ -210,6 +210,11 @@ class EMEstimator(_SetOutputMixin, BaseEstimator):
     def _open(self, engine, data, *fit_args):
         raise NotImplementedError
 
+    def _allows_nan(self) -> bool:
+        """Whether NaN in the data is a missing value this estimator handles (else an error):
+        what every opener outside the estimator (the CLI, the flows) passes on."""
+        return False
+
     def _em_family(self):
         raise NotImplementedError
 

@@ -15,7 +15,7 @@ from typing import Callable, ClassVar, Iterable
 import numpy as np
 
 from ..checks import Choice, Int, Real
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..execution.engine import Engine, Loaded, sample_rows, take_rows
 from ..models import bgmm as B
 from ..models import gmm as G
@@ -256,6 +256,9 @@ class BayesianGaussianMixture(GaussianMixture):
                                   f"{shape}, but got {got} (covariance_prior, for data with {d} features).")
 
     def _prepare(self, engine, loaded) -> None:
+        if loaded.data.n_rows < 2:  # scikit-learn's minimum too: the default priors are the data's covariance
+            raise DataError(f"Found {loaded.data.n_rows} sample(s) while a minimum of 2 is required by "
+                            "BayesianGaussianMixture (its default priors are the data's mean and covariance).")
         d = loaded.data.n_features
         self._check_priors(d)
         # one pass; each partition's moments about its own mean, merged exactly here

@@ -189,6 +189,9 @@ class LinearGaussianSSM(EMEstimator):
 
     family = FAMILY
     data_kind = "sequences"
+
+    def _allows_nan(self) -> bool:  # NaN marks a missing observation
+        return True
     params_type = M.LGSSMParams
     fitted = {f: f"{n}_" for f, n in zip(M.LGSSMParams._fields, _INIT_NAMES)}
     outputs = {"smoothed_states": Output("smooth", True), "filtered_states": Output("filter")}

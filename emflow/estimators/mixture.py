@@ -340,6 +340,11 @@ class GaussianMixture(OnlineEMMixin, MissingValuesMixin, EMEstimator):
             return self._fit_online(data, y, sample_weight, callbacks=callbacks, **online)
         return self._fit(data, sample_weight, callbacks=callbacks, initial_params=initial_params, history=history)
 
+    def partial_fit(self, X, y=None, sample_weight=None, **online):  # scikit-learn's signature
+        return super().partial_fit(X, y, sample_weight, **online)
+
+    partial_fit.__doc__ = OnlineEMMixin.partial_fit.__doc__
+
     def _open(self, engine, data, sample_weight=None):
         return engine.open(data, sample_weight, min_rows=self.n_components, persist=self.persist,
                            **self._partitioning(), allow_nan=self._marginalize)

@@ -89,6 +89,9 @@ class MissingValuesMixin:
     def _marginalize(self) -> bool:
         return getattr(self, "missing", "error") == "marginalize"
 
+    def _allows_nan(self) -> bool:
+        return self._marginalize
+
     @property
     def _prior_setting(self):
         return getattr(self, "prior", None)
