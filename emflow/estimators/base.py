@@ -44,6 +44,7 @@ from sklearn.utils import check_random_state
 
 from .. import __version__
 from ..storage import store as _store
+from .accelerate import AccelerateRule, add_accelerate_parameter
 from .em import EMResult, IterationEvent, run_em
 from ..errors import ConfigError, EmflowConvergenceWarning, NotFittedError
 
@@ -109,6 +110,7 @@ class EMEstimator(BaseEstimator):
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
+        add_accelerate_parameter(cls)  # every family's accelerate=None (emflow.estimators.accelerate)
         name = cls.__dict__.get("family")
         if name:
             known = REGISTRY.get(name)
@@ -128,8 +130,9 @@ class EMEstimator(BaseEstimator):
         return self._is_fitted()
 
     # -- parameter validation -----------------------------------------------------------------
-    _param_rules: ClassVar[dict] = {}
-    """``{parameter: emflow.checks rule}``; a subclass's table extends its parents'."""
+    _param_rules: ClassVar[dict] = {"accelerate": AccelerateRule()}
+    """``{parameter: emflow.checks rule}``; a subclass's table extends its parents'.
+    Every family has ``accelerate`` (None / "none": plain EM; "squarem": SQUAREM)."""
 
     @classmethod
     def _rules(cls) -> dict:
@@ -281,6 +284,9 @@ class EMEstimator(BaseEstimator):
              initial_params=None, history: list[float] | None = None):
         """What every family's ``fit`` does: open the data, run EM, set the fitted state."""
         self._validate_params()
+        from ..checks import check_rules
+
+        check_rules(self, EMEstimator._param_rules)  # also where a family validates on its own
         callbacks = list(callbacks)
         if getattr(self, "verbose", 0):
             callbacks.append(self._print_iteration)
@@ -339,7 +345,8 @@ class EMEstimator(BaseEstimator):
                     stop = _WarmStop(float(self.lower_bound_), self._em_tol(loaded))
                 result = run_em(engine, loaded, family, params, tol=None if stop is not None else self._em_tol(loaded),
                                 stop=stop, max_iter=max_iter, callbacks=[watch, *callbacks], init=init,
-                                history=history, seed=(seed, init))
+                                history=history, seed=(seed, init), accelerate=self.accelerate,
+                                spec=self.param_spec() if self.accelerate == "squarem" else None)
             if best is None or result.lower_bound > best.lower_bound:
                 best = result
         assert best is not None
@@ -350,8 +357,13 @@ class EMEstimator(BaseEstimator):
     def _set_fit_result(self, result: EMResult, loaded, engine, *, restarts: int = 1, **info):
         """The fitted state from an EM result, the same for every family and every caller
         (the fit driver, model selection, the flows): parameters, ``converged_``,
-        ``n_iter_``, ``lower_bound_``, ``history_``, ``lower_bounds_``, ``n_features_in_`` and
-        ``fit_info_`` (common keys, then the family's, then ``info``)."""
+        ``n_iter_``, ``lower_bound_``, ``history_``, ``lower_bounds_``, ``n_features_in_``,
+        ``n_passes_`` and ``fit_info_`` (common keys, then the family's, then ``info``).
+
+        ``n_passes_``: passes over ``loaded`` so far, from the engine's count of partition reads
+        (the opening scan, initialisation passes such as k-means, every EM or SQUAREM pass of
+        every restart). ``n_iter_`` counts accepted parameter sets (one pass each; see
+        :mod:`emflow.estimators.accelerate` for SQUAREM's rejected passes)."""
         self._set_parameters(result.params)
         self.converged_ = bool(result.converged)
         self.n_iter_ = int(result.n_iter)
@@ -359,6 +371,7 @@ class EMEstimator(BaseEstimator):
         self.history_ = [float(v) for v in result.history]
         self.lower_bounds_ = list(self.history_)
         self.n_features_in_ = int(loaded.data.n_features)
+        self.n_passes_ = int(loaded.partition_reads // max(1, len(loaded.handles) or loaded.data.n_partitions))
         self.fit_info_ = {
             "fingerprint": loaded.fingerprint,
             "source": loaded.data.source,
@@ -369,6 +382,9 @@ class EMEstimator(BaseEstimator):
             "engine": engine.describe(),
             "n_init": int(restarts),
             "seconds_per_iteration": [float(s) for s in result.seconds],
+            "n_passes": self.n_passes_,
+            "accelerate": getattr(self, "accelerate", None),
+            **({"acceleration": result.acceleration} if result.acceleration else {}),
             **self._fit_info_extra(loaded, result),
             **info,
         }
@@ -448,6 +464,7 @@ class EMEstimator(BaseEstimator):
             model._validate_params()
             model._restore_arrays(arrays, meta)
             _store.restore_fit_record(model, meta)
+            model.n_passes_ = model.fit_info_.get("n_passes")
             model.lower_bounds_ = list(model.history_)
             model._after_load(meta)
         return model
