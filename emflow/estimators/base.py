@@ -229,6 +229,9 @@ class EMEstimator(BaseEstimator):
         if getattr(self, "covariance_type", None):
             rows["covariance"] = str(self.covariance_type)
         rows["converged"] = f"{self.converged_} after {self.n_iter_} iterations"
+        info = getattr(self, "fit_info_", None) or {}
+        if info.get("n_passes") is not None:
+            rows["passes over the data"] = f"{info['n_passes']} (accelerate={info.get('accelerate')})"
         rows[self.objective_name] = f"{self.lower_bound_:.10g}"
         for lab, attr in self.summary_arrays.items():
             if getattr(self, attr, None) is not None:
@@ -307,7 +310,9 @@ class EMEstimator(BaseEstimator):
             loaded = self._open(engine, data, *fit_args)
             try:
                 self._prepare(engine, loaded)
-                return self._initial_params(engine, loaded, self._restart_rng(seed, init))
+                params = self._initial_params(engine, loaded, self._restart_rng(seed, init))
+                self.init_passes_ = int(loaded.partition_reads // max(1, len(loaded.handles)))  # scan included
+                return params
             finally:
                 loaded.release()
 
