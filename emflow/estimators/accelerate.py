@@ -9,15 +9,20 @@ applies it, on the family's flat unconstrained parameter vector
 3. ``r = x1 - x0``, ``v = x2 - 2 x1 + x0`` (``x = to_vector(p)``), step
    ``a = ||r|| / ||v||`` clamped to ``[1, step_max]`` (the paper's ``alpha = -a``, clamped at
    ``-1``), and the extrapolated point ``x' = x0 + 2 a r + a^2 v`` (``a = 1`` gives ``p2``);
-4. pass at ``p' = from_vector(x')`` (the stabilising EM step): its objective and ``EM(p')``.
+4. pass at ``p' = from_vector(x')`` (the stabilising EM step): its objective and ``EM(p')``;
+   the next pass, at ``EM(p')``, starts the next cycle.
 
 Safeguards:
 
 * **monotonicity**: ``p'`` is accepted only if its objective is not below the last accepted
-  one (``p1``'s) beyond rounding; otherwise the cycle falls back to the plain EM step
-  ``p2`` and the pass at ``p'`` is spent (``rejected``). Accepted or not, the next cycle
-  starts from an EM step (``EM(p')`` or ``p2``), so every accepted objective is at least the
-  previous one up to rounding, as in plain EM;
+  one (``p1``'s) beyond rounding, *and* the objective of its EM step ``q = EM(p')`` (the
+  next pass) is not below ``p'``'s (an M-step with a floor such as ``reg_covar`` is not a
+  maximiser, so EM from a point off the EM iterates can fall). Then ``p'`` and ``q`` are
+  both accepted and ``q`` starts the next cycle. If ``p'`` falls below ``p1``, the cycle falls
+  back to the plain EM step ``p2`` (one pass spent, ``rejected``); if ``q`` falls below
+  ``p'`` but not below ``p1``, ``q`` is accepted alone; below both, back to ``p2`` (two
+  passes spent, ``rejected_after_em_step``). So ``history`` never falls beyond rounding
+  except where plain EM's own steps would;
 * **parameter space**: a point whose parameters cannot be formed (non-finite coordinates,
   an SPD field whose Cholesky factorisation fails, a simplex or positive entry that
   underflows to 0) is never evaluated: the step is halved toward 1 (``a = (a + 1) / 2``, as
@@ -96,42 +101,67 @@ class SquaremState(_State):
         if run.spec is None:
             raise ValueError("accelerate='squarem' needs the family's ParamSpec (EMRun.spec)")
         self.spec = run.spec
-        self.phase = 0  # the point the next pass evaluates: 0 p0, 1 p1, 2 the extrapolated p'
+        # the point the next pass evaluates: 0 p0, 1 p1, 2 the extrapolated p', 3 EM(p')
+        self.phase = 0
         self.points: list = []  # p0, p1, p2 of the current cycle
         self.step = 1.0
         self.step_max = STEP_MAX0
-        self.counts = {"cycles": 0, "extrapolations": 0, "accepted": 0, "rejected": 0, "backtracks": 0,
-                       "outside": 0, "non_finite_vector": 0}
+        self.counts = {"cycles": 0, "extrapolations": 0, "accepted": 0, "rejected": 0, "rejected_after_em_step": 0,
+                       "backtracks": 0, "outside": 0, "non_finite_vector": 0}
+        self.held = None  # (objective, EM step, report) of an extrapolated point awaiting its EM step
         self.steps: list[float] = []
 
-    def take(self, stats) -> IterationEvent | None:
+    def _below(self, ll: float, ref: float) -> bool:
+        return not math.isfinite(ll) or ll < ref - ROUNDING * max(1.0, abs(ref))
+
+    def take(self, stats) -> list[IterationEvent]:
         point = self.params
         ll, new, report = self.evaluate(stats)
-        if self.phase == 2:
-            self.phase = 0
-            prev = self.history[-1]
-            if not math.isfinite(ll) or ll < prev - ROUNDING * max(1.0, abs(prev)):
-                self.counts["rejected"] += 1
-                if self.step == self.step_max:
-                    self.step_max = max(1.0, self.step_max / MSTEP)
-                self.params = self.points[2]  # the plain EM step: the next cycle starts there
-                self.step = 1.0
+        if self.phase == 2:  # p' evaluated: held until its own EM step is known not to fall below it
+            if self._below(ll, self.history[-1]):
+                return self._reject()
+            self.held = (ll, new, report)
+            self.params, self.phase = new, 3
+            return []
+        if self.phase == 3:  # EM(p') evaluated
+            held_ll, held_new, held_report = self.held
+            self.held = None
+            events = []
+            if not self._below(ll, held_ll):
+                self.counts["accepted"] += 1
                 self._grow()
-                return None
-            self.counts["accepted"] += 1
-            self._grow()
-            return self.accept(ll, new, report, step="squarem", check_stop=False)
+                events.append(self.accept(held_ll, held_new, held_report, step="squarem", check_stop=False))
+                if self.done:  # max_iter reached: the fit ends at EM(p'), as plain EM ends at an EM step
+                    return events
+            elif self._below(ll, self.history[-1]):
+                return self._reject(extra_pass=True)
+            else:  # EM(p') is an EM iterate above the last accepted one; p' itself is dropped
+                self.counts["rejected"] += 1
+                self.step = 1.0
+            self.points, self.phase = [point], 1
+            return events + [self.accept(ll, new, report)]
         if self.phase == 0:
             self.points = [point]
             self.phase = 1
-            return self.accept(ll, new, report)
+            return [self.accept(ll, new, report)]
         # phase 1: p1 evaluated, p2 = EM(p1)
         self.points += [point, new]
         self.phase = 0
         event = self.accept(ll, new, report)
         if not self.done:
             self._extrapolate()
-        return event
+        return [event]
+
+    def _reject(self, extra_pass: bool = False) -> list:
+        """Back to the plain EM step p2 of the cycle (the next cycle starts there)."""
+        self.counts["rejected"] += 1
+        self.counts["rejected_after_em_step"] += extra_pass
+        if self.step == self.step_max:
+            self.step_max = max(1.0, self.step_max / MSTEP)
+        self.params, self.phase = self.points[2], 0
+        self.step = 1.0
+        self._grow()
+        return []
 
     def _grow(self) -> None:
         """squarem1: a cycle whose step reached the bound raises the bound."""

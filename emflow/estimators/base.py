@@ -296,9 +296,18 @@ class EMEstimator(BaseEstimator):
         with self._session() as engine:
             loaded = self._open(engine, data, *fit_args)
             try:
-                return self._fit_loaded(engine, loaded, callbacks, initial_params, history)
+                self._fit_loaded(engine, loaded, callbacks, initial_params, history)
+                self._record_passes(loaded)  # with any pass a family makes after EM (LDA's bound_)
+                return self
             finally:
                 loaded.release()
+
+    def _record_passes(self, loaded) -> None:
+        """``n_passes_`` (and ``fit_info_["n_passes"]``): passes over ``loaded`` so far, from
+        the engine's count of partition reads (the opening scan included)."""
+        self.n_passes_ = int(loaded.partition_reads // max(1, len(loaded.handles)))
+        if getattr(self, "fit_info_", None) is not None:
+            self.fit_info_["n_passes"] = self.n_passes_
 
     def init_params_for(self, data, *fit_args, init: int = 0, seed: int | None = None):
         """The starting parameters of restart ``init`` of ``fit(data, ...)`` (what
@@ -376,7 +385,7 @@ class EMEstimator(BaseEstimator):
         self.history_ = [float(v) for v in result.history]
         self.lower_bounds_ = list(self.history_)
         self.n_features_in_ = int(loaded.data.n_features)
-        self.n_passes_ = int(loaded.partition_reads // max(1, len(loaded.handles) or loaded.data.n_partitions))
+        self._record_passes(loaded)
         self.fit_info_ = {
             "fingerprint": loaded.fingerprint,
             "source": loaded.data.source,

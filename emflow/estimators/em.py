@@ -227,9 +227,9 @@ class _State:
         return IterationEvent(len(self.history), ll, change, 0.0, self.converged, params, report,
                               int(self.run.init), step)
 
-    def take(self, stats) -> IterationEvent | None:
-        """Plain EM: every pass is an iteration."""
-        return self.accept(*self.evaluate(stats))
+    def take(self, stats) -> list[IterationEvent]:
+        """The iterations this pass completes (plain EM: one, every pass)."""
+        return [self.accept(*self.evaluate(stats))]
 
     def acceleration(self) -> dict:
         return {}
@@ -302,15 +302,19 @@ def run_em_group(
         n_pass += 1
         events = []
         for s, st in zip(active, stats):
-            ev = s.take(st)
-            if ev is not None:  # None: a rejected extrapolation (its pass is charged to the next event)
-                events.append((s, ev))
-        # one pass served every active run: each is charged the whole pass's time
+            # none: the pass's point is not accepted (yet); its time goes to the next event
+            events += [(s, ev) for ev in s.take(st)]
+        # one pass served every active run: each is charged the whole pass's time (shared
+        # by the events it completes)
         dt = time.perf_counter() - t0
         for s in active:
             s.pending_seconds += dt
+            mine = [ev for t, ev in events if t is s]
+            for ev in mine:
+                ev.seconds = s.pending_seconds / len(mine)
+            if mine:
+                s.pending_seconds = 0.0
         for s, ev in events:
-            ev.seconds, s.pending_seconds = s.pending_seconds, 0.0
             s.seconds.append(ev.seconds)
             for cb in s.callbacks:
                 cb(ev)
