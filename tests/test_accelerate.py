@@ -41,7 +41,7 @@ def _rounding(h):
     return 1e-10 * np.maximum(1.0, np.abs(np.asarray(h[:-1])))
 
 
-def _three_blobs(seed=0, n=300):
+def _three_blobs(seed=0, n=150):
     rng = np.random.default_rng(seed)
     return np.vstack([rng.normal(0, 1, (n, 2)), rng.normal(1.5, 0.7, (n, 2)), rng.normal([-2, 1], 0.5, (n, 2))])
 
@@ -104,34 +104,39 @@ def _em_from(cls, args, kw, fitted, n):
     return est.history_[0], est.lower_bound_
 
 
-def test_lgssm_squarem_stops_at_a_fixed_point_of_plain_em():
-    # the noise covariances and the initial mean: identifiable, so EM has an isolated optimum
+def test_lgssm_squarem_reaches_plain_em_optimum():
+    # the observation noise and the initial mean: identifiable, so EM has an isolated optimum
     cls, args, kw = _example("linear_gaussian_ssm")
-    kw = {**kw, "em_vars": ["transition_covariance", "observation_covariance", "initial_state_mean"]}
-    fast = _fit(cls, args, kw, tol=1e-10, max_iter=2000, accelerate="squarem")
-    assert fast.converged_
-    first, last = _em_from(cls, args, {**kw, "tol": 0.0}, fast, 20)
-    assert abs(first - fast.lower_bound_) < 1e-6 and abs(last - fast.lower_bound_) < 1e-6
+    kw = {**kw, "em_vars": ["observation_covariance", "initial_state_mean"]}
+    plain = _fit(cls, args, kw, tol=1e-10, max_iter=500)
+    fast = _fit(cls, args, kw, tol=1e-10, max_iter=500, accelerate="squarem")
+    assert plain.converged_ and fast.converged_
+    assert abs(fast.lower_bound_ - plain.lower_bound_) < 1e-6
+    first, last = _em_from(cls, args, {**kw, "tol": 0.0}, fast, 5)  # a fixed point of plain EM
+    assert abs(first - fast.lower_bound_) < 1e-9 and abs(last - fast.lower_bound_) < 1e-9
     assert fast.fit_info_["acceleration"]["accepted"] > 0
 
 
-def test_lda_squarem_reaches_the_batch_optimum():
+def test_lda_squarem_stops_at_a_fixed_point_of_batch_em():
     import scipy.sparse as sp
 
     rng = np.random.default_rng(0)
-    dense = rng.poisson(1.0, size=(20, 10))
+    dense = rng.poisson(1.0, size=(12, 8))
     dense[dense.sum(1) == 0, 0] = 1
     X = sp.csr_matrix(dense)
-    kw = dict(n_components=2, random_state=0, max_iter=2000, evaluate_every=1, perp_tol=1e-10,
-              mean_change_tol=1e-10, max_doc_update_iter=300)
-    plain = emflow.LatentDirichletAllocation(**kw).fit(X)
-    fast = emflow.LatentDirichletAllocation(**kw, accelerate="squarem").fit(X)
-    assert abs(fast.lower_bound_ - plain.lower_bound_) < 1e-6
-    assert fast.n_passes_ < plain.n_passes_
+    kw = dict(n_components=2, random_state=0, evaluate_every=1, perp_tol=1e-10, mean_change_tol=1e-10,
+              max_doc_update_iter=200)
+    fast = emflow.LatentDirichletAllocation(**kw, max_iter=2000, accelerate="squarem").fit(X)
+    assert fast.converged_ and fast.fit_info_["acceleration"]["accepted"] > 0
+    # batch EM from there stays within 1e-6 of it (plain EM from random_state=0 reaches
+    # -2.26905629863 after 45 passes here; SQUAREM -2.26905629863 after 19 at 1e-10)
+    more = emflow.LatentDirichletAllocation(**{**kw, "evaluate_every": -1}, max_iter=5).fit(
+        X, initial_params=fast._get_parameters())
+    assert abs(more.history_[0] - fast.lower_bound_) < 1e-6 and abs(more.lower_bound_ - fast.lower_bound_) < 1e-6
 
 
 # -- history_ never decreases ---------------------------------------------------------------------
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**31 - 1), covariance_type=st.sampled_from(["full", "tied", "diag", "spherical"]),
        init_params=st.sampled_from(["kmeans", "random", "random_from_data"]))
 def test_squarem_never_lowers_the_gmm_history(seed, covariance_type, init_params):
@@ -185,7 +190,7 @@ def test_n_passes_is_the_engines_count_of_partition_reads(name, accelerate, monk
 
     monkeypatch.setattr(Engine, "_count_reads", counting_reads)
     monkeypatch.setattr(Engine, "_pass", counting_pass)
-    est = _fit(cls, args, kw, **{cls.iter_param: 15, "accelerate": accelerate})
+    est = _fit(cls, args, kw, **{cls.iter_param: 6, "accelerate": accelerate})
     assert est.n_passes_ == 1 + len(passes)  # the opening scan, then every pass
     assert est.n_passes_ * est.fit_info_["partitions"] == sum(reads)
     assert est.fit_info_["n_passes"] == est.n_passes_
