@@ -232,3 +232,24 @@ def test_a_lockstep_group_mixes_plain_and_accelerated_runs_as_if_alone():
     for a, b in zip(together, alone):
         assert a.history == b.history and a.evaluations == b.evaluations
     assert together[1].evaluations < together[0].evaluations
+
+
+# -- the flows ----------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_the_hmm_fit_flow_takes_accelerate_and_reports_its_passes(prefect_server, tmp_path):
+    from emflow.storage.synthetic import write_hmm
+    from flows.fit_hmm import hmm_fit_flow
+    from test_flows import _artifacts
+
+    data = write_hmm(tmp_path / "hmm.zarr", 40, 3, 2, "gaussian", "diag", min_length=10, max_length=60, seed=4,
+                     sequences_per_chunk=10)
+    out = str(tmp_path / "m.zarr")
+    kw = dict(n_components=3, covariance_type="diag", n_iter=60, tol=1e-6, random_state=0)
+    state = hmm_fit_flow(data, out, **kw, accelerate="squarem", return_state=True)
+    assert state.is_completed(), state
+    model = emflow.load(out)
+    ref = emflow.GaussianHMM(**kw, accelerate="squarem", scheduler="threads").fit(data)
+    assert model.accelerate == "squarem" and model.history_ == ref.history_
+    assert model.fit_info_["acceleration"]["accepted"] == ref.fit_info_["acceleration"]["accepted"]
+    summary = _artifacts(state.state_details.flow_run_id)["hmm-fit-summary"][-1].data
+    assert "passes over the data" in summary and "accelerate=squarem" in summary
