@@ -22,7 +22,10 @@ the base provides         the fit driver (engine session, ``n_init`` restarts wi
                           flows), ``_get_parameters``/``_set_parameters``,
                           ``_check_fitted``, ``save``/``load`` through one config codec,
                           and registration in :data:`REGISTRY`, which ``emflow.load``,
-                          checkpoints, outputs and the command line read
+                          checkpoints, outputs and the command line read; every family's
+                          ``accelerate`` parameter (None / "none": plain EM, "squarem":
+                          :mod:`emflow.estimators.accelerate`, added to the ``__init__`` it
+                          defines) and the fitted ``n_passes_`` (passes over the data)
 ========================  ================================================================
 
 Restart ``r`` of a fit draws its initialisation from ``numpy.random.default_rng([seed, r])``
