@@ -78,7 +78,7 @@ def print_iteration(event: IterationEvent) -> None:
     """The per-iteration line ``verbose=1`` prints, the same for every family."""
     print(
         f"init {event.init} iter {event.iteration:4d}  objective {event.log_likelihood:.10g}  "
-        f"change {event.change:.3g}  {event.seconds:.3f}s",
+        f"change {event.change:.3g}  {event.seconds:.3f}s" + ("" if event.step == "em" else f"  ({event.step})"),
         flush=True,
     )
 
@@ -315,7 +315,8 @@ class EMEstimator(BaseEstimator):
     def init_params_for(self, data, *fit_args, init: int = 0, seed: int | None = None):
         """The starting parameters of restart ``init`` of ``fit(data, ...)`` (what
         ``fit(n_init=R)`` starts restart ``init`` from, for the same ``random_state`` or
-        ``seed``): the flows run each restart as its own checkpointed task with these."""
+        ``seed``): the flows run each restart as its own checkpointed task with these.
+        ``init_passes_`` is set to the passes it made (the opening scan included)."""
         self._validate_params()
         seed = self._seed() if seed is None else int(seed)
         with self._session() as engine:
