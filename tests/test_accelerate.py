@@ -172,6 +172,17 @@ def test_rejected_extrapolations_add_nothing_to_the_history_and_are_counted():
     assert len(est.fit_info_["seconds_per_iteration"]) == est.n_iter_
 
 
+def test_an_extrapolated_point_the_m_step_cannot_start_from_is_rejected():
+    # from this start a GMM-HMM extrapolation leaves a state without mass: its M-step raises
+    # FitFailedError, which plain EM never meets here; the point is rejected, the fit goes on
+    cls, args, kw = _example("gmm_hmm")
+    est = _fit(cls, args, kw, random_state=356276112, tol=1e-9, n_iter=60, accelerate="squarem")
+    acc = est.fit_info_["acceleration"]
+    assert acc["m_step_failed"] >= 1 and acc["accepted"] > 0
+    h = np.asarray(est.history_)
+    assert np.all(np.diff(h) >= -_rounding(h))
+
+
 # -- n_passes_ is the engine's count ------------------------------------------------------------
 @pytest.mark.parametrize("name", FAMILIES)
 @pytest.mark.parametrize("accelerate", [None, "squarem"])

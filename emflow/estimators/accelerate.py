@@ -26,7 +26,9 @@ Safeguards:
 * **parameter space**: a point whose parameters cannot be formed (non-finite coordinates,
   an SPD field whose Cholesky factorisation fails, a simplex or positive entry that
   underflows to 0) is never evaluated: the step is halved toward 1 (``a = (a + 1) / 2``, as
-  SQUAREM backtracks) until it is inside, and ``p2`` is used once ``a`` is within 0.01 of 1;
+  SQUAREM backtracks) until it is inside, and ``p2`` is used once ``a`` is within 0.01 of 1.
+  A point the family's M-step cannot start from (a GMM-HMM state left without mass raises
+  FitFailedError) is rejected like one whose objective fell (``m_step_failed``);
 * **step bound**: ``step_max`` starts at 1 and is multiplied by 4 each time an accepted step
   reaches it, divided by 4 when a step at the bound is rejected (``mstep = 4``).
 
@@ -56,6 +58,7 @@ import math
 import numpy as np
 
 from ..checks import Rule
+from ..errors import FitFailedError
 from ..models import family as F
 from .em import ACCELERATIONS, EMRun, IterationEvent, _State
 
@@ -67,6 +70,8 @@ MSTEP = 4.0
 ROUNDING = 1e-12
 # halvings of the step toward 1 before an outside point is given up for p2
 MAX_BACKTRACK = 20
+# what an M-step from an extrapolated point may raise: that point is rejected as outside
+_MSTEP_FAILURES = (FitFailedError, np.linalg.LinAlgError, FloatingPointError, ValueError, ZeroDivisionError)
 
 
 def _inside(params, spec: F.ParamSpec) -> bool:
@@ -107,7 +112,7 @@ class SquaremState(_State):
         self.step = 1.0
         self.step_max = STEP_MAX0
         self.counts = {"cycles": 0, "extrapolations": 0, "accepted": 0, "rejected": 0, "rejected_after_em_step": 0,
-                       "backtracks": 0, "outside": 0, "non_finite_vector": 0}
+                       "backtracks": 0, "outside": 0, "m_step_failed": 0, "non_finite_vector": 0}
         self.held = None  # (objective, EM step, report) of an extrapolated point awaiting its EM step
         self.steps: list[float] = []
 
@@ -116,7 +121,14 @@ class SquaremState(_State):
 
     def take(self, stats) -> list[IterationEvent]:
         point = self.params
-        ll, new, report = self.evaluate(stats)
+        if self.phase in (2, 3):
+            try:
+                ll, new, report = self.evaluate(stats)
+            except _MSTEP_FAILURES:  # the M-step cannot run from there (a state without mass...)
+                self.counts["m_step_failed"] += 1
+                return self._reject(extra_pass=self.phase == 3)
+        else:
+            ll, new, report = self.evaluate(stats)
         if self.phase == 2:  # p' evaluated: held until its own EM step is known not to fall below it
             if self._below(ll, self.history[-1]):
                 return self._reject()

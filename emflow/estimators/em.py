@@ -210,9 +210,9 @@ class _State:
     def evaluate(self, stats):
         """``(objective of the parameters entering the pass, M-step params, report)``."""
         fam = self.run.family
+        self.evaluations += 1
         ll = _objective(fam, stats, self.params)
         params, report = fam.m_step(stats, self.params)
-        self.evaluations += 1
         return ll, params, report
 
     def accept(self, ll: float, params, report: dict, *, step: str = "em", check_stop: bool = True) -> IterationEvent:
