@@ -20,7 +20,7 @@ from emflow.execution.engine import Engine
 from emflow.models.family import gmm_spec
 
 FAMILIES = sorted(REGISTRY)
-TIGHT = 1e-11
+TIGHT = 1e-9  # plain EM then stops within ~1e-7 of its optimum here
 
 
 @pytest.fixture(autouse=True)
