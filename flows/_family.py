@@ -33,7 +33,7 @@ estimator's ``fit`` takes ``initial_params`` and ``history``.
 
 # No `from __future__ import annotations`: Prefect builds the run form's schema from the
 # evaluated annotations (the flows import from here).
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact
@@ -67,7 +67,11 @@ from ._common import (
     summary_markdown,
 )
 
-__all__ = ["FamilyAdapter", "run_family_fit", "validate", "initialise", "em_iterations", "save", "evaluate"]
+#: the flows' ``accelerate`` parameter (None: plain EM; "squarem": emflow.estimators.accelerate)
+AccelerateParam = Literal["none", "squarem"] | None
+
+__all__ = ["FamilyAdapter", "AccelerateParam", "run_family_fit", "validate", "initialise", "em_iterations", "save",
+           "evaluate"]
 
 
 class FamilyAdapter:
@@ -138,7 +142,9 @@ class FamilyAdapter:
     def trajectory(self, cfg: dict) -> dict:
         """The settings that decide the EM trajectory (``tol`` and the budget only decide where it stops)."""
         budget = self.iter_param(self.estimator_class(cfg))
-        return {k: v for k, v in cfg.items() if k not in ("tol", budget, "verbose")}
+        # plain EM's hash stays what it was before accelerate existed
+        return {k: v for k, v in cfg.items() if k not in ("tol", budget, "verbose")
+                and not (k == "accelerate" and v in (None, "none"))}
 
     def trajectory_hash(self, cfg: dict, init: int) -> str:
         """The checkpoint's configuration hash of restart ``init``."""
@@ -228,7 +234,7 @@ def initialise(adapter: FamilyAdapter, data: str, cfg: dict, scheduler: str | No
     extra = {"records": {k: [] for k in adapter.record}} if adapter.record else {}
     write_checkpoint(ckpt_path, Checkpoint(params, [], [], False, info["fingerprint"], chash, init, extra))
     logger.info("%sinitialised %s", _restart_text(init, n_init), adapter.start_text(cfg, params))
-    return {"resumed": False, "iteration": 0}
+    return {"resumed": False, "iteration": 0, "n_passes": getattr(est, "init_passes_", 0)}
 
 
 @task(name="em-iterations", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_if_transient,
@@ -291,7 +297,7 @@ def evaluate(adapter: FamilyAdapter, model_path: str, data: str, heldout: str | 
 
 
 def _summary(adapter: FamilyAdapter, est, metrics: dict, info: dict, path: str, cfg: dict,
-             restarts: list[float]) -> str:
+             restarts: list[float], passes: int = 0) -> str:
     extra = "".join(f", {info[k]} {k[2:]}" for k in ("n_sequences", "n_docs", "nnz") if k in info)
     facts = [
         ("model", f"`{path}`"),
@@ -301,6 +307,8 @@ def _summary(adapter: FamilyAdapter, est, metrics: dict, info: dict, path: str, 
         (f"final {adapter.label}", f"{est.lower_bound_:.10g}"),
         *adapter.facts(est, metrics),
         *seconds_row(est.fit_info_.get("seconds_per_iteration", [])),
+        ("passes over the data", f"{passes} (validation, initialisation and EM of every restart, before "
+                                 f"evaluation; accelerate={cfg.get('accelerate')})"),
     ]
     if len(restarts) > 1:
         facts.append((f"restarts (final {adapter.label})", ", ".join(f"{v:.8g}" for v in restarts)))
@@ -315,12 +323,17 @@ def _summary(adapter: FamilyAdapter, est, metrics: dict, info: dict, path: str, 
 
 
 def run_family_fit(adapter: FamilyAdapter, cfg: dict, data: str, out: str, *, n_init: int = 1,
-                   heldout: str | None, scheduler: str | None, persist: Any, resume: bool) -> str:
+                   heldout: str | None, scheduler: str | None, persist: Any, resume: bool,
+                   accelerate: str | None = None) -> str:
     """The body of every family's fit flow (call it inside a ``@flow``); returns the model path.
 
     ``n_init`` restarts, each checkpointed on its own; the model saved is the restart with the
     best final objective (the first of equals), as the estimator's ``fit`` keeps.
+    ``accelerate`` is the estimator's (None: plain EM); the summary counts the passes over the
+    data (``n_passes`` in the model's ``fit_info_`` counts those of its EM task).
     """
+    if accelerate not in (None, "none"):
+        cfg = {**cfg, "accelerate": accelerate}
     scheduler = resolve_scheduler(scheduler)
     # one run at a time writes `out` (its checkpoints and the model): a second fails here
     with output_locked(out, adapter.lock_name), compute(scheduler) as (sched, dashboard), \
@@ -328,11 +341,11 @@ def run_family_fit(adapter: FamilyAdapter, cfg: dict, data: str, out: str, *, n_
         publish_dashboard_link(dashboard, scheduler)
         info = validate(adapter, data, cfg, sched, heldout)
         progress_id = create_progress_artifact(0.0, key=adapter.key("progress"), description="EM iterations done")
-        fitted = []
+        fitted, passes = [], 1  # the validation pass
         for init in range(n_init):
             chash = adapter.trajectory_hash(cfg, init)
             ck = checkpoint_path(out, init)
-            initialise(adapter, data, cfg, sched, ck, info, chash, resume, init, n_init)
+            passes += initialise(adapter, data, cfg, sched, ck, info, chash, resume, init, n_init).get("n_passes", 0)
             fitted.append(em_iterations(adapter, data, cfg, sched, persist, ck, info, chash, progress_id, init,
                                         n_init))
         best = fitted[0]
@@ -340,9 +353,11 @@ def run_family_fit(adapter: FamilyAdapter, cfg: dict, data: str, out: str, *, n_
             if est.lower_bound_ > best.lower_bound_:
                 best = est
         best.fit_info_["n_init"] = n_init  # the fit as a whole, as the estimator's own records it
+        passes += sum(int(e.fit_info_.get("n_passes") or 0) for e in fitted)  # none for a restored one
         path = save(best, out)
         metrics = evaluate(adapter, path, data, heldout, sched)
-    create_markdown_artifact(_summary(adapter, best, metrics, info, path, cfg, [e.lower_bound_ for e in fitted]),
+    create_markdown_artifact(_summary(adapter, best, metrics, info, path, cfg, [e.lower_bound_ for e in fitted],
+                                      passes),
                              key=adapter.key("summary"), description="Fitted model, convergence and criteria")
     adapter.publish(best)
     return path

@@ -32,7 +32,7 @@ from emflow import GaussianMixture
 from emflow.storage.checkpoint import config_hash, data_fingerprint, gmm_trajectory_config
 
 from ._common import PersistParam, RestartsParam, SchedulerParam
-from ._family import FamilyAdapter, run_family_fit
+from ._family import AccelerateParam, FamilyAdapter, run_family_fit
 
 __all__ = ["fit_flow", "GMMAdapter", "check_heldout_rows"]
 
@@ -80,6 +80,8 @@ class GMMAdapter(FamilyAdapter):
     def trajectory_hash(self, cfg, init):
         # restart 0's is the library's own (a checkpoint written by GaussianMixture.fit resumes here)
         base = gmm_trajectory_config(GaussianMixture(**cfg), self.sample_weight)
+        if cfg.get("accelerate") not in (None, "none"):
+            base["accelerate"] = cfg["accelerate"]
         return config_hash(base if init == 0 else {**base, "restart": int(init)})
 
     def start_text(self, cfg, params):
@@ -135,6 +137,7 @@ def fit_flow(
     scheduler: SchedulerParam = None,
     persist: PersistParam = "auto",
     resume: bool = True,
+    accelerate: AccelerateParam = None,
 ) -> str:
     """Fit a Gaussian mixture to a Zarr dataset and save it; returns the model path.
 
@@ -146,7 +149,7 @@ def fit_flow(
     cfg = dict(n_components=n_components, covariance_type=covariance_type, tol=tol, reg_covar=reg_covar,
                max_iter=max_iter, init_params=init_params, random_state=random_state)
     return run_family_fit(GMMAdapter(sample_weight), cfg, data, out, n_init=n_init, heldout=heldout,
-                          scheduler=scheduler, persist=persist, resume=resume)
+                          scheduler=scheduler, persist=persist, resume=resume, accelerate=accelerate)
 
 
 if __name__ == "__main__":

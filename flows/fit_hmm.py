@@ -22,7 +22,7 @@ from emflow.estimators.hmm import ConvergenceMonitor
 from emflow.storage.sequences import open_sequences
 
 from ._common import PersistParam, RestartsParam, SchedulerParam
-from ._family import FamilyAdapter, run_family_fit
+from ._family import AccelerateParam, FamilyAdapter, run_family_fit
 
 __all__ = ["hmm_fit_flow", "HMMAdapter"]
 
@@ -136,6 +136,7 @@ def hmm_fit_flow(
     scheduler: SchedulerParam = None,
     persist: PersistParam = "auto",
     resume: bool = True,
+    accelerate: AccelerateParam = None,
 ) -> str:
     """Fit a hidden Markov model to the sequences in a Zarr group and save it; returns the model path.
 
@@ -151,7 +152,7 @@ def hmm_fit_flow(
         cfg.update(n_features=n_features)
     return run_family_fit(HMMAdapter(), cfg, data, out, n_init=n_init,
                           heldout=heldout, scheduler=scheduler, persist=persist,
-                          resume=resume)
+                          resume=resume, accelerate=accelerate)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from emflow import LatentDirichletAllocation
 from emflow.storage.corpus import open_corpus
 
 from ._common import PersistParam, RestartsParam, SchedulerParam
-from ._family import FamilyAdapter, run_family_fit
+from ._family import AccelerateParam, FamilyAdapter, run_family_fit
 
 __all__ = ["lda_fit_flow", "LDAAdapter", "top_words_rows"]
 
@@ -137,6 +137,7 @@ def lda_fit_flow(
     scheduler: SchedulerParam = None,
     persist: PersistParam = "auto",
     resume: bool = True,
+    accelerate: AccelerateParam = None,
 ) -> str:
     """Fit an LDA topic model to a Zarr corpus and save it; returns the model path."""
     cfg = dict(n_components=n_components, doc_topic_prior=doc_topic_prior, topic_word_prior=topic_word_prior,
@@ -145,7 +146,7 @@ def lda_fit_flow(
                learn_doc_topic_prior=learn_doc_topic_prior, random_state=random_state)
     return run_family_fit(LDAAdapter(n_top_words), cfg, data, out, n_init=n_init,
                           heldout=heldout, scheduler=scheduler,
-                          persist=persist, resume=resume)
+                          persist=persist, resume=resume, accelerate=accelerate)
 
 
 if __name__ == "__main__":

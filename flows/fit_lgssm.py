@@ -23,7 +23,7 @@ from emflow import LinearGaussianSSM
 from emflow.storage.sequences import open_sequences
 
 from ._common import PersistParam, RestartsParam, SchedulerParam
-from ._family import FamilyAdapter, run_family_fit
+from ._family import AccelerateParam, FamilyAdapter, run_family_fit
 
 __all__ = ["lgssm_fit_flow", "LGSSMAdapter"]
 
@@ -104,6 +104,7 @@ def lgssm_fit_flow(
     scheduler: SchedulerParam = None,
     persist: PersistParam = "auto",
     resume: bool = True,
+    accelerate: AccelerateParam = None,
 ) -> str:
     """Fit a linear-Gaussian state-space model (Kalman smoother EM) and save it; returns the model path."""
     cfg = dict(state_dim=state_dim, em_vars=em_vars if isinstance(em_vars, str) else list(em_vars),
@@ -118,7 +119,7 @@ def lgssm_fit_flow(
         cfg.update({name: np.asarray(getattr(start, name + "_")) for name in _INIT})
     return run_family_fit(LGSSMAdapter(), cfg, data, out, n_init=n_init,
                           heldout=heldout, scheduler=scheduler, persist=persist,
-                          resume=resume)
+                          resume=resume, accelerate=accelerate)
 
 
 if __name__ == "__main__":

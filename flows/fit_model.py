@@ -24,7 +24,7 @@ from emflow.storage.checkpoint import dataset_fingerprint
 from emflow.storage.layouts import open_stored
 
 from ._common import PersistParam, RestartsParam, SchedulerParam
-from ._family import FamilyAdapter, run_family_fit
+from ._family import AccelerateParam, FamilyAdapter, run_family_fit
 
 __all__ = ["model_fit_flow", "RegistryAdapter"]
 
@@ -74,6 +74,7 @@ def model_fit_flow(
     scheduler: SchedulerParam = None,
     persist: PersistParam = "auto",
     resume: bool = True,
+    accelerate: AccelerateParam = None,
 ) -> str:
     """Fit a model of any registered family to a Zarr dataset and save it; returns the model path.
 
@@ -88,7 +89,7 @@ def model_fit_flow(
            if k not in ("scheduler", "persist", "n_init")}
     cls(**cfg)._validate_params()
     return run_family_fit(RegistryAdapter(cls), cfg, data, out, n_init=n_init, heldout=heldout,
-                          scheduler=scheduler, persist=persist, resume=resume)
+                          scheduler=scheduler, persist=persist, resume=resume, accelerate=accelerate)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,10 @@ the base provides         the fit driver (engine session, ``n_init`` restarts wi
                           flows), ``_get_parameters``/``_set_parameters``,
                           ``_check_fitted``, ``save``/``load`` through one config codec,
                           and registration in :data:`REGISTRY`, which ``emflow.load``,
-                          checkpoints, outputs and the command line read
+                          checkpoints, outputs and the command line read; every family's
+                          ``accelerate`` parameter (None / "none": plain EM, "squarem":
+                          :mod:`emflow.estimators.accelerate`, added to the ``__init__`` it
+                          defines) and the fitted ``n_passes_`` (passes over the data)
 ========================  ================================================================
 
 Restart ``r`` of a fit draws its initialisation from ``numpy.random.default_rng([seed, r])``
@@ -36,15 +39,15 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterable
+from typing import Callable, ClassVar, Iterable
 
 import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.utils import check_random_state
 from sklearn.utils._set_output import _SetOutputMixin, _wrap_method_output
 
-from .. import __version__
-from ..storage import store as _store
+from ._persist import Persistent
+from .accelerate import AccelerateRule, add_accelerate_parameter
 from .em import EMResult, IterationEvent, run_em
 from ..errors import ConfigError, EmflowConvergenceWarning, NotFittedError
 
@@ -89,7 +92,7 @@ def print_iteration(event: IterationEvent) -> None:
     """The per-iteration line ``verbose=1`` prints, the same for every family."""
     print(
         f"init {event.init} iter {event.iteration:4d}  objective {event.log_likelihood:.10g}  "
-        f"change {event.change:.3g}  {event.seconds:.3f}s",
+        f"change {event.change:.3g}  {event.seconds:.3f}s" + ("" if event.step == "em" else f"  ({event.step})"),
         flush=True,
     )
 
@@ -107,7 +110,7 @@ class _WarmStop:
         return bool(history) and abs(history[-1] - last) < self.tol
 
 
-class EMEstimator(_SetOutputMixin, BaseEstimator):
+class EMEstimator(Persistent, _SetOutputMixin, BaseEstimator):
     """Base class of every emflow estimator (see the module docstring for the contract).
 
     A family with ``transform`` (and ``get_feature_names_out``) gets scikit-learn's
@@ -130,6 +133,7 @@ class EMEstimator(_SetOutputMixin, BaseEstimator):
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
+        add_accelerate_parameter(cls)  # every family's accelerate=None (emflow.estimators.accelerate)
         name = cls.__dict__.get("family")
         if name:
             if "cli_name" not in cls.__dict__:
@@ -182,8 +186,9 @@ class EMEstimator(_SetOutputMixin, BaseEstimator):
                             "pass dense data, e.g. X.toarray().")
 
     # -- parameter validation -----------------------------------------------------------------
-    _param_rules: ClassVar[dict] = {}
-    """``{parameter: emflow.checks rule}``; a subclass's table extends its parents'."""
+    _param_rules: ClassVar[dict] = {"accelerate": AccelerateRule()}
+    """``{parameter: emflow.checks rule}``; a subclass's table extends its parents'.
+    Every family has ``accelerate`` (None / "none": plain EM; "squarem": SQUAREM)."""
 
     @classmethod
     def _rules(cls) -> dict:
@@ -285,6 +290,9 @@ class EMEstimator(_SetOutputMixin, BaseEstimator):
         if getattr(self, "covariance_type", None):
             rows["covariance"] = str(self.covariance_type)
         rows["converged"] = f"{self.converged_} after {self.n_iter_} iterations"
+        info = getattr(self, "fit_info_", None) or {}
+        if info.get("n_passes") is not None:
+            rows["passes over the data"] = f"{info['n_passes']} (accelerate={info.get('accelerate')})"
         rows[self.objective_name] = f"{self.lower_bound_:.10g}"
         for lab, attr in self.summary_arrays.items():
             if getattr(self, attr, None) is not None:
@@ -340,6 +348,9 @@ class EMEstimator(_SetOutputMixin, BaseEstimator):
              initial_params=None, history: list[float] | None = None):
         """What every family's ``fit`` does: open the data, run EM, set the fitted state."""
         self._validate_params()
+        from ..checks import check_rules
+
+        check_rules(self, EMEstimator._param_rules)  # also where a family validates on its own
         self._check_not_sparse(data)
         callbacks = list(callbacks)
         if getattr(self, "verbose", 0):
@@ -347,21 +358,33 @@ class EMEstimator(_SetOutputMixin, BaseEstimator):
         with self._session() as engine:
             loaded = self._open(engine, data, *fit_args)
             try:
-                return self._fit_loaded(engine, loaded, callbacks, initial_params, history)
+                self._fit_loaded(engine, loaded, callbacks, initial_params, history)
+                self._record_passes(loaded)  # with any pass a family makes after EM (LDA's bound_)
+                return self
             finally:
                 loaded.release()
+
+    def _record_passes(self, loaded) -> None:
+        """``n_passes_`` (and ``fit_info_["n_passes"]``): passes over ``loaded`` so far, from
+        the engine's count of partition reads (the opening scan included)."""
+        self.n_passes_ = int(loaded.partition_reads // max(1, len(loaded.handles)))
+        if getattr(self, "fit_info_", None) is not None:
+            self.fit_info_["n_passes"] = self.n_passes_
 
     def init_params_for(self, data, *fit_args, init: int = 0, seed: int | None = None):
         """The starting parameters of restart ``init`` of ``fit(data, ...)`` (what
         ``fit(n_init=R)`` starts restart ``init`` from, for the same ``random_state`` or
-        ``seed``): the flows run each restart as its own checkpointed task with these."""
+        ``seed``): the flows run each restart as its own checkpointed task with these.
+        ``init_passes_`` is set to the passes it made (the opening scan included)."""
         self._validate_params()
         seed = self._seed() if seed is None else int(seed)
         with self._session() as engine:
             loaded = self._open(engine, data, *fit_args)
             try:
                 self._prepare(engine, loaded)
-                return self._initial_params(engine, loaded, self._restart_rng(seed, init))
+                params = self._initial_params(engine, loaded, self._restart_rng(seed, init))
+                self.init_passes_ = int(loaded.partition_reads // max(1, len(loaded.handles)))  # scan included
+                return params
             finally:
                 loaded.release()
 
@@ -399,7 +422,8 @@ class EMEstimator(_SetOutputMixin, BaseEstimator):
                     stop = _WarmStop(float(self.lower_bound_), self._em_tol(loaded))
                 result = run_em(engine, loaded, family, params, tol=None if stop is not None else self._em_tol(loaded),
                                 stop=stop, max_iter=max_iter, callbacks=[watch, *callbacks], init=init,
-                                history=history, seed=(seed, init))
+                                history=history, seed=(seed, init), accelerate=self.accelerate,
+                                spec=self.param_spec() if self.accelerate == "squarem" else None)
             if best is None or result.lower_bound > best.lower_bound:
                 best = result
         assert best is not None
@@ -410,8 +434,13 @@ class EMEstimator(_SetOutputMixin, BaseEstimator):
     def _set_fit_result(self, result: EMResult, loaded, engine, *, restarts: int = 1, **info):
         """The fitted state from an EM result, the same for every family and every caller
         (the fit driver, model selection, the flows): parameters, ``converged_``,
-        ``n_iter_``, ``lower_bound_``, ``history_``, ``lower_bounds_``, ``n_features_in_`` and
-        ``fit_info_`` (common keys, then the family's, then ``info``)."""
+        ``n_iter_``, ``lower_bound_``, ``history_``, ``lower_bounds_``, ``n_features_in_``,
+        ``n_passes_`` and ``fit_info_`` (common keys, then the family's, then ``info``).
+
+        ``n_passes_``: passes over ``loaded`` so far, from the engine's count of partition reads
+        (the opening scan, initialisation passes such as k-means, every EM or SQUAREM pass of
+        every restart). ``n_iter_`` counts accepted parameter sets (one pass each; see
+        :mod:`emflow.estimators.accelerate` for SQUAREM's rejected passes)."""
         self._set_parameters(result.params)
         self.converged_ = bool(result.converged)
         self.n_iter_ = int(result.n_iter)
@@ -419,6 +448,7 @@ class EMEstimator(_SetOutputMixin, BaseEstimator):
         self.history_ = [float(v) for v in result.history]
         self.lower_bounds_ = list(self.history_)
         self.n_features_in_ = int(loaded.data.n_features)
+        self._record_passes(loaded)
         self.fit_info_ = {
             "fingerprint": loaded.fingerprint,
             "source": loaded.data.source,
@@ -429,92 +459,14 @@ class EMEstimator(_SetOutputMixin, BaseEstimator):
             "engine": engine.describe(),
             "n_init": int(restarts),
             "seconds_per_iteration": [float(s) for s in result.seconds],
+            "n_passes": self.n_passes_,
+            "accelerate": getattr(self, "accelerate", None),
+            **({"acceleration": result.acceleration} if result.acceleration else {}),
             **self._fit_info_extra(loaded, result),
             **info,
         }
         self._after_fit(loaded, result)
         return self
-
-    # -- persistence -------------------------------------------------------------------------
-    def _arrays(self) -> dict[str, np.ndarray]:
-        """The arrays a saved model holds, named after their fitted attributes (``means_``
-        is stored as ``means``)."""
-        return {a.strip("_"): np.asarray(getattr(self, a)) for a in self.fitted.values()}
-
-    def _config(self) -> dict[str, Any]:
-        """The constructor parameters, JSON-ready: arrays as ``{"__array__": list}``, a
-        Generator or RandomState as None (it cannot be stored), execution keys dropped."""
-        cfg = {}
-        for k, v in _store.saved_config(self.get_params(deep=False)).items():
-            if isinstance(v, (np.random.Generator, np.random.RandomState)):
-                v = None
-            elif isinstance(v, np.ndarray) or (k in self.array_params and v is not None):
-                v = {"__array__": np.asarray(v, dtype=np.float64).tolist()}
-            elif isinstance(v, tuple):
-                v = list(v)
-            cfg[k] = v
-        return cfg
-
-    @classmethod
-    def _decode_config(cls, config: dict) -> dict[str, Any]:
-        names = cls._get_param_names()
-        cfg = {}
-        for k, v in config.items():
-            if k not in names:
-                continue
-            if isinstance(v, dict) and "__array__" in v:
-                v = np.asarray(v["__array__"], dtype=np.float64)
-            elif k in cls.array_params and isinstance(v, list):  # format 1 stored plain lists
-                v = np.asarray(v, dtype=np.float64)
-            elif isinstance(v, float) and v.is_integer() and k in ("n_init", "n_components"):
-                v = int(v)  # format-1 files stored some counts as floats
-            cfg[k] = v
-        return cfg
-
-    def save(self, path, *, overwrite: bool = False) -> str:
-        """Save the fitted model as a Zarr group at ``path``; returns the path.
-
-        A model already at ``path`` is replaced only with ``overwrite=True`` (atomically:
-        readers see the old model or the new one); anything else there (a dataset, other
-        files) is never replaced, nor the data the model was fitted on.
-        """
-        self._check_fitted()
-        meta = {
-            "version": __version__,
-            "class": type(self).__name__,
-            "config": self._config(),
-            "fitted": {"converged": self.converged_, "n_iter": self.n_iter_, "lower_bound": self.lower_bound_,
-                       "n_features_in": int(self.n_features_in_)},
-            "history": self.history_,
-            "dataset": getattr(self, "fit_info_", {}),
-            **self._meta_extra(),
-        }
-        return _store.save_model(path, self.family, self._arrays(), meta, overwrite=overwrite,
-                                 inputs=_store.fit_inputs(self))
-
-    @classmethod
-    def load(cls, path):
-        """Load a model saved by :meth:`save`; arrays come back bit-identical, validated.
-
-        The model computes where the caller says (``scheduler=None`` unless set): a saved
-        model never carries a scheduler.
-        """
-        arrays, meta = _store.load_model(path, cls.family, cls._array_spec)
-        with _store.loading(path):
-            fitted = meta["fitted"]
-            if "n_features_in" not in fitted and "n_features" in fitted:  # older HMM models
-                fitted["n_features_in"] = fitted["n_features"]
-            model = cls(**cls._decode_config(meta["config"]))
-            model._validate_params()
-            model._restore_arrays(arrays, meta)
-            _store.restore_fit_record(model, meta)
-            model.lower_bounds_ = list(model.history_)
-            model._after_load(meta)
-        return model
-
-    def _restore_arrays(self, arrays: dict[str, np.ndarray], meta: dict) -> None:
-        for a in self.fitted.values():
-            setattr(self, a, arrays[a.strip("_")])
 
     # -- scores every family shares -----------------------------------------------------------
     def _loglik_count(self, data, *args) -> tuple[float, float]:

@@ -23,6 +23,12 @@ once and computes the statistics of every run still going (one task per partitio
 returns the tuple of them, tree-reduced like any statistics bundle); a run leaves the
 group when it stops. Each run follows exactly the iterations it would follow alone.
 :func:`run_em` is the group of one.
+
+``accelerate="squarem"`` (any run of a group) replaces the plain iteration by SQUAREM on the
+family's flat parameter vector (:mod:`emflow.estimators.accelerate`); the loop is the same,
+only what a run does with each pass's statistics differs (``_State.take``). ``history``
+then holds the objective of every *accepted* parameter set; a rejected extrapolation costs
+a pass but adds nothing to ``history`` and sends no event.
 """
 
 from __future__ import annotations
@@ -35,7 +41,10 @@ from typing import Any, Callable, Iterable, Protocol, Sequence
 from ..execution.engine import Engine, Loaded
 
 __all__ = ["Family", "EStepContext", "IterationEvent", "EMResult", "EMRun", "ChangeBelow", "run_em",
-           "run_em_group", "partition_starts"]
+           "run_em_group", "partition_starts", "ACCELERATIONS"]
+
+#: the values of ``accelerate`` (None and "none": plain EM)
+ACCELERATIONS = (None, "none", "squarem")
 
 
 class Family(Protocol):
@@ -92,6 +101,9 @@ class IterationEvent:
         The family's M-step report (degenerate components and the like).
     init : int
         Index of the initialisation (``n_init`` restarts).
+    step : str
+        ``"em"``: the parameters entering the pass were an EM step's; ``"squarem"``: an
+        accepted SQUAREM extrapolation (``params`` is then the EM step from it).
     """
 
     iteration: int
@@ -102,6 +114,7 @@ class IterationEvent:
     params: Any
     report: dict
     init: int = 0
+    step: str = "em"
 
 
 @dataclass
@@ -113,6 +126,9 @@ class EMResult:
     lower_bound: float
     seconds: list[float] = field(default_factory=list)
     reports: list[dict] = field(default_factory=list)
+    #: E-step passes this run made (accepted or not); what the acceleration did
+    evaluations: int = 0
+    acceleration: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -138,6 +154,8 @@ class EMRun:
     init: int = 0
     history: list[float] | None = None
     seed: Any = None
+    accelerate: str | None = None
+    spec: Any = None  # the family's ParamSpec (emflow.models.family), which SQUAREM needs
 
 
 def partition_starts(loaded: Loaded) -> list[int]:
@@ -167,6 +185,9 @@ def _objective(family, stats, params) -> float:
 
 
 class _State:
+    """One run of a group: the parameters its next E-step is run with, and what it makes of
+    the statistics that come back (:meth:`take`: plain EM here; SQUAREM overrides it)."""
+
     def __init__(self, run: EMRun):
         if run.stop is None and run.tol is None:
             raise ValueError("EMRun needs tol or stop")
@@ -179,14 +200,56 @@ class _State:
         self.reports: list[dict] = []
         self.converged = False
         self.done = len(self.history) >= int(run.max_iter)
+        self.evaluations = len(self.history)  # E-steps, counting resumed iterations
+        self.pending_seconds = 0.0  # time of passes not yet charged to an event
 
     @property
     def next_iteration(self) -> int:
-        return len(self.history) + 1
+        return self.evaluations + 1
+
+    def evaluate(self, stats):
+        """``(objective of the parameters entering the pass, M-step params, report)``."""
+        fam = self.run.family
+        self.evaluations += 1
+        ll = _objective(fam, stats, self.params)
+        params, report = fam.m_step(stats, self.params)
+        return ll, params, report
+
+    def accept(self, ll: float, params, report: dict, *, step: str = "em", check_stop: bool = True) -> IterationEvent:
+        """Record the parameters that entered the pass as accepted (objective ``ll``); the next
+        E-step runs with ``params``."""
+        change = ll - self.history[-1] if self.history else math.inf
+        self.history.append(ll)
+        self.params = params
+        self.reports.append(report)
+        self.converged = bool(self.stop(self.history)) if check_stop else False
+        self.done = self.converged or len(self.history) >= int(self.run.max_iter)
+        return IterationEvent(len(self.history), ll, change, 0.0, self.converged, params, report,
+                              int(self.run.init), step)
+
+    def take(self, stats) -> list[IterationEvent]:
+        """The iterations this pass completes (plain EM: one, every pass)."""
+        return [self.accept(*self.evaluate(stats))]
+
+    def acceleration(self) -> dict:
+        return {}
 
     def result(self) -> EMResult:
         lb = self.history[-1] if self.history else -math.inf
-        return EMResult(self.params, self.history, self.converged, len(self.history), lb, self.seconds, self.reports)
+        return EMResult(self.params, self.history, self.converged, len(self.history), lb, self.seconds, self.reports,
+                        self.evaluations - len(self.run.history or []), self.acceleration())
+
+
+def _state(run: EMRun) -> _State:
+    if run.accelerate not in ACCELERATIONS:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"accelerate must be one of {', '.join(map(repr, ACCELERATIONS))}; got {run.accelerate!r}.")
+    if run.accelerate == "squarem":
+        from .accelerate import SquaremState
+
+        return SquaremState(run)
+    return _State(run)
 
 
 def _pass_stats(engine: Engine, loaded: Loaded, active: list[_State], starts: list[int]) -> list:
@@ -227,7 +290,7 @@ def run_em_group(
     list of EMResult, one per run, in order; each equal to what :func:`run_em` gives for
     that run alone.
     """
-    states = [_State(r) for r in runs]
+    states = [_state(r) for r in runs]
     starts = partition_starts(loaded)
     n_pass = 0
     while True:
@@ -239,22 +302,20 @@ def run_em_group(
         n_pass += 1
         events = []
         for s, st in zip(active, stats):
-            fam = s.run.family
-            ll = _objective(fam, st, s.params)
-            params, report = fam.m_step(st, s.params)
-            change = ll - s.history[-1] if s.history else math.inf
-            s.history.append(ll)
-            s.params = params
-            s.reports.append(report)
-            s.converged = bool(s.stop(s.history))
-            s.done = s.converged or len(s.history) >= int(s.run.max_iter)
-            events.append((s, IterationEvent(len(s.history), ll, change, 0.0, s.converged, params, report,
-                                             int(s.run.init))))
-        # one pass served every active run: each is charged the whole pass's time
+            # none: the pass's point is not accepted (yet); its time goes to the next event
+            events += [(s, ev) for ev in s.take(st)]
+        # one pass served every active run: each is charged the whole pass's time (shared
+        # by the events it completes)
         dt = time.perf_counter() - t0
+        for s in active:
+            s.pending_seconds += dt
+            mine = [ev for t, ev in events if t is s]
+            for ev in mine:
+                ev.seconds = s.pending_seconds / len(mine)
+            if mine:
+                s.pending_seconds = 0.0
         for s, ev in events:
-            ev.seconds = dt
-            s.seconds.append(dt)
+            s.seconds.append(ev.seconds)
             for cb in s.callbacks:
                 cb(ev)
         if on_pass is not None:
@@ -275,6 +336,8 @@ def run_em(
     history: list[float] | None = None,
     stop: Callable[[Sequence[float]], bool] | None = None,
     seed: Any = None,
+    accelerate: str | None = None,
+    spec: Any = None,
 ) -> EMResult:
     """Iterate E and M steps until the stop rule holds or ``max_iter`` iterations are done.
 
@@ -299,6 +362,12 @@ def run_em(
         ``history`` holds the objective of every iteration so far.
     seed : optional
         Passed to a context-taking family's E-step (:class:`EStepContext`).
+    accelerate : {None, "none", "squarem"}
+        ``"squarem"``: SQUAREM on the flat parameter vector of ``spec``
+        (:mod:`emflow.estimators.accelerate`). ``max_iter`` then counts accepted parameter
+        sets (``len(history)``), so a fit makes at most 1.5 x ``max_iter`` passes.
+    spec : ParamSpec, optional
+        The family's parameter spec (needed with ``accelerate="squarem"``).
     """
-    run = EMRun(family, params, tol, max_iter, stop, callbacks, init, history, seed)
+    run = EMRun(family, params, tol, max_iter, stop, callbacks, init, history, seed, accelerate, spec)
     return run_em_group(engine, loaded, [run])[0]

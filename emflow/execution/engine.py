@@ -83,6 +83,8 @@ class Loaded:
     _rescatter: Callable[[list[int]], None] | None = field(default=None, repr=False)
     # seconds taken by the latest passes over these data (the usual time of a pass)
     pass_seconds: list = field(default_factory=list, repr=False)
+    # partitions read so far (the opening scan and every pass): n_passes_ = reads / partitions
+    partition_reads: int = field(default=0, repr=False)
 
     def lost_partitions(self) -> list[int]:
         """Partitions whose scattered copy is gone (their worker died)."""
@@ -162,6 +164,8 @@ class Engine(ClusterWatch):
         self.n_threads = n_threads or os.cpu_count() or 1
         self._pool: ThreadPoolExecutor | None = None
         self.last_reduction: dict = {}
+        # every partition read by this engine (scans and passes, repeated attempts included)
+        self.partition_reads = 0
 
     # -- facts about where we run ---------------------------------------------------
     @property
@@ -310,12 +314,18 @@ class Engine(ClusterWatch):
         if not resident:  # streamed: every later read is checked against the scan's digest
             handles = _fp.checked_handles(rows.loaders, scans, rows.weighted, starts)
         loaded = Loaded(rows, handles, resident, fingerprint, weight_sum, release, rescatter)
+        self._count_reads(loaded)  # the scan
         if self.client is not None:
             # the scan read every partition: the first measure of how long a pass takes
             loaded.pass_seconds.append(scan_seconds)
         return loaded
 
     # -- passes over the data -------------------------------------------------------
+    def _count_reads(self, loaded: Loaded) -> None:
+        n = len(loaded.handles)
+        loaded.partition_reads += n
+        self.partition_reads += n
+
     def _broadcast(self, args: tuple):
         if self.client is None or not args:
             return args
@@ -367,6 +377,7 @@ class Engine(ClusterWatch):
             def wait(futures: list, keys: list) -> None:
                 self._wait(futures, keys, t0, usual)
 
+            self._count_reads(loaded)
             try:
                 out = run(wait)
             except Exception as exc:
