@@ -179,7 +179,7 @@ def family_options(cls, taken: frozenset = frozenset()) -> tuple[list, dict[str,
             continue
         if annotation is bool:
             decls = [f"{decls[0]}/--no-{decls[0][2:]}"] + [d for d in decls[1:] if not d.startswith("--")]
-        help_text = helps.get(name, "")
+        help_text = helps.get(name) or getattr(rules.get(name), "help", "")  # a rule may carry its help
         if note and note not in help_text:
             help_text = f"{help_text} ({note})" if help_text else note.capitalize() + "."
         if choices is not None:

@@ -57,7 +57,7 @@ import math
 
 import numpy as np
 
-from ..checks import Rule
+from ..checks import Choice
 from ..errors import FitFailedError
 from ..models import family as F
 from .em import ACCELERATIONS, EMRun, IterationEvent, _State
@@ -247,8 +247,14 @@ def add_accelerate_parameter(cls) -> None:
     cls.__init__ = __init__
 
 
-class AccelerateRule(Rule):
+class AccelerateRule(Choice):
     """``accelerate``: None, "none" or "squarem" (the ConfigError names them)."""
+
+    help = ("None or 'none': plain EM; 'squarem': SQUAREM (Varadhan and Roland 2008), extrapolated "
+            "steps kept only when they do not lower the objective (fewer passes over the data).")
+
+    def __init__(self):
+        super().__init__(None, "none", "squarem")
 
     def check(self, name, value):
         if value is not None and not (isinstance(value, str) and value in ACCELERATIONS):
