@@ -108,7 +108,8 @@ def _reference_iteration(X, lengths, ct, sp, tm, means, cov):
 
 
 def _model(ct, start, **kw):
-    m = GaussianHMM(K, covariance_type=ct, n_iter=4, tol=0.0, init_params="", missing="marginalize", **kw)
+    kw = {"n_iter": 4, **kw}
+    m = GaussianHMM(K, covariance_type=ct, tol=0.0, init_params="", missing="marginalize", **kw)
     m.startprob_, m.transmat_, m.means_, m.covars_ = start
     return m
 
@@ -210,3 +211,20 @@ def test_bad_option_and_nan_without_it():
         GaussianHMM(K, missing="drop").fit(Xm, LENGTHS)
     with pytest.raises(NonFiniteDataError):
         GaussianHMM(K, n_iter=2).fit(Xm, LENGTHS)
+
+
+def test_zarr_input_output_and_save_load(tmp_path):
+    from emflow.storage.sequences import write_sequences
+
+    _, Xm = _data("diag")
+    start = _start("diag", Xm)
+    path = write_sequences(tmp_path / "seqs.zarr", Xm, np.concatenate([[0], np.cumsum(LENGTHS)]))
+    m = _model("diag", start, n_iter=3).fit(path)
+    ref = _model("diag", start, n_iter=3).fit(Xm, LENGTHS)
+    _close(m.means_, ref.means_)
+    _close(m._covars_, ref._covars_)
+    g = m.predict_proba(path, out=tmp_path / "post.zarr")
+    _close(np.asarray(g["values"][:]), ref.predict_proba(Xm, LENGTHS))
+    loaded = GaussianHMM.load(m.save(tmp_path / "model"))
+    assert loaded.missing == "marginalize"
+    _close(loaded.score(path), ref.score(Xm, LENGTHS))
