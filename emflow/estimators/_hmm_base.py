@@ -49,6 +49,8 @@ class _BaseHMM(EMEstimator):
     outputs = {"labels": Output("predict", True), "proba": Output("predict_proba", True)}
     _emission_letters = ""
     _max_magnitude: float | None = None  # values beyond it: "scale the data", before any arithmetic
+    _allow_nan = False  # NaN marks a missing value (GaussianHMM(missing="marginalize"))
+    _apply_emission = None  # emission of predict/score/decode (None: the parameters' default)
 
     _param_rules = {"n_components": Int(1), "n_iter": Int(0), "n_init": Int(1), "tol": Real(0),
                     "algorithm": Choice(*DECODER_ALGORITHMS), "implementation": Choice(*IMPLEMENTATIONS)}
@@ -129,13 +131,13 @@ class _BaseHMM(EMEstimator):
             if lengths is not None:
                 raise ConfigError("lengths is for in-memory data; a Zarr sequence group carries its own offsets.")
             seq = open_sequences(X, partition_bytes=pb, min_partitions=2 * engine.total_threads,
-                                 max_magnitude=self._max_magnitude, cut_long=True)
+                                 max_magnitude=self._max_magnitude, cut_long=True, allow_nan=self._allow_nan)
         else:
             if lengths is not None and np.ndim(lengths) == 0:
                 lengths = [lengths]
             seq = open_sequences(self._as_values(X), lengths, partition_bytes=pb,
                                  min_partitions=2 * engine.total_threads, max_magnitude=self._max_magnitude,
-                                 cut_long=True)  # a sequence longer than pb: slices (emflow.models.hmm_long)
+                                 cut_long=True, allow_nan=self._allow_nan)  # a sequence longer than pb: slices (emflow.models.hmm_long)
         return engine.load(seq, persist=self.persist)
 
     def _transition_init(self, rng: np.random.Generator):
@@ -232,7 +234,7 @@ class _BaseHMM(EMEstimator):
                 starts = [a for a, _ in loaded.data.bounds]
                 if out is None:
                     parts = engine.map(_posterior_part, loaded, params, None, kind, self._scaling,
-                                       per_partition=starts)
+                                       self._apply_emission, per_partition=starts)
                     return sum(p[0] for p in parts), np.concatenate([p[1] for p in parts])
                 return self._write_output(engine, loaded, params, kind, out, starts)
             finally:
@@ -242,7 +244,8 @@ class _BaseHMM(EMEstimator):
         per_step = ((), "int64") if kind in ("states", "map") else ((self.n_components,), "float64")
 
         def fill(url):
-            parts = engine.map(_posterior_part, loaded, params, url, kind, self._scaling, per_partition=starts)
+            parts = engine.map(_posterior_part, loaded, params, url, kind, self._scaling, self._apply_emission,
+                               per_partition=starts)
             return [{"values": pieces} for _, pieces in parts], {"log_prob": float(sum(p[0] for p in parts))}
 
         return write_step_outputs(out, loaded, {"values": per_step}, fill, {
@@ -296,7 +299,8 @@ class _BaseHMM(EMEstimator):
             loaded = self._open(engine, X, lengths)
             try:
                 self._check_data(engine, loaded)
-                return engine.map_reduce(_score_part, loaded, self._get_parameters(), self._scaling)
+                return engine.map_reduce(_score_part, loaded, self._get_parameters(), self._scaling,
+                                         self._apply_emission)
             finally:
                 loaded.release()
 

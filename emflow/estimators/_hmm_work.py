@@ -12,7 +12,8 @@ from ..errors import ConfigError, DataError
 from ..models import hmm as H
 from ..models import hmm_long as HL
 from ..models import kmeans as KM
-from ..models.hmm_emissions import CategoricalEmission, GaussianEmission, emission_for
+from ..models.hmm_emissions import CategoricalEmission, GaussianEmission, e_step as _bw_e_step, emission_for
+from ..models.hmm_missing import MissingGaussianEmission
 from ..storage.sequences import write_owned
 
 __all__ = ["GaussianHMMFamily", "CategoricalHMMFamily", "ConvergenceMonitor"]
@@ -37,15 +38,19 @@ class GaussianHMMFamily:
     trans_priors: H.TransitionPriors
     params: str
     scaling: bool = False
+    missing: bool = False  # NaN marks a missing value (marginalised: emflow.models.hmm_missing)
 
     def e_step(self, values, offsets, p: H.GaussianHMMParams, link=None) -> H.GaussianHMMStats:
+        em = (MissingGaussianEmission if self.missing else GaussianEmission).for_params(p)
         if self.scaling:
-            _check_scaling(values, p)
+            _check_scaling(values, p, emission=em)
         if link is not None:  # a slice of a sequence cut across partitions
-            return HL.slice_e_step(values, p, GaussianEmission.for_params(p), link)
-        return H.e_step_gaussian(values, offsets, p)
+            return HL.slice_e_step(values, p, em, link)
+        return _bw_e_step(values, offsets, p, em) if self.missing else H.e_step_gaussian(values, offsets, p)
 
-    sweeps = HL.Sweeps()
+    @property
+    def sweeps(self):
+        return HL.Sweeps(MissingGaussianEmission() if self.missing else None)
 
     def m_step(self, stats: H.GaussianHMMStats, p: H.GaussianHMMParams):
         return H.m_step_gaussian(stats, p, self.priors, self.trans_priors, self.params)
@@ -103,12 +108,12 @@ class ConvergenceMonitor:
 
 
 # -- per-partition work --------------------------------------------------------------
-def _check_scaling(values, params, log_b=None) -> None:
+def _check_scaling(values, params, log_b=None, emission=None) -> None:
     """hmmlearn's ``implementation="scaling"`` works on emission probabilities in linear
     scale, and its forward pass fails (ValueError) on a step where they all underflow to 0;
     emflow's recursions never underflow, so it checks for such steps to fail as hmmlearn does."""
     if log_b is None:
-        log_b = H.frame_log_prob(np.asarray(values), params)
+        log_b = _log_b(np.asarray(values), params, emission)
     with np.errstate(under="ignore"):
         dead = ~np.any(np.exp(log_b) > 0, axis=1)
     if np.any(dead):
@@ -116,6 +121,19 @@ def _check_scaling(values, params, log_b=None) -> None:
             f"Forward pass failed with underflow: {int(dead.sum())} step(s) have emission probability 0 "
             "under every state in linear scale (implementation='scaling'). Consider using "
             "implementation='log' instead.")
+
+
+def _log_b(X, params, emission=None):
+    """Log emission densities (n, K) under ``emission`` (default: the one of the parameters' type)."""
+    em = emission_for(params) if emission is None else emission
+    return em.log_likelihood(em.observations(X, params), params)
+
+
+def _observed_step_sums(values, offsets):
+    """Per column: sum of the observed (non-NaN) values and their number, shape (2, d)."""
+    X = np.asarray(values, dtype=np.float64)
+    obs = ~np.isnan(X)
+    return np.stack([np.where(obs, X, 0.0).sum(axis=0), obs.sum(axis=0).astype(np.float64)])
 
 
 def _km_e_step(values, offsets, centers, shift):
@@ -136,12 +154,12 @@ def _symbol_range(values, offsets, n_symbols, start):
     return int(sym.min()), int(sym.max())
 
 
-def _posterior_part(values, offsets, params, out_url: str | None, kind: str, scaling: bool, start: int,
+def _posterior_part(values, offsets, params, out_url: str | None, kind: str, scaling: bool, emission, start: int,
                     link=None):
     if link is not None:
-        return _posterior_slice(values, params, out_url, kind, scaling, start, link)
+        return _posterior_slice(values, params, out_url, kind, scaling, emission, start, link)
     layout = H.Layout(offsets)
-    log_b = H.frame_log_prob(np.asarray(values)[layout.perm], params)
+    log_b = _log_b(np.asarray(values)[layout.perm], params, emission)
     if scaling and kind != "states":
         _check_scaling(values, params, log_b)
     if kind == "states":
@@ -157,14 +175,14 @@ def _posterior_part(values, offsets, params, out_url: str | None, kind: str, sca
     return total, write_owned(out_url + "/values", res, start)
 
 
-def _posterior_slice(values, params, out_url, kind, scaling, start, link):
+def _posterior_slice(values, params, out_url, kind, scaling, emission, start, link):
     """:func:`_posterior_part` of one slice of a cut sequence (``kind`` "proba" or "map")."""
-    em = emission_for(params)
+    em = emission_for(params) if emission is None else emission
     if kind == "states":
         total, res = HL.slice_viterbi(values, params, em, link)
     else:
         if scaling:
-            _check_scaling(values, params)
+            _check_scaling(values, params, emission=em)
         total, res = HL.slice_posteriors(values, params, em, link)
         if kind == "map":
             res = res.argmax(axis=1)
@@ -175,8 +193,8 @@ def _posterior_slice(values, params, out_url, kind, scaling, start, link):
 class _PosteriorSweeps:
     """Max-product sweeps for Viterbi states, sum-product ones for posteriors."""
 
-    def _pick(self, rest):
-        return HL.ViterbiSweeps() if rest[1] == "states" else HL.Sweeps()  # rest: out_url, kind, ...
+    def _pick(self, rest):  # rest: out_url, kind, scaling, emission, ...
+        return HL.ViterbiSweeps(rest[3]) if rest[1] == "states" else HL.Sweeps(rest[3])
 
     def forward(self, values, offsets, params, *rest):
         return self._pick(rest).forward(values, offsets, params, *rest)
@@ -188,20 +206,28 @@ class _PosteriorSweeps:
 _posterior_part.sweeps = _PosteriorSweeps()
 
 
-def _score_part(values, offsets, params, scaling: bool = False, link=None):
+def _score_part(values, offsets, params, scaling: bool, emission, link=None):
     if link is not None:  # the forward sweep has the slice's share of the log-likelihood
         if scaling:
-            _check_scaling(values, params)
+            _check_scaling(values, params, emission=emission)
         return np.array([link[1].loglik, 0.0 if link[0] is not None else 1.0, len(values)], dtype=np.float64)
     layout = H.Layout(offsets)
-    log_b = H.frame_log_prob(np.asarray(values)[layout.perm], params)
+    log_b = _log_b(np.asarray(values)[layout.perm], params, emission)
     if scaling:
         _check_scaling(values, params, log_b)
     fb = H.forward_backward(log_b, layout, params.startprob, params.transmat, want_trans=False)
     return np.array([fb.loglik.sum(), layout.n_sequences, layout.n_steps], dtype=np.float64)
 
 
-_score_part.sweeps = HL.ForwardSweep()
+@dataclass(frozen=True)
+class _ScoreSweep(HL.ForwardSweep):
+    """The forward sweep under the emission among the arguments (rest: scaling, emission, message)."""
+
+    def forward(self, values, offsets, params, *rest):
+        return HL.ForwardSweep(rest[1]).forward(values, offsets, params, *rest)
+
+
+_score_part.sweeps = _ScoreSweep()
 
 
 def _stored_covars(covars, ct: str, K: int, strict: bool = True) -> np.ndarray:

@@ -39,8 +39,10 @@ import numpy as np
 from ._hmm_base import _BaseHMM
 from .online import OnlineFitMixin
 from ._hmm_work import (MAX_EMISSION_BYTES, SAMPLE_STEPS, KMEANS_MAX_ITER, KMEANS_TOL, CategoricalHMMFamily,
-                        ConvergenceMonitor, GaussianHMMFamily, _km_e_step, _moments, _stored_covars,
-                        _symbol_range, _take_steps)
+                        ConvergenceMonitor, GaussianHMMFamily, _km_e_step, _moments, _observed_step_sums,
+                        _stored_covars, _symbol_range, _take_steps)
+from .mixture_missing import MISSING, _FillingEngine
+from ..models.hmm_missing import MissingGaussianEmission
 from ..checks import Choice, Int, Real, check_choice
 from ..storage.data import SQUARE_LIMIT
 from ..errors import ConfigError, DataError, FeatureMismatchError
@@ -94,6 +96,15 @@ class GaussianHMM(OnlineFitMixin, _BaseHMM):
     partition_bytes : int or None
         Target bytes of values per partition (a partition holds whole sequences); None is
         the library default.
+    missing : {"error", "marginalize"}, default "error"
+        NaN is bad data (NonFiniteDataError), or a value missing at random: exact EM
+        (Ghahramani & Jordan 1994) where a step's emission density is the marginal density
+        of its observed coordinates and the M-step uses the conditional expectations of the
+        missing ones given the state. A step with every value missing has emission density
+        1 (the transition still runs) and adds nothing to the emission statistics.
+        ``predict``, ``predict_proba``, ``decode`` and ``score`` marginalise the same way;
+        the initialisation (k-means, data covariance) sees each NaN replaced by its
+        column's mean over the observed values. (keyword only; an emflow addition)
 
     Attributes
     ----------
@@ -122,9 +133,10 @@ class GaussianHMM(OnlineFitMixin, _BaseHMM):
                  covars_prior=1e-2, covars_weight=1, algorithm: str = "viterbi", random_state=None,
                  n_iter: int = 10, tol: float = 1e-2, verbose: bool = False, params: str = "stmc",
                  init_params: str = "stmc", implementation: str = "log", *, n_init: int = 1, scheduler=None, persist="auto",
-                 split_every: int = 8, partition_bytes: int | None = None):
+                 split_every: int = 8, partition_bytes: int | None = None, missing: str = "error"):
         self.n_components = n_components
         self.covariance_type = covariance_type
+        self.missing = missing
         self.min_covar = min_covar
         self.startprob_prior = startprob_prior
         self.transmat_prior = transmat_prior
@@ -155,12 +167,21 @@ class GaussianHMM(OnlineFitMixin, _BaseHMM):
         check_choice("covariance_type", self.covariance_type, H.COVARIANCE_TYPES)
         self._covars_ = _stored_covars(covars, self.covariance_type, self.n_components)
 
-    _param_rules = {"covariance_type": Choice(*H.COVARIANCE_TYPES), "min_covar": Real(0, finite=True)}
+    _param_rules = {"covariance_type": Choice(*H.COVARIANCE_TYPES), "min_covar": Real(0, finite=True),
+                    "missing": Choice(*MISSING)}
+
+    @property
+    def _allow_nan(self) -> bool:
+        return getattr(self, "missing", "error") == "marginalize"
+
+    @property
+    def _apply_emission(self):
+        return MissingGaussianEmission() if self._allow_nan else None
 
     def _em_family(self):
         pri = H.GaussianPriors(self.means_prior, self.means_weight, self.covars_prior, self.covars_weight)
         return GaussianHMMFamily(pri, H.TransitionPriors(self.startprob_prior, self.transmat_prior), self.params,
-                                 self._scaling)
+                                 self._scaling, self._allow_nan)
 
     def _param_attrs(self) -> tuple[str, ...]:
         return ("startprob_", "transmat_", "means_", "_covars_")
@@ -202,6 +223,9 @@ class GaussianHMM(OnlineFitMixin, _BaseHMM):
 
     def _initial_params(self, engine, loaded, rng) -> H.GaussianHMMParams:
         K, d, ct = self.n_components, loaded.data.n_features, self.covariance_type
+        if self._allow_nan:  # the starts see each NaN replaced by its column's observed mean
+            sums = engine.map_reduce(_observed_step_sums, loaded)
+            engine = _FillingEngine(engine, np.divide(sums[0], sums[1], out=np.zeros(d), where=sums[1] > 0))
         sp, tm = self._transition_init(rng)
         means = self._kmeans(engine, loaded, rng) if self._needs_init("m", "means_") else self.means_
         if self._needs_init("c", "covars_", "_covars_"):

@@ -109,9 +109,14 @@ def impute(X, params: G.GMMParams, row0: int = 0) -> np.ndarray:
     return out
 
 
-def _incomplete(X, miss, w, params: G.GMMParams, *, stats: bool = False, fill: bool = False):
+def _incomplete(X, miss, w, params: G.GMMParams, *, stats: bool = False, fill: bool = False, gamma=None,
+                logp=None):
     """Log-likelihoods (n,), responsibilities (n, K), statistics (or None) and imputed rows
-    (or None) of rows that each miss at least one value."""
+    (or None) of rows that each miss at least one value.
+
+    ``gamma`` (n, K), if given, replaces the responsibilities as the weights of the
+    statistics and imputations (an HMM's state posteriors: :mod:`emflow.models.hmm_missing`);
+    ``logp`` (n, K), if given, receives each row's ``log w_k + log N(x_o | mu_o, Sigma_oo)``."""
     ct = params.covariance_type
     g = G.shift_of(params)
     mu = np.asarray(params.means, dtype=np.float64)
@@ -126,6 +131,7 @@ def _incomplete(X, miss, w, params: G.GMMParams, *, stats: bool = False, fill: b
     resp = np.empty((n, K))
     s = G.empty_stats(ct, K, d) if stats else None
     xhat = np.empty((n, d)) if fill else None
+    logp_out = logp
     if ct in ("diag", "spherical"):
         var = np.asarray(params.covariances, dtype=np.float64)
         var = var if ct == "diag" else np.repeat(var[:, None], d, axis=1)
@@ -136,8 +142,10 @@ def _incomplete(X, miss, w, params: G.GMMParams, *, stats: bool = False, fill: b
             Ob, Xb = obs[a:b], Xc[a:b]
             maha = (Xb**2) @ prec.T - 2.0 * Xb @ (mc * prec).T + Ob @ (mc**2 * prec).T
             logp = log_w - 0.5 * (Ob.sum(axis=1)[:, None] * _LOG_2PI + Ob @ np.log(var).T + maha)
+            if logp_out is not None:
+                logp_out[a:b] = logp
             lse[a:b], resp[a:b] = G._normalise(logp)
-            r = resp[a:b]
+            r = resp[a:b] if gamma is None else gamma[a:b]
             if stats:
                 wr = r if w is None else r * w[a:b, None]
                 Nm = wr.T @ (1.0 - Ob)  # (K, d): weight of the rows missing coordinate j
@@ -148,7 +156,7 @@ def _incomplete(X, miss, w, params: G.GMMParams, *, stats: bool = False, fill: b
                 xhat[a:b] = g + Xb + (1.0 - Ob) * (r @ mc)
         _finish(s, lse, w)
         return lse, resp, s, xhat
-    return _incomplete_matrix(Xc, obs, miss, w, params, mc, log_w, lse, resp, s, xhat, g)
+    return _incomplete_matrix(Xc, obs, miss, w, params, mc, log_w, lse, resp, s, xhat, g, gamma, logp_out)
 
 
 def _finish(s, lse, w):
@@ -206,7 +214,7 @@ def _patterns(miss: np.ndarray):
     return pid, order, ptr, first[by_t], t[by_t]
 
 
-def _incomplete_matrix(Xc, obs, miss, w, params, mc, log_w, lse, resp, s, xhat, g):
+def _incomplete_matrix(Xc, obs, miss, w, params, mc, log_w, lse, resp, s, xhat, g, gamma=None, logp_out=None):
     """Full and tied covariances, through the precision ``P = Sigma^{-1}``: for a pattern with
     missing coordinates ``m`` (``t`` of them), ``C = P_mm^{-1}`` is the conditional covariance
     of ``x_m``, the conditional mean is ``mu_m - C P_mo r_o`` (``r_o = x_o - mu_o``),
@@ -252,14 +260,17 @@ def _incomplete_matrix(Xc, obs, miss, w, params, mc, log_w, lse, resp, s, xhat, 
                 V = U.reshape(K, B * d)[:, flat].reshape(K, B, t)  # P_mo r_o
                 Z = _small_matvec(Cmm[pid], V, Kc)  # C P_mo r_o, shape (K, B, t)
                 maha = np.einsum("kbd,kbd->bk", R, U) - np.einsum("kbi,kbi->bk", V, Z)
-                lse[idx], resp[idx] = G._normalise(const[pid] - 0.5 * maha)
+                logp = const[pid] - 0.5 * maha
+                if logp_out is not None:
+                    logp_out[idx] = logp
+                lse[idx], resp[idx] = G._normalise(logp)
                 if not (stats or fill):
                     continue
                 # the row's conditional mean about g: x_o - g observed, mu_m - g - C P_mo r_o missing
                 Xh = R
                 Xh += mc[:, None, :]
                 Xh.reshape(K, B * d)[:, flat] -= Z.reshape(K, B * t)
-                r = resp[idx]
+                r = resp[idx] if gamma is None else gamma[idx]
                 if fill:
                     xhat[idx] = g + np.einsum("bk,kbd->bd", r, Xh)
                 if stats:
