@@ -174,6 +174,9 @@ class GaussianHMM(OnlineFitMixin, _BaseHMM):
     def _allow_nan(self) -> bool:
         return getattr(self, "missing", "error") == "marginalize"
 
+    def _allows_nan(self) -> bool:  # the declaration the CLI and the flows read
+        return self._allow_nan
+
     @property
     def _apply_emission(self):
         return MissingGaussianEmission() if self._allow_nan else None
