@@ -13,6 +13,7 @@ from ..models import hmm as H
 from ..models import hmm_long as HL
 from ..models import kmeans as KM
 from ..models.hmm_emissions import CategoricalEmission, GaussianEmission, emission_for
+from ..execution.sweeps import step_local
 from ..storage.sequences import write_owned
 
 __all__ = ["GaussianHMMFamily", "CategoricalHMMFamily", "ConvergenceMonitor"]
@@ -118,19 +119,23 @@ def _check_scaling(values, params, log_b=None) -> None:
             "implementation='log' instead.")
 
 
+@step_local
 def _km_e_step(values, offsets, centers, shift):
     return KM.e_step(np.asarray(values, dtype=np.float64), None, centers, shift)
 
 
+@step_local
 def _moments(values, offsets, shift):
     Xc = np.asarray(values, dtype=np.float64) - shift
     return (np.asarray(float(len(Xc))), Xc.sum(axis=0), Xc.T @ Xc)
 
 
+@step_local
 def _take_steps(values, offsets, rows):
     return np.asarray(values[rows], dtype=np.float64)
 
 
+@step_local
 def _symbol_range(values, offsets, n_symbols, start):
     sym = H.check_symbols(values, n_symbols, "The sequences", start)
     return int(sym.min()), int(sym.max())
