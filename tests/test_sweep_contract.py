@@ -100,3 +100,43 @@ def test_lockstep_member_without_sweeps_is_refused(hmm_problem):
         run_em_group(engine, cut, runs)
     with pytest.raises(TypeError, match="_PlainFamily.e_step"):
         run_em(engine, cut, _PlainFamily(), starts[1], tol=0.0, max_iter=1)
+
+
+@pytest.mark.parametrize("form", ["chain", "scan"])
+def test_lgssm_lockstep_group_on_cut_data_equals_each_run_alone_uncut(form):
+    from emflow.estimators.lgssm import LGSSMFamily
+    from emflow.models import lgssm as LG
+
+    rng = np.random.default_rng(29)
+    k, p = 2, 2
+    B = rng.normal(size=(k, k))
+    truth = LG.LGSSMParams(0.9 * np.eye(k) + 0.05 * rng.normal(size=(k, k)), rng.normal(size=(p, k)),
+                           0.1 * B @ B.T + 0.1 * np.eye(k), 0.5 * np.eye(p), rng.normal(size=k), np.eye(k))
+    Y = LG.sample(truth, 300, rng)[1]
+    Y[[100, 101]] = np.nan
+    starts = [LG.LGSSMParams(s * np.eye(k), truth.C + s, np.eye(k), np.eye(p), np.zeros(k), 2.0 * np.eye(k))
+              for s in (0.3, 0.6)]
+    fam = LGSSMFamily(frozenset(LG.normalize_em_vars(list(LG.EM_VARS))))
+    engine = Engine(None, n_threads=2)
+    whole = engine.load(open_sequences(Y, [len(Y)], allow_nan=True))
+    d = open_sequences(Y, [len(Y)], partition_bytes=Y.nbytes // 6 + 1, allow_nan=True, cut_long=True)
+    assert len(d.chains) == 1 and len(d.chains[0]) >= 6
+    cut = engine.load(d)
+    alone = [run_em(engine, whole, fam, s, tol=0.0, max_iter=4) for s in starts]
+    with dask.config.set({"emflow.sweep-form": form}):
+        group = run_em_group(engine, cut, [EMRun(fam, s, tol=0.0, max_iter=4, init=i) for i, s in enumerate(starts)])
+    for a, g in zip(alone, group):
+        assert rel(g.history, a.history) < 1e-10
+        for x, y in zip(g.params, a.params):
+            assert np.allclose(x, y, rtol=1e-10, atol=1e-12 * np.abs(y).max())
+
+
+def test_online_fit_refuses_cut_sequences():
+    from emflow import ConfigError, GaussianHMM
+
+    X = np.random.default_rng(0).normal(size=(600, 2))
+    m = GaussianHMM(2, partition_bytes=X.nbytes // 5 + 1, n_iter=2, scheduler="threads")
+    with pytest.raises(ConfigError, match="method='online'.*partition_bytes"):
+        m.fit(X, method="online")
+    with pytest.raises(ConfigError, match="method='online'.*partition_bytes"):
+        m.partial_fit(X)
