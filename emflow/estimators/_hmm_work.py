@@ -14,6 +14,7 @@ from ..models import hmm_long as HL
 from ..models import kmeans as KM
 from ..models.hmm_emissions import CategoricalEmission, GaussianEmission, e_step as _bw_e_step, emission_for
 from ..models.hmm_missing import MissingGaussianEmission
+from ..execution.sweeps import step_local
 from ..storage.sequences import write_owned
 
 __all__ = ["GaussianHMMFamily", "CategoricalHMMFamily", "ConvergenceMonitor"]
@@ -129,6 +130,7 @@ def _log_b(X, params, emission=None):
     return em.log_likelihood(em.observations(X, params), params)
 
 
+@step_local
 def _observed_step_sums(values, offsets):
     """Per column: sum of the observed (non-NaN) values and their number, shape (2, d)."""
     X = np.asarray(values, dtype=np.float64)
@@ -136,19 +138,23 @@ def _observed_step_sums(values, offsets):
     return np.stack([np.where(obs, X, 0.0).sum(axis=0), obs.sum(axis=0).astype(np.float64)])
 
 
+@step_local
 def _km_e_step(values, offsets, centers, shift):
     return KM.e_step(np.asarray(values, dtype=np.float64), None, centers, shift)
 
 
+@step_local
 def _moments(values, offsets, shift):
     Xc = np.asarray(values, dtype=np.float64) - shift
     return (np.asarray(float(len(Xc))), Xc.sum(axis=0), Xc.T @ Xc)
 
 
+@step_local
 def _take_steps(values, offsets, rows):
     return np.asarray(values[rows], dtype=np.float64)
 
 
+@step_local
 def _symbol_range(values, offsets, n_symbols, start):
     sym = H.check_symbols(values, n_symbols, "The sequences", start)
     return int(sym.min()), int(sym.max())

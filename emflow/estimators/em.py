@@ -38,6 +38,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Protocol, Sequence
 
+from ..execution import sweeps as _sweeps
 from ..execution.engine import Engine, Loaded
 
 __all__ = ["Family", "EStepContext", "IterationEvent", "EMResult", "EMRun", "ChangeBelow", "run_em",
@@ -167,15 +168,26 @@ def partition_starts(loaded: Loaded) -> list[int]:
 
 def _group_e_step(*args):
     """Every run's E-step on one read of a partition: ``(*partition, families, params,
-    iterations, seeds, inits, start) -> tuple of stats``."""
-    *partition, families, params, iterations, seeds, inits, start = args
+    iterations, seeds, inits, start[, link]) -> tuple of stats``; ``link`` (a slice of a
+    cut sequence) holds every run's boundary messages (:class:`~emflow.execution.sweeps.Group`)."""
+    link = args[-1] if isinstance(args[-1], tuple) else None  # start is an int
+    *partition, families, params, iterations, seeds, inits, start = args[:-1] if link is not None else args
     out = []
-    for fam, p, it, seed, init in zip(families, params, iterations, seeds, inits):
+    for fam, p, it, seed, init, lk in zip(families, params, iterations, seeds, inits,
+                                         _sweeps.Group.member_links(link, len(families))):
         if getattr(fam, "takes_context", False):
             out.append(fam.e_step(*partition, p, EStepContext(it, seed, start, init)))
         else:
-            out.append(fam.e_step(*partition, p))
+            out.append(fam.e_step(*partition, p) if lk is None else fam.e_step(*partition, p, lk))
     return tuple(out)
+
+
+def _group_members(args) -> list:
+    families, params = args[0], args[1]
+    return [(f.e_step, None if getattr(f, "takes_context", False) else (p,)) for f, p in zip(families, params)]
+
+
+_group_e_step.sweeps = _sweeps.Group(_group_members)
 
 
 def _objective(family, stats, params) -> float:

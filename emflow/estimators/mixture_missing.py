@@ -55,6 +55,19 @@ class _Filled:
         X = np.asarray(X)
         return self.fn(np.where(np.isnan(X), self.fill, X), w, *args)
 
+    # filling changes values, not what a pass needs across a cut sequence: fn's declarations
+    @property
+    def step_local(self) -> bool:
+        from ..execution.sweeps import _is_step_local
+
+        return _is_step_local(self.fn)
+
+    @property
+    def sweeps(self):
+        from ..execution.sweeps import sweeps_of
+
+        return sweeps_of(self.fn)
+
 
 class _FillingEngine:
     """An engine whose passes see the data with missing values filled (initialisation only)."""

@@ -286,6 +286,16 @@ def _batch_e_step(X, w, family, params, kind, iteration, seed, piece):
     return family.e_step(a, b, params)
 
 
+def _whole_sequences_only(loaded) -> None:
+    """Stepwise EM takes whole sequences: refuse data that cut one across partitions."""
+    chains = getattr(loaded.data, "chains", None)
+    if chains:
+        raise ConfigError(
+            f"method='online' (stepwise EM) needs whole sequences, but {len(chains)} sequence(s) are longer than "
+            "partition_bytes and were cut across partitions: raise partition_bytes above the longest sequence's "
+            "bytes, or fit with the default method='batch' (exact across cuts).")
+
+
 def _units_bounds(loaded) -> list[tuple[int, int]]:
     data = loaded.data
     return list(getattr(data, "seq_bounds", None) or data.bounds)
@@ -381,6 +391,7 @@ class OnlineEMMixin:
         with self._session() as engine:
             loaded = self._open(engine, data, *self._open_args(args))
             try:
+                _whole_sequences_only(loaded)
                 self._prepare(engine, loaded)
                 seed = self._seed()
                 rng = self._restart_rng(seed, 0)
@@ -438,6 +449,7 @@ class OnlineEMMixin:
         with self._session() as engine:
             loaded = self._open(engine, X, *self._open_args(args))
             try:
+                _whole_sequences_only(loaded)
                 d = int(loaded.data.n_features)
                 if state is not None or self._is_fitted():
                     known = state.n_features if state is not None else int(getattr(self, "n_features_in_", d))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import ConfigError, FeatureMismatchError
+from ..execution.sweeps import step_local
 from ._hmm_base import _BaseHMM
 from ..models import hmm as H
 from ..models import poisson_hmm as P
@@ -20,6 +21,7 @@ from ..stats import require_finite
 __all__ = ["PoissonHMM"]
 
 
+@step_local
 def _count_moments(values, offsets):
     """Number, sum and sum of squares of all counts of a partition (hmmlearn's mean and variance of X)."""
     X = P.check_counts(values)

@@ -509,6 +509,7 @@ class Engine(ClusterWatch):
         return self._pass(loaded, run)
 
 
+@_sweeps.step_local
 def take_rows(X, w, rows: np.ndarray):
     """Rows ``rows`` (partition-local indices) of a partition, with their weights."""
     return np.asarray(X[rows], dtype=np.float64), (None if w is None else np.asarray(w[rows]))

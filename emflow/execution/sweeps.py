@@ -23,8 +23,14 @@ elements; the span of the heavy work is then one pass whatever the number of sli
 The HMMs' sweeps are in :mod:`emflow.models.hmm_long`, the LGSSM's in
 :mod:`emflow.models.lgssm_long`.
 
-A function without ``sweeps`` is taken to be step-local (its result on a slice does not
-depend on the rest of the sequence: moments, samples of steps, symbol ranges).
+A function mapped over data that cut a sequence must declare its sweeps or be marked
+*step-local* (its result on a slice does not depend on the rest of the sequence: moments,
+samples of steps, symbol ranges), by :func:`step_local` or an attribute ``step_local =
+True`` (on itself or its bound object); any other function is refused with a TypeError
+naming it: a function that ignores the boundaries would give wrong statistics silently.
+``sweeps`` may also have ``bind(fn, args) -> sweeps`` to resolve them against the pass's
+arguments: :class:`Group` does, for a function that runs several members' functions on one
+read of a partition (the lockstep E-step of :func:`emflow.estimators.em.run_em_group`).
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from .tasks import _apply_indexed
 
 SWEEP_FORMS = ("chain", "scan")
 
-__all__ = ["sweeps_of", "Linked", "links"]
+__all__ = ["sweeps_of", "step_local", "Group", "Linked", "links"]
 
 
 def sweeps_of(fn: Callable):
@@ -46,6 +52,114 @@ def sweeps_of(fn: Callable):
     if s is None:
         s = getattr(getattr(fn, "__self__", None), "sweeps", None)
     return s
+
+
+def step_local(fn: Callable) -> Callable:
+    """Mark ``fn`` step-local: on a slice of a cut sequence it needs no boundary messages."""
+    fn.step_local = True
+    return fn
+
+
+def _is_step_local(fn: Callable) -> bool:
+    return bool(getattr(fn, "step_local", False) or getattr(getattr(fn, "__self__", None), "step_local", False))
+
+
+def _name(fn: Callable) -> str:
+    owner = getattr(fn, "__self__", None)
+    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    mod = getattr(fn, "__module__", None) or type(fn).__module__
+    return f"{type(owner).__qualname__}.{fn.__name__}" if owner is not None else f"{mod}.{name}"
+
+
+def _resolve(fn: Callable, args: tuple):
+    """The sweeps of ``fn`` for a pass with ``args``, None for a step-local function;
+    a TypeError naming ``fn`` when it is neither."""
+    sweeps = sweeps_of(fn)
+    if sweeps is not None and getattr(sweeps, "bind", None) is not None:
+        sweeps = sweeps.bind(fn, args)
+    if sweeps is None and not _is_step_local(fn):
+        raise TypeError(
+            f"{_name(fn)} is mapped over data that cut a sequence across partitions, but declares neither "
+            "`sweeps` (the boundary messages it needs, emflow.execution.sweeps) nor `step_local = True` (its "
+            "result on a slice does not depend on the rest of the sequence). Declare one, or open the data "
+            "without cut_long.")
+    return sweeps
+
+
+@dataclass(frozen=True)
+class Group:
+    """Sweeps of a function that runs several members' functions on one read of a partition
+    and returns the tuple of their results (a lockstep group of EM runs).
+
+    ``members(args) -> [(fn_i, args_i), ...]`` (a module-level function) gives each member's
+    function and its arguments from the pass's; ``args_i`` None marks a member that cannot
+    take boundary messages (refused if its function declares sweeps). A member's messages
+    and link are the i-th entries of the group's tuples (None for a step-local member);
+    :meth:`member_links` splits a group link.
+    """
+
+    members: Callable
+
+    def bind(self, fn: Callable, args: tuple) -> "_BoundGroup":
+        out = []
+        for f, a in self.members(args):
+            s = _resolve(f, a)
+            if s is not None and a is None:
+                raise TypeError(f"{_name(f)} declares sweeps but its arguments cannot be given boundary messages "
+                                f"in {_name(fn)}; run it alone.")
+            out.append((s, a))
+        return _BoundGroup(tuple(out), len(args))
+
+    @staticmethod
+    def member_links(link, n: int) -> list:
+        """Per-member links of a group link ``(fwd in, own fwd, bwd in)`` (None: none)."""
+        if link is None:
+            return [None] * n
+        return [None if link[1][i] is None else tuple(None if m is None else m[i] for m in link) for i in range(n)]
+
+
+@dataclass(frozen=True)
+class _BoundGroup:
+    members: tuple
+    n_args: int
+
+    def _each(self, step: str, a: tuple, only=None):
+        *rest, msg = a
+        part = rest[:len(rest) - self.n_args]
+        msgs = [None] * len(self.members) if msg is None or only == "ends" else msg
+        out = []
+        for (s, args), m in zip(self.members, msgs):
+            f = None if s is None else getattr(s, step, None)
+            out.append(None if f is None else f(*part, *args, msg if only == "ends" else m))
+        return tuple(out)
+
+    def forward(self, *a):
+        return self._each("forward", a)
+
+    def _backward(self, *a):
+        return self._each("backward", a)
+
+    def _transfer(self, *a):
+        return self._each("transfer", a, only="ends")
+
+    @property
+    def backward(self):
+        """None when no member has a backward sweep."""
+        if all(s is None or getattr(s, "backward", None) is None for s, _ in self.members):
+            return None
+        return self._backward
+
+    @property
+    def transfer(self):
+        """The parallel form, when every member that sweeps has it."""
+        if any(s is not None and getattr(s, "transfer", None) is None for s, _ in self.members):
+            return None
+        return self._transfer
+
+    def scan(self, elements: list) -> list:
+        per = [None if s is None else s.scan([e[i] for e in elements]) for i, (s, _) in enumerate(self.members)]
+        n = len(elements)
+        return [tuple(tuple(None if L is None else L[j][k] for L in per) for k in range(3)) for j in range(n)]
 
 
 @dataclass(frozen=True)
@@ -78,7 +192,7 @@ def links(engine, fn: Callable, loaded, args: tuple) -> tuple[list | None, list]
     sweep step is a task that depends on its neighbour's.
     """
     chains = getattr(loaded.data, "chains", None)
-    sweeps = sweeps_of(fn) if chains else None
+    sweeps = _resolve(fn, args) if chains else None
     if sweeps is None:
         return None, []
     if _form() == "scan" and getattr(sweeps, "transfer", None) is not None:
