@@ -18,6 +18,7 @@ from ..checks import Choice, Int, Letters, Real, check_choice, check_int, check_
 from ..execution.cluster import engine_for
 from ..storage.data import DEFAULT_PARTITION_BYTES, is_zarr_path
 from .em import EMResult, IterationEvent
+from .online import OnlineEMMixin, check_online_call, online_schedule, split_online_kwargs
 from .base import EMEstimator, Output
 from ..errors import ConfigError, DegenerateComponentWarning, NotFittedError
 from ..models import hmm as H
@@ -26,7 +27,7 @@ from ..storage.sequences import open_sequences, write_step_outputs
 _log = logging.getLogger("emflow.hmm")
 
 
-class _BaseHMM(EMEstimator):
+class _BaseHMM(OnlineEMMixin, EMEstimator):
     """hmmlearn's ``BaseHMM`` surface on :class:`~emflow.estimators.base.EMEstimator`.
 
     An HMM face (one emission family) declares ``family``, ``params_type``, ``fitted`` and
@@ -157,9 +158,10 @@ class _BaseHMM(EMEstimator):
         return self
 
     # fitting (the driver is EMEstimator's; these are its hooks)
-    def fit(self, X, lengths=None, *, callbacks: Iterable[Callable[[IterationEvent], None]] = (),
-            initial_params=None, history: list[float] | None = None):
-        """Estimate the parameters by Baum-Welch (EM) over all sequences.
+    def fit(self, X, lengths=None, *, method: str = "batch",
+            callbacks: Iterable[Callable[[IterationEvent], None]] = (), initial_params=None,
+            history: list[float] | None = None, **online):
+        """Estimate the parameters by Baum-Welch (EM) over all sequences, or by stepwise EM.
 
         Parameters
         ----------
@@ -169,18 +171,34 @@ class _BaseHMM(EMEstimator):
         lengths : array-like of int of shape (n_sequences,), optional
             Lengths of the in-memory sequences (hmmlearn's convention); ``None`` means one
             sequence.
+        method : {"batch", "online"}, default "batch"
+            ``"online"``: stepwise EM in mini-batches of ``batch_size`` sequences
+            (:mod:`emflow.estimators.online`).
         callbacks : iterable of callables
             Each is called with an :class:`~emflow.estimators.em.IterationEvent` after every
             iteration.
         initial_params, history
             Resume from a checkpoint: EM starts from these parameters (a
             ``GaussianHMMParams`` / ``CategoricalHMMParams``) with the iterations already
-            recorded in ``history`` (means per step).
+            recorded in ``history`` (means per step). Batch EM only.
+        **online
+            With ``method="online"``: ``batch_size``, ``learning_decay``, ``learning_offset``,
+            ``polyak``, ``n_passes``, ``shuffle`` (:class:`~emflow.estimators.online.OnlineSchedule`).
 
         Returns
         -------
         self
         """
+        schedule = split_online_kwargs(online)
+        if check_online_call(method, schedule):
+            if online:
+                online_schedule(**online)  # a ConfigError naming the unknown keyword
+            if initial_params is not None or history is not None:
+                raise ConfigError("initial_params and history resume a batch fit: fit(method='online') takes "
+                                  "neither (warm_start=True starts from the fitted parameters).")
+            return self._fit_online(X, lengths, callbacks=callbacks, **schedule)
+        if online:
+            raise TypeError(f"fit() got an unexpected keyword argument {sorted(online)[0]!r}")
         return self._fit(X, lengths, callbacks=callbacks, initial_params=initial_params, history=history)
 
     def _prepare(self, engine, loaded) -> None:

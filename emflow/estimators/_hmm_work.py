@@ -56,6 +56,10 @@ class GaussianHMMFamily:
     def m_step(self, stats: H.GaussianHMMStats, p: H.GaussianHMMParams):
         return H.m_step_gaussian(stats, p, self.priors, self.trans_priors, self.params)
 
+    def online_move(self, stats, about, p):
+        """Running moments moved to ``p``'s shift (stepwise EM: the emission's ``online_move``)."""
+        return GaussianEmission.for_params(p).online_move(stats, about, p)
+
     def objective(self, stats) -> float:
         return float(stats.loglik) / float(stats.n_steps)
 

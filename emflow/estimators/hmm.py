@@ -37,7 +37,6 @@ from __future__ import annotations
 import numpy as np
 
 from ._hmm_base import _BaseHMM
-from .online import OnlineFitMixin
 from ._hmm_work import (MAX_EMISSION_BYTES, SAMPLE_STEPS, KMEANS_MAX_ITER, KMEANS_TOL, CategoricalHMMFamily,
                         ConvergenceMonitor, GaussianHMMFamily, _km_e_step, _moments, _observed_step_sums,
                         _stored_covars, _symbol_range, _take_steps)
@@ -53,7 +52,7 @@ from ..stats import require_finite
 __all__ = ["GaussianHMM", "CategoricalHMM", "ConvergenceMonitor", "GaussianHMMFamily", "CategoricalHMMFamily"]
 
 
-class GaussianHMM(OnlineFitMixin, _BaseHMM):
+class GaussianHMM(_BaseHMM):
     """Hidden Markov model with Gaussian emissions, fitted out of core.
 
     Parameters follow :class:`hmmlearn.hmm.GaussianHMM` (same names and defaults, priors
@@ -304,7 +303,7 @@ class GaussianHMM(OnlineFitMixin, _BaseHMM):
         return {"means": ((K, d), []), "covars": (cov, ["psd"] if ct in ("full", "tied") else ["nonnegative"])}
 
 
-class CategoricalHMM(OnlineFitMixin, _BaseHMM):
+class CategoricalHMM(_BaseHMM):
     """Hidden Markov model with categorical emissions (symbols ``0..n_features-1``), fitted out of core.
 
     Parameters follow :class:`hmmlearn.hmm.CategoricalHMM`; observations have shape

@@ -53,7 +53,8 @@ from ..models import online as O
 from .em import EMResult, EStepContext, IterationEvent, _objective
 
 __all__ = ["METHODS", "OnlineSchedule", "OnlineState", "StepwiseEM", "check_method", "online_schedule",
-           "plan_batches", "run_online", "OnlineEMMixin", "OnlineFitMixin", "check_online_call"]
+           "plan_batches", "run_online", "OnlineEMMixin", "check_online_call",
+           "split_online_kwargs"]
 
 METHODS = ("batch", "online")
 # a mini-batch's E-step runs as at most this many tasks (pieces of at least MIN_PIECE units)
@@ -118,6 +119,12 @@ def check_decay(name: str, value) -> None:
                           f"got {value!r}.")
 
 
+def split_online_kwargs(kwargs: dict) -> dict:
+    """Pop the :class:`OnlineSchedule` keywords out of ``kwargs`` (for a ``fit(**kwargs)``)."""
+    names = {f.name for f in dataclasses.fields(OnlineSchedule)}
+    return {k: kwargs.pop(k) for k in list(kwargs) if k in names}
+
+
 def online_schedule(base: OnlineSchedule | None = None, **given) -> OnlineSchedule:
     """An :class:`OnlineSchedule` from keywords (None: ``base``'s value), checked before anything runs."""
     names = {f.name for f in dataclasses.fields(OnlineSchedule)}
@@ -154,6 +161,7 @@ class OnlineState:
     units: float = 0.0
     n_features: int | None = None
     params: Any = None
+    about: Any = None  # the parameters the running statistics are about (families with online_move)
     fit_info: dict | None = None  # the fit_info_ of the fit this state belongs to
 
 
@@ -168,10 +176,6 @@ def _moment_layout(stats, params) -> tuple[Callable, str, str] | None:
 
         ct = params.covariance_type
         return shift_of, "n", {"full": "outer", "tied": "total"}.get(ct, "elementwise")
-    if "post" in fields and np.ndim(stats.s1) == 2:  # Gaussian HMM
-        from ..models.hmm_mstep import shift_of
-
-        return shift_of, "post", "outer" if np.ndim(stats.s2) == 3 else "elementwise"
     raise ConfigError(f"Online EM does not support the statistics {type(stats).__name__} yet.")
 
 
@@ -187,8 +191,12 @@ class StepwiseEM:
 
     A family may refine it with ``online_start(params)`` (the running quantity before the
     first batch; default none), ``online_stats(stats, params, factor)`` (the batch's
-    contribution, scaled by ``factor = N / n_t``; default the scaled statistics) and
-    ``online_m_step(running, params)`` (default the family's ``m_step``).
+    contribution, scaled by ``factor = N / n_t``; default the scaled statistics),
+    ``online_m_step(running, params)`` (default the family's ``m_step``) and
+    ``online_move(running, about, params)``: statistics taken about points that follow the
+    parameters ``about`` (the E-step's), re-expressed about those of ``params`` before the
+    batch's are blended in (the HMMs' emissions; a mixture's moments about one shift are
+    moved here, by :func:`_moment_layout`).
     """
 
     def __init__(self, family):
@@ -206,8 +214,16 @@ class StepwiseEM:
         factor = N / n_t if n_t > 0 else 0.0
         fn = getattr(self.family, "online_stats", None)
         s = fn(stats, params, factor) if fn is not None else O.scale(stats, factor)
-        layout = _moment_layout(stats, params)
-        if layout is not None:
+        move = getattr(self.family, "online_move", None)
+        layout = None if move is not None else _moment_layout(stats, params)
+        if move is not None:
+            if state.about is not None:
+                if state.stats is not None:
+                    state.stats = move(state.stats, state.about, params)
+                if state.average is not None:
+                    state.average = move(state.average, state.about, params)
+            state.about = params
+        elif layout is not None:
             shift_of, count, kind = layout
             g = np.asarray(shift_of(params), dtype=np.float64)
             if state.shift is not None:  # move the running moments to the batch's shift
@@ -477,27 +493,3 @@ class OnlineEMMixin:
             finally:
                 loaded.release()
         return self
-
-
-class OnlineFitMixin(OnlineEMMixin):
-    """:class:`OnlineEMMixin` plus a ``fit`` that takes ``method="online"`` and the schedule's
-    keywords, for an estimator whose ``fit`` is inherited (the HMMs)."""
-
-    def fit(self, X, lengths=None, *, method: str = "batch", callbacks=(), **kwargs):
-        """Fit by Baum-Welch (``method="batch"``, the default: the estimator's own ``fit``,
-        which takes ``initial_params`` and ``history`` too) or by stepwise EM in mini-batches
-        of ``batch_size`` sequences (``method="online"``, with ``learning_decay``,
-        ``learning_offset``, ``polyak``, ``n_passes``, ``shuffle``: see
-        :mod:`emflow.estimators.online`).
-
-        Returns
-        -------
-        self
-        """
-        names = {f.name for f in dataclasses.fields(OnlineSchedule)}
-        online = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
-        if check_online_call(method, online):
-            if kwargs:
-                raise ConfigError(f"{sorted(kwargs)[0]!r} is not an option of fit(method='online').")
-            return self._fit_online(X, lengths, callbacks=callbacks, **online)
-        return super().fit(X, lengths, callbacks=callbacks, **kwargs)

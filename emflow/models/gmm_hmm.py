@@ -236,6 +236,24 @@ class GMMEmission(Emission):
                     c[k] += (D * rm).T @ D
         return GMMEmissionStats(post_mix, posteriors.sum(axis=0), s1, c)
 
+    def online_move(self, stats, about, params):
+        """``s1`` moved from ``shift_of(about)`` to ``shift_of(params)`` and ``c`` from
+        ``about``'s means to ``params``' (``x - b = (x - a) + delta``, ``delta = a - b``)."""
+        Nm = np.asarray(stats.post_mix, dtype=np.float64)
+        g_a, g_b = shift_of(about), shift_of(params)
+        mu_a = np.asarray(about.means, dtype=np.float64)
+        delta = mu_a - np.asarray(params.means, dtype=np.float64)
+        u = stats.s1 + Nm[..., None] * (g_a - mu_a)  # sum r (x - mu_a), (K, M, d)
+        ct = params.covariance_type
+        if ct in ("full", "tied"):
+            cross = u[..., :, None] * delta[..., None, :]
+            add = cross + np.swapaxes(cross, -1, -2) + Nm[..., None, None] * delta[..., :, None] * delta[..., None, :]
+            add = add.sum(axis=1) if ct == "tied" else add
+        else:
+            add = 2.0 * delta * u + Nm[..., None] * delta**2
+            add = add.sum(axis=-1) if ct == "spherical" else add
+        return stats._replace(s1=stats.s1 + Nm[..., None] * (g_a - g_b), c=stats.c + add)
+
     def m_step(self, stats, params):
         require_finite(stats, "GMM HMM")
         ct = params.covariance_type

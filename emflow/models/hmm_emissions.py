@@ -30,6 +30,7 @@ from typing import Any, ClassVar, NamedTuple
 import numpy as np
 
 from . import hmm as H
+from . import online as O
 
 __all__ = [
     "Emission",
@@ -100,6 +101,11 @@ class Emission:
     def n_free(self, K: int, d: int) -> int:
         """Free scalar parameters of the emissions of ``K`` states over ``d`` features."""
         raise NotImplementedError
+
+    def online_move(self, stats, about, params):
+        """HMM statistics taken about the parameters ``about`` re-expressed about ``params``
+        (stepwise EM, :mod:`emflow.models.online`); default: they do not depend on them."""
+        return stats
 
     def sample(self, state: int, rng, params) -> np.ndarray:
         """One observation from ``state``, drawn as hmmlearn's ``_generate_sample_from_state``
@@ -224,6 +230,10 @@ class BaumWelch:
     def n_free(self, K: int, d: int) -> int:
         return n_free(K, d, self.emission)
 
+    def online_move(self, stats, about, p):
+        """Running statistics moved from ``about`` to ``p`` (the emission's :meth:`Emission.online_move`)."""
+        return self.emission.online_move(stats, about, p)
+
 
 # -- Gaussian and categorical emissions (the math of models/hmm.py) -------------------
 class GaussianEmissionStats(NamedTuple):
@@ -275,6 +285,10 @@ class GaussianEmission(Emission):
         else:
             s2 = gam.T @ (Xc * Xc)
         return GaussianEmissionStats(post, s1, s2)
+
+    def online_move(self, stats, about, params):
+        delta = H.shift_of(about) - H.shift_of(params)
+        return O.recenter(stats, delta, "post", "outer" if np.ndim(stats.s2) == 3 else "elementwise")
 
     def m_step(self, stats, params):
         # m_step_gaussian without "s"/"t" leaves the transitions as they are
