@@ -47,7 +47,7 @@ class LDAApplyMixin:
     def _family(self, alpha=None, random_doc_init: bool = False) -> M.LDAFamily:
         """The EM family; ``alpha`` defaults to the fitted prior (an estimated one too)."""
         alpha = _prior(self.doc_topic_prior_) if alpha is None else alpha
-        return M.LDAFamily(alpha, float(self.topic_word_prior_), int(self.max_doc_update_iter),
+        return M.LDAFamily(alpha, _prior(self.topic_word_prior_), int(self.max_doc_update_iter),
                            float(self.mean_change_tol), random_doc_init, bool(self.learn_doc_topic_prior))
 
     @property
@@ -127,7 +127,7 @@ class LDAApplyMixin:
         """(bound, total words, statistics) of the loaded corpus under ``params`` (ones initialisation)."""
         fam = self._family()
         stats = engine.map_reduce(_bound_part, loaded, params, fam, per_partition=partition_starts(loaded))
-        return M.bound(stats, params, fam.topic_word_prior), float(stats.n_words), stats
+        return M.bound(stats, params, fam.eta(params)), float(stats.n_words), stats
 
     def _bound_stats(self, data, whom: str, sub_sampling: bool = False) -> tuple[float, float]:
         """(bound, total words) of ``data`` under the fitted topics, scaled to ``total_samples``
@@ -143,7 +143,7 @@ class LDAApplyMixin:
                 loaded.release()
         if sub_sampling:
             ratio = float(self.total_samples) / float(stats.n_docs)
-            topic = M.topic_bound(params, float(self.topic_word_prior_))
+            topic = M.topic_bound(params, _prior(self.topic_word_prior_))
             return (bound - topic) * ratio + topic, words * ratio
         return bound, words
 

@@ -80,7 +80,7 @@ class LDAOnlineMixin:
     def _online_family(self) -> LDAOnlineFamily:
         alpha, eta = self._priors()
         return LDAOnlineFamily(alpha, eta, int(self.max_doc_update_iter), float(self.mean_change_tol),
-                               self.doc_topic_init == "random", False)
+                               self.doc_topic_init == "random", False, self._eta_mode())
 
     def _fit_online_loaded(self, engine: Engine, loaded: Loaded, callbacks, initial_params=None):
         """``max_iter`` passes of online variational Bayes; scikit-learn's perplexity check

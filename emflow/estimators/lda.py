@@ -25,6 +25,7 @@ from ..checks import MAX_SEED, check_choice, check_execution, check_int, check_r
 from ..errors import ConfigError, EmflowConvergenceWarning, ModelFormatError
 from ..execution.engine import Engine, Loaded
 from ..models import lda as M
+from ..models.lda_prior import TOPIC_WORD_PRIOR_MODES
 from ._lda_apply import LDAApplyMixin
 from .base import EMEstimator, Output
 from .em import EMResult, IterationEvent
@@ -101,6 +102,14 @@ class LatentDirichletAllocation(LDAOnlineMixin, LDAApplyMixin, ClassNamePrefixFe
         ``alpha="auto"`` aims at), starting from ``doc_topic_prior``. The statistic it needs
         (``sum_d E[log theta_d]``) comes from the same pass. ``doc_topic_prior_`` is then an
         array. scikit-learn has no such option; with False the prior stays fixed as there.
+    learn_topic_word_prior : {False, True, "symmetric", "asymmetric"}, default False
+        Also estimate the topic-word prior ``eta`` after each update of ``components_``:
+        the Dirichlet that maximises the bound's ``eta`` terms for the new topics (Newton's
+        method, Minka 2000), starting from ``topic_word_prior``. ``"symmetric"`` (or True):
+        one value for every term, ``topic_word_prior_`` a float; ``"asymmetric"``: one per
+        term, ``topic_word_prior_`` an array of shape (n_features,). In online learning and
+        ``partial_fit`` it is re-estimated after every mini-batch's update (those terms of
+        the bound depend on ``components_`` alone, so no step size is needed).
     scheduler : None, "threads", "local", address string or distributed.Client
         Where to run (see :mod:`emflow.execution.cluster`).
     persist : "auto", True or False, default "auto"
@@ -119,7 +128,7 @@ class LatentDirichletAllocation(LDAOnlineMixin, LDAApplyMixin, ClassNamePrefixFe
     exp_dirichlet_component_ : ndarray of shape (n_components, n_features)
         ``exp(E[log beta])``.
     doc_topic_prior_ : float, or ndarray of shape (n_components,) with ``learn_doc_topic_prior``
-    topic_word_prior_ : float
+    topic_word_prior_ : float, or ndarray of shape (n_features,) with ``learn_topic_word_prior="asymmetric"``
     n_iter_ : int
         EM iterations (passes) done (scikit-learn does not count the iteration whose check
         stopped it).
@@ -176,6 +185,7 @@ class LatentDirichletAllocation(LDAOnlineMixin, LDAApplyMixin, ClassNamePrefixFe
         random_state=None,
         doc_topic_init: str = "random",
         learn_doc_topic_prior: bool = False,
+        learn_topic_word_prior: bool | str = False,
         scheduler=None,
         persist="auto",
         split_every: int = 8,
@@ -199,6 +209,7 @@ class LatentDirichletAllocation(LDAOnlineMixin, LDAApplyMixin, ClassNamePrefixFe
         self.random_state = random_state
         self.doc_topic_init = doc_topic_init
         self.learn_doc_topic_prior = learn_doc_topic_prior
+        self.learn_topic_word_prior = learn_topic_word_prior
         self.scheduler = scheduler
         self.persist = persist
         self.split_every = split_every
@@ -222,11 +233,21 @@ class LatentDirichletAllocation(LDAOnlineMixin, LDAApplyMixin, ClassNamePrefixFe
         check_int("n_jobs", self.n_jobs, allow_none=True)
         if not isinstance(self.learn_doc_topic_prior, (bool, np.bool_)):
             raise ConfigError(f"learn_doc_topic_prior must be True or False, got {self.learn_doc_topic_prior!r}.")
+        self._eta_mode()
         check_choice("doc_topic_init", self.doc_topic_init, DOC_INITS)
         if self.learn_doc_topic_prior and self.learning_method == "online":
             raise ConfigError("learn_doc_topic_prior=True needs learning_method='batch' (online learning keeps "
                               "the document-topic prior fixed, as scikit-learn).")
         check_execution(self)
+
+    def _eta_mode(self) -> str | None:
+        """``learn_topic_word_prior`` as None, "symmetric" or "asymmetric" (ConfigError otherwise)."""
+        v = self.learn_topic_word_prior
+        if isinstance(v, (bool, np.bool_)):
+            return "symmetric" if v else None
+        if isinstance(v, str) and v in TOPIC_WORD_PRIOR_MODES:
+            return v
+        raise ConfigError(f"learn_topic_word_prior must be False, True, 'symmetric' or 'asymmetric', got {v!r}.")
 
     def _random_state(self) -> np.random.RandomState:
         """The RandomState drawing the initial topics (scikit-learn's, for an int seed or None)."""
@@ -285,7 +306,7 @@ class LatentDirichletAllocation(LDAOnlineMixin, LDAApplyMixin, ClassNamePrefixFe
     def _em_family(self) -> M.LDAFamily:
         alpha, eta = self._priors()
         return M.LDAFamily(alpha, eta, int(self.max_doc_update_iter), float(self.mean_change_tol),
-                           self.doc_topic_init == "random", bool(self.learn_doc_topic_prior))
+                           self.doc_topic_init == "random", bool(self.learn_doc_topic_prior), self._eta_mode())
 
     def _em_stop(self, loaded) -> M.PerplexityStop:
         return M.PerplexityStop(int(self.evaluate_every), float(self.perp_tol))
@@ -303,9 +324,9 @@ class LatentDirichletAllocation(LDAOnlineMixin, LDAApplyMixin, ClassNamePrefixFe
 
     def _check_start(self, params, loaded) -> M.LDAParams:
         K, V = int(self.n_components), loaded.data.n_terms
-        learned = None
+        learned = eta = None
         if isinstance(params, M.LDAParams):  # a checkpoint's parameters
-            params, learned = params.components, params.doc_topic_prior
+            params, learned, eta = params.components, params.doc_topic_prior, params.topic_word_prior
         lam = np.array(params, dtype=np.float64)
         if lam.shape != (K, V):
             raise ConfigError(f"initial_params has shape {lam.shape}; expected ({K}, {V}).")
@@ -313,16 +334,23 @@ class LatentDirichletAllocation(LDAOnlineMixin, LDAApplyMixin, ClassNamePrefixFe
             raise ConfigError("initial_params must be finite and > 0 (they are Dirichlet parameters).")
         if learned is not None and not self.learn_doc_topic_prior:
             raise ConfigError("initial_params holds an estimated doc_topic_prior but learn_doc_topic_prior is False.")
-        return M.make_params(lam, learned)
+        mode = self._eta_mode()
+        if eta is not None and (mode is None or np.shape(eta) != ((V,) if mode == "asymmetric" else ())):
+            raise ConfigError(f"initial_params holds an estimated topic_word_prior of shape {np.shape(eta)}, which "
+                              f"learn_topic_word_prior={self.learn_topic_word_prior!r} does not estimate.")
+        return M.make_params(lam, learned, eta)
 
     def _get_parameters(self) -> M.LDAParams:
         learned = self.doc_topic_prior_ if np.ndim(self.doc_topic_prior_) else None
-        return M.make_params(self.components_, learned)
+        eta = self.topic_word_prior_ if self._eta_mode() is not None else None
+        return M.make_params(self.components_, learned, eta)
 
     def _set_parameters(self, params: M.LDAParams) -> None:
         self.components_ = params.components
-        alpha, self.topic_word_prior_ = self._priors()
+        alpha, eta = self._priors()
         self.doc_topic_prior_ = alpha if params.doc_topic_prior is None else params.doc_topic_prior
+        eta = eta if params.topic_word_prior is None else params.topic_word_prior
+        self.topic_word_prior_ = np.asarray(eta) if np.ndim(eta) else float(eta)
 
     def param_spec(self):
         """``lambda`` positive (K x V free scalars); ``alpha`` learned only with
@@ -384,18 +412,20 @@ class LatentDirichletAllocation(LDAOnlineMixin, LDAApplyMixin, ClassNamePrefixFe
     def _array_spec(meta: dict) -> dict:
         """The arrays a saved LDA model holds: shapes and constraints (see store.RULES)."""
         K, V = int(meta["config"]["n_components"]), int(meta["fitted"]["n_features_in"])
-        return {"components": ((K, V), ["positive"]), "doc_topic_prior": ((K,), ["positive"], True)}
+        return {"components": ((K, V), ["positive"]), "doc_topic_prior": ((K,), ["positive"], True),
+                "topic_word_prior": ((V,), ["positive"], True)}
 
     def _arrays(self) -> dict[str, np.ndarray]:
         arrays = {"components": self.components_}
-        if np.ndim(self.doc_topic_prior_):
-            arrays["doc_topic_prior"] = np.asarray(self.doc_topic_prior_)
+        for name in ("doc_topic_prior", "topic_word_prior"):
+            if np.ndim(getattr(self, name + "_")):
+                arrays[name] = np.asarray(getattr(self, name + "_"))
         return arrays
 
     def _meta_extra(self) -> dict:
         return {"vocabulary": getattr(self, "vocabulary_", None), "lda": {
             "doc_topic_prior_": "array" if np.ndim(self.doc_topic_prior_) else self.doc_topic_prior_,
-            "topic_word_prior_": self.topic_word_prior_,
+            "topic_word_prior_": "array" if np.ndim(self.topic_word_prior_) else self.topic_word_prior_,
             "bound_": _finite_or_none(getattr(self, "bound_", None)),
             "n_batch_iter_": int(self.n_batch_iter_),
         }}
@@ -405,7 +435,8 @@ class LatentDirichletAllocation(LDAOnlineMixin, LDAApplyMixin, ClassNamePrefixFe
         self.components_ = arrays["components"]
         self.doc_topic_prior_ = (arrays["doc_topic_prior"] if "doc_topic_prior" in arrays
                                  else float(extra["doc_topic_prior_"]))
-        self.topic_word_prior_ = float(extra["topic_word_prior_"])
+        self.topic_word_prior_ = (arrays["topic_word_prior"] if "topic_word_prior" in arrays
+                                  else float(extra["topic_word_prior_"]))
         if extra.get("bound_") is not None:  # models saved before bound_ have none
             self.bound_ = float(extra["bound_"])
         if extra.get("n_batch_iter_") is not None:  # nor before online learning
@@ -414,7 +445,7 @@ class LatentDirichletAllocation(LDAOnlineMixin, LDAApplyMixin, ClassNamePrefixFe
     def _after_load(self, meta: dict) -> None:
         path = meta.get("_loaded_from", "?")
         if not (np.all(np.isfinite(self.doc_topic_prior_)) and np.all(np.asarray(self.doc_topic_prior_) > 0)
-                and np.isfinite(self.topic_word_prior_) and self.topic_word_prior_ > 0):
+                and np.all(np.isfinite(self.topic_word_prior_)) and np.all(np.asarray(self.topic_word_prior_) > 0)):
             raise ModelFormatError(f"The model at {path!r}: its priors are not positive and finite; "
                                    "the file is damaged. Refit or re-save it.")
         vocab = meta.get("vocabulary")

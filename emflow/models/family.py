@@ -279,7 +279,7 @@ def _gmm_derive(p):
 def _lda_derive(p):
     from .lda import make_params
 
-    return make_params(p.components, p.doc_topic_prior)
+    return make_params(p.components, p.doc_topic_prior, p.topic_word_prior)
 
 
 def gmm_spec() -> ParamSpec:
@@ -327,10 +327,10 @@ def lgssm_spec(em_vars=None, transition_covariance_type: str = "full",
 
 
 def lda_spec() -> ParamSpec:
-    """``LDAParams``: ``lambda`` positive, its Dirichlet expectations derived, ``alpha`` positive
-    when it is estimated (None: the fixed symmetric prior)."""
+    """``LDAParams``: ``lambda`` positive, its Dirichlet expectations derived, ``alpha`` and
+    ``eta`` positive when they are estimated (None: the fixed prior)."""
     return ParamSpec({"components": "positive", "elog_beta": "derived", "exp_elog_beta": "derived",
-                      "doc_topic_prior": "positive"}, _lda_derive)
+                      "doc_topic_prior": "positive", "topic_word_prior": "positive"}, _lda_derive)
 
 
 #: parameter type name -> spec with every field learnable (the estimator narrows it with its

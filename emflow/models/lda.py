@@ -25,12 +25,14 @@ from typing import NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
-from scipy.special import digamma, gammaln, logsumexp, polygamma
+from scipy.special import gammaln, logsumexp
+
+from .lda_prior import update_doc_topic_prior, update_topic_word_prior
 
 __all__ = [
     "LDAParams", "LDAStats", "psi", "dirichlet_expectation_2d", "make_params", "init_components",
     "doc_topic_init", "e_step", "m_step", "topic_bound", "bound", "transform", "update_doc_topic_prior",
-    "LDAFamily", "PerplexityStop", "perplexity",
+    "update_topic_word_prior", "LDAFamily", "PerplexityStop", "perplexity",
 ]
 
 EPS = np.finfo(np.float64).eps
@@ -50,12 +52,16 @@ class LDAParams(NamedTuple):
     doc_topic_prior : ndarray of shape (K,) or None
         The document-topic prior ``alpha`` when it is estimated (an asymmetric Dirichlet);
         None when it is the fixed, symmetric prior of the configuration.
+    topic_word_prior : ndarray of shape () or (V,), or None
+        The topic-word prior ``eta`` when it is estimated (symmetric: one value, shape ();
+        asymmetric: one per term); None when it is the fixed prior of the configuration.
     """
 
     components: np.ndarray
     elog_beta: np.ndarray
     exp_elog_beta: np.ndarray
     doc_topic_prior: np.ndarray | None = None
+    topic_word_prior: np.ndarray | None = None
 
 
 class LDAStats(NamedTuple):
@@ -116,11 +122,17 @@ def dirichlet_expectation_2d(arr: np.ndarray) -> np.ndarray:
     return psi(arr) - psi(arr.sum(axis=1))[:, None]
 
 
-def make_params(components: np.ndarray, doc_topic_prior: np.ndarray | None = None) -> LDAParams:
+def make_params(components: np.ndarray, doc_topic_prior: np.ndarray | None = None,
+                topic_word_prior: np.ndarray | None = None) -> LDAParams:
+    """:class:`LDAParams` of ``lambda`` (and the estimated priors, if any)."""
     lam = np.ascontiguousarray(components, dtype=np.float64)
     elog = dirichlet_expectation_2d(lam)
     alpha = None if doc_topic_prior is None else np.array(doc_topic_prior, dtype=np.float64).reshape(lam.shape[0])
-    return LDAParams(lam, elog, np.exp(elog), alpha)
+    eta = None
+    if topic_word_prior is not None:
+        eta = np.array(topic_word_prior, dtype=np.float64)
+        eta = eta if eta.ndim == 0 else eta.reshape(lam.shape[1])
+    return LDAParams(lam, elog, np.exp(elog), alpha, eta)
 
 
 def init_components(n_components: int, n_terms: int, random_state) -> np.ndarray:
@@ -308,23 +320,27 @@ def e_step(entries, indptr, params: LDAParams, alpha: float | np.ndarray, max_do
     return (st, gamma_all) if want_gamma else st
 
 
-def topic_bound(params: LDAParams, eta: float) -> float:
-    """``E[log p(beta | eta) - log q(beta | lambda)]``, summed over topics."""
+def topic_bound(params: LDAParams, eta) -> float:
+    """``E[log p(beta | eta) - log q(beta | lambda)]``, summed over topics (``eta``: a float,
+    or an array of shape (V,) for an asymmetric prior)."""
     V = params.components.shape[1]
     return _doc_bound(params.components, params.elog_beta, eta) if V else 0.0
 
 
-def bound(stats: LDAStats, params: LDAParams, eta: float) -> float:
+def bound(stats: LDAStats, params: LDAParams, eta) -> float:
     """The variational bound (scikit-learn's ``score``) of ``params`` on the pass's documents."""
     return float(stats.word_bound) + float(stats.doc_bound) + topic_bound(params, eta)
 
 
-def m_step(stats: LDAStats, params: LDAParams, eta: float, alpha=None) -> tuple[LDAParams, dict]:
+def m_step(stats: LDAStats, params: LDAParams, eta, alpha=None, learn_eta: str | None = None
+           ) -> tuple[LDAParams, dict]:
     """Batch update ``lambda = eta + sstats * exp(E[log beta])`` (old beta).
 
     With ``alpha`` (the document-topic prior the E-step used: a float or an array of shape
     (K,)), the prior is estimated too (:func:`update_doc_topic_prior`) and returned in the
     new parameters' ``doc_topic_prior``; otherwise the prior stays the configured one.
+    With ``learn_eta`` ("symmetric" or "asymmetric"), ``eta`` is then estimated for the new
+    ``lambda`` (:func:`update_topic_word_prior`) and returned in ``topic_word_prior``.
     """
     lam = eta + stats.sstats * params.exp_elog_beta
     report = {"n_words": float(stats.n_words), "n_docs": float(stats.n_docs)}
@@ -332,50 +348,18 @@ def m_step(stats: LDAStats, params: LDAParams, eta: float, alpha=None) -> tuple[
     if alpha is not None:
         new_alpha, steps = update_doc_topic_prior(alpha, stats.elog_theta_sum, float(stats.n_docs))
         report["doc_topic_prior_newton_steps"] = steps
-    return make_params(lam, new_alpha), report
+    return with_topic_word_prior(make_params(lam, new_alpha), eta, learn_eta, report), report
 
 
-def update_doc_topic_prior(alpha, elog_theta_sum: np.ndarray, n_docs: float, *, max_iter: int = 100,
-                           tol: float = 1e-12) -> tuple[np.ndarray, int]:
-    """The asymmetric Dirichlet prior that maximises the bound's ``alpha`` terms.
-
-    Maximises ``f(a) = N (log Gamma(sum a) - sum log Gamma(a_k)) + sum_k (a_k - 1) S_k``
-    (``S = elog_theta_sum``, ``N = n_docs``), which is concave, by Newton's method with the
-    Hessian's diagonal-plus-rank-one structure (Minka, "Estimating a Dirichlet
-    distribution", 2000); a step that would leave a component <= 0 is halved. Starts from
-    ``alpha`` (a float or an array of shape (K,)). Returns ``(alpha, Newton steps taken)``.
-    """
-    S = np.asarray(elog_theta_sum, dtype=np.float64)
-    a = np.broadcast_to(np.asarray(alpha, dtype=np.float64), S.shape).copy()
-    N = float(n_docs)
-    if not N > 0:
-        return a, 0
-
-    def f(x):
-        return N * (gammaln(x.sum()) - gammaln(x).sum()) + float(np.dot(x - 1.0, S))
-
-    fa = f(a)
-    for it in range(1, max_iter + 1):
-        g = N * (digamma(a.sum()) - digamma(a)) + S
-        q = -N * polygamma(1, a)
-        z = N * polygamma(1, a.sum())
-        b = np.sum(g / q) / (1.0 / z + np.sum(1.0 / q))
-        step = (g - b) / q  # H^-1 g for H = diag(q) + z 11^T
-        t = 1.0
-        while t >= 1e-10:  # the full step, or the largest halving that stays > 0 and ascends
-            new = a - t * step
-            if np.all(new > 0):
-                f_new = f(new)
-                if f_new >= fa - 1e-12 * abs(fa):
-                    break
-            t *= 0.5
-        else:
-            return a, it  # no ascending step left: at the maximum, to rounding
-        done = np.max(np.abs(new - a) / new) < tol
-        a, fa = new, f_new
-        if done:
-            return a, it
-    return a, max_iter
+def with_topic_word_prior(params: LDAParams, eta, learn_eta: str | None, report: dict | None = None) -> LDAParams:
+    """``params`` with ``eta`` estimated for its ``lambda`` (from ``eta``); unchanged when
+    ``learn_eta`` is None. Records the Newton steps in ``report``."""
+    if learn_eta is None:
+        return params
+    new_eta, steps = update_topic_word_prior(eta, params.elog_beta, learn_eta)
+    if report is not None:
+        report["topic_word_prior_newton_steps"] = steps
+    return params._replace(topic_word_prior=new_eta)
 
 
 def transform(entries, indptr, params: LDAParams, alpha: float | np.ndarray, max_doc_update_iter: int,
@@ -413,6 +397,9 @@ class LDAFamily:
         The per-document E-step's limits.
     random_doc_init : bool
     learn_doc_topic_prior : bool
+    learn_topic_word_prior : {None, "symmetric", "asymmetric"}
+        Estimate ``eta`` after each update of ``lambda`` (its estimate travels in the
+        parameters' ``topic_word_prior``, starting from ``topic_word_prior``).
     """
 
     doc_topic_prior: float
@@ -421,10 +408,15 @@ class LDAFamily:
     mean_change_tol: float
     random_doc_init: bool = True
     learn_doc_topic_prior: bool = False
+    learn_topic_word_prior: str | None = None
     takes_context = True
 
     def prior(self, params: LDAParams):
         return self.doc_topic_prior if params.doc_topic_prior is None else params.doc_topic_prior
+
+    def eta(self, params: LDAParams):
+        """The topic-word prior of ``params``: the estimate they carry, else the configured one."""
+        return self.topic_word_prior if params.topic_word_prior is None else params.topic_word_prior
 
     def e_step(self, entries, indptr, params: LDAParams, context) -> LDAStats:
         seed = (*np.atleast_1d(context.seed).tolist(), context.iteration) if self.random_doc_init else None
@@ -433,12 +425,12 @@ class LDAFamily:
 
     def objective(self, stats: LDAStats, params: LDAParams) -> float:
         n = float(stats.n_words)
-        return bound(stats, params, self.topic_word_prior) / n if n > 0 else math.nan
+        return bound(stats, params, self.eta(params)) / n if n > 0 else math.nan
 
     def m_step(self, stats: LDAStats, params: LDAParams):
         per_word = self.objective(stats, params)
         alpha = self.prior(params) if self.learn_doc_topic_prior else None
-        new, report = m_step(stats, params, self.topic_word_prior, alpha)
+        new, report = m_step(stats, params, self.eta(params), alpha, self.learn_topic_word_prior)
         return new, {**report, "perplexity": perplexity(per_word)}
 
 

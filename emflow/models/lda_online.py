@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .lda import LDAFamily, LDAParams, LDAStats, make_params
+from .lda import LDAFamily, LDAParams, LDAStats, make_params, with_topic_word_prior
 
 __all__ = ["LDAOnlineFamily"]
 
@@ -34,7 +34,8 @@ class LDAOnlineFamily(LDAFamily):
 
     def online_stats(self, stats: LDAStats, params: LDAParams, factor: float) -> np.ndarray:
         """The batch's ``lambda``: ``eta + factor * sstats * exp(E[log beta])`` (old beta)."""
-        return self.topic_word_prior + factor * (stats.sstats * params.exp_elog_beta)
+        return self.eta(params) + factor * (stats.sstats * params.exp_elog_beta)
 
     def online_m_step(self, lam: np.ndarray, params: LDAParams):
-        return make_params(lam), {}
+        report: dict = {}
+        return with_topic_word_prior(make_params(lam), self.eta(params), self.learn_topic_word_prior, report), report
