@@ -111,10 +111,10 @@ def test_baum_welch_over_the_gaussian_component_is_the_gaussian_m_step(ct):
     fam = BaumWelch(GaussianEmission(ct, pri, "stmc"), tpri, "stmc")
     st = fam.e_step(X, off, p)
     ref = H.e_step_gaussian(X, off, p)
-    for a, b in zip(st, ref):
-        np.testing.assert_array_equal(a, b)
+    for a, b in zip(st, ref):  # the Gaussian E-step is fused in the compiled kernel: equal to rounding
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
     ours, _ = fam.m_step(st, p)
-    theirs, _ = H.m_step_gaussian(ref, p, pri, tpri, "stmc")
+    theirs, _ = H.m_step_gaussian(st, p, pri, tpri, "stmc")
     for a, b in zip(ours[:-1], theirs[:-1]):
         np.testing.assert_array_equal(a, b)
     back = pickle.loads(pickle.dumps(fam))

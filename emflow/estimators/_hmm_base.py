@@ -13,7 +13,7 @@ import numpy as np
 from sklearn.utils import check_random_state as _legacy_random_state
 
 from ..storage import destinations as _dest
-from ._hmm_work import DECODER_ALGORITHMS, IMPLEMENTATIONS, ConvergenceMonitor, _posterior_part, _score_part
+from ._hmm_work import COMPUTE_DTYPES, DECODER_ALGORITHMS, IMPLEMENTATIONS, ConvergenceMonitor, _posterior_part, _score_part
 from ..checks import Choice, Int, Letters, Real, check_choice, check_int, check_random_state
 from ..execution.cluster import engine_for
 from ..storage.data import DEFAULT_PARTITION_BYTES, is_zarr_path
@@ -53,8 +53,11 @@ class _BaseHMM(OnlineEMMixin, EMEstimator):
     _allow_nan = False  # NaN marks a missing value (GaussianHMM(missing="marginalize"))
     _apply_emission = None  # emission of predict/score/decode (None: the parameters' default)
 
+    compute_dtype = "float64"  # a face whose emission can compute in float32 takes it as a parameter
+
     _param_rules = {"n_components": Int(1), "n_iter": Int(0), "n_init": Int(1), "tol": Real(0),
-                    "algorithm": Choice(*DECODER_ALGORITHMS), "implementation": Choice(*IMPLEMENTATIONS)}
+                    "algorithm": Choice(*DECODER_ALGORITHMS), "implementation": Choice(*IMPLEMENTATIONS),
+                    "compute_dtype": Choice(*COMPUTE_DTYPES)}
 
     def _validate_more(self):
         letters = Letters("st" + self._emission_letters)

@@ -26,6 +26,7 @@ KMEANS_TOL = 1e-4
 MAX_EMISSION_BYTES = 2**30
 IMPLEMENTATIONS = ("log", "scaling")
 DECODER_ALGORITHMS = ("viterbi", "map")
+COMPUTE_DTYPES = ("float64", "float32")
 
 
 
@@ -40,18 +41,28 @@ class GaussianHMMFamily:
     params: str
     scaling: bool = False
     missing: bool = False  # NaN marks a missing value (marginalised: emflow.models.hmm_missing)
+    compute_dtype: str = "float64"  # of the emission densities (statistics: float64)
+
+    def _emission(self, p):
+        if self.missing:
+            return MissingGaussianEmission.for_params(p)
+        return GaussianEmission(covariance_type=p.covariance_type, compute_dtype=self.compute_dtype)
 
     def e_step(self, values, offsets, p: H.GaussianHMMParams, link=None) -> H.GaussianHMMStats:
-        em = (MissingGaussianEmission if self.missing else GaussianEmission).for_params(p)
+        em = self._emission(p)
         if self.scaling:
             _check_scaling(values, p, emission=em)
         if link is not None:  # a slice of a sequence cut across partitions
             return HL.slice_e_step(values, p, em, link)
-        return _bw_e_step(values, offsets, p, em) if self.missing else H.e_step_gaussian(values, offsets, p)
+        if self.missing:
+            return _bw_e_step(values, offsets, p, em)
+        return H.e_step_gaussian(values, offsets, p, self.compute_dtype)
 
     @property
     def sweeps(self):
-        return HL.Sweeps(MissingGaussianEmission() if self.missing else None)
+        if self.missing:
+            return HL.Sweeps(MissingGaussianEmission())
+        return HL.Sweeps(GaussianEmission(compute_dtype=self.compute_dtype) if self.compute_dtype != "float64" else None)
 
     def m_step(self, stats: H.GaussianHMMStats, p: H.GaussianHMMParams):
         return H.m_step_gaussian(stats, p, self.priors, self.trans_priors, self.params)

@@ -216,6 +216,38 @@ def _one_sequence(B, rows, pi, A, alpha, scale, beta) -> None:
     beta[rows] = _hmmc.backward_scaling(pi, A, frames, sf) / sf[:, None]
 
 
+#: "auto": the compiled kernel (:mod:`emflow.models.hmm_kernel`) when numba imports, else
+#: NumPy; "numpy": never the kernel; "numba": the kernel, an ImportError without numba.
+KERNEL = "auto"
+
+
+def _kernel():
+    """The compiled kernel module, or ``None`` for the NumPy path."""
+    if KERNEL == "numpy":
+        return None
+    try:
+        from . import hmm_kernel
+    except (ImportError, RuntimeError):  # RuntimeError: numba found no writable cache directory
+        if KERNEL == "numba":
+            raise
+        return None
+    return hmm_kernel
+
+
+def _check_status(status: int) -> None:
+    """The kernel's status as the NumPy path's errors (``status`` names a row of the partition)."""
+    if status < 0:
+        raise FitFailedError(
+            f"Step {-status - 1} of the partition has zero probability under every state "
+            "(emission log-density -inf or NaN). Check the data, or the emission parameters you set."
+        )
+    if status > 0:
+        raise FitFailedError(
+            f"Step {status - 1} of the partition cannot be reached by any state path with "
+            "non-zero probability (the forward variable vanished). Check startprob_/transmat_ zeros."
+        )
+
+
 def forward_backward(log_b_tm: np.ndarray, layout: Layout, startprob: np.ndarray, transmat: np.ndarray,
                      *, want_trans: bool = True) -> FBResult:
     """Scaled forward-backward over every sequence of a partition at once.
@@ -414,7 +446,8 @@ def frame_log_prob(X: np.ndarray, params) -> np.ndarray:
 
 
 # -- E-steps (Baum-Welch over an emission component: emflow.models.hmm_emissions) -----
-def e_step_gaussian(values: np.ndarray, offsets: np.ndarray, params: GaussianHMMParams) -> GaussianHMMStats:
+def e_step_gaussian(values: np.ndarray, offsets: np.ndarray, params: GaussianHMMParams,
+                    compute_dtype: str = "float64") -> GaussianHMMStats:
     """Baum-Welch E-step over one partition of whole sequences.
 
     Parameters
@@ -423,6 +456,9 @@ def e_step_gaussian(values: np.ndarray, offsets: np.ndarray, params: GaussianHMM
     offsets : ndarray of shape (S + 1,)
         Partition-local offsets (``offsets[0] == 0``).
     params : GaussianHMMParams
+    compute_dtype : {"float64", "float32"}, default "float64"
+        Precision of the emission log-densities; the recursions and the statistics are
+        float64 either way.
 
     Returns
     -------
@@ -431,7 +467,21 @@ def e_step_gaussian(values: np.ndarray, offsets: np.ndarray, params: GaussianHMM
     """
     from .hmm_emissions import GaussianEmission, e_step
 
-    return e_step(values, offsets, params, GaussianEmission.for_params(params))
+    em = GaussianEmission(covariance_type=params.covariance_type, compute_dtype=compute_dtype)
+    kern = _kernel()
+    if kern is None:
+        return e_step(values, offsets, params, em)
+    g = shift_of(params)
+    ct = params.covariance_type
+    pc = _precisions_cholesky(np.asarray(params.covars, dtype=np.float64), ct)
+    Xc = em.observations(values, params) - g
+    status, ll, start, trans, post, s1, s2 = kern.gaussian_e_step(
+        Xc, offsets, params.startprob, params.transmat, np.asarray(params.means, dtype=np.float64) - g, pc, ct,
+        np.dtype(compute_dtype))
+    _check_status(status)
+    one = np.asarray
+    return GaussianHMMStats(start, trans, post, s1, s2, one(float(ll.sum())), one(float(len(ll))),
+                            one(float(len(Xc))))
 
 
 def e_step_categorical(values: np.ndarray, offsets: np.ndarray, params: CategoricalHMMParams) -> CategoricalHMMStats:

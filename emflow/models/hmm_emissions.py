@@ -147,6 +147,16 @@ def e_step(values, offsets, params, emission: Emission):
     -------
     emission.stats_type
     """
+    kern = H._kernel()
+    if kern is not None:  # compiled recursions, rows in their own order (no time-major layout)
+        X = emission.observations(values, params)
+        log_b, cache = emission.log_likelihood_and_cache(X, params)
+        status, loglik, gamma, start, trans = kern.forward_backward(log_b, offsets, params.startprob,
+                                                                    params.transmat)
+        H._check_status(status)
+        em = emission.stats(X, gamma, params, cache)
+        return emission.stats_type(start, trans, *em, _scalar(loglik.sum()), _scalar(len(loglik)),
+                                   _scalar(len(X)))
     layout = H.Layout(offsets)
     X = emission.observations(values, params)[layout.perm]
     log_b, cache = emission.log_likelihood_and_cache(X, params)
@@ -254,6 +264,8 @@ class GaussianEmission(Emission):
     priors : GaussianPriors
     params : str
         hmmlearn's letters to learn; this component reads "m" and "c".
+    compute_dtype : {"float64", "float32"}
+        Precision of the log-density arithmetic (the result, and every statistic, is float64).
     """
 
     params_type: ClassVar[type] = H.GaussianHMMParams
@@ -263,12 +275,15 @@ class GaussianEmission(Emission):
     covariance_type: str = "diag"
     priors: H.GaussianPriors = field(default_factory=H.GaussianPriors)
     params: str = "mc"
+    compute_dtype: str = "float64"
 
     @classmethod
     def for_params(cls, params) -> "GaussianEmission":
         return cls(covariance_type=params.covariance_type)
 
     def log_likelihood(self, X, params):
+        if self.compute_dtype == "float32":
+            return _gaussian_log_prob_f32(X, params)
         return H.gaussian_log_prob(X, params)
 
     def stats(self, X, posteriors, params, cache=None):
@@ -316,6 +331,27 @@ class GaussianEmission(Emission):
             if idx.any():
                 X[idx] = means[k] + Z[idx] @ np.linalg.cholesky(full[k]).T
         return X
+
+
+def _gaussian_log_prob_f32(X, params) -> np.ndarray:
+    """``log N(x_t | mu_k, Sigma_k)`` with the quadratic forms in float32 (NumPy; the
+    compiled E-step does the same per step): ndarray of shape (n, K), float64."""
+    g = H.shift_of(params)
+    ct = params.covariance_type
+    K, d = np.shape(params.means)
+    pc = H._precisions_cholesky(np.asarray(params.covars, dtype=np.float64), ct)
+    diff = (np.asarray(X, dtype=np.float64) - g).astype(np.float32)[:, None, :] \
+        - (np.asarray(params.means, dtype=np.float64) - g).astype(np.float32)
+    if ct in ("full", "tied"):
+        P = np.broadcast_to(pc, (K, d, d)).astype(np.float32)
+        y = np.einsum("nki,kij->nkj", diff, P)
+        logdet = np.log(np.diagonal(np.broadcast_to(pc, (K, d, d)), axis1=1, axis2=2)).sum(axis=1)
+    else:
+        pd = np.broadcast_to(pc[:, None] if ct == "spherical" else pc, (K, d))
+        y = diff * pd.astype(np.float32)
+        logdet = np.log(pd).sum(axis=1)
+    q = (y * y).sum(axis=2, dtype=np.float32).astype(np.float64)
+    return logdet - 0.5 * d * np.log(2.0 * np.pi) - 0.5 * q
 
 
 class CategoricalEmissionStats(NamedTuple):
