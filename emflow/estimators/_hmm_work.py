@@ -54,8 +54,10 @@ class GaussianHMMFamily:
             _check_scaling(values, p, emission=em)
         if link is not None:  # a slice of a sequence cut across partitions
             return HL.slice_e_step(values, p, em, link)
-        if self.missing:
+        if self.missing and np.isnan(values).any():
             return _bw_e_step(values, offsets, p, em)
+        # a partition without NaN takes the complete-data path (the compiled kernel), so a
+        # fit with missing="marginalize" on complete data is the complete-data fit exactly
         return H.e_step_gaussian(values, offsets, p, self.compute_dtype)
 
     @property
