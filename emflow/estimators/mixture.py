@@ -308,7 +308,7 @@ class GaussianMixture(OnlineEMMixin, MissingValuesMixin, EMEstimator):
     def fit(self, data, y=None, sample_weight=None, *, method: str = "batch",
             callbacks: Iterable[Callable[[IterationEvent], None]] = (),
             initial_params: G.GMMParams | None = None, history: list[float] | None = None,
-            **online) -> "GaussianMixture":
+            sample_dims=None, feature_dim=None, **online) -> "GaussianMixture":
         """Fit the mixture by EM.
 
         Parameters
@@ -316,6 +316,9 @@ class GaussianMixture(OnlineEMMixin, MissingValuesMixin, EMEstimator):
         data : str, PathLike, zarr.Array, dask.array.Array or array-like of shape (n_samples, n_features)
             Zarr path or URL (an array, or a group holding one), opened Zarr array, Dask
             array or in-memory array.
+            Or an xarray ``DataArray`` / ``Dataset`` (in memory or Dask-backed): its
+            ``sample_dims`` are stacked into rows; predict, predict_proba and score_samples
+            then return xarray objects on the same grid.
         y : ignored
         sample_weight : array-like of shape (n_samples,), Zarr path, array name, or None
             Non-negative weight per row (a weight of 2 counts a row twice). A bare name
@@ -328,6 +331,10 @@ class GaussianMixture(OnlineEMMixin, MissingValuesMixin, EMEstimator):
             already recorded in ``history`` (``n_init`` must be 1).
         method : {"batch", "online"}, default "batch"
             ``"online"``: stepwise EM in mini-batches (:mod:`emflow.estimators.online`).
+        sample_dims : str or sequence of str, optional
+            With xarray data: the dimensions stacked into rows (default: all but ``feature_dim``).
+        feature_dim : str, optional
+            With a DataArray: its feature dimension (a Dataset's features are its variables).
         **online
             With ``method="online"``: ``batch_size``, ``learning_decay``, ``learning_offset``,
             ``polyak``, ``n_passes``, ``shuffle`` (:class:`~emflow.estimators.online.OnlineSchedule`).
@@ -337,8 +344,10 @@ class GaussianMixture(OnlineEMMixin, MissingValuesMixin, EMEstimator):
         self
         """
         if check_online_call(method, online):
+            data, _ = self._xarray_rows(data, sample_dims, feature_dim, fitting=True)
             return self._fit_online(data, y, sample_weight, callbacks=callbacks, **online)
-        return self._fit(data, sample_weight, callbacks=callbacks, initial_params=initial_params, history=history)
+        return self._fit(data, sample_weight, callbacks=callbacks, initial_params=initial_params, history=history,
+                         sample_dims=sample_dims, feature_dim=feature_dim)
 
     def partial_fit(self, X, y=None, sample_weight=None, **online):  # scikit-learn's signature
         return super().partial_fit(X, y, sample_weight, **online)
@@ -405,7 +414,18 @@ class GaussianMixture(OnlineEMMixin, MissingValuesMixin, EMEstimator):
             )
 
     def _apply(self, data, kind: str, out=None, overwrite: bool = False):
+        """Output ``kind`` of ``data``; on an xarray object's grid when given one (without ``out``)."""
         self._check_fitted()
+        data, template = self._xarray_rows(data)
+        result = self._apply_rows(data, kind, out, overwrite)
+        if template is None or out is not None:
+            return result
+        from ..storage.xarray_io import from_rows
+
+        names = {"labels": "label", "proba": "proba", "score": "log_likelihood", "impute": "imputed"}
+        return from_rows(result, template, names[kind], {"proba": "component", "impute": "feature"}.get(kind))
+
+    def _apply_rows(self, data, kind: str, out=None, overwrite: bool = False):
         if out is not None:  # refuse before any work: nothing is replaced unasked
             _dest.check_destination(out, "output", overwrite=overwrite, inputs=_dest.output_inputs(self, data))
         import dask.array as da
