@@ -13,6 +13,7 @@ from ..storage import destinations as _dest
 from ..checks import Choice, Flag, Int, Real
 from ..execution.cluster import engine_for
 from ..storage.data import is_zarr_path
+from ..storage.xarray_io import on_grid
 from .em import IterationEvent
 from ..execution.engine import Engine, Loaded, sample_rows
 from ..errors import ConfigError, DegenerateComponentWarning, FeatureMismatchError
@@ -316,9 +317,8 @@ class GaussianMixture(OnlineEMMixin, MissingValuesMixin, EMEstimator):
         data : str, PathLike, zarr.Array, dask.array.Array or array-like of shape (n_samples, n_features)
             Zarr path or URL (an array, or a group holding one), opened Zarr array, Dask
             array or in-memory array.
-            Or an xarray ``DataArray`` / ``Dataset`` (in memory or Dask-backed): its
-            ``sample_dims`` are stacked into rows; predict, predict_proba and score_samples
-            then return xarray objects on the same grid.
+            Or an xarray ``DataArray`` / ``Dataset`` (in memory or Dask-backed), whose
+            ``sample_dims`` become rows; predictions on xarray come back on its grid.
         y : ignored
         sample_weight : array-like of shape (n_samples,), Zarr path, array name, or None
             Non-negative weight per row (a weight of 2 counts a row twice). A bare name
@@ -331,10 +331,8 @@ class GaussianMixture(OnlineEMMixin, MissingValuesMixin, EMEstimator):
             already recorded in ``history`` (``n_init`` must be 1).
         method : {"batch", "online"}, default "batch"
             ``"online"``: stepwise EM in mini-batches (:mod:`emflow.estimators.online`).
-        sample_dims : str or sequence of str, optional
-            With xarray data: the dimensions stacked into rows (default: all but ``feature_dim``).
-        feature_dim : str, optional
-            With a DataArray: its feature dimension (a Dataset's features are its variables).
+        sample_dims, feature_dim : xarray data's row dimensions (default: all but ``feature_dim``)
+            and a DataArray's feature dimension (a Dataset's features are its variables).
         **online
             With ``method="online"``: ``batch_size``, ``learning_decay``, ``learning_offset``,
             ``polyak``, ``n_passes``, ``shuffle`` (:class:`~emflow.estimators.online.OnlineSchedule`).
@@ -417,13 +415,7 @@ class GaussianMixture(OnlineEMMixin, MissingValuesMixin, EMEstimator):
         """Output ``kind`` of ``data``; on an xarray object's grid when given one (without ``out``)."""
         self._check_fitted()
         data, template = self._xarray_rows(data)
-        result = self._apply_rows(data, kind, out, overwrite)
-        if template is None or out is not None:
-            return result
-        from ..storage.xarray_io import from_rows
-
-        names = {"labels": "label", "proba": "proba", "score": "log_likelihood", "impute": "imputed"}
-        return from_rows(result, template, names[kind], {"proba": "component", "impute": "feature"}.get(kind))
+        return on_grid(self._apply_rows(data, kind, out, overwrite), template, kind, out)
 
     def _apply_rows(self, data, kind: str, out=None, overwrite: bool = False):
         if out is not None:  # refuse before any work: nothing is replaced unasked

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import DataError
 
-__all__ = ["is_xarray", "to_rows", "from_rows", "RowsTemplate"]
+__all__ = ["is_xarray", "to_rows", "from_rows", "on_grid", "RowsTemplate"]
 
 
 def is_xarray(obj) -> bool:
@@ -154,3 +154,17 @@ def from_rows(values, template: RowsTemplate, name: str, extra_dim: str | None =
         dims, shape = (*dims, extra_dim), (*shape, k)
         coords[extra_dim] = np.arange(k)
     return xr.DataArray(values.reshape(shape), dims=dims, coords=coords, name=name)
+
+
+# a mixture output's name on the grid, and the name of its second axis
+_OUTPUT_NAMES = {"labels": ("label", None), "proba": ("proba", "component"), "score": ("log_likelihood", None),
+                 "impute": ("imputed", "feature")}
+
+
+def on_grid(result, template: RowsTemplate | None, kind: str, out=None):
+    """A per-row output ``kind`` of a mixture (labels, proba, score, impute) on the grid of
+    ``template``; unchanged when the input was not xarray or the output went to Zarr (``out``)."""
+    if template is None or out is not None:
+        return result
+    name, extra = _OUTPUT_NAMES[kind]
+    return from_rows(result, template, name, extra)
