@@ -69,6 +69,7 @@ def test_dataarray_fit_equals_rows_fit(cube, cls):
     score = est.score_samples(arr)
     assert score.dims == ("time", "lat", "lon") and score.name == "log_likelihood"
     np.testing.assert_array_equal(score.values.reshape(-1), ref.score_samples(rows))
+    assert est.score(arr) == ref.score(rows) and est.bic(arr) == ref.bic(rows)
 
 
 def test_dask_dataarray_and_dataset(cube):

@@ -412,9 +412,8 @@ class GaussianMixture(OnlineEMMixin, MissingValuesMixin, EMEstimator):
             )
 
     def _apply(self, data, kind: str, out=None, overwrite: bool = False):
-        """Output ``kind`` of ``data``; on an xarray object's grid when given one (without ``out``)."""
         self._check_fitted()
-        data, template = self._xarray_rows(data)
+        data, template = self._xarray_rows(data)  # outputs of an xarray object come back on its grid
         return on_grid(self._apply_rows(data, kind, out, overwrite), template, kind, out)
 
     def _apply_rows(self, data, kind: str, out=None, overwrite: bool = False):
@@ -489,6 +488,7 @@ class GaussianMixture(OnlineEMMixin, MissingValuesMixin, EMEstimator):
 
     def _loglik_total(self, data, sample_weight=None) -> tuple[float, float, float]:
         self._check_fitted()
+        data, _ = self._xarray_rows(data)
         with engine_for(self.scheduler, split_every=self.split_every) as engine:
             loaded = engine.open(data, sample_weight, persist=False, **self._partitioning(),
                                  allow_nan=self._marginalize)
