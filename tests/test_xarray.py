@@ -136,3 +136,10 @@ def test_bad_input(cube):
         fitted.predict(ds[["t2m", "u10"]])
     with pytest.raises(DataError, match="sequences"):
         emflow.GaussianHMM(n_components=2).fit(arr)
+
+
+def test_out_writes_rows_to_zarr(cube, tmp_path):
+    arr, rows = cube
+    est = _gmm().fit(arr, feature_dim="variable")
+    written = est.predict(arr.chunk({"time": 2}), out=tmp_path / "labels.zarr")
+    np.testing.assert_array_equal(written[:], est.predict(rows))  # one row per grid point, C order
