@@ -371,18 +371,21 @@ class BayesianGaussianMixture(GaussianMixture):
 
     def fit(self, data, y=None, sample_weight=None, *, callbacks: Iterable[Callable[[IterationEvent], None]] = (),
             initial_params: B.BGMMParams | None = None,
-            history: list[float] | None = None) -> "BayesianGaussianMixture":
+            history: list[float] | None = None, sample_dims=None,
+            feature_dim=None) -> "BayesianGaussianMixture":
         """Fit the variational posterior (coordinate ascent on scikit-learn's lower bound).
 
         Parameters are :meth:`GaussianMixture.fit`'s: ``data`` (Zarr path or URL, Zarr,
         Dask or in-memory array), ``sample_weight`` (a row of weight 2 counts twice;
-        scikit-learn has none), ``callbacks``, and ``initial_params``/``history`` to resume.
+        scikit-learn has none), ``callbacks``, ``initial_params``/``history`` to resume,
+        and ``sample_dims``/``feature_dim`` for an xarray ``DataArray`` or ``Dataset``.
 
         Returns
         -------
         self
         """
-        return self._fit(data, sample_weight, callbacks=callbacks, initial_params=initial_params, history=history)
+        return self._fit(data, sample_weight, callbacks=callbacks, initial_params=initial_params, history=history,
+                         sample_dims=sample_dims, feature_dim=feature_dim)
 
     def _em_family(self) -> BGMMFamily:
         return BGMMFamily(self.covariance_type, float(self.reg_covar), self._priors, self.compute_dtype)

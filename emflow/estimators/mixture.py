@@ -13,6 +13,7 @@ from ..storage import destinations as _dest
 from ..checks import Choice, Flag, Int, Real
 from ..execution.cluster import engine_for
 from ..storage.data import is_zarr_path
+from ..storage.xarray_io import on_grid
 from .em import IterationEvent
 from ..execution.engine import Engine, Loaded, sample_rows
 from ..errors import ConfigError, DegenerateComponentWarning, FeatureMismatchError
@@ -308,7 +309,7 @@ class GaussianMixture(OnlineEMMixin, MissingValuesMixin, EMEstimator):
     def fit(self, data, y=None, sample_weight=None, *, method: str = "batch",
             callbacks: Iterable[Callable[[IterationEvent], None]] = (),
             initial_params: G.GMMParams | None = None, history: list[float] | None = None,
-            **online) -> "GaussianMixture":
+            sample_dims=None, feature_dim=None, **online) -> "GaussianMixture":
         """Fit the mixture by EM.
 
         Parameters
@@ -316,6 +317,8 @@ class GaussianMixture(OnlineEMMixin, MissingValuesMixin, EMEstimator):
         data : str, PathLike, zarr.Array, dask.array.Array or array-like of shape (n_samples, n_features)
             Zarr path or URL (an array, or a group holding one), opened Zarr array, Dask
             array or in-memory array.
+            Or an xarray ``DataArray`` / ``Dataset`` (in memory or Dask-backed), whose
+            ``sample_dims`` become rows; predictions on xarray come back on its grid.
         y : ignored
         sample_weight : array-like of shape (n_samples,), Zarr path, array name, or None
             Non-negative weight per row (a weight of 2 counts a row twice). A bare name
@@ -328,6 +331,8 @@ class GaussianMixture(OnlineEMMixin, MissingValuesMixin, EMEstimator):
             already recorded in ``history`` (``n_init`` must be 1).
         method : {"batch", "online"}, default "batch"
             ``"online"``: stepwise EM in mini-batches (:mod:`emflow.estimators.online`).
+        sample_dims, feature_dim : xarray data's row dimensions (default: all but ``feature_dim``)
+            and a DataArray's feature dimension (a Dataset's features are its variables).
         **online
             With ``method="online"``: ``batch_size``, ``learning_decay``, ``learning_offset``,
             ``polyak``, ``n_passes``, ``shuffle`` (:class:`~emflow.estimators.online.OnlineSchedule`).
@@ -337,8 +342,10 @@ class GaussianMixture(OnlineEMMixin, MissingValuesMixin, EMEstimator):
         self
         """
         if check_online_call(method, online):
+            data, _ = self._xarray_rows(data, sample_dims, feature_dim, fitting=True)
             return self._fit_online(data, y, sample_weight, callbacks=callbacks, **online)
-        return self._fit(data, sample_weight, callbacks=callbacks, initial_params=initial_params, history=history)
+        return self._fit(data, sample_weight, callbacks=callbacks, initial_params=initial_params, history=history,
+                         sample_dims=sample_dims, feature_dim=feature_dim)
 
     def partial_fit(self, X, y=None, sample_weight=None, **online):  # scikit-learn's signature
         return super().partial_fit(X, y, sample_weight, **online)
@@ -406,6 +413,10 @@ class GaussianMixture(OnlineEMMixin, MissingValuesMixin, EMEstimator):
 
     def _apply(self, data, kind: str, out=None, overwrite: bool = False):
         self._check_fitted()
+        data, template = self._xarray_rows(data)  # outputs of an xarray object come back on its grid
+        return on_grid(self._apply_rows(data, kind, out, overwrite), template, kind, out)
+
+    def _apply_rows(self, data, kind: str, out=None, overwrite: bool = False):
         if out is not None:  # refuse before any work: nothing is replaced unasked
             _dest.check_destination(out, "output", overwrite=overwrite, inputs=_dest.output_inputs(self, data))
         import dask.array as da
@@ -477,6 +488,7 @@ class GaussianMixture(OnlineEMMixin, MissingValuesMixin, EMEstimator):
 
     def _loglik_total(self, data, sample_weight=None) -> tuple[float, float, float]:
         self._check_fitted()
+        data, _ = self._xarray_rows(data)
         with engine_for(self.scheduler, split_every=self.split_every) as engine:
             loaded = engine.open(data, sample_weight, persist=False, **self._partitioning(),
                                  allow_nan=self._marginalize)

@@ -1,0 +1,145 @@
+"""xarray DataArray / Dataset in and out of the row families (emflow.storage.xarray_io)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+xr = pytest.importorskip("xarray")
+da = pytest.importorskip("dask.array")
+
+import emflow  # noqa: E402
+from emflow.errors import DataError  # noqa: E402
+from emflow.storage.xarray_io import from_rows, to_rows  # noqa: E402
+
+T, Y, X, D = 6, 5, 4, 3
+
+
+@pytest.fixture(scope="module")
+def cube():
+    """A (time, lat, lon, variable) DataArray with two clusters, and its rows in C order."""
+    rng = np.random.default_rng(0)
+    vals = rng.normal(0, 1, (T, Y, X, D))
+    vals[:, :, 2:] += 4.0
+    arr = xr.DataArray(vals, dims=("time", "lat", "lon", "variable"),
+                       coords={"time": np.arange(T) * 10, "lat": np.linspace(-10, 10, Y),
+                               "lon": np.linspace(0, 30, X), "variable": ["t2m", "u10", "v10"]}, name="cube")
+    return arr, vals.reshape(-1, D)
+
+
+def _gmm(cls=emflow.GaussianMixture):
+    return cls(n_components=2, random_state=0, tol=1e-6, max_iter=50)
+
+
+def _same_fit(a, b):
+    np.testing.assert_array_equal(a.means_, b.means_)
+    np.testing.assert_array_equal(a.covariances_, b.covariances_)
+    np.testing.assert_array_equal(a.weights_, b.weights_)
+    assert a.lower_bound_ == b.lower_bound_ and a.n_iter_ == b.n_iter_
+
+
+def test_rows_round_trip(cube):
+    arr, rows = cube
+    got, tpl = to_rows(arr, feature_dim="variable")
+    np.testing.assert_array_equal(got, rows)
+    assert tpl.sample_dims == ("time", "lat", "lon") and tpl.shape == (T, Y, X)
+    back = from_rows(got[:, 0], tpl, "first")
+    xr.testing.assert_equal(back, arr.isel(variable=0, drop=True).rename("first"))
+    # other stacking order: lon fastest -> time fastest
+    got2, tpl2 = to_rows(arr, sample_dims=("lon", "lat", "time"), feature_dim="variable")
+    np.testing.assert_array_equal(got2, arr.transpose("lon", "lat", "time", "variable").values.reshape(-1, D))
+    xr.testing.assert_equal(from_rows(got2[:, 1], tpl2, "u").transpose("time", "lat", "lon"),
+                            arr.sel(variable="u10", drop=True).rename("u"))
+
+
+@pytest.mark.parametrize("cls", [emflow.GaussianMixture, emflow.BayesianGaussianMixture])
+def test_dataarray_fit_equals_rows_fit(cube, cls):
+    arr, rows = cube
+    ref = _gmm(cls).fit(rows)
+    est = _gmm(cls).fit(arr, feature_dim="variable")
+    _same_fit(est, ref)
+    labels = est.predict(arr)
+    assert isinstance(labels, xr.DataArray) and labels.dims == ("time", "lat", "lon")
+    np.testing.assert_array_equal(labels.values.reshape(-1), ref.predict(rows))
+    for d in ("time", "lat", "lon"):
+        np.testing.assert_array_equal(labels[d].values, arr[d].values)
+    proba = est.predict_proba(arr)
+    assert proba.dims == ("time", "lat", "lon", "component") and proba.sizes["component"] == 2
+    np.testing.assert_array_equal(proba.values.reshape(-1, 2), ref.predict_proba(rows))
+    score = est.score_samples(arr)
+    assert score.dims == ("time", "lat", "lon") and score.name == "log_likelihood"
+    np.testing.assert_array_equal(score.values.reshape(-1), ref.score_samples(rows))
+    assert est.score(arr) == ref.score(rows) and est.bic(arr) == ref.bic(rows)
+
+
+def test_dask_dataarray_and_dataset(cube):
+    arr, rows = cube
+    chunked = arr.chunk({"time": 2, "variable": -1})
+    got, _ = to_rows(chunked, feature_dim="variable")
+    assert isinstance(got, da.Array)  # lazy: nothing read on the client
+    ref = _gmm().fit(da.from_array(rows, chunks=got.chunks))
+    est = _gmm().fit(chunked, feature_dim="variable")
+    _same_fit(est, ref)
+    np.testing.assert_array_equal(est.predict(chunked).values.reshape(-1), ref.predict(rows))
+
+    ds = arr.to_dataset(dim="variable")
+    ref_mem = _gmm().fit(rows)
+    est_ds = _gmm().fit(ds)  # features: the variables, sample dims: every dimension
+    _same_fit(est_ds, ref_mem)
+    ds_lazy = ds.chunk({"time": 2})
+    rows_lazy, tpl = to_rows(ds_lazy)
+    assert isinstance(rows_lazy, da.Array) and tpl.features == ("t2m", "u10", "v10")
+    np.testing.assert_array_equal(rows_lazy.compute(), rows)
+    _same_fit(_gmm().fit(ds_lazy), _gmm().fit(da.from_array(rows, chunks=rows_lazy.chunks)))
+    # prediction takes the fitted variables in the fitted order
+    lab = est_ds.predict(ds[["v10", "t2m", "u10"]])
+    np.testing.assert_array_equal(lab.values.reshape(-1), ref_mem.predict(rows))
+    assert lab.dims == ("time", "lat", "lon")
+
+
+def test_nan_follows_missing_option(cube):
+    arr, rows = cube
+    holes = arr.copy()
+    holes[0, 0, 0, 1] = np.nan
+    with pytest.raises(emflow.NonFiniteDataError):
+        _gmm().fit(holes, feature_dim="variable")
+    rows_h = rows.copy()
+    rows_h[0, 1] = np.nan
+    est = emflow.GaussianMixture(n_components=2, random_state=0, max_iter=5, missing="marginalize")
+    ref = emflow.GaussianMixture(n_components=2, random_state=0, max_iter=5, missing="marginalize")
+    _same_fit(est.fit(holes, feature_dim="variable"), ref.fit(rows_h))
+
+
+def test_bad_input(cube):
+    arr, _ = cube
+    est = _gmm()
+    with pytest.raises(DataError, match="feature_dim='band'"):
+        est.fit(arr, feature_dim="band")
+    with pytest.raises(DataError, match="'depth'"):
+        est.fit(arr, sample_dims=("time", "depth"), feature_dim="variable")
+    with pytest.raises(DataError, match=r"\['lon'\].*sample_dims"):
+        est.fit(arr, sample_dims=("time", "lat"), feature_dim="variable")
+    with pytest.raises(DataError, match="needs feature_dim"):
+        est.fit(arr)
+    with pytest.raises(DataError, match=r"'variable' is split into 3 chunks.*chunk\(\{'variable': -1\}\)"):
+        est.fit(arr.chunk({"variable": 1}), feature_dim="variable")
+    with pytest.raises(DataError, match="not numeric"):
+        est.fit(arr.astype(str), feature_dim="variable")
+    ds = arr.to_dataset(dim="variable")
+    ds["name"] = ds["t2m"].astype(str)
+    with pytest.raises(DataError, match="Variable 'name'.*not numeric"):
+        est.fit(ds)
+    with pytest.raises(DataError, match="Dataset"):
+        est.fit(ds[["t2m"]], feature_dim="variable")
+    fitted = _gmm().fit(arr.to_dataset(dim="variable"))
+    with pytest.raises(DataError, match=r"no variable\(s\) \['v10'\]"):
+        fitted.predict(ds[["t2m", "u10"]])
+    with pytest.raises(DataError, match="sequences"):
+        emflow.GaussianHMM(n_components=2).fit(arr)
+
+
+def test_out_writes_rows_to_zarr(cube, tmp_path):
+    arr, rows = cube
+    est = _gmm().fit(arr, feature_dim="variable")
+    written = est.predict(arr.chunk({"time": 2}), out=tmp_path / "labels.zarr")
+    np.testing.assert_array_equal(written[:], est.predict(rows))  # one row per grid point, C order
