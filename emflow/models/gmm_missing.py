@@ -166,17 +166,33 @@ def _finish(s, lse, w):
         s.n_rows[...] = float(len(lse))
 
 
-def _inverse_from_cholesky(L: np.ndarray) -> np.ndarray:
-    """``(L L^T)^{-1}`` for a stack of lower Cholesky factors (..., t, t): forward substitution
-    one row at a time across the whole stack (LAPACK's per-matrix overhead would dominate
-    for the many small matrices here)."""
-    t = L.shape[-1]
+def _factor_inverse(A: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``log det A`` (...,) and ``A^{-1}`` (..., t, t) for a stack of small symmetric positive
+    definite matrices (..., t, t): Cholesky and forward substitution written over the whole
+    stack, entry by entry, on contiguous (N,) vectors (LAPACK's per-matrix overhead, or a
+    strided einsum, would dominate for the many tiny matrices here)."""
+    t = A.shape[-1]
+    lead = A.shape[:-2]
+    At = np.ascontiguousarray(np.moveaxis(A.reshape(-1, t, t), 0, -1))  # (t, t, N)
+    L = np.zeros_like(At)
+    for j in range(t):
+        v = At[j, j] - np.einsum("kn,kn->n", L[j, :j], L[j, :j]) if j else At[j, j].copy()
+        if np.any(v <= 0.0):
+            raise np.linalg.LinAlgError("Matrix is not positive definite")
+        L[j, j] = np.sqrt(v)
+        for i in range(j + 1, t):
+            L[i, j] = (At[i, j] - np.einsum("kn,kn->n", L[i, :j], L[j, :j])) / L[j, j] if j else At[i, j] / L[j, j]
     X = np.zeros_like(L)  # L^{-1}, lower triangular
     for i in range(t):
-        row = -np.einsum("...j,...jk->...k", L[..., i, :i], X[..., :i, :])
-        row[..., i] += 1.0
-        X[..., i, :] = row / L[..., i, i, None]
-    return np.matmul(np.swapaxes(X, -1, -2), X)
+        X[i, i] = 1.0 / L[i, i]
+        for k in range(i):
+            X[i, k] = -np.einsum("jn,jn->n", L[i, k:i], X[k:i, k]) * X[i, i]
+    C = np.empty_like(L)
+    for a in range(t):
+        for b in range(a + 1):
+            C[a, b] = C[b, a] = np.einsum("in,in->n", X[a:, a], X[a:, b])
+    logdet = 2.0 * np.sum(np.log(np.diagonal(L, axis1=0, axis2=1)), axis=-1)
+    return logdet.reshape(lead), np.moveaxis(C, -1, 0).reshape(lead + (t, t))
 
 
 def _small_matvec(C: np.ndarray, V: np.ndarray, Kc: int) -> np.ndarray:
@@ -241,9 +257,7 @@ def _incomplete_matrix(Xc, obs, miss, w, params, mc, log_w, lse, resp, s, xhat, 
             p1 = min(hi, p0 + pstep)
             mi = np.nonzero(miss[first[p0:p1]])[1].reshape(p1 - p0, t)  # (Pq, t) missing coordinates
             Pmm = prec[:, mi[:, :, None], mi[:, None, :]].transpose(1, 0, 2, 3)  # (Pq, Kc, t, t)
-            Lm = np.linalg.cholesky(Pmm)
-            logdet_mm = 2.0 * np.sum(np.log(np.diagonal(Lm, axis1=2, axis2=3)), axis=2)
-            Cmm = _inverse_from_cholesky(Lm)
+            logdet_mm, Cmm = _factor_inverse(Pmm)
             const = log_w - 0.5 * ((d - t) * _LOG_2PI + logdet_sig + logdet_mm)  # (Pq, K)
             Npk = np.zeros((p1 - p0, K)) if stats else None
             for a in range(ptr[p0], ptr[p1], rstep):
