@@ -47,6 +47,7 @@ import numpy as np
 
 from ..errors import DataError, FitFailedError
 from . import gmm as G
+from ._compiled import compiled_kernel
 
 __all__ = [
     "COVARIANCE_TYPES",
@@ -223,15 +224,7 @@ KERNEL = "auto"
 
 def _kernel():
     """The compiled kernel module, or ``None`` for the NumPy path."""
-    if KERNEL == "numpy":
-        return None
-    try:
-        from . import hmm_kernel
-    except (ImportError, RuntimeError):  # RuntimeError: numba found no writable cache directory
-        if KERNEL == "numba":
-            raise
-        return None
-    return hmm_kernel
+    return compiled_kernel(KERNEL, "hmm_kernel")
 
 
 def _check_status(status: int) -> None:

@@ -23,6 +23,7 @@ from scipy import linalg
 
 from .lgssm import _LOG_2PI, LGSSMParams, LGSSMStats, _sym, empty_stats, kalman_filter, rts_smoother
 from ..errors import FitFailedError
+from ._compiled import compiled_kernel
 
 __all__ = ["sequence_stats", "smoothed_stats", "partition_stats", "partition_states", "partition_loglik",
            "batch_filter_smooth", "runs"]
@@ -91,15 +92,7 @@ KERNEL = "auto"
 
 def _kernel():
     """The compiled kernel module, or ``None`` for the NumPy path."""
-    if KERNEL == "numpy":
-        return None
-    try:
-        from . import lgssm_kernel
-    except (ImportError, RuntimeError):  # RuntimeError: numba found no writable cache directory
-        if KERNEL == "numba":
-            raise
-        return None
-    return lgssm_kernel
+    return compiled_kernel(KERNEL, "lgssm_kernel")
 
 
 def _not_pd(t) -> FitFailedError:
