@@ -79,52 +79,90 @@ def _backward_step(B, r, scale, A, alpha, beta, w, trans):
 
 
 @_jit
+def _longest(offsets):
+    """Length of the longest sequence (at least 1)."""
+    T = 1
+    for s in range(len(offsets) - 1):
+        T = max(T, offsets[s + 1] - offsets[s])
+    return T
+
+
+@_jit
+def _scaled_row(lb, B, r):
+    """``B[r] = exp(lb - max(lb))``; returns the max (the row's log scale), or NaN when no
+    entry of ``lb`` is finite."""
+    mx = -np.inf
+    for k in range(lb.shape[0]):
+        mx = max(mx, lb[k])
+    if not (mx > -np.inf and mx < np.inf):
+        return np.nan
+    for k in range(lb.shape[0]):
+        B[r, k] = math.exp(lb[k] - mx)
+    return mx
+
+
+@_jit
+def _forward_loglik(B, a, b, pi, A, alpha, scale, ll):
+    """:func:`_forward`, then the log scale factors added to ``ll``: returns (vanished row
+    or -1, ``ll``)."""
+    bad = _forward(B, a, b, pi, A, alpha, scale)
+    if bad < 0:
+        for r in range(b - a):
+            ll += math.log(scale[r])
+    return bad, ll
+
+
+@_jit
+def _posterior(alpha, r, beta, out):
+    """``out = alpha[r] * beta`` normalised to sum to one."""
+    tot = 0.0
+    for k in range(out.shape[0]):
+        g = alpha[r, k] * beta[k]
+        out[k] = g
+        tot += g
+    for k in range(out.shape[0]):
+        out[k] /= tot
+
+
+@_jit
+def _finish_transitions(A, tr, trans):
+    """Expected transition counts: ``trans = A * tr`` elementwise."""
+    for i in range(A.shape[0]):
+        for j in range(A.shape[0]):
+            trans[i, j] = A[i, j] * tr[i, j]
+
+
+@_jit
 def _fb(log_b, offsets, pi, A, gamma, start, trans, loglik, want_trans):
     """Returns 0, -(row + 1) for a row of non-finite log densities, or row + 1 for a row the
     forward variable vanished at."""
     K = A.shape[0]
-    T = 1
-    for s in range(len(offsets) - 1):
-        T = max(T, offsets[s + 1] - offsets[s])
+    T = _longest(offsets)
     alpha, B, scale = np.empty((T, K)), np.empty((T, K)), np.empty(T)
     beta, w, tr = np.empty(K), np.empty(K), np.zeros((K, K))
     for s in range(len(offsets) - 1):
         a, b = offsets[s], offsets[s + 1]
         ll = 0.0
         for t in range(a, b):
-            mx = -np.inf
-            for k in range(K):
-                mx = max(mx, log_b[t, k])
-            if not (mx > -np.inf and mx < np.inf):
+            mx = _scaled_row(log_b[t], B, t - a)
+            if np.isnan(mx):
                 return -(t + 1)
-            for k in range(K):
-                B[t - a, k] = math.exp(log_b[t, k] - mx)
             ll += mx
-        bad = _forward(B, a, b, pi, A, alpha, scale)
+        bad, ll = _forward_loglik(B, a, b, pi, A, alpha, scale, ll)
         if bad >= 0:
             return bad + 1
-        for r in range(b - a):
-            ll += math.log(scale[r])
         loglik[s] = ll
         beta[:] = 1.0
         for t in range(b - 1, a - 1, -1):
             r = t - a
-            tot = 0.0
-            for k in range(K):
-                g = alpha[r, k] * beta[k]
-                gamma[t, k] = g
-                tot += g
-            for k in range(K):
-                gamma[t, k] /= tot
+            _posterior(alpha, r, beta, gamma[t])
             if t == a:
                 for k in range(K):
                     start[k] += gamma[t, k]
             else:
                 _backward_step(B, r, scale, A, alpha, beta, w, tr)
     if want_trans:
-        for i in range(K):
-            for j in range(K):
-                trans[i, j] = A[i, j] * tr[i, j]
+        _finish_transitions(A, tr, trans)
     return 0
 
 
@@ -165,9 +203,7 @@ def _gauss_e(Xc, offsets, pi, A, mc, P, Pd, logdet, full, outer, start, trans, p
     """Fused Gaussian E-step; status as :func:`_fb`."""
     K = A.shape[0]
     d = Xc.shape[1]
-    T = 1
-    for s in range(len(offsets) - 1):
-        T = max(T, offsets[s + 1] - offsets[s])
+    T = _longest(offsets)
     alpha, B, scale = np.empty((T, K)), np.empty((T, K)), np.empty(T)
     beta, w, tr, lb = np.empty(K), np.empty(K), np.zeros((K, K)), np.empty(K)
     g, x = np.empty(K), np.empty(d)
@@ -176,7 +212,6 @@ def _gauss_e(Xc, offsets, pi, A, mc, P, Pd, logdet, full, outer, start, trans, p
         a, b = offsets[s], offsets[s + 1]
         ll = 0.0
         for t in range(a, b):
-            mx = -np.inf
             for k in range(K):
                 # the quadratic form in the dtype of Xc (float32 compute), then float64
                 for i in range(d):
@@ -193,31 +228,23 @@ def _gauss_e(Xc, offsets, pi, A, mc, P, Pd, logdet, full, outer, start, trans, p
                 q = y[0] * y[0]
                 for j in range(1, d):
                     q += y[j] * y[j]
-                v = logdet[k] - 0.5 * np.float64(q)
-                lb[k] = v
-                mx = max(mx, v)
-            if not (mx > -np.inf and mx < np.inf):
+                lb[k] = logdet[k] - 0.5 * np.float64(q)
+            mx = _scaled_row(lb, B, t - a)
+            if np.isnan(mx):
                 return -(t + 1)
-            for k in range(K):
-                B[t - a, k] = math.exp(lb[k] - mx)
             ll += mx
-        bad = _forward(B, a, b, pi, A, alpha, scale)
+        bad, ll = _forward_loglik(B, a, b, pi, A, alpha, scale, ll)
         if bad >= 0:
             return bad + 1
-        for r in range(b - a):
-            ll += math.log(scale[r])
         loglik[s] = ll
         beta[:] = 1.0
         for t in range(b - 1, a - 1, -1):
             r = t - a
-            tot = 0.0
-            for k in range(K):
-                g[k] = alpha[r, k] * beta[k]
-                tot += g[k]
+            _posterior(alpha, r, beta, g)
             for i in range(d):
                 x[i] = np.float64(Xc[t, i])
             for k in range(K):
-                gk = g[k] / tot
+                gk = g[k]
                 post[k] += gk
                 for i in range(d):
                     gx = gk * x[i]
@@ -231,9 +258,7 @@ def _gauss_e(Xc, offsets, pi, A, mc, P, Pd, logdet, full, outer, start, trans, p
                     start[k] += gk
             if t > a:
                 _backward_step(B, r, scale, A, alpha, beta, w, tr)
-    for i in range(K):
-        for j in range(K):
-            trans[i, j] = A[i, j] * tr[i, j]
+    _finish_transitions(A, tr, trans)
     if outer:
         for k in range(K):
             for i in range(d):
