@@ -89,7 +89,7 @@ def main(argv=None) -> dict:
     print(f"load average at start: {os.getloadavg()}")
     out: dict = {}
     with local_cluster(n_workers=args.workers, threads_per_worker=1, silence_logs=40) as cluster, \
-            Client(cluster) as client:
+            Client(cluster, set_as_default=False) as client:
         for case in args.cases:
             n, d, K = (int(v) for v in case.lower().split("x"))
             X, init = make_case(n, d, K)

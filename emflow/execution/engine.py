@@ -31,9 +31,9 @@ from ..storage import data as _data
 from ..storage import fingerprint as _fp
 from ..errors import ClusterError, ConfigError
 from ..stats import add
-from .tasks import (_apply, _apply_indexed, _apply_reduce, _batch_width, _element_starts, _reduce_tasks, _scan_batch,
-                    tree_reduce)
+from .tasks import _apply, _apply_indexed, _batch_width, _element_starts, _reduce_tasks, _scan_batch, tree_reduce
 from .watch import ClusterWatch, _cancelled, _comm_failed, _warn
+from . import submit as _dask
 from . import sweeps as _sweeps
 
 __all__ = ["Engine", "Loaded", "sample_rows", "take_rows"]
@@ -166,6 +166,8 @@ class Engine(ClusterWatch):
         self.last_reduction: dict = {}
         # every partition read by this engine (scans and passes, repeated attempts included)
         self.partition_reads = 0
+        # bytes of the latest statistics of each map_reduce function (where to add the last node)
+        self._stats_bytes: dict[str, int] = {}
 
     # -- facts about where we run ---------------------------------------------------
     @property
@@ -326,8 +328,10 @@ class Engine(ClusterWatch):
         loaded.partition_reads += n
         self.partition_reads += n
 
-    def _broadcast(self, args: tuple):
-        if self.client is None or not args:
+    def _broadcast(self, args: tuple, n_tasks: int):
+        """``args`` as the tasks take them: inside each task when small, else one copy sent
+        to every worker first (a future)."""
+        if self.client is None or not args or _dask.inline(args, n_tasks):
             return args
         try:
             [fut] = self.client.scatter([args], broadcast=True, hash=False)
@@ -348,10 +352,8 @@ class Engine(ClusterWatch):
                     return list(self._threads().map(lambda h: _apply(fn, h, args), handles))
                 return list(self._threads().map(lambda he: _apply_indexed(fn, he[0], args, he[1]),
                                                 zip(handles, extras)))
-        bargs = self._broadcast(args)
-        if per_partition is None:
-            return [self.client.submit(_apply, fn, h, bargs, pure=False) for h in handles]
-        return [self.client.submit(_apply_indexed, fn, h, bargs, e, pure=False) for h, e in zip(handles, extras)]
+        return _dask.submit_map(self.client, fn, handles, self._broadcast(args, len(handles)), per_partition, 1,
+                                self.split_every)
 
     def _pass(self, loaded: Loaded, run: Callable[[Callable], Any]) -> Any:
         """``run(wait)`` (one pass over the data; ``wait(futures, keys)`` waits for its
@@ -367,9 +369,9 @@ class Engine(ClusterWatch):
         for attempt in range(MAX_RESCATTERS + 1):
             t0 = time.monotonic()
             if self.client is not None:
-                self._await_workers("before a pass over the data" if attempt == 0 else
-                                    "during a pass over the data", healthy=attempt == 0)
-                self._check_new_workers()
+                waited = self._await_workers("before a pass over the data" if attempt == 0 else
+                                             "during a pass over the data", healthy=attempt == 0)
+                self._check_new_workers(latest=not waited)
                 t0 = time.monotonic()
             past = loaded.pass_seconds
             usual = statistics.median(past) if past else None
@@ -379,7 +381,8 @@ class Engine(ClusterWatch):
 
             self._count_reads(loaded)
             try:
-                out = run(wait)
+                with _dask.prompt_client(self.client):
+                    out = run(wait)
             except Exception as exc:
                 if self.client is None or isinstance(exc, ClusterError):
                     raise
@@ -442,6 +445,8 @@ class Engine(ClusterWatch):
             if self.client is None:
                 return tree_reduce(parts, add, self.split_every, lambda f, *a: f(*a))
             keys = sweep_keys + [p.key for p in parts]
+            # small statistics (as this function's were last time): the tree's last node on the client
+            small = self._stats_bytes.get(name, np.inf) <= _dask.CLIENT_COMBINE_BYTES
 
             def submit(f, *a):
                 # before the map tasks still queued: a partial sum frees its inputs, so the
@@ -450,18 +455,24 @@ class Engine(ClusterWatch):
                 keys.append(fut.key)
                 return fut
 
-            root, depth = tree_reduce(parts, add, self.split_every, submit)
-            # hold only the root: a map task's statistics are freed on the worker once its
+            top, depth = tree_reduce(parts, add, self.split_every, submit, until=self.split_every if small else 1)
+            # hold only the top: a map task's statistics are freed on the worker once its
             # partial sum is done, not at the end of the pass (P bundles held at once)
             del parts
-            wait([root], keys)
-            return root.result(), depth + levels, len(keys)
+            top = top if small else [top]
+            wait(top, keys)
+            got = self.client.gather(top)
+            if len(got) > 1:  # the root of the same tree, added here
+                return add(*got), depth + 1 + levels, len(keys) + 1
+            return got[0], depth + levels, len(keys)
 
+        name = getattr(fn, "__qualname__", type(fn).__qualname__)
         out = self._pass(loaded, run)
         if self.client is None:
             (total, depth), tasks = out, len(loaded.handles) + _reduce_tasks(len(loaded.handles), self.split_every)
         else:
             total, depth, tasks = out
+            self._stats_bytes[name] = _dask.nbytes(total)
         self.last_reduction = {
             "partitions": len(loaded.handles), "depth": depth, "split_every": self.split_every,
             "partitions_per_task": width, "tasks": tasks, "seconds": time.perf_counter() - t0,
@@ -488,11 +499,8 @@ class Engine(ClusterWatch):
         handles = loaded.handles
         if per_partition is not None and len(per_partition) != len(handles):
             raise ValueError("per_partition needs one entry per partition")
-        bargs = self._broadcast(args)
-        return [self.client.submit(_apply_reduce, fn, list(handles[i:i + width]), bargs,
-                                   None if per_partition is None else list(per_partition[i:i + width]),
-                                   width, self.split_every, pure=False)
-                for i in range(0, len(handles), width)]
+        bargs = self._broadcast(args, -(-len(handles) // width))
+        return _dask.submit_map(self.client, fn, handles, bargs, per_partition, width, self.split_every)
 
     def map(self, fn: Callable, loaded: Loaded, *args, per_partition: Sequence | None = None) -> list:
         """``[fn(X_p, w_p, *args[, per_partition[p]]) for each partition]``, gathered in order."""

@@ -151,7 +151,7 @@ class ClusterWatch:
 
         ``healthy``: nothing has gone wrong yet (before a pass), so the workers there now
         are the ones "all N workers were lost" counts."""
-        workers = self._workers()
+        workers = self._latest_workers = self._workers()
         if workers is None or workers:
             if workers and healthy:
                 self._workers_seen = len(workers)
@@ -166,7 +166,7 @@ class ClusterWatch:
             time.sleep(min(POLL_SECONDS, max(0.0, deadline - time.monotonic())))
             if not self._connected():
                 raise self._lost_scheduler_error("while waiting for workers to join")
-            workers = self._workers()
+            workers = self._latest_workers = self._workers()
             if workers:
                 logger.warning("%d Dask worker(s) joined the scheduler at %s; going on with the fit.",
                                len(workers), self.address)
@@ -180,11 +180,13 @@ class ClusterWatch:
                     "already written are intact."
                 )
 
-    def _check_new_workers(self) -> None:
-        """Workers that joined since the last look go through ``worker_check`` (once each)."""
+    def _check_new_workers(self, latest: bool = False) -> None:
+        """Workers that joined since the last look go through ``worker_check`` (once each);
+        ``latest``: the workers :meth:`_await_workers` has just seen (no second question)."""
         if self.worker_check is None:
             return
-        new = sorted(set(self._workers() or ()) - self.checked_workers)
+        workers = getattr(self, "_latest_workers", None) if latest else None
+        new = sorted(set((workers if workers is not None else self._workers()) or ()) - self.checked_workers)
         if new:
             self.worker_check(new)
             self.checked_workers.update(new)
