@@ -271,3 +271,86 @@ def test_fingerprint_ignores_chunking_but_not_content(zdata, tmp_path):
     Y = zdata["X"].copy()
     Y[[10, 11]] = Y[[11, 10]]  # the same rows in another order
     assert engine.open(Y, zdata["w"]).fingerprint != fp["big"]
+
+
+def _unit_params(d=3, K=3):
+    return G.GMMParams(np.full(K, 1 / K), np.eye(d), np.stack([np.eye(d)] * K), np.stack([np.eye(d)] * K), "full")
+
+
+@pytest.mark.parametrize("combine_bytes", [None, 0])
+def test_small_statistics_end_on_the_client_in_the_same_tree(zdata, dask_client, monkeypatch, combine_bytes):
+    """From the second pass of a function whose statistics are small, the tree's last node
+    runs on the client (its inputs come back in one gather): the same node of the same
+    tree, so the same bits as in-process and as the first pass (whose root ran on a worker);
+    large statistics (CLIENT_COMBINE_BYTES 0) keep the whole tree on the workers."""
+    from emflow.execution import submit as S
+
+    if combine_bytes is not None:
+        monkeypatch.setattr(S, "CLIENT_COMBINE_BYTES", combine_bytes)
+    rows = emflow.storage.data.open_rows(zdata["small"], partition_bytes=1)  # 24 partitions
+    threads = Engine(None, split_every=2)
+    local = threads.map_reduce(G.e_step, threads.load(rows), _unit_params())
+    engine = Engine(dask_client, split_every=2)
+    loaded = engine.load(rows)
+    seen, wait = [], engine._wait
+    engine._wait = lambda futures, keys, *a: (seen.append(len(futures)), wait(futures, keys, *a))
+    passes = [engine.map_reduce(G.e_step, loaded, _unit_params()) for _ in range(3)]
+    info = engine.last_reduction
+    loaded.release()
+    assert seen == ([1, 1, 1] if combine_bytes == 0 else [1, 2, 2])  # 24 -> 12 -> 6 -> 3 -> 2 -> (client) 1
+    assert (info["depth"], info["tasks"]) == (threads.last_reduction["depth"], threads.last_reduction["tasks"])
+    for total in passes:
+        for a, b in zip(total, local):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_parameters_travel_inside_the_tasks_or_are_broadcast_by_size(zdata, dask_client, monkeypatch):
+    from distributed import Future
+
+    from emflow.execution import submit as S
+
+    rows = emflow.storage.data.open_rows(zdata["X"], partition_bytes=24 * 500)  # 12 partitions
+    engine = Engine(dask_client)
+    loaded = engine.load(rows)
+    small = _unit_params()
+    assert engine._broadcast((small,), 12) == (small,)  # inside each task: no round trip first
+    assert isinstance(engine._broadcast((np.zeros(S.INLINE_BYTES // 8 + 1),), 1), Future)
+    assert isinstance(engine._broadcast((np.zeros(1000),), S.INLINE_TOTAL_BYTES // 8000 + 1), Future)
+    inline = engine.map_reduce(G.e_step, loaded, small)
+    monkeypatch.setattr(S, "INLINE_BYTES", 0)
+    assert isinstance(engine._broadcast((small,), 12), Future)
+    sent = engine.map_reduce(G.e_step, loaded, small)
+    loaded.release()
+    for a, b, c in zip(inline, sent, G.e_step(zdata["X"], None, small)):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(a, c, rtol=1e-12)
+
+
+def test_a_pass_lowers_the_clients_batching_interval_only_while_it_runs(zdata, dask_client):
+    from emflow.execution import submit as S
+
+    comm = dask_client.scheduler_comm
+    before = comm.interval
+    assert before > S.CLIENT_BATCH_INTERVAL  # Dask's default: 10 ms
+    engine = Engine(dask_client)
+    loaded = engine.load(emflow.storage.data.open_rows(zdata["X"]))
+    during, wait = [], engine._wait
+    engine._wait = lambda *a: (during.append(comm.interval), wait(*a))
+    engine.map_reduce(G.e_step, loaded, _unit_params())
+    assert during == [S.CLIENT_BATCH_INTERVAL] and comm.interval == before
+    with pytest.raises(ZeroDivisionError), S.prompt_client(dask_client):
+        assert comm.interval == S.CLIENT_BATCH_INTERVAL
+        1 / 0
+    loaded.release()
+    assert comm.interval == before
+    with S.prompt_client(None):  # in-process: nothing to do
+        pass
+
+
+def test_nbytes_counts_the_arrays_of_statistics_and_parameters():
+    from emflow.execution.submit import nbytes
+
+    stats = G.e_step(np.ones((5, 3)), None, _unit_params())
+    assert nbytes(stats) == sum(np.asarray(v).nbytes for v in stats)
+    assert nbytes(_unit_params()) >= 3 * 8 + 9 * 8 + 2 * 27 * 8
+    assert nbytes((np.zeros(10), [np.zeros(5)], {"a": np.zeros(2)})) == 8 * 17
