@@ -81,8 +81,11 @@ class Loaded:
     # in-memory data scattered to workers: sends partitions i, j, ... again (a worker that
     # dies takes its scattered partitions with it, and Dask cannot recompute them)
     _rescatter: Callable[[list[int]], None] | None = field(default=None, repr=False)
-    # seconds taken by the latest passes over these data (the usual time of a pass)
+    # seconds taken by the latest passes over these data (the opening scan first)
     pass_seconds: list = field(default_factory=list, repr=False)
+    # the same per function run over the data (``"scan"``: the opening scan): the usual
+    # time of a pass of a function is that of its own previous passes
+    pass_history: dict = field(default_factory=dict, repr=False)
     # partitions read so far (the opening scan and every pass): n_passes_ = reads / partitions
     partition_reads: int = field(default=0, repr=False)
 
@@ -318,8 +321,8 @@ class Engine(ClusterWatch):
         loaded = Loaded(rows, handles, resident, fingerprint, weight_sum, release, rescatter)
         self._count_reads(loaded)  # the scan
         if self.client is not None:
-            # the scan read every partition: the first measure of how long a pass takes
             loaded.pass_seconds.append(scan_seconds)
+            loaded.pass_history["scan"] = [scan_seconds]
         return loaded
 
     # -- passes over the data -------------------------------------------------------
@@ -355,10 +358,12 @@ class Engine(ClusterWatch):
         return _dask.submit_map(self.client, fn, handles, self._broadcast(args, len(handles)), per_partition, 1,
                                 self.split_every)
 
-    def _pass(self, loaded: Loaded, run: Callable[[Callable], Any]) -> Any:
-        """``run(wait)`` (one pass over the data; ``wait(futures, keys)`` waits for its
-        futures while watching the cluster). Faults the cluster recovers from repeat the
-        pass (a few times at most):
+    def _pass(self, loaded: Loaded, run: Callable[[Callable], Any], name: str = "") -> Any:
+        """``run(wait)`` (one pass of the function ``name`` over the data; ``wait(futures,
+        keys, probes)`` waits for its futures while watching the cluster: the usual time of
+        the pass is the median of the function's previous passes, or for its first pass is
+        estimated from the first of ``probes`` (map futures) to finish). Faults the cluster
+        recovers from repeat the pass (a few times at most):
 
         * a worker died holding scattered in-memory partitions: send them again;
         * every worker was lost, the scheduler still up: wait (bounded) for workers to
@@ -373,11 +378,13 @@ class Engine(ClusterWatch):
                                              "during a pass over the data", healthy=attempt == 0)
                 self._check_new_workers(latest=not waited)
                 t0 = time.monotonic()
-            past = loaded.pass_seconds
+            past = loaded.pass_history.setdefault(name, [])
             usual = statistics.median(past) if past else None
 
-            def wait(futures: list, keys: list) -> None:
-                self._wait(futures, keys, t0, usual)
+            def wait(futures: list, keys: list, probes) -> None:
+                if usual is not None:
+                    probes.futures.clear()  # not needed: let the workers free their statistics
+                self._wait(futures, keys, t0, usual, probes)
 
             self._count_reads(loaded)
             try:
@@ -418,6 +425,8 @@ class Engine(ClusterWatch):
                 raise
             past.append(time.monotonic() - t0)
             del past[:-PASS_HISTORY]
+            loaded.pass_seconds.append(past[-1])
+            del loaded.pass_seconds[:-PASS_HISTORY]
             return out
 
     def _linked(self, fn: Callable, loaded: Loaded, args: tuple, per_partition: Sequence | None):
@@ -445,6 +454,7 @@ class Engine(ClusterWatch):
             if self.client is None:
                 return tree_reduce(parts, add, self.split_every, lambda f, *a: f(*a))
             keys = sweep_keys + [p.key for p in parts]
+            probes = _dask.probes(parts, self._threads_seen())
             # small statistics (as this function's were last time): the tree's last node on the client
             small = self._stats_bytes.get(name, np.inf) <= _dask.CLIENT_COMBINE_BYTES
 
@@ -460,14 +470,14 @@ class Engine(ClusterWatch):
             # partial sum is done, not at the end of the pass (P bundles held at once)
             del parts
             top = top if small else [top]
-            wait(top, keys)
+            wait(top, keys, probes)
             got = self.client.gather(top)
             if len(got) > 1:  # the root of the same tree, added here
                 return add(*got), depth + 1 + levels, len(keys) + 1
             return got[0], depth + levels, len(keys)
 
-        name = getattr(fn, "__qualname__", type(fn).__qualname__)
-        out = self._pass(loaded, run)
+        name = _dask.name(fn)
+        out = self._pass(loaded, run, name)
         if self.client is None:
             (total, depth), tasks = out, len(loaded.handles) + _reduce_tasks(len(loaded.handles), self.split_every)
         else:
@@ -511,10 +521,10 @@ class Engine(ClusterWatch):
             parts = self._submit(fn, loaded, args, per_partition)
             if self.client is None:
                 return parts
-            wait(parts, sweep_keys + [p.key for p in parts])
+            wait(parts, sweep_keys + [p.key for p in parts], _dask.probes(parts, self._threads_seen()))
             return self.client.gather(parts)
 
-        return self._pass(loaded, run)
+        return self._pass(loaded, run, "map " + _dask.name(fn0))
 
 
 @_sweeps.step_local

@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .tasks import _apply, _apply_indexed, _apply_reduce
+from .watch import Probes
 
 __all__ = ["CLIENT_BATCH_INTERVAL", "CLIENT_COMBINE_BYTES", "INLINE_BYTES", "nbytes", "submit_map",
            "prompt_client"]
@@ -81,6 +82,17 @@ def submit_map(client, fn: Callable, handles: Sequence, args, per_partition: Seq
     if per_partition is None:
         return client.map(_apply, [fn] * n, list(handles), [args] * n, pure=False)
     return client.map(_apply_indexed, [fn] * n, list(handles), [args] * n, list(per_partition), pure=False)
+
+
+def name(fn: Callable) -> str:
+    """What a pass's function is called in the history of pass times."""
+    return getattr(fn, "__qualname__", type(fn).__qualname__)
+
+
+def probes(parts: list, threads: int) -> Probes:
+    """A pass's first map tasks (one per thread at most): the first of them to finish
+    gives the first pass of a function its usual time (``ClusterWatch._wait``)."""
+    return Probes(list(parts[:max(1, threads)]), len(parts))
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 import warnings
 from typing import TYPE_CHECKING
 
@@ -80,6 +81,14 @@ def _setting(key: str, value, seconds: bool) -> float:
     if not out > 0 or not np.isfinite(out):
         raise ConfigError(f"{key} must be positive and finite, got {value!r}.")
     return out
+
+
+@dataclass
+class Probes:
+    """A pass's first map futures (one per thread at most) and its number of map tasks."""
+
+    futures: list
+    tasks: int
 
 
 class ClusterWatch:
@@ -203,23 +212,42 @@ class ClusterWatch:
                 lost.update(i for i, k in enumerate(keys) if not held.get(k))
         return sorted(lost)
 
-    def _wait(self, futures: list, keys: list, started: float, usual: float | None) -> None:
+    def _threads_seen(self) -> int:
+        """Threads of the workers :meth:`_await_workers` saw last (no question asked)."""
+        return max(1, sum((getattr(self, "_latest_workers", None) or {}).values()))
+
+    def _wait(self, futures: list, keys: list, started: float, usual: float | None,
+              probes: Probes | None = None) -> None:
         """Wait until ``futures`` are done (or erred or cancelled), watching the cluster:
         all workers lost -> :meth:`_await_workers`; a pass far slower than ``usual`` ->
-        one stall warning. Results are not fetched here."""
+        one stall warning. Without ``usual`` (the first pass of its function), the usual
+        time is estimated once the first of ``probes`` is done: its time x the map tasks
+        per probe. Results are not fetched here."""
         from distributed import wait
 
         stall_after = None if usual is None else max(self.stall_factor * usual, self.stall_floor)
+        basis = "median of the previous passes"
         warned = False
         while True:
+            pending = probes.futures if probes is not None else []
             try:
                 with self.client.as_current():
-                    wait(futures, timeout=POLL_SECONDS)
-                return
+                    if pending:  # the first pass of its function: wake up when a probe is done
+                        wait(futures + pending, timeout=POLL_SECONDS, return_when="FIRST_COMPLETED")
+                    else:
+                        wait(futures, timeout=POLL_SECONDS)
+                if not pending or all(f.done() for f in futures):
+                    return
             except TimeoutError:
                 pass
             except Exception:
                 return  # cancelled futures: their result() raises what the caller reports
+            if pending and any(f.done() for f in pending):
+                usual = (time.monotonic() - started) * -(-probes.tasks // len(pending))
+                stall_after = max(self.stall_factor * usual, self.stall_floor)
+                basis = "estimated from its first finished task"
+                pending.clear()  # let the workers free their statistics
+                continue
             if not self._connected():
                 return  # the futures are cancelled now; the caller reports the lost scheduler
             if self._await_workers("during a pass over the data"):
@@ -228,11 +256,11 @@ class ClusterWatch:
             elapsed = time.monotonic() - started
             if not warned and stall_after is not None and elapsed > stall_after:
                 warned = True
-                _warn(self._stall_message(keys, elapsed, usual))
+                _warn(self._stall_message(keys, elapsed, usual, basis))
 
-    def _stall_message(self, keys: list, elapsed: float, usual: float) -> str:
-        head = (f"A pass over the data has taken {_secs(elapsed)} so far, against a usual {_secs(usual)} "
-                "(median of the previous passes). ")
+    def _stall_message(self, keys: list, elapsed: float, usual: float,
+                       basis: str = "median of the previous passes") -> str:
+        head = f"A pass over the data has taken {_secs(elapsed)} so far, against a usual {_secs(usual)} ({basis}). "
         processing = self._ask("processing")
         if processing is None:
             where = (f"The Dask scheduler at {self.address} did not answer within {PROBE_TIMEOUT:g} s either: "
