@@ -5,7 +5,8 @@ It maps a function over the partitions of a dataset and tree-reduces the results
 
 * a Dask distributed ``Client``: each partition's task reads its own data on a worker
   (or uses the copy kept resident in worker memory), and the statistics are combined by
-  a tree of ``add`` tasks with fan-in ``split_every``;
+  a tree of ``add`` tasks with fan-in ``split_every`` (its last node on the client when
+  the statistics are small; how a pass keeps its fixed cost low: :mod:`.submit`);
 * in-process threads (no cluster), for in-memory work and small data.
 
 Both reduce in the same fixed tree, so the answer does not depend on the backend or the
@@ -343,8 +344,9 @@ class Engine(ClusterWatch):
             raise
         return fut
 
-    def _submit(self, fn: Callable, loaded: Loaded, args: tuple, per_partition: Sequence | None):
-        """Results (in-process) or futures (Dask) of fn over every partition, in order."""
+    def _submit(self, fn: Callable, loaded: Loaded, args: tuple, per_partition: Sequence | None, width: int = 1):
+        """Results (in-process) or futures (Dask) of fn over every partition, in order (on
+        Dask, ``width`` consecutive partitions per task, reduced inside it)."""
         handles = loaded.handles
         extras = [None] * len(handles) if per_partition is None else list(per_partition)
         if len(extras) != len(handles):
@@ -355,8 +357,8 @@ class Engine(ClusterWatch):
                     return list(self._threads().map(lambda h: _apply(fn, h, args), handles))
                 return list(self._threads().map(lambda he: _apply_indexed(fn, he[0], args, he[1]),
                                                 zip(handles, extras)))
-        return _dask.submit_map(self.client, fn, handles, self._broadcast(args, len(handles)), per_partition, 1,
-                                self.split_every)
+        bargs = self._broadcast(args, -(-len(handles) // width))
+        return _dask.submit_map(self.client, fn, handles, bargs, per_partition, width, self.split_every)
 
     def _pass(self, loaded: Loaded, run: Callable[[Callable], Any], name: str = "") -> Any:
         """``run(wait)`` (one pass of the function ``name`` over the data; ``wait(futures,
@@ -447,10 +449,7 @@ class Engine(ClusterWatch):
 
         def run(wait):
             fn, per_partition, sweep_keys = self._linked(fn0, loaded, args, per0)
-            if width > 1:
-                parts = self._submit_batches(fn, loaded, args, per_partition, width)
-            else:
-                parts = self._submit(fn, loaded, args, per_partition)
+            parts = self._submit(fn, loaded, args, per_partition, width)
             if self.client is None:
                 return tree_reduce(parts, add, self.split_every, lambda f, *a: f(*a))
             keys = sweep_keys + [p.key for p in parts]
@@ -502,15 +501,6 @@ class Engine(ClusterWatch):
         while width < self.partitions_per_task:
             width, levels = width * self.split_every, levels + 1
         return width, levels
-
-    def _submit_batches(self, fn: Callable, loaded: Loaded, args: tuple, per_partition: Sequence | None,
-                        width: int) -> list:
-        """Futures of fn over runs of ``width`` consecutive partitions, each reduced in its task."""
-        handles = loaded.handles
-        if per_partition is not None and len(per_partition) != len(handles):
-            raise ValueError("per_partition needs one entry per partition")
-        bargs = self._broadcast(args, -(-len(handles) // width))
-        return _dask.submit_map(self.client, fn, handles, bargs, per_partition, width, self.split_every)
 
     def map(self, fn: Callable, loaded: Loaded, *args, per_partition: Sequence | None = None) -> list:
         """``[fn(X_p, w_p, *args[, per_partition[p]]) for each partition]``, gathered in order."""

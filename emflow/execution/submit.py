@@ -37,8 +37,8 @@ CLIENT_BATCH_INTERVAL = 0.001
 CLIENT_COMBINE_BYTES = 1 << 20
 # parameters at most this large (one copy; and at most INLINE_TOTAL_BYTES over all the
 # pass's tasks) travel inside the tasks; larger ones are broadcast to the workers first
-INLINE_BYTES = 64 << 10
-INLINE_TOTAL_BYTES = 4 << 20
+INLINE_BYTES = 512 << 10
+INLINE_TOTAL_BYTES = 8 << 20
 
 
 def nbytes(obj: Any, _depth: int = 0) -> int:
