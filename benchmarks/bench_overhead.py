@@ -21,6 +21,12 @@ so that machine load hits them alike. Per-iteration seconds:
 
 The figure printed per system is the median over repeats of the per-repeat medians, with
 the load average (``os.getloadavg``) beside it: on a shared machine the figures are noisy.
+
+``--phases`` also prints, per case and emflow system, the median milliseconds per pass spent
+in each engine step (time.perf_counter around the Engine methods: the scheduler question
+before a pass, sending the parameters, submitting, waiting for the tasks, the whole pass),
+which is where the fixed cost of an iteration goes. ``emflow-default`` runs with no default
+Dask client (the benchmark's own Client is not made the default), i.e. in-process threads.
 """
 
 from __future__ import annotations
@@ -33,6 +39,28 @@ import warnings
 import numpy as np
 
 DEFAULT_CASES = ("1000x2x2", "10000x16x16", "100000x2x2")
+PHASES = ("_await_workers", "_broadcast", "_submit", "_wait", "map_reduce")
+
+
+def stamp_phases() -> dict:
+    """Wrap the Engine steps of a pass with perf_counter stamps: {step: [seconds, ...]}."""
+    import functools
+
+    from emflow.execution.engine import Engine
+
+    stamps: dict[str, list[float]] = {p: [] for p in PHASES}
+    for name in PHASES:
+        f = getattr(Engine, name)
+
+        def timed(*a, _f=f, _name=name, **k):
+            t = time.perf_counter()
+            try:
+                return _f(*a, **k)
+            finally:
+                stamps[_name].append(time.perf_counter() - t)
+
+        setattr(Engine, name, functools.wraps(f)(timed))
+    return stamps
 
 
 def make_case(n: int, d: int, K: int, seed: int = 0):
@@ -80,7 +108,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--systems", nargs="+", default=["emflow-cluster", "emflow-default", "sklearn"])
+    ap.add_argument("--phases", action="store_true", help="print ms per pass in each engine step")
     args = ap.parse_args(argv)
+    stamps = stamp_phases() if args.phases else None
 
     from distributed import Client
 
@@ -89,13 +119,16 @@ def main(argv=None) -> dict:
     print(f"load average at start: {os.getloadavg()}")
     out: dict = {}
     with local_cluster(n_workers=args.workers, threads_per_worker=1, silence_logs=40) as cluster, \
-            Client(cluster) as client:
+            Client(cluster, set_as_default=False) as client:
         for case in args.cases:
             n, d, K = (int(v) for v in case.lower().split("x"))
             X, init = make_case(n, d, K)
             runs: dict[str, list[float]] = {s: [] for s in args.systems}
+            phases: dict[str, dict[str, list[float]]] = {}
             for _ in range(args.repeats):
                 for s in args.systems:
+                    for v in (stamps or {}).values():
+                        v.clear()
                     if s == "emflow-cluster":
                         runs[s].append(time_emflow(X, init, K, args.iters, client))
                     elif s == "emflow-default":
@@ -104,10 +137,16 @@ def main(argv=None) -> dict:
                         runs[s].append(time_sklearn(X, init, K, args.iters))
                     else:
                         raise SystemExit(f"unknown system {s!r}")
+                    for p, v in (stamps or {}).items():
+                        if v and s.startswith("emflow"):
+                            phases.setdefault(s, {}).setdefault(p, []).append(float(np.median(v[1:] or v)))
             load = os.getloadavg()
             out[case] = {s: float(np.median(v)) for s, v in runs.items()}
             cells = "  ".join(f"{s} {1e3 * t:8.2f} ms" for s, t in out[case].items())
             print(f"{case:>14}: {cells}   (load {load[0]:.2f} {load[1]:.2f} {load[2]:.2f})", flush=True)
+            for s, per in phases.items():
+                print(f"{'':>16}{s} ms per pass: " + "  ".join(
+                    f"{p.strip('_')} {1e3 * np.median(v):.2f}" for p, v in per.items()), flush=True)
     return out
 
 

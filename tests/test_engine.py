@@ -137,34 +137,37 @@ def test_partitions_reduced_inside_a_task_give_the_same_bits(zdata, dask_client,
 
 
 @pytest.mark.parametrize("width", [1, 4])
-def test_a_pass_holds_only_the_root_of_its_reduction(zdata, dask_client, width):
-    """While a pass runs, the client holds the future of the tree's root only: each map task's
-    statistics are freed on its worker once the partial sum above it is done (holding every
-    leaf kept P bundles of statistics in the workers' memory until the pass ended)."""
+def test_a_pass_holds_only_the_top_of_its_reduction(zdata, dask_client, width):
+    """While a pass runs, the client holds the futures of the tree's top only (its root, or
+    the last node's inputs when the statistics are small), and in the first pass of a
+    function its probes (one map task per thread, let go once one is done): each map
+    task's statistics are freed on its worker once the partial sum above it is done
+    (holding every leaf kept P bundles of statistics in the workers' memory)."""
     rows = emflow.storage.data.open_rows(zdata["small"], partition_bytes=1)  # 24 partitions
     engine = Engine(dask_client, split_every=2, partitions_per_task=width)
     loaded = engine.load(rows)
-    params = G.GMMParams(np.full(3, 1 / 3), np.eye(3), np.stack([np.eye(3)] * 3), np.stack([np.eye(3)] * 3), "full")
     seen, wait = [], engine._wait
 
-    def spy(futures, keys, *args):
-        [root] = futures
+    def spy(futures, keys, started, usual, probes):
+        tops = sorted(f.key for f in futures) + sorted(f.key for f in probes.futures)
         # a released future leaves the client's count on its event loop, soon after
         deadline = time.monotonic() + 5
         while True:
             held = sorted(k for k in keys if dask_client.refcount.get(k, 0) > 0)
-            if held == [root.key] or time.monotonic() > deadline:
+            if held == sorted(tops) or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
-        seen.append((len(keys), held, root.key))
-        return wait(futures, keys, *args)
+        seen.append((len(keys), held, sorted(tops), len(futures), len(probes.futures)))
+        return wait(futures, keys, started, usual, probes)
 
     engine._wait = spy
-    engine.map_reduce(G.e_step, loaded, params)
+    for _ in range(2):
+        engine.map_reduce(G.e_step, loaded, _unit_params())
     loaded.release()
-    [(n_keys, held, root)] = seen
-    assert n_keys == engine.last_reduction["tasks"] > 1
-    assert held == [root], f"{len(held)} of the pass's {n_keys} futures held"
+    (n1, held1, top1, root1, probes1), (n2, held2, top2, root2, probes2) = seen
+    assert n1 == engine.last_reduction["tasks"] == n2 + 1 > 2  # then the last add ran on the client
+    assert (root1, probes1, root2, probes2) == (1, 2, 2, 0)  # 2 threads: 2 probes
+    assert held1 == top1 and held2 == top2, f"{len(held1)}, {len(held2)} of the pass's {n1} futures held"
 
 
 def test_a_batched_scan_reports_bad_values_as_one_task_per_partition_does(zdata, dask_client):
@@ -271,3 +274,117 @@ def test_fingerprint_ignores_chunking_but_not_content(zdata, tmp_path):
     Y = zdata["X"].copy()
     Y[[10, 11]] = Y[[11, 10]]  # the same rows in another order
     assert engine.open(Y, zdata["w"]).fingerprint != fp["big"]
+
+
+def _unit_params(d=3, K=3):
+    return G.GMMParams(np.full(K, 1 / K), np.eye(d), np.stack([np.eye(d)] * K), np.stack([np.eye(d)] * K), "full")
+
+
+@pytest.mark.parametrize("combine_bytes", [None, 0])
+def test_small_statistics_end_on_the_client_in_the_same_tree(zdata, dask_client, monkeypatch, combine_bytes):
+    """From the second pass of a function whose statistics are small, the tree's last node
+    runs on the client (its inputs come back in one gather): the same node of the same
+    tree, so the same bits as in-process and as the first pass (whose root ran on a worker);
+    large statistics (CLIENT_COMBINE_BYTES 0) keep the whole tree on the workers."""
+    from emflow.execution import submit as S
+
+    if combine_bytes is not None:
+        monkeypatch.setattr(S, "CLIENT_COMBINE_BYTES", combine_bytes)
+    rows = emflow.storage.data.open_rows(zdata["small"], partition_bytes=1)  # 24 partitions
+    threads = Engine(None, split_every=2)
+    local = threads.map_reduce(G.e_step, threads.load(rows), _unit_params())
+    engine = Engine(dask_client, split_every=2)
+    loaded = engine.load(rows)
+    seen, wait = [], engine._wait
+    engine._wait = lambda futures, keys, *a: (seen.append(len(futures)), wait(futures, keys, *a))
+    passes = [engine.map_reduce(G.e_step, loaded, _unit_params()) for _ in range(3)]
+    info = engine.last_reduction
+    loaded.release()
+    assert seen == ([1, 1, 1] if combine_bytes == 0 else [1, 2, 2])  # 24 -> 12 -> 6 -> 3 -> 2 -> (client) 1
+    assert (info["depth"], info["tasks"]) == (threads.last_reduction["depth"], threads.last_reduction["tasks"])
+    for total in passes:
+        for a, b in zip(total, local):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_parameters_travel_inside_the_tasks_or_are_broadcast_by_size(zdata, dask_client, monkeypatch):
+    from distributed import Future
+
+    from emflow.execution import submit as S
+
+    rows = emflow.storage.data.open_rows(zdata["X"], partition_bytes=24 * 500)  # 12 partitions
+    engine = Engine(dask_client)
+    loaded = engine.load(rows)
+    small = _unit_params()
+    assert engine._broadcast((small,), 12) == (small,)  # inside each task: no round trip first
+    assert isinstance(engine._broadcast((np.zeros(S.INLINE_BYTES // 8 + 1),), 1), Future)
+    assert isinstance(engine._broadcast((np.zeros(1000),), S.INLINE_TOTAL_BYTES // 8000 + 1), Future)
+    inline = engine.map_reduce(G.e_step, loaded, small)
+    monkeypatch.setattr(S, "INLINE_BYTES", 0)
+    assert isinstance(engine._broadcast((small,), 12), Future)
+    sent = engine.map_reduce(G.e_step, loaded, small)
+    loaded.release()
+    for a, b, c in zip(inline, sent, G.e_step(zdata["X"], None, small)):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(a, c, rtol=1e-12)
+
+
+def test_a_pass_lowers_the_clients_batching_interval_only_while_it_runs(zdata, dask_client):
+    from emflow.execution import submit as S
+
+    comm = dask_client.scheduler_comm
+    before = comm.interval
+    assert before > S.CLIENT_BATCH_INTERVAL  # Dask's default: 10 ms
+    engine = Engine(dask_client)
+    loaded = engine.load(emflow.storage.data.open_rows(zdata["X"]))
+    during, wait = [], engine._wait
+    engine._wait = lambda *a: (during.append(comm.interval), wait(*a))
+    engine.map_reduce(G.e_step, loaded, _unit_params())
+    assert during == [S.CLIENT_BATCH_INTERVAL] and comm.interval == before
+    with pytest.raises(ZeroDivisionError), S.prompt_client(dask_client):
+        assert comm.interval == S.CLIENT_BATCH_INTERVAL
+        1 / 0
+    loaded.release()
+    assert comm.interval == before
+    with S.prompt_client(None):  # in-process: nothing to do
+        pass
+
+
+def test_nbytes_counts_the_arrays_of_statistics_and_parameters():
+    from emflow.execution.submit import nbytes
+
+    stats = G.e_step(np.ones((5, 3)), None, _unit_params())
+    assert nbytes(stats) == sum(np.asarray(v).nbytes for v in stats)
+    assert nbytes(_unit_params()) >= 3 * 8 + 9 * 8 + 2 * 27 * 8
+    assert nbytes((np.zeros(10), [np.zeros(5)], {"a": np.zeros(2)})) == 8 * 17
+
+
+def _slow(X, w, slow_part, i):
+    time.sleep(0.3 if i != slow_part else 4.0)
+    return np.array([len(X)], dtype=np.float64)
+
+
+@pytest.mark.parametrize("slow_part", [None, 3])
+def test_the_first_pass_of_a_function_is_compared_with_its_own_tasks(zdata, dask_client, slow_part):
+    """The stall baseline compares like with like: the opening scan (read and hash only) is
+    no measure of a slower function's first pass; that pass's usual time is estimated from
+    its first finished task (x tasks per thread), so a slow but steady first pass is not
+    reported, and one task far slower than the others is."""
+    import warnings
+
+    rows = emflow.storage.data.open_rows(zdata["X"], partition_bytes=24 * 1500)  # 4 partitions
+    engine = Engine(dask_client, stall_factor=4, stall_floor=0.01)
+    loaded = engine.load(rows)
+    loaded.pass_history["scan"] = loaded.pass_seconds = [1e-3]  # a quick scan: 300x faster than the pass
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", emflow.ClusterWarning)
+        got = engine.map_reduce(_slow, loaded, slow_part, per_partition=list(range(4)))
+    loaded.release()
+    assert got[0] == len(zdata["X"])
+    stalls = [str(w.message) for w in caught if issubclass(w.category, emflow.ClusterWarning)]
+    if slow_part is None:
+        assert stalls == []
+    else:
+        [msg] = stalls
+        assert "(estimated from its first finished task). Its unfinished tasks are held by worker" in msg, msg
+    assert list(loaded.pass_history) == ["scan", "_slow"]

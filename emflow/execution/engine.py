@@ -5,7 +5,8 @@ It maps a function over the partitions of a dataset and tree-reduces the results
 
 * a Dask distributed ``Client``: each partition's task reads its own data on a worker
   (or uses the copy kept resident in worker memory), and the statistics are combined by
-  a tree of ``add`` tasks with fan-in ``split_every``;
+  a tree of ``add`` tasks with fan-in ``split_every`` (its last node on the client when
+  the statistics are small; how a pass keeps its fixed cost low: :mod:`.submit`);
 * in-process threads (no cluster), for in-memory work and small data.
 
 Both reduce in the same fixed tree, so the answer does not depend on the backend or the
@@ -31,9 +32,9 @@ from ..storage import data as _data
 from ..storage import fingerprint as _fp
 from ..errors import ClusterError, ConfigError
 from ..stats import add
-from .tasks import (_apply, _apply_indexed, _apply_reduce, _batch_width, _element_starts, _reduce_tasks, _scan_batch,
-                    tree_reduce)
+from .tasks import _apply, _apply_indexed, _batch_width, _element_starts, _reduce_tasks, _scan_batch, tree_reduce
 from .watch import ClusterWatch, _cancelled, _comm_failed, _warn
+from . import submit as _dask
 from . import sweeps as _sweeps
 
 __all__ = ["Engine", "Loaded", "sample_rows", "take_rows"]
@@ -83,8 +84,11 @@ class Loaded:
     # in-memory data scattered to workers: sends partitions i, j, ... again (a worker that
     # dies takes its scattered partitions with it, and Dask cannot recompute them)
     _rescatter: Callable[[list[int]], None] | None = field(default=None, repr=False)
-    # seconds taken by the latest passes over these data (the usual time of a pass)
+    # seconds taken by the latest passes over these data (the opening scan first)
     pass_seconds: list = field(default_factory=list, repr=False)
+    # the same per function run over the data (``"scan"``: the opening scan): the usual
+    # time of a pass of a function is that of its own previous passes
+    pass_history: dict = field(default_factory=dict, repr=False)
     # partitions read so far (the opening scan and every pass): n_passes_ = reads / partitions
     partition_reads: int = field(default=0, repr=False)
 
@@ -168,6 +172,8 @@ class Engine(ClusterWatch):
         self.last_reduction: dict = {}
         # every partition read by this engine (scans and passes, repeated attempts included)
         self.partition_reads = 0
+        # bytes of the latest statistics of each map_reduce function (where to add the last node)
+        self._stats_bytes: dict[str, int] = {}
 
     # -- facts about where we run ---------------------------------------------------
     @property
@@ -319,8 +325,8 @@ class Engine(ClusterWatch):
         loaded = Loaded(rows, handles, resident, fingerprint, weight_sum, release, rescatter)
         self._count_reads(loaded)  # the scan
         if self.client is not None:
-            # the scan read every partition: the first measure of how long a pass takes
             loaded.pass_seconds.append(scan_seconds)
+            loaded.pass_history["scan"] = [scan_seconds]
         return loaded
 
     # -- passes over the data -------------------------------------------------------
@@ -329,8 +335,10 @@ class Engine(ClusterWatch):
         loaded.partition_reads += n
         self.partition_reads += n
 
-    def _broadcast(self, args: tuple):
-        if self.client is None or not args:
+    def _broadcast(self, args: tuple, n_tasks: int):
+        """``args`` as the tasks take them: inside each task when small, else one copy sent
+        to every worker first (a future)."""
+        if self.client is None or not args or _dask.inline(args, n_tasks):
             return args
         try:
             [fut] = self.client.scatter([args], broadcast=True, hash=False)
@@ -339,8 +347,9 @@ class Engine(ClusterWatch):
             raise
         return fut
 
-    def _submit(self, fn: Callable, loaded: Loaded, args: tuple, per_partition: Sequence | None):
-        """Results (in-process) or futures (Dask) of fn over every partition, in order."""
+    def _submit(self, fn: Callable, loaded: Loaded, args: tuple, per_partition: Sequence | None, width: int = 1):
+        """Results (in-process) or futures (Dask) of fn over every partition, in order (on
+        Dask, ``width`` consecutive partitions per task, reduced inside it)."""
         handles = loaded.handles
         extras = [None] * len(handles) if per_partition is None else list(per_partition)
         if len(extras) != len(handles):
@@ -351,15 +360,15 @@ class Engine(ClusterWatch):
                     return list(self._threads().map(lambda h: _apply(fn, h, args), handles))
                 return list(self._threads().map(lambda he: _apply_indexed(fn, he[0], args, he[1]),
                                                 zip(handles, extras)))
-        bargs = self._broadcast(args)
-        if per_partition is None:
-            return [self.client.submit(_apply, fn, h, bargs, pure=False) for h in handles]
-        return [self.client.submit(_apply_indexed, fn, h, bargs, e, pure=False) for h, e in zip(handles, extras)]
+        bargs = self._broadcast(args, -(-len(handles) // width))
+        return _dask.submit_map(self.client, fn, handles, bargs, per_partition, width, self.split_every)
 
-    def _pass(self, loaded: Loaded, run: Callable[[Callable], Any]) -> Any:
-        """``run(wait)`` (one pass over the data; ``wait(futures, keys)`` waits for its
-        futures while watching the cluster). Faults the cluster recovers from repeat the
-        pass (a few times at most):
+    def _pass(self, loaded: Loaded, run: Callable[[Callable], Any], name: str = "") -> Any:
+        """``run(wait)`` (one pass of the function ``name`` over the data; ``wait(futures,
+        keys, probes)`` waits for its futures while watching the cluster: the usual time of
+        the pass is the median of the function's previous passes, or for its first pass is
+        estimated from the first of ``probes`` (map futures) to finish). Faults the cluster
+        recovers from repeat the pass (a few times at most):
 
         * a worker died holding scattered in-memory partitions: send them again;
         * every worker was lost, the scheduler still up: wait (bounded) for workers to
@@ -370,19 +379,22 @@ class Engine(ClusterWatch):
         for attempt in range(MAX_RESCATTERS + 1):
             t0 = time.monotonic()
             if self.client is not None:
-                self._await_workers("before a pass over the data" if attempt == 0 else
-                                    "during a pass over the data", healthy=attempt == 0)
-                self._check_new_workers()
+                waited = self._await_workers("before a pass over the data" if attempt == 0 else
+                                             "during a pass over the data", healthy=attempt == 0)
+                self._check_new_workers(latest=not waited)
                 t0 = time.monotonic()
-            past = loaded.pass_seconds
+            past = loaded.pass_history.setdefault(name, [])
             usual = statistics.median(past) if past else None
 
-            def wait(futures: list, keys: list) -> None:
-                self._wait(futures, keys, t0, usual)
+            def wait(futures: list, keys: list, probes) -> None:
+                if usual is not None:
+                    probes.futures.clear()  # not needed: let the workers free their statistics
+                self._wait(futures, keys, t0, usual, probes)
 
             self._count_reads(loaded)
             try:
-                out = run(wait)
+                with _dask.prompt_client(self.client):
+                    out = run(wait)
             except Exception as exc:
                 if self.client is None or isinstance(exc, ClusterError):
                     raise
@@ -418,6 +430,8 @@ class Engine(ClusterWatch):
                 raise
             past.append(time.monotonic() - t0)
             del past[:-PASS_HISTORY]
+            loaded.pass_seconds.append(past[-1])
+            del loaded.pass_seconds[:-PASS_HISTORY]
             return out
 
     def _linked(self, fn: Callable, loaded: Loaded, args: tuple, per_partition: Sequence | None):
@@ -438,13 +452,13 @@ class Engine(ClusterWatch):
 
         def run(wait):
             fn, per_partition, sweep_keys = self._linked(fn0, loaded, args, per0)
-            if width > 1:
-                parts = self._submit_batches(fn, loaded, args, per_partition, width)
-            else:
-                parts = self._submit(fn, loaded, args, per_partition)
+            parts = self._submit(fn, loaded, args, per_partition, width)
             if self.client is None:
                 return tree_reduce(parts, add, self.split_every, lambda f, *a: f(*a))
             keys = sweep_keys + [p.key for p in parts]
+            probes = _dask.probes(parts, self._threads_seen())
+            # small statistics (as this function's were last time): the tree's last node on the client
+            small = self._stats_bytes.get(name, np.inf) <= _dask.CLIENT_COMBINE_BYTES
 
             def submit(f, *a):
                 # before the map tasks still queued: a partial sum frees its inputs, so the
@@ -453,18 +467,24 @@ class Engine(ClusterWatch):
                 keys.append(fut.key)
                 return fut
 
-            root, depth = tree_reduce(parts, add, self.split_every, submit)
-            # hold only the root: a map task's statistics are freed on the worker once its
+            top, depth = tree_reduce(parts, add, self.split_every, submit, until=self.split_every if small else 1)
+            # hold only the top: a map task's statistics are freed on the worker once its
             # partial sum is done, not at the end of the pass (P bundles held at once)
             del parts
-            wait([root], keys)
-            return root.result(), depth + levels, len(keys)
+            top = top if small else [top]
+            wait(top, keys, probes)
+            got = self.client.gather(top)
+            if len(got) > 1:  # the root of the same tree, added here
+                return add(*got), depth + 1 + levels, len(keys) + 1
+            return got[0], depth + levels, len(keys)
 
-        out = self._pass(loaded, run)
+        name = _dask.name(fn)
+        out = self._pass(loaded, run, name)
         if self.client is None:
             (total, depth), tasks = out, len(loaded.handles) + _reduce_tasks(len(loaded.handles), self.split_every)
         else:
             total, depth, tasks = out
+            self._stats_bytes[name] = _dask.nbytes(total)
         self.last_reduction = {
             "partitions": len(loaded.handles), "depth": depth, "split_every": self.split_every,
             "partitions_per_task": width, "tasks": tasks, "seconds": time.perf_counter() - t0,
@@ -485,18 +505,6 @@ class Engine(ClusterWatch):
             width, levels = width * self.split_every, levels + 1
         return width, levels
 
-    def _submit_batches(self, fn: Callable, loaded: Loaded, args: tuple, per_partition: Sequence | None,
-                        width: int) -> list:
-        """Futures of fn over runs of ``width`` consecutive partitions, each reduced in its task."""
-        handles = loaded.handles
-        if per_partition is not None and len(per_partition) != len(handles):
-            raise ValueError("per_partition needs one entry per partition")
-        bargs = self._broadcast(args)
-        return [self.client.submit(_apply_reduce, fn, list(handles[i:i + width]), bargs,
-                                   None if per_partition is None else list(per_partition[i:i + width]),
-                                   width, self.split_every, pure=False)
-                for i in range(0, len(handles), width)]
-
     def map(self, fn: Callable, loaded: Loaded, *args, per_partition: Sequence | None = None) -> list:
         """``[fn(X_p, w_p, *args[, per_partition[p]]) for each partition]``, gathered in order."""
         fn0, per0 = fn, per_partition
@@ -506,10 +514,10 @@ class Engine(ClusterWatch):
             parts = self._submit(fn, loaded, args, per_partition)
             if self.client is None:
                 return parts
-            wait(parts, sweep_keys + [p.key for p in parts])
+            wait(parts, sweep_keys + [p.key for p in parts], _dask.probes(parts, self._threads_seen()))
             return self.client.gather(parts)
 
-        return self._pass(loaded, run)
+        return self._pass(loaded, run, "map " + _dask.name(fn0))
 
 
 @_sweeps.step_local

@@ -79,11 +79,14 @@ def _element_starts(rows) -> list[int]:
     return list(starts) if starts is not None else [a for a, _ in rows.bounds]
 
 
-def tree_reduce(items: list, combine: Callable, split_every: int, submit: Callable) -> tuple[Any, int]:
+def tree_reduce(items: list, combine: Callable, split_every: int, submit: Callable,
+                until: int = 1) -> tuple[Any, int]:
     """Reduce ``items`` with ``combine`` in a tree of fan-in ``split_every``.
 
     ``submit(combine, *group)`` returns the (possibly future) combined item. Returns the
-    root and the depth of the tree (0 for a single item).
+    root and the depth of the tree (0 for a single item). ``until=split_every``: stop at
+    the last node's inputs (a list of at most ``split_every`` items; ``combine(*them)`` is
+    the root) and return them with the depth below them.
     """
     if split_every < 2:
         raise ConfigError(f"split_every must be at least 2, got {split_every}.")
@@ -91,13 +94,13 @@ def tree_reduce(items: list, combine: Callable, split_every: int, submit: Callab
         raise ValueError("nothing to reduce")
     depth = 0
     level = list(items)
-    while len(level) > 1:
+    while len(level) > until:
         level = [
             submit(combine, *level[i : i + split_every]) if len(level[i : i + split_every]) > 1 else level[i]
             for i in range(0, len(level), split_every)
         ]
         depth += 1
-    return level[0], depth
+    return (level[0] if until == 1 else level), depth
 
 
 def _reduce_tasks(n: int, split_every: int) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 import warnings
 from typing import TYPE_CHECKING
 
@@ -82,6 +83,14 @@ def _setting(key: str, value, seconds: bool) -> float:
     return out
 
 
+@dataclass
+class Probes:
+    """A pass's first map futures (one per thread at most) and its number of map tasks."""
+
+    futures: list
+    tasks: int
+
+
 class ClusterWatch:
     """The engine's view of its cluster (a mixin of :class:`~emflow.execution.engine.Engine`).
 
@@ -151,7 +160,7 @@ class ClusterWatch:
 
         ``healthy``: nothing has gone wrong yet (before a pass), so the workers there now
         are the ones "all N workers were lost" counts."""
-        workers = self._workers()
+        workers = self._latest_workers = self._workers()
         if workers is None or workers:
             if workers and healthy:
                 self._workers_seen = len(workers)
@@ -166,7 +175,7 @@ class ClusterWatch:
             time.sleep(min(POLL_SECONDS, max(0.0, deadline - time.monotonic())))
             if not self._connected():
                 raise self._lost_scheduler_error("while waiting for workers to join")
-            workers = self._workers()
+            workers = self._latest_workers = self._workers()
             if workers:
                 logger.warning("%d Dask worker(s) joined the scheduler at %s; going on with the fit.",
                                len(workers), self.address)
@@ -180,11 +189,13 @@ class ClusterWatch:
                     "already written are intact."
                 )
 
-    def _check_new_workers(self) -> None:
-        """Workers that joined since the last look go through ``worker_check`` (once each)."""
+    def _check_new_workers(self, latest: bool = False) -> None:
+        """Workers that joined since the last look go through ``worker_check`` (once each);
+        ``latest``: the workers :meth:`_await_workers` has just seen (no second question)."""
         if self.worker_check is None:
             return
-        new = sorted(set(self._workers() or ()) - self.checked_workers)
+        workers = getattr(self, "_latest_workers", None) if latest else None
+        new = sorted(set((workers if workers is not None else self._workers()) or ()) - self.checked_workers)
         if new:
             self.worker_check(new)
             self.checked_workers.update(new)
@@ -201,23 +212,42 @@ class ClusterWatch:
                 lost.update(i for i, k in enumerate(keys) if not held.get(k))
         return sorted(lost)
 
-    def _wait(self, futures: list, keys: list, started: float, usual: float | None) -> None:
+    def _threads_seen(self) -> int:
+        """Threads of the workers :meth:`_await_workers` saw last (no question asked)."""
+        return max(1, sum((getattr(self, "_latest_workers", None) or {}).values()))
+
+    def _wait(self, futures: list, keys: list, started: float, usual: float | None,
+              probes: Probes | None = None) -> None:
         """Wait until ``futures`` are done (or erred or cancelled), watching the cluster:
         all workers lost -> :meth:`_await_workers`; a pass far slower than ``usual`` ->
-        one stall warning. Results are not fetched here."""
+        one stall warning. Without ``usual`` (the first pass of its function), the usual
+        time is estimated once the first of ``probes`` is done: its time x the map tasks
+        per probe. Results are not fetched here."""
         from distributed import wait
 
         stall_after = None if usual is None else max(self.stall_factor * usual, self.stall_floor)
+        basis = "median of the previous passes"
         warned = False
         while True:
+            pending = probes.futures if probes is not None else []
             try:
                 with self.client.as_current():
-                    wait(futures, timeout=POLL_SECONDS)
-                return
+                    if pending:  # the first pass of its function: wake up when a probe is done
+                        wait(futures + pending, timeout=POLL_SECONDS, return_when="FIRST_COMPLETED")
+                    else:
+                        wait(futures, timeout=POLL_SECONDS)
+                if not pending or all(f.done() for f in futures):
+                    return
             except TimeoutError:
                 pass
             except Exception:
                 return  # cancelled futures: their result() raises what the caller reports
+            if pending and any(f.done() for f in pending):
+                usual = (time.monotonic() - started) * -(-probes.tasks // len(pending))
+                stall_after = max(self.stall_factor * usual, self.stall_floor)
+                basis = "estimated from its first finished task"
+                pending.clear()  # let the workers free their statistics
+                continue
             if not self._connected():
                 return  # the futures are cancelled now; the caller reports the lost scheduler
             if self._await_workers("during a pass over the data"):
@@ -226,11 +256,11 @@ class ClusterWatch:
             elapsed = time.monotonic() - started
             if not warned and stall_after is not None and elapsed > stall_after:
                 warned = True
-                _warn(self._stall_message(keys, elapsed, usual))
+                _warn(self._stall_message(keys, elapsed, usual, basis))
 
-    def _stall_message(self, keys: list, elapsed: float, usual: float) -> str:
-        head = (f"A pass over the data has taken {_secs(elapsed)} so far, against a usual {_secs(usual)} "
-                "(median of the previous passes). ")
+    def _stall_message(self, keys: list, elapsed: float, usual: float,
+                       basis: str = "median of the previous passes") -> str:
+        head = f"A pass over the data has taken {_secs(elapsed)} so far, against a usual {_secs(usual)} ({basis}). "
         processing = self._ask("processing")
         if processing is None:
             where = (f"The Dask scheduler at {self.address} did not answer within {PROBE_TIMEOUT:g} s either: "
