@@ -49,7 +49,8 @@ from sklearn.utils._set_output import _SetOutputMixin, _wrap_method_output
 from ._persist import Persistent
 from .accelerate import AccelerateRule, add_accelerate_parameter, add_keyword_parameter
 from .em import EMResult, IterationEvent, run_em
-from .incremental import LedgerRule, check_ledger_location, fit_with_ledger, record_ledger
+from .incremental import (LedgerRule, add_warm_start_keyword, check_ledger_location, fit_with_ledger, record_ledger,
+                          wants_warm_start)
 from ..errors import ConfigError, EmflowConvergenceWarning, NotFittedError
 
 __all__ = ["EMEstimator", "Output", "REGISTRY", "family_of", "print_iteration"]
@@ -136,6 +137,7 @@ class EMEstimator(Persistent, _SetOutputMixin, BaseEstimator):
         super().__init_subclass__(**kwargs)
         add_accelerate_parameter(cls)  # every family's accelerate=None (emflow.estimators.accelerate)
         add_keyword_parameter(cls, "ledger")  # and ledger=None (emflow.estimators.incremental)
+        add_warm_start_keyword(cls)  # fit(..., warm_start=True) in every family
         name = cls.__dict__.get("family")
         if name:
             if "cli_name" not in cls.__dict__:
@@ -271,7 +273,7 @@ class EMEstimator(Persistent, _SetOutputMixin, BaseEstimator):
             f"Best performing initialization did not converge. Try different init parameters, or "
             f"increase {self.iter_param}, tol, or check for degenerate data. ({type(self).__name__}: "
             f"{restarts} initialisation(s), {self.iter_param}={max_iter}, tol={self.tol})",
-            EmflowConvergenceWarning, stacklevel=5,
+            EmflowConvergenceWarning, stacklevel=6,  # the caller of fit (through its warm_start wrapper)
         )
 
     def _fit_info_extra(self, loaded, result: EMResult) -> dict:
@@ -423,7 +425,7 @@ class EMEstimator(Persistent, _SetOutputMixin, BaseEstimator):
     def _fit_loaded(self, engine, loaded, callbacks, initial_params=None, history=None):
         self._prepare(engine, loaded)
         n_init = int(getattr(self, "n_init", 1))
-        warm = bool(getattr(self, "warm_start", False)) and self._is_fitted()
+        warm = wants_warm_start(self) and self._is_fitted()
         if initial_params is not None and n_init != 1 and not warm:
             raise ConfigError("Resuming from initial_params needs n_init=1.")
         max_iter = int(getattr(self, self.iter_param))

@@ -240,12 +240,12 @@ class Ledger:
             diff = [k for k in identity if stored.get(k) != json.loads(json.dumps(identity[k]))] or ["format"]
             warnings.warn(f"The statistics ledger at {self.path!r} was written for another model or dataset "
                           f"({', '.join(diff)} differ: ledger {[stored.get(k) for k in diff]}); it is ignored "
-                          "and rewritten by this fit.", LedgerMismatch, stacklevel=4)
+                          "and rewritten by this fit.", LedgerMismatch, stacklevel=7)
             return None
         if s.get("params_hash") != params_hash(params):
             warnings.warn(f"The statistics ledger at {self.path!r} was written by another fit (its model's "
                           "parameters differ from the warm-started model's); it is ignored and rewritten by "
-                          "this fit.", LedgerMismatch, stacklevel=4)
+                          "this fit.", LedgerMismatch, stacklevel=7)
             return None
         return s
 
