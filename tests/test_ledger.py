@@ -207,3 +207,26 @@ def test_bad_ledger_locations(tmp_path):
     with pytest.raises(ConfigError, match="something other than a statistics ledger"):
         _gmm(ledger=tmp_path / "busy").fit(X)
     assert os.listdir(tmp_path / "busy") == ["notes.txt"]
+
+
+def test_squarem_with_a_ledger_is_squarem(tmp_path):
+    X = _rows(3000)
+    with _quiet():
+        plain = _gmm(max_iter=12, accelerate="squarem").fit(X)
+        led = _gmm(max_iter=12, accelerate="squarem", ledger=tmp_path / "L").fit(X)
+    assert led.history_ == plain.history_ and led.n_passes_ == plain.n_passes_
+    np.testing.assert_array_equal(led.means_, plain.means_)
+    assert read_ledger_summary(tmp_path / "L")["n_partitions"] == led.fit_info_["partitions"]
+
+
+def test_unchanged_data_reuses_every_partition(tmp_path):
+    """Nothing appended: no partition is read before the first iteration, whose objective is
+    the previous fit's last (the ledger's version on the same data)."""
+    X = _rows(3000)
+    with _quiet():
+        est = _gmm(max_iter=8, ledger=tmp_path / "L").fit(X)
+        last = est.history_[-1]
+        est.set_params(max_iter=1).fit(X, warm_start=True)
+    info = est.fit_info_["ledger"]
+    assert info["partitions_reused"] == info["partitions_total"] and est.history_ == [last]
+    assert info["bytes_read"] == X.nbytes  # the opening scan only

@@ -404,6 +404,7 @@ class EMEstimator(Persistent, _SetOutputMixin, BaseEstimator):
         self.n_passes_ = int(loaded.partition_reads // max(1, len(loaded.handles)))
         if getattr(self, "fit_info_", None) is not None:
             self.fit_info_["n_passes"] = self.n_passes_
+            self.fit_info_["bytes_read"] = int(loaded.bytes_read)  # stored bytes, the engine's count
 
     def init_params_for(self, data, *fit_args, init: int = 0, seed: int | None = None):
         """The starting parameters of restart ``init`` of ``fit(data, ...)`` (what
@@ -497,6 +498,7 @@ class EMEstimator(Persistent, _SetOutputMixin, BaseEstimator):
             "n_init": int(restarts),
             "seconds_per_iteration": [float(s) for s in result.seconds],
             "n_passes": self.n_passes_,
+            "bytes_read": int(loaded.bytes_read),
             "accelerate": getattr(self, "accelerate", None),
             **({"acceleration": result.acceleration} if result.acceleration else {}),
             **self._fit_info_extra(loaded, result),
