@@ -102,6 +102,7 @@ def test_warm_refit_after_append_gmm(tmp_path):
         est = _gmm(ledger=tmp_path / "L", warm_start=True).fit(path)
     version = Ledger(tmp_path / "L").version_params(read_ledger_summary(tmp_path / "L"))
     zarr.open_group(path)["X"].append(more)
+    est = emflow.load(est.save(tmp_path / "model.zarr"))  # a saved model keeps its ledger
     with _quiet():
         est.fit(path)
         scratch = _gmm().fit(path)

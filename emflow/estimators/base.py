@@ -36,6 +36,7 @@ the restarts as separate tasks therefore reproduces ``fit(n_init=R)`` exactly.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -455,12 +456,12 @@ class EMEstimator(Persistent, _SetOutputMixin, BaseEstimator):
                 if warm and stop is None and initial_params is None and np.isfinite(self.lower_bound_):
                     # scikit-learn's warm start: the first change is measured from the last fit's bound
                     stop = _WarmStop(float(self.lower_bound_), self._em_tol(loaded))
-                em = fit_with_ledger if self.ledger is not None else run_em
+                # with a ledger: per-partition statistics kept, a warm start from them (incremental.py)
+                em = run_em if self.ledger is None else functools.partial(fit_with_ledger, estimator=self, warm=warm)
                 result = em(engine, loaded, family, params, tol=None if stop is not None else self._em_tol(loaded),
                             stop=stop, max_iter=max_iter, callbacks=[watch, *callbacks], init=init,
                             history=history, seed=(seed, init), accelerate=self.accelerate,
-                            spec=self.param_spec() if self.accelerate == "squarem" else None,
-                            **({"estimator": self, "warm": warm} if self.ledger is not None else {}))
+                            spec=self.param_spec() if self.accelerate == "squarem" else None)
             if best is None or result.lower_bound > best.lower_bound:
                 best = result
         assert best is not None
