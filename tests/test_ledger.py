@@ -231,3 +231,23 @@ def test_unchanged_data_reuses_every_partition(tmp_path):
     info = est.fit_info_["ledger"]
     assert info["partitions_reused"] == info["partitions_total"] and est.history_ == [last]
     assert info["bytes_read"] == X.nbytes  # the opening scan only
+
+
+def test_a_change_inside_a_cut_sequence_recomputes_its_chain(tmp_path):
+    """One long sequence cut across partitions: a partition's statistics need its neighbours'
+    messages, so a changed partition is recomputed with every partition of the chain."""
+    params = make_hmm_params(2, 2, "gaussian", "diag", seed=1)
+    X, _ = sample_hmm(params, [3000], np.random.default_rng(0))
+    kw = dict(n_components=2, covariance_type="diag", random_state=0, tol=1e-9, n_iter=5, partition_bytes=8000)
+    with _quiet():
+        est = emflow.GaussianHMM(**kw, ledger=tmp_path / "L").fit(X, [3000])
+    assert est.fit_info_["partitions"] > 2
+    version = Ledger(tmp_path / "L").version_params(read_ledger_summary(tmp_path / "L"))
+    X2 = X.copy()
+    X2[1500] += 1.0
+    with _quiet():
+        est.set_params(n_iter=1).fit(X2, [3000], warm_start=True)
+        plain = _plain_from(est, version, X2, [3000], n_iter=1)
+    info = est.fit_info_["ledger"]
+    assert info["partitions_changed"] == 1 and info["partitions_reused"] == info["partitions_total"] - 1
+    assert est.history_[0] == pytest.approx(plain.history_[0], rel=1e-13)

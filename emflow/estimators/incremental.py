@@ -105,10 +105,10 @@ def partition_stats(engine, loaded, family, params, context: tuple, idx: list[in
     from .em import _group_e_step
 
     P = len(loaded.handles)
-    if idx is not None and (len(idx) == P or getattr(loaded.data, "chains", None)):
-        idx = None
-    target = loaded if idx is None else _subset(loaded, idx)
-    which = list(range(P)) if idx is None else idx
+    want = list(range(P)) if idx is None else list(idx)
+    full = len(want) == P or bool(getattr(loaded.data, "chains", None))
+    which = list(range(P)) if full else want
+    target = loaded if full else _subset(loaded, want)
     if getattr(family, "takes_context", False):
         starts = partition_starts(loaded)
         it, seed, init = context
@@ -117,11 +117,11 @@ def partition_stats(engine, loaded, family, params, context: tuple, idx: list[in
         out = [o[0] for o in out]
     else:
         out = engine.map(family.e_step, target, params)
-    if target is not loaded:
+    if not full:  # the subset's reads count as reads of the data
         loaded.partition_reads += target.partition_reads
         loaded.bytes_read += target.bytes_read
         return out
-    return out if idx is None or len(which) == P else [out[i] for i in which]
+    return out if len(want) == P else [out[i] for i in want]
 
 
 def _total(engine, parts: list):
