@@ -56,8 +56,6 @@ TASKS_PER_THREAD = 4
 
 # passes remembered for the usual duration of a pass
 PASS_HISTORY = 20
-# threadpoolctl's view of the BLAS libraries, found once per process (engine._one_blas_thread)
-_BLAS = None
 
 
 @dataclass
@@ -218,12 +216,7 @@ class Engine(ClusterWatch):
         the cores and run many times slower."""
         if self.n_threads <= 1:
             return contextlib.nullcontext()
-        global _BLAS
-        if _BLAS is None:  # scanning the loaded libraries costs 10-30 ms: once per process
-            from threadpoolctl import ThreadpoolController
-
-            _BLAS = ThreadpoolController()
-        return _BLAS.limit(limits=1, user_api="blas")
+        return _dask.blas_controller().limit(limits=1, user_api="blas")
 
     def _threads(self) -> ThreadPoolExecutor:
         if self._pool is None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -27,7 +28,7 @@ import numpy as np
 from .tasks import _apply, _apply_indexed, _apply_reduce
 from .watch import Probes
 
-__all__ = ["CLIENT_BATCH_INTERVAL", "CLIENT_COMBINE_BYTES", "INLINE_BYTES", "nbytes", "submit_map",
+__all__ = ["CLIENT_BATCH_INTERVAL", "blas_controller", "CLIENT_COMBINE_BYTES", "INLINE_BYTES", "nbytes", "submit_map",
            "prompt_client"]
 
 # seconds between two sends of the client's stream to the scheduler while a pass runs
@@ -109,3 +110,12 @@ def prompt_client(client):
         yield
     finally:
         comm.interval = before
+
+
+@functools.cache
+def blas_controller():
+    """threadpoolctl's view of the loaded BLAS libraries, found once per process (scanning
+    them costs 10-30 ms: once per in-process engine was once per fit)."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
