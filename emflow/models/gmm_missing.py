@@ -26,12 +26,23 @@ import numpy as np
 
 from ..errors import DataError
 from . import gmm as G
+from ._compiled import compiled_kernel
 
 __all__ = ["e_step", "posterior", "impute", "check_rows"]
 
 _LOG_2PI = np.log(2 * np.pi)
 # floats per temporary: bounds the per-pattern (P, K, d, d) and per-row (B, K, d, d) arrays
 _BLOCK_FLOATS = 1 << 21
+
+#: Which path the full and tied covariances take: "auto" the compiled kernel
+#: (:mod:`emflow.models.gmm_missing_kernel`) when numba imports, else NumPy; "numpy" never the
+#: kernel; "numba" the kernel, an ImportError without numba. Both give the same answers.
+KERNEL = "auto"
+
+
+def _kernel():
+    """The compiled kernel module, or ``None`` for the NumPy path."""
+    return compiled_kernel(KERNEL, "gmm_missing_kernel")
 
 
 def check_rows(miss: np.ndarray, row0: int = 0) -> None:
@@ -156,7 +167,9 @@ def _incomplete(X, miss, w, params: G.GMMParams, *, stats: bool = False, fill: b
                 xhat[a:b] = g + Xb + (1.0 - Ob) * (r @ mc)
         _finish(s, lse, w)
         return lse, resp, s, xhat
-    return _incomplete_matrix(Xc, obs, miss, w, params, mc, log_w, lse, resp, s, xhat, g, gamma, logp_out)
+    kern = _kernel()
+    run = _incomplete_matrix if kern is None else kern.incomplete_matrix
+    return run(Xc, obs, miss, w, params, mc, log_w, lse, resp, s, xhat, g, gamma, logp_out)
 
 
 def _finish(s, lse, w):
