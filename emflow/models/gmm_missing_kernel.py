@@ -50,7 +50,7 @@ _jit = numba.njit(cache=True, nogil=True, fastmath=False)
 
 
 @_jit
-def _factor(prec, mi, t, chol, cinv, logdet_mm, want_inverse):
+def _factor(prec, mi, t, chol, rdiag, cinv, logdet_mm, want_inverse):
     """Cholesky ``L`` of every component's ``P_mm`` into ``chol[kc, :t, :t]``, ``log det P_mm``
     and (``want_inverse``) ``P_mm^{-1}`` into ``cinv``. Returns False if one is not positive
     definite."""
@@ -64,6 +64,7 @@ def _factor(prec, mi, t, chol, cinv, logdet_mm, want_inverse):
             if not v > 0.0:
                 return False
             L[j, j] = math.sqrt(v)
+            rdiag[kc, j] = 1.0 / L[j, j]
             ld += math.log(L[j, j])
             for i in range(j + 1, t):
                 u = prec[kc, mi[i], mi[j]]
@@ -91,63 +92,139 @@ def _factor(prec, mi, t, chol, cinv, logdet_mm, want_inverse):
 
 
 @_jit
-def _rows(miss, Lq, H, hd, mc, prec, logdet_sig, log_w, gamma, use_gamma, wts, use_w, want_stats, want_fill,
-          logp_out, want_logp, lse, resp, WR, E, s1, s2, xfill, mi, prev, chol, cinv, logdet_mm, Z, logp, tprev):
-    """One block of rows (see the module docstring). Returns -1, or the (block) row at which a
-    ``P_mm`` was not positive definite; ``tprev`` carries the cached pattern between blocks."""
-    B, d = miss.shape
+def _pattern_keys(miss):
+    """Each row's missingness pattern as an integer (bit j: coordinate j missing), d <= 62."""
+    n, d = miss.shape
+    key = np.empty(n, np.int64)
+    for b in range(n):
+        v = 0
+        for j in range(d):
+            if miss[b, j]:
+                v |= 1 << j
+        key[b] = v
+    return key
+
+
+@_jit
+def _features(X0, F, off):
+    """Packed quadratic features of ``[x0, 1]`` (the layout of :mod:`emflow.models.gmm_kernel`)."""
+    B, d = X0.shape
+    for b in range(B):
+        for p in range(d):
+            F[b, p] = X0[b, p]
+        F[b, d] = 1.0
+        for p in range(d):
+            o = off[p]
+            xp = X0[b, p]
+            for q in range(p, d):
+                F[b, o + q - p] = xp * X0[b, q]
+
+
+@_jit
+def _flush(t, mi, cinv, Nk, s2, crun, cross):
+    """End of a run of rows of one pattern: add its conditional covariances ``N_k P_mm^{-1}``
+    into the missing block of ``s2`` and its cross terms ``sum r_k D x0^T`` into ``cross``."""
+    K, d = Nk.shape[0], cross.shape[1]
+    Kc = cinv.shape[0]
+    for k in range(K):
+        kc = k if Kc == K else 0
+        for i in range(t):
+            for j in range(t):
+                s2[k, mi[i], mi[j]] += Nk[k] * cinv[kc, i, j]
+            for j in range(d):
+                cross[k, mi[i], j] += crun[k * t + i, j]
+                crun[k * t + i, j] = 0.0
+        Nk[k] = 0.0
+
+
+@_jit
+def _pattern(prec, mc, log_w, logdet_sig, hd, mi, t, chol, rdiag, cinv, logdet_mm, Pm, mm, cvec, const, want_inverse):
+    """Everything that depends on the pattern only: the factorisations, ``Pm[j, k t + i] =
+    P_k[j, m_i]``, ``mm = mu_m``, ``cvec = P_mo mu_o`` and the constant of the log-density."""
+    K, d = mc.shape
+    Kc = prec.shape[0]
+    if not _factor(prec, mi, t, chol, rdiag, cinv, logdet_mm, want_inverse):
+        return False
+    for k in range(K):
+        kc = k if Kc == K else 0
+        q = 0.0
+        for i in range(t):
+            for j in range(d):
+                Pm[j, k * t + i] = prec[kc, j, mi[i]]
+            v = 0.0
+            for j in range(t):
+                v += prec[kc, mi[i], mi[j]] * mc[k, mi[j]]
+            mm[k * t + i] = mc[k, mi[i]]
+            cvec[k * t + i] = hd[k, mi[i]] - v  # P_mo mu_o = (P mu)_m - P_mm mu_m
+            q += mc[k, mi[i]] * (v - 2.0 * hd[k, mi[i]])
+        const[k] = log_w[k] - 0.5 * ((d - t) * _LOG_2PI + logdet_sig[kc] + logdet_mm[kc] + q)
+    return True
+
+
+@_jit
+def _rows(order, a, miss, X0, Lq, hd, mc, prec, logdet_sig, log_w, gamma, use_gamma, wts, use_w, want_stats,
+          want_fill, logp_out, want_logp, lse, resp, WR, s1, s2, cross, xfill, mi, state, chol, rdiag, cinv, logdet_mm,
+          Pm, mm, cvec, const, Nk, crun, hx, Z, logp):
+    """Rows ``order[a:a + B]`` (sorted by pattern; block row ``b`` is row ``order[a + b]``, the
+    block arrays ``X0``, ``Lq`` in that order). What depends on the pattern only is computed
+    when the pattern changes and kept across blocks (``state[0]``: the current pattern's
+    ``t``, -1 for none). Returns -1, or the row at which a ``P_mm`` was not positive definite."""
+    B = X0.shape[0]
+    d = miss.shape[1]
     K = mc.shape[0]
     Kc = prec.shape[0]
     for b in range(B):
+        row = order[a + b]
         t = 0
+        same = True
         for j in range(d):
-            if miss[b, j]:
-                mi[t] = j
-                t += 1
-        same = t == tprev[0]
-        if same:
-            for i in range(t):
-                if mi[i] != prev[i]:
+            if miss[row, j]:
+                if t >= state[0] or mi[t] != j:
                     same = False
-                    break
-        if not same:
-            if not _factor(prec, mi, t, chol, cinv, logdet_mm, want_stats):
-                tprev[0] = -1
-                return b
-            for i in range(t):
-                prev[i] = mi[i]
-            tprev[0] = t
+                t += 1
+        if not (same and t == state[0]):
+            if want_stats and state[0] >= 0:
+                _flush(state[0], mi, cinv, Nk, s2, crun, cross)
+            t = 0
+            for j in range(d):
+                if miss[row, j]:
+                    mi[t] = j
+                    t += 1
+            state[0] = -1
+            if not _pattern(prec, mc, log_w, logdet_sig, hd, mi, t, chol, rdiag, cinv, logdet_mm, Pm, mm, cvec, const,
+                            want_stats):
+                return row
+            state[0] = t
+        Kt = K * t
+        for c in range(Kt):
+            hx[c] = 0.0
+        for j in range(d):  # (P_k x0)_m for every component: x0 is zero on m
+            xj = X0[b, j]
+            for c in range(Kt):
+                hx[c] += xj * Pm[j, c]
         mx = -np.inf
         for k in range(K):
             kc = k if Kc == K else 0
-            L = chol[kc]
-            ePe = -2.0 * Lq[b, k]
-            lin = 0.0
-            quad = 0.0
+            L, rd = chol[kc], rdiag[kc]
+            o = k * t
+            maha = -2.0 * Lq[b, k]  # e^T P e, e = x0 - mu
             for i in range(t):
-                pe = H[b, kc * d + mi[i]] - hd[k, mi[i]]
-                pm = 0.0
-                for j in range(t):
-                    pm += prec[kc, mi[i], mi[j]] * mc[k, mi[j]]
-                lin += mc[k, mi[i]] * pe
-                quad += mc[k, mi[i]] * pm
-                Z[k, i] = pe + pm  # v = (P r)_m
-            maha = ePe + 2.0 * lin + quad
-            for i in range(t):  # L^{-1} v
-                u = Z[k, i]
+                maha += 2.0 * mm[o + i] * hx[o + i]
+            for i in range(t):  # L^{-1} v, v = (P r)_m = (P x0)_m - P_mo mu_o
+                u = hx[o + i] - cvec[o + i]
                 for q in range(i):
-                    u -= L[i, q] * Z[k, q]
-                Z[k, i] = u / L[i, i]
-                maha -= Z[k, i] * Z[k, i]
+                    u -= L[i, q] * Z[o + q]
+                Z[o + i] = u * rd[i]
+                maha -= Z[o + i] * Z[o + i]
             for i in range(t - 1, -1, -1):  # L^{-T} L^{-1} v = P_mm^{-1} v
-                u = Z[k, i]
+                u = Z[o + i]
                 for q in range(i + 1, t):
-                    u -= L[q, i] * Z[k, q]
-                Z[k, i] = u / L[i, i]
-            lp = log_w[k] - 0.5 * ((d - t) * _LOG_2PI + logdet_sig[kc] + logdet_mm[kc]) - 0.5 * maha
+                    u -= L[q, i] * Z[o + q]
+                Z[o + i] = u * rd[i]
+            lp = const[k] - 0.5 * maha
             logp[k] = lp
             if want_logp:
-                logp_out[b, k] = lp
+                logp_out[row, k] = lp
             if lp > mx:
                 mx = lp
         if not (mx > -np.inf and mx < np.inf):
@@ -156,33 +233,35 @@ def _rows(miss, Lq, H, hd, mc, prec, logdet_sig, log_w, gamma, use_gamma, wts, u
         for k in range(K):
             logp[k] = math.exp(logp[k] - mx)
             tot += logp[k]
-        lse[b] = math.log(tot) + mx
+        lse[row] = math.log(tot) + mx
         for k in range(K):
-            resp[b, k] = logp[k] / tot
+            resp[row, k] = logp[k] / tot
+        for c in range(Kt):
+            Z[c] = mm[c] - Z[c]  # D: the conditional mean about the shift
         if want_fill:
+            for j in range(d):
+                xfill[row, j] = X0[b, j]
             for i in range(t):
                 acc = 0.0
                 for k in range(K):
-                    r = gamma[b, k] if use_gamma else resp[b, k]
-                    acc += r * (mc[k, mi[i]] - Z[k, i])
-                xfill[b, mi[i]] = acc
+                    r = gamma[row, k] if use_gamma else resp[row, k]
+                    acc += r * Z[k * t + i]
+                xfill[row, mi[i]] = acc
         if want_stats:
-            for j in range(K * d):
-                E[b, j] = 0.0
             for k in range(K):
-                kc = k if Kc == K else 0
-                wr = gamma[b, k] if use_gamma else resp[b, k]
+                wr = gamma[row, k] if use_gamma else resp[row, k]
                 if use_w:
-                    wr *= wts[b]
+                    wr *= wts[row]
                 WR[b, k] = wr
+                Nk[k] += wr
+                o = k * t
                 for i in range(t):
-                    Z[k, i] = mc[k, mi[i]] - Z[k, i]  # D: the conditional mean about the shift
-                for i in range(t):
-                    Di = wr * Z[k, i]
-                    E[b, k * d + mi[i]] = Di
+                    Di = wr * Z[o + i]
                     s1[k, mi[i]] += Di
                     for j in range(t):
-                        s2[k, mi[i], mi[j]] += Di * Z[k, j] + wr * cinv[kc, i, j]
+                        s2[k, mi[i], mi[j]] += Di * Z[o + j]
+                    for j in range(d):  # D x0^T (x0 is zero on m)
+                        crun[o + i, j] += Di * X0[b, j]
     return -1
 
 
@@ -198,58 +277,56 @@ def incomplete_matrix(Xc, obs, miss, w, params, mc, log_w, lse, resp, s, xhat, g
     logdet_sig = -2.0 * np.sum(np.log(np.diagonal(pc, axis1=1, axis2=2)), axis=1)
     full = params._replace(precisions_cholesky=np.broadcast_to(pc, (K, d, d)), covariance_type="full")
     C, _ = _quadratic_coef(full, g)  # (P, K): -e^T P_k e / 2 from the features of [x0, 1]
-    Pcat = np.ascontiguousarray(prec.transpose(1, 0, 2).reshape(d, Kc * d))  # x0 @ Pcat = P_k x0
     hd = np.einsum("kij,kj->ki", np.broadcast_to(prec, (K, d, d)), mc)  # P_k mu_k
     stats, fill = s is not None, xhat is not None
     n = Xc.shape[0]
+    miss = np.ascontiguousarray(miss)
+    if d <= 62:
+        order = np.argsort(_pattern_keys(miss))
+    else:
+        from .gmm_missing import _patterns
+
+        order = _patterns(miss)[1]
     m = d + 1
     P = m * (m + 1) // 2
     off = _pair_offsets(d)
-    step = int(max(64, min(n, _BLOCK_BYTES // (8 * (P + 2 * Kc * d + 4 * K + 2 * d)))))
+    step = int(max(64, min(n, _BLOCK_BYTES // (8 * (P + 2 * K + d)))))
     F = np.empty((step, P))
-    F[:, d] = 1.0
-    H = np.empty((step, Kc * d))
+    X0 = np.empty((step, d))
     Lq = np.empty((step, K))
-    E = np.zeros((step, K * d)) if stats else np.zeros((1, 1))
     WR = np.empty((step, K))
     acc = np.zeros((K, P))
-    cross = np.zeros((K * d, d))
-    s1 = np.zeros((K, d))
-    s2 = np.zeros((K, d, d))
-    mi, prev = np.empty(d, np.int64), np.empty(d, np.int64)
-    chol, cinv = np.zeros((Kc, d, d)), np.zeros((Kc, d, d))
-    logdet_mm, Z, logp, tprev = np.empty(Kc), np.empty((K, d)), np.empty(K), np.full(1, -1, np.int64)
+    s1, s2, cross = np.zeros((K, d)), np.zeros((K, d, d)), np.zeros((K, d, d))
+    mi, state = np.empty(d, np.int64), np.full(1, -1, np.int64)
+    chol, cinv, rdiag = np.zeros((Kc, d, d)), np.zeros((Kc, d, d)), np.zeros((Kc, d))
+    logdet_mm, const, Nk, logp = np.empty(Kc), np.empty(K), np.zeros(K), np.empty(K)
+    Pm, crun = np.empty((d, K * d)), np.zeros((K * d, d))
+    mm, cvec, hx, Z = (np.empty(K * d) for _ in range(4))
     dummy = np.zeros((1, 1))
-    miss = np.ascontiguousarray(miss)
     for a in range(0, n, step):
         b = min(n, a + step)
         nb = b - a
-        Fb = F[:nb]
-        X0 = Fb[:, :d]
-        X0[...] = Xc[a:b]
-        for p in range(d):  # columns 0..d are already [x0, 1] = a * 1
-            np.multiply(X0[:, p : p + 1], X0[:, p:], out=Fb[:, off[p] : off[p + 1]])
+        Fb, X0b = F[:nb], X0[:nb]
+        np.take(Xc, order[a:b], axis=0, out=X0b)
+        _features(X0b, Fb, off)
         np.matmul(Fb, C, out=Lq[:nb])
-        np.matmul(X0, Pcat, out=H[:nb])
-        xf = xhat[a:b] if fill else dummy
-        if fill:
-            xf[...] = X0  # the observed values (zero where missing, overwritten there)
-        bad = _rows(miss[a:b], Lq, H, hd, mc, prec, logdet_sig, log_w,
-                    dummy if gamma is None else gamma[a:b], gamma is not None,
-                    dummy[0] if w is None else w[a:b], w is not None, stats, fill,
-                    dummy if logp_out is None else logp_out[a:b], logp_out is not None,
-                    lse[a:b], resp[a:b], WR, E, s1, s2, xf, mi, prev, chol, cinv, logdet_mm, Z, logp, tprev)
+        bad = _rows(order, a, miss, X0b, Lq, hd, mc, prec, logdet_sig, log_w,
+                    dummy if gamma is None else gamma, gamma is not None,
+                    dummy[0] if w is None else w, w is not None, stats, fill,
+                    dummy if logp_out is None else logp_out, logp_out is not None,
+                    lse, resp, WR, s1, s2, cross, xhat if fill else dummy, mi, state, chol, rdiag, cinv, logdet_mm,
+                    Pm, mm, cvec, const, Nk, crun, hx, Z, logp)
         if bad >= 0:
             raise np.linalg.LinAlgError("Matrix is not positive definite")
-        if fill:
-            xf += g
         if stats:
             acc += WR[:nb].T @ Fb  # the statistics of x0
-            cross += E[:nb].T @ X0  # sum_i r_ik D_i x0_i^T
+    if fill:
+        xhat += g
     if stats:
+        if state[0] >= 0:
+            _flush(state[0], mi, cinv, Nk, s2, crun, cross)
         N, S1, S2 = _unpack_full(acc, d)
-        cr = cross.reshape(K, d, d)
-        S2 = S2 + cr + cr.transpose(0, 2, 1) + s2
+        S2 = S2 + cross + cross.transpose(0, 2, 1) + s2
         s.n[...] += N
         s.s1[...] += S1 + s1
         s.s2[...] += S2.sum(axis=0) if ct == "tied" else S2
