@@ -51,12 +51,13 @@ _jit = numba.njit(cache=True, nogil=True, fastmath=False)
 
 @_jit
 def _factor(prec, mi, t, chol, rdiag, cinv, logdet_mm, want_inverse):
-    """Cholesky ``L`` of every component's ``P_mm`` into ``chol[kc, :t, :t]``, ``log det P_mm``
-    and (``want_inverse``) ``P_mm^{-1}`` into ``cinv``. Returns False if one is not positive
-    definite."""
+    """Cholesky ``L`` of every component's ``P_mm`` into ``chol[kc, :t, :t]`` (``rdiag``: the
+    reciprocals of its diagonal), ``log det P_mm`` and (``want_inverse``) ``P_mm^{-1} =
+    L^{-T} L^{-1}`` into ``cinv``. Returns False if one is not positive definite."""
     for kc in range(prec.shape[0]):
         L = chol[kc]
-        ld = 0.0
+        rd = rdiag[kc]
+        det = 1.0
         for j in range(t):
             v = prec[kc, mi[j], mi[j]]
             for q in range(j):
@@ -64,30 +65,38 @@ def _factor(prec, mi, t, chol, rdiag, cinv, logdet_mm, want_inverse):
             if not v > 0.0:
                 return False
             L[j, j] = math.sqrt(v)
-            rdiag[kc, j] = 1.0 / L[j, j]
-            ld += math.log(L[j, j])
+            rd[j] = 1.0 / L[j, j]
+            det *= v
             for i in range(j + 1, t):
                 u = prec[kc, mi[i], mi[j]]
                 for q in range(j):
                     u -= L[i, q] * L[j, q]
-                L[i, j] = u / L[j, j]
-        logdet_mm[kc] = 2.0 * ld
+                L[i, j] = u * rd[j]
+        if 1e-280 < det < 1e280:  # one logarithm, unless the product could leave the range
+            logdet_mm[kc] = math.log(det)
+        else:
+            ld = 0.0
+            for j in range(t):
+                ld += math.log(L[j, j])
+            logdet_mm[kc] = 2.0 * ld
         if want_inverse:
             C = cinv[kc]
-            for c in range(t):  # column c of P_mm^{-1}: L L^T x = e_c
-                for i in range(t):  # forward
-                    u = 1.0 if i == c else 0.0
-                    for q in range(i):
-                        u -= L[i, q] * C[q, c]
-                    C[i, c] = u / L[i, i]
-                for i in range(t - 1, -1, -1):  # backward
-                    u = C[i, c]
-                    for q in range(i + 1, t):
-                        u -= L[q, i] * C[q, c]
-                    C[i, c] = u / L[i, i]
-            for i in range(t):  # exactly symmetric
-                for j in range(i):
-                    C[i, j] = C[j, i] = 0.5 * (C[i, j] + C[j, i])
+            for c in range(t):  # the lower triangle of L^{-1}, into the upper triangle of C
+                C[c, c] = rd[c]
+                for i in range(c + 1, t):
+                    u = 0.0
+                    for q in range(c, i):
+                        u -= L[i, q] * C[c, q]
+                    C[c, i] = u * rd[i]
+            for i in range(t):  # (L^{-T} L^{-1})_{ij} = sum_q Linv_{qi} Linv_{qj}, q >= max(i, j)
+                for j in range(i, t):
+                    u = 0.0
+                    for q in range(j, t):
+                        u += C[i, q] * C[j, q]
+                    C[j, i] = u
+            for i in range(t):
+                for j in range(i + 1, t):
+                    C[i, j] = C[j, i]
     return True
 
 
@@ -110,14 +119,15 @@ def _features(X0, F, off):
     """Packed quadratic features of ``[x0, 1]`` (the layout of :mod:`emflow.models.gmm_kernel`)."""
     B, d = X0.shape
     for b in range(B):
+        x, f = X0[b], F[b]
         for p in range(d):
-            F[b, p] = X0[b, p]
-        F[b, d] = 1.0
+            f[p] = x[p]
+        f[d] = 1.0
         for p in range(d):
-            o = off[p]
-            xp = X0[b, p]
-            for q in range(p, d):
-                F[b, o + q - p] = xp * X0[b, q]
+            fp = f[off[p] : off[p] + d - p]
+            xp = x[p]
+            for q in range(d - p):
+                fp[q] = xp * x[p + q]
 
 
 @_jit
@@ -198,10 +208,12 @@ def _rows(order, a, miss, X0, Lq, hd, mc, prec, logdet_sig, log_w, gamma, use_ga
         Kt = K * t
         for c in range(Kt):
             hx[c] = 0.0
+        xb = X0[b]
         for j in range(d):  # (P_k x0)_m for every component: x0 is zero on m
-            xj = X0[b, j]
+            xj = xb[j]
+            pr = Pm[j]
             for c in range(Kt):
-                hx[c] += xj * Pm[j, c]
+                hx[c] += xj * pr[c]
         mx = -np.inf
         for k in range(K):
             kc = k if Kc == K else 0
@@ -240,7 +252,7 @@ def _rows(order, a, miss, X0, Lq, hd, mc, prec, logdet_sig, log_w, gamma, use_ga
             Z[c] = mm[c] - Z[c]  # D: the conditional mean about the shift
         if want_fill:
             for j in range(d):
-                xfill[row, j] = X0[b, j]
+                xfill[row, j] = xb[j]
             for i in range(t):
                 acc = 0.0
                 for k in range(K):
@@ -260,8 +272,9 @@ def _rows(order, a, miss, X0, Lq, hd, mc, prec, logdet_sig, log_w, gamma, use_ga
                     s1[k, mi[i]] += Di
                     for j in range(t):
                         s2[k, mi[i], mi[j]] += Di * Z[o + j]
+                    cr = crun[o + i]
                     for j in range(d):  # D x0^T (x0 is zero on m)
-                        crun[o + i, j] += Di * X0[b, j]
+                        cr[j] += Di * xb[j]
     return -1
 
 
