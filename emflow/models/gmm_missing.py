@@ -134,7 +134,6 @@ def _incomplete(X, miss, w, params: G.GMMParams, *, stats: bool = False, fill: b
     K, d = mu.shape
     with np.errstate(divide="ignore"):
         log_w = np.log(np.asarray(params.weights, dtype=np.float64))
-    obs = (~miss).astype(np.float64)
     Xc = np.where(miss, 0.0, np.asarray(X, dtype=np.float64) - g)  # observed values about g, 0 where missing
     mc = mu - g
     n = X.shape[0]
@@ -147,6 +146,7 @@ def _incomplete(X, miss, w, params: G.GMMParams, *, stats: bool = False, fill: b
         var = np.asarray(params.covariances, dtype=np.float64)
         var = var if ct == "diag" else np.repeat(var[:, None], d, axis=1)
         prec = 1.0 / var
+        obs = (~miss).astype(np.float64)
         step = max(64, _BLOCK_FLOATS // (4 * K + 4 * d))
         for a in range(0, n, step):
             b = min(n, a + step)
@@ -168,8 +168,10 @@ def _incomplete(X, miss, w, params: G.GMMParams, *, stats: bool = False, fill: b
         _finish(s, lse, w)
         return lse, resp, s, xhat
     kern = _kernel()
-    run = _incomplete_matrix if kern is None else kern.incomplete_matrix
-    return run(Xc, obs, miss, w, params, mc, log_w, lse, resp, s, xhat, g, gamma, logp_out)
+    if kern is not None:
+        return kern.incomplete_matrix(Xc, None, miss, w, params, mc, log_w, lse, resp, s, xhat, g, gamma, logp_out)
+    obs = (~miss).astype(np.float64)
+    return _incomplete_matrix(Xc, obs, miss, w, params, mc, log_w, lse, resp, s, xhat, g, gamma, logp_out)
 
 
 def _finish(s, lse, w):

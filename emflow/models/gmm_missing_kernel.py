@@ -172,19 +172,20 @@ def _pattern(prec, mc, log_w, logdet_sig, hd, mi, t, chol, rdiag, cinv, logdet_m
 
 
 @_jit
-def _rows(order, a, miss, X0, Lq, hd, mc, prec, logdet_sig, log_w, gamma, use_gamma, wts, use_w, want_stats,
+def _rows(miss, X0, Lq, hd, mc, prec, logdet_sig, log_w, gamma, use_gamma, wts, use_w, want_stats, want_resp,
           want_fill, logp_out, want_logp, lse, resp, WR, s1, s2, cross, xfill, mi, state, chol, rdiag, cinv, logdet_mm,
           Pm, mm, cvec, const, Nk, crun, hx, Z, logp):
-    """Rows ``order[a:a + B]`` (sorted by pattern; block row ``b`` is row ``order[a + b]``, the
-    block arrays ``X0``, ``Lq`` in that order). What depends on the pattern only is computed
-    when the pattern changes and kept across blocks (``state[0]``: the current pattern's
-    ``t``, -1 for none). Returns -1, or the row at which a ``P_mm`` was not positive definite."""
+    """One block of rows sorted by pattern (every array indexed by the block's row: the caller
+    gathers and scatters, so that this loop reads and writes memory in order). What depends on
+    the pattern only is computed when the pattern changes and kept across blocks (``state[0]``:
+    the current pattern's ``t``, -1 for none). Returns -1, or the block row at which a ``P_mm``
+    was not positive definite."""
     B = X0.shape[0]
     d = miss.shape[1]
     K = mc.shape[0]
     Kc = prec.shape[0]
     for b in range(B):
-        row = order[a + b]
+        row = b
         t = 0
         same = True
         for j in range(d):
@@ -246,8 +247,9 @@ def _rows(order, a, miss, X0, Lq, hd, mc, prec, logdet_sig, log_w, gamma, use_ga
             logp[k] = math.exp(logp[k] - mx)
             tot += logp[k]
         lse[row] = math.log(tot) + mx
-        for k in range(K):
-            resp[row, k] = logp[k] / tot
+        if want_resp or not use_gamma:
+            for k in range(K):
+                resp[row, k] = logp[k] / tot
         for c in range(Kt):
             Z[c] = mm[c] - Z[c]  # D: the conditional mean about the shift
         if want_fill:
@@ -280,7 +282,8 @@ def _rows(order, a, miss, X0, Lq, hd, mc, prec, logdet_sig, log_w, gamma, use_ga
 
 def incomplete_matrix(Xc, obs, miss, w, params, mc, log_w, lse, resp, s, xhat, g, gamma=None, logp_out=None):
     """The compiled twin of :func:`emflow.models.gmm_missing._incomplete_matrix` (same
-    arguments, same results)."""
+    arguments, ``obs`` unused; the same results, except that ``resp`` is left unset when
+    statistics are asked for: no caller reads it then)."""
     ct = params.covariance_type
     K, d = mc.shape
     pc = np.asarray(params.precisions_cholesky, dtype=np.float64)
@@ -316,21 +319,38 @@ def incomplete_matrix(Xc, obs, miss, w, params, mc, log_w, lse, resp, s, xhat, g
     Pm, crun = np.empty((d, K * d)), np.zeros((K * d, d))
     mm, cvec, hx, Z = (np.empty(K * d) for _ in range(4))
     dummy = np.zeros((1, 1))
+    want_resp = not stats  # the statistics need the responsibilities of the block only
+    Rb = np.empty((step, K))
+    lse_b, miss_b = np.empty(step), np.empty((step, d), bool)
+    lp_b = np.empty((step, K)) if logp_out is not None else dummy
+    xf_b = np.empty((step, d)) if fill else dummy
+    g_b = np.empty((step, K)) if gamma is not None else dummy
+    w_b = np.empty(step) if w is not None else dummy[0]
     for a in range(0, n, step):
         b = min(n, a + step)
         nb = b - a
+        rows = order[a:b]
         Fb, X0b = F[:nb], X0[:nb]
-        np.take(Xc, order[a:b], axis=0, out=X0b)
+        np.take(Xc, rows, axis=0, out=X0b)
+        np.take(miss, rows, axis=0, out=miss_b[:nb])
+        if gamma is not None:
+            np.take(gamma, rows, axis=0, out=g_b[:nb])
+        if w is not None:
+            np.take(w, rows, out=w_b[:nb])
         _features(X0b, Fb, off)
         np.matmul(Fb, C, out=Lq[:nb])
-        bad = _rows(order, a, miss, X0b, Lq, hd, mc, prec, logdet_sig, log_w,
-                    dummy if gamma is None else gamma, gamma is not None,
-                    dummy[0] if w is None else w, w is not None, stats, fill,
-                    dummy if logp_out is None else logp_out, logp_out is not None,
-                    lse, resp, WR, s1, s2, cross, xhat if fill else dummy, mi, state, chol, rdiag, cinv, logdet_mm,
-                    Pm, mm, cvec, const, Nk, crun, hx, Z, logp)
+        bad = _rows(miss_b[:nb], X0b, Lq, hd, mc, prec, logdet_sig, log_w, g_b, gamma is not None, w_b,
+                    w is not None, stats, want_resp, fill, lp_b, logp_out is not None, lse_b, Rb, WR, s1, s2, cross,
+                    xf_b, mi, state, chol, rdiag, cinv, logdet_mm, Pm, mm, cvec, const, Nk, crun, hx, Z, logp)
         if bad >= 0:
             raise np.linalg.LinAlgError("Matrix is not positive definite")
+        lse[rows] = lse_b[:nb]
+        if want_resp:
+            resp[rows] = Rb[:nb]
+        if logp_out is not None:
+            logp_out[rows] = lp_b[:nb]
+        if fill:
+            xhat[rows] = xf_b[:nb]
         if stats:
             acc += WR[:nb].T @ Fb  # the statistics of x0
     if fill:
