@@ -280,9 +280,10 @@ def _rows(miss, X0, Lq, hd, mc, prec, logdet_sig, log_w, gamma, use_gamma, wts, 
     return -1
 
 
-def incomplete_matrix(Xc, obs, miss, w, params, mc, log_w, lse, resp, s, xhat, g, gamma=None, logp_out=None):
-    """The compiled twin of :func:`emflow.models.gmm_missing._incomplete_matrix` (same
-    arguments, ``obs`` unused; the same results, except that ``resp`` is left unset when
+def incomplete_matrix(X, obs, miss, w, params, mc, log_w, lse, resp, s, xhat, g, gamma=None, logp_out=None):
+    """The compiled twin of :func:`emflow.models.gmm_missing._incomplete_matrix`: the same
+    arguments except that ``X`` (float64) is not yet centred or zeroed where missing and ``obs``
+    is unused; rows with nothing missing are allowed. The same results, except that ``resp`` is left unset when
     statistics are asked for: no caller reads it then)."""
     ct = params.covariance_type
     K, d = mc.shape
@@ -295,7 +296,7 @@ def incomplete_matrix(Xc, obs, miss, w, params, mc, log_w, lse, resp, s, xhat, g
     C, _ = _quadratic_coef(full, g)  # (P, K): -e^T P_k e / 2 from the features of [x0, 1]
     hd = np.einsum("kij,kj->ki", np.broadcast_to(prec, (K, d, d)), mc)  # P_k mu_k
     stats, fill = s is not None, xhat is not None
-    n = Xc.shape[0]
+    n = X.shape[0]
     miss = np.ascontiguousarray(miss)
     if d <= 62:
         order = np.argsort(_pattern_keys(miss))
@@ -331,8 +332,10 @@ def incomplete_matrix(Xc, obs, miss, w, params, mc, log_w, lse, resp, s, xhat, g
         nb = b - a
         rows = order[a:b]
         Fb, X0b = F[:nb], X0[:nb]
-        np.take(Xc, rows, axis=0, out=X0b)
+        np.take(X, rows, axis=0, out=X0b)
         np.take(miss, rows, axis=0, out=miss_b[:nb])
+        X0b -= g
+        X0b[miss_b[:nb]] = 0.0  # x0: about the shift, zero where missing
         if gamma is not None:
             np.take(gamma, rows, axis=0, out=g_b[:nb])
         if w is not None:
