@@ -1,30 +1,29 @@
 """Compiled E-step (numba) for Gaussian mixtures with missing values: full and tied covariances.
 
-The same mathematics as :func:`emflow.models.gmm_missing._incomplete_matrix` (through the
-precision ``P = Sigma^{-1}`` and Schur complements), arranged so that every product of size
-``d x d`` per component is one well-shaped GEMM over a block of rows, and only the work that
-scales with the number ``t`` of missing values of a row runs per row in compiled code.
+The mathematics of :func:`emflow.models.gmm_missing._incomplete_matrix` (through the
+precision ``P = Sigma^{-1}`` and Schur complements), arranged so that the ``d x d`` products
+per component are the complete-data GEMMs and only work that scales with the number ``t`` of
+missing values of a row runs per row, in compiled code.
 
-With ``x0`` a row about the shift, zero where missing, ``e = x0 - mu_k`` and ``s`` the part of
-``e`` on the missing coordinates ``m`` (``-mu_m``), the observed residual is ``r = e - s``, so
+The rows of a partition are sorted by missingness pattern (an integer key per row), so that
+everything that depends on the pattern only (for each component the Cholesky factor ``L`` of
+``P_mm``, ``P_mm^{-1}``, the gathered columns ``P_{., m}``, the log-density's constant) is
+computed once per run of equal patterns. Rows with nothing missing are the empty pattern.
+With ``x0`` a row about the shift, zero where missing, ``e = x0 - mu_k`` and ``r`` the
+observed part of ``e`` (zero on the missing coordinates ``m``):
 
 * ``r^T P r = e^T P e + 2 mu_m^T (P e)_m + mu_m^T P_mm mu_m``: ``e^T P e`` is the complete-data
   quadratic form of ``x0`` (packed quadratic features against the coefficients of
-  :mod:`emflow.models.gmm_kernel`, one GEMM), ``(P e)_m = (P x0)_m - (P mu)_m`` is read from
-  ``P_k x0`` for every component (one GEMM ``(B, d) x (d, K d)``);
-* ``v = (P r)_m = (P e)_m + P_mm mu_m``, and with ``P_mm = L L^T``,
+  :mod:`emflow.models.gmm_kernel`: one GEMM per block), ``(P e)_m = (P x0)_m - (P mu)_m``;
+* ``v = (P r)_m = (P x0)_m - P_mo mu_o`` (``t d`` per row and component); then
   ``r_o^T Sigma_oo^{-1} r_o = r^T P r - |L^{-1} v|^2``, ``log det Sigma_oo = log det Sigma +
-  log det P_mm``, conditional mean ``mu_m - L^{-T} L^{-1} v``, conditional covariance
-  ``P_mm^{-1}``;
+  log det P_mm``, conditional mean ``mu_m - P_mm^{-1} v``, conditional covariance ``P_mm^{-1}``;
 * the statistics of the completed row ``x0 + D`` (``D`` nonzero on ``m`` only) are those of
-  ``x0`` (the same packed features against the responsibilities, one GEMM), the cross terms
-  ``D x0^T`` (one GEMM of the per-row ``r_k D`` against ``x0``) and, per row, the ``t x t``
-  block ``r_k (D D^T + P_mm^{-1})``.
+  ``x0`` (the same features against the responsibilities: one GEMM per block), the cross terms
+  ``r_k D x0^T`` (``t d`` per row and component), the ``t x t`` blocks ``r_k D D^T`` and, once
+  per run, ``(sum r_k) P_mm^{-1}``.
 
-Per row and component the compiled part costs ``O(t^3)`` for the factorisation (reused while
-consecutive rows share a pattern) and ``O(t^2)`` besides; the GEMMs cost about 2.5 times the
-complete-data E-step. Float64 throughout; the answers agree with the NumPy path to rounding
-(tests: 1e-12).
+Float64 throughout; the answers agree with the NumPy path to rounding (tests: 1e-12).
 
 This module imports numba; :mod:`emflow.models.gmm_missing` imports it lazily through
 :func:`emflow.models._compiled.compiled_kernel` and uses the NumPy path without numba.
