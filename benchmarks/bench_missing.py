@@ -2,6 +2,7 @@
 
     python benchmarks/bench_missing.py                      # 1e6 rows x 16, 20% missing, K=16 full
     python benchmarks/bench_missing.py --rows 100000        # a quicker run
+    python benchmarks/bench_missing.py --kernel numpy       # the NumPy path of the missing-value E-step
 
 Data: ``rows`` draws from a known K-component full-covariance mixture in ``features``
 dimensions; each value is then missing (NaN) with probability ``missing``, independently
@@ -92,7 +93,14 @@ def main(argv=None):
     ap.add_argument("--perturb", type=float, default=0.5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--kernel", choices=["auto", "numpy", "numba"], default="auto",
+                    help="emflow.models.gmm_missing.KERNEL: the compiled missing-value E-step or NumPy")
+    ap.add_argument("--cases", default="complete,marginalize,drop rows,mean impute",
+                    help="comma-separated subset of the fits to run")
     args = ap.parse_args(argv)
+    from emflow.models import gmm_missing
+
+    gmm_missing.KERNEL = args.kernel
 
     rng = np.random.default_rng(args.seed)
     K, d = args.components, args.features
@@ -114,7 +122,9 @@ def main(argv=None):
         "drop rows": (Xm[complete_rows], {}),
         "mean impute": (np.where(np.isnan(Xm), col_means, Xm), {}),
     }
-    results = {"rows": int(len(X)), "features": d, "components": K, "missing": args.missing,
+    wanted = args.cases.split(",")
+    cases = {k: v for k, v in cases.items() if k in wanted or k == "complete"}
+    results = {"rows": int(len(X)), "features": d, "components": K, "missing": args.missing, "kernel": args.kernel,
                "complete_rows": int(complete_rows.sum()), "tol": args.tol, "max_iter": args.max_iter,
                "cases": {}}
     fit(Xm[:2000], start, args, missing="marginalize")  # warm-up: imports, thread pool

@@ -293,3 +293,11 @@ def test_save_and_load_keep_the_option(tmp_path):
     assert back.missing == "marginalize"
     np.testing.assert_array_equal(back.predict_proba(Xm), gm.predict_proba(Xm))
     np.testing.assert_array_equal(back.impute(Xm), gm.impute(Xm))
+
+
+@pytest.mark.parametrize("ct", ["full", "tied"])
+def test_the_numpy_path_matches_the_reference_too(ct, monkeypatch):
+    """The NumPy path (M.KERNEL = "numpy"), which the compiled kernel replaces by default."""
+    monkeypatch.setattr(M, "KERNEL", "numpy")
+    assert M._kernel() is None
+    test_every_iteration_matches_the_reference(ct)

@@ -26,12 +26,23 @@ import numpy as np
 
 from ..errors import DataError
 from . import gmm as G
+from ._compiled import compiled_kernel
 
 __all__ = ["e_step", "posterior", "impute", "check_rows"]
 
 _LOG_2PI = np.log(2 * np.pi)
 # floats per temporary: bounds the per-pattern (P, K, d, d) and per-row (B, K, d, d) arrays
 _BLOCK_FLOATS = 1 << 21
+
+#: Which path the full and tied covariances take: "auto" the compiled kernel
+#: (:mod:`emflow.models.gmm_missing_kernel`) when numba imports, else NumPy; "numpy" never the
+#: kernel; "numba" the kernel, an ImportError without numba. Both give the same answers.
+KERNEL = "auto"
+
+
+def _kernel():
+    """The compiled kernel module, or ``None`` for the NumPy path."""
+    return compiled_kernel(KERNEL, "gmm_missing_kernel")
 
 
 def check_rows(miss: np.ndarray, row0: int = 0) -> None:
@@ -61,7 +72,9 @@ def e_step(X, w, params: G.GMMParams, compute_dtype: str = "float64", row0: int 
     w : ndarray of shape (n,) or None
     params : GMMParams
     compute_dtype : str
-        Used for the complete rows only (the incomplete rows are computed in float64).
+        Used for the complete rows only (the incomplete rows are computed in float64; with the
+        compiled kernel and float64, full and tied covariances, the complete rows go through
+        the kernel too, as the pattern with nothing missing).
     row0 : int
         Global index of the first row (error messages).
 
@@ -74,6 +87,9 @@ def e_step(X, w, params: G.GMMParams, compute_dtype: str = "float64", row0: int 
     if not inc.any():
         return G.e_step(X, w, params, compute_dtype)
     check_rows(miss, row0)
+    if params.covariance_type in ("full", "tied") and np.dtype(compute_dtype) == np.float64 and _kernel():
+        wa = None if w is None else np.asarray(w, dtype=np.float64)
+        return _incomplete(X, miss, wa, params, stats=True)[2]
     wi = None if w is None else np.asarray(w, dtype=np.float64)[inc]
     _, _, s, _ = _incomplete(X[inc], miss[inc], wi, params, stats=True)
     if inc.all():
@@ -123,8 +139,6 @@ def _incomplete(X, miss, w, params: G.GMMParams, *, stats: bool = False, fill: b
     K, d = mu.shape
     with np.errstate(divide="ignore"):
         log_w = np.log(np.asarray(params.weights, dtype=np.float64))
-    obs = (~miss).astype(np.float64)
-    Xc = np.where(miss, 0.0, np.asarray(X, dtype=np.float64) - g)  # observed values about g, 0 where missing
     mc = mu - g
     n = X.shape[0]
     lse = np.empty(n)
@@ -132,10 +146,16 @@ def _incomplete(X, miss, w, params: G.GMMParams, *, stats: bool = False, fill: b
     s = G.empty_stats(ct, K, d) if stats else None
     xhat = np.empty((n, d)) if fill else None
     logp_out = logp
+    kern = None if ct in ("diag", "spherical") else _kernel()
+    if kern is not None:  # it centres the rows itself, block by block
+        X = np.asarray(X, dtype=np.float64)
+        return kern.incomplete_matrix(X, None, miss, w, params, mc, log_w, lse, resp, s, xhat, g, gamma, logp_out)
+    Xc = np.where(miss, 0.0, np.asarray(X, dtype=np.float64) - g)  # observed values about g, 0 where missing
     if ct in ("diag", "spherical"):
         var = np.asarray(params.covariances, dtype=np.float64)
         var = var if ct == "diag" else np.repeat(var[:, None], d, axis=1)
         prec = 1.0 / var
+        obs = (~miss).astype(np.float64)
         step = max(64, _BLOCK_FLOATS // (4 * K + 4 * d))
         for a in range(0, n, step):
             b = min(n, a + step)
@@ -156,6 +176,7 @@ def _incomplete(X, miss, w, params: G.GMMParams, *, stats: bool = False, fill: b
                 xhat[a:b] = g + Xb + (1.0 - Ob) * (r @ mc)
         _finish(s, lse, w)
         return lse, resp, s, xhat
+    obs = (~miss).astype(np.float64)
     return _incomplete_matrix(Xc, obs, miss, w, params, mc, log_w, lse, resp, s, xhat, g, gamma, logp_out)
 
 
