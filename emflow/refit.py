@@ -1,0 +1,184 @@
+"""Refit a saved model of any registered family on data that grew since it was fitted.
+
+One implementation for the ``emflow refit`` command and the ``emflow-refit`` flow
+(flows/refit.py), written once for every family in :data:`emflow.estimators.REGISTRY`:
+
+1. :func:`check_schema`: the data must still be what the model was fitted on, in layout
+   (the stored group's ``kind``: rows, sequences or corpus, the family's ``data_kind``),
+   number of features and dtype; otherwise a :class:`~emflow.errors.DataError` (a
+   :class:`~emflow.errors.FeatureMismatchError` for the features) that says what changed,
+   raised before anything is written.
+2. :func:`refit`: the saved parameters are the start (``fit(..., initial_params=...)``, which
+   every family takes), EM runs on the grown data, and a :func:`report` says what happened:
+   the partitions new / changed / reused (from the statistics ledger, when the estimator keeps
+   one), the passes, the bytes read and the objective before and after.
+
+"Before" is the saved model's objective *on the grown data*: the first E-step of the refit
+evaluates the saved parameters on all of the data (``history_[0]``), so it costs no extra
+pass. The saved model's own ``lower_bound_`` (on the data it was fitted on) is reported too,
+as ``previous_lower_bound``: the two differ by what the appended data add.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterable
+
+from .errors import DataError, FeatureMismatchError
+
+__all__ = ["default_ledger", "check_schema", "prepare", "fit_prepared", "refit", "report"]
+
+_SIZE_KEYS = ("n_samples", "n_sequences", "n_docs")
+
+
+def default_ledger(model_path: str | os.PathLike) -> str:
+    """The ledger a refit of ``model_path`` uses unless told otherwise: ``<model>.ledger``
+    beside the model (never inside the data store)."""
+    return os.fspath(model_path).rstrip("/\\") + ".ledger"
+
+
+def _stored_kind(data: Any) -> str | None:
+    """The ``kind`` attribute of a stored emflow dataset (rows, sequences, corpus), or None."""
+    if not isinstance(data, (str, os.PathLike)):
+        return None
+    import zarr
+
+    from .storage.chunks import _url
+
+    try:
+        node = zarr.open(_url(os.fspath(data)), mode="r")
+    except Exception:  # not a Zarr store: the opener below says so
+        return None
+    kind = node.attrs.get("kind") if isinstance(node, zarr.Group) else None
+    return kind if isinstance(kind, str) else None
+
+
+def check_schema(model, data: Any):
+    """Open ``data`` as ``model``'s family reads it and refuse it if its schema changed.
+
+    Compared with what the saved model records: the layout (the stored group's ``kind``
+    against the family's ``data_kind``), the number of features (``n_features_in_``) and
+    the dtype (``fit_info_["dtype"]``). Nothing is written. Returns the opened data.
+
+    Raises
+    ------
+    FeatureMismatchError
+        The number of features changed.
+    DataError
+        The layout or the dtype changed (or the data do not open as the family's layout).
+    """
+    from .storage.layouts import open_stored
+
+    cls = type(model)
+    where = f"Refusing to refit the {cls.__name__} ({cls.family}) model on {os.fspath(data)!r}"
+    kind = _stored_kind(data)
+    if kind is not None and kind != cls.data_kind:
+        raise DataError(f"{where}: the data are a {kind!r} dataset; the model was fitted on {cls.data_kind!r} "
+                        f"data. Fit a new model (`emflow fit`) for these data instead.")
+    opened = open_stored(cls.data_kind, data, allow_nan=model._allows_nan())
+    expected = getattr(model, "n_features_in_", None)
+    if expected is not None and int(opened.n_features) != int(expected):
+        raise FeatureMismatchError(
+            f"{where}: the data have {opened.n_features} features; the model was fitted on {expected}. "
+            "A refit continues the same model on more of the same data; fit a new model for a new schema.")
+    dtype = (getattr(model, "fit_info_", None) or {}).get("dtype")
+    if dtype is not None and str(opened.dtype) != str(dtype):
+        raise DataError(
+            f"{where}: the data's dtype is {opened.dtype}; the model was fitted on {dtype} data. Write the "
+            f"appended data as {dtype}, or fit a new model.")
+    return opened
+
+
+def prepare(model_path: str | os.PathLike, data: Any, *, ledger: str | None = None,
+            max_iter: int | None = None, scheduler: Any = None, persist: Any = "auto"):
+    """Load the model, check the data's schema and configure the warm-started estimator.
+
+    Nothing is read beyond the model and the data's structure, and nothing is written.
+    Returns ``(estimator, opened data, state)`` where ``state`` holds what the saved model
+    recorded (for :func:`report`) and the starting parameters.
+    """
+    from . import load
+    from .checks import check_int
+
+    est = load(model_path)
+    opened = check_schema(est, data)
+    info = dict(getattr(est, "fit_info_", None) or {})
+    state = {
+        "model": os.fspath(model_path),
+        "params": est._get_parameters(),
+        "previous_lower_bound": float(est.lower_bound_),
+        "previous_fingerprint": info.get("fingerprint"),
+        "previous_partitions": info.get("partitions"),
+        "previous_size": next((int(info[k]) for k in _SIZE_KEYS if info.get(k) is not None), None),
+        "ledger": None,
+    }
+    names = est._get_param_names()
+    updates: dict[str, Any] = {"persist": persist}
+    if max_iter is not None:
+        check_int("max_iter", max_iter, 1)
+        updates[type(est).iter_param] = int(max_iter)
+    if "n_init" in names:
+        updates["n_init"] = 1  # the saved model is the one start
+    if "ledger" in names:  # estimators that keep the statistics ledger (incremental EM)
+        state["ledger"] = os.fspath(ledger) if ledger is not None else default_ledger(model_path)
+        updates["ledger"] = state["ledger"]
+    est.set_params(**{k: v for k, v in updates.items() if k in names})
+    est.scheduler = scheduler
+    return est, opened, state
+
+
+def refit(model_path: str | os.PathLike, data: Any, *, ledger: str | None = None, max_iter: int | None = None,
+          callbacks: Iterable = (), scheduler: Any = None, persist: Any = "auto"):
+    """Warm-start the saved model at ``model_path`` on ``data``; returns ``(estimator, report)``.
+
+    The model is not saved here (the caller decides where, see ``emflow refit --out``).
+    """
+    est, opened, state = prepare(model_path, data, ledger=ledger, max_iter=max_iter, scheduler=scheduler,
+                                 persist=persist)
+    fit_prepared(est, data, state, callbacks)
+    return est, report(est, state)
+
+
+def fit_prepared(est, data: Any, state: dict, callbacks: Iterable = ()):
+    """Run the warm-started EM of :func:`prepare`'s estimator; returns it (fitted)."""
+    est.fit(data, callbacks=list(callbacks), initial_params=state["params"])
+    return est
+
+
+def report(est, state: dict) -> dict[str, Any]:
+    """What a refit did, as plain JSON-ready values.
+
+    Keys: ``family``, ``n_passes``, ``n_iter``, ``converged``, ``log_likelihood_before`` (the
+    saved model on the grown data: the refit's first E-step), ``log_likelihood_after``,
+    ``previous_lower_bound`` (the saved model on its own data), ``size_before`` /
+    ``size_after`` (rows, sequences or documents), ``partitions_total``, ``partitions_new``,
+    ``partitions_changed``, ``partitions_reused``, ``bytes_read`` (the last four from the
+    ledger; None without one), ``ledger`` (its path or None), ``fingerprint_before`` /
+    ``fingerprint_after``, ``data_changed``.
+    """
+    info = est.fit_info_
+    led = info.get("ledger") or {}
+    history = list(est.history_)
+    size_after = next((int(info[k]) for k in _SIZE_KEYS if info.get(k) is not None), None)
+    return {
+        "family": est.family,
+        "objective": est.objective_name,
+        "n_passes": int(est.n_passes_),
+        "n_iter": int(est.n_iter_),
+        "converged": bool(est.converged_),
+        "log_likelihood_before": float(history[0]) if history else None,
+        "log_likelihood_after": float(est.lower_bound_),
+        "previous_lower_bound": state["previous_lower_bound"],
+        "size_before": state["previous_size"],
+        "size_after": size_after,
+        "partitions_total": int(led.get("partitions_total", info.get("partitions") or 0)),
+        "partitions_before": state["previous_partitions"],
+        "partitions_new": led.get("partitions_new"),
+        "partitions_changed": led.get("partitions_changed"),
+        "partitions_reused": led.get("partitions_reused"),
+        "bytes_read": led.get("bytes_read"),
+        "ledger": led.get("path", state.get("ledger")),
+        "fingerprint_before": state["previous_fingerprint"],
+        "fingerprint_after": info.get("fingerprint"),
+        "data_changed": info.get("fingerprint") != state["previous_fingerprint"],
+    }
