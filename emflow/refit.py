@@ -26,7 +26,7 @@ from typing import Any, Iterable
 
 from .errors import DataError, FeatureMismatchError
 
-__all__ = ["default_ledger", "check_schema", "prepare", "fit_prepared", "refit", "report"]
+__all__ = ["default_ledger", "check_out", "check_schema", "prepare", "fit_prepared", "refit", "report", "report_rows"]
 
 _SIZE_KEYS = ("n_samples", "n_sequences", "n_docs")
 
@@ -35,6 +35,21 @@ def default_ledger(model_path: str | os.PathLike) -> str:
     """The ledger a refit of ``model_path`` uses unless told otherwise: ``<model>.ledger``
     beside the model (never inside the data store)."""
     return os.fspath(model_path).rstrip("/\\") + ".ledger"
+
+
+def check_out(model_path: str | os.PathLike, data: Any, out: str | os.PathLike | None = None, *,
+              overwrite: bool = False) -> str:
+    """Where the refitted model goes (``out``, by default over ``model_path``), refused before
+    any work unless that loses nothing: an emflow model there is replaced only with
+    ``overwrite``, anything else never, and ``out`` may not be (or hold) the data, nor another
+    model than the one refitted. Returns the absolute path."""
+    from .storage.destinations import check_destination
+
+    target = os.fspath(out if out is not None else model_path)
+    inputs = [("DATA", data)]
+    if os.path.abspath(target) != os.path.abspath(os.fspath(model_path)):
+        inputs.append(("MODEL", model_path))
+    return check_destination(target, "model", overwrite=overwrite, inputs=inputs)
 
 
 def _stored_kind(data: Any) -> str | None:
@@ -182,3 +197,28 @@ def report(est, state: dict) -> dict[str, Any]:
         "fingerprint_after": info.get("fingerprint"),
         "data_changed": info.get("fingerprint") != state["previous_fingerprint"],
     }
+
+
+def _count(v) -> str:
+    return "n/a" if v is None else f"{v:,}"
+
+
+def report_rows(rep: dict) -> list[tuple[str, str]]:
+    """:func:`report` as ``(field, value)`` text rows (the command's table, the flow's summary)."""
+    counts = [rep[k] for k in ("partitions_new", "partitions_changed", "partitions_reused")]
+    obj = rep["objective"]
+    return [
+        ("family", rep["family"]),
+        ("partitions", f"{rep['partitions_total']} (last fit: {_count(rep['partitions_before'])})"),
+        ("new / changed / reused", "n/a (no ledger)" if all(v is None for v in counts)
+         else " / ".join(_count(v) for v in counts)),
+        ("passes over the data", str(rep["n_passes"])),
+        ("bytes read", _count(rep["bytes_read"]) + (" (no ledger)" if rep["bytes_read"] is None else "")),
+        ("iterations", f"{rep['n_iter']} ({'converged' if rep['converged'] else 'not converged'})"),
+        (f"{obj} before", f"{rep['log_likelihood_before']:.10g} (saved model on the grown data)"),
+        (f"{obj} after", f"{rep['log_likelihood_after']:.10g}"),
+        ("saved lower_bound_", f"{rep['previous_lower_bound']:.10g} (on the data it was fitted on)"),
+        ("size", f"{_count(rep['size_before'])} -> {_count(rep['size_after'])}"),
+        ("data changed", "yes" if rep["data_changed"] else "no (same fingerprint)"),
+        ("ledger", str(rep["ledger"] or "none (this estimator keeps no ledger)")),
+    ]
