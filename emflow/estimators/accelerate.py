@@ -228,20 +228,27 @@ def add_accelerate_parameter(cls) -> None:
     """Give the ``__init__`` ``cls`` defines a keyword-only ``accelerate=None`` parameter
     (stored as ``self.accelerate``, listed by ``get_params``), so every family has it
     without repeating it (called by ``EMEstimator.__init_subclass__``)."""
+    add_keyword_parameter(cls, "accelerate")
+
+
+def add_keyword_parameter(cls, name: str) -> None:
+    """Give the ``__init__`` ``cls`` defines a keyword-only parameter ``name=None`` (stored
+    as ``self.<name>``, listed by ``get_params``): a parameter every family shares."""
     init = cls.__dict__.get("__init__")
     if init is None:
         return
     sig = inspect.signature(init)
-    if "accelerate" in sig.parameters:
+    if name in sig.parameters:
         return
 
     @functools.wraps(init)
-    def __init__(self, *args, accelerate=None, **kwargs):
+    def __init__(self, *args, **kwargs):
+        value = kwargs.pop(name, None)
         init(self, *args, **kwargs)
-        self.accelerate = accelerate
+        setattr(self, name, value)
 
     params = list(sig.parameters.values())
-    extra = inspect.Parameter("accelerate", inspect.Parameter.KEYWORD_ONLY, default=None)
+    extra = inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None)
     at = len(params) - 1 if params and params[-1].kind is inspect.Parameter.VAR_KEYWORD else len(params)
     __init__.__signature__ = sig.replace(parameters=[*params[:at], extra, *params[at:]])
     cls.__init__ = __init__

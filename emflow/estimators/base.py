@@ -47,8 +47,9 @@ from sklearn.utils import check_random_state
 from sklearn.utils._set_output import _SetOutputMixin, _wrap_method_output
 
 from ._persist import Persistent
-from .accelerate import AccelerateRule, add_accelerate_parameter
+from .accelerate import AccelerateRule, add_accelerate_parameter, add_keyword_parameter
 from .em import EMResult, IterationEvent, run_em
+from .incremental import LedgerRule, check_ledger_location, fit_with_ledger, record_ledger
 from ..errors import ConfigError, EmflowConvergenceWarning, NotFittedError
 
 __all__ = ["EMEstimator", "Output", "REGISTRY", "family_of", "print_iteration"]
@@ -134,6 +135,7 @@ class EMEstimator(Persistent, _SetOutputMixin, BaseEstimator):
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         add_accelerate_parameter(cls)  # every family's accelerate=None (emflow.estimators.accelerate)
+        add_keyword_parameter(cls, "ledger")  # and ledger=None (emflow.estimators.incremental)
         name = cls.__dict__.get("family")
         if name:
             if "cli_name" not in cls.__dict__:
@@ -186,9 +188,10 @@ class EMEstimator(Persistent, _SetOutputMixin, BaseEstimator):
                             "pass dense data, e.g. X.toarray().")
 
     # -- parameter validation -----------------------------------------------------------------
-    _param_rules: ClassVar[dict] = {"accelerate": AccelerateRule()}
+    _param_rules: ClassVar[dict] = {"accelerate": AccelerateRule(), "ledger": LedgerRule()}
     """``{parameter: emflow.checks rule}``; a subclass's table extends its parents'.
-    Every family has ``accelerate`` (None / "none": plain EM; "squarem": SQUAREM)."""
+    Every family has ``accelerate`` (None / "none": plain EM; "squarem": SQUAREM) and
+    ``ledger`` (None: no statistics kept; a directory: :mod:`emflow.estimators.incremental`)."""
 
     @classmethod
     def _rules(cls) -> dict:
@@ -380,6 +383,7 @@ class EMEstimator(Persistent, _SetOutputMixin, BaseEstimator):
 
         check_rules(self, EMEstimator._param_rules)  # also where a family validates on its own
         self._check_not_sparse(data)
+        check_ledger_location(self.ledger, data)
         callbacks = list(callbacks)
         if getattr(self, "verbose", 0):
             callbacks.append(self._print_iteration)
@@ -448,16 +452,19 @@ class EMEstimator(Persistent, _SetOutputMixin, BaseEstimator):
                 if warm and stop is None and initial_params is None and np.isfinite(self.lower_bound_):
                     # scikit-learn's warm start: the first change is measured from the last fit's bound
                     stop = _WarmStop(float(self.lower_bound_), self._em_tol(loaded))
-                result = run_em(engine, loaded, family, params, tol=None if stop is not None else self._em_tol(loaded),
-                                stop=stop, max_iter=max_iter, callbacks=[watch, *callbacks], init=init,
-                                history=history, seed=(seed, init), accelerate=self.accelerate,
-                                spec=self.param_spec() if self.accelerate == "squarem" else None)
+                em = fit_with_ledger if self.ledger is not None else run_em
+                result = em(engine, loaded, family, params, tol=None if stop is not None else self._em_tol(loaded),
+                            stop=stop, max_iter=max_iter, callbacks=[watch, *callbacks], init=init,
+                            history=history, seed=(seed, init), accelerate=self.accelerate,
+                            spec=self.param_spec() if self.accelerate == "squarem" else None,
+                            **({"estimator": self, "warm": warm} if self.ledger is not None else {}))
             if best is None or result.lower_bound > best.lower_bound:
                 best = result
         assert best is not None
         if not best.converged and max_iter > 0:
             self._warn_unconverged(restarts, max_iter)
-        return self._set_fit_result(best, loaded, engine, restarts=restarts)
+        info = record_ledger(self, loaded, best) if self.ledger is not None and max_iter > 0 else {}
+        return self._set_fit_result(best, loaded, engine, restarts=restarts, **info)
 
     def _set_fit_result(self, result: EMResult, loaded, engine, *, restarts: int = 1, **info):
         """The fitted state from an EM result, the same for every family and every caller

@@ -157,6 +157,8 @@ class EMRun:
     seed: Any = None
     accelerate: str | None = None
     spec: Any = None  # the family's ParamSpec (emflow.models.family), which SQUAREM needs
+    # emflow.estimators.incremental.Incremental: per-partition statistics (the ledger); run alone
+    incremental: Any = None
 
 
 def partition_starts(loaded: Loaded) -> list[int]:
@@ -266,6 +268,8 @@ def _state(run: EMRun) -> _State:
 
 def _pass_stats(engine: Engine, loaded: Loaded, active: list[_State], starts: list[int]) -> list:
     """The statistics of every active run, from one pass over the data."""
+    if active[0].run.incremental is not None:  # (a group of one)
+        return [active[0].run.incremental.pass_stats(engine, loaded, active[0])]
     if len(active) == 1 and not getattr(active[0].run.family, "takes_context", False):
         s = active[0]
         return [engine.map_reduce(s.run.family.e_step, loaded, s.params)]
@@ -302,6 +306,8 @@ def run_em_group(
     list of EMResult, one per run, in order; each equal to what :func:`run_em` gives for
     that run alone.
     """
+    if len(runs) > 1 and any(r.incremental is not None for r in runs):
+        raise ValueError("a run with a statistics ledger (incremental) runs alone, not in a group")
     states = [_state(r) for r in runs]
     starts = partition_starts(loaded)
     n_pass = 0
@@ -350,6 +356,7 @@ def run_em(
     seed: Any = None,
     accelerate: str | None = None,
     spec: Any = None,
+    incremental: Any = None,
 ) -> EMResult:
     """Iterate E and M steps until the stop rule holds or ``max_iter`` iterations are done.
 
@@ -380,6 +387,9 @@ def run_em(
         sets (``len(history)``), so a fit makes at most 1.5 x ``max_iter`` passes.
     spec : ParamSpec, optional
         The family's parameter spec (needed with ``accelerate="squarem"``).
+    incremental : emflow.estimators.incremental.Incremental, optional
+        Keeps each partition's statistics of every pass (the statistics ledger), and may
+        give the first pass's statistics without reading the data.
     """
-    run = EMRun(family, params, tol, max_iter, stop, callbacks, init, history, seed, accelerate, spec)
+    run = EMRun(family, params, tol, max_iter, stop, callbacks, init, history, seed, accelerate, spec, incremental)
     return run_em_group(engine, loaded, [run])[0]

@@ -85,6 +85,10 @@ class Loaded:
     pass_seconds: list = field(default_factory=list, repr=False)
     # partitions read so far (the opening scan and every pass): n_passes_ = reads / partitions
     partition_reads: int = field(default=0, repr=False)
+    # per partition: the scan's digests (rows, h1, h2, check) and stored bytes; bytes read so far
+    partition_digests: list = field(default_factory=list, repr=False)
+    partition_nbytes: list = field(default_factory=list, repr=False)
+    bytes_read: int = field(default=0, repr=False)
 
     def lost_partitions(self) -> list[int]:
         """Partitions whose scattered copy is gone (their worker died)."""
@@ -314,6 +318,9 @@ class Engine(ClusterWatch):
         if not resident:  # streamed: every later read is checked against the scan's digest
             handles = _fp.checked_handles(rows.loaders, scans, rows.weighted, starts)
         loaded = Loaded(rows, handles, resident, fingerprint, weight_sum, release, rescatter)
+        loaded.partition_digests = [(s.rows, s.h1, s.h2, s.check) for s in scans]
+        total = max(1, sum(s.rows for s in scans))
+        loaded.partition_nbytes = [int(rows.nbytes) * s.rows // total for s in scans]
         self._count_reads(loaded)  # the scan
         if self.client is not None:
             # the scan read every partition: the first measure of how long a pass takes
@@ -324,6 +331,7 @@ class Engine(ClusterWatch):
     def _count_reads(self, loaded: Loaded) -> None:
         n = len(loaded.handles)
         loaded.partition_reads += n
+        loaded.bytes_read += sum(loaded.partition_nbytes[:n])
         self.partition_reads += n
 
     def _broadcast(self, args: tuple):

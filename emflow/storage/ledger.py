@@ -1,0 +1,304 @@
+"""The statistics ledger: each partition's E-step statistics, kept on disk between fits.
+
+A fit with ``ledger=PATH`` (every family; see :mod:`emflow.estimators.incremental`) keeps,
+in the directory ``PATH``, the statistics of every partition from its last pass over the
+data, keyed by the partition's content fingerprint (its range and the digests the engine's
+opening scan computes, :mod:`emflow.storage.fingerprint`) and by the *parameter version*
+(a hash of the parameters that pass was run with, which are kept too). A later
+``fit(..., warm_start=True)`` on grown data then reads only the partitions that are new or
+whose content changed, and adds the others' statistics from the ledger.
+
+Layout of ``PATH``::
+
+    summary.json          what read_ledger_summary returns (and the partition table)
+    version-<hash>.npz    the parameters the statistics were computed at
+    stats-<key>.npz       one partition's statistics (key: fingerprint + version)
+
+Every file is written to a temporary name and renamed into place, the summary last, so a
+reader sees the old ledger or the new one; files the new summary no longer names are
+removed afterwards. Statistics and parameters are stored as arrays plus a JSON description
+of their structure (tuples, NamedTuples of :mod:`emflow` modules, dicts), never pickled.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import importlib
+import json
+import os
+import tempfile
+import warnings
+from typing import Any
+
+import numpy as np
+
+__all__ = ["LedgerMismatch", "Ledger", "read_ledger_summary", "partition_fingerprints", "compare_partitions",
+           "params_hash", "FORMAT"]
+
+FORMAT = 1
+SUMMARY = "summary.json"
+
+
+class LedgerMismatch(UserWarning):
+    """A ledger written for another model or another dataset (family, number of features,
+    dtype, parameter structure, or a model other than the one warm-started): it is ignored,
+    never mixed in, and the fit rewrites it."""
+
+
+# -- structures <-> arrays + JSON -------------------------------------------------------------
+def _flatten(obj: Any, arrays: list) -> dict:
+    if isinstance(obj, np.ndarray) or isinstance(obj, np.generic) and not isinstance(obj, (np.str_, np.bytes_)):
+        arrays.append(np.asarray(obj))
+        return {"t": "a", "i": len(arrays) - 1}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return {"t": "v", "v": obj}
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        cls = type(obj)
+        return {"t": "nt", "c": f"{cls.__module__}:{cls.__qualname__}", "f": [_flatten(v, arrays) for v in obj]}
+    if isinstance(obj, (tuple, list)):
+        return {"t": type(obj).__name__, "f": [_flatten(v, arrays) for v in obj]}
+    if isinstance(obj, dict) and all(isinstance(k, str) for k in obj):
+        return {"t": "dict", "k": list(obj), "f": [_flatten(v, arrays) for v in obj.values()]}
+    raise TypeError(f"The statistics ledger cannot store a {type(obj).__name__}.")
+
+
+def _named_tuple(path: str):
+    module, _, name = path.partition(":")
+    if not (module == "emflow" or module.startswith("emflow.")):
+        raise ValueError(f"A ledger names a type outside emflow ({path!r}); it is not read.")
+    obj = importlib.import_module(module)
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _unflatten(spec: dict, arrays) -> Any:
+    t = spec["t"]
+    if t == "a":
+        return arrays[f"a{spec['i']}"]
+    if t == "v":
+        return spec["v"]
+    items = [_unflatten(s, arrays) for s in spec["f"]]
+    if t == "nt":
+        return _named_tuple(spec["c"])(*items)
+    if t == "dict":
+        return dict(zip(spec["k"], items))
+    return tuple(items) if t == "tuple" else items
+
+
+def _encode(obj: Any) -> tuple[dict, list[np.ndarray]]:
+    arrays: list = []
+    return _flatten(obj, arrays), arrays
+
+
+def params_hash(params: Any) -> str:
+    """A content hash of a parameter set (or any ledger-storable structure)."""
+    spec, arrays = _encode(params)
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps(spec, sort_keys=True).encode())
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(repr((a.dtype.str, a.shape)).encode())
+        h.update(a.view(np.uint8).ravel() if a.size else b"")
+    return h.hexdigest()
+
+
+def structure_of(params: Any) -> list:
+    """What a parameter set's statistics are shaped by: the structure with array shapes
+    (and dtypes) in place of the values, and the non-array values (``covariance_type``)."""
+    spec, arrays = _encode(params)
+    return [json.loads(json.dumps(spec)), [[a.dtype.str, list(a.shape)] for a in arrays]]
+
+
+def _atomic_write(path: str, write) -> None:
+    d = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _save_npz(path: str, obj: Any) -> None:
+    spec, arrays = _encode(obj)
+    payload = {f"a{i}": a for i, a in enumerate(arrays)}
+    payload["__spec__"] = np.frombuffer(json.dumps(spec).encode(), dtype=np.uint8)
+    _atomic_write(path, lambda f: np.savez(f, **payload))
+
+
+def _load_npz(path: str) -> Any:
+    with np.load(path, allow_pickle=False) as z:
+        spec = json.loads(bytes(z["__spec__"]).decode())
+        return _unflatten(spec, {k: z[k] for k in z.files})
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# -- partitions -------------------------------------------------------------------------------
+def _json_ready(obj):
+    if isinstance(obj, (tuple, list)):
+        return [_json_ready(v) for v in obj]
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def partition_fingerprints(loaded) -> list[str]:
+    """Each partition's content fingerprint: its range (rows; steps and sequences; documents)
+    and the digests the engine's opening scan computed (``Loaded.partition_digests``)."""
+    data = loaded.data
+    seq = getattr(data, "seq_bounds", None)
+    out = []
+    for i, dig in enumerate(loaded.partition_digests):
+        where = (tuple(data.bounds[i]), tuple(seq[i]) if seq is not None else None)
+        h = hashlib.blake2b(digest_size=16)
+        h.update(repr((_json_ready(where), _json_ready(dig))).encode())
+        out.append(h.hexdigest())
+    return out
+
+
+def compare_partitions(summary: dict | None, loaded) -> dict:
+    """How the data's partitions stand against a ledger's: ``{"fingerprints": [...],
+    "reused": [i...], "changed": [i...], "new": [i...]}`` (indices of ``loaded``'s
+    partitions). A partition is *reused* when the ledger holds its fingerprint, *changed*
+    when the ledger has a partition starting where it starts with another fingerprint (its
+    data were rewritten, or its range moved), *new* otherwise."""
+    fps = partition_fingerprints(loaded)
+    known = {} if summary is None else {p["fingerprint"]: p for p in summary["partitions"]}
+    starts = set() if summary is None else {p["start"] for p in summary["partitions"]}
+    out = {"fingerprints": fps, "reused": [], "changed": [], "new": []}
+    for i, fp in enumerate(fps):
+        start = int(loaded.data.bounds[i][0])
+        out["reused" if fp in known else "changed" if start in starts else "new"].append(i)
+    return out
+
+
+# -- the ledger -------------------------------------------------------------------------------
+def read_ledger_summary(path) -> dict:
+    """What the ledger at ``path`` records, without fitting or opening the data.
+
+    Returns
+    -------
+    dict
+        ``format``, ``family``, ``n_features``, ``dtype``, ``structure`` (parameter shapes),
+        ``params_hash`` (the fitted model's parameters), ``version`` (hash of the parameters
+        the statistics were computed at), ``fingerprint`` (the dataset's), ``source``,
+        ``n_rows`` (rows; steps for sequences; documents for a corpus), ``n_sequences``
+        (sequences only), ``n_partitions``, ``partition_fingerprints`` (list of str),
+        ``partitions`` (one dict each: ``start``, ``bounds``, ``fingerprint``, ``file``),
+        ``created`` and ``updated`` (UTC, ISO 8601).
+
+    Raises
+    ------
+    FileNotFoundError
+        No ledger at ``path``.
+    """
+    file = os.path.join(os.fspath(path), SUMMARY)
+    if not os.path.exists(file):
+        raise FileNotFoundError(f"No statistics ledger at {os.fspath(path)!r} (no {SUMMARY}).")
+    with open(file, encoding="utf-8") as f:
+        return json.load(f)
+
+
+class Ledger:
+    """The ledger directory ``path`` of one fit: what it holds, and writing the new one.
+
+    Parameters
+    ----------
+    path : str or path-like
+        A directory (created by :meth:`write`).
+    """
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+
+    def summary(self) -> dict | None:
+        try:
+            return read_ledger_summary(self.path)
+        except FileNotFoundError:
+            return None
+
+    def usable(self, identity: dict, params) -> dict | None:
+        """The summary when the ledger was written for this model and this kind of data
+        (``identity``: family, n_features, dtype, structure; ``params``: the model being
+        warm-started); else None, with a :class:`LedgerMismatch` warning when a ledger is
+        there but belongs to something else."""
+        s = self.summary()
+        if s is None:
+            return None
+        stored = {k: s.get(k) for k in identity}
+        if s.get("format") != FORMAT or stored != json.loads(json.dumps(identity)):
+            diff = [k for k in identity if stored.get(k) != json.loads(json.dumps(identity[k]))] or ["format"]
+            warnings.warn(f"The statistics ledger at {self.path!r} was written for another model or dataset "
+                          f"({', '.join(diff)} differ: ledger {[stored.get(k) for k in diff]}); it is ignored "
+                          "and rewritten by this fit.", LedgerMismatch, stacklevel=4)
+            return None
+        if s.get("params_hash") != params_hash(params):
+            warnings.warn(f"The statistics ledger at {self.path!r} was written by another fit (its model's "
+                          "parameters differ from the warm-started model's); it is ignored and rewritten by "
+                          "this fit.", LedgerMismatch, stacklevel=4)
+            return None
+        return s
+
+    def stats(self, summary: dict, indices_by_fp: dict[str, int]) -> dict[int, Any]:
+        """``{partition index: statistics}`` for the ledger partitions whose fingerprints
+        are keys of ``indices_by_fp``."""
+        return {indices_by_fp[p["fingerprint"]]: _load_npz(os.path.join(self.path, p["file"]))
+                for p in summary["partitions"] if p["fingerprint"] in indices_by_fp}
+
+    def version_params(self, summary: dict) -> Any:
+        """The parameters the ledger's statistics were computed at."""
+        return _load_npz(os.path.join(self.path, f"version-{summary['version']}.npz"))
+
+    def write(self, *, identity: dict, loaded, fingerprints: list[str], stats: list, version_params,
+              final_params, context: Any = None, reuse: dict[int, str] | None = None) -> dict:
+        """Write the ledger of a fit: ``stats[i]`` of partition ``i`` computed at
+        ``version_params`` (``reuse[i]``: a file already in the ledger that holds them);
+        ``final_params``: the fitted model. Returns the summary written."""
+        os.makedirs(self.path, exist_ok=True)
+        old = self.summary()
+        version = params_hash(version_params)
+        reuse = reuse or {}
+        vfile = f"version-{version}.npz"
+        if not os.path.exists(os.path.join(self.path, vfile)):
+            _save_npz(os.path.join(self.path, vfile), version_params)
+        data = loaded.data
+        seq = getattr(data, "seq_bounds", None)
+        parts = []
+        for i, (fp, st) in enumerate(zip(fingerprints, stats)):
+            key = hashlib.blake2b(f"{fp}:{version}".encode(), digest_size=16).hexdigest()
+            file = f"stats-{key}.npz"
+            if reuse.get(i) != file or not os.path.exists(os.path.join(self.path, file)):
+                _save_npz(os.path.join(self.path, file), st)
+            parts.append({"start": int(data.bounds[i][0]), "bounds": _json_ready(data.bounds[i]),
+                          **({"seq_bounds": _json_ready(seq[i])} if seq is not None else {}),
+                          "fingerprint": fp, "file": file})
+        now = _now()
+        summary = {
+            "format": FORMAT, **json.loads(json.dumps(identity)),
+            "params_hash": params_hash(final_params), "version": version,
+            "context": _json_ready(context),
+            "fingerprint": loaded.fingerprint, "source": str(getattr(data, "source", "")),
+            "n_rows": int(data.n_rows),
+            **({"n_sequences": int(data.n_sequences)} if hasattr(data, "n_sequences") else {}),
+            "n_partitions": len(parts), "partition_fingerprints": list(fingerprints), "partitions": parts,
+            "created": (old or {}).get("created", now) if old and old.get("family") == identity.get("family")
+            else now,
+            "updated": now,
+        }
+        _atomic_write(os.path.join(self.path, SUMMARY),
+                      lambda f: f.write(json.dumps(summary, indent=1).encode()))
+        keep = {SUMMARY, vfile, *(p["file"] for p in parts)}
+        for name in os.listdir(self.path):
+            if name not in keep and (name.startswith(("stats-", "version-")) and name.endswith(".npz")):
+                os.unlink(os.path.join(self.path, name))
+        return summary
