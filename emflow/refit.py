@@ -13,10 +13,12 @@ One implementation for the ``emflow refit`` command and the ``emflow-refit`` flo
    the partitions new / changed / reused (from the statistics ledger, when the estimator keeps
    one), the passes, the bytes read and the objective before and after.
 
-"Before" is the saved model's objective *on the grown data*: the first E-step of the refit
-evaluates the saved parameters on all of the data (``history_[0]``), so it costs no extra
-pass. The saved model's own ``lower_bound_`` (on the data it was fitted on) is reported too,
-as ``previous_lower_bound``: the two differ by what the appended data add.
+"Before" is the objective *on the grown data* of the parameters the refit starts from, from
+its first E-step (``history_[0]``, no extra pass): the saved model's parameters, or, when
+the ledger's statistics are reused, the parameters those statistics were computed at (the
+ones entering the saved model's last iteration; ``report()["before_params"]`` says which).
+The saved model's own ``lower_bound_`` (on the data it was fitted on) is reported too, as
+``previous_lower_bound``: the two differ by what the appended data add.
 """
 
 from __future__ import annotations
@@ -105,12 +107,18 @@ def check_schema(model, data: Any):
 
 
 def prepare(model_path: str | os.PathLike, data: Any, *, ledger: str | None = None,
-            max_iter: int | None = None, scheduler: Any = None, persist: Any = "auto"):
+            out: str | os.PathLike | None = None, max_iter: int | None = None, scheduler: Any = None,
+            persist: Any = "auto"):
     """Load the model, check the data's schema and configure the warm-started estimator.
 
     Nothing is read beyond the model and the data's structure, and nothing is written.
     Returns ``(estimator, opened data, state)`` where ``state`` holds what the saved model
     recorded (for :func:`report`) and the starting parameters.
+
+    The ledger is ``ledger`` when given (read and rewritten there); else the one beside the
+    refitted model, ``<out>.ledger`` (``out`` defaults to ``model_path``): with ``out``
+    elsewhere, :func:`fit_prepared` first copies ``<model>.ledger`` there (when it exists and
+    ``<out>.ledger`` does not), so each saved model keeps the ledger of its own fit.
     """
     from . import load
     from .checks import check_int
@@ -135,36 +143,67 @@ def prepare(model_path: str | os.PathLike, data: Any, *, ledger: str | None = No
     if "n_init" in names:
         updates["n_init"] = 1  # the saved model is the one start
     if "ledger" in names:  # estimators that keep the statistics ledger (incremental EM)
-        state["ledger"] = os.fspath(ledger) if ledger is not None else default_ledger(model_path)
+        if ledger is not None:
+            state["ledger"] = os.fspath(ledger)
+        else:
+            state["ledger"] = default_ledger(out if out is not None else model_path)
+            if os.path.abspath(state["ledger"]) != os.path.abspath(default_ledger(model_path)):
+                state["ledger_from"] = default_ledger(model_path)
         updates["ledger"] = state["ledger"]
     est.set_params(**{k: v for k, v in updates.items() if k in names})
     est.scheduler = scheduler
     return est, opened, state
 
 
-def refit(model_path: str | os.PathLike, data: Any, *, ledger: str | None = None, max_iter: int | None = None,
-          callbacks: Iterable = (), scheduler: Any = None, persist: Any = "auto"):
+def refit(model_path: str | os.PathLike, data: Any, *, ledger: str | None = None,
+          out: str | os.PathLike | None = None, max_iter: int | None = None, callbacks: Iterable = (),
+          scheduler: Any = None, persist: Any = "auto"):
     """Warm-start the saved model at ``model_path`` on ``data``; returns ``(estimator, report)``.
 
-    The model is not saved here (the caller decides where, see ``emflow refit --out``).
+    The model is not saved here (``out`` only places the default ledger; the caller saves,
+    as ``emflow refit --out`` does).
     """
-    est, opened, state = prepare(model_path, data, ledger=ledger, max_iter=max_iter, scheduler=scheduler,
-                                 persist=persist)
+    est, opened, state = prepare(model_path, data, ledger=ledger, out=out, max_iter=max_iter,
+                                 scheduler=scheduler, persist=persist)
     fit_prepared(est, data, state, callbacks)
     return est, report(est, state)
 
 
 def fit_prepared(est, data: Any, state: dict, callbacks: Iterable = ()):
-    """Run the warm-started EM of :func:`prepare`'s estimator; returns it (fitted)."""
-    est.fit(data, callbacks=list(callbacks), initial_params=state["params"])
+    """Run the warm-started EM of :func:`prepare`'s estimator; returns it (fitted).
+
+    The start is the saved parameters (``initial_params``, which every family takes); the fit
+    is a warm start (``warm_start`` set for it, on the instance for a family whose constructor
+    has none, and put back afterwards), so that an estimator with a ledger reads only the
+    partitions the ledger does not hold first (:mod:`emflow.estimators.incremental`).
+    """
+    source = state.get("ledger_from")
+    if source and os.path.isdir(source) and not os.path.exists(state["ledger"]):
+        import shutil
+
+        shutil.copytree(source, state["ledger"])  # the input model's ledger stays its own
+    before = est.__dict__.get("warm_start", _MISSING)
+    est.warm_start = True
+    try:
+        est.fit(data, callbacks=list(callbacks), initial_params=state["params"])
+    finally:
+        if before is _MISSING:
+            del est.warm_start
+        else:
+            est.warm_start = before
     return est
+
+
+_MISSING = object()
 
 
 def report(est, state: dict) -> dict[str, Any]:
     """What a refit did, as plain JSON-ready values.
 
     Keys: ``family``, ``n_passes``, ``n_iter``, ``converged``, ``log_likelihood_before`` (the
-    saved model on the grown data: the refit's first E-step), ``log_likelihood_after``,
+    refit's first E-step: the objective on the grown data of the parameters named by
+    ``before_params``, "saved model", or "ledger version" when ledger statistics were
+    reused: the parameters entering the saved model's last iteration), ``log_likelihood_after``,
     ``previous_lower_bound`` (the saved model on its own data), ``size_before`` /
     ``size_after`` (rows, sequences or documents), ``partitions_total``, ``partitions_new``,
     ``partitions_changed``, ``partitions_reused``, ``bytes_read`` (the last four from the
@@ -182,6 +221,8 @@ def report(est, state: dict) -> dict[str, Any]:
         "n_iter": int(est.n_iter_),
         "converged": bool(est.converged_),
         "log_likelihood_before": float(history[0]) if history else None,
+        # with reused ledger statistics, the first E-step is at the ledger's parameter version
+        "before_params": "ledger version" if led.get("partitions_reused") else "saved model",
         "log_likelihood_after": float(est.lower_bound_),
         "previous_lower_bound": state["previous_lower_bound"],
         "size_before": state["previous_size"],
@@ -197,6 +238,10 @@ def report(est, state: dict) -> dict[str, Any]:
         "fingerprint_after": info.get("fingerprint"),
         "data_changed": info.get("fingerprint") != state["previous_fingerprint"],
     }
+
+
+_BEFORE = {"saved model": "saved model on the grown data",
+           "ledger version": "ledger's parameters on the grown data"}
 
 
 def _count(v) -> str:
@@ -215,7 +260,7 @@ def report_rows(rep: dict) -> list[tuple[str, str]]:
         ("passes over the data", str(rep["n_passes"])),
         ("bytes read", _count(rep["bytes_read"]) + (" (no ledger)" if rep["bytes_read"] is None else "")),
         ("iterations", f"{rep['n_iter']} ({'converged' if rep['converged'] else 'not converged'})"),
-        (f"{obj} before", f"{rep['log_likelihood_before']:.10g} (saved model on the grown data)"),
+        (f"{obj} before", f"{rep['log_likelihood_before']:.10g} ({_BEFORE[rep['before_params']]})"),
         (f"{obj} after", f"{rep['log_likelihood_after']:.10g}"),
         ("saved lower_bound_", f"{rep['previous_lower_bound']:.10g} (on the data it was fitted on)"),
         ("size", f"{_count(rep['size_before'])} -> {_count(rep['size_after'])}"),

@@ -12,9 +12,11 @@ family); the work is :mod:`emflow.refit`'s, as for ``emflow refit``:
   nothing is written (no model, no ledger, no lock file: the check comes first). The
   destination is checked too: a model already at ``out`` (``out`` defaults to ``model``
   itself) is replaced only with ``overwrite=True``; anything else there never is.
-- **refit-em**: EM from the saved parameters on the grown data (incremental, from the
-  statistics ledger ``<model>.ledger`` or ``ledger``, when the estimator keeps one); a log
-  line per iteration and the ``refit-progress`` / ``refit-log-likelihood`` artifacts.
+- **refit-em**: EM from the saved parameters on the grown data, incremental from the
+  statistics ledger (``ledger``, else ``<out>.ledger`` beside the model saved, a copy of
+  ``<model>.ledger`` when ``out`` is elsewhere): only the partitions the ledger does not
+  hold are read first. A log line per iteration and the ``refit-progress`` /
+  ``refit-log-likelihood`` artifacts.
 - **save-model**: atomically (readers see the old model or the new one).
 
 Artifacts: ``refit-summary`` (markdown: partitions new / changed / reused, passes, bytes
@@ -66,10 +68,10 @@ def check_schema(model: str, data: str, out: str, overwrite: bool) -> dict:
 
 @task(name="refit-em", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_if_transient,
       cache_policy=NO_CACHE)
-def refit_em(model: str, data: str, ledger: str | None, max_iter: int | None, scheduler: str | None,
+def refit_em(model: str, data: str, out: str, ledger: str | None, max_iter: int | None, scheduler: str | None,
              persist: Any, progress_id=None):
     """EM from the saved parameters on the grown data; returns ``(estimator, report)``."""
-    est, _, state = _refit.prepare(model, data, ledger=ledger, max_iter=max_iter, scheduler=scheduler,
+    est, _, state = _refit.prepare(model, data, ledger=ledger, out=out, max_iter=max_iter, scheduler=scheduler,
                                    persist=persist)
     monitor = IterationMonitor(max_iter=int(getattr(est, type(est).iter_param)), progress_id=progress_id,
                                table_key="refit-log-likelihood", label=est.objective_name)
@@ -94,7 +96,8 @@ def refit_flow(
     out: Annotated[str | None, Field(description="where to save the refitted model; None: over `model` "
                                                  "(needs overwrite)")] = None,
     overwrite: Annotated[bool, Field(description="replace an emflow model already at `out`")] = False,
-    ledger: Annotated[str | None, Field(description="the statistics ledger; None: <model>.ledger")] = None,
+    ledger: Annotated[str | None, Field(description="the statistics ledger; None: <out>.ledger (a copy of "
+                                                    "<model>.ledger when out is elsewhere)")] = None,
     max_iter: Annotated[int | None, Field(ge=1, description="EM iterations at most; None: the model's "
                                                             "own budget")] = None,
     scheduler: SchedulerParam = None,
@@ -108,7 +111,7 @@ def refit_flow(
     with output_locked(out, "emflow-refit"), compute(scheduler) as (sched, dashboard):
         publish_dashboard_link(dashboard, scheduler)
         progress_id = create_progress_artifact(0.0, key="refit-progress", description="EM iterations done")
-        est, rep = refit_em(model, data, ledger, max_iter, sched, persist, progress_id)
+        est, rep = refit_em(model, data, out, ledger, max_iter, sched, persist, progress_id)
         est.scheduler = None
         path = save(est, out)
     rep = {**rep, "path": path, "model": os.fspath(model), "data": os.fspath(data)}

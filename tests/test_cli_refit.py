@@ -38,12 +38,14 @@ def _listing(root) -> dict[str, float]:
 
 @pytest.fixture
 def grown(tmp_path):
-    """A mixture fitted on 1200 rows and saved; then 400 more rows appended to its data."""
+    """A mixture fitted on 1200 rows (without a ledger) and saved; then 400 more rows appended
+    to its data (one storage chunk per partition: 400 rows x 2 float64)."""
     src = write_gmm(tmp_path / "all.zarr", 1600, 3, 2, "full", seed=2, chunk_rows=400, separation=4.0)
     data = write_gmm(tmp_path / "train.zarr", 1200, 3, 2, "full", seed=2, chunk_rows=400, separation=4.0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        gm = emflow.GaussianMixture(3, tol=1e-6, random_state=0, scheduler="threads").fit(data)
+        gm = emflow.GaussianMixture(3, tol=1e-6, random_state=0, partition_bytes=400 * 2 * 8,
+                                    scheduler="threads").fit(data)
     model = gm.save(tmp_path / "model.zarr")
     X = zarr.open_group(data, mode="r+")["X"]
     X.resize((1600, 2))
@@ -70,10 +72,19 @@ def test_refit_after_an_append_reports_and_improves(grown, tmp_path):
     assert f"passes over the data │ {ref.n_passes_} │" in text
     assert "new / changed / reused" in text and "size │ 1,200 -> 1,600" in text
     assert emflow.load(grown["model"]).lower_bound_ == grown["fitted"].lower_bound_  # MODEL left as it was
-    # over MODEL itself with --overwrite
-    r = run("refit", grown["model"], grown["data"], "--overwrite", "--max-iter", 50, "-s", "threads")
+    # no ledger before: every partition is new; the ledger is written beside the model saved
+    assert "new / changed / reused │ 4 / 0 / 0" in text
+    assert os.path.isdir(f"{out}.ledger") and not os.path.exists(grown["model"] + ".ledger")
+    # 400 more rows: the ledger's four partitions are reused, the new one is read first
+    X = zarr.open_group(grown["data"], mode="r+")["X"]
+    X.resize((2000, 2))
+    X[1600:] = np.random.default_rng(5).normal(size=(400, 2)) + X[:400]
+    r = run("refit", out, grown["data"], "--overwrite", "--max-iter", 50, "-s", "threads")
     assert r.exit_code == 0, r.output
-    assert emflow.load(grown["model"]).lower_bound_ == pytest.approx(ref.lower_bound_, rel=1e-12)
+    text = " ".join(r.output.split())
+    assert "new / changed / reused │ 1 / 0 / 4" in text and "ledger's parameters on the grown data" in text
+    est = emflow.load(out)
+    assert est.fit_info_["ledger"]["partitions_reused"] == 4 and est.lower_bound_ >= est.history_[0]
 
 
 def test_refit_refuses_and_writes_nothing(grown, tmp_path):

@@ -25,8 +25,8 @@ __all__ = ["refit"]
 
 _HELP = (
     "Refit the saved MODEL (any family) on DATA that grew since it was fitted.\n\n"
-    "EM starts from the saved parameters (incrementally, from the statistics ledger, where "
-    "the estimator keeps one). DATA must have the layout, features and dtype the model was "
+    "EM starts from the saved parameters, incrementally from the statistics ledger beside "
+    "the model: the partitions it does not hold are read first. DATA must have the layout, features and dtype the model was "
     "fitted on: otherwise nothing is written. The model is saved to --out, by default over "
     "MODEL (that needs --overwrite)."
 )
@@ -37,7 +37,8 @@ def refit(
     model: str = typer.Argument(..., help="A saved model of any family (`emflow fit`, a flow, or .save())."),
     data: str = typer.Argument(..., help="The grown Zarr dataset, in the layout the model was fitted on."),
     ledger: Optional[str] = typer.Option(None, "--ledger", help="The statistics ledger (default: "
-                                                                "MODEL.ledger beside the model)."),
+                                                                "beside the model saved, OUT.ledger; "
+                                                                "MODEL.ledger is copied there first)."),
     max_iter: Optional[int] = typer.Option(None, "--max-iter", help="EM iterations at most (default: the "
                                                                     "model's own budget)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to save the refitted model "
@@ -58,7 +59,7 @@ def refit(
             check_int("--max-iter", max_iter, 1)
         # before any work: --out may not be DATA, nor replace anything unasked
         target = _refit.check_out(model, data, out, overwrite=overwrite)
-        est, _, state = _refit.prepare(model, data, ledger=ledger, max_iter=max_iter,
+        est, _, state = _refit.prepare(model, data, ledger=ledger, out=target, max_iter=max_iter,
                                        persist=_PERSIST[persist.value])
         with _scheduler(scheduler, workers) as client:
             est.scheduler = client
