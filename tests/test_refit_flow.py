@@ -18,7 +18,7 @@ pytest.importorskip("prefect")
 
 import emflow  # noqa: E402
 from emflow import refit as _refit  # noqa: E402
-from emflow.storage.synthetic import write_gmm, write_hmm  # noqa: E402
+from emflow.storage.synthetic import write_gmm, write_hmm, write_lda  # noqa: E402
 
 from test_flows import _artifacts  # noqa: E402
 
@@ -154,4 +154,24 @@ def test_refit_any_family_continues_from_the_saved_model(tmp_path):
     assert est.history_ == pytest.approx(ref.history_, rel=1e-12)
     assert rep["family"] == "gaussian_hmm" and (rep["size_before"], rep["size_after"]) == (20, 40)
     assert rep["log_likelihood_after"] >= rep["log_likelihood_before"] - 1e-12
-    assert rep["ledger"] is None or rep["ledger"] == path + ".ledger"
+    assert rep["ledger"] == path + ".ledger" and rep["partitions_reused"] == 0  # no ledger before
+
+
+def test_refit_lda_reuses_its_ledger(tmp_path):
+    """A corpus family: the second refit on the same documents reuses every partition."""
+    docs = write_lda(tmp_path / "docs.zarr", 200, 40, 3, seed=8, chunk_docs=50)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lda = emflow.LatentDirichletAllocation(3, max_iter=3, random_state=0, scheduler="threads").fit(docs)
+        path = lda.save(tmp_path / "lda.zarr")
+        first, rep1 = _refit.refit(path, docs, max_iter=2, scheduler="threads")
+        first.save(path, overwrite=True)
+        second, rep2 = _refit.refit(path, docs, max_iter=2, scheduler="threads")
+        ref = emflow.LatentDirichletAllocation(3, max_iter=2, random_state=0, scheduler="threads")
+        ref.fit(docs, initial_params=lda._get_parameters())
+    assert first.history_ == pytest.approx(ref.history_, rel=1e-12)  # no ledger yet: plain EM from the model
+    assert rep1["partitions_new"] == rep1["partitions_total"] and rep1["partitions_reused"] == 0
+    assert rep2["partitions_reused"] == rep2["partitions_total"] > 0 and rep2["partitions_new"] == 0
+    assert rep2["n_passes"] < rep1["n_passes"]  # the first iteration read nothing
+    assert rep2["objective"] == lda.objective_name
+    assert rep2["log_likelihood_after"] >= rep2["log_likelihood_before"] - 1e-12
