@@ -3,7 +3,7 @@
     refit_flow("models/gmm.zarr", "train.zarr", overwrite=True)   # replace the model in place
 
 Written once for every family in ``emflow.estimators.REGISTRY`` (the saved model names its
-family); the work is :mod:`emflow.refit`'s, as for ``emflow refit``:
+family); the work is :mod:`emflow.estimators.refit`'s, as for ``emflow refit``:
 
 ``check-schema -> refit-em -> save-model``
 
@@ -36,7 +36,7 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import Field
 
-from emflow import refit as _refit
+from emflow.estimators import refit as _refit
 
 from ._common import (
     IterationMonitor,

@@ -1,4 +1,4 @@
-"""Refit of a saved model on grown data (issue 15 item 3): :mod:`emflow.refit` and the
+"""Refit of a saved model on grown data (issue 15 item 3): :mod:`emflow.estimators.refit` and the
 ``emflow-refit`` flow (flows/refit.py) under a temporary Prefect server.
 
 The flow's model is checked against the library's own warm-started fit (the same start, the
@@ -17,7 +17,7 @@ import zarr
 pytest.importorskip("prefect")
 
 import emflow  # noqa: E402
-from emflow import refit as _refit  # noqa: E402
+from emflow.estimators import refit as _refit  # noqa: E402
 from emflow.storage.synthetic import write_gmm, write_hmm, write_lda  # noqa: E402
 
 from test_flows import _artifacts  # noqa: E402

@@ -1,6 +1,6 @@
 """``emflow refit MODEL DATA``: continue a saved model of any family on data that grew.
 
-The work is :mod:`emflow.refit`'s (as in the ``emflow-refit`` flow): the data's schema is
+The work is :mod:`emflow.estimators.refit`'s (as in the ``emflow-refit`` flow): the data's schema is
 checked against the model (layout, features, dtype) before a cluster starts or anything is
 written; EM starts from the saved parameters, with the same progress bar and per-iteration
 line as ``emflow fit``; the model is saved atomically to ``--out`` (by default over MODEL,
@@ -50,7 +50,7 @@ def refit(
     scheduler: Optional[str] = SchedulerOpt,
     workers: Optional[int] = WorkersOpt,
 ):
-    from .. import refit as _refit
+    from ..estimators import refit as _refit
 
     target = out if out is not None else Path(model)
     with _errors(target):
@@ -75,7 +75,7 @@ def refit(
 
 
 def _print_report(rep: dict, title) -> None:
-    from ..refit import report_rows
+    from ..estimators.refit import report_rows
 
     t = Table(title=title)
     t.add_column("field")

@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 from typing import Any, Iterable
 
-from .errors import DataError, FeatureMismatchError
+from ..errors import DataError, FeatureMismatchError, ModelFormatError
 
 __all__ = ["default_ledger", "check_out", "check_schema", "prepare", "fit_prepared", "refit", "report", "report_rows"]
 
@@ -45,7 +45,7 @@ def check_out(model_path: str | os.PathLike, data: Any, out: str | os.PathLike |
     any work unless that loses nothing: an emflow model there is replaced only with
     ``overwrite``, anything else never, and ``out`` may not be (or hold) the data, nor another
     model than the one refitted. Returns the absolute path."""
-    from .storage.destinations import check_destination
+    from ..storage.destinations import check_destination
 
     target = os.fspath(out if out is not None else model_path)
     inputs = [("DATA", data)]
@@ -60,7 +60,7 @@ def _stored_kind(data: Any) -> str | None:
         return None
     import zarr
 
-    from .storage.chunks import _url
+    from ..storage.chunks import _url
 
     try:
         node = zarr.open(_url(os.fspath(data)), mode="r")
@@ -68,6 +68,18 @@ def _stored_kind(data: Any) -> str | None:
         return None
     kind = node.attrs.get("kind") if isinstance(node, zarr.Group) else None
     return kind if isinstance(kind, str) else None
+
+
+def _load(path):
+    """The saved model at ``path``, of whichever registered family it names (as ``emflow.load``)."""
+    from ..storage.store import read_model_attrs
+    from . import discover
+
+    family = read_model_attrs(path)["family"]
+    if family not in discover():
+        raise ModelFormatError(f"The model at {os.fspath(path)!r} is of family {family!r}, which this emflow "
+                               "does not know. Upgrade emflow.")
+    return discover()[family].load(path)
 
 
 def check_schema(model, data: Any):
@@ -84,7 +96,7 @@ def check_schema(model, data: Any):
     DataError
         The layout or the dtype changed (or the data do not open as the family's layout).
     """
-    from .storage.layouts import open_stored
+    from ..storage.layouts import open_stored
 
     cls = type(model)
     where = f"Refusing to refit the {cls.__name__} ({cls.family}) model on {os.fspath(data)!r}"
@@ -120,10 +132,9 @@ def prepare(model_path: str | os.PathLike, data: Any, *, ledger: str | None = No
     elsewhere, :func:`fit_prepared` first copies ``<model>.ledger`` there (when it exists and
     ``<out>.ledger`` does not), so each saved model keeps the ledger of its own fit.
     """
-    from . import load
-    from .checks import check_int
+    from ..checks import check_int
 
-    est = load(model_path)
+    est = _load(model_path)
     opened = check_schema(est, data)
     info = dict(getattr(est, "fit_info_", None) or {})
     state = {
