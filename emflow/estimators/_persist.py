@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,8 @@ class Persistent:
                 v = {"__array__": np.asarray(v, dtype=np.float64).tolist()}
             elif isinstance(v, tuple):
                 v = list(v)
+            elif isinstance(v, os.PathLike):  # ledger=Path(...)
+                v = os.fspath(v)
             cfg[k] = v
         return cfg
 

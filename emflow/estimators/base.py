@@ -36,6 +36,7 @@ the restarts as separate tasks therefore reproduces ``fit(n_init=R)`` exactly.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -49,7 +50,8 @@ from sklearn.utils._set_output import _SetOutputMixin, _wrap_method_output
 from ._persist import Persistent
 from .accelerate import AccelerateRule, add_accelerate_parameter, add_keyword_parameter
 from .em import EMResult, IterationEvent, run_em
-from .incremental import LedgerRule, check_ledger_location, fit_with_ledger, record_ledger
+from .incremental import (LedgerRule, add_warm_start_keyword, check_ledger_location, fit_with_ledger, record_ledger,
+                          wants_warm_start)
 from ..errors import ConfigError, EmflowConvergenceWarning, NotFittedError
 
 __all__ = ["EMEstimator", "Output", "REGISTRY", "family_of", "print_iteration"]
@@ -136,6 +138,7 @@ class EMEstimator(Persistent, _SetOutputMixin, BaseEstimator):
         super().__init_subclass__(**kwargs)
         add_accelerate_parameter(cls)  # every family's accelerate=None (emflow.estimators.accelerate)
         add_keyword_parameter(cls, "ledger")  # and ledger=None (emflow.estimators.incremental)
+        add_warm_start_keyword(cls)  # fit(..., warm_start=True) in every family
         name = cls.__dict__.get("family")
         if name:
             if "cli_name" not in cls.__dict__:
@@ -271,7 +274,7 @@ class EMEstimator(Persistent, _SetOutputMixin, BaseEstimator):
             f"Best performing initialization did not converge. Try different init parameters, or "
             f"increase {self.iter_param}, tol, or check for degenerate data. ({type(self).__name__}: "
             f"{restarts} initialisation(s), {self.iter_param}={max_iter}, tol={self.tol})",
-            EmflowConvergenceWarning, stacklevel=5,
+            EmflowConvergenceWarning, stacklevel=6,  # the caller of fit (through its warm_start wrapper)
         )
 
     def _fit_info_extra(self, loaded, result: EMResult) -> dict:
@@ -402,6 +405,7 @@ class EMEstimator(Persistent, _SetOutputMixin, BaseEstimator):
         self.n_passes_ = int(loaded.partition_reads // max(1, len(loaded.handles)))
         if getattr(self, "fit_info_", None) is not None:
             self.fit_info_["n_passes"] = self.n_passes_
+            self.fit_info_["bytes_read"] = int(loaded.bytes_read)  # stored bytes, the engine's count
 
     def init_params_for(self, data, *fit_args, init: int = 0, seed: int | None = None):
         """The starting parameters of restart ``init`` of ``fit(data, ...)`` (what
@@ -423,7 +427,7 @@ class EMEstimator(Persistent, _SetOutputMixin, BaseEstimator):
     def _fit_loaded(self, engine, loaded, callbacks, initial_params=None, history=None):
         self._prepare(engine, loaded)
         n_init = int(getattr(self, "n_init", 1))
-        warm = bool(getattr(self, "warm_start", False)) and self._is_fitted()
+        warm = wants_warm_start(self) and self._is_fitted()
         if initial_params is not None and n_init != 1 and not warm:
             raise ConfigError("Resuming from initial_params needs n_init=1.")
         max_iter = int(getattr(self, self.iter_param))
@@ -452,12 +456,12 @@ class EMEstimator(Persistent, _SetOutputMixin, BaseEstimator):
                 if warm and stop is None and initial_params is None and np.isfinite(self.lower_bound_):
                     # scikit-learn's warm start: the first change is measured from the last fit's bound
                     stop = _WarmStop(float(self.lower_bound_), self._em_tol(loaded))
-                em = fit_with_ledger if self.ledger is not None else run_em
+                # with a ledger: per-partition statistics kept, a warm start from them (incremental.py)
+                em = run_em if self.ledger is None else functools.partial(fit_with_ledger, estimator=self, warm=warm)
                 result = em(engine, loaded, family, params, tol=None if stop is not None else self._em_tol(loaded),
                             stop=stop, max_iter=max_iter, callbacks=[watch, *callbacks], init=init,
                             history=history, seed=(seed, init), accelerate=self.accelerate,
-                            spec=self.param_spec() if self.accelerate == "squarem" else None,
-                            **({"estimator": self, "warm": warm} if self.ledger is not None else {}))
+                            spec=self.param_spec() if self.accelerate == "squarem" else None)
             if best is None or result.lower_bound > best.lower_bound:
                 best = result
         assert best is not None
@@ -495,6 +499,7 @@ class EMEstimator(Persistent, _SetOutputMixin, BaseEstimator):
             "n_init": int(restarts),
             "seconds_per_iteration": [float(s) for s in result.seconds],
             "n_passes": self.n_passes_,
+            "bytes_read": int(loaded.bytes_read),
             "accelerate": getattr(self, "accelerate", None),
             **({"acceleration": result.acceleration} if result.acceleration else {}),
             **self._fit_info_extra(loaded, result),

@@ -30,8 +30,12 @@ structure, another fit's parameters) is ignored with a
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import os
 from typing import Any
+
+import numpy as np
 
 from ..checks import Rule, _config_error
 from ..execution.tasks import tree_reduce
@@ -40,7 +44,7 @@ from ..storage.ledger import Ledger, compare_partitions, structure_of
 from .em import ChangeBelow, partition_starts, run_em
 
 __all__ = ["LedgerRule", "Incremental", "check_ledger_location", "partition_stats", "fit_with_ledger",
-           "record_ledger"]
+           "record_ledger", "add_warm_start_keyword", "wants_warm_start"]
 
 
 class LedgerRule(Rule):
@@ -101,10 +105,10 @@ def partition_stats(engine, loaded, family, params, context: tuple, idx: list[in
     from .em import _group_e_step
 
     P = len(loaded.handles)
-    if idx is not None and (len(idx) == P or getattr(loaded.data, "chains", None)):
-        idx = None
-    target = loaded if idx is None else _subset(loaded, idx)
-    which = list(range(P)) if idx is None else idx
+    want = list(range(P)) if idx is None else list(idx)
+    full = len(want) == P or bool(getattr(loaded.data, "chains", None))
+    which = list(range(P)) if full else want
+    target = loaded if full else _subset(loaded, want)
     if getattr(family, "takes_context", False):
         starts = partition_starts(loaded)
         it, seed, init = context
@@ -113,11 +117,11 @@ def partition_stats(engine, loaded, family, params, context: tuple, idx: list[in
         out = [o[0] for o in out]
     else:
         out = engine.map(family.e_step, target, params)
-    if target is not loaded:
+    if not full:  # the subset's reads count as reads of the data
         loaded.partition_reads += target.partition_reads
         loaded.bytes_read += target.bytes_read
         return out
-    return out if idx is None or len(which) == P else [out[i] for i in which]
+    return out if len(want) == P else [out[i] for i in want]
 
 
 def _total(engine, parts: list):
@@ -207,3 +211,38 @@ def record_ledger(estimator, loaded, result) -> dict:
     return {"ledger": {"path": os.fspath(estimator.ledger), **rec["counts"], "bytes_read": int(loaded.bytes_read),
                        "fingerprint": loaded.fingerprint}}
 
+
+
+def add_warm_start_keyword(cls) -> None:
+    """Give the ``fit`` ``cls`` defines a keyword ``warm_start`` (None: the estimator's own
+    ``warm_start`` parameter, where it has one; True / False: for this fit only), so that
+    ``est.fit(data, warm_start=True)`` continues a fitted model, from its ledger when it has
+    one, in every family (hmmlearn's HMMs have no ``warm_start`` parameter)."""
+    fit = cls.__dict__.get("fit")
+    if fit is None or "warm_start" in inspect.signature(fit).parameters:
+        return
+
+    @functools.wraps(fit)
+    def wrapped(self, *args, warm_start=None, **kwargs):
+        if warm_start is None:
+            return fit(self, *args, **kwargs)
+        if not isinstance(warm_start, (bool, np.bool_)):
+            raise _config_error("warm_start", f"warm_start must be True, False or None, got {warm_start!r}.")
+        self._warm_override = bool(warm_start)
+        try:
+            return fit(self, *args, **kwargs)
+        finally:
+            del self._warm_override
+
+    sig = inspect.signature(fit)
+    params = list(sig.parameters.values())
+    extra = inspect.Parameter("warm_start", inspect.Parameter.KEYWORD_ONLY, default=None)
+    at = len(params) - 1 if params and params[-1].kind is inspect.Parameter.VAR_KEYWORD else len(params)
+    wrapped.__signature__ = sig.replace(parameters=[*params[:at], extra, *params[at:]])
+    cls.fit = wrapped
+
+
+def wants_warm_start(est) -> bool:
+    """Whether this fit continues the fitted model: ``fit(warm_start=...)`` if given, else
+    the estimator's ``warm_start`` parameter."""
+    return bool(getattr(est, "_warm_override", getattr(est, "warm_start", False)))

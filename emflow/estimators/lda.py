@@ -365,7 +365,7 @@ class LatentDirichletAllocation(LDAOnlineMixin, LDAApplyMixin, ClassNamePrefixFe
     def _warn_unconverged(self, restarts: int, max_iter: int) -> None:
         if self.evaluate_every > 0:
             warnings.warn(f"LDA did not reach perp_tol={self.perp_tol} in {self.max_iter} iterations. Increase "
-                          "max_iter or perp_tol.", EmflowConvergenceWarning, stacklevel=6)
+                          "max_iter or perp_tol.", EmflowConvergenceWarning, stacklevel=7)
 
     def _fit_info_extra(self, loaded, result: EMResult) -> dict:
         return {"n_docs": loaded.data.n_docs, "nnz": loaded.data.nnz}

@@ -108,7 +108,13 @@ def structure_of(params: Any) -> list:
     """What a parameter set's statistics are shaped by: the structure with array shapes
     (and dtypes) in place of the values, and the non-array values (``covariance_type``)."""
     spec, arrays = _encode(params)
-    return [json.loads(json.dumps(spec)), [[a.dtype.str, list(a.shape)] for a in arrays]]
+
+    def shape_only(node):
+        if node["t"] == "v" and isinstance(node["v"], (int, float)) and not isinstance(node["v"], bool):
+            return {"t": "v", "v": type(node["v"]).__name__}  # a learned scalar: its type, not its value
+        return {**node, "f": [shape_only(n) for n in node["f"]]} if "f" in node else node
+
+    return [json.loads(json.dumps(shape_only(spec))), [[a.dtype.str, list(a.shape)] for a in arrays]]
 
 
 def _atomic_write(path: str, write) -> None:
@@ -240,12 +246,12 @@ class Ledger:
             diff = [k for k in identity if stored.get(k) != json.loads(json.dumps(identity[k]))] or ["format"]
             warnings.warn(f"The statistics ledger at {self.path!r} was written for another model or dataset "
                           f"({', '.join(diff)} differ: ledger {[stored.get(k) for k in diff]}); it is ignored "
-                          "and rewritten by this fit.", LedgerMismatch, stacklevel=4)
+                          "and rewritten by this fit.", LedgerMismatch, stacklevel=7)
             return None
         if s.get("params_hash") != params_hash(params):
             warnings.warn(f"The statistics ledger at {self.path!r} was written by another fit (its model's "
                           "parameters differ from the warm-started model's); it is ignored and rewritten by "
-                          "this fit.", LedgerMismatch, stacklevel=4)
+                          "this fit.", LedgerMismatch, stacklevel=7)
             return None
         return s
 
@@ -283,16 +289,16 @@ class Ledger:
                           **({"seq_bounds": _json_ready(seq[i])} if seq is not None else {}),
                           "fingerprint": fp, "file": file})
         now = _now()
+        ident = json.loads(json.dumps(identity))
         summary = {
-            "format": FORMAT, **json.loads(json.dumps(identity)),
+            "format": FORMAT, **ident,
             "params_hash": params_hash(final_params), "version": version,
             "context": _json_ready(context),
             "fingerprint": loaded.fingerprint, "source": str(getattr(data, "source", "")),
             "n_rows": int(data.n_rows),
             **({"n_sequences": int(data.n_sequences)} if hasattr(data, "n_sequences") else {}),
             "n_partitions": len(parts), "partition_fingerprints": list(fingerprints), "partitions": parts,
-            "created": (old or {}).get("created", now) if old and old.get("family") == identity.get("family")
-            else now,
+            "created": old["created"] if old and all(old.get(k) == v for k, v in ident.items()) else now,
             "updated": now,
         }
         _atomic_write(os.path.join(self.path, SUMMARY),
