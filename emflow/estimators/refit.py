@@ -184,28 +184,17 @@ def fit_prepared(est, data: Any, state: dict, callbacks: Iterable = ()):
     """Run the warm-started EM of :func:`prepare`'s estimator; returns it (fitted).
 
     The start is the saved parameters (``initial_params``, which every family takes); the fit
-    is a warm start (``warm_start`` set for it, on the instance for a family whose constructor
-    has none, and put back afterwards), so that an estimator with a ledger reads only the
-    partitions the ledger does not hold first (:mod:`emflow.estimators.incremental`).
+    is a warm start (``fit(..., warm_start=True)``, every family), so that the ledger's
+    statistics are reused: only the partitions it does not hold are read first
+    (:mod:`emflow.estimators.incremental`).
     """
     source = state.get("ledger_from")
     if source and os.path.isdir(source) and not os.path.exists(state["ledger"]):
         import shutil
 
         shutil.copytree(source, state["ledger"])  # the input model's ledger stays its own
-    before = est.__dict__.get("warm_start", _MISSING)
-    est.warm_start = True
-    try:
-        est.fit(data, callbacks=list(callbacks), initial_params=state["params"])
-    finally:
-        if before is _MISSING:
-            del est.warm_start
-        else:
-            est.warm_start = before
+    est.fit(data, callbacks=list(callbacks), initial_params=state["params"], warm_start=True)
     return est
-
-
-_MISSING = object()
 
 
 def report(est, state: dict) -> dict[str, Any]:
@@ -243,7 +232,7 @@ def report(est, state: dict) -> dict[str, Any]:
         "partitions_new": led.get("partitions_new"),
         "partitions_changed": led.get("partitions_changed"),
         "partitions_reused": led.get("partitions_reused"),
-        "bytes_read": led.get("bytes_read"),
+        "bytes_read": led.get("bytes_read", info.get("bytes_read")),  # the engine's counter
         "ledger": led.get("path", state.get("ledger")),
         "fingerprint_before": state["previous_fingerprint"],
         "fingerprint_after": info.get("fingerprint"),
