@@ -17,6 +17,7 @@ from flows.fit_lda import lda_fit_flow
 from flows.fit_lgssm import lgssm_fit_flow
 from flows.score import score_flow
 from flows.model_selection import select_flow
+from flows.refit import refit_flow
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,10 @@ DEPLOYMENTS: tuple[Deployment, ...] = (
                {"data": f"{DATA}/corpus.zarr", "out": f"{DATA}/models/lda.zarr", "n_components": 20,
                 "max_iter": 30, "evaluate_every": 5, "perp_tol": 0.1},
                description="Refit the topic model every week; top words per topic as a table artifact."),
+    Deployment("hourly-refit", refit_flow, "45 * * * *",
+               {"model": f"{DATA}/models/gmm.zarr", "data": f"{DATA}/train.zarr", "overwrite": True},
+               description="Continue the nightly mixture on the rows appended since (warm start); refuses a "
+                           "changed schema, writing nothing."),
 )
 
 

@@ -329,7 +329,7 @@ def test_deployment_defaults_name_no_path_but_data_and_out():
         for key in ("heldout", "sample_weight", "initial_model"):
             assert params.get(key) is None, (key, params)
     readme = open(os.path.join(ROOT, "deploy", "README.md")).read()
-    assert "holds six deployments" in readme and len(spec["deployments"]) == 6
+    assert "holds seven deployments" in readme and len(spec["deployments"]) == 7
     assert "registers the three" not in readme
 
 

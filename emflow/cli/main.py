@@ -375,6 +375,7 @@ app.command("ingest")(ingest_command)
 from . import fit as _fit  # noqa: E402,F401  (registers `fit` and `select`)
 from . import apply as _apply  # noqa: E402,F401  (registers `score`)
 from . import flows_cmd as _flows  # noqa: E402,F401  (registers `flows run` and `flows serve`)
+from . import refit as _refit  # noqa: E402,F401  (registers `refit`)
 
 
 def _print_version(value: bool) -> None:
