@@ -257,6 +257,21 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def medians(results: list[dict]) -> list[dict]:
+    """One row per (codec, chunk size): the median of each figure over the repeats (the
+    load shown is the range seen)."""
+    cases: dict = {}
+    for r in results:
+        cases.setdefault((r["codec"], r["chunk_mib"]), []).append(r)
+    out = []
+    for rs in cases.values():
+        m = {k: (statistics.median(x[k] for x in rs) if isinstance(v, float) else v) for k, v in rs[0].items()}
+        loads = [x["load"].split("/")[0] for x in rs]
+        m["load"] = loads[0] if len(rs) == 1 else f"{min(loads, key=float)}-{max(loads, key=float)} (1-min)"
+        out.append(m)
+    return out
+
+
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dir", default="/tmp/emflow-stream", help="where the datasets are cached")
@@ -269,6 +284,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--codecs", nargs="+", default=list(CODECS), choices=CODECS)
     ap.add_argument("--chunk-mib", nargs="+", type=int, default=[8, 32, 128])
     ap.add_argument("--iters", type=int, default=4, help="EM iterations per streamed fit (first dropped)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="passes over the grid, interleaved (the table shows each case's median)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
@@ -288,17 +305,18 @@ def main(argv=None) -> list[dict]:
     results = []
     with LocalCluster(n_workers=args.workers, threads_per_worker=1, memory_limit=args.memory_limit,
                       processes=True, dashboard_address=None) as cluster, Client(cluster) as client:
-        for chunk in args.chunk_mib:
-            for codec in args.codecs:
-                try:
-                    r = run_case(args, codec, chunk, client)
-                except Exception as exc:  # a case that fails (workers out of memory) is reported, not fatal
-                    print(f"  {codec} {chunk} MiB failed: {type(exc).__name__}: {exc}", flush=True)
-                    continue
-                results.append(r)
-                print("  " + " | ".join(row(r)), flush=True)
+        for rep in range(args.repeats):  # interleaved: machine load hits every case alike
+            for chunk in args.chunk_mib:
+                for codec in args.codecs:
+                    try:
+                        r = run_case(args, codec, chunk, client)
+                    except Exception as exc:  # a case that fails (workers out of memory) is reported, not fatal
+                        print(f"  {codec} {chunk} MiB failed: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+                        continue
+                    results.append(r)
+                    print("  " + " | ".join(row(r)), flush=True)
     print()
-    print(table(results))
+    print(table(medians(results)))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=1)
