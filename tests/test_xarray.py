@@ -236,3 +236,27 @@ def test_saved_model_keeps_the_layout(cube, tmp_path, cls):
     plain = _gmm(cls).fit(rows)
     plain.save(tmp_path / "p.zarr")
     assert emflow.load(tmp_path / "p.zarr")._xarray_layout is None
+
+
+def test_climate_example_runs_at_a_tiny_size(tmp_path):
+    """examples/climate_clusters.py end to end (cube to Zarr, fit, labels to Zarr, the PNG)."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
+                        "climate_clusters.py")
+    spec = importlib.util.spec_from_file_location("climate_clusters", path)
+    ex = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ex)
+    out = tmp_path / "cc"
+    summary = ex.main(["--gib", "0.0003", "--res", "10", "--chunk-days", "8", "--out", str(out)])
+    assert summary["sizes"] == {"time": 31, "lat": 18, "lon": 36} and summary["rows"] == 31 * 18 * 36
+    assert summary["partitions"] == 4 * 2  # one per chunk: 4 in time x 2 in longitude
+    assert summary["adjusted_rand_vs_true_regimes"] > 0.99  # the five regimes are recovered
+    labels = xr.open_zarr(out / "labels.zarr")["label"]
+    cube = xr.open_zarr(out / "cube.zarr")
+    assert labels.dims == ("time", "lat", "lon")
+    for d in labels.dims:
+        np.testing.assert_array_equal(labels[d].values, cube[d].values)
+    pytest.importorskip("matplotlib")
+    assert (out / "cluster_map.png").stat().st_size > 0 and summary["plot"] is not None
