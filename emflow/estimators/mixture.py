@@ -318,7 +318,7 @@ class GaussianMixture(OnlineEMMixin, MissingValuesMixin, EMEstimator):
             Zarr path or URL (an array, or a group holding one), opened Zarr array, Dask
             array or in-memory array.
             Or an xarray ``DataArray`` / ``Dataset`` (in memory or Dask-backed), whose
-            ``sample_dims`` become rows; predictions on xarray come back on its grid.
+            ``sample_dims`` become rows; outputs come back on its grid (``out=``: a Zarr dataset on it).
         y : ignored
         sample_weight : array-like of shape (n_samples,), Zarr path, array name, or None
             Non-negative weight per row (a weight of 2 counts a row twice). A bare name
