@@ -127,6 +127,13 @@ def plot_map(labels, order: np.ndarray, path: str) -> bool:
     return True
 
 
+def _peak_mib() -> float:
+    """The process's peak resident memory so far, MiB (Linux reports KiB)."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--gib", type=float, default=0.02, help="size of the cube in GiB (float32; default 0.02)")
@@ -136,6 +143,8 @@ def main(argv=None) -> dict:
     p.add_argument("--max-iter", type=int, default=50)
     p.add_argument("--tol", type=float, default=1e-4)
     p.add_argument("--scheduler", default="threads", help="emflow scheduler (default threads)")
+    p.add_argument("--no-persist", action="store_true",
+                   help="stream the cube from Zarr every iteration (persist=False) instead of keeping it in memory")
     p.add_argument("--out", default="climate_clusters_out", help="folder for cube.zarr, labels.zarr, the PNG")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
@@ -147,18 +156,22 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     ds = make_cube(cube_path, a.gib, a.res, a.chunk_days, a.seed)
     t_make = time.perf_counter() - t0
+    peak = {"make": _peak_mib()}
     n_rows = int(np.prod([ds.sizes[d] for d in ("time", "lat", "lon")]))
     print(f"cube: {dict(ds.sizes)}, {len(VARIABLES)} variables, {n_rows:,} rows, "
           f"{ds.nbytes / 2**30:.3f} GiB, chunks {ds['t2m'].data.chunksize} (written in {t_make:.1f} s)")
 
     gmm = emflow.GaussianMixture(n_components=a.n_components, covariance_type="full", max_iter=a.max_iter,
-                                 tol=a.tol, random_state=a.seed, scheduler=a.scheduler)
+                                 tol=a.tol, random_state=a.seed, scheduler=a.scheduler,
+                                 persist=False if a.no_persist else "auto")
     t0 = time.perf_counter()
     gmm.fit(ds, sample_dims=("time", "lat", "lon"))
     t_fit = time.perf_counter() - t0
+    peak["fit"] = _peak_mib()
     t0 = time.perf_counter()
     labels = gmm.predict(ds, out=labels_path, overwrite=True)  # an xarray dataset on the grid, chunk by chunk
     t_predict = time.perf_counter() - t0
+    peak["predict"] = _peak_mib()
     print(f"fit: {gmm.n_iter_} iterations (converged {gmm.converged_}), {gmm.fit_info_['partitions']} "
           f"partitions, {t_fit:.1f} s; predict to {labels_path}: {t_predict:.1f} s")
 
@@ -170,14 +183,16 @@ def main(argv=None) -> dict:
     ari = float(adjusted_rand_score(truth[::7].ravel(), labels[::7].values.ravel()))
     order = np.argsort(gmm.means_[:, VARIABLES.index("t2m")])
     plotted = plot_map(labels, order, os.path.join(a.out, "cluster_map.png"))
+    peak["plot"] = _peak_mib()
     summary = {
         "rows": n_rows, "features": len(VARIABLES), "gib": round(ds.nbytes / 2**30, 4),
         "sizes": {k: int(v) for k, v in ds.sizes.items()}, "chunks": list(ds["t2m"].data.chunksize),
-        "partitions": gmm.fit_info_["partitions"], "n_components": a.n_components, "n_iter": gmm.n_iter_,
+        "partitions": gmm.fit_info_["partitions"], "resident": gmm.fit_info_["resident"], "n_components": a.n_components, "n_iter": gmm.n_iter_,
         "converged": gmm.converged_, "seconds_make": round(t_make, 2), "seconds_fit": round(t_fit, 2),
         "seconds_predict": round(t_predict, 2), "adjusted_rand_vs_true_regimes": round(ari, 4),
         "cluster_means": {v: [round(float(m), 2) for m in gmm.means_[order, i]] for i, v in enumerate(VARIABLES)},
         "plot": os.path.join(a.out, "cluster_map.png") if plotted else None,
+        "peak_rss_mib_after": peak,
         "loadavg": [round(x, 2) for x in os.getloadavg()], "cpus": os.cpu_count(),
     }
     print(f"agreement with the true regimes (adjusted Rand index, every 7th day): {ari:.4f}")
