@@ -138,8 +138,125 @@ def test_bad_input(cube):
         emflow.GaussianHMM(n_components=2).fit(arr)
 
 
-def test_out_writes_rows_to_zarr(cube, tmp_path):
+def _blocks_of(x):
+    """Row partitions of a fit or prediction input (as the engine opens them)."""
+    from emflow.storage.data import open_rows
+
+    return len(open_rows(x).bounds)
+
+
+def test_chunked_cube_stays_chunk_aligned(cube):
+    arr, rows = cube
+    chunked = arr.chunk({"time": 2, "lat": 2, "lon": 3, "variable": -1})  # 3 x 3 x 2 blocks
+    got, tpl = to_rows(chunked, feature_dim="variable")
+    assert got.numblocks == (18, 1) and tpl.chunks == ((2, 2, 2), (2, 2, 1), (3, 1))
+    assert not any("rechunk" in name for name in got.dask.layers)  # each row block reads its own chunk
+    assert _blocks_of(got) == 18
+    # plain dask reshape would have merged chunks (what to_rows avoids)
+    assert chunked.data.reshape(-1, D).numblocks[0] != 18
+    # block by block: block (i, j, k) of the grid is one row block, in C order inside it
+    first = chunked.isel(time=slice(0, 2), lat=slice(0, 2), lon=slice(0, 3)).values.reshape(-1, D)
+    np.testing.assert_array_equal(got.blocks[0].compute(), first)
+    values = got.compute()
+    for v in (values[:, 0], got[:, 0]):  # back on the grid, from NumPy or from Dask
+        xr.testing.assert_equal(from_rows(v, tpl, "t").compute(), arr.isel(variable=0, drop=True).rename("t"))
+    est = _gmm().fit(chunked, feature_dim="variable")
+    assert est.fit_info_["partitions"] == 18
+    _same_fit(est, _gmm().fit(da.from_array(values, chunks=got.chunks)))
+    ref = est.predict(arr)  # the same model on the in-memory cube (C order)
+    xr.testing.assert_equal(est.predict(chunked), ref)
+    ds = chunked.to_dataset(dim="variable")
+    ds["u10"] = ds["u10"].chunk({"time": 3})  # variables chunked differently: stacked on the first's blocks
+    rows_ds, tpl_ds = to_rows(ds)
+    assert rows_ds.numblocks == (18, 1) and tpl_ds.chunks == tpl.chunks
+    np.testing.assert_array_equal(rows_ds.compute(), values)
+
+
+def test_out_writes_xarray_dataset_on_the_grid(cube, tmp_path):
     arr, rows = cube
     est = _gmm().fit(arr, feature_dim="variable")
-    written = est.predict(arr.chunk({"time": 2}), out=tmp_path / "labels.zarr")
-    np.testing.assert_array_equal(written[:], est.predict(rows))  # one row per grid point, C order
+    ref = est.predict(arr)
+    chunked = arr.chunk({"time": 2, "lat": 2, "lon": 3})
+    written = est.predict(chunked, out=tmp_path / "labels.zarr")
+    opened = xr.open_zarr(tmp_path / "labels.zarr")
+    for got in (written, opened["label"]):
+        assert got.dims == ("time", "lat", "lon") and got.chunks is not None  # lazy
+        xr.testing.assert_identical(got.compute(), ref)
+    assert opened.attrs["emflow"]["kind"] == "labels" and opened.attrs["emflow"]["model_family"] == est.family
+    import zarr
+
+    var = zarr.open_array(tmp_path / "labels.zarr" / "label", mode="r")
+    assert var.chunks == (2, 2, 3) and "emflow_row_blocks" not in var.attrs  # chunks: the blocks' common step
+    # nothing is replaced unasked; with overwrite=True it is
+    with pytest.raises(emflow.ConfigError, match="overwrite=True"):
+        est.predict(chunked, out=tmp_path / "labels.zarr")
+    proba = est.predict_proba(arr, out=tmp_path / "labels.zarr", overwrite=True)  # in memory: chunked on time
+    assert proba.dims == ("time", "lat", "lon", "component")
+    xr.testing.assert_allclose(xr.open_zarr(tmp_path / "labels.zarr")["proba"].compute(), est.predict_proba(arr),
+                               rtol=0, atol=0)
+    # a Dataset, and the family's other outputs
+    ds = arr.to_dataset(dim="variable")
+    est_ds = _gmm().fit(ds)
+    score = est_ds.score_samples(ds.chunk({"lat": 2}), out=tmp_path / "score.zarr")
+    np.testing.assert_array_equal(score.values.reshape(-1), est_ds.score_samples(rows))
+    assert xr.open_zarr(tmp_path / "score.zarr")["log_likelihood"].dims == ("time", "lat", "lon")
+    with pytest.raises(emflow.ConfigError, match="emflow never replaces"):
+        est.predict(arr, out=tmp_path)  # a directory holding other files
+    # the row families' plain outputs are unchanged
+    flat = est.predict(rows, out=tmp_path / "flat.zarr")
+    np.testing.assert_array_equal(flat[:], ref.values.reshape(-1))
+
+
+@pytest.mark.parametrize("cls", [emflow.GaussianMixture, emflow.BayesianGaussianMixture])
+def test_saved_model_keeps_the_layout(cube, tmp_path, cls):
+    arr, rows = cube
+    ds = arr.to_dataset(dim="variable")
+    est = _gmm(cls).fit(ds)
+    est.save(tmp_path / "m.zarr")
+    loaded = emflow.load(tmp_path / "m.zarr")
+    assert loaded._xarray_layout == {"sample_dims": ["time", "lat", "lon"], "feature_dim": None,
+                                     "variables": ["t2m", "u10", "v10"], "features": None}
+    shuffled = ds[["v10", "t2m", "u10"]].transpose("lon", "time", "lat")
+    got = loaded.predict(shuffled)  # variables by name, in the fitted order; the fitted grid order
+    assert got.dims == ("time", "lat", "lon")
+    np.testing.assert_array_equal(got.values.reshape(-1), est.predict(rows))
+    with pytest.raises(DataError, match=r"no variable\(s\) \['u10'\]"):
+        loaded.predict(ds.drop_vars("u10"))
+    # a DataArray with a labelled feature dimension: features by label
+    est_a = _gmm(cls).fit(arr, feature_dim="variable")
+    est_a.save(tmp_path / "a.zarr")
+    loaded_a = emflow.load(tmp_path / "a.zarr")
+    assert loaded_a._xarray_layout["features"] == ["t2m", "u10", "v10"]
+    np.testing.assert_array_equal(loaded_a.predict(arr.sel(variable=["v10", "u10", "t2m"])).values.reshape(-1),
+                                  est_a.predict(rows))
+    renamed = arr.assign_coords(variable=["t2m", "u10", "w10"])
+    with pytest.raises(DataError, match=r"'variable' has no \['v10'\]"):
+        loaded_a.predict(renamed)
+    # a model fitted on arrays keeps no layout
+    plain = _gmm(cls).fit(rows)
+    plain.save(tmp_path / "p.zarr")
+    assert emflow.load(tmp_path / "p.zarr")._xarray_layout is None
+
+
+def test_climate_example_runs_at_a_tiny_size(tmp_path):
+    """examples/climate_clusters.py end to end (cube to Zarr, fit, labels to Zarr, the PNG)."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
+                        "climate_clusters.py")
+    spec = importlib.util.spec_from_file_location("climate_clusters", path)
+    ex = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ex)
+    out = tmp_path / "cc"
+    summary = ex.main(["--gib", "0.0003", "--res", "10", "--chunk-days", "8", "--out", str(out)])
+    assert summary["sizes"] == {"time": 31, "lat": 18, "lon": 36} and summary["rows"] == 31 * 18 * 36
+    assert summary["partitions"] == 4 * 2  # one per chunk: 4 in time x 2 in longitude
+    assert summary["adjusted_rand_vs_true_regimes"] > 0.99  # the five regimes are recovered
+    labels = xr.open_zarr(out / "labels.zarr")["label"]
+    cube = xr.open_zarr(out / "cube.zarr")
+    assert labels.dims == ("time", "lat", "lon")
+    for d in labels.dims:
+        np.testing.assert_array_equal(labels[d].values, cube[d].values)
+    pytest.importorskip("matplotlib")
+    assert (out / "cluster_map.png").stat().st_size > 0 and summary["plot"] is not None

@@ -73,6 +73,8 @@ class Persistent:
             "dataset": getattr(self, "fit_info_", {}),
             **self._meta_extra(),
         }
+        if getattr(self, "_xarray_layout", None):  # fitted on xarray: sample dims and features
+            meta["xarray_layout"] = self._xarray_layout
         return _store.save_model(path, self.family, self._arrays(), meta, overwrite=overwrite,
                                  inputs=_store.fit_inputs(self))
 
@@ -94,6 +96,7 @@ class Persistent:
             _store.restore_fit_record(model, meta)
             model.n_passes_ = model.fit_info_.get("n_passes")
             model.lower_bounds_ = list(model.history_)
+            model._xarray_layout = meta.get("xarray_layout")
             model._after_load(meta)
         return model
 

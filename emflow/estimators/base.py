@@ -350,31 +350,13 @@ class EMEstimator(Persistent, _SetOutputMixin, BaseEstimator):
 
         return engine_for(self.scheduler, split_every=self.split_every)
 
-    def _xarray_rows(self, data, sample_dims=None, feature_dim=None, *, fitting: bool = False):
-        """``(data, template)``: an xarray object's rows (:func:`emflow.storage.xarray_io.to_rows`)
-        and its grid, for a rows family; other data unchanged with template None. A fit records
-        the layout (feature dimension, features) that prediction on xarray objects reuses."""
-        from ..storage.xarray_io import is_xarray, to_rows
+    def _xarray_rows(self, data, sample_dims=None, feature_dim=None, *, fitting: bool = False, chunk_bytes=None):
+        """``(data, template)``: an xarray object's rows and grid, for a rows family; other data
+        unchanged with template None. A fit records the layout (sample dims, features) that
+        applying the model reuses and its save keeps (:func:`emflow.storage.xarray_io.layout_rows`)."""
+        from ..storage.xarray_io import layout_rows
 
-        if not is_xarray(data):
-            if fitting:
-                self._xarray_layout = None
-            return data, None
-        if self.data_kind != "rows":
-            from ..errors import DataError
-
-            raise DataError(f"{type(self).__name__} reads {self.data_kind}, not an xarray object; pass its arrays.")
-        layout = getattr(self, "_xarray_layout", None) or {}
-        if not fitting:
-            feature_dim = layout.get("feature_dim") if feature_dim is None else feature_dim
-            if feature_dim is None and type(data).__name__ == "DataArray":
-                feature_dim = data.dims[-1]  # a loaded model: the last dimension holds the features
-        rows, template = to_rows(data, sample_dims, feature_dim,
-                                 features=None if fitting else layout.get("variables"))
-        if fitting:
-            self._xarray_layout = {"feature_dim": template.feature_dim,
-                                   "variables": template.features if template.is_dataset else None}
-        return rows, template
+        return layout_rows(self, data, sample_dims, feature_dim, fitting=fitting, chunk_bytes=chunk_bytes)
 
     def _fit(self, data, *fit_args, callbacks: Iterable[Callable[[IterationEvent], None]] = (),
              initial_params=None, history: list[float] | None = None, sample_dims=None, feature_dim=None):

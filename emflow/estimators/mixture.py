@@ -13,7 +13,7 @@ from ..storage import destinations as _dest
 from ..checks import Choice, Flag, Int, Real
 from ..execution.cluster import engine_for
 from ..storage.data import is_zarr_path
-from ..storage.xarray_io import on_grid
+from ..storage.xarray_io import apply_on_grid
 from .em import IterationEvent
 from ..execution.engine import Engine, Loaded, sample_rows
 from ..errors import ConfigError, DegenerateComponentWarning, FeatureMismatchError
@@ -318,7 +318,7 @@ class GaussianMixture(OnlineEMMixin, MissingValuesMixin, EMEstimator):
             Zarr path or URL (an array, or a group holding one), opened Zarr array, Dask
             array or in-memory array.
             Or an xarray ``DataArray`` / ``Dataset`` (in memory or Dask-backed), whose
-            ``sample_dims`` become rows; predictions on xarray come back on its grid.
+            ``sample_dims`` become rows; outputs come back on its grid (``out=``: a Zarr dataset on it).
         y : ignored
         sample_weight : array-like of shape (n_samples,), Zarr path, array name, or None
             Non-negative weight per row (a weight of 2 counts a row twice). A bare name
@@ -413,8 +413,7 @@ class GaussianMixture(OnlineEMMixin, MissingValuesMixin, EMEstimator):
 
     def _apply(self, data, kind: str, out=None, overwrite: bool = False):
         self._check_fitted()
-        data, template = self._xarray_rows(data)  # outputs of an xarray object come back on its grid
-        return on_grid(self._apply_rows(data, kind, out, overwrite), template, kind, out)
+        return apply_on_grid(self, data, kind, out, overwrite)  # an xarray object's outputs: on its grid
 
     def _apply_rows(self, data, kind: str, out=None, overwrite: bool = False):
         if out is not None:  # refuse before any work: nothing is replaced unasked

@@ -13,6 +13,7 @@ import os
 from typing import Any, Callable
 
 from ..errors import ConfigError
+from ..storage.xarray_io import GridOut, grid_rows, write_grid
 
 __all__ = ["outputs_of", "check_outputs", "write_output", "write_rows", "write_rows_at"]
 
@@ -79,12 +80,15 @@ def write_rows(out, loaded, model, *, kind: str, shape: tuple, dtype: str, chunk
     from .. import __version__
     from ..storage import destinations as _dest
 
+    meta = {"kind": kind, **attrs, "model_family": model.family, "source": loaded.data.source,
+            "fingerprint": loaded.fingerprint, "version": __version__}
+    if isinstance(out, GridOut):  # an xarray object's output: a dataset on its grid
+        return write_grid(out, model, data, shape=shape, dtype=dtype, fill=fill, attrs=meta, overwrite=overwrite)
     with _dest.atomic_dir(out) as tmp:
         _dest.check_destination(out, "output", overwrite=overwrite, inputs=_dest.output_inputs(model, data))
         arr = zarr.create_array(tmp, shape=shape, dtype=dtype, chunks=(chunk, *shape[1:]),
                                 config={"write_empty_chunks": True})
-        arr.attrs["emflow"] = {"kind": kind, **attrs, "model_family": model.family, "source": loaded.data.source,
-                               "fingerprint": loaded.fingerprint, "version": __version__}
+        arr.attrs["emflow"] = meta
         fill(os.path.abspath(tmp))
     return zarr.open_array(os.fspath(out), mode="r")
 
@@ -93,4 +97,6 @@ def write_rows_at(url: str, start: int, values) -> None:
     """On a worker: rows ``start .. start + len(values)`` of the output array at ``url``."""
     import zarr
 
-    zarr.open_array(url, mode="r+").with_config({"write_empty_chunks": True})[start : start + len(values)] = values
+    arr = zarr.open_array(url, mode="r+").with_config({"write_empty_chunks": True})
+    where, values = grid_rows(arr, start, values)  # a grid output (xarray): the block's region
+    arr[where] = values
