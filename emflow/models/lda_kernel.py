@@ -140,9 +140,10 @@ def fit_docs(ids, cnts, indptr, gamma, Wt, alpha, max_iter, tol, want_stats, Lt,
 
     Returns
     -------
-    (word_bound, inner_iterations)
-        ``inner_iterations`` counts the inner iterations of every document (each costs
-        ``2 K`` multiply-adds per distinct term of the document).
+    (word_bound, inner_iterations, term_iterations)
+        ``inner_iterations`` counts the inner iterations of every document,
+        ``term_iterations`` the same weighted by the document's distinct terms (each costs
+        ``2 K`` multiply-adds).
     """
     n, K = gamma.shape
     E = np.empty(K, dtype=Wt.dtype)
@@ -150,12 +151,14 @@ def fit_docs(ids, cnts, indptr, gamma, Wt, alpha, max_iter, tol, want_stats, Lt,
     acc = np.zeros(K)
     word_bound = 0.0
     inner = 0
+    term_iters = 0
     for d in range(n):
         lo, hi = indptr[d], indptr[d + 1]
         g = gamma[d]
         _exp_elog_theta(g, E, L)
         for _ in range(max_iter):
             inner += 1
+            term_iters += hi - lo
             for k in range(K):
                 acc[k] = 0.0
             _project(ids, cnts, lo, hi, Wt, E, acc)
@@ -188,12 +191,12 @@ def fit_docs(ids, cnts, indptr, gamma, Wt, alpha, max_iter, tol, want_stats, Lt,
                     word_bound += cnts[j] * (m + math.log(s))
                 else:
                     word_bound += cnts[j] * m
-    return word_bound, inner
+    return word_bound, inner, term_iters
 
 
 def e_step(ids, cnts, indptr, gamma, exp_elog_beta, elog_beta, alpha, max_iter, tol, stats, dtype):
     """The E-step of a partition through :func:`fit_docs`: ``gamma`` (fitted in place) and,
-    with ``stats``, ``(sstats of shape (K, V), word_bound, inner_iterations)``.
+    with ``stats``, ``(sstats of shape (K, V), word_bound, (inner_iterations, term_iterations))``.
 
     ``alpha`` is a float or an array of shape (K,); ``dtype`` the compute dtype of the
     K-term products (float64 or float32).
@@ -203,7 +206,7 @@ def e_step(ids, cnts, indptr, gamma, exp_elog_beta, elog_beta, alpha, max_iter, 
     alpha = np.broadcast_to(np.asarray(alpha, dtype=np.float64), (K,)).copy()
     Lt = np.ascontiguousarray(elog_beta.T) if stats else np.zeros((0, K))
     sstats_t = np.zeros((V, K)) if stats else np.zeros((0, K))
-    word_bound, inner = fit_docs(np.ascontiguousarray(ids), np.ascontiguousarray(cnts, dtype=np.float64),
+    word_bound, inner, term_iters = fit_docs(np.ascontiguousarray(ids), np.ascontiguousarray(cnts, dtype=np.float64),
                                  np.ascontiguousarray(indptr, dtype=np.int64), gamma, Wt, alpha, int(max_iter),
                                  float(tol), bool(stats), Lt, sstats_t)
-    return (sstats_t.T.copy(), float(word_bound), int(inner)) if stats else None
+    return (sstats_t.T.copy(), float(word_bound), (int(inner), int(term_iters))) if stats else None
