@@ -87,8 +87,8 @@ def test_fit_with_the_kernel_equals_the_numpy_fit(monkeypatch):
 @pytest.mark.parametrize("kernel", ["numba", "numpy"])
 def test_float32_compute_agrees_with_float64(monkeypatch, kernel):
     monkeypatch.setattr(M, "KERNEL", kernel)
-    X = _corpus(np.random.default_rng(8), 300, 80, empty=False)
-    kw = dict(max_iter=8, random_state=1, scheduler="threads")
+    X = _corpus(np.random.default_rng(8), 200, 60, empty=False)
+    kw = dict(max_iter=6, random_state=1, scheduler="threads")
     m64 = LatentDirichletAllocation(5, **kw).fit(X)
     m32 = LatentDirichletAllocation(5, compute_dtype="float32", **kw).fit(X)
     assert m32.components_.dtype == np.float64
