@@ -6,7 +6,8 @@ limits: at most ``max_doc_update_iter`` inner iterations, stop at a mean change 
 The systems run in turn, ``--repeats`` times, the order rotating each round (interleaved
 repeats); each figure is the median over the rounds, with the load average printed beside
 it. Seconds per iteration = wall time of the whole ``fit`` / iterations (every system makes
-one more E-step pass at the end of its fit for its bound or, for gensim, none).
+one more E-step pass at the end of its fit for its bound or, for gensim, none); CPU seconds
+are this process's (every thread; a LocalCluster's workers are not counted).
 
 Rows:
 
@@ -68,7 +69,8 @@ def main(argv=None) -> str:
     ap.add_argument("--no-float32", action="store_true", help="skip emflow's compute_dtype='float32' row")
     ap.add_argument("--doc-length", type=float, default=80.0)
     ap.add_argument("--scheduler", default="threads", help="emflow scheduler: threads, local or an address")
-    ap.add_argument("--partition-mb", type=float, default=4.0)
+    ap.add_argument("--partition-mb", type=float, default=None,
+                    help="emflow partition size (default: the estimator's, at least two partitions per thread)")
     ap.add_argument("--out", default=None, help="where to write the corpus (default: a temp dir)")
     args = ap.parse_args(argv)
 
@@ -87,21 +89,26 @@ def main(argv=None) -> str:
     t_write = time.perf_counter() - t
     X, _ = read_corpus(path)
     X = X.tocsr().astype(np.float64)
-    corpus = open_corpus(path, partition_bytes=int(args.partition_mb * 2**20), min_partitions=2)
+    corpus = path if args.partition_mb is None else open_corpus(path, partition_bytes=int(args.partition_mb * 2**20))
     kernel = M._kernel() is not None
+
+    info: dict = {}
 
     def fit_emflow(dtype):
         m = LatentDirichletAllocation(K, max_iter=iters, random_state=0, scheduler=args.scheduler,
                                       max_doc_update_iter=mdi, compute_dtype=dtype)
         m.fit(corpus)
+        info.update(m.fit_info_)
         return m.components_
 
     def fit_sklearn():
         return SkLDA(K, learning_method="batch", max_iter=iters, random_state=0, max_doc_update_iter=mdi).fit(X).components_
 
-    systems = {f"emflow float64 ({args.scheduler}, {corpus.n_partitions} partitions, "
+    fit_emflow("float64")  # compile the kernel (cached) and warm the imports outside the timings
+    systems = {f"emflow float64 ({args.scheduler}, {info['partitions']} partitions, "
                f"{'numba kernel' if kernel else 'NumPy path'})": lambda: fit_emflow("float64")}
     if not args.no_float32:
+        fit_emflow("float32")
         systems["emflow compute_dtype=float32"] = lambda: fit_emflow("float32")
     systems["scikit-learn batch (n_jobs=None)"] = fit_sklearn
     note = ""
@@ -123,17 +130,17 @@ def main(argv=None) -> str:
 
         systems["gensim LdaModel (batch, float32)"] = fit_gensim
 
-    for dtype in ("float64", "float32"):  # compile the kernel (cached) and warm the imports outside the timings
-        fit_emflow(dtype)
     names = list(systems)
     times = {n: [] for n in names}
+    cpu = {n: [] for n in names}
     loads = {n: [] for n in names}
     topics = {}
     for r in range(args.repeats):
         for n in names[r % len(names):] + names[: r % len(names)]:
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             topics[n] = systems[n]()
             times[n].append((time.perf_counter() - t) / max(iters, 1))
+            cpu[n].append((time.process_time() - c) / max(iters, 1))
             loads[n].append(_load())
 
     # one evaluator: emflow's float64 bound (ones start) of each system's topics
@@ -158,14 +165,15 @@ def main(argv=None) -> str:
         f"{madds0 / 1e9:.2f} G multiply-adds; after {iters} iterations {it1:.1f}, {madds1 / 1e9:.2f} G",
         f"{args.repeats} interleaved rounds; load average (1/5/15 min) after each run",
         "",
-        "| implementation | s / iteration (median) | runs | emflow float64 speed-up | bound per word | perplexity | load |",
-        "| --- | ---: | --- | ---: | ---: | ---: | --- |",
+        "| implementation | s / iteration (median) | runs | emflow float64 speed-up | CPU s / iteration "
+        "| bound per word | perplexity | load |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | --- |",
     ]
     for n in names:
         med = statistics.median(times[n])
         b = bound_of(topics[n])
         lines.append(f"| {n} | {med:.3f} | {', '.join(f'{x:.3f}' for x in times[n])} | {med / base:.2f}x "
-                     f"| {b:.6f} | {np.exp(-b):.3f} | {'; '.join(loads[n])} |")
+                     f"| {statistics.median(cpu[n]):.3f} | {b:.6f} | {np.exp(-b):.3f} | {'; '.join(loads[n])} |")
     if note:
         lines += ["", note]
     table = "\n".join(lines)
