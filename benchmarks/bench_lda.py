@@ -68,6 +68,8 @@ def main(argv=None) -> str:
     ap.add_argument("--no-gensim", action="store_true", help="skip gensim even if installed (it is slow)")
     ap.add_argument("--no-float32", action="store_true", help="skip emflow's compute_dtype='float32' row")
     ap.add_argument("--doc-length", type=float, default=80.0)
+    ap.add_argument("--chunk-docs", type=int, default=256,
+                    help="documents per Zarr chunk (partitions are whole chunks: small ones balance the threads)")
     ap.add_argument("--scheduler", default="threads", help="emflow scheduler: threads, local or an address")
     ap.add_argument("--partition-mb", type=float, default=None,
                     help="emflow partition size (default: the estimator's, at least two partitions per thread)")
@@ -85,7 +87,7 @@ def main(argv=None) -> str:
     root = args.out or tempfile.mkdtemp(prefix="bench-lda-")
     path = os.path.join(root, "corpus.zarr")
     t = time.perf_counter()
-    write_lda(path, args.n_docs, args.n_terms, K, mean_length=args.doc_length, seed=0)
+    write_lda(path, args.n_docs, args.n_terms, K, mean_length=args.doc_length, seed=0, chunk_docs=args.chunk_docs)
     t_write = time.perf_counter() - t
     X, _ = read_corpus(path)
     X = X.tocsr().astype(np.float64)

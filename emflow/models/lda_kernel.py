@@ -9,7 +9,11 @@ distinct terms, ``n K`` multiply-adds for ``norm_phi``, ``n K`` for the back-pro
 agree to rounding (tests: 1e-12).
 
 The topic-word table is read as ``Wt = exp(E[log beta]).T`` of shape (V, K), so a term's K
-values are contiguous, and the statistics are scattered into ``sstats_t`` of shape (V, K).
+values are contiguous; a document's rows are gathered once into contiguous (n, K) and
+(K, n) buffers that its inner iterations reuse, and the statistics are scattered into
+``sstats_t`` of shape (V, K). Inside the inner iterations ``exp(E[log theta])`` is taken
+without a logarithm and with the digamma recurrence summed as one fraction (equal to the
+NumPy path's to ~1e-16 relative); digamma and exp are about 45% of the kernel's time.
 The word bound uses ``log sum_k exp(E[log theta_dk]) exp(E[log beta_kw])`` (the dot already
 computed for ``norm_phi``), with the log-sum-exp of the logarithms where that product
 underflows. With a float32 ``Wt`` (``compute_dtype="float32"``) the K-term products run in
@@ -76,15 +80,19 @@ def _psi_exp_parts(x):
 
 
 @_jit
+def _psi_of_sum(g):
+    s = 0.0
+    for k in range(g.shape[0]):
+        s += g[k]
+    return _psi(s)
+
+
+@_jit
 def _exp_elog_theta_fast(g, E):
     """``E = exp(psi(g) - psi(sum g))`` as ``y_k exp(t_k - psi(sum g))``: one exponential and
     no logarithm per topic (the same value as :func:`_exp_elog_theta` to ~1e-16 relative)."""
-    K = g.shape[0]
-    s = 0.0
-    for k in range(K):
-        s += g[k]
-    ps = _psi(s)
-    for k in range(K):
+    ps = _psi_of_sum(g)
+    for k in range(g.shape[0]):
         y, t = _psi_exp_parts(g[k])
         E[k] = y * math.exp(t - ps)
 
@@ -92,12 +100,8 @@ def _exp_elog_theta_fast(g, E):
 @_jit
 def _exp_elog_theta(g, E, L):
     """``L = psi(g) - psi(sum g)`` and ``E = exp(L)`` (E in its own dtype)."""
-    K = g.shape[0]
-    s = 0.0
-    for k in range(K):
-        s += g[k]
-    ps = _psi(s)
-    for k in range(K):
+    ps = _psi_of_sum(g)
+    for k in range(g.shape[0]):
         v = _psi(g[k]) - ps
         L[k] = v
         E[k] = math.exp(v)
