@@ -57,7 +57,8 @@ def reference_eta(params: M.LDAParams, mode: str, start) -> np.ndarray:
     res = minimize(negf, y0, jac=grad, method="BFGS", options={"gtol": 1e-13, "maxiter": 2000})
     # BFGS stops where the bound is flat to rounding; polish: the gradient's root from there
     y = root(grad, res.x, method="hybr", tol=1e-15).x
-    assert negf(y) <= negf(res.x) + 1e-12 * abs(negf(res.x))
+    # 1e-10: with lambda ~1e5 (partial_fit's scaling) the bound's terms cancel to about that
+    assert negf(y) <= negf(res.x) + 1e-10 * abs(negf(res.x))
     return np.exp(y[0]) if mode == "symmetric" else np.exp(y)
 
 

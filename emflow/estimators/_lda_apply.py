@@ -28,13 +28,13 @@ def _prior(alpha) -> float | np.ndarray:
 def _bound_part(entries, indptr, params: M.LDAParams, fam: M.LDAFamily, doc_start: int) -> M.LDAStats:
     """Statistics of the fitted topics on one partition (ones initialisation, as transform)."""
     return M.e_step(entries, indptr, params, fam.prior(params), fam.max_doc_update_iter, fam.mean_change_tol,
-                    None, doc_start)
+                    None, doc_start, compute_dtype=fam.compute_dtype)
 
 
 def _transform_part(entries, indptr, params: M.LDAParams, fam: M.LDAFamily, normalize: bool,
                     out_url: str | None, doc_start: int):
     gamma = M.transform(entries, indptr, params, fam.prior(params), fam.max_doc_update_iter,
-                        fam.mean_change_tol, normalize)
+                        fam.mean_change_tol, normalize, fam.compute_dtype)
     if out_url is None:
         return gamma
     write_rows_at(out_url, doc_start, gamma)
@@ -48,7 +48,8 @@ class LDAApplyMixin:
         """The EM family; ``alpha`` defaults to the fitted prior (an estimated one too)."""
         alpha = _prior(self.doc_topic_prior_) if alpha is None else alpha
         return M.LDAFamily(alpha, _prior(self.topic_word_prior_), int(self.max_doc_update_iter),
-                           float(self.mean_change_tol), random_doc_init, bool(self.learn_doc_topic_prior))
+                           float(self.mean_change_tol), random_doc_init, bool(self.learn_doc_topic_prior),
+                           compute_dtype=getattr(self, "compute_dtype", "float64"))
 
     @property
     def exp_dirichlet_component_(self) -> np.ndarray:

@@ -21,7 +21,8 @@ import numpy as np
 from sklearn.base import ClassNamePrefixFeaturesOutMixin
 from sklearn.utils import check_random_state as _sk_random_state
 
-from ..checks import MAX_SEED, check_choice, check_execution, check_int, check_random_state, check_real
+from ..checks import (MAX_SEED, Choice, check_choice, check_execution, check_int, check_random_state, check_real,
+                      check_rules)
 from ..errors import ConfigError, EmflowConvergenceWarning, ModelFormatError
 from ..execution.engine import Engine, Loaded
 from ..models import lda as M
@@ -119,6 +120,11 @@ class LatentDirichletAllocation(LDAOnlineMixin, LDAApplyMixin, ClassNamePrefixFe
     partition_bytes : int or None
         Target bytes of a partition's entries (whole document chunks; 12 bytes per non-zero);
         default 64 MiB. Ignored for an opened corpus (``open_corpus(...)``).
+    compute_dtype : {"float64", "float32"}, default "float64"
+        Dtype of the E-step's topic-word table and of its K-term products (``norm_phi``);
+        every sum over terms and documents, ``gamma``, the statistics and ``components_``
+        stay float64. Batch learning, ``transform``, ``score`` and ``perplexity``; online
+        learning computes in float64.
 
     Attributes
     ----------
@@ -160,6 +166,7 @@ class LatentDirichletAllocation(LDAOnlineMixin, LDAApplyMixin, ClassNamePrefixFe
     objective_name = "bound per word"
     size_param = ("n_components", "topics")
     summary_arrays = {"doc-topic prior": "doc_topic_prior_"}
+    _param_rules = {"compute_dtype": Choice(*M.COMPUTE_DTYPES)}
 
     def _summary(self) -> dict[str, str]:
         return {**super()._summary(), "perplexity (training)": f"{np.exp(-self.lower_bound_):.6g}"}
@@ -190,6 +197,7 @@ class LatentDirichletAllocation(LDAOnlineMixin, LDAApplyMixin, ClassNamePrefixFe
         persist="auto",
         split_every: int = 8,
         partition_bytes: int | None = None,
+        compute_dtype: str = "float64",
     ):
         self.n_components = n_components
         self.doc_topic_prior = doc_topic_prior
@@ -214,6 +222,7 @@ class LatentDirichletAllocation(LDAOnlineMixin, LDAApplyMixin, ClassNamePrefixFe
         self.persist = persist
         self.split_every = split_every
         self.partition_bytes = partition_bytes
+        self.compute_dtype = compute_dtype
 
     def _validate_params(self) -> None:
         check_int("n_components", self.n_components, 1)
@@ -238,6 +247,10 @@ class LatentDirichletAllocation(LDAOnlineMixin, LDAApplyMixin, ClassNamePrefixFe
         if self.learn_doc_topic_prior and self.learning_method == "online":
             raise ConfigError("learn_doc_topic_prior=True needs learning_method='batch' (online learning keeps "
                               "the document-topic prior fixed, as scikit-learn).")
+        check_rules(self, self._rules())
+        if self.compute_dtype != "float64" and self.learning_method == "online":
+            raise ConfigError(f"compute_dtype={self.compute_dtype!r} needs learning_method='batch' (online "
+                              "learning computes in float64).")
         check_execution(self)
 
     def _eta_mode(self) -> str | None:
@@ -306,7 +319,8 @@ class LatentDirichletAllocation(LDAOnlineMixin, LDAApplyMixin, ClassNamePrefixFe
     def _em_family(self) -> M.LDAFamily:
         alpha, eta = self._priors()
         return M.LDAFamily(alpha, eta, int(self.max_doc_update_iter), float(self.mean_change_tol),
-                           self.doc_topic_init == "random", bool(self.learn_doc_topic_prior), self._eta_mode())
+                           self.doc_topic_init == "random", bool(self.learn_doc_topic_prior), self._eta_mode(),
+                           self.compute_dtype)
 
     def _em_stop(self, loaded) -> M.PerplexityStop:
         return M.PerplexityStop(int(self.evaluate_every), float(self.perp_tol))

@@ -27,6 +27,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.special import gammaln, logsumexp
 
+from ._compiled import compiled_kernel
 from .lda_prior import update_doc_topic_prior, update_topic_word_prior
 
 __all__ = [
@@ -41,6 +42,16 @@ EULER = 0.577215664901532860606512090082402431
 BLOCK_CELLS = 1 << 21
 # random document initialisations are drawn per aligned block of this many documents
 INIT_BLOCK = 1024
+COMPUTE_DTYPES = ("float64", "float32")
+
+#: "auto": the compiled kernel (:mod:`emflow.models.lda_kernel`) when numba imports, else
+#: NumPy; "numpy": never the kernel; "numba": the kernel, an ImportError without numba.
+KERNEL = "auto"
+
+
+def _kernel():
+    """The compiled kernel module, or ``None`` for the NumPy path."""
+    return compiled_kernel(KERNEL, "lda_kernel")
 
 
 class LDAParams(NamedTuple):
@@ -181,7 +192,7 @@ def _blocks(indptr: np.ndarray, K: int):
         a = b
 
 
-def _fit_block(ids, cnts, indptr, gamma, exp_elog_beta, alpha, max_iter, tol):
+def _fit_block(ids, cnts, indptr, gamma, exp_elog_beta, alpha, max_iter, tol, dtype=np.float64):
     """Iterate the documents of one block to convergence, as scikit-learn's per-document loop.
 
     ``gamma`` (n, K) is the initial value and is overwritten. Returns
@@ -191,11 +202,13 @@ def _fit_block(ids, cnts, indptr, gamma, exp_elog_beta, alpha, max_iter, tol):
     for ``norm_phi``, then one sparse-times-dense product that scales each document's rows
     of ``W`` by ``cnts / norm_phi`` and sums them. A document stops changing once it has
     converged; the arrays are compacted only when half the documents they hold have
-    converged, so copying stays proportional to the work.
+    converged, so copying stays proportional to the work. With ``dtype`` float32 the
+    tables ``W`` and ``exp(E[log theta])`` are float32 and so are the K-term dot products of
+    ``norm_phi``; every other sum is float64.
     """
     n, K = gamma.shape
-    exp_elog_theta = np.exp(dirichlet_expectation_2d(gamma))
-    W = np.ascontiguousarray(exp_elog_beta[:, ids].T)
+    exp_elog_theta = np.exp(dirichlet_expectation_2d(gamma)).astype(dtype, copy=False)
+    W = np.ascontiguousarray(exp_elog_beta[:, ids].T, dtype=dtype)
     lens = np.diff(indptr)
     held = np.arange(n)  # documents in the compacted arrays
     live = np.ones(n, dtype=bool)  # which of those are still iterating
@@ -205,7 +218,7 @@ def _fit_block(ids, cnts, indptr, gamma, exp_elog_beta, alpha, max_iter, tol):
         if not live.any():
             break
         E = exp_elog_theta[held]
-        norm_phi = np.einsum("ek,ek->e", np.take(E, a_doc, axis=0), a_W)
+        norm_phi = np.einsum("ek,ek->e", np.take(E, a_doc, axis=0), a_W).astype(np.float64, copy=False)
         norm_phi += EPS
         S = sp.csr_matrix((a_cnts / norm_phi, np.arange(len(a_cnts)), a_ptr), shape=(held.size, len(a_cnts)))
         new = (E * (S @ a_W))[live]
@@ -253,6 +266,12 @@ def _word_bound(ids, cnts, indptr, elog_theta, elog_beta) -> float:
     return float(np.dot(cnts, logsumexp(temp, axis=1)))
 
 
+def _compute_dtype(compute_dtype) -> type:
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype must be 'float64' or 'float32', got {compute_dtype!r}.")
+    return np.dtype(compute_dtype).type
+
+
 def _split(entries, indptr):
     ids = np.asarray(entries["term"], dtype=np.intp)
     cnts = np.asarray(entries["count"], dtype=np.float64)
@@ -261,7 +280,7 @@ def _split(entries, indptr):
 
 def e_step(entries, indptr, params: LDAParams, alpha: float | np.ndarray, max_doc_update_iter: int,
            mean_change_tol: float, seed: int | None, doc_start: int, *, stats: bool = True,
-           want_gamma: bool = False):
+           want_gamma: bool = False, compute_dtype: str = "float64"):
     """E-step over one partition: per-document variational fit, statistics and bound terms.
 
     Parameters
@@ -281,6 +300,9 @@ def e_step(entries, indptr, params: LDAParams, alpha: float | np.ndarray, max_do
         Compute the statistics (otherwise only ``gamma``).
     want_gamma : bool
         Also return ``gamma`` of shape (n_docs, K).
+    compute_dtype : {"float64", "float32"}
+        Dtype of the topic-word table and of the K-term products of ``norm_phi``; every
+        sum over terms and documents, ``gamma`` and the statistics stay float64.
 
     Returns
     -------
@@ -290,6 +312,17 @@ def e_step(entries, indptr, params: LDAParams, alpha: float | np.ndarray, max_do
     n = len(indptr) - 1
     K, V = params.components.shape
     gamma_all = doc_topic_init(n, K, doc_start, seed)
+    dtype = _compute_dtype(compute_dtype)
+    kern = _kernel()
+    if kern is not None:
+        out = kern.e_step(ids, cnts, indptr, gamma_all, params.exp_elog_beta, params.elog_beta, alpha,
+                          max_doc_update_iter, mean_change_tol, stats, dtype)
+        if not stats:
+            return gamma_all
+        elog_theta = dirichlet_expectation_2d(gamma_all)
+        st = LDAStats(out[0], np.float64(out[1]), np.float64(_doc_bound(gamma_all, elog_theta, alpha)),
+                      np.float64(cnts.sum()), np.float64(n), elog_theta.sum(axis=0))
+        return (st, gamma_all) if want_gamma else st
     sstats = np.zeros((K, V)) if stats else None
     word_bound = doc_bound = 0.0
     elog_theta_sum = np.zeros(K)
@@ -298,13 +331,14 @@ def e_step(entries, indptr, params: LDAParams, alpha: float | np.ndarray, max_do
         b_ids, b_cnts, b_ptr = ids[lo:hi], cnts[lo:hi], indptr[a : b + 1] - lo
         gamma, exp_elog_theta, W = _fit_block(
             b_ids, b_cnts, b_ptr, gamma_all[a:b], params.exp_elog_beta, alpha, max_doc_update_iter, mean_change_tol,
+            dtype,
         )
         gamma_all[a:b] = gamma
         if not stats:
             continue
         nb = b - a
         doc = np.repeat(np.arange(nb), np.diff(b_ptr))
-        norm_phi = np.einsum("ek,ek->e", exp_elog_theta[doc], W) + EPS
+        norm_phi = np.einsum("ek,ek->e", exp_elog_theta[doc], W).astype(np.float64, copy=False) + EPS
         # sstats[:, ids_d] += outer(exp_elog_theta_d, cnts_d / norm_phi_d), for every document
         B = sp.csr_matrix((b_cnts / norm_phi, (b_ids, doc)), shape=(V, nb))
         sstats += np.asarray(B @ exp_elog_theta).T
@@ -363,9 +397,10 @@ def with_topic_word_prior(params: LDAParams, eta, learn_eta: str | None, report:
 
 
 def transform(entries, indptr, params: LDAParams, alpha: float | np.ndarray, max_doc_update_iter: int,
-              mean_change_tol: float, normalize: bool = True) -> np.ndarray:
+              mean_change_tol: float, normalize: bool = True, compute_dtype: str = "float64") -> np.ndarray:
     """Document-topic distribution of a partition, of shape (n_docs, K) (ones initialisation)."""
-    gamma = e_step(entries, indptr, params, alpha, max_doc_update_iter, mean_change_tol, None, 0, stats=False)
+    gamma = e_step(entries, indptr, params, alpha, max_doc_update_iter, mean_change_tol, None, 0, stats=False,
+                   compute_dtype=compute_dtype)
     if normalize:
         gamma /= gamma.sum(axis=1)[:, None]
     return gamma
@@ -400,6 +435,8 @@ class LDAFamily:
     learn_topic_word_prior : {None, "symmetric", "asymmetric"}
         Estimate ``eta`` after each update of ``lambda`` (its estimate travels in the
         parameters' ``topic_word_prior``, starting from ``topic_word_prior``).
+    compute_dtype : {"float64", "float32"}
+        Of the E-step's K-term products (see :func:`e_step`).
     """
 
     doc_topic_prior: float
@@ -409,6 +446,7 @@ class LDAFamily:
     random_doc_init: bool = True
     learn_doc_topic_prior: bool = False
     learn_topic_word_prior: str | None = None
+    compute_dtype: str = "float64"
     takes_context = True
 
     def prior(self, params: LDAParams):
@@ -421,7 +459,7 @@ class LDAFamily:
     def e_step(self, entries, indptr, params: LDAParams, context) -> LDAStats:
         seed = (*np.atleast_1d(context.seed).tolist(), context.iteration) if self.random_doc_init else None
         return e_step(entries, indptr, params, self.prior(params), self.max_doc_update_iter,
-                      self.mean_change_tol, seed, context.start)
+                      self.mean_change_tol, seed, context.start, compute_dtype=self.compute_dtype)
 
     def objective(self, stats: LDAStats, params: LDAParams) -> float:
         n = float(stats.n_words)

@@ -1,0 +1,255 @@
+"""Compiled LDA E-step (numba) over the CSR rows of a partition.
+
+One document after another, every inner iteration in compiled code: no Python per document
+or per iteration, no ``(nnz, K)`` temporaries, no compaction of converged documents. The
+arithmetic is the NumPy path's (:func:`emflow.models.lda._fit_block`, scikit-learn's
+``_update_doc_distribution``) step for step: per inner iteration of a document with ``n``
+distinct terms, ``n K`` multiply-adds for ``norm_phi``, ``n K`` for the back-projection,
+``K`` digammas and ``K`` exponentials; the statistics add ``2 n K`` more. The two paths
+agree to rounding (tests: 1e-12).
+
+The topic-word table is read as ``Wt = exp(E[log beta]).T`` of shape (V, K), so a term's K
+values are contiguous; a document's rows are gathered once into contiguous (n, K) and
+(K, n) buffers that its inner iterations reuse, and the statistics are scattered into
+``sstats_t`` of shape (V, K). Inside the inner iterations ``exp(E[log theta])`` is taken
+without a logarithm and with the digamma recurrence summed as one fraction (equal to the
+NumPy path's to ~1e-16 relative); digamma and exp are about 45% of the kernel's time.
+The word bound uses ``log sum_k exp(E[log theta_dk]) exp(E[log beta_kw])`` (the dot already
+computed for ``norm_phi``), with the log-sum-exp of the logarithms where that product
+underflows. With a float32 ``Wt`` (``compute_dtype="float32"``) the K-term products run in
+float32; every sum over a document's terms, over documents and every ``gamma`` is float64.
+
+This module imports numba; :mod:`emflow.models.lda` imports it lazily and uses the NumPy
+path when numba is missing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+__all__ = ["fit_docs", "e_step"]
+
+_jit = numba.njit(cache=True, nogil=True, fastmath=False)
+
+EPS = float(np.finfo(np.float64).eps)
+EULER = 0.577215664901532860606512090082402431
+# below this dot product the word bound is taken as a log-sum-exp of the logarithms
+TINY = 1e-280
+
+
+@_jit
+def _psi(x):
+    """:func:`emflow.models.lda.psi` for one positive value (the same operations, in order)."""
+    if x <= 1e-6:
+        return -EULER - 1.0 / x
+    out = 0.0
+    for _ in range(6):
+        if x >= 6.0:
+            break
+        out -= 1.0 / x
+        x += 1.0
+    r = 1.0 / x
+    out += math.log(x) - 0.5 * r
+    r = r * r
+    out -= r * ((1.0 / 12.0) - r * ((1.0 / 120.0) - r * (1.0 / 252.0)))
+    return out
+
+
+@_jit
+def _psi_exp_parts(x):
+    """``(y, t)`` with ``psi(x) = log(y) + t``: the recurrence's ``-sum 1 / (x + i)`` summed as
+    one fraction (one division instead of up to six), then the asymptotic series at ``y``."""
+    if x <= 1e-6:
+        return 1.0, -EULER - 1.0 / x
+    num = 0.0
+    den = 1.0
+    for _ in range(6):
+        if x >= 6.0:
+            break
+        num = num * x + den  # num / den + 1 / x
+        den *= x
+        x += 1.0
+    r = 1.0 / x
+    t = -0.5 * r
+    r = r * r
+    t -= r * ((1.0 / 12.0) - r * ((1.0 / 120.0) - r * (1.0 / 252.0)))
+    return x, t - num / den
+
+
+@_jit
+def _psi_of_sum(g):
+    s = 0.0
+    for k in range(g.shape[0]):
+        s += g[k]
+    return _psi(s)
+
+
+@_jit
+def _exp_elog_theta_fast(g, E):
+    """``E = exp(psi(g) - psi(sum g))`` as ``y_k exp(t_k - psi(sum g))``: one exponential and
+    no logarithm per topic (the same value as :func:`_exp_elog_theta` to ~1e-16 relative)."""
+    ps = _psi_of_sum(g)
+    for k in range(g.shape[0]):
+        y, t = _psi_exp_parts(g[k])
+        E[k] = y * math.exp(t - ps)
+
+
+@_jit
+def _exp_elog_theta(g, E, L):
+    """``L = psi(g) - psi(sum g)`` and ``E = exp(L)`` (E in its own dtype)."""
+    ps = _psi_of_sum(g)
+    for k in range(g.shape[0]):
+        v = _psi(g[k]) - ps
+        L[k] = v
+        E[k] = math.exp(v)
+
+
+@_jit
+def _dot(E, Wt, w):
+    K = E.shape[0]
+    dot = E[0] * Wt[w, 0]
+    for k in range(1, K):
+        dot += E[k] * Wt[w, k]
+    return dot
+
+
+@_jit
+def _gather(ids, lo, hi, Wt, Wd, WdT):
+    """A document's rows of ``Wt`` into ``Wd`` (n, K) and ``WdT`` (K, n), contiguous."""
+    K = Wt.shape[1]
+    for j in range(hi - lo):
+        w = ids[lo + j]
+        for k in range(K):
+            v = Wt[w, k]
+            Wd[j, k] = v
+            WdT[k, j] = v
+
+
+@_jit
+def _project(c, n, Wd, WdT, E, norm, acc):
+    """``acc = sum_j (c_j / norm_phi_j) Wd[j]``, ``norm_phi_j = E . Wd[j] + EPS``, over the
+    document's ``n`` terms. Both loops run over contiguous memory with independent sums (each
+    dot summed in order over k, ``acc`` in order over j, as the NumPy path), so they vectorise
+    without reassociation."""
+    K = E.shape[0]
+    e = E[0]
+    for j in range(n):
+        norm[j] = e * WdT[0, j]
+    for k in range(1, K):
+        e = E[k]
+        for j in range(n):
+            norm[j] += e * WdT[k, j]
+    for k in range(K):
+        acc[k] = 0.0
+    for j in range(n):
+        r = c[j] / (np.float64(norm[j]) + EPS)
+        for k in range(K):
+            acc[k] += r * Wd[j, k]
+
+
+@_jit
+def fit_docs(ids, cnts, indptr, gamma, Wt, alpha, max_iter, tol, want_stats, Lt, sstats_t):
+    """Fit every document of a partition and (``want_stats``) add its statistics.
+
+    Parameters
+    ----------
+    ids : int array of shape (nnz,)
+    cnts : float64 array of shape (nnz,)
+    indptr : int64 array of shape (n + 1,)
+    gamma : float64 array of shape (n, K)
+        The initial ``gamma``; overwritten with the fitted one.
+    Wt : float64 or float32 array of shape (V, K)
+        ``exp(E[log beta]).T``.
+    alpha : float64 array of shape (K,)
+    max_iter : int
+    tol : float
+    want_stats : bool
+    Lt : float64 array of shape (V, K)
+        ``E[log beta].T`` (read only where a word's dot product underflows).
+    sstats_t : float64 array of shape (V, K)
+        Incremented by ``outer(cnts_d / norm_phi_d, exp(E[log theta_d]))`` on the terms.
+
+    Returns
+    -------
+    (word_bound, inner_iterations, term_iterations)
+        ``inner_iterations`` counts the inner iterations of every document,
+        ``term_iterations`` the same weighted by the document's distinct terms (each costs
+        ``2 K`` multiply-adds).
+    """
+    n, K = gamma.shape
+    E = np.empty(K, dtype=Wt.dtype)
+    L = np.empty(K)
+    acc = np.zeros(K)
+    longest = 0
+    for d in range(n):
+        longest = max(longest, indptr[d + 1] - indptr[d])
+    Wd = np.empty((longest, K), dtype=Wt.dtype)
+    WdT = np.empty((K, longest), dtype=Wt.dtype)
+    norm = np.empty(longest, dtype=Wt.dtype)
+    word_bound = 0.0
+    inner = 0
+    term_iters = 0
+    for d in range(n):
+        lo, hi = indptr[d], indptr[d + 1]
+        g = gamma[d]
+        _gather(ids, lo, hi, Wt, Wd, WdT)
+        c = cnts[lo:hi]
+        _exp_elog_theta_fast(g, E)
+        for _ in range(max_iter):
+            inner += 1
+            term_iters += hi - lo
+            for k in range(K):
+                acc[k] = 0.0
+            _project(c, hi - lo, Wd, WdT, E, norm, acc)
+            change = 0.0
+            for k in range(K):
+                new = E[k] * acc[k] + alpha[k]
+                change += abs(g[k] - new)
+                g[k] = new
+            _exp_elog_theta_fast(g, E)
+            if change / K < tol:
+                break
+        if not want_stats:
+            continue
+        _exp_elog_theta(g, E, L)  # E as the NumPy path's statistics take it, and its logarithm L
+        for j in range(lo, hi):
+            w = ids[j]
+            dot64 = np.float64(_dot(E, Wt, w))
+            r = cnts[j] / (dot64 + EPS)
+            for k in range(K):
+                sstats_t[w, k] += E[k] * r
+            if dot64 > TINY:
+                word_bound += cnts[j] * math.log(dot64)
+            else:  # log-sum-exp of E[log theta_d] + E[log beta_w]
+                m = L[0] + Lt[w, 0]
+                for k in range(1, K):
+                    m = max(m, L[k] + Lt[w, k])
+                s = 0.0
+                if m > -math.inf:
+                    for k in range(K):
+                        s += math.exp(L[k] + Lt[w, k] - m)
+                    word_bound += cnts[j] * (m + math.log(s))
+                else:
+                    word_bound += cnts[j] * m
+    return word_bound, inner, term_iters
+
+
+def e_step(ids, cnts, indptr, gamma, exp_elog_beta, elog_beta, alpha, max_iter, tol, stats, dtype):
+    """The E-step of a partition through :func:`fit_docs`: ``gamma`` (fitted in place) and,
+    with ``stats``, ``(sstats of shape (K, V), word_bound, (inner_iterations, term_iterations))``.
+
+    ``alpha`` is a float or an array of shape (K,); ``dtype`` the compute dtype of the
+    K-term products (float64 or float32).
+    """
+    K, V = exp_elog_beta.shape
+    Wt = np.ascontiguousarray(exp_elog_beta.T, dtype=dtype)
+    alpha = np.broadcast_to(np.asarray(alpha, dtype=np.float64), (K,)).copy()
+    Lt = np.ascontiguousarray(elog_beta.T) if stats else np.zeros((0, K))
+    sstats_t = np.zeros((V, K)) if stats else np.zeros((0, K))
+    word_bound, inner, term_iters = fit_docs(np.ascontiguousarray(ids), np.ascontiguousarray(cnts, dtype=np.float64),
+                                 np.ascontiguousarray(indptr, dtype=np.int64), gamma, Wt, alpha, int(max_iter),
+                                 float(tol), bool(stats), Lt, sstats_t)
+    return (sstats_t.T.copy(), float(word_bound), (int(inner), int(term_iters))) if stats else None
