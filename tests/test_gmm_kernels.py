@@ -134,7 +134,7 @@ def test_compute_dtype_is_validated_and_saved(tmp_path):
 
 def test_exp_floor_gives_zero_below_and_exp_above():
     L = np.array([[0.0, -1.0, -699.0, -700.0, -708.5, -745.5, -800.0, -np.inf]])
-    GK._exp_floored(L)
+    G._exp_floored(L)
     want = np.exp([0.0, -1.0, -699.0])
     np.testing.assert_array_equal(L[0, :2], want[:2])
     assert abs(L[0, 2] - want[2]) <= np.exp(-700.0)
