@@ -130,3 +130,34 @@ def test_compute_dtype_is_validated_and_saved(tmp_path):
     assert back.compute_dtype == "float32"
     with pytest.raises(ValueError, match="compute_dtype"):
         G.e_step(X, None, gm._params, "int32")
+
+
+def test_exp_floor_gives_zero_below_and_exp_above():
+    L = np.array([[0.0, -1.0, -699.0, -700.0, -708.5, -745.5, -800.0, -np.inf]])
+    G._exp_floored(L)
+    want = np.exp([0.0, -1.0, -699.0])
+    np.testing.assert_array_equal(L[0, :2], want[:2])
+    assert abs(L[0, 2] - want[2]) <= np.exp(-700.0)
+    np.testing.assert_array_equal(L[0, 3:], 0.0)  # exactly zero at and below the floor
+
+
+@pytest.mark.parametrize("ct", COV_TYPES)
+def test_separated_clusters_and_an_empty_component_match_brute_force(ct):
+    # far-apart clusters put most log-responsibilities below -708 (the slow, floored range of
+    # exp); a zero weight puts a whole column at -inf: it must get exactly zero responsibility
+    rng = np.random.default_rng(3)
+    K, d = 5, 6
+    truth = make_gmm_params(K, d, ct, separation=40.0, seed=8)
+    X, _ = sample_gmm(truth, 3000, rng)
+    params = _params(K, d, ct, seed=8)
+    lp = G.log_prob(X, params)
+    assert np.mean(lp - lp.max(1, keepdims=True) < -708) > 0.3
+    got, want = G.e_step(X, None, params), _brute_stats(X, None, params)
+    for name, a, b in zip(G.GMMStats._fields, got, want):
+        assert _rel(a, b) < 1e-10, (name, _rel(a, b))
+    weights = params.weights.copy()
+    weights[1] = 0.0
+    zero = G.e_step(X, None, params._replace(weights=weights / weights.sum()))
+    assert zero.n[1] == 0.0 and np.all(zero.s1[1] == 0.0)
+    if ct != "tied":  # tied's s2 is pooled over components
+        assert np.all(zero.s2[1] == 0.0)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .gmm import GMMParams, GMMStats, _coef, _finish, _log_det_cholesky, shift_of
+from .gmm import GMMParams, GMMStats, _coef, _exp_floored, _finish, _log_det_cholesky, shift_of
 
 __all__ = ["e_step_blocks"]
 
@@ -132,6 +132,13 @@ def e_step_blocks(X, w, params: GMMParams, dtype) -> GMMStats:
             const = const - 0.5 * coef.bb
         else:
             Mt = np.ascontiguousarray(-0.5 * coef.M.T, dtype=dtype)  # (K, 2d + 1)
+    # full (features) and diag/spherical: row d of F is the constant 1, so the constants go
+    # into its coefficients and the GEMM adds them (one pass over the log-densities less);
+    # not a -inf (zero weight), which the GEMM could turn into NaN
+    folded = (quad or ct in ("diag", "spherical")) and bool(np.all(np.isfinite(const)))
+    if folded:
+        Mt = Mt.copy()
+        Mt[:, d] += np.asarray(const, dtype=dtype)
     const = np.asarray(const, dtype=dtype)[:, None]
     n = X.shape[0]
     width = W + 2 * K + m + (K * d if ct == "full" and not quad else 0)
@@ -182,12 +189,13 @@ def e_step_blocks(X, w, params: GMMParams, dtype) -> GMMStats:
         else:
             np.square(Xc, out=Fb[d + 1 :])
             np.matmul(Mt, Fb, out=Lb)
-        Lb += const
+        if not folded:
+            Lb += const
         # log-sum-exp over components and responsibilities, in place
         np.max(Lb, axis=0, out=mxb)
         mxb[~np.isfinite(mxb)] = 0.0
         Lb -= mxb
-        np.exp(Lb, out=Lb)
+        _exp_floored(Lb)
         np.sum(Lb, axis=0, out=totb)
         lse = np.log(totb)
         lse += mxb
