@@ -239,11 +239,11 @@ def test_saved_model_keeps_the_layout(cube, tmp_path, cls):
 
 
 def test_climate_example_runs_at_a_tiny_size(tmp_path):
-    """examples/climate_clusters.py end to end (cube to Zarr, fit, labels to Zarr, the PNG)."""
+    """datasets/climate_clusters.py end to end (cube to Zarr, fit, labels to Zarr, the PNG)."""
     import importlib.util
     import os
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "datasets",
                         "climate_clusters.py")
     spec = importlib.util.spec_from_file_location("climate_clusters", path)
     ex = importlib.util.module_from_spec(spec)

@@ -1,7 +1,7 @@
 """Climate regimes of a synthetic (time, lat, lon) cube: Zarr in with xarray, labels out to Zarr.
 
-    python examples/climate_clusters.py                     # ~20 MiB cube, about a minute
-    python examples/climate_clusters.py --gib 3 --res 1     # a few GiB at 1 degree, daily
+    python datasets/climate_clusters.py                     # ~20 MiB cube, about a minute
+    python datasets/climate_clusters.py --gib 3 --res 1     # a few GiB at 1 degree, daily
 
 What it does, all lazily (the cube is never in the client's memory):
 
