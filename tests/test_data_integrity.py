@@ -325,3 +325,30 @@ def test_every_emflow_writer_stores_chunks_of_fill_values(tmp_path):
     _every_chunk_stored(tmp_path / "states.zarr")
     _every_chunk_stored(write_lgssm(str(tmp_path / "ssm.zarr"), n_sequences=5, state_dim=1, n_features=1))
     _every_chunk_stored(write_lda(str(tmp_path / "corpus.zarr"), n_docs=50, n_terms=20, n_components=2, seed=0))
+
+
+# -- the content hash: compiled and NumPy paths give the same bits ---------------------------
+
+@pytest.mark.parametrize("a", [
+    RNG.normal(size=(1000, 16)),                                   # float64 rows
+    RNG.normal(size=(7, 3)).astype(np.float32),                    # an odd number of words per row
+    RNG.integers(0, 255, size=(33, 5), dtype=np.uint8),           # rows padded to whole words
+    RNG.integers(-9, 9, size=(100,)),                              # 1-D int64 (weights, offsets)
+    np.zeros((0, 4)),
+])
+@pytest.mark.parametrize("row0", [0, 12345, 2 ** 40])
+def test_compiled_hash_equals_numpy_hash_and_stays_additive(a, row0, monkeypatch):
+    from emflow.storage import fingerprint as F
+
+    pytest.importorskip("numba")
+    seeds = [(0x9E3779B97F4A7C15, 0xD1B54A32D192ED03), (0x9E3779B97F4A7C15 + 1,)]
+    for s in seeds:
+        monkeypatch.setattr(F, "KERNEL", "numpy")
+        ref = F.positional_hash(a, row0, seeds=s)
+        monkeypatch.setattr(F, "KERNEL", "auto")
+        assert F._hash_kernel() is not None
+        assert F.positional_hash(a, row0, seeds=s) == ref
+        if len(a) > 2:  # the hash of a split is the sum of its parts' hashes
+            cut = len(a) // 3
+            parts = [F.positional_hash(a[:cut], row0, seeds=s), F.positional_hash(a[cut:], row0 + cut, seeds=s)]
+            assert tuple((x + y) % 2 ** 64 for x, y in zip(*parts)) == ref

@@ -178,11 +178,14 @@ def positional_hash(a: np.ndarray, row0: int, seeds=(0x9E3779B97F4A7C15, 0xD1B54
         raw = np.pad(raw, ((0, 0), (0, 4 - width % 4)))
     words = raw.view(np.uint32)
     per_row = words.shape[1]
-    out = [0, 0]
+    out = [0] * len(seeds)
     cols = np.arange(per_row, dtype=np.uint64)
     step = max(1, (1 << 18) // max(per_row, 1))
     with np.errstate(over="ignore"):
         col_mult = [_mix64((cols + _COL_SALT) ^ np.uint64(seed)) | np.uint64(1) for seed in seeds]
+        kernel = _hash_kernel()
+        if kernel is not None and n:
+            return tuple(kernel.hash_words(words, row0, np.array(seeds, dtype=np.uint64), np.stack(col_mult)))
         for b0 in range(0, n, step):
             blk = words[b0 : b0 + step].astype(np.uint64)
             rows = np.uint64(row0 + b0) + np.arange(len(blk), dtype=np.uint64)
@@ -190,7 +193,21 @@ def positional_hash(a: np.ndarray, row0: int, seeds=(0x9E3779B97F4A7C15, 0xD1B54
                 per_row_sum = blk @ col_mult[i]  # integer matmul: wraps modulo 2**64
                 row_mult = _mix64(rows ^ np.uint64(seed)) | np.uint64(1)
                 out[i] = (out[i] + int(np.sum(per_row_sum * row_mult, dtype=np.uint64))) & 0xFFFFFFFFFFFFFFFF
-    return out[0], out[1]
+    return tuple(out)
+
+
+# "auto": the compiled hash when numba imports; "numpy": never (the same hashes either way)
+KERNEL = "auto"
+
+
+def _hash_kernel():
+    if KERNEL == "numpy":
+        return None
+    try:
+        from . import hash_kernel
+    except (ImportError, RuntimeError):  # RuntimeError: numba found no writable cache directory
+        return None
+    return hash_kernel
 
 
 def digest(row0: int, X: np.ndarray, *rest: np.ndarray | None) -> tuple[int, int, int]:
