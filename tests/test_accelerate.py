@@ -195,9 +195,9 @@ def test_n_passes_is_the_engines_count_of_partition_reads(name, accelerate, monk
         reads.append(len(loaded.handles))
         return count(self, loaded)
 
-    def counting_pass(self, loaded, run):
+    def counting_pass(self, loaded, run, name=""):
         passes.append(1)
-        return run_pass(self, loaded, run)
+        return run_pass(self, loaded, run, name)
 
     monkeypatch.setattr(Engine, "_count_reads", counting_reads)
     monkeypatch.setattr(Engine, "_pass", counting_pass)

@@ -336,10 +336,13 @@ class Engine(ClusterWatch):
         loaded.bytes_read += sum(loaded.partition_nbytes[:n])
         self.partition_reads += n
 
-    def _broadcast(self, args: tuple, n_tasks: int):
-        """``args`` as the tasks take them: inside each task when small, else one copy sent
-        to every worker first (a future)."""
-        if self.client is None or not args or _dask.inline(args, n_tasks):
+    def _broadcast(self, args: tuple):
+        """``args`` as the tasks take them: one copy sent to every worker first (a future).
+        Not inside each task: arrays unpickled from a task's message lie at any alignment,
+        and BLAS and the compiled kernels then round differently (1 ulp), so two passes over
+        the same data would not give the same bits; on resident data the broadcast copy is
+        also what lets the scheduler place tasks on a worker that joined with no partition."""
+        if self.client is None or not args:
             return args
         try:
             [fut] = self.client.scatter([args], broadcast=True, hash=False)
@@ -361,7 +364,7 @@ class Engine(ClusterWatch):
                     return list(self._threads().map(lambda h: _apply(fn, h, args), handles))
                 return list(self._threads().map(lambda he: _apply_indexed(fn, he[0], args, he[1]),
                                                 zip(handles, extras)))
-        bargs = self._broadcast(args, -(-len(handles) // width))
+        bargs = self._broadcast(args)
         return _dask.submit_map(self.client, fn, handles, bargs, per_partition, width, self.split_every)
 
     def _pass(self, loaded: Loaded, run: Callable[[Callable], Any], name: str = "") -> Any:

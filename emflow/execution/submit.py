@@ -28,7 +28,7 @@ import numpy as np
 from .tasks import _apply, _apply_indexed, _apply_reduce
 from .watch import Probes
 
-__all__ = ["CLIENT_BATCH_INTERVAL", "blas_controller", "CLIENT_COMBINE_BYTES", "INLINE_BYTES", "nbytes", "submit_map",
+__all__ = ["CLIENT_BATCH_INTERVAL", "blas_controller", "CLIENT_COMBINE_BYTES", "nbytes", "submit_map",
            "prompt_client"]
 
 # seconds between two sends of the client's stream to the scheduler while a pass runs
@@ -36,11 +36,6 @@ __all__ = ["CLIENT_BATCH_INTERVAL", "blas_controller", "CLIENT_COMBINE_BYTES", "
 CLIENT_BATCH_INTERVAL = 0.001
 # statistics bundles at most this large are added on the client at the tree's last node
 CLIENT_COMBINE_BYTES = 1 << 20
-# parameters at most this large (one copy; and at most INLINE_TOTAL_BYTES over all the
-# pass's tasks) travel inside the tasks; larger ones are broadcast to the workers first
-INLINE_BYTES = 512 << 10
-INLINE_TOTAL_BYTES = 8 << 20
-
 
 def nbytes(obj: Any, _depth: int = 0) -> int:
     """Bytes of the arrays in ``obj`` (tuples, lists, dicts, dataclasses and plain objects
@@ -59,12 +54,6 @@ def nbytes(obj: Any, _depth: int = 0) -> int:
     if isinstance(attrs, dict) and not isinstance(obj, type):
         return 64 + sum(nbytes(v, _depth + 1) for v in attrs.values())
     return 64
-
-
-def inline(args: tuple, n_tasks: int) -> bool:
-    """Whether ``args`` may travel inside each of ``n_tasks`` tasks."""
-    size = nbytes(args)
-    return size <= INLINE_BYTES and size * n_tasks <= INLINE_TOTAL_BYTES
 
 
 def submit_map(client, fn: Callable, handles: Sequence, args, per_partition: Sequence | None,

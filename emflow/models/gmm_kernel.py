@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .gmm import GMMParams, GMMStats, _coef, _exp_floored, _finish, _log_det_cholesky, shift_of
+from ._numerics import exp_floored as _exp_floored
+from .gmm import GMMParams, GMMStats, _coef, _finish, _log_det_cholesky, shift_of
 
 __all__ = ["e_step_blocks"]
 
