@@ -224,3 +224,74 @@ def test_set_output_pandas():
     out = lda.fit(X).transform(X)
     assert isinstance(out, pd.DataFrame) and list(out.columns) == list(lda.get_feature_names_out())
     assert isinstance(lda.fit_transform(X), pd.DataFrame)
+
+
+# -- pandas: feature names in, set_output(transform="pandas") out ------------------------------
+
+def test_set_output_pandas_in_a_pipeline_after_standard_scaler():
+    """The values are those of emflow's LDA fitted on the bare scaled array; the columns, index
+    and feature names are those of scikit-learn's own LDA in the same Pipeline."""
+    pd = pytest.importorskip("pandas")
+    from sklearn.decomposition import LatentDirichletAllocation as SkLDA
+
+    rng = np.random.default_rng(1)
+    counts = pd.DataFrame(rng.poisson(1.5, (40, 6)), columns=[f"w{j}" for j in range(6)],
+                          index=[f"doc{i}" for i in range(40)])
+    params = dict(n_components=3, max_iter=5, random_state=0)
+
+    def pipe(lda):  # counts scaled, still >= 0 (with_mean=False)
+        return Pipeline([("scale", StandardScaler(with_mean=False)), ("lda", lda)]).set_output(transform="pandas")
+
+    ours = pipe(emflow.LatentDirichletAllocation(**params)).fit(counts)
+    ref = pipe(SkLDA(**params)).fit(counts)
+    out, want = ours.transform(counts), ref.transform(counts)
+    assert isinstance(out, pd.DataFrame)
+    assert list(out.columns) == list(want.columns) == [f"latentdirichletallocation{k}" for k in range(3)]
+    assert list(out.index) == list(want.index) == list(counts.index)
+    Z = StandardScaler(with_mean=False).fit_transform(counts.to_numpy())
+    bare = emflow.LatentDirichletAllocation(**params).fit(Z)
+    np.testing.assert_allclose(ours[-1].components_, bare.components_, rtol=1e-12)
+    np.testing.assert_allclose(out.to_numpy(), bare.transform(Z), rtol=1e-12)
+    # the scaler's DataFrame reached the LDA: its column names are kept, as scikit-learn's LDA keeps them
+    np.testing.assert_array_equal(ours[-1].feature_names_in_, ref[-1].feature_names_in_)
+    np.testing.assert_array_equal(ours[-1].feature_names_in_, counts.columns)
+    np.testing.assert_array_equal(ours.get_feature_names_out(), ref.get_feature_names_out())
+    assert not hasattr(bare, "feature_names_in_")
+
+
+def test_rows_families_keep_dataframe_feature_names(blobs):
+    pd = pytest.importorskip("pandas")
+    df = pd.DataFrame(blobs, columns=["depth", "temp"])
+    for cls in (emflow.GaussianMixture, emflow.BayesianGaussianMixture):
+        est = cls(n_components=2, random_state=0).fit(df)
+        assert est.feature_names_in_.dtype == object and list(est.feature_names_in_) == ["depth", "temp"]
+        ref = cls(n_components=2, random_state=0).fit(blobs)  # the same fit as from the bare array
+        assert not hasattr(ref, "feature_names_in_")
+        np.testing.assert_allclose(est.means_, ref.means_, rtol=1e-12)
+        np.testing.assert_array_equal(est.predict(df), ref.predict(blobs))
+        assert est.score(df) == pytest.approx(ref.score(blobs), rel=1e-12)
+        # scikit-learn's errors and warnings when the names differ
+        with pytest.raises(ValueError, match="Feature names must be in the same order as they were in fit"):
+            est.predict(df[["temp", "depth"]])
+        with pytest.raises(ValueError, match="Feature names unseen at fit time:\n- salinity"):
+            est.score_samples(df.rename(columns={"temp": "salinity"}))
+        with pytest.warns(UserWarning, match="X does not have valid feature names, but " + cls.__name__):
+            est.predict_proba(blobs)
+        with pytest.warns(UserWarning, match="X has feature names, but " + cls.__name__):
+            ref.predict(df)
+        est.fit(blobs)  # a refit on data without names drops them, as in scikit-learn
+        assert not hasattr(est, "feature_names_in_")
+
+
+@pytest.mark.parametrize("family", ["gaussian_mixture", "bayesian_gaussian_mixture", "latent_dirichlet_allocation"])
+def test_dataframe_column_names_check(family):
+    """scikit-learn's own check (not run by check_estimator): fit, every method and the second
+    partial_fit on a DataFrame, with its reordered, renamed and truncated columns."""
+    pytest.importorskip("pandas")
+    from sklearn.utils.estimator_checks import check_dataframe_column_names_consistency
+
+    cls = REGISTRY[family]
+    est = cls(n_components=2, max_iter=5, random_state=0) if cls.data_kind == "corpus" else cls(n_components=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", emflow.EmflowConvergenceWarning)
+        check_dataframe_column_names_consistency(cls.__name__, est)
