@@ -259,7 +259,7 @@ def test_set_output_pandas_in_a_pipeline_after_standard_scaler():
     assert not hasattr(bare, "feature_names_in_")
 
 
-def test_rows_families_keep_dataframe_feature_names(blobs):
+def test_rows_families_keep_dataframe_feature_names(blobs, tmp_path):
     pd = pytest.importorskip("pandas")
     df = pd.DataFrame(blobs, columns=["depth", "temp"])
     for cls in (emflow.GaussianMixture, emflow.BayesianGaussianMixture):
@@ -279,6 +279,10 @@ def test_rows_families_keep_dataframe_feature_names(blobs):
             est.predict_proba(blobs)
         with pytest.warns(UserWarning, match="X has feature names, but " + cls.__name__):
             ref.predict(df)
+        back = emflow.load(est.save(str(tmp_path / f"{cls.__name__}.zarr")))  # saved with the model
+        assert back.feature_names_in_.dtype == object and list(back.feature_names_in_) == ["depth", "temp"]
+        with pytest.raises(ValueError, match="Feature names must be in the same order"):
+            back.predict(df[["temp", "depth"]])
         est.fit(blobs)  # a refit on data without names drops them, as in scikit-learn
         assert not hasattr(est, "feature_names_in_")
 
