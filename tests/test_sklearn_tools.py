@@ -2,7 +2,9 @@
 every registered family (in-memory data), with every expected failure listed, with its
 reason, through the checker's own ``expected_failed_checks``; ``Pipeline`` after
 ``StandardScaler``, ``GridSearchCV`` over ``n_components`` scored by ``score``, ``clone``,
-pickling and ``set_output``.
+pickling and ``set_output``; pandas DataFrames as scikit-learn takes them (``feature_names_in_``
+kept by fit and saved, checked with scikit-learn's warnings and errors by every method), and
+``set_output(transform="pandas")`` of LDA's transform.
 """
 
 from __future__ import annotations
