@@ -334,6 +334,20 @@ def test_rows_families_keep_dataframe_feature_names(blobs, tmp_path):
         assert not hasattr(est, "feature_names_in_")
 
 
+def test_model_selection_keeps_dataframe_feature_names(blobs):
+    """The selection grid's models (shared passes) carry the names as a fit does."""
+    pd = pytest.importorskip("pandas")
+    from emflow.estimators.selection import select_gaussian_mixture
+
+    df = pd.DataFrame(blobs, columns=["depth", "temp"])
+    best = select_gaussian_mixture(df, [1, 2], max_iter=20).best_model
+    assert list(best.feature_names_in_) == ["depth", "temp"]
+    ref = emflow.GaussianMixture(best.n_components, max_iter=20, random_state=0).fit(blobs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no feature-name warning
+        np.testing.assert_array_equal(best.predict(df), ref.predict(blobs))
+
+
 @pytest.mark.parametrize("family", ["gaussian_mixture", "bayesian_gaussian_mixture", "latent_dirichlet_allocation"])
 def test_dataframe_column_names_check(family):
     """scikit-learn's own check (not run by check_estimator): fit, every method and the second
