@@ -64,6 +64,8 @@ class LDAApplyMixin:
     # -- data ------------------------------------------------------------------------
     def _open(self, engine: Engine, data, persist=None, whom: str = "fit") -> Loaded:
         persist = self.persist if persist is None else persist
+        if whom != "fit":  # a DataFrame's column names (fit's own are kept by EMEstimator._fit)
+            self._check_feature_names(data, whom == "partial_fit" and not self._is_fitted())
         if not isinstance(data, CorpusData) and not is_zarr_path(data):
             _check_non_negative(data, f"LatentDirichletAllocation.{whom}")
         corpus = data if isinstance(data, CorpusData) else open_corpus(

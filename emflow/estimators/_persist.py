@@ -75,6 +75,8 @@ class Persistent:
         }
         if getattr(self, "_xarray_layout", None):  # fitted on xarray: sample dims and features
             meta["xarray_layout"] = self._xarray_layout
+        if getattr(self, "feature_names_in_", None) is not None:  # fitted on a pandas DataFrame
+            meta["feature_names_in"] = [str(n) for n in self.feature_names_in_]
         return _store.save_model(path, self.family, self._arrays(), meta, overwrite=overwrite,
                                  inputs=_store.fit_inputs(self))
 
@@ -97,6 +99,8 @@ class Persistent:
             model.n_passes_ = model.fit_info_.get("n_passes")
             model.lower_bounds_ = list(model.history_)
             model._xarray_layout = meta.get("xarray_layout")
+            if meta.get("feature_names_in") is not None:
+                model.feature_names_in_ = np.asarray(meta["feature_names_in"], dtype=object)
             model._after_load(meta)
         return model
 

@@ -356,7 +356,16 @@ class EMEstimator(Persistent, _SetOutputMixin, BaseEstimator):
         applying the model reuses and its save keeps (:func:`emflow.storage.xarray_io.layout_rows`)."""
         from ..storage.xarray_io import layout_rows
 
+        self._check_feature_names(data, fitting)
         return layout_rows(self, data, sample_dims, feature_dim, fitting=fitting, chunk_bytes=chunk_bytes)
+
+    def _check_feature_names(self, data, fitting: bool) -> None:
+        """scikit-learn's column names of a pandas DataFrame: a fit keeps them in
+        ``feature_names_in_`` (and drops them for data without names); applying the model
+        warns or raises as scikit-learn does when the names differ (before any count check)."""
+        from sklearn.utils.validation import _check_feature_names
+
+        _check_feature_names(self, data, reset=fitting)
 
     def _fit(self, data, *fit_args, callbacks: Iterable[Callable[[IterationEvent], None]] = (),
              initial_params=None, history: list[float] | None = None, sample_dims=None, feature_dim=None):

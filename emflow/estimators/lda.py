@@ -153,6 +153,10 @@ class LatentDirichletAllocation(LDAOnlineMixin, LDAApplyMixin, ClassNamePrefixFe
     lower_bound_ : float
         Last entry of ``history_``.
     n_features_in_ : int
+    feature_names_in_ : ndarray of shape (n_features_in_,)
+        The column names of a pandas DataFrame given to fit (with string column names only),
+        as scikit-learn; ``transform`` then checks them. ``get_feature_names_out()`` gives
+        the topics' names, ``latentdirichletallocation0`` ... (``set_output(transform="pandas")``).
     vocabulary_ : list of str or None
         The corpus's terms when it stores them.
     fit_info_ : dict

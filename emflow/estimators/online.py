@@ -462,6 +462,7 @@ class OnlineEMMixin:
             state = None  # fitted again since (fit, or parameters loaded): start from that fit
         sched = online_schedule(state.schedule if state is not None else None, **online)
         self._validate_params()
+        self._check_feature_names(X, state is None and not self._is_fitted())  # a DataFrame's columns
         with self._session() as engine:
             loaded = self._open(engine, X, *self._open_args(args))
             try:

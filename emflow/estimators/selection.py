@@ -167,6 +167,7 @@ def select_gaussian_mixture(
              for K in Ks for ct in cts]
     for gm in proto:
         gm._validate_params()
+        gm._check_feature_names(data, True)  # a DataFrame's column names, as fit keeps them
     if isinstance(random_state, (np.random.Generator, np.random.RandomState)):
         raise ConfigError("select_gaussian_mixture needs an int or None random_state (each candidate "
                           "starts from the same seed).")

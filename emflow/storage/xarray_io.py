@@ -325,8 +325,8 @@ def apply_on_grid(model, data, kind: str, out=None, overwrite: bool = False):
     """Output ``kind`` (labels, proba, score, impute) of a fitted mixture on ``data``: for an
     xarray object, a DataArray on its grid, or with ``out`` a Zarr dataset on the grid written
     chunk by chunk (returned opened lazily with xarray); other data go to ``_apply_rows``."""
-    if not is_xarray(data):
-        return model._apply_rows(data, kind, out, overwrite)
+    if not is_xarray(data):  # (a DataFrame's column names checked by _xarray_rows)
+        return model._apply_rows(model._xarray_rows(data)[0], kind, out, overwrite)
     from .data import DEFAULT_PARTITION_BYTES
 
     chunk_bytes = None if out is None else (getattr(model, "partition_bytes", None) or DEFAULT_PARTITION_BYTES)
