@@ -36,6 +36,9 @@ from numba.extending import intrinsic
 __all__ = ["fit_docs", "e_step"]
 
 _jit = numba.njit(cache=True, nogil=True, fastmath=False, error_model="numpy")
+# fused multiply-adds only (one rounding instead of two; no reassociation), for the elementwise
+# digamma and exponential
+_jit_fma = numba.njit(cache=True, nogil=True, fastmath={"contract"}, error_model="numpy")
 
 EPS = float(np.finfo(np.float64).eps)
 EULER = 0.577215664901532860606512090082402431
@@ -66,7 +69,7 @@ def _from_bits(typingctx, x):
     return types.float64(types.int64), codegen
 
 
-@_jit
+@_jit_fma
 def _exp(v):
     """``exp(v)`` within ~1 ulp of libm's, with no call and no branch, so that a loop over a
     vector of arguments vectorises (this numba has no vector math library): ``2**n exp(r)``
@@ -133,13 +136,27 @@ def _psi_exp_parts(x):
     return x, t - num / den
 
 
+LANES = 8  # float64 lanes of the widest vectors (AVX-512); K is padded to a multiple of it
+
+
 @_jit
-def _exp_elog_theta_vec(g, E):
-    """:func:`_exp_elog_theta_fast` with the recurrence's six steps unrolled as selects and
-    :func:`_exp` for the exponential: the same operations per topic with no branch and no
-    call, so the loop over topics vectorises. Equal to :func:`_exp_elog_theta_fast` but for
-    the exponential's last bit."""
-    ps = _psi_of_sum(g)
+def _exp_elog_theta_vec(g, E, gp, Ep):
+    """:func:`_exp_elog_theta_fast` with the recurrence's six steps unrolled as selects, one
+    division and :func:`_exp` for the exponential: the same operations per topic with no
+    branch and no call, so the loop over topics vectorises. ``gp`` and ``Ep`` are buffers of
+    ``K`` padded to a multiple of :data:`LANES` (the pad of ``gp`` holds ones), so no topic
+    runs in a scalar remainder loop. Equal to :func:`_exp_elog_theta_fast` to a few ulp."""
+    K = g.shape[0]
+    for k in range(K):
+        gp[k] = g[k]
+    _psi_exp_lanes(gp, Ep, _psi_of_sum(g))
+    for k in range(K):
+        E[k] = Ep[k]
+
+
+@_jit_fma
+def _psi_exp_lanes(g, E, ps):
+    """``E = exp(psi(g) - ps)`` for every entry of ``g``."""
     for k in range(g.shape[0]):
         x0 = g[k]
         x = x0
@@ -169,14 +186,18 @@ def _exp_elog_theta_vec(g, E):
         num = num * x + den if m else num
         den = den * x if m else den
         x = x + 1.0 if m else x
-        r = 1.0 / x
+        # one division for 1 / x, num / den and (small x0) 1 / x0: q = 1 / (x den)
+        small = x0 <= 1e-6
+        num = 1.0 if small else num
+        den = x0 if small else den
+        q = 1.0 / (x * den)
+        r = q * den
+        f = (num * x) * q
         t = -0.5 * r
         r = r * r
         t -= r * ((1.0 / 12.0) - r * ((1.0 / 120.0) - r * (1.0 / 252.0)))
-        t = t - num / den
-        small = x0 <= 1e-6
+        t = -EULER - f if small else t - f
         y = 1.0 if small else x
-        t = -EULER - 1.0 / x0 if small else t
         E[k] = y * _exp(t - ps)
 
 
@@ -290,6 +311,9 @@ def fit_docs(ids, cnts, indptr, gamma, Wt, alpha, max_iter, tol, want_stats, Lt,
     Wd = np.empty((longest, K), dtype=Wt.dtype)
     WdT = np.empty((K, longest), dtype=Wt.dtype)
     norm = np.empty(longest, dtype=Wt.dtype)
+    Kp = -(-K // LANES) * LANES
+    gp = np.ones(Kp)
+    Ep = np.empty(Kp)
     word_bound = 0.0
     inner = 0
     term_iters = 0
@@ -298,7 +322,7 @@ def fit_docs(ids, cnts, indptr, gamma, Wt, alpha, max_iter, tol, want_stats, Lt,
         g = gamma[d]
         _gather(ids, lo, hi, Wt, Wd, WdT)
         c = cnts[lo:hi]
-        _exp_elog_theta_vec(g, E)
+        _exp_elog_theta_vec(g, E, gp, Ep)
         for _ in range(max_iter):
             inner += 1
             term_iters += hi - lo
@@ -310,7 +334,7 @@ def fit_docs(ids, cnts, indptr, gamma, Wt, alpha, max_iter, tol, want_stats, Lt,
                 new = E[k] * acc[k] + alpha[k]
                 change += abs(g[k] - new)
                 g[k] = new
-            _exp_elog_theta_vec(g, E)
+            _exp_elog_theta_vec(g, E, gp, Ep)
             if change / K < tol:
                 break
         if not want_stats:
