@@ -239,15 +239,26 @@ def _dot(E, Wt, w):
 
 
 @_jit
-def _gather(ids, lo, hi, Wt, Wd, WdT):
-    """A document's rows of ``Wt`` into ``Wd`` (n, K) and ``WdT`` (K, n), contiguous."""
+def _gather(ids, cnts, lo, hi, Wt, Wd, WdT, cp):
+    """A document's rows of ``Wt`` into ``Wd`` (n, Kp) and ``WdT`` (K, n_p), contiguous, and
+    its counts into ``cp``; the terms from ``n`` up to ``n_p`` (``n`` rounded up to a multiple
+    of :data:`LANES`) are zeros, and so are the columns of ``Wd`` from ``K`` (never written)."""
     K = Wt.shape[1]
-    for j in range(hi - lo):
+    n = hi - lo
+    for j in range(n):
         w = ids[lo + j]
+        cp[j] = cnts[lo + j]
         for k in range(K):
             v = Wt[w, k]
             Wd[j, k] = v
             WdT[k, j] = v
+    n_p = -(-n // LANES) * LANES
+    for j in range(n, n_p):
+        cp[j] = 0.0
+        for k in range(K):
+            Wd[j, k] = 0.0
+            WdT[k, j] = 0.0
+    return n_p
 
 
 @_jit
@@ -255,8 +266,10 @@ def _project(c, n, Wd, WdT, E, norm, acc):
     """``acc = sum_j (c_j / norm_phi_j) Wd[j]``, ``norm_phi_j = E . Wd[j] + EPS``, over the
     document's ``n`` terms. Both loops run over contiguous memory with independent sums (each
     dot summed in order over k, ``acc`` in order over j, as the NumPy path), so they vectorise
-    without reassociation."""
+    without reassociation. ``n`` and the length of ``acc`` are multiples of :data:`LANES`
+    (the padding terms have ``c_j = 0``, so they add exact zeros), so no scalar tail runs."""
     K = E.shape[0]
+    Kp = acc.shape[0]
     e = E[0]
     for j in range(n):
         norm[j] = e * WdT[0, j]
@@ -264,11 +277,11 @@ def _project(c, n, Wd, WdT, E, norm, acc):
         e = E[k]
         for j in range(n):
             norm[j] += e * WdT[k, j]
-    for k in range(K):
+    for k in range(Kp):
         acc[k] = 0.0
     for j in range(n):
         r = c[j] / (np.float64(norm[j]) + EPS)
-        for k in range(K):
+        for k in range(Kp):
             acc[k] += r * Wd[j, k]
 
 
@@ -304,14 +317,16 @@ def fit_docs(ids, cnts, indptr, gamma, Wt, alpha, max_iter, tol, want_stats, Lt,
     n, K = gamma.shape
     E = np.empty(K, dtype=Wt.dtype)
     L = np.empty(K)
-    acc = np.zeros(K)
+    Kp = -(-K // LANES) * LANES
+    acc = np.zeros(Kp)
     longest = 0
     for d in range(n):
         longest = max(longest, indptr[d + 1] - indptr[d])
-    Wd = np.empty((longest, K), dtype=Wt.dtype)
+    longest = -(-longest // LANES) * LANES
+    Wd = np.zeros((longest, Kp), dtype=Wt.dtype)
     WdT = np.empty((K, longest), dtype=Wt.dtype)
     norm = np.empty(longest, dtype=Wt.dtype)
-    Kp = -(-K // LANES) * LANES
+    cp = np.empty(longest)
     gp = np.ones(Kp)
     Ep = np.empty(Kp)
     word_bound = 0.0
@@ -320,15 +335,12 @@ def fit_docs(ids, cnts, indptr, gamma, Wt, alpha, max_iter, tol, want_stats, Lt,
     for d in range(n):
         lo, hi = indptr[d], indptr[d + 1]
         g = gamma[d]
-        _gather(ids, lo, hi, Wt, Wd, WdT)
-        c = cnts[lo:hi]
+        n_p = _gather(ids, cnts, lo, hi, Wt, Wd, WdT, cp)
         _exp_elog_theta_vec(g, E, gp, Ep)
         for _ in range(max_iter):
             inner += 1
             term_iters += hi - lo
-            for k in range(K):
-                acc[k] = 0.0
-            _project(c, hi - lo, Wd, WdT, E, norm, acc)
+            _project(cp, n_p, Wd, WdT, E, norm, acc)
             change = 0.0
             for k in range(K):
                 new = E[k] * acc[k] + alpha[k]
