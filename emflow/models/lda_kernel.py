@@ -262,27 +262,72 @@ def _gather(ids, cnts, lo, hi, Wt, Wd, WdT, cp):
 
 
 @_jit
-def _project(c, n, Wd, WdT, E, norm, acc):
+def _project(c, n, Wd, WdT, E, norm, ratio, acc):
     """``acc = sum_j (c_j / norm_phi_j) Wd[j]``, ``norm_phi_j = E . Wd[j] + EPS``, over the
-    document's ``n`` terms. Both loops run over contiguous memory with independent sums (each
-    dot summed in order over k, ``acc`` in order over j, as the NumPy path), so they vectorise
-    without reassociation. ``n`` and the length of ``acc`` are multiples of :data:`LANES`
-    (the padding terms have ``c_j = 0``, so they add exact zeros), so no scalar tail runs."""
-    K = E.shape[0]
+    document's ``n`` terms, each sum in the NumPy path's order (each dot in order over k,
+    ``acc`` in order over j), so without reassociation.
+
+    ``n`` and ``Kp`` (the length of ``E``, ``acc`` and the rows of ``WdT``) are multiples of
+    :data:`LANES`; the padding (``c_j = 0``, zero rows of ``WdT``, zero entries of ``E``) adds
+    exact zeros. Both loops run over contiguous memory with eight steps of the sum unrolled
+    in a register (eight topics per pass for ``norm_phi``, eight terms per pass for ``acc``),
+    so the inner loops vectorise with one load and one store per eight multiply-adds.
+    """
     Kp = acc.shape[0]
-    e = E[0]
     for j in range(n):
-        norm[j] = e * WdT[0, j]
-    for k in range(1, K):
-        e = E[k]
+        s = E[0] * WdT[0, j]
+        s += E[1] * WdT[1, j]
+        s += E[2] * WdT[2, j]
+        s += E[3] * WdT[3, j]
+        s += E[4] * WdT[4, j]
+        s += E[5] * WdT[5, j]
+        s += E[6] * WdT[6, j]
+        s += E[7] * WdT[7, j]
+        norm[j] = s
+    for kb in range(LANES, Kp, LANES):
+        e0 = E[kb + 0]
+        e1 = E[kb + 1]
+        e2 = E[kb + 2]
+        e3 = E[kb + 3]
+        e4 = E[kb + 4]
+        e5 = E[kb + 5]
+        e6 = E[kb + 6]
+        e7 = E[kb + 7]
         for j in range(n):
-            norm[j] += e * WdT[k, j]
+            s = norm[j]
+            s += e0 * WdT[kb + 0, j]
+            s += e1 * WdT[kb + 1, j]
+            s += e2 * WdT[kb + 2, j]
+            s += e3 * WdT[kb + 3, j]
+            s += e4 * WdT[kb + 4, j]
+            s += e5 * WdT[kb + 5, j]
+            s += e6 * WdT[kb + 6, j]
+            s += e7 * WdT[kb + 7, j]
+            norm[j] = s
+    for j in range(n):  # the divisions as one vector loop
+        ratio[j] = c[j] / (np.float64(norm[j]) + EPS)
     for k in range(Kp):
         acc[k] = 0.0
-    for j in range(n):
-        r = c[j] / (np.float64(norm[j]) + EPS)
+    for jb in range(0, n, LANES):
+        r0 = ratio[jb + 0]
+        r1 = ratio[jb + 1]
+        r2 = ratio[jb + 2]
+        r3 = ratio[jb + 3]
+        r4 = ratio[jb + 4]
+        r5 = ratio[jb + 5]
+        r6 = ratio[jb + 6]
+        r7 = ratio[jb + 7]
         for k in range(Kp):
-            acc[k] += r * Wd[j, k]
+            a = acc[k]
+            a += r0 * Wd[jb + 0, k]
+            a += r1 * Wd[jb + 1, k]
+            a += r2 * Wd[jb + 2, k]
+            a += r3 * Wd[jb + 3, k]
+            a += r4 * Wd[jb + 4, k]
+            a += r5 * Wd[jb + 5, k]
+            a += r6 * Wd[jb + 6, k]
+            a += r7 * Wd[jb + 7, k]
+            acc[k] = a
 
 
 @_jit
@@ -315,18 +360,20 @@ def fit_docs(ids, cnts, indptr, gamma, Wt, alpha, max_iter, tol, want_stats, Lt,
         ``2 K`` multiply-adds).
     """
     n, K = gamma.shape
-    E = np.empty(K, dtype=Wt.dtype)
-    L = np.empty(K)
     Kp = -(-K // LANES) * LANES
+    E = np.zeros(Kp, dtype=Wt.dtype)  # exp(E[log theta]) in the inner iterations; the pad stays 0
+    Es = np.empty(K, dtype=Wt.dtype)  # the same for the statistics
+    L = np.empty(K)
     acc = np.zeros(Kp)
     longest = 0
     for d in range(n):
         longest = max(longest, indptr[d + 1] - indptr[d])
     longest = -(-longest // LANES) * LANES
     Wd = np.zeros((longest, Kp), dtype=Wt.dtype)
-    WdT = np.empty((K, longest), dtype=Wt.dtype)
+    WdT = np.zeros((Kp, longest), dtype=Wt.dtype)
     norm = np.empty(longest, dtype=Wt.dtype)
     cp = np.empty(longest)
+    ratio = np.empty(longest)
     gp = np.ones(Kp)
     Ep = np.empty(Kp)
     word_bound = 0.0
@@ -340,7 +387,7 @@ def fit_docs(ids, cnts, indptr, gamma, Wt, alpha, max_iter, tol, want_stats, Lt,
         for _ in range(max_iter):
             inner += 1
             term_iters += hi - lo
-            _project(cp, n_p, Wd, WdT, E, norm, acc)
+            _project(cp, n_p, Wd, WdT, E, norm, ratio, acc)
             change = 0.0
             for k in range(K):
                 new = E[k] * acc[k] + alpha[k]
@@ -351,13 +398,13 @@ def fit_docs(ids, cnts, indptr, gamma, Wt, alpha, max_iter, tol, want_stats, Lt,
                 break
         if not want_stats:
             continue
-        _exp_elog_theta(g, E, L)  # E as the NumPy path's statistics take it, and its logarithm L
+        _exp_elog_theta(g, Es, L)  # Es as the NumPy path's statistics take it, and its logarithm L
         for j in range(lo, hi):
             w = ids[j]
-            dot64 = np.float64(_dot(E, Wt, w))
+            dot64 = np.float64(_dot(Es, Wt, w))
             r = cnts[j] / (dot64 + EPS)
             for k in range(K):
-                sstats_t[w, k] += E[k] * r
+                sstats_t[w, k] += Es[k] * r
             if dot64 > TINY:
                 word_bound += cnts[j] * math.log(dot64)
             else:  # log-sum-exp of E[log theta_d] + E[log beta_w]
