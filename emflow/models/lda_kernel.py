@@ -186,13 +186,15 @@ def _psi_exp_lanes(g, E, ps):
         num = num * x + den if m else num
         den = den * x if m else den
         x = x + 1.0 if m else x
-        # one division for 1 / x, num / den and (small x0) 1 / x0: q = 1 / (x den)
+        # one division for 1 / x and num / den: q = 1 / (x den); for x0 <= 1e-6, q = 1 / x0
+        # rounded once, as psi takes it (it cancels against psi(sum g) when all of g is tiny)
         small = x0 <= 1e-6
         num = 1.0 if small else num
         den = x0 if small else den
-        q = 1.0 / (x * den)
+        xs = 1.0 if small else x
+        q = 1.0 / (xs * den)
         r = q * den
-        f = (num * x) * q
+        f = (num * xs) * q
         t = -0.5 * r
         r = r * r
         t -= r * ((1.0 / 12.0) - r * ((1.0 / 120.0) - r * (1.0 / 252.0)))
