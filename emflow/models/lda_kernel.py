@@ -11,9 +11,14 @@ agree to rounding (tests: 1e-12).
 The topic-word table is read as ``Wt = exp(E[log beta]).T`` of shape (V, K), so a term's K
 values are contiguous; a document's rows are gathered once into contiguous (n, K) and
 (K, n) buffers that its inner iterations reuse, and the statistics are scattered into
-``sstats_t`` of shape (V, K). Inside the inner iterations ``exp(E[log theta])`` is taken
-without a logarithm and with the digamma recurrence summed as one fraction (equal to the
-NumPy path's to ~1e-16 relative); digamma and exp are about 45% of the kernel's time.
+``sstats_t`` of shape (V, K). Every inner loop vectorises without reassociation (no
+``fastmath`` on any sum; the numba error model is NumPy's, so a division is not a branch):
+the terms and the topics are padded to multiples of :data:`LANES` with zeros that add exact
+zeros, the sums keep eight steps in a register, and ``exp(E[log theta])`` is computed
+branch-free over the padded topics (digamma's recurrence unrolled as selects, one
+division, an exponential by range reduction and a polynomial, fused multiply-adds), equal
+to the NumPy path's to a few ulp of ``psi``'s size.
+
 The word bound uses ``log sum_k exp(E[log theta_dk]) exp(E[log beta_kw])`` (the dot already
 computed for ``norm_phi``), with the log-sum-exp of the logarithms where that product
 underflows. With a float32 ``Wt`` (``compute_dtype="float32"``) the K-term products run in
@@ -116,36 +121,14 @@ def _psi(x):
 
 
 @_jit
-def _psi_exp_parts(x):
-    """``(y, t)`` with ``psi(x) = log(y) + t``: the recurrence's ``-sum 1 / (x + i)`` summed as
-    one fraction (one division instead of up to six), then the asymptotic series at ``y``."""
-    if x <= 1e-6:
-        return 1.0, -EULER - 1.0 / x
-    num = 0.0
-    den = 1.0
-    for _ in range(6):
-        if x >= 6.0:
-            break
-        num = num * x + den  # num / den + 1 / x
-        den *= x
-        x += 1.0
-    r = 1.0 / x
-    t = -0.5 * r
-    r = r * r
-    t -= r * ((1.0 / 12.0) - r * ((1.0 / 120.0) - r * (1.0 / 252.0)))
-    return x, t - num / den
-
-
-LANES = 8  # float64 lanes of the widest vectors (AVX-512); K is padded to a multiple of it
-
-
-@_jit
 def _exp_elog_theta_vec(g, E, gp, Ep):
-    """:func:`_exp_elog_theta_fast` with the recurrence's six steps unrolled as selects, one
-    division and :func:`_exp` for the exponential: the same operations per topic with no
-    branch and no call, so the loop over topics vectorises. ``gp`` and ``Ep`` are buffers of
-    ``K`` padded to a multiple of :data:`LANES` (the pad of ``gp`` holds ones), so no topic
-    runs in a scalar remainder loop. Equal to :func:`_exp_elog_theta_fast` to a few ulp."""
+    """``E = exp(psi(g) - psi(sum g))`` as ``y_k exp(t_k - psi(sum g))`` with ``psi(g_k) =
+    log(y_k) + t_k`` (``y_k`` is ``g_k`` shifted to at least 6 by the recurrence, whose
+    ``-sum 1 / (g_k + i)`` is summed as one fraction): no logarithm, and with the six steps
+    unrolled as selects, one division and :func:`_exp`, no branch and no call, so the loop
+    over topics vectorises. ``gp`` and ``Ep`` are buffers of ``K`` padded to a multiple of
+    :data:`LANES` (the pad of ``gp`` holds ones), so no topic runs in a scalar remainder
+    loop. Equal to :func:`_exp_elog_theta` to a few ulp of ``psi``'s size."""
     K = g.shape[0]
     for k in range(K):
         gp[k] = g[k]
@@ -209,16 +192,6 @@ def _psi_of_sum(g):
     for k in range(g.shape[0]):
         s += g[k]
     return _psi(s)
-
-
-@_jit
-def _exp_elog_theta_fast(g, E):
-    """``E = exp(psi(g) - psi(sum g))`` as ``y_k exp(t_k - psi(sum g))``: one exponential and
-    no logarithm per topic (the same value as :func:`_exp_elog_theta` to ~1e-16 relative)."""
-    ps = _psi_of_sum(g)
-    for k in range(g.shape[0]):
-        y, t = _psi_exp_parts(g[k])
-        E[k] = y * math.exp(t - ps)
 
 
 @_jit
