@@ -56,6 +56,7 @@ LN2_LO = 1.90821492927058770002e-10
 MAGIC = 6755399441055744.0  # 1.5 * 2**52: adding it rounds to an integer held in the low mantissa bits
 EXP_LO = -708.0  # below, exp is subnormal or 0 and is returned as 0 (absolute error < 3e-308)
 EXP_HI = 709.0
+LANES = 8  # float64 lanes of the widest vectors (AVX-512); K and the terms are padded to a multiple
 
 
 @intrinsic
