@@ -146,30 +146,11 @@ def _psi_exp_lanes(g, E, ps):
         x = x0
         num = 0.0
         den = 1.0
-        m = x < 6.0
-        num = num * x + den if m else num
-        den = den * x if m else den
-        x = x + 1.0 if m else x
-        m = x < 6.0
-        num = num * x + den if m else num
-        den = den * x if m else den
-        x = x + 1.0 if m else x
-        m = x < 6.0
-        num = num * x + den if m else num
-        den = den * x if m else den
-        x = x + 1.0 if m else x
-        m = x < 6.0
-        num = num * x + den if m else num
-        den = den * x if m else den
-        x = x + 1.0 if m else x
-        m = x < 6.0
-        num = num * x + den if m else num
-        den = den * x if m else den
-        x = x + 1.0 if m else x
-        m = x < 6.0
-        num = num * x + den if m else num
-        den = den * x if m else den
-        x = x + 1.0 if m else x
+        for _ in range(6):  # a constant count: unrolled by the compiler, the ifs become selects
+            m = x < 6.0
+            num = num * x + den if m else num
+            den = den * x if m else den
+            x = x + 1.0 if m else x
         # one division for 1 / x and num / den: q = 1 / (x den); for x0 <= 1e-6, q = 1 / x0
         # rounded once, as psi takes it (it cancels against psi(sum g) when all of g is tiny)
         small = x0 <= 1e-6
