@@ -105,3 +105,37 @@ def test_compute_dtype_is_checked_before_any_work():
         LatentDirichletAllocation(2, compute_dtype="float16").fit(X)
     with pytest.raises(ConfigError, match="compute_dtype"):
         LatentDirichletAllocation(2, compute_dtype="float32", learning_method="online").fit(X)
+
+
+def test_vector_exp_is_within_an_ulp_or_two_of_numpy():
+    from emflow.models import lda_kernel as LK
+
+    v = np.concatenate([np.linspace(-707.9, 709.0, 20001), np.random.default_rng(0).uniform(-40, 1, 20000),
+                        [0.0, -1e-300, 1e-20, -0.34657359, 0.34657359, 1.0, -1.0]])
+    got = np.array([LK._exp(x) for x in v])
+    want = np.exp(v)
+    assert np.max(np.abs(got - want) / want) < 3 * np.finfo(float).eps
+    # below EXP_LO: 0 where numpy gives a subnormal or 0
+    assert [LK._exp(x) for x in (-708.5, -745.2, -800.0, -np.inf)] == [0.0] * 4
+
+
+@pytest.mark.parametrize("K", [1, 5, 8, 20, 33])
+def test_vector_digamma_exp_equals_the_numpy_psi(K):
+    """exp(psi(g) - psi(sum g)) over padded lanes against emflow.models.lda.psi, with values
+    below 1e-6 (psi's other branch), between 1e-6 and 6 (the recurrence) and above 6."""
+    from emflow.models import lda_kernel as LK
+
+    rng = np.random.default_rng(K)
+    Kp = -(-K // LK.LANES) * LK.LANES
+    for scale in (1e-7, 1e-3, 1.0, 10.0, 1e4):
+        g = rng.uniform(0.5, 2.0, K) * scale
+        g[0] = 3e-7 if K > 1 else g[0]
+        E, Ep = np.empty(K), np.empty(Kp)
+        LK._exp_elog_theta_vec(g, E, np.ones(Kp), Ep)
+        v = M.psi(g) - M.psi(g.sum())
+        want = np.exp(v)
+        # exp(v) carries the absolute rounding of psi(g) and psi(sum g) (their size times eps)
+        # as a relative error; 0 below EXP_LO
+        size = 8 + np.abs(M.psi(g)) + np.abs(M.psi(g.sum()))
+        ok = np.abs(E - want) <= 4 * np.finfo(float).eps * size * want
+        assert np.all(ok | ((v < LK.EXP_LO) & (E == 0))), (scale, E, want)
