@@ -23,6 +23,11 @@ observed part of ``e`` (zero on the missing coordinates ``m``):
   ``r_k D x0^T`` (``t d`` per row and component), the ``t x t`` blocks ``r_k D D^T`` and, once
   per run, ``(sum r_k) P_mm^{-1}``.
 
+The rows of a run (up to ``_RUN`` at a time) are processed together: ``(P_k x0)_m`` for every
+component and row is one GEMM (gathered precision rows times the rows' ``x0``), so are the
+cross terms (weighted ``D`` times ``x0``), and the triangular solves, log-densities and
+responsibilities run on ``(K t, rows)`` arrays whose inner loops are over the rows.
+
 Float64 throughout; the answers agree with the NumPy path to rounding (tests: 1e-12).
 
 This module imports numba; :mod:`emflow.models.gmm_missing` imports it lazily through
