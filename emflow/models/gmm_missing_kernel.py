@@ -137,19 +137,16 @@ def _features(X0, F, off):
 
 
 @_jit
-def _flush(t, mi, cinv, Nk, s2, crun, cross):
+def _flush(t, mi, cinv, Nk, s2):
     """End of a run of rows of one pattern: add its conditional covariances ``N_k P_mm^{-1}``
-    into the missing block of ``s2`` and its cross terms ``sum r_k D x0^T`` into ``cross``."""
-    K, d = Nk.shape[0], cross.shape[1]
+    into the missing block of ``s2``."""
+    K = Nk.shape[0]
     Kc = cinv.shape[0]
     for k in range(K):
         kc = k if Kc == K else 0
         for i in range(t):
             for j in range(t):
                 s2[k, mi[i], mi[j]] += Nk[k] * cinv[kc, i, j]
-            for j in range(d):
-                cross[k, mi[i], j] += crun[k * t + i, j]
-                crun[k * t + i, j] = 0.0
         Nk[k] = 0.0
 
 
@@ -193,7 +190,7 @@ def _run_end(miss, b0, lim):
 @_jit
 def _rows(miss, X0, Lq, hd, mc, prec, logdet_sig, log_w, gamma, use_gamma, wts, use_w, want_stats, want_resp,
           want_fill, logp_out, want_logp, lse, resp, WR, s1, s2, cross, xfill, mi, state, chol, rdiag, cinv, logdet_mm,
-          PmT, mm, cvec, const, Nk, crun, HT, ZT, LP, col, ctmp):
+          PmT, mm, cvec, const, Nk, HT, ZT, LP, col, ctmp):
     """One block of rows sorted by pattern (every array indexed by the block's row: the caller
     gathers and scatters, so that this loop reads and writes memory in order), taken a run of
     equal patterns (at most ``LP.shape[1]`` rows) at a time: the products with the gathered
@@ -219,7 +216,7 @@ def _rows(miss, X0, Lq, hd, mc, prec, logdet_sig, log_w, gamma, use_gamma, wts, 
                 t += 1
         if not (same and t == state[0]):
             if want_stats and state[0] >= 0:
-                _flush(state[0], mi, cinv, Nk, s2, crun, cross)
+                _flush(state[0], mi, cinv, Nk, s2)
             t = 0
             for j in range(d):
                 if miss[b0, j]:
@@ -344,9 +341,11 @@ def _rows(miss, X0, Lq, hd, mc, prec, logdet_sig, log_w, gamma, use_gamma, wts, 
             if t > 0:
                 C = ctmp[: Kt * d].reshape((Kt, d))
                 np.dot(H, Xr, C)  # sum over the run of r_k D x0^T (x0 is zero on m)
-                for c in range(Kt):
-                    for j in range(d):
-                        crun[c, j] += C[c, j]
+                for k in range(K):
+                    for i in range(t):
+                        cr, cc = cross[k, mi[i]], C[k * t + i]
+                        for j in range(d):
+                            cr[j] += cc[j]
         b0 = b1
     return -1
 
@@ -388,7 +387,7 @@ def incomplete_matrix(X, obs, miss, w, params, mc, log_w, lse, resp, s, xhat, g,
     mi, state = np.empty(d, np.int64), np.full(1, -1, np.int64)
     chol, cinv, rdiag = np.zeros((Kc, d, d)), np.zeros((Kc, d, d)), np.zeros((Kc, d))
     logdet_mm, const, Nk = np.empty(Kc), np.empty(K), np.zeros(K)
-    PmT, crun, ctmp = np.empty((K * d, d)), np.zeros((K * d, d)), np.empty(K * d * d)
+    PmT, ctmp = np.empty((K * d, d)), np.empty(K * d * d)
     mm, cvec = np.empty(K * d), np.empty(K * d)
     HT, ZT = np.empty(K * d * _RUN), np.empty(K * d * _RUN)
     LP, col = np.empty((K, _RUN)), np.empty((2, _RUN))
@@ -417,7 +416,7 @@ def incomplete_matrix(X, obs, miss, w, params, mc, log_w, lse, resp, s, xhat, g,
         np.matmul(Fb, C, out=Lq[:nb])
         bad = _rows(miss_b[:nb], X0b, Lq, hd, mc, prec, logdet_sig, log_w, g_b, gamma is not None, w_b,
                     w is not None, stats, want_resp, fill, lp_b, logp_out is not None, lse_b, Rb, WR, s1, s2, cross,
-                    xf_b, mi, state, chol, rdiag, cinv, logdet_mm, PmT, mm, cvec, const, Nk, crun, HT, ZT, LP, col, ctmp)
+                    xf_b, mi, state, chol, rdiag, cinv, logdet_mm, PmT, mm, cvec, const, Nk, HT, ZT, LP, col, ctmp)
         if bad >= 0:
             raise np.linalg.LinAlgError("Matrix is not positive definite")
         lse[rows] = lse_b[:nb]
@@ -433,7 +432,7 @@ def incomplete_matrix(X, obs, miss, w, params, mc, log_w, lse, resp, s, xhat, g,
         xhat += g
     if stats:
         if state[0] >= 0:
-            _flush(state[0], mi, cinv, Nk, s2, crun, cross)
+            _flush(state[0], mi, cinv, Nk, s2)
         N, S1, S2 = _unpack_full(acc, d)
         S2 = S2 + cross + cross.transpose(0, 2, 1) + s2
         s.n[...] += N
