@@ -117,3 +117,16 @@ def test_the_setting_chooses_the_path(monkeypatch):
     assert M._kernel() is None
     monkeypatch.setattr(M, "KERNEL", "auto")
     assert M._kernel() is MK
+
+
+@pytest.mark.parametrize("run", [None, 3])
+def test_long_runs_split_into_chunks(run, monkeypatch):
+    """A run of one pattern longer than the kernel's run buffer (split, its statistics carried
+    across the pieces), short runs, and (``run=3``) every run cut into pieces of three rows."""
+    X, p = _problem("full", n=1200, d=6, K=3, seed=7)
+    X[200:900] = np.where(np.arange(6) < 2, np.nan, np.nan_to_num(X[200:900], nan=20.0))
+    w = np.linspace(0.5, 2.0, len(X))
+    if run is not None:
+        monkeypatch.setattr(MK, "_RUN", run)
+    a, b = _both(monkeypatch, lambda: (*M.e_step(X, w, p), *M.posterior(X, p), M.impute(X, p)))
+    _same(a, b)

@@ -23,6 +23,11 @@ observed part of ``e`` (zero on the missing coordinates ``m``):
   ``r_k D x0^T`` (``t d`` per row and component), the ``t x t`` blocks ``r_k D D^T`` and, once
   per run, ``(sum r_k) P_mm^{-1}``.
 
+The rows of a run (up to ``_RUN`` at a time) are processed together: ``(P_k x0)_m`` for every
+component and row is one GEMM (gathered precision rows times the rows' ``x0``), so are the
+cross terms (weighted ``D`` times ``x0``), and the triangular solves, log-densities and
+responsibilities run on ``(K t, rows)`` arrays whose inner loops are over the rows.
+
 Float64 throughout; the answers agree with the NumPy path to rounding (tests: 1e-12).
 
 This module imports numba; :mod:`emflow.models.gmm_missing` imports it lazily through
@@ -44,6 +49,8 @@ __all__ = ["incomplete_matrix"]
 _LOG_2PI = math.log(2 * math.pi)
 # bytes of the per-block buffers (features, P x0, cross terms): they stay in the caches
 _BLOCK_BYTES = 4 << 20
+# rows of one pattern taken together: the (K t, rows) work arrays stay in the L2 cache
+_RUN = 256
 
 _jit = numba.njit(cache=True, nogil=True, fastmath=False)
 
@@ -130,25 +137,22 @@ def _features(X0, F, off):
 
 
 @_jit
-def _flush(t, mi, cinv, Nk, s2, crun, cross):
+def _flush(t, mi, cinv, Nk, s2):
     """End of a run of rows of one pattern: add its conditional covariances ``N_k P_mm^{-1}``
-    into the missing block of ``s2`` and its cross terms ``sum r_k D x0^T`` into ``cross``."""
-    K, d = Nk.shape[0], cross.shape[1]
+    into the missing block of ``s2``."""
+    K = Nk.shape[0]
     Kc = cinv.shape[0]
     for k in range(K):
         kc = k if Kc == K else 0
         for i in range(t):
             for j in range(t):
                 s2[k, mi[i], mi[j]] += Nk[k] * cinv[kc, i, j]
-            for j in range(d):
-                cross[k, mi[i], j] += crun[k * t + i, j]
-                crun[k * t + i, j] = 0.0
         Nk[k] = 0.0
 
 
 @_jit
-def _pattern(prec, mc, log_w, logdet_sig, hd, mi, t, chol, rdiag, cinv, logdet_mm, Pm, mm, cvec, const, want_inverse):
-    """Everything that depends on the pattern only: the factorisations, ``Pm[j, k t + i] =
+def _pattern(prec, mc, log_w, logdet_sig, hd, mi, t, chol, rdiag, cinv, logdet_mm, PmT, mm, cvec, const, want_inverse):
+    """Everything that depends on the pattern only: the factorisations, ``PmT[k t + i, j] =
     P_k[j, m_i]``, ``mm = mu_m``, ``cvec = P_mo mu_o`` and the constant of the log-density."""
     K, d = mc.shape
     Kc = prec.shape[0]
@@ -159,7 +163,7 @@ def _pattern(prec, mc, log_w, logdet_sig, hd, mi, t, chol, rdiag, cinv, logdet_m
         q = 0.0
         for i in range(t):
             for j in range(d):
-                Pm[j, k * t + i] = prec[kc, j, mi[i]]
+                PmT[k * t + i, j] = prec[kc, j, mi[i]]
             v = 0.0
             for j in range(t):
                 v += prec[kc, mi[i], mi[j]] * mc[k, mi[j]]
@@ -171,111 +175,178 @@ def _pattern(prec, mc, log_w, logdet_sig, hd, mi, t, chol, rdiag, cinv, logdet_m
 
 
 @_jit
+def _run_end(miss, b0, lim):
+    """The end of the run of rows with row ``b0``'s pattern, at most ``lim``."""
+    d = miss.shape[1]
+    b1 = b0 + 1
+    while b1 < lim:
+        for j in range(d):
+            if miss[b1, j] != miss[b0, j]:
+                return b1
+        b1 += 1
+    return b1
+
+
+@_jit
 def _rows(miss, X0, Lq, hd, mc, prec, logdet_sig, log_w, gamma, use_gamma, wts, use_w, want_stats, want_resp,
           want_fill, logp_out, want_logp, lse, resp, WR, s1, s2, cross, xfill, mi, state, chol, rdiag, cinv, logdet_mm,
-          Pm, mm, cvec, const, Nk, crun, hx, Z, logp):
+          PmT, mm, cvec, const, Nk, HT, ZT, LP, col, ctmp):
     """One block of rows sorted by pattern (every array indexed by the block's row: the caller
-    gathers and scatters, so that this loop reads and writes memory in order). What depends on
-    the pattern only is computed when the pattern changes and kept across blocks (``state[0]``:
-    the current pattern's ``t``, -1 for none). Returns -1, or the block row at which a ``P_mm``
-    was not positive definite."""
-    B = X0.shape[0]
-    d = miss.shape[1]
+    gathers and scatters, so that this loop reads and writes memory in order), taken a run of
+    equal patterns (at most ``LP.shape[1]`` rows) at a time: the products with the gathered
+    precision columns are GEMMs (``(P x0)_m`` and the cross terms ``D x0^T``), and the rest
+    runs on ``(K t, rows)`` arrays whose inner loops are over the rows (contiguous, no
+    reduction: they vectorise). What depends on the pattern only is computed when the pattern
+    changes and kept across blocks (``state[0]``: the current pattern's ``t``, -1 for none).
+    Returns -1, or the block row at which a ``P_mm`` was not positive definite."""
+    B, d = miss.shape
     K = mc.shape[0]
     Kc = prec.shape[0]
-    for b in range(B):
-        row = b
+    CH = LP.shape[1]
+    b0 = 0
+    while b0 < B:
+        b1 = _run_end(miss, b0, min(B, b0 + CH))
+        nr = b1 - b0
         t = 0
         same = True
         for j in range(d):
-            if miss[row, j]:
+            if miss[b0, j]:
                 if t >= state[0] or mi[t] != j:
                     same = False
                 t += 1
         if not (same and t == state[0]):
             if want_stats and state[0] >= 0:
-                _flush(state[0], mi, cinv, Nk, s2, crun, cross)
+                _flush(state[0], mi, cinv, Nk, s2)
             t = 0
             for j in range(d):
-                if miss[row, j]:
+                if miss[b0, j]:
                     mi[t] = j
                     t += 1
             state[0] = -1
-            if not _pattern(prec, mc, log_w, logdet_sig, hd, mi, t, chol, rdiag, cinv, logdet_mm, Pm, mm, cvec, const,
+            if not _pattern(prec, mc, log_w, logdet_sig, hd, mi, t, chol, rdiag, cinv, logdet_mm, PmT, mm, cvec, const,
                             want_stats):
-                return row
+                return b0
             state[0] = t
         Kt = K * t
-        for c in range(Kt):
-            hx[c] = 0.0
-        xb = X0[b]
-        for j in range(d):  # (P_k x0)_m for every component: x0 is zero on m
-            xj = xb[j]
-            pr = Pm[j]
-            for c in range(Kt):
-                hx[c] += xj * pr[c]
-        mx = -np.inf
+        Xr = X0[b0:b1]
+        H = HT[: Kt * nr].reshape((Kt, nr))
+        Z = ZT[: Kt * nr].reshape((Kt, nr))
+        if t > 0:
+            np.dot(PmT[:Kt], Xr.T, H)  # (P_k x0)_m for every component and row: x0 is zero on m
         for k in range(K):
             kc = k if Kc == K else 0
             L, rd = chol[kc], rdiag[kc]
             o = k * t
-            maha = -2.0 * Lq[b, k]  # e^T P e, e = x0 - mu
+            lp = LP[k]
+            for r in range(nr):
+                lp[r] = -2.0 * Lq[b0 + r, k]  # e^T P e, e = x0 - mu
             for i in range(t):
-                maha += 2.0 * mm[o + i] * hx[o + i]
+                h, m2 = H[o + i], 2.0 * mm[o + i]
+                for r in range(nr):
+                    lp[r] += m2 * h[r]
             for i in range(t):  # L^{-1} v, v = (P r)_m = (P x0)_m - P_mo mu_o
-                u = hx[o + i] - cvec[o + i]
+                h, z, c, ri = H[o + i], Z[o + i], cvec[o + i], rd[i]
+                for r in range(nr):
+                    z[r] = h[r] - c
                 for q in range(i):
-                    u -= L[i, q] * Z[o + q]
-                Z[o + i] = u * rd[i]
-                maha -= Z[o + i] * Z[o + i]
+                    zq, lq = Z[o + q], L[i, q]
+                    for r in range(nr):
+                        z[r] -= lq * zq[r]
+                for r in range(nr):
+                    z[r] *= ri
+                    lp[r] -= z[r] * z[r]
             for i in range(t - 1, -1, -1):  # L^{-T} L^{-1} v = P_mm^{-1} v
-                u = Z[o + i]
+                z, ri = Z[o + i], rd[i]
                 for q in range(i + 1, t):
-                    u -= L[q, i] * Z[o + q]
-                Z[o + i] = u * rd[i]
-            lp = const[k] - 0.5 * maha
-            logp[k] = lp
+                    zq, lq = Z[o + q], L[q, i]
+                    for r in range(nr):
+                        z[r] -= lq * zq[r]
+                for r in range(nr):
+                    z[r] *= ri
+            ck = const[k]
+            for r in range(nr):
+                lp[r] = ck - 0.5 * lp[r]
             if want_logp:
-                logp_out[row, k] = lp
-            if lp > mx:
-                mx = lp
-        if not (mx > -np.inf and mx < np.inf):
-            mx = 0.0
-        tot = 0.0
+                for r in range(nr):
+                    logp_out[b0 + r, k] = lp[r]
+        mx, tot = col[0], col[1]
+        for r in range(nr):
+            mx[r] = -np.inf
+            tot[r] = 0.0
         for k in range(K):
-            logp[k] = math.exp(logp[k] - mx)
-            tot += logp[k]
-        lse[row] = math.log(tot) + mx
-        if want_resp or not use_gamma:
-            for k in range(K):
-                resp[row, k] = logp[k] / tot
+            lp = LP[k]
+            for r in range(nr):
+                if lp[r] > mx[r]:
+                    mx[r] = lp[r]
+        for r in range(nr):
+            if not (mx[r] > -np.inf and mx[r] < np.inf):
+                mx[r] = 0.0
+        for k in range(K):
+            lp = LP[k]
+            for r in range(nr):
+                lp[r] = math.exp(lp[r] - mx[r])
+                tot[r] += lp[r]
+        for r in range(nr):
+            lse[b0 + r] = math.log(tot[r]) + mx[r]
+        for k in range(K):  # the responsibilities (or the given weights), into LP
+            lp = LP[k]
+            for r in range(nr):
+                lp[r] = lp[r] / tot[r]
+            if want_resp or not use_gamma:
+                for r in range(nr):
+                    resp[b0 + r, k] = lp[r]
+            if use_gamma:
+                for r in range(nr):
+                    lp[r] = gamma[b0 + r, k]
         for c in range(Kt):
-            Z[c] = mm[c] - Z[c]  # D: the conditional mean about the shift
+            z, mc_ = Z[c], mm[c]
+            for r in range(nr):
+                z[r] = mc_ - z[r]  # D: the conditional mean about the shift
         if want_fill:
-            for j in range(d):
-                xfill[row, j] = xb[j]
-            for i in range(t):
-                acc = 0.0
-                for k in range(K):
-                    r = gamma[row, k] if use_gamma else resp[row, k]
-                    acc += r * Z[k * t + i]
-                xfill[row, mi[i]] = acc
+            for r in range(nr):
+                for j in range(d):
+                    xfill[b0 + r, j] = Xr[r, j]
+                for i in range(t):
+                    acc = 0.0
+                    for k in range(K):
+                        acc += LP[k, r] * Z[k * t + i, r]
+                    xfill[b0 + r, mi[i]] = acc
         if want_stats:
             for k in range(K):
-                wr = gamma[row, k] if use_gamma else resp[row, k]
+                wr = LP[k]
                 if use_w:
-                    wr *= wts[row]
-                WR[b, k] = wr
-                Nk[k] += wr
+                    for r in range(nr):
+                        wr[r] *= wts[b0 + r]
+                acc = Nk[k]
+                for r in range(nr):
+                    WR[b0 + r, k] = wr[r]
+                    acc += wr[r]
+                Nk[k] = acc
                 o = k * t
                 for i in range(t):
-                    Di = wr * Z[o + i]
-                    s1[k, mi[i]] += Di
+                    dw = H[o + i]  # H is free now: the weighted D
+                    z = Z[o + i]
+                    for r in range(nr):
+                        dw[r] = wr[r] * z[r]
+                    acc = s1[k, mi[i]]
+                    for r in range(nr):
+                        acc += dw[r]
+                    s1[k, mi[i]] = acc
                     for j in range(t):
-                        s2[k, mi[i], mi[j]] += Di * Z[o + j]
-                    cr = crun[o + i]
-                    for j in range(d):  # D x0^T (x0 is zero on m)
-                        cr[j] += Di * xb[j]
+                        zj = Z[o + j]
+                        acc = s2[k, mi[i], mi[j]]
+                        for r in range(nr):
+                            acc += dw[r] * zj[r]
+                        s2[k, mi[i], mi[j]] = acc
+            if t > 0:
+                C = ctmp[: Kt * d].reshape((Kt, d))
+                np.dot(H, Xr, C)  # sum over the run of r_k D x0^T (x0 is zero on m)
+                for k in range(K):
+                    for i in range(t):
+                        cr, cc = cross[k, mi[i]], C[k * t + i]
+                        for j in range(d):
+                            cr[j] += cc[j]
+        b0 = b1
     return -1
 
 
@@ -315,9 +386,11 @@ def incomplete_matrix(X, obs, miss, w, params, mc, log_w, lse, resp, s, xhat, g,
     s1, s2, cross = np.zeros((K, d)), np.zeros((K, d, d)), np.zeros((K, d, d))
     mi, state = np.empty(d, np.int64), np.full(1, -1, np.int64)
     chol, cinv, rdiag = np.zeros((Kc, d, d)), np.zeros((Kc, d, d)), np.zeros((Kc, d))
-    logdet_mm, const, Nk, logp = np.empty(Kc), np.empty(K), np.zeros(K), np.empty(K)
-    Pm, crun = np.empty((d, K * d)), np.zeros((K * d, d))
-    mm, cvec, hx, Z = (np.empty(K * d) for _ in range(4))
+    logdet_mm, const, Nk = np.empty(Kc), np.empty(K), np.zeros(K)
+    PmT, ctmp = np.empty((K * d, d)), np.empty(K * d * d)
+    mm, cvec = np.empty(K * d), np.empty(K * d)
+    HT, ZT = np.empty(K * d * _RUN), np.empty(K * d * _RUN)
+    LP, col = np.empty((K, _RUN)), np.empty((2, _RUN))
     dummy = np.zeros((1, 1))
     want_resp = not stats  # the statistics need the responsibilities of the block only
     Rb = np.empty((step, K))
@@ -343,7 +416,7 @@ def incomplete_matrix(X, obs, miss, w, params, mc, log_w, lse, resp, s, xhat, g,
         np.matmul(Fb, C, out=Lq[:nb])
         bad = _rows(miss_b[:nb], X0b, Lq, hd, mc, prec, logdet_sig, log_w, g_b, gamma is not None, w_b,
                     w is not None, stats, want_resp, fill, lp_b, logp_out is not None, lse_b, Rb, WR, s1, s2, cross,
-                    xf_b, mi, state, chol, rdiag, cinv, logdet_mm, Pm, mm, cvec, const, Nk, crun, hx, Z, logp)
+                    xf_b, mi, state, chol, rdiag, cinv, logdet_mm, PmT, mm, cvec, const, Nk, HT, ZT, LP, col, ctmp)
         if bad >= 0:
             raise np.linalg.LinAlgError("Matrix is not positive definite")
         lse[rows] = lse_b[:nb]
@@ -359,7 +432,7 @@ def incomplete_matrix(X, obs, miss, w, params, mc, log_w, lse, resp, s, xhat, g,
         xhat += g
     if stats:
         if state[0] >= 0:
-            _flush(state[0], mi, cinv, Nk, s2, crun, cross)
+            _flush(state[0], mi, cinv, Nk, s2)
         N, S1, S2 = _unpack_full(acc, d)
         S2 = S2 + cross + cross.transpose(0, 2, 1) + s2
         s.n[...] += N
