@@ -196,8 +196,10 @@ def positional_hash(a: np.ndarray, row0: int, seeds=(0x9E3779B97F4A7C15, 0xD1B54
     return tuple(out)
 
 
-# "auto": the compiled hash when numba imports; "numpy": never (the same hashes either way)
-KERNEL = "auto"
+# "auto": the compiled hash when numba imports; "numpy": never (the same hashes either way).
+# "numpy" by default: the hash runs in every worker's opening scan, and importing numba and
+# compiling there costs a small worker (512 MiB) enough memory to be paused or restarted
+KERNEL = "numpy"
 
 
 def _hash_kernel():
