@@ -9,6 +9,7 @@ import pytest
 
 from emflow.models import gmm as G
 from emflow.models import gmm_missing as M
+from _kernels import both_kernels
 
 pytest.importorskip("numba")
 from emflow.models import gmm_missing_kernel as MK  # noqa: E402
@@ -37,11 +38,7 @@ def _problem(ct, n=400, d=6, K=4, frac=0.3, seed=0, offset=20.0):
 
 
 def _both(monkeypatch, f):
-    monkeypatch.setattr(M, "KERNEL", "numpy")
-    a = f()
-    monkeypatch.setattr(M, "KERNEL", "numba")
-    b = f()
-    return a, b
+    return both_kernels(monkeypatch, M, f, order=("numpy", "numba"))
 
 
 def _same(a, b, rtol=RTOL):

@@ -16,6 +16,7 @@ from emflow.models import hmm as H
 from emflow.models.hmm_emissions import e_step, emission_for
 
 from test_hmm_emissions import examples
+from _kernels import both_kernels
 
 LENGTHS = [1, 2, 37, 5, 120, 3]
 
@@ -29,11 +30,7 @@ def _values(p, rng, n):
 
 
 def _both(monkeypatch, fn):
-    monkeypatch.setattr(H, "KERNEL", "numba")
-    a = fn()
-    monkeypatch.setattr(H, "KERNEL", "numpy")
-    b = fn()
-    return a, b
+    return both_kernels(monkeypatch, H, fn)
 
 
 @pytest.mark.parametrize("case", range(10))

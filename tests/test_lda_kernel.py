@@ -13,6 +13,7 @@ from emflow.errors import ConfigError
 from emflow.estimators.lda import LatentDirichletAllocation
 from emflow.models import lda as M
 from emflow.storage.corpus import open_corpus
+from _kernels import both_kernels
 
 
 def rel(a, b):
@@ -34,11 +35,7 @@ def _partition(X):
 
 
 def _both(monkeypatch, fn):
-    monkeypatch.setattr(M, "KERNEL", "numba")
-    a = fn()
-    monkeypatch.setattr(M, "KERNEL", "numpy")
-    b = fn()
-    return a, b
+    return both_kernels(monkeypatch, M, fn)
 
 
 @pytest.mark.parametrize("K, alpha, seed, max_iter", [(1, 0.5, None, 100), (3, 0.25, None, 100), (7, 0.1, (4, 1), 100),
