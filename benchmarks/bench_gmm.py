@@ -6,7 +6,8 @@ One command regenerates ``benchmarks/RESULTS.md``, ``benchmarks/results.json`` a
     python benchmarks/bench_gmm.py                  # quick grid (a few minutes)
     python benchmarks/bench_gmm.py --grid target    # full covariance, 1e6 rows, d=16, K=16
     python benchmarks/bench_gmm.py --grid types     # the same for full, tied, diag, spherical
-    python benchmarks/bench_gmm.py --grid scale     # the same at 1e7 rows
+    python benchmarks/bench_gmm.py --grid sizes     # every covariance type at 1e4, 1e5 and 1e6 rows (the plot)
+    python benchmarks/bench_gmm.py --grid scale     # the target case at 1e7 rows
     python benchmarks/bench_gmm.py --grid full      # up to 10 million rows (long; needs ~10 GB)
 
 For every case (rows n, features d, components K, covariance type) the data are generated
@@ -83,6 +84,10 @@ def grid(name: str) -> list[dict]:
     elif name == "types":  # the target case for every covariance type
         for ct in cts:
             add("size", 1_000_000, 16, 16, ct)
+    elif name == "sizes":  # throughput against rows for every covariance type (the plot), up to the target size
+        for ct in cts:
+            for n in (10_000, 100_000, 1_000_000):
+                add("size", n, 16, 16, ct)
     elif name == "scale":  # the target case at 10x the rows (1.2 GiB of float64)
         add("size", 10_000_000, 16, 16, "full")
     elif name == "quick":
@@ -514,7 +519,7 @@ def prepare_case(case: dict, datadir: str, need_raw: bool) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--grid", default="quick", choices=["quick", "target", "types", "scale", "full", "tiny"])
+    ap.add_argument("--grid", default="quick", choices=["quick", "target", "types", "sizes", "scale", "full", "tiny"])
     ap.add_argument("--systems", default="emflow,emflow-f32,sklearn,spark",
                     help=f"comma-separated subset of {','.join(SYSTEMS)}")
     ap.add_argument("--iters", type=int, default=5, help="timed iterations (each system runs iters + 1)")
