@@ -6,8 +6,9 @@ sends at most once per interval (client to scheduler: 10 ms; scheduler to a work
 worker or scheduler back: 2 ms), and every level of reduction tasks costs a round of such
 messages plus a transfer between workers. So a pass here:
 
-* submits all its map tasks in one message (:func:`submit_map`, one ``Client.map``), with
-  small parameters inside the tasks instead of a broadcast beforehand (a round trip);
+* submits all its map tasks in one message (:func:`submit_map`, one ``Client.map``); the
+  parameters go to every worker once beforehand (``Engine._broadcast``), not inside the
+  tasks, whose unpickled copies would lie at any alignment and round 1 ulp apart;
 * runs the reduction tree on the workers only down to its last node when the statistics
   are large; when they are small (:data:`CLIENT_COMBINE_BYTES`), the last node's inputs
   (at most ``split_every`` bundles) come back in one gather and are added on the client:
