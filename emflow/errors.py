@@ -25,6 +25,7 @@ __all__ = [
     "FitFailedError",
     "ClusterError",
     "StorageError",
+    "LedgerBusy",
     "DegenerateComponentWarning",
     "EmflowConvergenceWarning",
     "ClusterWarning",
@@ -78,6 +79,13 @@ class StorageError(EmflowError, OSError):
     """Writing a model, checkpoint or output failed (disk full, read-only location...).
 
     Whatever was at the destination before is left as it was.
+    """
+
+
+class LedgerBusy(StorageError):
+    """Another fit (another process, or another thread of this one) holds the lock of the
+    statistics ledger this fit would write; raised before the data are read, and the ledger
+    is left as it was. The message names the holder (host, pid, start time) and the lock file.
     """
 
 

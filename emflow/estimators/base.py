@@ -50,8 +50,8 @@ from sklearn.utils._set_output import _SetOutputMixin, _wrap_method_output
 from ._persist import Persistent
 from .accelerate import AccelerateRule, add_accelerate_parameter, add_keyword_parameter
 from .em import EMResult, IterationEvent, run_em
-from .incremental import (LedgerRule, add_warm_start_keyword, check_ledger_location, fit_with_ledger, record_ledger,
-                          wants_warm_start)
+from .incremental import (LedgerRule, add_warm_start_keyword, check_ledger_location, fit_with_ledger, ledger_lock,
+                          record_ledger, wants_warm_start)
 from ..errors import ConfigError, EmflowConvergenceWarning, NotFittedError
 
 __all__ = ["EMEstimator", "Output", "REGISTRY", "family_of", "print_iteration"]
@@ -381,7 +381,7 @@ class EMEstimator(Persistent, _SetOutputMixin, BaseEstimator):
         callbacks = list(callbacks)
         if getattr(self, "verbose", 0):
             callbacks.append(self._print_iteration)
-        with self._session() as engine:
+        with ledger_lock(self.ledger), self._session() as engine:
             loaded = self._open(engine, data, *fit_args)
             try:
                 self._fit_loaded(engine, loaded, callbacks, initial_params, history)

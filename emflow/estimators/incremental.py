@@ -40,7 +40,7 @@ import numpy as np
 from ..checks import Rule, _config_error
 from ..execution.tasks import tree_reduce
 from ..stats import add
-from ..storage.ledger import Ledger, compare_partitions, structure_of
+from ..storage.ledger import LOCK, Ledger, compare_partitions, ledger_lock, structure_of  # noqa: F401 (ledger_lock: base.py's)
 from .em import ChangeBelow, partition_starts, run_em
 
 __all__ = ["LedgerRule", "Incremental", "check_ledger_location", "partition_stats", "fit_with_ledger",
@@ -84,7 +84,8 @@ def check_ledger_location(ledger, data) -> None:
                                       f"(got {where!r}): emflow never writes into the data.")
     if os.path.isfile(where):
         raise _config_error("ledger", f"ledger must be a directory; {where!r} is a file.")
-    if os.path.isdir(where) and os.listdir(where) and not os.path.exists(os.path.join(where, "summary.json")):
+    if (os.path.isdir(where) and [n for n in os.listdir(where) if n != LOCK]
+            and not os.path.exists(os.path.join(where, "summary.json"))):
         raise _config_error("ledger", f"ledger {where!r} is a directory holding something other than a statistics "
                                       "ledger; give an empty or new directory.")
 

@@ -192,7 +192,8 @@ def fit_prepared(est, data: Any, state: dict, callbacks: Iterable = ()):
     if source and os.path.isdir(source) and not os.path.exists(state["ledger"]):
         import shutil
 
-        shutil.copytree(source, state["ledger"])  # the input model's ledger stays its own
+        # the input model's ledger stays its own (and a fit's lock on it is not copied)
+        shutil.copytree(source, state["ledger"], ignore=shutil.ignore_patterns("lock.json"))
     est.fit(data, callbacks=list(callbacks), initial_params=state["params"], warm_start=True)
     return est
 

@@ -13,6 +13,7 @@ Layout of ``PATH``::
     summary.json          what read_ledger_summary returns (and the partition table)
     version-<hash>.npz    the parameters the statistics were computed at
     stats-<key>.npz       one partition's statistics (key: fingerprint + version)
+    lock.json             while a fit runs: who holds the ledger (:func:`ledger_lock`)
 
 Every file is written to a temporary name and renamed into place, the summary last, so a
 reader sees the old ledger or the new one; files the new summary no longer names are
@@ -22,28 +23,41 @@ of their structure (tuples, NamedTuples of :mod:`emflow` modules, dicts), never 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import importlib
 import json
 import os
+import socket
 import tempfile
+import time
 import warnings
 from typing import Any
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: the lock file alone
+    fcntl = None
+
 import numpy as np
 
-__all__ = ["LedgerMismatch", "Ledger", "read_ledger_summary", "partition_fingerprints", "compare_partitions",
-           "params_hash", "FORMAT"]
+__all__ = ["LedgerMismatch", "LedgerLockWarning", "Ledger", "ledger_lock", "read_ledger_summary",
+           "partition_fingerprints", "compare_partitions", "params_hash", "FORMAT", "LOCK"]
 
 FORMAT = 1
 SUMMARY = "summary.json"
+LOCK = "lock.json"
 
 
 class LedgerMismatch(UserWarning):
     """A ledger written for another model or another dataset (family, number of features,
     dtype, parameter structure, or a model other than the one warm-started): it is ignored,
     never mixed in, and the fit rewrites it."""
+
+
+class LedgerLockWarning(UserWarning):
+    """A stale ledger lock (its process, on this host, is gone) was taken over."""
 
 
 # -- structures <-> arrays + JSON -------------------------------------------------------------
@@ -308,3 +322,133 @@ class Ledger:
             if name not in keep and (name.startswith(("stats-", "version-")) and name.endswith(".npz")):
                 os.unlink(os.path.join(self.path, name))
         return summary
+
+
+# -- the lock ---------------------------------------------------------------------------------
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    except OSError:
+        return True
+    return True
+
+
+def _flock(fd: int) -> bool:
+    """An exclusive, non-blocking flock on ``fd``: False when another open file holds one;
+    True when taken, or when the file system has none (then the lock file alone guards)."""
+    if fcntl is None:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:  # ENOLCK and the like (some network file systems)
+        return True
+    return True
+
+
+def _read_holder(fd: int) -> dict | None:
+    os.lseek(fd, 0, os.SEEK_SET)
+    raw = b""
+    while chunk := os.read(fd, 65536):
+        raw += chunk
+    try:
+        info = json.loads(raw.decode())
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return info if isinstance(info, dict) and isinstance(info.get("pid"), int) else None
+
+
+def _write_holder(fd: int, info: dict) -> None:
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps(info).encode())
+    os.fsync(fd)
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        a, b = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _busy(path: str, lock: str, holder: dict | None):
+    from ..errors import LedgerBusy
+
+    who = ("an unknown holder (the lock file is empty or unreadable)" if holder is None else
+           f"host {holder.get('host')!r}, pid {holder.get('pid')}, since {holder.get('started')}")
+    return LedgerBusy(f"The statistics ledger {path!r} is in use by another fit ({who}; lock file {lock!r}). "
+                      "Wait for that fit to end, or give this fit another ledger=...; if that process is "
+                      f"gone (another host, or a machine that restarted), delete {lock!r} and fit again.")
+
+
+@contextlib.contextmanager
+def ledger_lock(path, *, wait: float = 1.0):
+    """Hold the ledger directory ``path`` exclusively for a fit (None: nothing to lock).
+
+    The lock is the file ``path/lock.json``, created with ``O_CREAT | O_EXCL`` and holding
+    ``host``, ``pid`` and ``started`` (UTC), removed when the block ends (in a ``finally``),
+    and, where the file system has it, an exclusive ``flock`` on that file for as long. A lock
+    file whose process is gone (same host, no such pid, and no flock held) is taken over with
+    a :class:`LedgerLockWarning`; a lock held by a live process (or by another host, whose
+    processes cannot be seen) raises :class:`emflow.errors.LedgerBusy`. ``wait``: seconds an
+    empty lock file (a holder between creating and writing it) is waited for.
+
+    Raises
+    ------
+    emflow.errors.LedgerBusy
+        Another fit holds the ledger; nothing was read or written.
+    """
+    if path is None:
+        yield
+        return
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    lock = os.path.join(path, LOCK)
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "started": _now()}
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
+        except FileExistsError:
+            try:
+                fd = os.open(lock, os.O_RDWR)
+            except FileNotFoundError:  # released meanwhile
+                continue
+            if not _flock(fd):
+                holder = _read_holder(fd)
+                os.close(fd)
+                raise _busy(path, lock, holder)
+            if not _same_file(fd, lock):  # released (unlinked) between our open and flock
+                os.close(fd)
+                continue
+            holder = _read_holder(fd)
+            stale = holder is not None and holder.get("host") == me["host"] and not _alive(holder["pid"])
+            if not stale and (holder is not None or time.monotonic() < deadline):
+                os.close(fd)
+                if holder is not None:
+                    raise _busy(path, lock, holder)
+                time.sleep(0.05)  # empty: its creator is about to write it
+                continue
+            was = ("its writer left it empty" if holder is None else
+                   f"pid {holder['pid']} on this host, its holder since {holder.get('started')}, is gone")
+            warnings.warn(f"Taking over the stale lock {lock!r} of the statistics ledger ({was}).",
+                          LedgerLockWarning, stacklevel=4)
+        else:
+            _flock(fd)
+        break
+    try:
+        _write_holder(fd, me)
+        yield
+    finally:
+        try:
+            if _same_file(fd, lock):
+                os.unlink(lock)
+        finally:
+            os.close(fd)
