@@ -15,6 +15,27 @@ os.environ.setdefault("PREFECT_HOME", _PREFECT_HOME)
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("PREFECT_LOGGING_TO_API_BATCH_INTERVAL", "0.3")
+# Dask's diagnostics that no test reads, sampling in every scheduler, worker and client
+# process (the statistical profiler every 10 ms, the event-loop tick every 20 ms, the
+# system and GIL monitors every 0.5 s / 1 ms): idle, they cost a 2-worker cluster ~8 % of
+# a core, ~1.5 % without them. Environment variables too, so that the worker and scheduler
+# processes the tests start (subprocesses, spawned LocalCluster workers) see them.
+# Nothing that Dask decides with is changed (memory monitor, heartbeats, timeouts).
+_QUIET_DASK = {
+    "distributed.worker.profile.enabled": False,
+    "distributed.admin.tick.interval": "1s",
+    "distributed.admin.system-monitor.interval": "5s",
+    "distributed.admin.system-monitor.gil.enabled": False,
+}
+_mine = {}
+for _key, _value in _QUIET_DASK.items():
+    _env = "DASK_" + "__".join(part.replace("-", "_").upper() for part in _key.split("."))
+    if os.environ.setdefault(_env, str(_value)) == str(_value):  # a value set outside wins
+        _mine[_key] = _value
+import dask  # noqa: E402
+
+dask.config.set(_mine)  # in case dask was imported (and read the environment) before this file
+
 # Command-line output is checked by its text: a wide terminal, so that rich does not wrap
 # lines at 80 columns (where they wrap would depend on the length of the temporary path).
 os.environ["COLUMNS"] = "250"

@@ -56,53 +56,89 @@ _jit = numba.njit(cache=True, nogil=True, fastmath=False)
 
 
 @_jit
-def _factor(prec, mi, t, chol, rdiag, cinv, logdet_mm, want_inverse):
+def _factor(prec, mi, t, chol, rdiag, cinv, logdet_mm, want_inverse, W, V):
     """Cholesky ``L`` of every component's ``P_mm`` into ``chol[kc, :t, :t]`` (``rdiag``: the
     reciprocals of its diagonal), ``log det P_mm`` and (``want_inverse``) ``P_mm^{-1} =
-    L^{-T} L^{-1}`` into ``cinv``. Returns False if one is not positive definite."""
-    for kc in range(prec.shape[0]):
-        L = chol[kc]
-        rd = rdiag[kc]
-        det = 1.0
-        for j in range(t):
-            v = prec[kc, mi[j], mi[j]]
-            for q in range(j):
-                v -= L[j, q] * L[j, q]
-            if not v > 0.0:
+    L^{-T} L^{-1}`` into ``cinv``. Returns False if one is not positive definite.
+
+    The components share the pattern, so the factorisations run side by side: the work
+    arrays ``W`` (3, d, d, Kc) and ``V`` (3, Kc) hold entry ``[i, j]`` of every component's
+    matrix as one contiguous (Kc,) vector, and every operation is a loop over the components
+    (the same operations, in the same order, as one factorisation at a time)."""
+    Kc = prec.shape[0]
+    A, L, Li = W[0], W[1], W[2]
+    det, v, rd = V[0], V[1], V[2]
+    for i in range(t):
+        for j in range(i + 1):
+            a = A[i, j]
+            for kc in range(Kc):
+                a[kc] = prec[kc, mi[i], mi[j]]
+    for kc in range(Kc):
+        det[kc] = 1.0
+    for j in range(t):
+        Ljj = L[j, j]
+        for kc in range(Kc):
+            v[kc] = A[j, j, kc]
+        for q in range(j):
+            Ljq = L[j, q]
+            for kc in range(Kc):
+                v[kc] -= Ljq[kc] * Ljq[kc]
+        for kc in range(Kc):
+            if not v[kc] > 0.0:
                 return False
-            L[j, j] = math.sqrt(v)
-            rd[j] = 1.0 / L[j, j]
-            det *= v
-            for i in range(j + 1, t):
-                u = prec[kc, mi[i], mi[j]]
-                for q in range(j):
-                    u -= L[i, q] * L[j, q]
-                L[i, j] = u * rd[j]
-        if 1e-280 < det < 1e280:  # one logarithm, unless the product could leave the range
-            logdet_mm[kc] = math.log(det)
+        for kc in range(Kc):
+            Ljj[kc] = math.sqrt(v[kc])
+            rd[kc] = 1.0 / Ljj[kc]
+            det[kc] *= v[kc]
+            rdiag[kc, j] = rd[kc]
+            chol[kc, j, j] = Ljj[kc]
+        for i in range(j + 1, t):
+            Lij = L[i, j]
+            for kc in range(Kc):
+                Lij[kc] = A[i, j, kc]
+            for q in range(j):
+                Liq, Ljq = L[i, q], L[j, q]
+                for kc in range(Kc):
+                    Lij[kc] -= Liq[kc] * Ljq[kc]
+            for kc in range(Kc):
+                Lij[kc] *= rd[kc]
+                chol[kc, i, j] = Lij[kc]
+    for kc in range(Kc):
+        if 1e-280 < det[kc] < 1e280:  # one logarithm, unless the product could leave the range
+            logdet_mm[kc] = math.log(det[kc])
         else:
             ld = 0.0
             for j in range(t):
-                ld += math.log(L[j, j])
+                ld += math.log(L[j, j, kc])
             logdet_mm[kc] = 2.0 * ld
-        if want_inverse:
-            C = cinv[kc]
-            for c in range(t):  # the lower triangle of L^{-1}, into the upper triangle of C
-                C[c, c] = rd[c]
-                for i in range(c + 1, t):
-                    u = 0.0
-                    for q in range(c, i):
-                        u -= L[i, q] * C[c, q]
-                    C[c, i] = u * rd[i]
-            for i in range(t):  # (L^{-T} L^{-1})_{ij} = sum_q Linv_{qi} Linv_{qj}, q >= max(i, j)
-                for j in range(i, t):
-                    u = 0.0
-                    for q in range(j, t):
-                        u += C[i, q] * C[j, q]
-                    C[j, i] = u
-            for i in range(t):
-                for j in range(i + 1, t):
-                    C[i, j] = C[j, i]
+    if want_inverse:
+        for c in range(t):  # L^{-1}: Li[i, c] for i >= c
+            Lcc = L[c, c]
+            Lic = Li[c, c]
+            for kc in range(Kc):
+                Lic[kc] = 1.0 / Lcc[kc]
+            for i in range(c + 1, t):
+                u = Li[i, c]
+                for kc in range(Kc):
+                    u[kc] = 0.0
+                for q in range(c, i):
+                    Liq, Lqc = L[i, q], Li[q, c]
+                    for kc in range(Kc):
+                        u[kc] -= Liq[kc] * Lqc[kc]
+                Lii = L[i, i]
+                for kc in range(Kc):
+                    u[kc] *= 1.0 / Lii[kc]
+        for i in range(t):  # (L^{-T} L^{-1})_{ij} = sum_q Linv_{qi} Linv_{qj}, q >= max(i, j)
+            for j in range(i, t):
+                for kc in range(Kc):
+                    v[kc] = 0.0
+                for q in range(j, t):
+                    Lqi, Lqj = Li[q, i], Li[q, j]
+                    for kc in range(Kc):
+                        v[kc] += Lqi[kc] * Lqj[kc]
+                for kc in range(Kc):
+                    cinv[kc, j, i] = v[kc]
+                    cinv[kc, i, j] = v[kc]
     return True
 
 
@@ -151,19 +187,20 @@ def _flush(t, mi, cinv, Nk, s2):
 
 
 @_jit
-def _pattern(prec, mc, log_w, logdet_sig, hd, mi, t, chol, rdiag, cinv, logdet_mm, PmT, mm, cvec, const, want_inverse):
+def _pattern(prec, precT, mc, log_w, logdet_sig, hd, mi, t, chol, rdiag, cinv, logdet_mm, PmT, mm, cvec, const,
+             want_inverse, W, V):
     """Everything that depends on the pattern only: the factorisations, ``PmT[k t + i, j] =
     P_k[j, m_i]``, ``mm = mu_m``, ``cvec = P_mo mu_o`` and the constant of the log-density."""
     K, d = mc.shape
     Kc = prec.shape[0]
-    if not _factor(prec, mi, t, chol, rdiag, cinv, logdet_mm, want_inverse):
+    if not _factor(prec, mi, t, chol, rdiag, cinv, logdet_mm, want_inverse, W, V):
         return False
     for k in range(K):
         kc = k if Kc == K else 0
         q = 0.0
         for i in range(t):
             for j in range(d):
-                PmT[k * t + i, j] = prec[kc, j, mi[i]]
+                PmT[k * t + i, j] = precT[kc, mi[i], j]  # prec[kc, j, mi[i]], read in order
             v = 0.0
             for j in range(t):
                 v += prec[kc, mi[i], mi[j]] * mc[k, mi[j]]
@@ -190,7 +227,7 @@ def _run_end(miss, b0, lim):
 @_jit
 def _rows(miss, X0, Lq, hd, mc, prec, logdet_sig, log_w, gamma, use_gamma, wts, use_w, want_stats, want_resp,
           want_fill, logp_out, want_logp, lse, resp, WR, s1, s2, cross, xfill, mi, state, chol, rdiag, cinv, logdet_mm,
-          PmT, mm, cvec, const, Nk, HT, ZT, LP, col, ctmp):
+          PmT, mm, cvec, const, Nk, HT, ZT, LP, col, ctmp, precT, W, V):
     """One block of rows sorted by pattern (every array indexed by the block's row: the caller
     gathers and scatters, so that this loop reads and writes memory in order), taken a run of
     equal patterns (at most ``LP.shape[1]`` rows) at a time: the products with the gathered
@@ -223,8 +260,8 @@ def _rows(miss, X0, Lq, hd, mc, prec, logdet_sig, log_w, gamma, use_gamma, wts, 
                     mi[t] = j
                     t += 1
             state[0] = -1
-            if not _pattern(prec, mc, log_w, logdet_sig, hd, mi, t, chol, rdiag, cinv, logdet_mm, PmT, mm, cvec, const,
-                            want_stats):
+            if not _pattern(prec, precT, mc, log_w, logdet_sig, hd, mi, t, chol, rdiag, cinv, logdet_mm, PmT, mm, cvec,
+                            const, want_stats, W, V):
                 return b0
             state[0] = t
         Kt = K * t
@@ -388,6 +425,8 @@ def incomplete_matrix(X, obs, miss, w, params, mc, log_w, lse, resp, s, xhat, g,
     chol, cinv, rdiag = np.zeros((Kc, d, d)), np.zeros((Kc, d, d)), np.zeros((Kc, d))
     logdet_mm, const, Nk = np.empty(Kc), np.empty(K), np.zeros(K)
     PmT, ctmp = np.empty((K * d, d)), np.empty(K * d * d)
+    precT = np.ascontiguousarray(prec.transpose(0, 2, 1))
+    W, V = np.zeros((3, d, d, Kc)), np.zeros((3, Kc))
     mm, cvec = np.empty(K * d), np.empty(K * d)
     HT, ZT = np.empty(K * d * _RUN), np.empty(K * d * _RUN)
     LP, col = np.empty((K, _RUN)), np.empty((2, _RUN))
@@ -416,7 +455,8 @@ def incomplete_matrix(X, obs, miss, w, params, mc, log_w, lse, resp, s, xhat, g,
         np.matmul(Fb, C, out=Lq[:nb])
         bad = _rows(miss_b[:nb], X0b, Lq, hd, mc, prec, logdet_sig, log_w, g_b, gamma is not None, w_b,
                     w is not None, stats, want_resp, fill, lp_b, logp_out is not None, lse_b, Rb, WR, s1, s2, cross,
-                    xf_b, mi, state, chol, rdiag, cinv, logdet_mm, PmT, mm, cvec, const, Nk, HT, ZT, LP, col, ctmp)
+                    xf_b, mi, state, chol, rdiag, cinv, logdet_mm, PmT, mm, cvec, const, Nk, HT, ZT, LP, col, ctmp,
+                    precT, W, V)
         if bad >= 0:
             raise np.linalg.LinAlgError("Matrix is not positive definite")
         lse[rows] = lse_b[:nb]
