@@ -385,3 +385,37 @@ def test_bad_refresh(tmp_path):
     with pytest.raises(ConfigError, match="refresh.*gaussian_mixture"):
         emflow.GaussianHMM(n_components=2, ledger=tmp_path / "L", refresh=0.5).fit(X)
     assert not (tmp_path / "L").exists()
+
+
+def test_warm_refit_with_refresh_refreshes_the_new_partitions_first(tmp_path, monkeypatch):
+    """Rows appended, refresh=0.3 (blocks of 3 of 7 partitions): the first iteration is the
+    ledger's (the new partition read at the version), the first block refreshed holds the
+    new partition, and the refit ends where a plain warm refit does."""
+    import emflow.estimators.incremental as inc
+
+    X, more = _rows(6000), _rows(600, seed=1)
+    path = _zarr_rows(tmp_path / "d.zarr", X)
+    with _quiet():
+        est = _gmm(ledger=tmp_path / "L", warm_start=True).fit(path)
+    zarr.open_group(path)["X"].append(more)
+    led = clone(est).set_params(ledger=tmp_path / "L2")
+    plain = clone(est).set_params(ledger=None)
+    for e in (led, plain):
+        e._set_parameters(est._get_parameters())
+        e.lower_bound_ = est.lower_bound_
+    import shutil
+
+    shutil.copytree(tmp_path / "L", tmp_path / "L2")
+    est.set_params(refresh=0.3)
+    calls, partition_stats = [], inc.partition_stats
+    monkeypatch.setattr(inc, "partition_stats", lambda *a, **k: calls.append(a[-1] if len(a) > 5 else None)
+                        or partition_stats(*a, **k))
+    with _quiet():
+        est.fit(path)
+        led.fit(path)
+        plain.fit(path)
+    assert calls[0] == [6] and calls[1] == [0, 1, 6]  # the new partition, then its block first
+    assert est.history_[0] == led.history_[0]
+    assert est.fit_info_["ledger"]["partitions_new"] == 1
+    assert est.lower_bound_ == pytest.approx(plain.lower_bound_, abs=1e-7)
+    np.testing.assert_allclose(est.means_, plain.means_, atol=1e-4)
