@@ -273,3 +273,149 @@ def test_lda_warm_refit_after_documents_appended(tmp_path):
     # LDA's per-document E-step starts are drawn per (seed, iteration, document): the ledger's
     # iteration is not the plain fit's first, so the two agree to the inner loop's tolerance
     assert est.history_[0] == pytest.approx(plain.history_[0], rel=1e-5)
+
+
+# -- refresh: incremental EM (Neal & Hinton 1998) between full passes ------------------------
+def _ref_gmm_refresh(X, bounds, start, refresh, reg, tol, max_iter):
+    """Brute-force NumPy incremental EM for a full-covariance GMM (raw moments about zero):
+    a full pass (its mean log-likelihood in the history), then one M-step per block of
+    ceil(refresh x P) partitions (in order), each on the sum of every partition's newest
+    statistics; the parameters after every M-step, and the history."""
+    from scipy.special import logsumexp
+    from scipy.stats import multivariate_normal
+
+    def e(Xp, p):
+        w, mu, cov = p
+        lp = np.log(w) + np.column_stack([multivariate_normal(mu[k], cov[k]).logpdf(Xp) for k in range(len(w))])
+        ll = logsumexp(lp, axis=1)
+        r = np.exp(lp - ll[:, None])
+        return r.sum(0), r.T @ Xp, np.einsum("ik,id,ie->kde", r, Xp, Xp), ll.sum()
+
+    def m(parts):
+        n, s1, s2 = (sum(p[j] for p in parts) for j in range(3))
+        nk = n + 10 * np.finfo(float).eps
+        mu = s1 / nk[:, None]
+        o = mu[:, :, None] * s1[:, None, :]
+        cov = (s2 - o - o.transpose(0, 2, 1) + n[:, None, None] * mu[:, :, None] * mu[:, None, :]) / nk[:, None, None]
+        cov = 0.5 * (cov + cov.transpose(0, 2, 1)) + reg * np.eye(X.shape[1])
+        return nk / nk.sum(), mu, cov
+
+    P = len(bounds)
+    size = int(np.ceil(refresh * P))
+    blocks = [list(range(k, min(P, k + size))) for k in range(0, P, size)]
+    p, steps, history = start, [], []
+    parts = [None] * P
+    while True:
+        parts = [e(X[a:b], p) for a, b in bounds]
+        history.append(sum(q[3] for q in parts) / len(X))
+        p = m(parts)
+        steps.append(p)
+        if len(history) >= max_iter or (len(history) >= 2 and abs(history[-1] - history[-2]) < tol):
+            return steps, history
+        for blk in blocks:
+            for i in blk:
+                parts[i] = e(X[bounds[i][0]:bounds[i][1]], p)
+            p = m(parts)
+            steps.append(p)
+
+
+def _recording(monkeypatch):
+    from emflow.estimators.mixture import GMMFamily
+
+    seen, m_step = [], GMMFamily.m_step
+
+    def rec(self, stats, params):
+        out = m_step(self, stats, params)
+        seen.append(out[0])
+        return out
+
+    monkeypatch.setattr(GMMFamily, "m_step", rec)
+    return seen
+
+
+def test_refresh_is_incremental_em_step_for_step(tmp_path, monkeypatch):
+    """refresh=0.25 on 10 partitions: blocks of 3 partitions; every M-step's parameters equal
+    a brute-force NumPy incremental EM's from the same start on the same partitions, and
+    history_ holds the full passes' true mean log-likelihoods."""
+    X = _rows(2500)
+    est = _gmm(max_iter=4, reg_covar=1e-6, ledger=tmp_path / "L", refresh=0.25, partition_bytes=6000)
+    start = est.init_params_for(X)
+    seen = _recording(monkeypatch)
+    with _quiet():
+        est.fit(X, initial_params=start)
+    bounds = [p["bounds"] for p in read_ledger_summary(tmp_path / "L")["partitions"]]
+    assert len(bounds) == 10
+    steps, history = _ref_gmm_refresh(X, bounds, (start.weights, start.means, start.covariances), 0.25,
+                                      1e-6, 1e-9, 4)
+    assert len(seen) == len(steps) == 4 + 3 * 4  # 4 full passes, 4 blocks after each but the last
+    for got, (w, mu, cov) in zip(seen, steps):
+        np.testing.assert_allclose(got.weights, w, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(got.means, mu, rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(got.covariances, cov, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(est.history_, history, rtol=1e-12)
+    assert est.n_iter_ == 4 and est.fit_info_["acceleration"]["incremental_iterations"] == 12
+    # the opening scan, 4 full passes, 3 sweeps of the blocks (3 + 3 + 3 + 1 partitions each)
+    assert est.n_passes_ == 1 + 4 + 3 and est.fit_info_["bytes_read"] == 8 * X.nbytes
+
+
+def test_refresh_ends_at_batch_em_optimum(tmp_path):
+    X = _rows(2500, seed=3)
+    kw = dict(tol=1e-12, max_iter=2000)
+    start = _gmm(**kw).init_params_for(X)
+    with _quiet():
+        plain = _gmm(**kw).fit(X, initial_params=start)
+        inc = _gmm(**kw, ledger=tmp_path / "L", refresh=0.3).fit(X, initial_params=start)
+    assert inc.converged_ and plain.converged_
+    assert inc.lower_bound_ == pytest.approx(plain.lower_bound_, abs=1e-9)
+    np.testing.assert_allclose(inc.means_, plain.means_, atol=1e-6)
+    np.testing.assert_allclose(inc.covariances_, plain.covariances_, atol=1e-6)
+    np.testing.assert_allclose(inc.weights_, plain.weights_, atol=1e-6)
+    assert inc.n_iter_ < plain.n_iter_
+
+
+def test_bad_refresh(tmp_path):
+    X = _rows(600)
+    for bad in (0, -0.5, 1.5, "half", float("nan")):
+        with pytest.raises(ConfigError, match="refresh"):
+            _gmm(ledger=tmp_path / "L", refresh=bad).fit(X)
+    with pytest.raises(ConfigError, match="refresh.*ledger=DIRECTORY"):
+        _gmm(refresh=0.5).fit(X)
+    with pytest.raises(ConfigError, match="squarem"):
+        _gmm(ledger=tmp_path / "L", refresh=0.5, accelerate="squarem").fit(X)
+    with pytest.raises(ConfigError, match="refresh.*gaussian_mixture"):
+        emflow.GaussianHMM(n_components=2, ledger=tmp_path / "L", refresh=0.5).fit(X)
+    assert not (tmp_path / "L").exists()
+
+
+def test_warm_refit_with_refresh_refreshes_the_new_partitions_first(tmp_path, monkeypatch):
+    """Rows appended, refresh=0.3 (blocks of 3 of 7 partitions): the first iteration is the
+    ledger's (the new partition read at the version), the first block refreshed holds the
+    new partition, and the refit ends where a plain warm refit does."""
+    import emflow.estimators.incremental as inc
+
+    X, more = _rows(6000), _rows(600, seed=1)
+    path = _zarr_rows(tmp_path / "d.zarr", X)
+    with _quiet():
+        est = _gmm(ledger=tmp_path / "L", warm_start=True).fit(path)
+    zarr.open_group(path)["X"].append(more)
+    led = clone(est).set_params(ledger=tmp_path / "L2")
+    plain = clone(est).set_params(ledger=None)
+    for e in (led, plain):
+        e._set_parameters(est._get_parameters())
+        e.lower_bound_ = est.lower_bound_
+    import shutil
+
+    shutil.copytree(tmp_path / "L", tmp_path / "L2")
+    est.set_params(refresh=0.3)
+    calls, partition_stats = [], inc.partition_stats
+    monkeypatch.setattr(inc, "partition_stats", lambda *a, **k: calls.append(a[-1] if len(a) > 5 else None)
+                        or partition_stats(*a, **k))
+    with _quiet():
+        est.fit(path)
+        led.fit(path)
+        plain.fit(path)
+    assert calls[0] == [6] and calls[1] == [0, 1, 6]  # the new partition, then its block first
+    assert est.history_[0] == led.history_[0]
+    assert est.fit_info_["ledger"]["partitions_new"] == 1
+    assert est.lower_bound_ == pytest.approx(plain.lower_bound_, abs=1e-7)
+    np.testing.assert_allclose(est.means_, plain.means_, atol=1e-4)

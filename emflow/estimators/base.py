@@ -50,8 +50,8 @@ from sklearn.utils._set_output import _SetOutputMixin, _wrap_method_output
 from ._persist import Persistent
 from .accelerate import AccelerateRule, add_accelerate_parameter, add_keyword_parameter
 from .em import EMResult, IterationEvent, run_em
-from .incremental import (LedgerRule, add_warm_start_keyword, check_ledger_location, fit_with_ledger, ledger_lock,
-                          record_ledger, wants_warm_start)
+from .incremental import (LedgerRule, RefreshRule, add_warm_start_keyword, check_ledger_location, fit_with_ledger,
+                          ledger_lock, record_ledger, wants_warm_start)
 from ..errors import ConfigError, EmflowConvergenceWarning, NotFittedError
 
 __all__ = ["EMEstimator", "Output", "REGISTRY", "family_of", "print_iteration"]
@@ -138,6 +138,7 @@ class EMEstimator(Persistent, _SetOutputMixin, BaseEstimator):
         super().__init_subclass__(**kwargs)
         add_accelerate_parameter(cls)  # every family's accelerate=None (emflow.estimators.accelerate)
         add_keyword_parameter(cls, "ledger")  # and ledger=None (emflow.estimators.incremental)
+        add_keyword_parameter(cls, "refresh")  # and refresh=None (incremental EM, with a ledger)
         add_warm_start_keyword(cls)  # fit(..., warm_start=True) in every family
         name = cls.__dict__.get("family")
         if name:
@@ -191,10 +192,11 @@ class EMEstimator(Persistent, _SetOutputMixin, BaseEstimator):
                             "pass dense data, e.g. X.toarray().")
 
     # -- parameter validation -----------------------------------------------------------------
-    _param_rules: ClassVar[dict] = {"accelerate": AccelerateRule(), "ledger": LedgerRule()}
+    _param_rules: ClassVar[dict] = {"accelerate": AccelerateRule(), "ledger": LedgerRule(), "refresh": RefreshRule()}
     """``{parameter: emflow.checks rule}``; a subclass's table extends its parents'.
-    Every family has ``accelerate`` (None / "none": plain EM; "squarem": SQUAREM) and
-    ``ledger`` (None: no statistics kept; a directory: :mod:`emflow.estimators.incremental`)."""
+    Every family has ``accelerate`` (None / "none": plain EM; "squarem": SQUAREM), ``ledger``
+    (None: no statistics kept; a directory: :mod:`emflow.estimators.incremental`) and
+    ``refresh`` (None: full passes; a fraction: incremental EM with the ledger, same module)."""
 
     @classmethod
     def _rules(cls) -> dict:
@@ -377,7 +379,7 @@ class EMEstimator(Persistent, _SetOutputMixin, BaseEstimator):
 
         check_rules(self, EMEstimator._param_rules)  # also where a family validates on its own
         self._check_not_sparse(data)
-        check_ledger_location(self.ledger, data)
+        check_ledger_location(self.ledger, data, self)
         callbacks = list(callbacks)
         if getattr(self, "verbose", 0):
             callbacks.append(self._print_iteration)

@@ -259,6 +259,8 @@ def _state(run: EMRun) -> _State:
         from ..errors import ConfigError
 
         raise ConfigError(f"accelerate must be one of {', '.join(map(repr, ACCELERATIONS))}; got {run.accelerate!r}.")
+    if run.incremental is not None and getattr(run.incremental, "refresh", None) is not None:
+        return run.incremental.make_state(run)  # incremental EM between full passes
     if run.accelerate == "squarem":
         from .accelerate import SquaremState
 

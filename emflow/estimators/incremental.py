@@ -22,6 +22,19 @@ Zarr array, sequences or documents appended to the group):
 3. full passes follow (plain or SQUAREM) until the stop rule holds (``tol``, measured
    between iterations on the grown data, not against the previous fit's bound).
 
+``refresh=f`` (a fraction in (0, 1]; needs ``ledger``): incremental EM (Neal & Hinton 1998)
+after the first iteration. The partitions are taken in a fixed rotation (on a warm start the
+new and changed ones first, then the others in order; else in order), cut into blocks of
+``ceil(f x partitions)``. After every *full pass* (every partition's statistics at one
+parameter set: the first iteration, and every ``ceil(1 / f) + 1``-th pass after it) come
+``ceil(1 / f)`` incremental iterations, one per block: the block's statistics are recomputed
+at the current parameters and replace its old ones, and the M-step runs on the sum of all
+partitions' statistics (stale blocks + fresh block). ``history_`` holds only the full passes'
+objectives, each the true log-likelihood (or bound) of the parameters entering that pass, so
+the stop rule (``tol``) compares full passes (one sweep of incremental iterations and an EM
+step apart), ``n_iter_`` and ``max_iter`` count full passes, and the ledger keeps the last
+full pass's statistics. ``fit_info_["acceleration"]`` counts the incremental iterations.
+
 A ledger written for another model or dataset (family, features, dtype, parameter
 structure, another fit's parameters) is ignored with a
 :class:`~emflow.storage.ledger.LedgerMismatch` warning and rewritten.
@@ -32,18 +45,19 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import math
 import os
 from typing import Any
 
 import numpy as np
 
-from ..checks import Rule, _config_error
+from ..checks import Real, Rule, _config_error
 from ..execution.tasks import tree_reduce
 from ..stats import add
 from ..storage.ledger import LOCK, Ledger, compare_partitions, ledger_lock, structure_of  # noqa: F401 (ledger_lock: base.py's)
-from .em import ChangeBelow, partition_starts, run_em
+from .em import ChangeBelow, _State, partition_starts, run_em
 
-__all__ = ["LedgerRule", "Incremental", "check_ledger_location", "partition_stats", "fit_with_ledger",
+__all__ = ["LedgerRule", "RefreshRule", "RefreshState", "Incremental", "check_ledger_location", "partition_stats", "fit_with_ledger",
            "record_ledger", "add_warm_start_keyword", "wants_warm_start"]
 
 
@@ -60,6 +74,23 @@ class LedgerRule(Rule):
             raise _config_error(name, f"{name} must be None or a directory path (str or os.PathLike), got {value!r}.")
 
 
+class RefreshRule(Real):
+    """``refresh``: None (full passes) or a fraction in (0, 1] of the partitions that each
+    incremental iteration refreshes (incremental EM with the ledger)."""
+
+    help = ("None: full passes after the new partitions; a fraction f in (0, 1] (with ledger): incremental EM "
+            "(Neal and Hinton 1998), each iteration refreshing ceil(f x partitions) partitions' statistics "
+            "between full passes.")
+
+    def __init__(self):
+        super().__init__(0.0, strict=True, finite=True, allow_none=True)
+
+    def check(self, name, value):
+        super().check(name, value)
+        if value is not None and float(value) > 1:
+            raise _config_error(name, f"{name} must be None or a fraction in (0, 1], got {value!r}.")
+
+
 def _local_path(obj) -> str | None:
     if isinstance(obj, (str, os.PathLike)):
         s = os.fspath(obj)
@@ -68,10 +99,21 @@ def _local_path(obj) -> str | None:
     return None
 
 
-def check_ledger_location(ledger, data) -> None:
+def check_ledger_location(ledger, data, est=None) -> None:
     """A ConfigError, before anything is opened or written, when ``ledger`` is not a place
     for a ledger: inside the data store being fitted, a file, or a directory holding
-    something other than a ledger."""
+    something other than a ledger; or when ``est``'s ``refresh`` has no ledger or is
+    combined with SQUAREM."""
+    if est is not None and getattr(est, "refresh", None) is not None:
+        if est.family not in REFRESH_FAMILIES:
+            raise _config_error("refresh", f"refresh (incremental EM) is available for {', '.join(REFRESH_FAMILIES)}, "
+                                           f"not {est.family}: refresh=None.")
+        if ledger is None:
+            raise _config_error("refresh", f"refresh={est.refresh!r} (incremental EM) keeps each partition's "
+                                           "statistics in a ledger: give ledger=DIRECTORY too, or refresh=None.")
+        if getattr(est, "accelerate", None) == "squarem":
+            raise _config_error("refresh", "refresh (incremental EM) and accelerate='squarem' cannot be combined: "
+                                           "set one of them to None.")
     if ledger is None:
         return
     LedgerRule().check("ledger", ledger)
@@ -134,24 +176,121 @@ def _seed_json(seed):
     return list(seed) if isinstance(seed, tuple) else seed
 
 
+#: the families whose statistics :func:`_rebaser` can move to another reference point, so
+#: that statistics computed at different parameters add up (incremental EM's M-step)
+REFRESH_FAMILIES = ("gaussian_mixture",)
+
+
+def _rebase_gmm(covariance_type: str):
+    """GMM statistics are moments about a shift ``g`` of the parameters they were computed
+    at (:func:`emflow.models.gmm.shift_of`); the M-step takes them about the current
+    parameters' shift. ``(at, rebase)``: a partition's shift, and its statistics moved from
+    shift ``g_old`` to ``g_new`` (``x - g_new = (x - g_old) + c``, ``c = g_old - g_new``)."""
+    from ..models import gmm as G
+
+    def rebase(st, g_old, g_new):
+        c = g_old - g_new
+        if not np.any(c):
+            return st
+        n, s1 = np.asarray(st.n), np.asarray(st.s1)
+        if covariance_type == "full":
+            s2 = (st.s2 + s1[:, :, None] * c[None, None, :] + c[None, :, None] * s1[:, None, :]
+                  + n[:, None, None] * np.outer(c, c)[None])
+        elif covariance_type == "tied":
+            t1 = s1.sum(axis=0)
+            s2 = st.s2 + np.outer(t1, c) + np.outer(c, t1) + float(st.weight_sum) * np.outer(c, c)
+        else:
+            s2 = st.s2 + 2.0 * c[None, :] * s1 + n[:, None] * c[None, :] ** 2
+        return st._replace(s1=s1 + n[:, None] * c[None, :], s2=s2)
+
+    return G.shift_of, rebase
+
+
+def _rebaser(family):
+    """``(at(params), rebase(stats, at_old, at_new))`` for a family :data:`REFRESH_FAMILIES`
+    covers; a ConfigError for another (a missing-values or MAP mixture, another family)."""
+    from .mixture import GMMFamily
+
+    if type(family) is GMMFamily:
+        return _rebase_gmm(family.covariance_type)
+    raise _config_error("refresh", "refresh (incremental EM) is available for GaussianMixture without missing "
+                                   f"values or a prior; this fit's family is {type(family).__name__}: refresh=None.")
+
+
+class RefreshState(_State):
+    """A run with ``refresh``: a full pass (plain EM's iteration, in ``history``), then one
+    incremental iteration per block of ``blocks``, then a full pass again (module docstring).
+    ``block``: the partitions the next pass refreshes (None: all of them)."""
+
+    def __init__(self, run, blocks: list[list[int]], fraction: float):
+        super().__init__(run)
+        self.blocks, self.fraction = blocks, fraction
+        self.block: list[int] | None = None
+        self.partial = 0
+
+    def take(self, stats):
+        if self.block is None:
+            events, nxt = [self.accept(*self.evaluate(stats))], 0
+        else:
+            self.evaluations += 1
+            self.params, _ = self.run.family.m_step(stats, self.params)
+            self.partial += 1
+            events, nxt = [], self.blocks.index(self.block) + 1
+        self.block = self.blocks[nxt] if nxt < len(self.blocks) else None
+        return events
+
+    def acceleration(self) -> dict:
+        return {"method": "refresh", "refresh": self.fraction, "blocks": len(self.blocks),
+                "block_partitions": max(len(b) for b in self.blocks), "incremental_iterations": self.partial,
+                "full_passes": len(self.history) - len(self.run.history or []),
+                "passes": self.evaluations - len(self.run.history or [])}
+
+
 class Incremental:
     """What a ledgered run (:class:`~emflow.estimators.em.EMRun` ``incremental``) does with
     each pass: per-partition statistics, kept with the parameters and context they were
     computed at; the first pass's may be given (``first``: the version's statistics over
-    the grown data, from the ledger and the new partitions)."""
+    the grown data, from the ledger and the new partitions). ``refresh`` and ``order`` (the
+    rotation of partitions): incremental EM (:class:`RefreshState`)."""
 
-    def __init__(self, first: list | None = None, version: Any = None, context: tuple | None = None):
+    def __init__(self, first: list | None = None, version: Any = None, context: tuple | None = None,
+                 refresh: float | None = None, order: list[int] | None = None):
         self.first = first
+        # the last full pass (what the ledger keeps), and the statistics the M-steps add up
         self.parts, self.version, self.context = first, version, context
+        self.work: list | None = None
+        self.refresh, self.order = refresh, order
+
+    def make_state(self, run) -> RefreshState:
+        self.at, self.rebase = _rebaser(run.family)
+        order = list(self.order)
+        size = max(1, math.ceil(float(self.refresh) * len(order)))
+        blocks = [sorted(order[k:k + size]) for k in range(0, len(order), size)]
+        return RefreshState(run, blocks, float(self.refresh))
 
     def pass_stats(self, engine, loaded, state):
         if self.first is not None:
             parts, self.first = self.first, None
+            self.work = list(parts)
+            if self.refresh is not None:
+                self.where = [self.at(self.version)] * len(parts)
             return _total(engine, parts)
         context = (state.next_iteration, state.run.seed, int(state.run.init))
-        self.parts = partition_stats(engine, loaded, state.run.family, state.params, context)
-        self.version, self.context = state.params, context
-        return _total(engine, self.parts)
+        block = getattr(state, "block", None)
+        if block is None:
+            self.parts = partition_stats(engine, loaded, state.run.family, state.params, context)
+            self.version, self.context = state.params, context
+            self.work = list(self.parts)
+            if self.refresh is None:
+                return _total(engine, self.work)
+            self.where = [self.at(state.params)] * len(self.work)
+        else:
+            here = self.at(state.params)
+            for i, st in zip(block, partition_stats(engine, loaded, state.run.family, state.params, context, block)):
+                self.work[i], self.where[i] = st, here
+        # statistics computed at other parameters, moved to the M-step's reference point
+        here = self.at(state.params)
+        return _total(engine, [self.rebase(st, g, here) for st, g in zip(self.work, self.where)])
 
 
 def _identity(estimator, loaded, params) -> dict:
@@ -167,7 +306,8 @@ def fit_with_ledger(engine, loaded, family, params, *, estimator, warm: bool, st
     ident = _identity(estimator, loaded, params)
     P = len(loaded.handles)
     counts = {"partitions_total": P, "partitions_new": P, "partitions_changed": 0, "partitions_reused": 0}
-    inc, reuse = Incremental(), {}
+    refresh = getattr(estimator, "refresh", None)
+    inc, reuse = Incremental(refresh=refresh, order=list(range(P))), {}
     summary = ledger.usable(ident, params) if warm and not history else None
     fps = compare_partitions(summary, loaded)
     if summary is not None:
@@ -185,7 +325,8 @@ def fit_with_ledger(engine, loaded, family, params, *, estimator, warm: bool, st
                 parts[i] = st
         files = {p["fingerprint"]: p["file"] for p in summary["partitions"]}
         reuse = {i: files[fps["fingerprints"][i]] for i in fps["reused"]}
-        inc = Incremental(parts, version, context)
+        order = todo + [i for i in range(P) if i not in set(todo)]  # the new and changed refreshed first
+        inc = Incremental(parts, version, context, refresh=refresh, order=order)
         params = version
         counts.update(partitions_new=len(fps["new"]), partitions_changed=len(fps["changed"]),
                       partitions_reused=len(fps["reused"]))
