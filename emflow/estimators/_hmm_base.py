@@ -245,6 +245,7 @@ class _BaseHMM(OnlineEMMixin, EMEstimator):
     # applying a fitted model
     def _apply(self, X, lengths, kind: str, out=None, overwrite: bool = False):
         self._check_fitted()
+        self._check_feature_names(X, False)  # scikit-learn's name checks, before the count check
         if out is not None:  # refuse before any work: nothing is replaced unasked
             _dest.check_destination(out, "output", overwrite=overwrite, inputs=_dest.output_inputs(self, X))
         params = self._get_parameters()
@@ -316,6 +317,7 @@ class _BaseHMM(OnlineEMMixin, EMEstimator):
     def _totals(self, X, lengths) -> np.ndarray:
         """(total log-likelihood, n_sequences, n_steps) of the data under the current parameters."""
         self._check_fitted()
+        self._check_feature_names(X, False)
         with engine_for(self.scheduler, split_every=self.split_every) as engine:
             loaded = self._open(engine, X, lengths)
             try:

@@ -411,6 +411,7 @@ class LinearGaussianSSM(EMEstimator):
 
     def _states(self, X, lengths, kind: str, out, overwrite: bool = False):
         params = self._params
+        self._check_feature_names(X, False)  # scikit-learn's name checks, before the count check
         if out is not None:  # refuse before any work: nothing is replaced unasked
             _dest.check_destination(out, "output", overwrite=overwrite, inputs=_dest.output_inputs(self, X))
         with engine_for(self.scheduler, split_every=self.split_every) as engine:
@@ -451,6 +452,7 @@ class LinearGaussianSSM(EMEstimator):
 
     def _loglik_stats(self, X, lengths) -> np.ndarray:
         params = self._params
+        self._check_feature_names(X, False)
         with engine_for(self.scheduler, split_every=self.split_every) as engine:
             seqs = self._sequences(engine, X, lengths)
             self._check_features(seqs.n_features)
